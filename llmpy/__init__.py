@@ -1,0 +1,2 @@
+"""llm.py: GPT-2 trained from scratch in Python, every layer's forward and backward written by hand."""
+__version__ = "0.1.0"

@@ -1,0 +1,30 @@
+"""Backends supply the layer ops and the memory; the model code (models/gpt2.py) is written once over them.
+
+`get_backend("cpu")` gives the NumPy reference; `get_backend("cuda")` the GPU one (imported only when asked for,
+so the CPU path never touches CuPy)."""
+from ..errors import UserError
+
+
+def cuda_available() -> bool:
+    try:
+        import cupy  # noqa: F401
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {device!r}: use cpu, cuda or auto")
+    return device
+
+
+def get_backend(device: str = "cpu", dtype: str = "fp32"):
+    device = resolve_device(device)
+    if device == "cpu":
+        from .cpu import CPUBackend
+        return CPUBackend(dtype)
+    from .cuda import CUDABackend  # noqa: deferred import keeps CuPy off the CPU path
+    return CUDABackend(dtype)

@@ -1,0 +1,21 @@
+"""The NumPy reference layers: one module per layer family, forward and backward side by side.
+
+Conventions (as in llm.c): outputs first, then inputs. Parameter gradients are ACCUMULATED (+=) so that
+gradient accumulation needs no copy; the gradient flowing into the residual stream is accumulated too, other
+input gradients are overwritten. Shapes use B batch, T time, C channels, NH heads, hs = C/NH, OC out channels,
+N = B*T rows, V vocab. Functions are dtype-generic (float32 for training, float64 for gradient checks).
+Optional `scratch` arguments let a caller pass preallocated temporaries so that a step allocates nothing.
+"""
+from .encoder import encoder_forward, encoder_backward
+from .layernorm import layernorm_forward, layernorm_backward
+from .matmul import matmul_forward, matmul_backward
+from .gelu import gelu_forward, gelu_backward
+from .residual import residual_forward, residual_backward
+from .attention import attention_forward, attention_backward
+from .classifier import crossentropy_forward, fused_classifier
+
+__all__ = [
+    "encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward",
+    "matmul_forward", "matmul_backward", "gelu_forward", "gelu_backward", "residual_forward",
+    "residual_backward", "attention_forward", "attention_backward", "crossentropy_forward", "fused_classifier",
+]

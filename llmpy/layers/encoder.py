@@ -1,0 +1,18 @@
+"""Token + position embedding: out[b,t] = wte[tokens[b,t]] + wpe[t]."""
+import numpy as np
+
+
+def encoder_forward(out, tokens, wte, wpe):
+    # out (B,T,C); tokens (B,T) int; wte (Vp,C); wpe (maxT,C)
+    T = tokens.shape[1]
+    np.take(wte, tokens, axis=0, out=out)
+    out += wpe[:T]
+
+
+def encoder_backward(dwte, dwpe, dout, tokens):
+    # dwte (Vp,C) +=, dwpe (maxT,C) +=, dout (B,T,C), tokens (B,T)
+    B, T, C = dout.shape
+    for b in range(B):  # B row-adds into (T,C): no (T,C) temporary
+        dwpe[:T] += dout[b]
+    # Scatter-add rows into the token table. ufunc.at applies repeats in index order: deterministic.
+    np.add.at(dwte, tokens.reshape(-1), dout.reshape(B * T, C))

@@ -1,0 +1,28 @@
+"""Linear layer: out = inp @ weight.T + bias, weight (OC, K) as in llm.c (PyTorch's nn.Linear layout)."""
+import numpy as np
+
+from ._scratch import buf
+
+
+def matmul_forward(out, inp, weight, bias=None):
+    # inp (..., K); weight (OC, K); bias (OC,) or None; out (..., OC)
+    OC, K = weight.shape
+    np.matmul(inp.reshape(-1, K), weight.T, out=out.reshape(-1, OC))
+    if bias is not None:
+        out += bias
+
+
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, scratch=None):
+    # dinp (..., K) overwritten (None: not needed); dweight (OC, K) +=; dbias (OC,) += (None: no bias)
+    # scratch: OC*K + OC elements (the product is formed there, then added: NumPy's matmul has no beta=1)
+    OC, K = weight.shape
+    d2, x2 = dout.reshape(-1, OC), inp.reshape(-1, K)
+    if dinp is not None:
+        np.matmul(d2, weight, out=dinp.reshape(-1, K))
+    s = buf(scratch, (OC * K + OC,), weight.dtype)
+    tmp, vb = s[:OC * K].reshape(OC, K), s[OC * K:]
+    np.matmul(d2.T, x2, out=tmp)
+    dweight += tmp
+    if dbias is not None:
+        np.add.reduce(d2, axis=0, out=vb)
+        dbias += vb

@@ -1,0 +1,1 @@
+"""Model families: each a memory plan plus forward/backward over a backend."""
