@@ -1,0 +1,119 @@
+"""Our training-state checkpoint: one safetensors file holding everything needed to resume bit-exactly.
+
+Tensors: the 16 parameters under their `param_shapes` names (fp32 master weights) and, unless it is a
+weights-only checkpoint, the AdamW moments under `adam_m.<name>` / `adam_v.<name>` (float32).
+`__metadata__`: {"format": "llmpy-train-state", "version": "1", "config": JSON of GPT2Config.to_dict(),
+"state": JSON of whatever dict the trainer passes (step, loader position, RNG state, args)}.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import GPT2Config, param_shapes
+from ..errors import UserError
+from . import check_params
+from .hf import is_hf_gpt2, read_hf_gpt2
+from .llmc import is_llmc_model, read_llmc_model
+from .safetensors import load_safetensors, read_safetensors_header, save_safetensors
+
+FORMAT = "llmpy-train-state"
+VERSION = "1"
+MOMENTS = ("adam_m", "adam_v")
+
+
+@dataclass
+class Checkpoint:
+    cfg: GPT2Config
+    params: dict[str, np.ndarray]
+    adam_m: dict[str, np.ndarray] | None = None  # None in a weights-only checkpoint
+    adam_v: dict[str, np.ndarray] | None = None
+    state: dict = field(default_factory=dict)
+
+
+def save_checkpoint(path: str | os.PathLike, cfg: GPT2Config, params: dict[str, np.ndarray], *,
+                    adam_m: dict[str, np.ndarray] | None = None, adam_v: dict[str, np.ndarray] | None = None,
+                    state: dict | None = None) -> None:
+    """Write the training state atomically. `adam_m` and `adam_v` are given together or not at all; `state`
+    must be JSON-serializable (Python ints of any size are fine, e.g. NumPy's PCG64 state)."""
+    where = f"cannot write {path}"
+    if (adam_m is None) != (adam_v is None):
+        raise UserError(f"{where}: AdamW moments adam_m and adam_v must be saved together")
+    tensors = dict(check_params(cfg, params, where))
+    if adam_m is not None:
+        for prefix, moments in zip(MOMENTS, (adam_m, adam_v)):
+            for name, a in check_params(cfg, moments, f"{where} ({prefix})").items():
+                tensors[f"{prefix}.{name}"] = a
+    try:
+        state_json = json.dumps(state or {})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: the training state is not JSON-serializable ({e})") from None
+    meta = {"format": FORMAT, "version": VERSION, "config": json.dumps(cfg.to_dict()), "state": state_json}
+    save_safetensors(path, tensors, meta)
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """True if `path` is a safetensors file whose metadata says it is an llmpy training state."""
+    try:
+        _, meta = read_safetensors_header(path)
+    except UserError:
+        return False
+    return meta.get("format") == FORMAT
+
+
+def load_checkpoint(path: str | os.PathLike, *, weights_only: bool = False) -> Checkpoint:
+    """Read and validate a training-state checkpoint; `weights_only` skips reading the moments."""
+    infos, meta = read_safetensors_header(path)
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path} is not an llmpy checkpoint (metadata format is {meta.get('format')!r})")
+    if meta.get("version") != VERSION:
+        raise UserError(f"{path}: unsupported llmpy checkpoint version {meta.get('version')!r} (want {VERSION})")
+    try:
+        cfg = GPT2Config.from_dict(json.loads(meta["config"]))
+        state = json.loads(meta.get("state", "{}"))
+        assert isinstance(state, dict)
+    except (KeyError, ValueError, TypeError, AttributeError, AssertionError, UserError) as e:
+        raise UserError(f"{path}: bad config or state in the checkpoint metadata ({e})") from None
+
+    shapes = dict(param_shapes(cfg))
+    has_moments = any(k.startswith(p + ".") for k in infos for p in MOMENTS)
+    expected = dict(shapes)
+    if has_moments:
+        expected |= {f"{p}.{n}": s for p in MOMENTS for n, s in shapes.items()}
+    missing = [n for n in expected if n not in infos]
+    extra = [n for n in infos if n not in expected]
+    if missing or extra:
+        raise UserError(f"{path}: tensors do not match the config"
+                        + (f"; missing {', '.join(missing)}" if missing else "")
+                        + (f"; unexpected {', '.join(extra)}" if extra else ""))
+    for n, s in expected.items():
+        if infos[n].shape != s or infos[n].dtype != "F32":
+            raise UserError(f"{path}: tensor {n} is {infos[n].dtype} {infos[n].shape}, want F32 {s}")
+
+    names = list(shapes) if weights_only else list(expected)
+    t, _ = load_safetensors(path, names=names)
+    ck = Checkpoint(cfg, {n: t[n] for n in shapes}, state=state)
+    if has_moments and not weights_only:
+        ck.adam_m = {n: t[f"adam_m.{n}"] for n in shapes}
+        ck.adam_v = {n: t[f"adam_v.{n}"] for n in shapes}
+    return ck
+
+
+def load_weights(path: str | os.PathLike) -> tuple[GPT2Config, dict[str, np.ndarray]]:
+    """Model weights from an llm.c .bin (by magic), an llmpy checkpoint (by metadata) or an HF GPT-2
+    safetensors file / folder (by keys). Returns (config, float32 params in `param_shapes` order)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path} not found")
+    if p.is_file() and is_llmc_model(p):
+        return read_llmc_model(p)
+    if p.is_file() and is_checkpoint(p):
+        ck = load_checkpoint(p, weights_only=True)
+        return ck.cfg, ck.params
+    if is_hf_gpt2(p):
+        return read_hf_gpt2(p)
+    raise UserError(f"{path} is not a llm.c model, an llmpy checkpoint or a Hugging Face GPT-2 safetensors file")
