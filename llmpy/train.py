@@ -1,0 +1,350 @@
+"""The training loop: data -> step -> log / eval / sample / checkpoint.
+
+`run(TrainConfig(...))` is what `llmpy train` calls. Steps are numbered from 0; step s evaluates (when due),
+then runs grad_accum micro-batches, clips, and updates with lr_at(s). A checkpoint written after step s holds the
+state from which step s+1 starts: weights, AdamW moments, loader position, sampler RNG, so that a resumed run's
+loss sequence is bitwise the uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backends import get_backend, resolve_device
+from .config import GPT2Config, config_from_name
+from .errors import UserError
+from .metrics import MetricsLog
+from .models.gpt2 import GPT2
+from .optim import AdamW, SCHEDULES, clip_scale, grad_norm, lr_at
+
+CHECKPOINT = "checkpoint.safetensors"
+# The embedded default (`llmpy train` with no arguments): a small GPT-2 on Shakespeare, ~5 minutes on 2 cores.
+DEFAULT_MODEL = "l4h4c256t256"
+
+
+@dataclass
+class TrainConfig:
+    init: str | None = None          # llm.c .bin, llmpy checkpoint, HF safetensors, or a config name (d12, ...)
+    train_data: str | None = None    # glob of llm.c-format token shards; None: the Shakespeare corpus
+    val_data: str | None = None
+    batch_size: int = 16
+    seq_len: int = 128
+    steps: int = 300
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 20
+    final_lr_frac: float = 0.1
+    decay_frac: float = 0.2          # wsd: the cooldown's share of the steps
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    shuffle: bool = True
+    val_every: int = 50
+    val_batches: int = 20
+    sample_every: int = 0
+    sample_tokens: int = 64
+    checkpoint_every: int = 100
+    stop_at: int | None = None       # stop (with a checkpoint) after this step, keeping the schedule of `steps`
+    seed: int = 1337
+    out: str | None = None
+    resume: str | None = None
+    device: str = "auto"
+    dtype: str | None = None         # fp32 on the CPU, bf16 on the GPU
+    progress: bool = True
+    explicit: tuple = ()             # names of the settings given on the command line (they override a resume)
+
+    def check(self) -> None:
+        pos = {"batch_size": self.batch_size, "seq_len": self.seq_len, "grad_accum": self.grad_accum,
+               "val_batches": self.val_batches}
+        bad = [f"--{k.replace('_', '-')} {v}" for k, v in pos.items() if v < 1]
+        nonneg = {"steps": self.steps, "warmup_steps": self.warmup_steps, "val_every": self.val_every,
+                  "sample_every": self.sample_every, "checkpoint_every": self.checkpoint_every, "seed": self.seed,
+                  "sample_tokens": self.sample_tokens}
+        bad += [f"--{k.replace('_', '-')} {v}" for k, v in nonneg.items() if v < 0]
+        if bad:
+            raise UserError(f"bad value: {', '.join(bad)} (sizes must be >= 1, counts >= 0)")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"--lr must be a positive number (got {self.lr})")
+        if self.grad_clip < 0:
+            raise UserError(f"--grad-clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
+        if self.lr_schedule not in SCHEDULES:
+            raise UserError(f"unknown --lr-schedule {self.lr_schedule!r}: choose from {', '.join(SCHEDULES)}")
+        if self.dtype not in (None, "fp32", "bf16"):
+            raise UserError(f"unknown --dtype {self.dtype!r}: use fp32 or bf16")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps_done: int
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _StopFlag:
+    """Ctrl-C (SIGINT) / SIGTERM ask the loop to stop at the next step boundary and checkpoint; a second
+    Ctrl-C interrupts at once (the previous checkpoint stays intact: every write is atomic)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        if _in_main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+# ---------------------------------------------------------------------------------------------------- set-up
+
+def _load_init(tc: TrainConfig) -> tuple[GPT2Config, dict | None, str]:
+    """(config, weights or None for a fresh init, description)."""
+    from .formats.checkpoint import load_weights
+    spec = tc.init or DEFAULT_MODEL
+    if os.path.exists(spec):
+        cfg, params = load_weights(spec)
+        return cfg, params, f"weights from {spec}"
+    if os.sep in spec or spec.endswith((".bin", ".safetensors")):
+        raise UserError(f"--init {spec}: no such file")
+    return config_from_name(spec), None, f"{spec}, fresh init (seed {tc.seed})"
+
+
+def _data_globs(tc: TrainConfig) -> tuple[str, str | None]:
+    if tc.train_data is None:
+        from .data import prepare_shakespeare
+        train, val = prepare_shakespeare()
+        return train, tc.val_data or val
+    return tc.train_data, tc.val_data
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _rng_state(rng: np.random.Generator) -> dict:
+    return rng.bit_generator.state
+
+
+# ---------------------------------------------------------------------------------------------------- loop
+
+def run(tc: TrainConfig) -> TrainResult:
+    from .data import DataLoader
+    from .formats.checkpoint import load_checkpoint, save_checkpoint
+
+    resume_ckpt = None
+    if tc.resume:
+        path = Path(tc.resume)
+        path = path / CHECKPOINT if path.is_dir() else path
+        if not path.exists():
+            raise UserError(f"--resume {tc.resume}: no {CHECKPOINT} there")
+        resume_ckpt = load_checkpoint(path)
+        if "train" not in resume_ckpt.state:
+            raise UserError(f"{path} holds weights only (no training state): use --init {path} instead")
+        tc = _merge_resume(tc, resume_ckpt.state["train"])
+    tc.check()
+    device = resolve_device(tc.device)
+    dtype = tc.dtype or ("bf16" if device == "cuda" else "fp32")
+    if device == "cpu" and dtype != "fp32":
+        raise UserError("--dtype bf16 needs --device cuda (the CPU reference runs in fp32)")
+    out = Path(tc.out or tc.resume or time.strftime("runs/%Y%m%d-%H%M%S"))
+    if resume_ckpt is None and (out / CHECKPOINT).exists():
+        raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+    if resume_ckpt is not None:
+        cfg, params, what = resume_ckpt.cfg, resume_ckpt.params, f"resumed from {tc.resume}"
+    else:
+        cfg, params, what = _load_init(tc)
+    be = get_backend(device, dtype)
+    B, T, A = tc.batch_size, tc.seq_len, tc.grad_accum
+    model = GPT2(cfg, be, B, T)
+    if params is None:
+        model.init_weights(tc.seed)
+    else:
+        model.load_params(params)
+    opt = AdamW(model, beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay)
+
+    train_glob, val_glob = _data_globs(tc)
+    train_loader = DataLoader(train_glob, B, T, shuffle=tc.shuffle, seed=tc.seed, vocab_size=cfg.vocab_size)
+    val_loader = DataLoader(val_glob, B, T, vocab_size=cfg.vocab_size) if val_glob else None
+    val_batches = min(tc.val_batches, val_loader.num_batches_per_epoch) if val_loader else 0
+    sample_rng = np.random.default_rng([tc.seed, 1])
+    start = 0
+    if resume_ckpt is not None:
+        st = resume_ckpt.state
+        if resume_ckpt.adam_m is None:
+            raise UserError(f"{tc.resume} has no optimizer state to resume from")
+        for name in model.params.shapes:
+            be.copy_(opt.m[name], be.asarray(resume_ckpt.adam_m[name]))
+            be.copy_(opt.v[name], be.asarray(resume_ckpt.adam_v[name]))
+        opt.t = int(st["adam_t"])
+        start = int(st["step"])
+        train_loader.load_state(st["loader"])
+        sample_rng.bit_generator.state = st["sample_rng"]
+    log = MetricsLog(out / "metrics.jsonl", keep_before=start)
+
+    plan = model.memory_plan()
+    plan["optimizer"] = opt.nbytes()
+    tokens_per_step = B * T * A
+    print(f"model: GPT-2 L={cfg.num_layers} H={cfg.num_heads} C={cfg.channels} maxT={cfg.max_seq_len} "
+          f"V={cfg.vocab_size} ({cfg.num_params() / 1e6:.1f}M parameters), {what}")
+    print(f"device: {device} {dtype}; memory plan: " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in plan.items()))
+    print(f"data: train {train_glob} ({train_loader.num_batches_per_epoch} batches/epoch), "
+          f"val {val_glob or 'none'}; batch {B}x{T}x{A} = {tokens_per_step} tokens/step")
+    print(f"training steps {start}..{tc.steps - 1}, lr {tc.lr} {tc.lr_schedule}, output {out}/", flush=True)
+
+    def save(next_step: int) -> None:
+        state = {"step": next_step, "adam_t": opt.t, "loader": train_loader.state(),
+                 "sample_rng": _rng_state(sample_rng), "train": dataclasses.asdict(tc)}
+        save_checkpoint(out / CHECKPOINT, cfg, model.params_numpy(), adam_m=_host(be, opt.m),
+                        adam_v=_host(be, opt.v), state=state)
+
+    def evaluate(step: int) -> None:
+        if val_loader is None:
+            return
+        val_loader.reset()
+        total = 0.0
+        for _ in range(val_batches):
+            x, y = val_loader.next_batch()
+            total += model.forward(x, y)
+        loss = total / val_batches
+        if not math.isfinite(loss):
+            raise UserError(f"val loss is {loss} at step {step}: the weights hold NaN/Inf; "
+                            f"last good checkpoint: {out / CHECKPOINT}")
+        log.write({"step": step, "val_loss": loss})
+        result.val_losses.append((step, loss))
+        bar.write(f"step {step}: val loss {loss:.4f}")
+
+    def sample(step: int) -> None:
+        from .sample import generate
+        from .tokenizer import get_tokenizer
+        tok = get_tokenizer()
+        ids = generate(model.params_numpy(), cfg, [tok.eot], tc.sample_tokens, rng=sample_rng, top_k=40)
+        bar.write(f"--- sample at step {step} ---\n{tok.decode(ids)}\n---")
+
+    result = TrainResult(out=out, steps_done=start)
+    bar = _progress(tc, start)
+    t_start = time.perf_counter()
+    last = min(tc.steps, tc.stop_at + 1) if tc.stop_at is not None else tc.steps
+    # divergence is detected and reported below; NumPy's overflow warnings on the way there are noise
+    with _StopFlag() as stop, np.errstate(over="ignore", invalid="ignore"):
+        step = start
+        try:
+            for step in range(start, last):
+                if tc.val_every and step % tc.val_every == 0:
+                    evaluate(step)
+                if tc.sample_every and step > 0 and step % tc.sample_every == 0:
+                    sample(step)
+                t0 = time.perf_counter()
+                lr = lr_at(step, lr=tc.lr, schedule=tc.lr_schedule, steps=tc.steps, warmup=tc.warmup_steps,
+                           final_frac=tc.final_lr_frac, decay_frac=tc.decay_frac)
+                model.zero_grad()
+                loss = 0.0
+                for _ in range(A):
+                    x, y = train_loader.next_batch()
+                    loss += model.forward(x, y, grad_scale=1.0 / (B * T * A))
+                    model.backward()
+                loss /= A
+                norm = grad_norm(model)
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    raise UserError(f"training diverged at step {step}: loss {loss}, grad norm {norm} "
+                                    f"(lr {lr:.3g}); the update was not applied and nothing was saved; "
+                                    f"last good checkpoint: {_last_ckpt(out)}. Try a lower --lr or --grad-clip 1")
+                opt.step(lr, clip_scale(norm, tc.grad_clip))
+                be.synchronize()
+                dt = time.perf_counter() - t0
+                tps = tokens_per_step / dt
+                log.write({"step": step, "train_loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps})
+                result.train_losses.append(loss)
+                result.steps_done = step + 1
+                bar.update(1)
+                bar.set_postfix_str(f"loss {loss:.4f} | {tps:,.0f} tok/s | lr {lr:.2e}", refresh=False)
+                if stop.requested:
+                    break
+                if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < last:
+                    save(step + 1)
+        finally:
+            bar.close()
+        done = result.steps_done
+        if done == tc.steps:
+            evaluate(tc.steps)
+            if tc.sample_tokens:
+                sample(tc.steps)
+        save(done)
+    result.seconds = time.perf_counter() - t_start
+    _plot(out, log)
+    if done < tc.steps:
+        print(f"stopped after step {done - 1}; continue with: llmpy train --resume {out}")
+    print(f"done: {done - start} steps in {result.seconds:.1f} s; checkpoint {out / CHECKPOINT}, "
+          f"metrics {out / 'metrics.jsonl'}, loss curve {out / 'loss.png'}")
+    return result
+
+
+def _host(be, fb) -> dict[str, np.ndarray]:
+    return {name: np.asarray(be.to_numpy(fb[name]), dtype=np.float32) for name in fb.shapes}
+
+
+def _last_ckpt(out: Path) -> str:
+    p = out / CHECKPOINT
+    return str(p) if p.exists() else "none yet"
+
+
+def _merge_resume(tc: TrainConfig, saved: dict) -> TrainConfig:
+    """A resumed run takes its settings from the checkpoint; flags given now override (steps, out, ...)."""
+    base = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+    explicit = set(tc.explicit)
+    for name in explicit:
+        setattr(base, name, getattr(tc, name))
+    base.resume = tc.resume
+    base.init = None
+    for once in ("stop_at", "progress"):  # per-invocation settings, not part of the run
+        if once not in explicit:
+            setattr(base, once, getattr(TrainConfig, once))
+    if base.out is None or "out" not in explicit:
+        base.out = tc.out or tc.resume
+    return base
+
+
+def _progress(tc: TrainConfig, start: int):
+    from tqdm import tqdm
+    total = (min(tc.steps, tc.stop_at + 1) if tc.stop_at is not None else tc.steps)
+    return tqdm(total=total, initial=start, desc="train", unit="step", disable=not tc.progress,
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def _plot(out: Path, log: MetricsLog) -> None:
+    from .metrics import plot_losses
+    plot_losses(log.path, out / "loss.png")
+
+
+def load_metrics(path: str | os.PathLike) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,176 @@
+"""The training loop and `llmpy train`: the metrics contract, llm.c's data order, bitwise resume, bad input."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from llmpy.backends import get_backend
+from llmpy.cli import main
+from llmpy.config import config_from_name
+from llmpy.data import write_shard
+from llmpy.errors import UserError
+from llmpy.formats.checkpoint import load_checkpoint
+from llmpy.models.gpt2 import GPT2
+from llmpy.optim import AdamW, clip_scale, grad_norm, lr_at
+from llmpy.train import TrainConfig, run
+
+MODEL = "l2h2c32t32"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    # a learnable stream: short repeated phrases of random tokens
+    phrases = [rng.integers(0, 50257, 7) for _ in range(20)]
+    stream = np.concatenate([phrases[i] for i in rng.integers(0, 20, 1500)])
+    write_shard(d / "tr_000.bin", stream[:6000])
+    write_shard(d / "tr_001.bin", stream[6000:9000])
+    write_shard(d / "va_000.bin", stream[9000:])
+    return str(d / "tr_*.bin"), str(d / "va_*.bin"), d
+
+
+def cfg_for(shards, tmp_path, **kw):
+    base = dict(init=MODEL, train_data=shards[0], val_data=shards[1], batch_size=4, seq_len=16, steps=6,
+                val_every=2, val_batches=3, sample_tokens=0, progress=False, device="cpu", out=str(tmp_path / "run"))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def events(out):
+    return [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+
+
+def test_metrics_contract(shards, tmp_path):
+    res = run(cfg_for(shards, tmp_path, steps=5))
+    ev = events(res.out)
+    train = [e for e in ev if "train_loss" in e]
+    val = [e for e in ev if "val_loss" in e]
+    assert [e["step"] for e in train] == [0, 1, 2, 3, 4]
+    assert [e["step"] for e in val] == [0, 2, 4, 5]
+    for e in train:
+        assert {"lr", "grad_norm", "tokens_per_s"} <= e.keys() and math.isfinite(e["train_loss"])
+    assert train[-1]["train_loss"] < train[0]["train_loss"]
+    assert (res.out / "loss.png").stat().st_size > 1000
+    ck = load_checkpoint(res.out / "checkpoint.safetensors")
+    assert ck.state["step"] == 5 and ck.adam_m is not None
+
+
+def test_no_shuffle_is_llmc_order_and_update(shards, tmp_path):
+    """--no-shuffle must read batch i at token i*B*T of the shard (next shard when it runs out); the losses
+    equal a hand-written loop over exactly those windows with the same AdamW updates."""
+    B, T, steps = 4, 16, 5
+    res = run(cfg_for(shards, tmp_path, shuffle=False, steps=steps, val_every=0, lr=1e-3, lr_schedule="constant",
+                      warmup_steps=0, grad_clip=0.0, weight_decay=0.0, beta2=0.999))
+    got = [e["train_loss"] for e in events(res.out) if "train_loss" in e]
+    tokens = np.fromfile(shards[2] / "tr_000.bin", dtype=np.uint16, offset=1024).astype(np.int32)
+    model = GPT2(config_from_name(MODEL), get_backend("cpu"), B, T)
+    model.init_weights(1337)
+    opt = AdamW(model, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    want = []
+    for i in range(steps):
+        w = tokens[i * B * T:i * B * T + B * T + 1]
+        want.append(model.forward(w[:-1].reshape(B, T), w[1:].reshape(B, T), grad_scale=1 / (B * T)))
+        model.zero_grad()
+        model.backward()
+        opt.step(1e-3, clip_scale(grad_norm(model), 0.0))
+    assert got == want
+
+
+def test_resume_is_bitwise(shards, tmp_path):
+    kw = dict(steps=7, grad_accum=2, lr_schedule="cosine", warmup_steps=2, checkpoint_every=0, val_every=3)
+    full = run(cfg_for(shards, tmp_path, out=str(tmp_path / "full"), **kw))
+    part = run(cfg_for(shards, tmp_path, out=str(tmp_path / "part"), stop_at=3, **kw))
+    assert part.steps_done == 4
+    resumed = run(TrainConfig(resume=str(tmp_path / "part"), progress=False, explicit=("resume",)))
+    assert resumed.steps_done == 7
+    a = [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in events(full.out)]
+    b = [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in events(resumed.out)]
+    assert a == b  # bitwise: float equality of every logged loss
+    pa = load_checkpoint(full.out / "checkpoint.safetensors").params
+    pb = load_checkpoint(resumed.out / "checkpoint.safetensors").params
+    assert all(np.array_equal(pa[k], pb[k]) for k in pa)
+
+
+def test_lr_schedules():
+    kw = dict(lr=1.0, steps=100, warmup=10, final_frac=0.1)
+    assert lr_at(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_at(9, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(10, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(55, schedule="cosine", **kw) == pytest.approx(0.55)
+    assert lr_at(99, schedule="linear", **kw) == pytest.approx(0.1 + 0.9 / 90)
+    assert lr_at(79, schedule="wsd", **kw) == 1.0 and lr_at(90, schedule="wsd", **kw) == pytest.approx(0.55)
+    assert lr_at(50, schedule="constant", **kw) == 1.0
+    with pytest.raises(UserError):
+        lr_at(0, schedule="nope", **kw)
+
+
+def test_divergence_is_caught_and_keeps_checkpoint(shards, tmp_path):
+    out = tmp_path / "div"
+    run(cfg_for(shards, tmp_path, out=str(out), steps=2, val_every=0))
+    before = (out / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(UserError, match="diverged"):
+        run(TrainConfig(resume=str(out), steps=6, lr=1e38, grad_clip=0.0, progress=False,
+                        explicit=("resume", "steps", "lr", "grad_clip")))
+    assert (out / "checkpoint.safetensors").read_bytes() == before
+
+
+def cli_error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_cli_bad_inputs(shards, tmp_path, capsys):
+    common = ["train", "--train-data", shards[0], "--val-data", shards[1], "--init", MODEL, "--device", "cpu",
+              "--no-progress", "--sample-tokens", "0", "--seq-len", "16"]
+    assert "exceeds the model's maximum" in cli_error(capsys, common + ["--seq-len", "64", "--out",
+                                                                       str(tmp_path / "a")])
+    assert "no token shards match" in cli_error(capsys, common + ["--train-data", str(tmp_path / "none*.bin")])
+    assert "unknown model config" in cli_error(capsys, common + ["--init", "zz9"])
+    assert "bf16 needs --device cuda" in cli_error(capsys, common + ["--dtype", "bf16"])
+    bad = tmp_path / "bad_000.bin"
+    write_shard(bad, np.full(2000, 60000, np.uint16))  # ids >= vocab
+    assert "60000" in cli_error(capsys, common + ["--train-data", str(bad), "--out", str(tmp_path / "b"),
+                                                 "--steps", "1", "--batch-size", "2", "--seq-len", "8"])
+    trunc = tmp_path / "trunc.bin"
+    trunc.write_bytes(open(shards[2] / "tr_001.bin", "rb").read()[:3000])
+    assert "trunc.bin" in cli_error(capsys, common + ["--train-data", str(trunc)])
+    ck = tmp_path / "c.safetensors"
+    ck.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    assert "c.safetensors" in cli_error(capsys, common + ["--init", str(ck)])
+    assert "lr" in cli_error(capsys, common + ["--lr", "-1"])
+
+
+def test_cli_refuses_to_overwrite_a_run(shards, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["train", "--train-data", shards[0], "--val-data", shards[1], "--init", MODEL, "--device", "cpu",
+            "--steps", "1", "--batch-size", "2", "--seq-len", "8", "--out", out, "--no-progress",
+            "--sample-tokens", "0"]
+    assert main(argv) == 0
+    assert "--resume" in cli_error(capsys, argv)
+
+
+def test_cli_train_eval_sample_convert(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--train-data", shards[0], "--val-data", shards[1], "--init", MODEL, "--device", "cpu",
+                 "--steps", "3", "--batch-size", "2", "--seq-len", "8", "--out", str(out), "--no-progress",
+                 "--val-every", "0", "--val-batches", "2", "--sample-tokens", "4"]) == 0
+    last_val = events(out)[-1]
+    assert last_val["step"] == 3 and "val_loss" in last_val
+    capsys.readouterr()
+    ck = str(out / "checkpoint.safetensors")
+    assert main(["eval", "--checkpoint", ck, "--data", shards[1], "--batch-size", "2", "--seq-len", "8",
+                 "--batches", "2"]) == 0
+    printed = float(capsys.readouterr().out.split()[2])
+    assert printed == pytest.approx(last_val["val_loss"], abs=1e-6)  # printed to 6 decimals
+    assert main(["convert", ck, str(tmp_path / "m.bin")]) == 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "m.bin"), "--data", shards[1], "--batch-size", "2",
+                 "--seq-len", "8", "--batches", "2"]) == 0
+    assert float(capsys.readouterr().out.splitlines()[-1].split()[2]) == printed  # llm.c .bin: same fp32 weights
+    for _ in range(2):
+        assert main(["sample", "--checkpoint", ck, "--prompt", "Hello", "-n", "5", "--seed", "3"]) == 0
+    a, b = capsys.readouterr().out.splitlines()[-2:]
+    assert a == b and a.startswith("Hello")
