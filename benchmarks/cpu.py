@@ -83,7 +83,7 @@ def measure(args) -> dict:
     if args.side == "llmpy":
         from llmpy.backends import get_backend
         from llmpy.models.gpt2 import GPT2
-        from llmpy.optim import AdamW, clip_scale, grad_norm
+        from llmpy.optim import AdamW
         model = GPT2(cfg, get_backend("cpu"), B, T)
         model.init_weights(0)
         opt = AdamW(model, weight_decay=0.1)
@@ -93,7 +93,7 @@ def measure(args) -> dict:
             model.forward(b[:, :-1], b[:, 1:], grad_scale=1.0 / (B * T))
             model.zero_grad()
             model.backward()
-            opt.step(1e-4, clip_scale(grad_norm(model), 1.0))
+            opt.step(1e-4, grad_clip=1.0)
     else:
         import torch
 

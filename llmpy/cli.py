@@ -52,6 +52,10 @@ def _train_parser(sub) -> None:
     a("--resume", metavar="DIR", help="continue the run in DIR bitwise identically")
     a("--device", choices=["cpu", "cuda", "auto"], help="default auto (cuda when a GPU is present)")
     a("--dtype", choices=["fp32", "bf16"], help="default fp32 on the CPU, bf16 on the GPU")
+    a("--recompute", type=int, choices=[0, 1, 2], help="trade compute for activation memory: 1 recomputes GELU, "
+      "2 also the LayerNorms, in backward (default 0)")
+    a("--no-graph", dest="graph", action="store_const", const=False, help="CUDA: run the step eagerly instead of "
+      "replaying CUDA graphs")
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     p.set_defaults(func=_cmd_train)
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .config import DECAYED, param_shapes
 from .errors import UserError
 
@@ -11,10 +13,13 @@ SCHEDULES = ("constant", "cosine", "linear", "wsd")
 
 class AdamW:
     """Bias-corrected AdamW (Loshchilov & Hutter) with decoupled weight decay applied to the 2-D weight matrices
-    (wte, wpe, qkvw, attprojw, fcw, fcprojw) and not to biases or LayerNorm gains. Moments are fp32 flat buffers
-    shaped like the parameters; `t` counts updates (bias correction uses t = 1 on the first)."""
+    (wte, wpe, qkvw, attprojw, fcw, fcprojw) and not to biases or LayerNorm gains, and global-norm clipping.
 
-    def __init__(self, model, *, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, decay_all=False):
+    Moments are fp32 flat buffers shaped like the parameters; the update reads its per-step scalars (lr, bias
+    corrections, clip, rounding seed) and the gradient norm from device buffers, so a captured CUDA graph can
+    replay it every step. `t` counts updates (bias correction uses t = 1 on the first)."""
+
+    def __init__(self, model, *, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, decay_all=False, seed=0):
         from .models.gpt2 import FlatBuffer
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise UserError(f"AdamW betas must be in [0, 1): got beta1={beta1}, beta2={beta2}")
@@ -24,31 +29,45 @@ class AdamW:
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
         self.decayed = {n for n, _ in param_shapes(model.cfg)} if decay_all else set(DECAYED)
         shapes = param_shapes(model.cfg)
-        self.m = FlatBuffer(self.be, shapes, self.be.param_dtype)
-        self.v = FlatBuffer(self.be, shapes, self.be.param_dtype)
+        self.m = FlatBuffer(self.be, shapes, np.float32)
+        self.v = FlatBuffer(self.be, shapes, np.float32)
+        self.hp = self.be.zeros(8, np.float32)           # [lr, b1, b2, eps, 1/(1-b1^t), 1/(1-b2^t), clip, seed]
+        self.norm = self.be.zeros(1, self.be.acc_dtype)  # the global gradient norm of the current step
+        self.seed = seed
         self.t = 0
 
     def nbytes(self) -> int:
         return self.m.nbytes() + self.v.nbytes()
 
-    def step(self, lr: float, grad_scale: float = 1.0) -> None:
+    def set_step(self, lr: float, grad_clip: float = 0.0) -> None:
+        """Host side of one update: advances t and uploads this step's scalars."""
         self.t += 1
-        p, g = self.model.params, self.model.grads
-        for name, _ in param_shapes(self.model.cfg):
+        t = self.t
+        seed = np.array([(self.seed * 0x9E3779B1 + t) & 0xFFFFFFFF], np.uint32).view(np.float32)[0]
+        hp = np.array([lr, self.beta1, self.beta2, self.eps, 1.0 / (1.0 - self.beta1 ** t),
+                       1.0 / (1.0 - self.beta2 ** t), grad_clip, seed], np.float32)
+        self.be.copy_(self.hp, self.be.asarray(hp))
+
+    def apply(self) -> None:
+        """Device side: the global gradient norm, then AdamW on every tensor (clipped by the norm; skipped when
+        the norm is not finite, so a diverging step never touches the weights)."""
+        be, model = self.be, self.model
+        p, g, master = model.params, model.grads, model.master
+        be.grad_norm(self.norm, g.flat)
+        for name, _ in param_shapes(model.cfg):
             wd = self.weight_decay if name in self.decayed else 0.0
-            self.be.adamw(p[name].reshape(-1), g[name].reshape(-1), self.m[name].reshape(-1),
-                          self.v[name].reshape(-1), lr=lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
-                          weight_decay=wd, t=self.t, grad_scale=grad_scale)
+            be.adamw(p[name].reshape(-1), None if master is None else master[name].reshape(-1),
+                     g[name].reshape(-1), self.m[name].reshape(-1), self.v[name].reshape(-1), self.hp, self.norm,
+                     wd, p.offsets[name])
 
+    def step(self, lr: float, grad_clip: float = 0.0) -> float:
+        """set_step + apply, eagerly; returns the gradient norm."""
+        self.set_step(lr, grad_clip)
+        self.apply()
+        return self.last_norm()
 
-def grad_norm(model) -> float:
-    """Global L2 norm of all parameter gradients (fixed reduction order: deterministic)."""
-    return math.sqrt(model.be.sumsq(model.grads.flat))
-
-
-def clip_scale(norm: float, max_norm: float) -> float:
-    """The factor AdamW applies to every gradient: max_norm / norm when clipping triggers, else 1 (0 = off)."""
-    return max_norm / norm if max_norm > 0 and norm > max_norm else 1.0
+    def last_norm(self) -> float:
+        return float(self.be.to_numpy(self.norm)[0])
 
 
 def lr_at(step: int, *, lr: float, schedule: str, steps: int, warmup: int = 0, final_frac: float = 0.0,

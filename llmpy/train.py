@@ -24,7 +24,8 @@ from .config import GPT2Config, config_from_name
 from .errors import UserError
 from .metrics import MetricsLog
 from .models.gpt2 import GPT2
-from .optim import AdamW, SCHEDULES, clip_scale, grad_norm, lr_at
+from .optim import AdamW, SCHEDULES, lr_at
+from .step import TrainStep
 
 CHECKPOINT = "checkpoint.safetensors"
 # The embedded default (`llmpy train` with no arguments): a small GPT-2 on Shakespeare, ~5 minutes on 2 cores.
@@ -62,6 +63,8 @@ class TrainConfig:
     resume: str | None = None
     device: str = "auto"
     dtype: str | None = None         # fp32 on the CPU, bf16 on the GPU
+    recompute: int = 0               # 1: recompute GELU in backward; 2: also the LayerNorms (less memory)
+    graph: bool = True               # CUDA: capture the step as CUDA graphs
     progress: bool = True
     explicit: tuple = ()             # names of the settings given on the command line (they override a resume)
 
@@ -186,12 +189,13 @@ def run(tc: TrainConfig) -> TrainResult:
         cfg, params, what = _load_init(tc)
     be = get_backend(device, dtype)
     B, T, A = tc.batch_size, tc.seq_len, tc.grad_accum
-    model = GPT2(cfg, be, B, T)
+    model = GPT2(cfg, be, B, T, recompute=tc.recompute)
     if params is None:
         model.init_weights(tc.seed)
     else:
         model.load_params(params)
-    opt = AdamW(model, beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay)
+    opt = AdamW(model, beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay, seed=tc.seed)
+    stepper = TrainStep(model, opt, A, grad_clip=tc.grad_clip, graph=tc.graph)
 
     train_glob, val_glob = _data_globs(tc)
     train_loader = DataLoader(train_glob, B, T, shuffle=tc.shuffle, seed=tc.seed, vocab_size=cfg.vocab_size)
@@ -206,6 +210,9 @@ def run(tc: TrainConfig) -> TrainResult:
         for name in model.params.shapes:
             be.copy_(opt.m[name], be.asarray(resume_ckpt.adam_m[name]))
             be.copy_(opt.v[name], be.asarray(resume_ckpt.adam_v[name]))
+            if model.master is not None and resume_ckpt.compute_bf16 is not None:
+                # the compute copy was stochastically rounded: restore its exact bits
+                be.copy_(model.params[name], be.asarray(resume_ckpt.compute_bf16[name].view(be.param_dtype)))
         opt.t = int(st["adam_t"])
         start = int(st["step"])
         train_loader.load_state(st["loader"])
@@ -225,8 +232,11 @@ def run(tc: TrainConfig) -> TrainResult:
     def save(next_step: int) -> None:
         state = {"step": next_step, "adam_t": opt.t, "loader": train_loader.state(),
                  "sample_rng": _rng_state(sample_rng), "train": dataclasses.asdict(tc)}
+        compute = None
+        if model.master is not None:
+            compute = {n: np.asarray(be.to_numpy(model.params[n])).view(np.uint16) for n in model.params.shapes}
         save_checkpoint(out / CHECKPOINT, cfg, model.params_numpy(), adam_m=_host(be, opt.m),
-                        adam_v=_host(be, opt.v), state=state)
+                        adam_v=_host(be, opt.v), state=state, compute_bf16=compute)
 
     def evaluate(step: int) -> None:
         if val_loader is None:
@@ -235,7 +245,7 @@ def run(tc: TrainConfig) -> TrainResult:
         total = 0.0
         for _ in range(val_batches):
             x, y = val_loader.next_batch()
-            total += model.forward(x, y)
+            total += model.forward(x, y)  # no grad_scale: gradients and the step's loss sum are untouched
         loss = total / val_batches
         if not math.isfinite(loss):
             raise UserError(f"val loss is {loss} at step {step}: the weights hold NaN/Inf; "
@@ -267,20 +277,11 @@ def run(tc: TrainConfig) -> TrainResult:
                 t0 = time.perf_counter()
                 lr = lr_at(step, lr=tc.lr, schedule=tc.lr_schedule, steps=tc.steps, warmup=tc.warmup_steps,
                            final_frac=tc.final_lr_frac, decay_frac=tc.decay_frac)
-                model.zero_grad()
-                loss = 0.0
-                for _ in range(A):
-                    x, y = train_loader.next_batch()
-                    loss += model.forward(x, y, grad_scale=1.0 / (B * T * A))
-                    model.backward()
-                loss /= A
-                norm = grad_norm(model)
+                loss, norm = stepper.run((train_loader.next_batch() for _ in range(A)), lr)
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     raise UserError(f"training diverged at step {step}: loss {loss}, grad norm {norm} "
                                     f"(lr {lr:.3g}); the update was not applied and nothing was saved; "
                                     f"last good checkpoint: {_last_ckpt(out)}. Try a lower --lr or --grad-clip 1")
-                opt.step(lr, clip_scale(norm, tc.grad_clip))
-                be.synchronize()
                 dt = time.perf_counter() - t0
                 tps = tokens_per_step / dt
                 log.write({"step": step, "train_loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps})
@@ -301,6 +302,7 @@ def run(tc: TrainConfig) -> TrainResult:
                 sample(tc.steps)
         save(done)
     result.seconds = time.perf_counter() - t_start
+    log.close()
     _plot(out, log)
     if done < tc.steps:
         print(f"stopped after step {done - 1}; continue with: llmpy train --resume {out}")

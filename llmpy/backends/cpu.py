@@ -19,7 +19,9 @@ class CPUBackend:
             raise UserError(f"the cpu device supports --dtype fp32 only (got {dtype})")
         self.dtype_name = dtype
         self.act_dtype = self.param_dtype = self.stat_dtype = np.dtype(_DTYPES[dtype])
+        self.acc_dtype = np.dtype(np.float64)         # loss sums and the gradient norm
         self.ws = None
+        self.capturing = False
 
     # ---- memory ---------------------------------------------------------------------------------------------
     def zeros(self, n, dtype):
@@ -34,14 +36,26 @@ class CPUBackend:
     def copy_(self, dst, src):
         np.copyto(dst, src, casting="unsafe")
 
+    def load_f32(self, dst, src_f32):
+        np.copyto(dst, src_f32, casting="unsafe")
+
+    def fill_zero(self, x):
+        x[...] = 0
+
     def synchronize(self):
         pass
+
+    def set_tokens(self, dst, host, *, training=True):
+        np.copyto(dst, host, casting="unsafe")
+
+    def capture(self, fn):
+        return fn  # no graphs on the CPU: "replaying" is running
 
     def logit_columns(self, cfg) -> int:
         return cfg.vocab_size                        # only the real vocabulary: padded columns never exist
 
-    def attention_state_shape(self, B, T, NH) -> tuple:
-        return (B, NH, T, T)                         # the saved softmax
+    def attention_state(self, B, T, NH, hs) -> tuple:
+        return (B, NH, T, T), "act"                  # the saved softmax, in the activation buffer
 
     def plan_workspace(self, cfg, B, T):
         """One flat scratch buffer, large enough for the hungriest op (all ops run one after another)."""
@@ -92,25 +106,40 @@ class CPUBackend:
     def attention_forward(self, out, state, qkv, num_heads):
         Lr.attention_forward(out, state, qkv, num_heads, scratch=self.ws)
 
-    def attention_backward(self, dqkv, dout, qkv, state, num_heads):
+    def attention_backward(self, dqkv, dout, qkv, state, num_heads, out=None):
         Lr.attention_backward(dqkv, dout, qkv, state, num_heads, scratch=self.ws)
 
     def fused_classifier(self, losses, logits, targets, vocab_size, dloss=None):
         Lr.fused_classifier(losses, logits[..., :vocab_size].reshape(-1, vocab_size), targets, dloss,
                             scratch=self.ws)
 
-    # ---- optimizer ------------------------------------------------------------------------------------------
-    def sumsq(self, x) -> float:
-        """Sum of squares of a flat buffer, accumulated in float64 in a fixed order (deterministic)."""
-        return float(np.einsum("i,i->", x, x, dtype=np.float64))
+    def gelu_forward(self, out, inp):
+        Lr.gelu_forward(out, inp, scratch=self.ws)
 
-    def adamw(self, p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, t, grad_scale=1.0):
-        """One AdamW step over one tensor (flat views), in place, following llm.c's formula order:
-        m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p)."""
+    def loss_accumulate(self, acc, losses, scale):
+        acc[0] += scale * float(losses.sum(dtype=np.float64))
+
+    def mean_loss(self, losses) -> float:
+        return float(losses.sum(dtype=np.float64)) / losses.size
+
+    # ---- optimizer ------------------------------------------------------------------------------------------
+    def grad_norm(self, out, flat):
+        """out[0] = sqrt(sum of squares), accumulated in float64 in a fixed order (deterministic)."""
+        out[0] = np.sqrt(np.einsum("i,i->", flat, flat, dtype=np.float64))
+
+    def adamw(self, p, master, g, m, v, hp, norm, weight_decay, offset):
+        """One AdamW step over one tensor (flat views), in place, in llm.c's formula order:
+        m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p).
+        hp = [lr, beta1, beta2, eps, 1/(1-beta1^t), 1/(1-beta2^t), grad_clip, seed]; norm[0] the global grad
+        norm (clipping scales g by grad_clip/norm when above; a non-finite norm skips the update)."""
+        lr, beta1, beta2, eps, bc1, bc2, clip = (float(x) for x in hp[:7])
+        gn = float(norm[0])
+        if not np.isfinite(gn):
+            return
         n = g.size
         a, b, gs = (self.ws[k * n:(k + 1) * n] for k in range(3))
-        if grad_scale != 1.0:
-            np.multiply(g, grad_scale, out=gs)
+        if clip > 0 and gn > clip:
+            np.multiply(g, clip / gn, out=gs)
             g = gs
         m *= beta1
         np.multiply(g, 1.0 - beta1, out=a)
@@ -119,10 +148,10 @@ class CPUBackend:
         np.multiply(g, 1.0 - beta2, out=a)
         a *= g
         v += a
-        np.divide(v, 1.0 - beta2 ** t, out=a)
+        np.multiply(v, bc2, out=a)
         np.sqrt(a, out=a)
         a += eps
-        np.divide(m, 1.0 - beta1 ** t, out=b)
+        np.multiply(m, bc1, out=b)
         np.divide(b, a, out=a)
         if weight_decay:
             np.multiply(p, weight_decay, out=b)

@@ -24,6 +24,7 @@ from .safetensors import load_safetensors, read_safetensors_header, save_safeten
 FORMAT = "llmpy-train-state"
 VERSION = "1"
 MOMENTS = ("adam_m", "adam_v")
+COMPUTE = "compute_bf16"
 
 
 @dataclass
@@ -33,13 +34,17 @@ class Checkpoint:
     adam_m: dict[str, np.ndarray] | None = None  # None in a weights-only checkpoint
     adam_v: dict[str, np.ndarray] | None = None
     state: dict = field(default_factory=dict)
+    # the bf16 compute copy of the weights (uint16 bits) when training in bf16: it was stochastically rounded
+    # from the master weights, so a bitwise resume must restore it rather than round again
+    compute_bf16: dict[str, np.ndarray] | None = None
 
 
 def save_checkpoint(path: str | os.PathLike, cfg: GPT2Config, params: dict[str, np.ndarray], *,
                     adam_m: dict[str, np.ndarray] | None = None, adam_v: dict[str, np.ndarray] | None = None,
-                    state: dict | None = None) -> None:
+                    state: dict | None = None, compute_bf16: dict[str, np.ndarray] | None = None) -> None:
     """Write the training state atomically. `adam_m` and `adam_v` are given together or not at all; `state`
-    must be JSON-serializable (Python ints of any size are fine, e.g. NumPy's PCG64 state)."""
+    must be JSON-serializable (Python ints of any size are fine, e.g. NumPy's PCG64 state); `compute_bf16` are
+    the bf16 weights as uint16 bits (optional)."""
     where = f"cannot write {path}"
     if (adam_m is None) != (adam_v is None):
         raise UserError(f"{where}: AdamW moments adam_m and adam_v must be saved together")
@@ -48,6 +53,11 @@ def save_checkpoint(path: str | os.PathLike, cfg: GPT2Config, params: dict[str, 
         for prefix, moments in zip(MOMENTS, (adam_m, adam_v)):
             for name, a in check_params(cfg, moments, f"{where} ({prefix})").items():
                 tensors[f"{prefix}.{name}"] = a
+    for name, shape in (param_shapes(cfg) if compute_bf16 is not None else []):
+        a = np.ascontiguousarray(compute_bf16[name])
+        if a.shape != shape or a.dtype != np.uint16:
+            raise UserError(f"{where}: bf16 copy of {name} must be uint16 {shape}, got {a.dtype} {a.shape}")
+        tensors[f"{COMPUTE}.{name}"] = a
     try:
         state_json = json.dumps(state or {})
     except (TypeError, ValueError) as e:
@@ -81,9 +91,12 @@ def load_checkpoint(path: str | os.PathLike, *, weights_only: bool = False) -> C
 
     shapes = dict(param_shapes(cfg))
     has_moments = any(k.startswith(p + ".") for k in infos for p in MOMENTS)
+    has_compute = any(k.startswith(COMPUTE + ".") for k in infos)
     expected = dict(shapes)
     if has_moments:
         expected |= {f"{p}.{n}": s for p in MOMENTS for n, s in shapes.items()}
+    if has_compute:
+        expected |= {f"{COMPUTE}.{n}": s for n, s in shapes.items()}
     missing = [n for n in expected if n not in infos]
     extra = [n for n in infos if n not in expected]
     if missing or extra:
@@ -91,8 +104,9 @@ def load_checkpoint(path: str | os.PathLike, *, weights_only: bool = False) -> C
                         + (f"; missing {', '.join(missing)}" if missing else "")
                         + (f"; unexpected {', '.join(extra)}" if extra else ""))
     for n, s in expected.items():
-        if infos[n].shape != s or infos[n].dtype != "F32":
-            raise UserError(f"{path}: tensor {n} is {infos[n].dtype} {infos[n].shape}, want F32 {s}")
+        want = "U16" if n.startswith(COMPUTE + ".") else "F32"
+        if infos[n].shape != s or infos[n].dtype != want:
+            raise UserError(f"{path}: tensor {n} is {infos[n].dtype} {infos[n].shape}, want {want} {s}")
 
     names = list(shapes) if weights_only else list(expected)
     t, _ = load_safetensors(path, names=names)
@@ -100,6 +114,8 @@ def load_checkpoint(path: str | os.PathLike, *, weights_only: bool = False) -> C
     if has_moments and not weights_only:
         ck.adam_m = {n: t[f"adam_m.{n}"] for n in shapes}
         ck.adam_v = {n: t[f"adam_v.{n}"] for n in shapes}
+    if has_compute and not weights_only:
+        ck.compute_bf16 = {n: t[f"{COMPUTE}.{n}"] for n in shapes}
     return ck
 
 

@@ -13,16 +13,19 @@ from ..config import GPT2Config, param_shapes, RESIDUAL_PROJ
 from ..errors import UserError
 
 
+ALIGN = 64  # elements: every tensor starts 128/256-byte aligned (16-byte vector loads, cuBLASLt's fast paths)
+
+
 class FlatBuffer:
     """One contiguous allocation with named views: what makes a step allocation-free, a CUDA graph possible and
-    ZeRO sharding a matter of offsets."""
+    ZeRO sharding a matter of offsets. Tensors start at multiples of ALIGN elements (the gaps stay zero)."""
 
     def __init__(self, backend, entries, dtype):
         self.shapes = dict(entries)
         self.offsets, n = {}, 0
         for name, shape in entries:
             self.offsets[name] = n
-            n += math.prod(shape)
+            n += -(-math.prod(shape) // ALIGN) * ALIGN
         self.size = n
         self.flat = backend.zeros(n, dtype)
         self.views = {name: self.view(name) for name, _ in entries}
@@ -39,49 +42,74 @@ class FlatBuffer:
 
 
 class GPT2:
-    def __init__(self, cfg: GPT2Config, backend, B: int, T: int, *, training: bool = True):
+    def __init__(self, cfg: GPT2Config, backend, B: int, T: int, *, training: bool = True, recompute: int = 0):
+        """recompute: 0 keeps every activation; 1 recomputes the GELU output in backward; 2 also the two
+        LayerNorm outputs of each block (from the saved mean/rstd): less memory for more compute."""
         if T > cfg.max_seq_len:
             raise UserError(f"sequence length {T} exceeds the model's maximum {cfg.max_seq_len}")
         if B < 1 or T < 1:
             raise UserError(f"batch size and sequence length must be positive (got B={B}, T={T})")
+        if recompute not in (0, 1, 2):
+            raise UserError(f"--recompute must be 0, 1 or 2 (got {recompute})")
         self.cfg, self.be, self.B, self.T = cfg, backend, B, T
-        self.training = training
-        self.params = FlatBuffer(backend, param_shapes(cfg), backend.param_dtype)
-        self.grads = FlatBuffer(backend, param_shapes(cfg), backend.param_dtype) if training else None
+        self.training, self.recompute = training, recompute
+        shapes = param_shapes(cfg)
+        self.params = FlatBuffer(backend, shapes, backend.param_dtype)
+        # fp32 master weights when the compute copy is lower precision (AdamW updates these)
+        self.master = (FlatBuffer(backend, shapes, np.float32)
+                       if training and np.dtype(backend.param_dtype) != np.float32 else None)
+        self.grads = FlatBuffer(backend, shapes, backend.param_dtype) if training else None
         self._plan_activations()
         self.workspace_bytes = backend.plan_workspace(cfg, B, T)
         self.tokens = backend.zeros(B * T, np.int32).reshape(B, T)
         self.targets = backend.zeros(B * T, np.int32).reshape(B, T)
-        self.mean_loss = float("nan")
+        self.loss_acc = backend.zeros(1, backend.acc_dtype)  # sum over a step's micro-batches (device side)
+        self.has_targets = False
 
     # ---- memory plan ----------------------------------------------------------------------------------------
     def _plan_activations(self):
         cfg, be, B, T = self.cfg, self.be, self.B, self.T
         L, C, NH = cfg.num_layers, cfg.channels, cfg.num_heads
         self.Vl = be.logit_columns(cfg)  # V on the CPU; the GPU computes all Vp columns and ignores the pad
+        att_shape, att_kind = be.attention_state(B, T, NH, cfg.head_size)
+        # recomputed activations live in one (B, T, .) buffer shared by all layers instead of one per layer
+        Lg = 1 if self.recompute >= 1 else L
+        Lln = 1 if self.recompute >= 2 else L
         acts = [
             ("encoded", (B, T, C)),
-            ("ln1", (L, B, T, C)), ("qkv", (L, B, T, 3 * C)), ("atty", (L, B, T, C)),
-            ("att", (L,) + tuple(be.attention_state_shape(B, T, NH))),
-            ("residual2", (L, B, T, C)), ("ln2", (L, B, T, C)),
-            ("fch", (L, B, T, 4 * C)), ("fch_gelu", (L, B, T, 4 * C)),
+            ("ln1", (Lln, B, T, C)), ("qkv", (L, B, T, 3 * C)), ("atty", (L, B, T, C)),
+            ("residual2", (L, B, T, C)), ("ln2", (Lln, B, T, C)),
+            ("fch", (L, B, T, 4 * C)), ("fch_gelu", (Lg, B, T, 4 * C)),
             ("residual3", (L, B, T, C)), ("lnf", (B, T, C)),
             ("proj", (B, T, C)),                     # attproj / fcproj outputs: consumed at once, reused
             ("logits", (B, T, self.Vl)),             # becomes dlogits in place
         ]
         stats = [(n, (L, B, T)) for n in ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd")]
         stats += [("lnf_mean", (B, T)), ("lnf_rstd", (B, T)), ("losses", (B, T))]
+        (acts if att_kind == "act" else stats).append(("att", (L,) + tuple(att_shape)))
         grads = [("dresidual", (B, T, C)), ("dbtc", (B, T, C)), ("dbt4c", (B, T, 4 * C)),
                  ("dqkv", (B, T, 3 * C))] if self.training else []
         self.acts = FlatBuffer(be, acts + grads, be.act_dtype)
         self.stats = FlatBuffer(be, stats, be.stat_dtype)
 
+    def _ln1(self, l):
+        return self.acts["ln1"][0 if self.recompute >= 2 else l]
+
+    def _ln2(self, l):
+        return self.acts["ln2"][0 if self.recompute >= 2 else l]
+
+    def _fch_gelu(self, l):
+        return self.acts["fch_gelu"][0 if self.recompute >= 1 else l]
+
     def memory_plan(self) -> dict[str, int]:
         """Bytes per category (printed at start; the step allocates nothing beyond these)."""
-        plan = {"parameters": self.params.nbytes(), "activations": self.acts.nbytes() + self.stats.nbytes(),
-                "workspace": self.workspace_bytes}
+        plan = {"parameters": self.params.nbytes()}
+        if self.master is not None:
+            plan["master weights"] = self.master.nbytes()
         if self.grads is not None:
             plan["gradients"] = self.grads.nbytes()
+        plan["activations"] = self.acts.nbytes() + self.stats.nbytes()
+        plan["workspace"] = self.workspace_bytes
         return plan
 
     # ---- parameters -----------------------------------------------------------------------------------------
@@ -102,44 +130,56 @@ class GPT2:
         self.load_params(out)
 
     def load_params(self, params: dict[str, np.ndarray]) -> None:
+        """fp32 host weights -> the master copy (if any) and the compute copy (rounded to nearest)."""
         for name, shape in param_shapes(self.cfg):
-            a = np.asarray(params[name])
+            a = np.asarray(params[name], dtype=np.float32)
             if a.shape != shape:
                 raise UserError(f"parameter {name} has shape {a.shape}, the model needs {shape}")
-            self.be.copy_(self.params[name], self.be.asarray(a))
+            dev = self.be.asarray(a, np.float32)
+            if self.master is not None:
+                self.be.copy_(self.master[name], dev)
+            self.be.load_f32(self.params[name], dev)
 
     def params_numpy(self) -> dict[str, np.ndarray]:
-        return {n: np.asarray(self.be.to_numpy(self.params[n]), dtype=np.float32)
-                for n, _ in param_shapes(self.cfg)}
+        """The weights as fp32 host arrays (from the master copy when there is one)."""
+        src = self.master if self.master is not None else self.params
+        return {n: np.asarray(self.be.to_numpy(src[n]), dtype=np.float32) for n, _ in param_shapes(self.cfg)}
 
     def zero_grad(self) -> None:
-        self.grads.flat[...] = 0
+        self.be.fill_zero(self.grads.flat)
+
+    def set_batch(self, tokens, targets=None) -> None:
+        """Copies host (B, T) token ids (and targets) into the model's device buffers."""
+        self.be.set_tokens(self.tokens, tokens, training=self.training)
+        if targets is not None:
+            self.be.set_tokens(self.targets, targets, training=False)
+        self.has_targets = targets is not None
 
     # ---- forward --------------------------------------------------------------------------------------------
-    def forward(self, tokens=None, targets=None, grad_scale: float | None = None) -> float:
-        """Runs the model on (B, T) token ids (host arrays are copied into the device buffers; None: use what is
-        there). With targets, returns the mean loss; with grad_scale (= d total loss / d each token's loss,
-        e.g. 1/(B*T*grad_accum)) the classifier also leaves dlogits in place for `backward`."""
+    def forward(self, tokens=None, targets=None, grad_scale: float | None = None) -> float | None:
+        """Runs the model on (B, T) token ids: host arrays given here are copied in first (else the buffers
+        `set_batch` filled are used). With targets, the per-token losses are computed and their mean returned
+        (None while a CUDA graph is being captured: nothing runs then); with grad_scale (= d total loss / d
+        each token's loss, e.g. 1/(B*T*grad_accum)) the classifier also leaves dlogits in place for backward.
+        Without targets only the logits are computed (in the `logits` activation) and None is returned."""
         be, cfg, a, s, p = self.be, self.cfg, self.acts, self.stats, self.params
         L, NH = cfg.num_layers, cfg.num_heads
         if tokens is not None:
-            be.copy_(self.tokens, be.asarray(tokens))
-        if targets is not None:
-            be.copy_(self.targets, be.asarray(targets))
+            self.set_batch(tokens, targets)
         be.encoder_forward(a["encoded"], self.tokens, p["wte"], p["wpe"])
-        be.layernorm_forward(a["ln1"][0], s["ln1_mean"][0], s["ln1_rstd"][0], a["encoded"], p["ln1w"][0],
+        be.layernorm_forward(self._ln1(0), s["ln1_mean"][0], s["ln1_rstd"][0], a["encoded"], p["ln1w"][0],
                              p["ln1b"][0])
         for l in range(L):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
-            be.matmul_forward(a["qkv"][l], a["ln1"][l], p["qkvw"][l], p["qkvb"][l])
-            be.attention_forward(a["atty"][l], a["att"][l], a["qkv"][l], NH)
+            be.matmul_forward(a["qkv"][l], self._ln1(l), p["qkvw"][l], p["qkvb"][l])
+            be.attention_forward(a["atty"][l], s_or_a(self, "att")[l], a["qkv"][l], NH)
             be.matmul_forward(a["proj"], a["atty"][l], p["attprojw"][l], p["attprojb"][l])
-            be.fused_residual_layernorm_forward(a["residual2"][l], a["ln2"][l], s["ln2_mean"][l],
+            be.fused_residual_layernorm_forward(a["residual2"][l], self._ln2(l), s["ln2_mean"][l],
                                                 s["ln2_rstd"][l], residual, a["proj"], p["ln2w"][l], p["ln2b"][l])
-            be.matmul_forward(a["fch_gelu"][l], a["ln2"][l], p["fcw"][l], p["fcb"][l], gelu_pre=a["fch"][l])
-            be.matmul_forward(a["proj"], a["fch_gelu"][l], p["fcprojw"][l], p["fcprojb"][l])
+            be.matmul_forward(self._fch_gelu(l), self._ln2(l), p["fcw"][l], p["fcb"][l], gelu_pre=a["fch"][l])
+            be.matmul_forward(a["proj"], self._fch_gelu(l), p["fcprojw"][l], p["fcprojb"][l])
             if l + 1 < L:  # this block's residual add, fused with the next block's first LayerNorm
-                be.fused_residual_layernorm_forward(a["residual3"][l], a["ln1"][l + 1], s["ln1_mean"][l + 1],
+                be.fused_residual_layernorm_forward(a["residual3"][l], self._ln1(l + 1), s["ln1_mean"][l + 1],
                                                     s["ln1_rstd"][l + 1], a["residual2"][l], a["proj"],
                                                     p["ln1w"][l + 1], p["ln1b"][l + 1])
             else:
@@ -147,12 +187,10 @@ class GPT2:
                                                     a["residual2"][l], a["proj"], p["lnfw"], p["lnfb"])
         # LM head tied to wte: logits (B, T, Vl) = lnf @ wte[:Vl].T
         be.matmul_forward(a["logits"], a["lnf"], p["wte"][:self.Vl], None)
-        if targets is None and grad_scale is None and tokens is not None:
-            self.mean_loss = float("nan")
-            return self.mean_loss
+        if not self.has_targets:
+            return None
         be.fused_classifier(s["losses"], a["logits"], self.targets, cfg.vocab_size, grad_scale)
-        self.mean_loss = float(be.to_numpy(s["losses"]).sum(dtype=np.float64)) / (self.B * self.T)
-        return self.mean_loss
+        return None if be.capturing else be.mean_loss(s["losses"])
 
     # ---- backward -------------------------------------------------------------------------------------------
     def backward(self) -> None:
@@ -161,21 +199,34 @@ class GPT2:
         L, NH = cfg.num_layers, cfg.num_heads
         dres, dbtc, dbt4c, dqkv = a["dresidual"], a["dbtc"], a["dbt4c"], a["dqkv"]
         be.matmul_backward(dbtc, g["wte"][:self.Vl], None, a["logits"], a["lnf"], p["wte"][:self.Vl])
-        dres[...] = 0
+        be.fill_zero(dres)
         be.layernorm_backward(dres, g["lnfw"], g["lnfb"], dbtc, a["residual3"][L - 1], p["lnfw"],
                               s["lnf_mean"], s["lnf_rstd"])
         for l in reversed(range(L)):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
+            if self.recompute >= 1:
+                be.gelu_forward(self._fch_gelu(l), a["fch"][l])
+            if self.recompute >= 2:
+                be.layernorm_forward(self._ln2(l), s["ln2_mean"][l], s["ln2_rstd"][l], a["residual2"][l],
+                                     p["ln2w"][l], p["ln2b"][l])
             # MLP: dres flows unchanged into fcproj's output (the residual add)
-            be.matmul_backward(dbt4c, g["fcprojw"][l], g["fcprojb"][l], dres, a["fch_gelu"][l], p["fcprojw"][l],
+            be.matmul_backward(dbt4c, g["fcprojw"][l], g["fcprojb"][l], dres, self._fch_gelu(l), p["fcprojw"][l],
                                gelu_pre=a["fch"][l])
-            be.matmul_backward(dbtc, g["fcw"][l], g["fcb"][l], dbt4c, a["ln2"][l], p["fcw"][l])
+            be.matmul_backward(dbtc, g["fcw"][l], g["fcb"][l], dbt4c, self._ln2(l), p["fcw"][l])
             be.layernorm_backward(dres, g["ln2w"][l], g["ln2b"][l], dbtc, a["residual2"][l], p["ln2w"][l],
                                   s["ln2_mean"][l], s["ln2_rstd"][l])
             # attention
             be.matmul_backward(dbtc, g["attprojw"][l], g["attprojb"][l], dres, a["atty"][l], p["attprojw"][l])
-            be.attention_backward(dqkv, dbtc, a["qkv"][l], a["att"][l], NH)
-            be.matmul_backward(dbtc, g["qkvw"][l], g["qkvb"][l], dqkv, a["ln1"][l], p["qkvw"][l])
+            be.attention_backward(dqkv, dbtc, a["qkv"][l], s_or_a(self, "att")[l], NH, out=a["atty"][l])
+            if self.recompute >= 2:
+                be.layernorm_forward(self._ln1(l), s["ln1_mean"][l], s["ln1_rstd"][l], residual, p["ln1w"][l],
+                                     p["ln1b"][l])
+            be.matmul_backward(dbtc, g["qkvw"][l], g["qkvb"][l], dqkv, self._ln1(l), p["qkvw"][l])
             be.layernorm_backward(dres, g["ln1w"][l], g["ln1b"][l], dbtc, residual, p["ln1w"][l],
                                   s["ln1_mean"][l], s["ln1_rstd"][l])
         be.encoder_backward(g["wte"], g["wpe"], dres, self.tokens)
+
+
+def s_or_a(model: GPT2, name: str):
+    """A planned tensor from the activation or the statistics buffer (the attention state lives in either)."""
+    return model.acts[name] if name in model.acts.shapes else model.stats[name]

@@ -1,0 +1,152 @@
+"""Causal self-attention on the GPU.
+
+`CudnnAttention`: cuDNN's fused flash attention (bf16) through nvidia-cudnn-frontend. q, k, v are strided views
+into the packed qkv (B, T, 3, NH, hs) buffer; forward saves only the softmax statistics (B, NH, T) in fp32;
+backward is cuDNN's deterministic algorithm.
+
+`FallbackAttention`: our own, for fp32 and when cuDNN is missing: scores materialised as (B, NH, T, T), cuBLASLt
+batched products, softmax kernels from attention.cu. The softmax (B, NH, T, T) is the saved state.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .runtime import cdiv, module
+
+
+class CudnnAttention:
+    state_kind = "stat"  # fp32 statistics, (B, NH, T)
+
+    def __init__(self, cupy, B, T, NH, hs):
+        import cudnn
+        self.cupy, self.cudnn = cupy, cudnn
+        self.B, self.T, self.NH, self.hs = B, T, NH, hs
+        self.handle = cudnn.create_handle()
+        C = NH * hs
+        self.scale = 1.0 / math.sqrt(hs)
+        dims = [B, NH, T, hs]
+        self.qkv_strides = [T * 3 * C, hs, 3 * C, 1]
+        self.o_strides = [T * C, hs, C, 1]
+        bf16, f32 = cudnn.data_type.BFLOAT16, cudnn.data_type.FLOAT
+        # forward
+        g = cudnn.pygraph(io_data_type=bf16, intermediate_data_type=f32, compute_data_type=f32, handle=self.handle)
+        q, k, v = (g.tensor(name=n, dim=dims, stride=self.qkv_strides, data_type=bf16) for n in "qkv")
+        o, stats = g.sdpa(name="sdpa", q=q, k=k, v=v, generate_stats=True, attn_scale=self.scale,
+                          use_causal_mask=True)
+        o.set_output(True).set_dim(dims).set_stride(self.o_strides).set_data_type(bf16)
+        stats.set_output(True).set_dim([B, NH, T, 1]).set_stride([NH * T, T, 1, 1]).set_data_type(f32)
+        self.fwd = _build(g, cudnn)
+        self.fwd_t = (q, k, v, o, stats)
+        # backward
+        g = cudnn.pygraph(io_data_type=bf16, intermediate_data_type=f32, compute_data_type=f32, handle=self.handle)
+        q, k, v = (g.tensor(name=n, dim=dims, stride=self.qkv_strides, data_type=bf16) for n in "qkv")
+        o = g.tensor(name="o", dim=dims, stride=self.o_strides, data_type=bf16)
+        do = g.tensor(name="do", dim=dims, stride=self.o_strides, data_type=bf16)
+        stats = g.tensor(name="stats", dim=[B, NH, T, 1], stride=[NH * T, T, 1, 1], data_type=f32)
+        dq, dk, dv = g.sdpa_backward(name="sdpa_bwd", q=q, k=k, v=v, o=o, dO=do, stats=stats,
+                                     attn_scale=self.scale, use_causal_mask=True, use_deterministic_algorithm=True)
+        for t in (dq, dk, dv):
+            t.set_output(True).set_dim(dims).set_stride(self.qkv_strides).set_data_type(bf16)
+        self.bwd = _build(g, cudnn)
+        self.bwd_t = (q, k, v, o, do, stats, dq, dk, dv)
+        self.workspace = cupy.empty(max(self.fwd.get_workspace_size(), self.bwd.get_workspace_size(), 1),
+                                    dtype=cupy.uint8)
+
+    @staticmethod
+    def state_shape(B, T, NH):
+        return (B, NH, T)
+
+    def _bind(self):
+        self.cudnn.set_stream(handle=self.handle, stream=self.cupy.cuda.get_current_stream().ptr)
+
+    def forward(self, out, stats, qkv):
+        # out (B, T, C); stats (B, NH, T) fp32; qkv (B, T, 3C)
+        C2 = self.NH * self.hs * qkv.itemsize
+        p = qkv.data.ptr
+        q, k, v, o, st = self.fwd_t
+        self._bind()
+        self.fwd.execute({q: p, k: p + C2, v: p + 2 * C2, o: out.data.ptr, st: stats.data.ptr},
+                         self.workspace.data.ptr, handle=self.handle)
+
+    def backward(self, dqkv, dout, qkv, out, stats):
+        # dqkv (B, T, 3C) overwritten; dout, out (B, T, C); stats from forward
+        C2 = self.NH * self.hs * qkv.itemsize
+        p, dp = qkv.data.ptr, dqkv.data.ptr
+        q, k, v, o, do, st, dq, dk, dv = self.bwd_t
+        self._bind()
+        self.bwd.execute({q: p, k: p + C2, v: p + 2 * C2, o: out.data.ptr, do: dout.data.ptr, st: stats.data.ptr,
+                          dq: dp, dk: dp + C2, dv: dp + 2 * C2}, self.workspace.data.ptr, handle=self.handle)
+
+
+def _build(g, cudnn):
+    g.validate()
+    g.build_operation_graph()
+    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    g.check_support()
+    g.build_plans()
+    return g
+
+
+class FallbackAttention:
+    state_kind = "act"  # the softmax (B, NH, T, T) in the activation dtype
+
+    def __init__(self, cupy, gemm, dtype, B, T, NH, hs):
+        self.cupy, self.gemm, self.k = cupy, gemm, module("attention", dtype)
+        self.B, self.T, self.NH, self.hs = B, T, NH, hs
+        self.dtype = dtype
+
+    @staticmethod
+    def state_shape(B, T, NH):
+        return (B, NH, T, T)
+
+    def scratch_elems(self) -> int:
+        B, T, NH, hs = self.B, self.T, self.NH, self.hs
+        return 4 * B * NH * T * hs + B * NH * T * T  # q, k, v, y (or their grads) and the raw scores
+
+    def bind_scratch(self, flat):
+        B, T, NH, hs = self.B, self.T, self.NH, self.hs
+        n = B * NH * T * hs
+        self.q, self.kk, self.v, self.y = (flat[i * n:(i + 1) * n].reshape(B * NH, T, hs) for i in range(4))
+        self.scores = flat[4 * n:4 * n + B * NH * T * T].reshape(B * NH, T, T)
+
+    def _perm(self, fn, *arrays):
+        n = self.B * self.NH * self.T * self.hs
+        fn((cdiv(n, 256),), (256,), (*arrays, np.int32(self.B), np.int32(self.T), np.int32(self.NH),
+                                     np.int32(self.hs)))
+
+    def forward(self, out, att, qkv):
+        B, T, NH, hs, g = self.B, self.T, self.NH, self.hs, self.gemm
+        BH = B * NH
+        self._perm(self.k.permute_qkv, self.q, self.kk, self.v, qkv)
+        # scores (T, T) = q @ k^T per (b, h)
+        g.mm(self.scores, self.q, self.kk, T, T, hs, transy=True, batch=BH, stride_x=T * hs, stride_y=T * hs,
+             stride_o=T * T)
+        rows = BH * T
+        self.k.softmax_causal_forward((cdiv(rows, 8),), (256,), (att, self.scores, np.float32(1 / math.sqrt(hs)),
+                                                                 np.int32(rows), np.int32(T)))
+        g.mm(self.y, att.reshape(BH, T, T), self.v, T, hs, T, batch=BH, stride_x=T * T, stride_y=T * hs,
+             stride_o=T * hs)
+        self._perm(self.k.heads_to_rows, out, self.y)
+
+    def backward(self, dqkv, dout, qkv, att, out=None):
+        B, T, NH, hs, g = self.B, self.T, self.NH, self.hs, self.gemm
+        BH = B * NH
+        att = att.reshape(BH, T, T)
+        self._perm(self.k.permute_qkv, self.q, self.kk, self.v, qkv)
+        self._perm(self.k.rows_to_heads, self.y, dout)                 # y <- dy (B*NH, T, hs)
+        dscores = self.scores
+        g.mm(dscores, self.y, self.v, T, T, hs, transy=True, batch=BH, stride_x=T * hs, stride_y=T * hs,
+             stride_o=T * T)                                            # datt = dy @ v^T
+        dv = self.v                                                     # v is no longer needed: dv over it
+        g.mm(dv, att, self.y, T, hs, T, transx=True, batch=BH, stride_x=T * T, stride_y=T * hs, stride_o=T * hs)
+        rows = BH * T
+        self.k.softmax_causal_backward((cdiv(rows, 8),), (256,), (dscores, att, np.float32(1 / math.sqrt(hs)),
+                                                                  np.int32(rows), np.int32(T)))
+        dq = self.y                                                     # dy is no longer needed
+        g.mm(dq, dscores, self.kk, T, hs, T, batch=BH, stride_x=T * T, stride_y=T * hs, stride_o=T * hs)
+        # dk = dscores^T @ q, written over k after dq has been formed from it
+        g.mm(self.kk, dscores, self.q, T, hs, T, transx=True, batch=BH, stride_x=T * T, stride_y=T * hs,
+             stride_o=T * hs)
+        self._perm(self.k.unpermute_qkv, dqkv, dq, self.kk, dv)

@@ -1,0 +1,253 @@
+"""The CUDA backend: the same ops as backends/cpu.py, run by our NVRTC kernels, cuBLASLt and cuDNN on one stream.
+
+Precision (--dtype bf16): bf16 weights, activations and gradients; fp32 master weights, AdamW moments, LayerNorm
+statistics, losses and every reduction. --dtype fp32 runs everything in fp32 (and the fallback attention, since
+cuDNN's flash attention is half precision only).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import UserError
+from .gemm import Gemm
+from .runtime import bf16_dtype, cdiv, import_cupy, module
+
+_NORM_BLOCKS = 264  # grid of the sum-of-squares partials: 2 per SM on an H200; fixed, so the sum's order is fixed
+_CHUNK_ROWS = 256   # rows per partial in the column sums (bias / LayerNorm parameter gradients)
+
+
+class CUDABackend:
+    name = "cuda"
+
+    def __init__(self, dtype: str = "bf16", attention: str = "auto"):
+        cp = import_cupy()
+        if dtype not in ("fp32", "bf16"):
+            raise UserError(f"the cuda device supports --dtype fp32 or bf16 (got {dtype})")
+        self.cp = self.xp = cp
+        self.dtype_name = dtype
+        self.act_dtype = self.param_dtype = np.dtype(np.float32) if dtype == "fp32" else bf16_dtype()
+        self.stat_dtype = np.dtype(np.float32)
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.stream.use()
+        self.k = {n: module(n, dtype) for n in ("encoder", "layernorm", "elementwise", "classifier", "adamw")}
+        self.gemm = Gemm(cp, dtype)
+        self.attention_mode = attention  # auto: cuDNN for bf16 when importable, else our fallback
+        self.attn = None
+        self.capturing = False
+
+    # ---- memory ---------------------------------------------------------------------------------------------
+    def zeros(self, n, dtype):
+        try:
+            return self.cp.zeros(int(n), dtype=dtype)
+        except self.cp.cuda.memory.OutOfMemoryError:
+            free, total = self.cp.cuda.runtime.memGetInfo()
+            need = int(n) * np.dtype(dtype).itemsize
+            raise UserError(f"out of GPU memory allocating {need / 2**30:.2f} GiB ({free / 2**30:.1f} of "
+                            f"{total / 2**30:.1f} GiB free): use a smaller --batch-size or --recompute 2") from None
+
+    def to_numpy(self, x) -> np.ndarray:
+        return self.cp.asnumpy(x, stream=self.stream)
+
+    def asarray(self, x, dtype=None):
+        a = np.ascontiguousarray(x, dtype=dtype)
+        out = self.cp.empty(a.shape, dtype=a.dtype)
+        out.set(a, stream=self.stream)
+        return out
+
+    def copy_(self, dst, src):
+        if dst.dtype == src.dtype:
+            self.cp.copyto(dst, src)
+        elif src.dtype == np.float32:
+            self.load_f32(dst, src)
+        else:
+            raise TypeError(f"copy {src.dtype} -> {dst.dtype}")
+
+    def load_f32(self, dst, src_f32):
+        """dst (any T) = src (fp32, device or host), rounded to nearest."""
+        if isinstance(src_f32, np.ndarray):
+            src_f32 = self.asarray(src_f32, np.float32)
+        n = dst.size
+        self.k["elementwise"].cast_from_f32((cdiv(n, 256),), (256,), (dst, src_f32, np.int64(n)))
+
+    def fill_zero(self, x):
+        self.cp.cuda.runtime.memsetAsync(x.data.ptr, 0, x.nbytes, self.stream.ptr)
+
+    def synchronize(self):
+        self.stream.synchronize()
+
+    def logit_columns(self, cfg) -> int:
+        return cfg.padded_vocab_size  # all Vp columns (multiples of 128 tile well); the pad gets no probability
+
+    def _attention(self, B, T, NH, hs):
+        if self.attn is None:
+            from .attention import CudnnAttention, FallbackAttention
+            if self.dtype_name == "bf16" and self.attention_mode in ("auto", "cudnn"):
+                try:
+                    self.attn = CudnnAttention(self.cp, B, T, NH, hs)
+                except ImportError:
+                    if self.attention_mode == "cudnn":
+                        raise UserError("cuDNN attention needs nvidia-cudnn-frontend: pip install -e '.[cuda]'")
+            if self.attn is None:
+                self.attn = FallbackAttention(self.cp, self.gemm, self.dtype_name, B, T, NH, hs)
+        return self.attn
+
+    def attention_state(self, B, T, NH, hs):
+        a = self._attention(B, T, NH, hs)
+        return a.state_shape(B, T, NH), a.state_kind
+
+    def plan_workspace(self, cfg, B, T):
+        """Everything the ops need besides the planned tensors, allocated once."""
+        cp, C, N = self.cp, cfg.channels, B * T
+        a = self._attention(B, T, cfg.num_heads, cfg.head_size)
+        self.colsum_part = self.zeros(cdiv(N, _CHUNK_ROWS) * 2 * 4 * C, np.float32)
+        self.norm_part = self.zeros(_NORM_BLOCKS, np.float32)
+        self.order = self.zeros(N, np.int32)        # encoder backward: positions sorted by token (stable)
+        self.seg = self.zeros(N + 1, np.int32)      # segment starts into order, one per distinct token
+        self.nseg = self.zeros(1, np.int32)
+        nbytes = self.colsum_part.nbytes + self.norm_part.nbytes + 4 * (2 * N + 2) + self.gemm.workspace.nbytes
+        if hasattr(a, "scratch_elems"):
+            self.attn_scratch = self.zeros(a.scratch_elems(), self.act_dtype)
+            a.bind_scratch(self.attn_scratch)
+            nbytes += self.attn_scratch.nbytes
+        if hasattr(a, "workspace"):
+            nbytes += a.workspace.nbytes
+        return nbytes
+
+    def set_tokens(self, dst, host, *, training=True):
+        """Uploads (B, T) token ids; for training also the sort the deterministic encoder backward uses."""
+        h = np.ascontiguousarray(host, dtype=np.int32)
+        dst.set(h, stream=self.stream)
+        if training:
+            flat = h.reshape(-1)
+            order = np.argsort(flat, kind="stable").astype(np.int32)
+            s = flat[order]
+            starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]).astype(np.int32)
+            seg = np.empty(flat.size + 1, np.int32)
+            seg[:starts.size] = starts
+            seg[starts.size:] = flat.size
+            self.order.set(order, stream=self.stream)
+            self.seg.set(seg, stream=self.stream)
+            self.nseg.set(np.array([starts.size], np.int32), stream=self.stream)
+            # (pageable host memory: each copy is staged before set() returns, so the temporaries may go)
+
+    # ---- layers ---------------------------------------------------------------------------------------------
+    def encoder_forward(self, out, tokens, wte, wpe):
+        B, T, C = out.shape
+        n = B * T * C // (16 // out.itemsize)
+        self.k["encoder"].encoder_forward((cdiv(n, 256),), (256,), (out, tokens, wte, wpe, np.int32(B * T),
+                                                                     np.int32(T), np.int32(C)))
+
+    def encoder_backward(self, dwte, dwpe, dout, tokens):
+        B, T, C = dout.shape
+        k = self.k["encoder"]
+        k.encoder_backward_wpe((cdiv(T * C, 256),), (256,), (dwpe, dout, np.int32(B), np.int32(T), np.int32(C)))
+        k.encoder_backward_wte((B * T,), (min(1024, _round32(C)),), (dwte, dout, tokens, self.order, self.seg,
+                                                                      self.nseg, np.int32(C)))
+
+    def layernorm_forward(self, out, mean, rstd, inp, w, b):
+        C = inp.shape[-1]
+        rows = inp.size // C
+        self.k["layernorm"].layernorm_forward((cdiv(rows, 8),), (256,), (out, mean, rstd, inp, w, b, np.int32(rows),
+                                                                         np.int32(C)))
+
+    def fused_residual_layernorm_forward(self, residual, out, mean, rstd, inp1, inp2, w, b):
+        C = inp1.shape[-1]
+        rows = inp1.size // C
+        self.k["layernorm"].fused_residual_layernorm_forward(
+            (cdiv(rows, 8),), (256,), (residual, out, mean, rstd, inp1, inp2, w, b, np.int32(rows), np.int32(C)))
+
+    def layernorm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd):
+        C = inp.shape[-1]
+        rows = inp.size // C
+        k = self.k["layernorm"]
+        k.layernorm_backward_dinp((cdiv(rows, 8),), (256,), (dinp, dout, inp, w, mean, rstd, np.int32(rows),
+                                                              np.int32(C)))
+        chunks = cdiv(rows, _CHUNK_ROWS)
+        k.layernorm_backward_params_partial((cdiv(C, 128), chunks), (128,), (self.colsum_part, dout, inp, mean, rstd,
+                                                                              np.int32(rows), np.int32(C),
+                                                                              np.int32(_CHUNK_ROWS)))
+        e = self.k["elementwise"]
+        e.colsum_finalize((cdiv(C, 128),), (128,), (dw, self.colsum_part, np.int32(chunks), np.int32(2 * C),
+                                                    np.int32(C)))
+        e.colsum_finalize((cdiv(C, 128),), (128,), (db, self.colsum_part[C:], np.int32(chunks), np.int32(2 * C),
+                                                    np.int32(C)))
+
+    def matmul_forward(self, out, inp, w, b, gelu_pre=None):
+        OC, K = w.shape
+        M = inp.size // K
+        if gelu_pre is None:
+            self.gemm.mm(out, inp, w, M, OC, K, transy=True, bias=b)
+        else:  # out = gelu(inp @ w.T + b), gelu_pre = inp @ w.T + b  (cuBLASLt GELU_AUX_BIAS epilogue)
+            self.gemm.mm(out, inp, w, M, OC, K, transy=True, bias=b, epilogue="gelu", aux=gelu_pre)
+
+    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None):
+        OC, K = w.shape
+        M = inp.size // K
+        if dinp is not None:  # dinp = dout @ w, times gelu'(gelu_pre) via the DGELU epilogue
+            self.gemm.mm(dinp, dout, w, M, K, OC, epilogue="dgelu" if gelu_pre is not None else "default",
+                         aux=gelu_pre)
+        self.gemm.mm(dw, dout, inp, OC, K, M, transx=True, accumulate=True)  # dw += dout^T @ inp
+        if db is not None:
+            self._colsum_add(db, dout, M, OC)
+
+    def _colsum_add(self, out, x, rows, C):
+        chunks = cdiv(rows, _CHUNK_ROWS)
+        e = self.k["elementwise"]
+        e.colsum_partial((cdiv(C, 128), chunks), (128,), (self.colsum_part, x, np.int32(rows), np.int32(C),
+                                                          np.int32(_CHUNK_ROWS)))
+        e.colsum_finalize((cdiv(C, 128),), (128,), (out, self.colsum_part, np.int32(chunks), np.int32(C), np.int32(C)))
+
+    def gelu_forward(self, out, inp):
+        n = inp.size
+        self.k["elementwise"].gelu_forward((cdiv(n, 256),), (256,), (out, inp, np.int64(n)))
+
+    def attention_forward(self, out, state, qkv, num_heads):
+        self.attn.forward(out, state, qkv)
+
+    def attention_backward(self, dqkv, dout, qkv, state, num_heads, out=None):
+        self.attn.backward(dqkv, dout, qkv, state, out)
+
+    def fused_classifier(self, losses, logits, targets, vocab_size, dloss=None):
+        Vp = logits.shape[-1]
+        rows = logits.size // Vp
+        self.k["classifier"].fused_classifier((rows,), (1024,), (logits, losses, targets,
+                                                                 np.float32(dloss or 0.0), np.int32(vocab_size),
+                                                                 np.int32(Vp), np.int32(dloss is not None)))
+
+    def loss_accumulate(self, acc, losses, scale):
+        self.k["elementwise"].loss_accumulate((1,), (1024,), (acc, losses, np.int32(losses.size), np.float32(scale)))
+
+    def mean_loss(self, losses) -> float:
+        return float(self.to_numpy(losses).astype(np.float64).sum()) / losses.size
+
+    # ---- optimizer ------------------------------------------------------------------------------------------
+    def grad_norm(self, out, flat):
+        """out[0] = sqrt(sum of squares of flat), deterministic (fixed grid, fixed order)."""
+        e = self.k["elementwise"]
+        e.sumsq_partial((_NORM_BLOCKS,), (512,), (self.norm_part, flat, np.int64(flat.size)))
+        e.norm_finalize((1,), (1024,), (out, self.norm_part, np.int32(_NORM_BLOCKS)))
+
+    def adamw(self, p, master, g, m, v, hp, norm, weight_decay, offset):
+        n = p.size
+        self.k["adamw"].adamw((cdiv(n, 256),), (256,), (p, master if master is not None else np.uint64(0), g, m, v,
+                                                        np.int64(n), hp, norm, np.float32(weight_decay),
+                                                        np.int64(offset)))
+
+    # ---- CUDA graphs ----------------------------------------------------------------------------------------
+    def capture(self, fn):
+        """Records fn's launches into a CUDA graph (nothing runs now); returns a function that replays it."""
+        s = self.stream
+        self.capturing = True
+        try:
+            s.begin_capture()
+            try:
+                fn()
+            finally:
+                graph = s.end_capture()
+        finally:
+            self.capturing = False
+        return lambda: graph.launch(stream=s)
+
+
+def _round32(n: int) -> int:
+    return (n + 31) // 32 * 32

@@ -1,0 +1,59 @@
+// Fused softmax + cross-entropy over the padded vocabulary: losses, and dlogits written in place of the logits.
+// The probabilities are never stored. Columns V..Vp-1 (padding) get no probability and a zero gradient.
+#include "common.cuh"
+
+struct MaxSum { float m, s; };  // running max and sum of exp(x - m)
+
+__device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
+    float m = fmaxf(a.m, b.m);
+    if (m == -INFINITY) return {m, 0.0f};
+    return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+}
+
+__device__ MaxSum block_maxsum(MaxSum v) {
+    __shared__ float bm[32], bs[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    for (int o = 16; o > 0; o >>= 1)
+        v = combine(v, {__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)});
+    __syncthreads();
+    if (lane == 0) { bm[warp] = v.m; bs[warp] = v.s; }
+    __syncthreads();
+    v = lane < nwarps ? MaxSum{bm[lane], bs[lane]} : MaxSum{-INFINITY, 0.0f};
+    for (int o = 16; o > 0; o >>= 1)
+        v = combine(v, {__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)});
+    return v;
+}
+
+// One block per row of logits (rows, Vp). losses[row] = logsumexp(x[:V]) - x[target]. With write_dlogits,
+// logits[row] becomes dloss * (softmax(x[:V]) - onehot(target)) and 0 on the padding.
+template <class T>
+__global__ void fused_classifier(T* logits, float* losses, const int* targets, float dloss, int V, int Vp,
+                                 int write_dlogits) {
+    constexpr int N = Pack<T>::N;
+    const long long row = blockIdx.x;
+    T* x = logits + row * Vp;
+    MaxSum acc = {-INFINITY, 0.0f};
+    for (int i = threadIdx.x * N; i < V; i += blockDim.x * N) {
+        Pack<T> p = load16(x + i);
+#pragma unroll
+        for (int k = 0; k < N; k++)
+            if (i + k < V) acc = combine(acc, {to_f(p.v[k]), 1.0f});
+    }
+    acc = block_maxsum(acc);
+    const int tgt = targets[row];
+    const float xt = to_f(x[tgt]);  // read before any thread overwrites the row
+    __syncthreads();
+    if (threadIdx.x == 0) losses[row] = acc.m + logf(acc.s) - xt;
+    if (!write_dlogits) return;
+    const float inv = 1.0f / acc.s;
+    for (int i = threadIdx.x * N; i < Vp; i += blockDim.x * N) {
+        Pack<T> p = load16(x + i), o;
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            int v = i + k;
+            float g = v < V ? (__expf(to_f(p.v[k]) - acc.m) * inv - (v == tgt ? 1.0f : 0.0f)) * dloss : 0.0f;
+            o.v[k] = from_f<T>(g);
+        }
+        store16(x + i, o);
+    }
+}

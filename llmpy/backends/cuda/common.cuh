@@ -1,0 +1,82 @@
+// Shared device helpers for llmpy's kernels. Every kernel is a template over the storage type T: float (--dtype
+// fp32, exact) or __nv_bfloat16 (mixed precision); arithmetic and every reduction accumulate in fp32.
+#pragma once
+#include <cuda_bf16.h>
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
+template <class T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+// 16 bytes of T: one 128-bit load or store (8 bf16 or 4 float). Pointers must be 16-byte aligned.
+template <class T> struct alignas(16) Pack {
+    static constexpr int N = 16 / sizeof(T);
+    T v[N];
+};
+template <class T> __device__ __forceinline__ Pack<T> load16(const T* p) {
+    return *reinterpret_cast<const Pack<T>*>(p);
+}
+template <class T> __device__ __forceinline__ Pack<T> load16_cs(const T* p) {  // streaming: read once
+    Pack<T> r;
+    *reinterpret_cast<int4*>(&r) = __ldcs(reinterpret_cast<const int4*>(p));
+    return r;
+}
+template <class T> __device__ __forceinline__ void store16(T* p, const Pack<T>& x) {
+    *reinterpret_cast<Pack<T>*>(p) = x;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block in a fixed order (deterministic). `buf` holds >= 32 floats of shared memory; every thread
+// gets the result.
+__device__ __forceinline__ float block_sum(float v, float* buf) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = (blockDim.x + 31) / 32;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) buf[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? buf[lane] : 0.0f;
+    return warp_sum(v);
+}
+__device__ __forceinline__ float block_max(float v, float* buf) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = (blockDim.x + 31) / 32;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) buf[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? buf[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+// Stochastic rounding fp32 -> bf16: add 16 random bits below the bf16 mantissa, then truncate. Unbiased in
+// expectation; deterministic for a given (seed, index). Inf/NaN pass through.
+__device__ __forceinline__ unsigned int hash_u32(unsigned int x) {  // a small integer mixer (xorshift-multiply)
+    x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
+    return x;
+}
+__device__ __forceinline__ bf16 stochastic_round_bf16(float x, unsigned int seed, unsigned long long idx) {
+    unsigned int bits = __float_as_uint(x);
+    if ((bits & 0x7f800000u) == 0x7f800000u) return __float2bfloat16_rn(x);
+    unsigned int r = hash_u32(seed ^ hash_u32((unsigned int)idx ^ hash_u32((unsigned int)(idx >> 32)))) & 0xffffu;
+    unsigned int up = bits + r;
+    // do not let the random carry turn the largest finite value into Inf
+    if ((up & 0x7f800000u) == 0x7f800000u) up = bits;
+    return __ushort_as_bfloat16((unsigned short)(up >> 16));
+}
+template <class T> __device__ __forceinline__ T round_param(float x, unsigned int seed, unsigned long long idx);
+template <> __device__ __forceinline__ float round_param<float>(float x, unsigned int, unsigned long long) {
+    return x;
+}
+template <> __device__ __forceinline__ bf16 round_param<bf16>(float x, unsigned int seed, unsigned long long idx) {
+    return stochastic_round_bf16(x, seed, idx);
+}

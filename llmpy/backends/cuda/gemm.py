@@ -1,0 +1,113 @@
+"""Matrix products through cuBLASLt (nvmath-python's thin bindings), with bias / GELU epilogues.
+
+Our tensors are row-major; cuBLASLt is column-major, where a row-major (r, c) matrix reads as its transpose.
+`mm(out, x, y)` computes out (M, N) = op(x) (M, K) @ op(y) (K, N) as the column-major product
+out^T = op(y)^T op(x)^T, i.e. cuBLASLt's A = y, B = x. Descriptors, layouts and the heuristic's algorithm are
+made once per shape and cached; the workspace is allocated once. Split-K reductions that use atomics
+(REDUCTION_SCHEME_INPLACE) are excluded so every product is deterministic.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import UserError
+
+WORKSPACE_BYTES = 32 << 20
+_R32F, _R16BF, _COMPUTE_32F = 0, 14, 68
+
+
+def _align(a) -> int:
+    """The largest power of two (<= 256) dividing the array's address."""
+    p = a.data.ptr
+    return min(256, p & -p) if p else 256
+
+
+class Gemm:
+    def __init__(self, cupy, dtype: str):
+        try:
+            import nvmath.bindings.cublasLt as lt
+        except ImportError:
+            raise UserError("the cuda device needs nvmath-python for cuBLASLt: pip install -e '.[cuda]'") from None
+        self.lt, self.cupy = lt, cupy
+        self.dtype = _R16BF if dtype == "bf16" else _R32F
+        self.handle = lt.create()
+        self.workspace = cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8)
+        self._plans = {}
+        self._one = np.ones(1, np.float32)
+        self._zero = np.zeros(1, np.float32)
+        self.E = lt.Epilogue
+
+    def _set(self, fn, obj, attr, value, dtype):
+        buf = np.array([value], dtype=dtype)
+        fn(obj, attr, buf.ctypes.data, buf.itemsize)
+
+    def _plan(self, key):
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        lt = self.lt
+        (transa, transb, m, n, k, lda, ldb, ldd, epi, accumulate, batch, sa, sb, sd, align) = key
+        D = lt.MatmulDescAttribute
+        desc = lt.matmul_desc_create(_COMPUTE_32F, _R32F)
+        self._set(lt.matmul_desc_set_attribute, desc, D.TRANSA, int(transa), np.int32)
+        self._set(lt.matmul_desc_set_attribute, desc, D.TRANSB, int(transb), np.int32)
+        self._set(lt.matmul_desc_set_attribute, desc, D.EPILOGUE, int(epi), np.uint32)
+
+        def layout(rows, cols, ld, stride):
+            lay = lt.matrix_layout_create(self.dtype, rows, cols, ld)
+            if batch > 1:
+                L = lt.MatrixLayoutAttribute
+                self._set(lt.matrix_layout_set_attribute, lay, L.BATCH_COUNT, batch, np.int32)
+                self._set(lt.matrix_layout_set_attribute, lay, L.STRIDED_BATCH_OFFSET, stride, np.int64)
+            return lay
+
+        la = layout(k if transa else m, m if transa else k, lda, sa)
+        lb = layout(n if transb else k, k if transb else n, ldb, sb)
+        ld_ = layout(m, n, ldd, sd)
+        pref = lt.matmul_preference_create()
+        P = lt.MatmulPreferenceAttribute
+        self._set(lt.matmul_preference_set_attribute, pref, P.MAX_WORKSPACE_BYTES, WORKSPACE_BYTES, np.uint64)
+        allowed = int(lt.ReductionScheme.COMPUTE_TYPE) | int(lt.ReductionScheme.OUTPUT_TYPE)  # no atomics
+        self._set(lt.matmul_preference_set_attribute, pref, P.REDUCTION_SCHEME_MASK, allowed, np.uint32)
+        for attr, a in zip((P.MIN_ALIGNMENT_A_BYTES, P.MIN_ALIGNMENT_B_BYTES, P.MIN_ALIGNMENT_C_BYTES,
+                            P.MIN_ALIGNMENT_D_BYTES), align):  # the heuristic may only pick what our pointers allow
+            self._set(lt.matmul_preference_set_attribute, pref, attr, a, np.uint32)
+        res = np.zeros(1, dtype=lt.matmul_heuristic_result_dtype)
+        count = np.zeros(1, np.int32)
+        lt.matmul_algo_get_heuristic(self.handle, desc, la, lb, ld_, ld_, pref, 1, res.ctypes.data, count.ctypes.data)
+        lt.matmul_preference_destroy(pref)
+        if count[0] < 1:
+            raise RuntimeError(f"cuBLASLt has no algorithm for {key}")
+        plan = (desc, la, lb, ld_, res)
+        self._plans[key] = plan
+        return plan
+
+    def mm(self, out, x, y, M, N, K, *, transx=False, transy=False, ldx=None, ldy=None, ldo=None,
+           bias=None, epilogue="default", aux=None, accumulate=False, batch=1, stride_x=0, stride_y=0,
+           stride_o=0, stream=None):
+        """out (M, N) [+]= op(x) @ op(y) (+ bias over N) with an optional epilogue:
+        'gelu': out = gelu(. + bias), aux = the pre-GELU values (M, N); 'dgelu': out = (.) * gelu'(aux).
+        Leading dimensions default to the contiguous ones; batch > 1 runs strided batched products."""
+        lt = self.lt
+        ldx = ldx or (M if transx else K)
+        ldy = ldy or (K if transy else N)
+        ldo = ldo or N
+        E = self.E
+        epi = {"default": E.DEFAULT, "gelu": E.GELU_AUX, "dgelu": E.DGELU}[epilogue]
+        if bias is not None:
+            epi = {E.DEFAULT: E.BIAS, E.GELU_AUX: E.GELU_AUX_BIAS}[epi]
+        align = (_align(y), _align(x), _align(out), _align(out))
+        key = (transy, transx, N, M, K, ldy, ldx, ldo, int(epi), accumulate, batch, stride_y, stride_x, stride_o,
+               align)
+        desc, la, lb, ld_, res = self._plan(key)
+        D = lt.MatmulDescAttribute
+        if bias is not None:
+            self._set(lt.matmul_desc_set_attribute, desc, D.BIAS_POINTER, bias.data.ptr, np.int64)
+        if aux is not None:
+            self._set(lt.matmul_desc_set_attribute, desc, D.EPILOGUE_AUX_POINTER, aux.data.ptr, np.int64)
+            self._set(lt.matmul_desc_set_attribute, desc, D.EPILOGUE_AUX_LD, ldo, np.int64)
+        s = stream if stream is not None else self.cupy.cuda.get_current_stream()
+        beta = self._one if accumulate else self._zero
+        lt.matmul(self.handle, desc, self._one.ctypes.data, y.data.ptr, la, x.data.ptr, lb, beta.ctypes.data,
+                  out.data.ptr, ld_, out.data.ptr, ld_, res.ctypes.data, self.workspace.data.ptr, WORKSPACE_BYTES,
+                  s.ptr)

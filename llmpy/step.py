@@ -1,0 +1,54 @@
+"""One optimizer step, the same on every backend: grad_accum micro-batches (forward with the fused classifier,
+the loss summed on the device, backward), then the gradient norm and AdamW, then the step's bookkeeping.
+
+On CUDA the micro-step and the update are each captured once as a CUDA graph and replayed: a step then costs
+the host a token upload per micro-batch and a few graph launches. The first step runs eagerly (it compiles the
+kernels and makes the cuBLASLt/cuDNN plans, which cannot happen during capture); the graphs replay exactly the
+same kernels, so graph and eager runs give bitwise identical results.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class TrainStep:
+    def __init__(self, model, opt, grad_accum: int = 1, *, grad_clip: float = 0.0, graph: bool = True):
+        self.model, self.opt, self.be = model, opt, model.be
+        self.A, self.grad_clip = grad_accum, grad_clip
+        self.scale = 1.0 / (model.B * model.T * grad_accum)  # d(step loss)/d(each token's loss)
+        self.loss_out = self.be.zeros(1, self.be.acc_dtype)
+        self.use_graph = graph and self.be.name == "cuda"
+        self._micro_fn, self._update_fn = self._micro, self._update
+        self.steps_run = 0
+
+    def _micro(self):
+        m = self.model
+        m.forward(grad_scale=self.scale)
+        self.be.loss_accumulate(m.loss_acc, m.stats["losses"], self.scale)
+        m.backward()
+
+    def _update(self):
+        m, be = self.model, self.be
+        self.opt.apply()
+        be.copy_(self.loss_out, m.loss_acc)
+        be.fill_zero(m.loss_acc)
+        m.zero_grad()
+
+    def run(self, batches, lr: float) -> tuple[float, float]:
+        """batches: grad_accum pairs of host (B, T) int arrays. Returns (mean loss, gradient norm) of the step;
+        AdamW skipped the update if the norm was not finite."""
+        if self.use_graph and self.steps_run == 1:
+            self._micro_fn = self.be.capture(self._micro)
+            self._update_fn = self.be.capture(self._update)
+        self.opt.set_step(lr, self.grad_clip)
+        n = 0
+        for x, y in batches:
+            self.model.set_batch(x, y)
+            self._micro_fn()
+            n += 1
+        if n != self.A:
+            raise ValueError(f"expected {self.A} micro-batches, got {n}")
+        self._update_fn()
+        self.steps_run += 1
+        loss = float(np.asarray(self.be.to_numpy(self.loss_out))[0])
+        return loss, self.opt.last_norm()

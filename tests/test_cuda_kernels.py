@@ -1,0 +1,243 @@
+"""Each CUDA op against the NumPy reference layer on fresh random inputs, outputs poisoned (NaN) first.
+fp32 within 1e-5 relative; bf16 within bf16 rounding (1e-2 relative)."""
+import math
+
+import numpy as np
+import pytest
+
+from llmpy import layers as Lr
+
+pytestmark = pytest.mark.gpu
+TOL = {"fp32": 1e-5, "bf16": 1e-2}
+DTYPES = ["fp32", "bf16"]
+
+
+@pytest.fixture(scope="module", params=DTYPES)
+def be(request):
+    from llmpy.backends.cuda.backend import CUDABackend
+    return CUDABackend(request.param)
+
+
+def rng():
+    return np.random.default_rng(np.random.SeedSequence().entropy)  # fresh inputs every run
+
+
+def dev(be, a, dtype=None):
+    """host fp32 -> device array in the backend's activation dtype (or `dtype`)."""
+    a = np.asarray(a, np.float32)
+    if dtype == np.float32 or (dtype is None and be.act_dtype == np.float32):
+        return be.asarray(a, np.float32)
+    out = be.xp.empty(a.shape, dtype=be.act_dtype)
+    be.load_f32(out, a)
+    return out
+
+
+def host(be, x):
+    return np.asarray(be.to_numpy(x), dtype=np.float64)
+
+
+def poison(be, shape, dtype=None):
+    """An output buffer full of NaN (all-ones bytes are NaN in fp32 and bf16): unwritten elements show."""
+    x = be.xp.empty(shape, dtype=dtype or be.act_dtype)
+    be.xp.cuda.runtime.memset(x.data.ptr, 0xFF, x.nbytes)
+    return x
+
+
+def rounded(be, a):
+    """What the device holds for host values a (bf16 inputs are rounded before the op runs)."""
+    return host(be, dev(be, a))
+
+
+def check(be, got, ref, tol=None):
+    got = host(be, got)
+    ref = np.asarray(ref, np.float64)
+    assert not np.isnan(got).any(), "an output element was not written"
+    err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert err <= (tol or TOL[be.dtype_name]), f"relative error {err:.2e}"
+
+
+def test_encoder(be):
+    r = rng()
+    B, T, C, V = 4, 64, 128, 1000
+    tok = r.integers(0, 50, (B, T)).astype(np.int32)  # many repeats: exercises the segmented backward
+    wte, wpe = rounded(be, r.standard_normal((V, C))), rounded(be, r.standard_normal((T, C)))
+    out = poison(be, (B, T, C))
+    tokd = be.asarray(tok)
+    be.plan_workspace(_cfg(C, 2), B, T)
+    be.set_tokens(tokd, tok)
+    be.encoder_forward(out, tokd, dev(be, wte), dev(be, wpe))
+    ref = np.empty((B, T, C))
+    Lr.encoder_forward(ref, tok, wte, wpe)
+    check(be, out, ref)
+    dout = rounded(be, r.standard_normal((B, T, C)))
+    w0, p0 = rounded(be, r.standard_normal((V, C))), rounded(be, r.standard_normal((T, C)))
+    dwte, dwpe = dev(be, w0), dev(be, p0)
+    be.encoder_backward(dwte, dwpe, dev(be, dout), tokd)
+    rw, rp = w0.copy(), p0.copy()
+    Lr.encoder_backward(rw, rp, dout, tok)
+    check(be, dwte, rw)
+    check(be, dwpe, rp)
+
+
+def _cfg(C, NH, T=64, V=1000):
+    from llmpy.config import GPT2Config
+    return GPT2Config(max_seq_len=T, vocab_size=V, padded_vocab_size=((V + 127) // 128) * 128, num_layers=2,
+                      num_heads=NH, channels=C)
+
+
+def test_layernorm_and_fused_residual(be):
+    r = rng()
+    N, C = 300, 256
+    x1, x2 = rounded(be, r.standard_normal((N, C))), rounded(be, r.standard_normal((N, C)))
+    w, b = rounded(be, 1 + 0.1 * r.standard_normal(C)), rounded(be, r.standard_normal(C))
+    res, out = poison(be, (N, C)), poison(be, (N, C))
+    mean, rstd = poison(be, N, np.float32), poison(be, N, np.float32)
+    be.plan_workspace(_cfg(C, 4), 5, 60)
+    be.fused_residual_layernorm_forward(res, out, mean, rstd, dev(be, x1), dev(be, x2), dev(be, w), dev(be, b))
+    xr = host(be, res)  # the LayerNorm reads the stored (rounded) residual
+    check(be, res, x1 + x2)
+    ro, rm, rr = np.empty((N, C)), np.empty(N), np.empty(N)
+    Lr.layernorm_forward(ro, rm, rr, xr, w, b)
+    check(be, out, ro)
+    check(be, mean, rm, 1e-5 if be.dtype_name == "fp32" else 1e-4)
+    check(be, rstd, rr, 1e-5)
+    dout, d0 = rounded(be, r.standard_normal((N, C))), rounded(be, r.standard_normal((N, C)))
+    dw0, db0 = rounded(be, r.standard_normal(C)), rounded(be, r.standard_normal(C))
+    dinp, dw, db = dev(be, d0), dev(be, dw0), dev(be, db0)
+    be.layernorm_backward(dinp, dw, db, dev(be, dout), dev(be, xr), dev(be, w), mean, rstd)
+    rd, rdw, rdb = d0.copy(), dw0.copy(), db0.copy()
+    Lr.layernorm_backward(rd, rdw, rdb, dout, xr, w, rm, rr)
+    check(be, dinp, rd)
+    check(be, dw, rdw)
+    check(be, db, rdb)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_matmul(be, gelu):
+    r = rng()
+    M, K, OC = 192, 128, 384
+    x, w, b = (rounded(be, r.standard_normal(s) * 0.5) for s in ((M, K), (OC, K), (OC,)))
+    out, pre = poison(be, (M, OC)), poison(be, (M, OC))
+    be.matmul_forward(out, dev(be, x), dev(be, w), dev(be, b), gelu_pre=pre if gelu else None)
+    ref = np.empty((M, OC))
+    Lr.matmul_forward(ref, x, w, b)
+    if gelu:
+        check(be, pre, ref)
+        g = np.empty_like(ref)
+        Lr.gelu_forward(g, ref)
+        check(be, out, g)
+    else:
+        check(be, out, ref)
+    # backward: dinp overwritten (times gelu'(pre) when given); dw, db accumulate
+    dout = rounded(be, r.standard_normal((M, OC)))
+    prex = rounded(be, r.standard_normal((M, K)))
+    dw0, db0 = rounded(be, r.standard_normal((OC, K))), rounded(be, r.standard_normal(OC))
+    dinp, dw, db = poison(be, (M, K)), dev(be, dw0), dev(be, db0)
+    be.plan_workspace(_cfg(K, 4), 4, 48)
+    be.matmul_backward(dinp, dw, db, dev(be, dout), dev(be, x), dev(be, w), gelu_pre=dev(be, prex) if gelu else None)
+    rdi, rdw, rdb = np.empty((M, K)), dw0.copy(), db0.copy()
+    Lr.matmul_backward(rdi, rdw, rdb, dout, x, w)
+    if gelu:
+        Lr.gelu_backward(rdi, prex, rdi)
+    check(be, dinp, rdi)
+    check(be, dw, rdw)
+    check(be, db, rdb)
+
+
+@pytest.mark.parametrize("impl", ["fallback", "cudnn"])
+def test_attention(be, impl):
+    from llmpy.backends.cuda.backend import CUDABackend
+    if impl == "cudnn" and be.dtype_name != "bf16":
+        pytest.skip("cuDNN flash attention is half precision only")
+    b2 = CUDABackend(be.dtype_name, attention=impl)
+    r = rng()
+    B, T, NH, hs = 2, 128, 4, 64
+    C = NH * hs
+    (shape, kind) = b2.attention_state(B, T, NH, hs)
+    b2.plan_workspace(_cfg(C, NH, T=T), B, T)
+    assert type(b2.attn).__name__.lower().startswith(impl[:5])
+    qkv = rounded(b2, r.standard_normal((B, T, 3 * C)))
+    out = poison(b2, (B, T, C))
+    state = poison(b2, shape, np.float32 if kind == "stat" else None)
+    b2.attention_forward(out, state, dev(b2, qkv), NH)
+    ref, att = np.empty((B, T, C)), np.empty((B, NH, T, T))
+    Lr.attention_forward(ref, att, qkv, NH)
+    check(b2, out, ref)
+    dout = rounded(b2, r.standard_normal((B, T, C)))
+    dqkv = poison(b2, (B, T, 3 * C))
+    b2.attention_backward(dqkv, dev(b2, dout), dev(b2, qkv), state, NH, out=out)
+    rq = np.empty((B, T, 3 * C))
+    Lr.attention_backward(rq, dout, qkv, att, NH)
+    check(b2, dqkv, rq)
+
+
+def test_fused_classifier(be):
+    r = rng()
+    N, V = 64, 1000
+    Vp = 1024
+    logits = rounded(be, r.standard_normal((N, Vp)) * 3)
+    t = r.integers(0, V, N).astype(np.int32)
+    dl = dev(be, logits)
+    losses = poison(be, N, np.float32)
+    be.fused_classifier(losses, dl, be.asarray(t), V, dloss=1.0 / N)
+    rl, d = np.empty(N), logits[:, :V].copy()
+    Lr.fused_classifier(rl, d, t, dloss=1.0 / N)
+    check(be, losses, rl, 1e-5)
+    got = host(be, dl)
+    assert np.all(got[:, V:] == 0), "the padded columns must get no gradient"
+    check(be, dl[:, :V], d)
+
+
+def test_adamw_and_norm(be):
+    r = rng()
+    n = 10_000
+    g = rounded(be, r.standard_normal(n) * 0.1)
+    p = r.standard_normal(n).astype(np.float32)
+    m, v = (r.standard_normal(n) * 0.01).astype(np.float32), (r.random(n) * 1e-3).astype(np.float32)
+    gd = dev(be, g)
+    norm = poison(be, 1, np.float32)
+    be.grad_norm(norm, gd)
+    ref_norm = np.sqrt((g.astype(np.float64) ** 2).sum())
+    check(be, norm, [ref_norm], 1e-5)
+    lr, b1, b2, eps, wd, t, clip = 1e-2, 0.9, 0.95, 1e-8, 0.1, 7, 0.5 * ref_norm  # clipping is on
+    seed = np.array([12345], np.uint32).view(np.float32)[0]
+    hp = be.asarray(np.array([lr, b1, b2, eps, 1 / (1 - b1 ** t), 1 / (1 - b2 ** t), clip, seed], np.float32))
+    md, vd = be.asarray(m), be.asarray(v)
+    master = be.asarray(p) if be.dtype_name == "bf16" else None
+    pd = dev(be, p)
+    be.adamw(pd, master, gd, md, vd, hp, norm, wd, 0)
+    s = clip / ref_norm
+    gm = g * s
+    rm = b1 * m + (1 - b1) * gm
+    rv = b2 * v + (1 - b2) * gm * gm
+    rp = p - lr * ((rm / (1 - b1 ** t)) / (np.sqrt(rv / (1 - b2 ** t)) + eps) + wd * p)
+    check(be, md, rm, 1e-5)
+    check(be, vd, rv, 1e-5)
+    if master is not None:
+        check(be, master, rp, 1e-6)
+        # stochastic rounding: each bf16 weight is one of the two neighbours of the fp32 value, unbiased
+        got = host(be, pd)
+        assert np.all(np.abs(got - rp) <= np.abs(rp) * 2 ** -7 + 1e-30)
+        assert abs(np.mean(got - rp)) < 1e-4 * np.mean(np.abs(rp))
+    else:
+        check(be, pd, rp, 1e-6)
+    # a non-finite norm skips the update
+    before = host(be, md)
+    be.xp.cuda.runtime.memset(norm.data.ptr, 0xFF, norm.nbytes)
+    be.adamw(pd, master, gd, md, vd, hp, norm, wd, 0)
+    assert np.array_equal(host(be, md), before)
+
+
+def test_loss_accumulate_and_gelu(be):
+    r = rng()
+    losses = r.random(5000).astype(np.float32)
+    acc = be.asarray(np.array([1.5], np.float32))
+    be.loss_accumulate(acc, be.asarray(losses), 0.25)
+    assert host(be, acc)[0] == pytest.approx(1.5 + 0.25 * losses.astype(np.float64).sum(), rel=1e-6)
+    x = rounded(be, r.standard_normal(10_000) * 3)
+    out = poison(be, x.shape)
+    be.gelu_forward(out, dev(be, x))
+    ref = np.empty_like(x)
+    Lr.gelu_forward(ref, x)
+    check(be, out, ref)
+    assert math.isfinite(float(host(be, out).sum()))
