@@ -23,7 +23,7 @@ class TrainStep:
 
     def _micro(self):
         m = self.model
-        m.forward(grad_scale=self.scale)
+        m.forward(grad_scale=self.scale, return_loss=False)
         self.be.loss_accumulate(m.loss_acc, m.stats["losses"], self.scale)
         m.backward()
 

@@ -155,7 +155,7 @@ def test_attention(be, impl):
     C = NH * hs
     (shape, kind) = b2.attention_state(B, T, NH, hs)
     b2.plan_workspace(_cfg(C, NH, T=T), B, T)
-    assert type(b2.attn).__name__.lower().startswith(impl[:5])
+    assert type(b2._attention(B, T, NH, hs)).__name__.lower().startswith(impl[:5])
     qkv = rounded(b2, r.standard_normal((B, T, 3 * C)))
     out = poison(b2, (B, T, C))
     state = poison(b2, shape, np.float32 if kind == "stat" else None)

@@ -156,12 +156,14 @@ class GPT2:
         self.has_targets = targets is not None
 
     # ---- forward --------------------------------------------------------------------------------------------
-    def forward(self, tokens=None, targets=None, grad_scale: float | None = None) -> float | None:
+    def forward(self, tokens=None, targets=None, grad_scale: float | None = None, *,
+                return_loss: bool = True) -> float | None:
         """Runs the model on (B, T) token ids: host arrays given here are copied in first (else the buffers
         `set_batch` filled are used). With targets, the per-token losses are computed and their mean returned
         (None while a CUDA graph is being captured: nothing runs then); with grad_scale (= d total loss / d
         each token's loss, e.g. 1/(B*T*grad_accum)) the classifier also leaves dlogits in place for backward.
-        Without targets only the logits are computed (in the `logits` activation) and None is returned."""
+        Without targets only the logits are computed (in the `logits` activation) and None is returned.
+        return_loss=False skips reading the loss back (on a GPU that read waits for the device)."""
         be, cfg, a, s, p = self.be, self.cfg, self.acts, self.stats, self.params
         L, NH = cfg.num_layers, cfg.num_heads
         if tokens is not None:
@@ -190,7 +192,7 @@ class GPT2:
         if not self.has_targets:
             return None
         be.fused_classifier(s["losses"], a["logits"], self.targets, cfg.vocab_size, grad_scale)
-        return None if be.capturing else be.mean_loss(s["losses"])
+        return be.mean_loss(s["losses"]) if return_loss and not be.capturing else None
 
     # ---- backward -------------------------------------------------------------------------------------------
     def backward(self) -> None:

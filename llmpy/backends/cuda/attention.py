@@ -53,6 +53,7 @@ class CudnnAttention:
         self.bwd_t = (q, k, v, o, do, stats, dq, dk, dv)
         self.workspace = cupy.empty(max(self.fwd.get_workspace_size(), self.bwd.get_workspace_size(), 1),
                                     dtype=cupy.uint8)
+        self.nbytes = self.workspace.nbytes
 
     @staticmethod
     def state_shape(B, T, NH):
@@ -70,7 +71,7 @@ class CudnnAttention:
         self.fwd.execute({q: p, k: p + C2, v: p + 2 * C2, o: out.data.ptr, st: stats.data.ptr},
                          self.workspace.data.ptr, handle=self.handle)
 
-    def backward(self, dqkv, dout, qkv, out, stats):
+    def backward(self, dqkv, dout, qkv, stats, out):
         # dqkv (B, T, 3C) overwritten; dout, out (B, T, C); stats from forward
         C2 = self.NH * self.hs * qkv.itemsize
         p, dp = qkv.data.ptr, dqkv.data.ptr
@@ -92,24 +93,19 @@ def _build(g, cudnn):
 class FallbackAttention:
     state_kind = "act"  # the softmax (B, NH, T, T) in the activation dtype
 
-    def __init__(self, cupy, gemm, dtype, B, T, NH, hs):
-        self.cupy, self.gemm, self.k = cupy, gemm, module("attention", dtype)
+    def __init__(self, backend, B, T, NH, hs):
+        self.gemm, self.k = backend.gemm, module("attention", backend.dtype_name)
         self.B, self.T, self.NH, self.hs = B, T, NH, hs
-        self.dtype = dtype
+        n = B * NH * T * hs
+        # scratch: q, k, v, y (or their gradients) per head, and the raw scores (B*NH, T, T)
+        flat = backend.zeros(4 * n + B * NH * T * T, backend.act_dtype)
+        self.q, self.kk, self.v, self.y = (flat[i * n:(i + 1) * n].reshape(B * NH, T, hs) for i in range(4))
+        self.scores = flat[4 * n:].reshape(B * NH, T, T)
+        self.nbytes = flat.nbytes
 
     @staticmethod
     def state_shape(B, T, NH):
         return (B, NH, T, T)
-
-    def scratch_elems(self) -> int:
-        B, T, NH, hs = self.B, self.T, self.NH, self.hs
-        return 4 * B * NH * T * hs + B * NH * T * T  # q, k, v, y (or their grads) and the raw scores
-
-    def bind_scratch(self, flat):
-        B, T, NH, hs = self.B, self.T, self.NH, self.hs
-        n = B * NH * T * hs
-        self.q, self.kk, self.v, self.y = (flat[i * n:(i + 1) * n].reshape(B * NH, T, hs) for i in range(4))
-        self.scores = flat[4 * n:4 * n + B * NH * T * T].reshape(B * NH, T, T)
 
     def _perm(self, fn, *arrays):
         n = self.B * self.NH * self.T * self.hs

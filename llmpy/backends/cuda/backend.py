@@ -26,13 +26,13 @@ class CUDABackend:
         self.cp = self.xp = cp
         self.dtype_name = dtype
         self.act_dtype = self.param_dtype = np.dtype(np.float32) if dtype == "fp32" else bf16_dtype()
-        self.stat_dtype = np.dtype(np.float32)
+        self.stat_dtype = self.acc_dtype = np.dtype(np.float32)
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.stream.use()
         self.k = {n: module(n, dtype) for n in ("encoder", "layernorm", "elementwise", "classifier", "adamw")}
         self.gemm = Gemm(cp, dtype)
         self.attention_mode = attention  # auto: cuDNN for bf16 when importable, else our fallback
-        self.attn = None
+        self.attn = {}                   # (B, T, NH, hs) -> attention implementation
         self.capturing = False
 
     # ---- memory ---------------------------------------------------------------------------------------------
@@ -79,17 +79,22 @@ class CUDABackend:
         return cfg.padded_vocab_size  # all Vp columns (multiples of 128 tile well); the pad gets no probability
 
     def _attention(self, B, T, NH, hs):
-        if self.attn is None:
+        key = (B, T, NH, hs)
+        if key not in self.attn:
             from .attention import CudnnAttention, FallbackAttention
+            a = None
             if self.dtype_name == "bf16" and self.attention_mode in ("auto", "cudnn"):
                 try:
-                    self.attn = CudnnAttention(self.cp, B, T, NH, hs)
+                    a = CudnnAttention(self.cp, B, T, NH, hs)
                 except ImportError:
                     if self.attention_mode == "cudnn":
                         raise UserError("cuDNN attention needs nvidia-cudnn-frontend: pip install -e '.[cuda]'")
-            if self.attn is None:
-                self.attn = FallbackAttention(self.cp, self.gemm, self.dtype_name, B, T, NH, hs)
-        return self.attn
+            self.attn[key] = a or FallbackAttention(self, B, T, NH, hs)
+        return self.attn[key]
+
+    def _attention_for(self, out, num_heads):
+        B, T, C = out.shape
+        return self._attention(B, T, num_heads, C // num_heads)
 
     def attention_state(self, B, T, NH, hs):
         a = self._attention(B, T, NH, hs)
@@ -97,21 +102,17 @@ class CUDABackend:
 
     def plan_workspace(self, cfg, B, T):
         """Everything the ops need besides the planned tensors, allocated once."""
-        cp, C, N = self.cp, cfg.channels, B * T
+        C, N = cfg.channels, B * T
+        if C % 8:
+            raise UserError(f"the cuda kernels need channels divisible by 8 (got {C})")
         a = self._attention(B, T, cfg.num_heads, cfg.head_size)
         self.colsum_part = self.zeros(cdiv(N, _CHUNK_ROWS) * 2 * 4 * C, np.float32)
         self.norm_part = self.zeros(_NORM_BLOCKS, np.float32)
         self.order = self.zeros(N, np.int32)        # encoder backward: positions sorted by token (stable)
         self.seg = self.zeros(N + 1, np.int32)      # segment starts into order, one per distinct token
         self.nseg = self.zeros(1, np.int32)
-        nbytes = self.colsum_part.nbytes + self.norm_part.nbytes + 4 * (2 * N + 2) + self.gemm.workspace.nbytes
-        if hasattr(a, "scratch_elems"):
-            self.attn_scratch = self.zeros(a.scratch_elems(), self.act_dtype)
-            a.bind_scratch(self.attn_scratch)
-            nbytes += self.attn_scratch.nbytes
-        if hasattr(a, "workspace"):
-            nbytes += a.workspace.nbytes
-        return nbytes
+        return (self.colsum_part.nbytes + self.norm_part.nbytes + 4 * (2 * N + 2) + self.gemm.workspace.nbytes
+                + a.nbytes)
 
     def set_tokens(self, dst, host, *, training=True):
         """Uploads (B, T) token ids; for training also the sort the deterministic encoder backward uses."""
@@ -202,10 +203,10 @@ class CUDABackend:
         self.k["elementwise"].gelu_forward((cdiv(n, 256),), (256,), (out, inp, np.int64(n)))
 
     def attention_forward(self, out, state, qkv, num_heads):
-        self.attn.forward(out, state, qkv)
+        self._attention_for(out, num_heads).forward(out, state, qkv)
 
     def attention_backward(self, dqkv, dout, qkv, state, num_heads, out=None):
-        self.attn.backward(dqkv, dout, qkv, state, out)
+        self._attention_for(dout, num_heads).backward(dqkv, dout, qkv, state, out)
 
     def fused_classifier(self, losses, logits, targets, vocab_size, dloss=None):
         Vp = logits.shape[-1]

@@ -5,6 +5,10 @@
 
 typedef __nv_bfloat16 bf16;
 
+#ifndef INFINITY  // NVRTC compiles without <math.h>
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
 template <class T> __device__ __forceinline__ T from_f(float x);

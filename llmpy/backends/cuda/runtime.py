@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 def import_cupy():
     try:
         import cupy
-        import ml_dtypes  # noqa: F401  (bf16 arrays)
+        import ml_dtypes  # noqa: F401  (bf16 arrays need it)
     except ImportError as e:
         raise UserError(f"the cuda device needs the GPU extras: pip install -e '.[cuda]' ({e.name} is missing)") from None
     try:
@@ -51,7 +51,7 @@ def module(name: str, dtype: str):
     cupy = import_cupy()
     src = _source(name)
     templated = re.findall(r"template <class T>\s*__global__ void (\w+)\(", src)
-    plain = re.findall(r"^__global__ void (\w+)\(", src, flags=re.M)
+    plain = [k for k in re.findall(r"__global__ void (\w+)\(", src) if k not in templated]
     exprs = [f"{k}<{CTYPE[dtype]}>" for k in templated]
     cc = cupy.cuda.Device().compute_capability
     mod = cupy.RawModule(code=src, options=("-std=c++17", f"-arch=sm_{cc}"), name_expressions=exprs + plain)

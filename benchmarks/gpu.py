@@ -1,0 +1,151 @@
+"""GPU training throughput and memory: llmpy's CUDA backend vs a PyTorch baseline, same GPU, model and batch.
+
+    python benchmarks/gpu.py --model d12 --batch 64 --seq 1024 [--steps 30] [--warmup 10] [--recompute 0]
+
+Both sides train GPT-2 on random tokens with vocab padded to 50304, bf16 compute, fp32 AdamW (weight decay 0.1
+on matrices), global-norm clip 1.0. The baseline is nanoGPT-style PyTorch (benchmarks/torch_gpt2.py): bf16
+autocast, SDPA (flash) attention, fused AdamW, torch.compile. Each side runs in its own process (clean peak
+memory); warm-up steps are dropped and the median step time of the rest is reported. Peak memory is the
+device memory in use by the process at its peak as the framework reports it (llmpy: CuPy's pool plus the
+cuBLASLt/cuDNN workspaces inside it; PyTorch: max_memory_reserved), and the device-wide used memory (NVML's
+view, context included) for both. MFU uses llm.c's convention: 6N + 6*L*C*T flops per token at 989 TFLOP/s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEAK_FLOPS = 989e12
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="d12")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=30, help="timed steps (median); >= 20")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--recompute", type=int, default=0)
+    ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--sides", default="llmpy,torch")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--side", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.side:
+        print("RESULT " + json.dumps(measure(args)), flush=True)
+        return
+    res = {}
+    for side in args.sides.split(","):
+        cmd = [sys.executable, __file__, "--side", side] + [a for a in (argv or sys.argv[1:])
+                                                            if not a.startswith("--side")]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(ROOT)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])))
+        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+        if p.returncode or not line:
+            print(f"{side} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}", file=sys.stderr)
+            continue
+        res[side] = json.loads(line[-1][7:])
+    report(args, res)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": res}, indent=1))
+
+
+def report(args, res):
+    print(f"\n{time.strftime('%Y-%m-%d')}  GPT-2 {args.model} B={args.batch} T={args.seq} bf16, "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print("| | tok/s | step ms | peak GiB (framework) | device used GiB | MFU |")
+    print("|---|---|---|---|---|---|")
+    for side, r in res.items():
+        print(f"| {side} | {r['tok_s']:,.0f} | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | {r['device_gib']:.2f} | "
+              f"{r['mfu'] * 100:.1f}% |")
+    if "llmpy" in res and "torch" in res:
+        a, b = res["llmpy"], res["torch"]
+        print(f"llmpy / PyTorch: speed {a['tok_s'] / b['tok_s']:.3f}x, peak memory {a['peak_gib'] / b['peak_gib']:.3f}x "
+              f"(device used {a['device_gib'] / b['device_gib']:.3f}x)")
+
+
+def flops_per_token(cfg, T):
+    return 6 * cfg.num_params() + 6 * cfg.num_layers * cfg.channels * T
+
+
+def device_used_gib():
+    try:
+        import cupy
+        free, total = cupy.cuda.runtime.memGetInfo()
+        return (total - free) / 2**30
+    except Exception:
+        import torch
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / 2**30
+
+
+def measure(args) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+
+    from llmpy.config import config_from_name
+    cfg = config_from_name(args.model)
+    B, T = args.batch, args.seq
+    rng = np.random.default_rng(0)
+    data = [rng.integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32) for _ in range(8)]
+    times = []
+    if args.side == "llmpy":
+        import cupy
+
+        from llmpy.backends import get_backend
+        from llmpy.models.gpt2 import GPT2
+        from llmpy.optim import AdamW
+        from llmpy.step import TrainStep
+        be = get_backend("cuda", "bf16")
+        model = GPT2(cfg, be, B, T, recompute=args.recompute)
+        model.init_weights(0)
+        opt = AdamW(model, weight_decay=0.1)
+        st = TrainStep(model, opt, 1, grad_clip=1.0, graph=not args.no_graph)
+        plan = model.memory_plan()
+        plan["optimizer"] = opt.nbytes()
+        print("memory plan (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in plan.items()), file=sys.stderr)
+        for i in range(args.warmup + args.steps):
+            b = data[i % len(data)]
+            t0 = time.perf_counter()
+            st.run([(b[:, :-1], b[:, 1:])], 1e-4)  # returns after the step (it reads the loss)
+            times.append(time.perf_counter() - t0)
+        pool = cupy.get_default_memory_pool()
+        peak = pool.total_bytes() / 2**30
+    else:
+        import torch
+
+        from benchmarks.torch_gpt2 import TorchGPT2
+        torch.manual_seed(0)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        model = TorchGPT2(cfg).cuda()
+        opt = model.optimizer(1e-4, (0.9, 0.95), 1e-8, 0.1, fused=True)
+        fwd = torch.compile(model)
+        td = [torch.tensor(b, dtype=torch.long, device="cuda") for b in data]
+        for i in range(args.warmup + args.steps):
+            b = td[i % len(td)]
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = fwd(b[:, :-1], b[:, 1:])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.item()
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_reserved() / 2**30
+    step = statistics.median(times[args.warmup:])
+    tok_s = B * T / step
+    return {"tok_s": tok_s, "step_ms": step * 1e3, "peak_gib": peak, "device_gib": device_used_gib(),
+            "mfu": tok_s * flops_per_token(cfg, T) / PEAK_FLOPS}
+
+
+if __name__ == "__main__":
+    main()
