@@ -1,0 +1,120 @@
+"""Training quality on the GPU: llmpy (CUDA, bf16) vs a PyTorch reference run of the same model and settings.
+
+    python benchmarks/quality.py [--model d12] [--steps 300] [--batch 8] [--seq 1024]
+
+Both start from the same llm.c checkpoint (GPT-2 init, seed 1337), read the same Shakespeare shards in llm.c's
+sequential order, and use the same schedule (cosine, warmup, clip 1.0, AdamW with weight decay 0.1 on the
+matrices). PyTorch keeps fp32 weights and runs bf16 autocast with SDPA. Reports both final val losses (the first
+batches of the val split) and their relative difference; exits 1 if it exceeds --tolerance (2%).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def settings(args) -> dict:
+    return dict(batch_size=args.batch, seq_len=args.seq, steps=args.steps, lr=args.lr, lr_schedule="cosine",
+                warmup_steps=args.warmup, final_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0, beta1=0.9,
+                beta2=0.95, eps=1e-8, shuffle=False, val_batches=args.val_batches)
+
+
+def run_llmpy(args, init, train_glob, val_glob, out) -> tuple[float, float]:
+    from llmpy.train import TrainConfig, run
+    t0 = time.perf_counter()
+    res = run(TrainConfig(init=str(init), train_data=train_glob, val_data=val_glob, val_every=0, sample_tokens=0,
+                          progress=False, device="cuda", dtype="bf16", out=str(out), checkpoint_every=0,
+                          **settings(args)))
+    return res.val_losses[-1][1], time.perf_counter() - t0
+
+
+def run_torch(args, init, train_glob, val_glob) -> tuple[float, float]:
+    import torch
+
+    from benchmarks.torch_gpt2 import TorchGPT2
+    from llmpy.data import DataLoader
+    from llmpy.formats.llmc import read_llmc_model
+    from llmpy.optim import lr_at
+    s = settings(args)
+    cfg, params = read_llmc_model(init)
+    model = TorchGPT2(cfg, params).cuda()
+    opt = model.optimizer(s["lr"], (s["beta1"], s["beta2"]), s["eps"], s["weight_decay"], fused=True)
+    B, T = s["batch_size"], s["seq_len"]
+    train = DataLoader(train_glob, B, T, vocab_size=cfg.vocab_size)
+    t0 = time.perf_counter()
+    for step in range(s["steps"]):
+        lr = lr_at(step, lr=s["lr"], schedule="cosine", steps=s["steps"], warmup=s["warmup_steps"],
+                   final_frac=s["final_lr_frac"])
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = (torch.tensor(a, dtype=torch.long, device="cuda") for a in train.next_batch())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    val = DataLoader(val_glob, B, T, vocab_size=cfg.vocab_size)
+    n = min(s["val_batches"], val.num_batches_per_epoch)
+    total = 0.0
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(n):
+            x, y = (torch.tensor(a, dtype=torch.long, device="cuda") for a in val.next_batch())
+            total += model(x, y)[1].item()
+    return total / n, time.perf_counter() - t0
+
+
+def compare(args) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from llmpy.backends import get_backend
+    from llmpy.config import config_from_name
+    from llmpy.data import prepare_shakespeare
+    from llmpy.formats.llmc import write_llmc_model
+    from llmpy.models.gpt2 import GPT2
+    train_glob, val_glob = prepare_shakespeare()
+    with tempfile.TemporaryDirectory() as d:
+        init = Path(d) / "init.bin"
+        m = GPT2(config_from_name(args.model), get_backend("cpu"), 1, 1, training=False)
+        m.init_weights(1337)
+        write_llmc_model(init, m.cfg, m.params_numpy())
+        del m
+        ours, t_ours = run_llmpy(args, init, train_glob, val_glob, Path(d) / "run")
+        ref, t_ref = run_torch(args, init, train_glob, val_glob)
+    rel = (ours - ref) / ref
+    return {"llmpy_val_loss": ours, "torch_val_loss": ref, "relative_difference": rel, "llmpy_s": t_ours,
+            "torch_s": t_ref, "settings": settings(args), "model": args.model}
+
+
+def parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="d12")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--val-batches", type=int, default=9)
+    ap.add_argument("--tolerance", type=float, default=0.02)
+    ap.add_argument("--json", help="write the result here too")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    r = compare(args)
+    print(f"{args.model}, {args.steps} steps of {args.batch}x{args.seq}, bf16: val loss llmpy {r['llmpy_val_loss']:.4f} "
+          f"({r['llmpy_s']:.1f} s), PyTorch {r['torch_val_loss']:.4f} ({r['torch_s']:.1f} s), "
+          f"difference {r['relative_difference'] * 100:+.2f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1))
+    return 0 if abs(r["relative_difference"]) <= args.tolerance else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
