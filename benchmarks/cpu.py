@@ -90,8 +90,8 @@ def measure(args) -> dict:
 
         def step(i):
             b = batches[i % 4]
-            model.forward(b[:, :-1], b[:, 1:], grad_scale=1.0 / (B * T))
             model.zero_grad()
+            model.forward(b[:, :-1], b[:, 1:], grad_scale=1.0 / (B * T))
             model.backward()
             opt.step(1e-4, grad_clip=1.0)
     else:

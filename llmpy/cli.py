@@ -53,7 +53,9 @@ def _train_parser(sub) -> None:
     a("--device", choices=["cpu", "cuda", "auto"], help="default auto (cuda when a GPU is present)")
     a("--dtype", choices=["fp32", "bf16"], help="default fp32 on the CPU, bf16 on the GPU")
     a("--recompute", type=int, choices=[0, 1, 2], help="trade compute for activation memory: 1 recomputes GELU, "
-      "2 also the LayerNorms, in backward (default 0)")
+      "2 also the LayerNorms, in backward (default 1 on the GPU, 0 on the CPU)")
+    a("--no-master-weights", dest="master_weights", action="store_const", const=False,
+      help="bf16: no fp32 master copy; AdamW writes the bf16 weights with stochastic rounding (less memory)")
     a("--no-graph", dest="graph", action="store_const", const=False, help="CUDA: run the step eagerly instead of "
       "replaying CUDA graphs")
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")

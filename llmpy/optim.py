@@ -46,14 +46,14 @@ class AdamW:
         seed = np.array([(self.seed * 0x9E3779B1 + t) & 0xFFFFFFFF], np.uint32).view(np.float32)[0]
         hp = np.array([lr, self.beta1, self.beta2, self.eps, 1.0 / (1.0 - self.beta1 ** t),
                        1.0 / (1.0 - self.beta2 ** t), grad_clip, seed], np.float32)
-        self.be.copy_(self.hp, self.be.asarray(hp))
+        self.be.upload(self.hp, hp)
 
     def apply(self) -> None:
         """Device side: the global gradient norm, then AdamW on every tensor (clipped by the norm; skipped when
         the norm is not finite, so a diverging step never touches the weights)."""
         be, model = self.be, self.model
         p, g, master = model.params, model.grads, model.master
-        be.grad_norm(self.norm, g.flat)
+        be.grad_norm(self.norm, g.flat, model.loss_acc)  # NaN (so no update) if the step's loss is not finite
         for name, _ in param_shapes(model.cfg):
             wd = self.weight_decay if name in self.decayed else 0.0
             be.adamw(p[name].reshape(-1), None if master is None else master[name].reshape(-1),

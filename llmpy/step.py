@@ -34,9 +34,11 @@ class TrainStep:
         be.fill_zero(m.loss_acc)
         m.zero_grad()
 
-    def run(self, batches, lr: float) -> tuple[float, float]:
-        """batches: grad_accum pairs of host (B, T) int arrays. Returns (mean loss, gradient norm) of the step;
-        AdamW skipped the update if the norm was not finite."""
+    def launch(self, batches, lr: float):
+        """Enqueues one step; returns at once with a handle whose `.result()` gives (mean loss, gradient norm).
+        batches: grad_accum pairs of host (B, T) int arrays. The host may prepare and launch the next step
+        before reading this one's result (the GPU then never waits for the host). AdamW skips the update when
+        the loss or the norm is not finite."""
         if self.use_graph and self.steps_run == 1:
             self._micro_fn = self.be.capture(self._micro)
             self._update_fn = self.be.capture(self._update)
@@ -50,5 +52,17 @@ class TrainStep:
             raise ValueError(f"expected {self.A} micro-batches, got {n}")
         self._update_fn()
         self.steps_run += 1
-        loss = float(np.asarray(self.be.to_numpy(self.loss_out))[0])
-        return loss, self.opt.last_norm()
+        return _StepResult(self.be.async_read(self.loss_out, self.opt.norm))
+
+    def run(self, batches, lr: float) -> tuple[float, float]:
+        """launch + result."""
+        return self.launch(batches, lr).result()
+
+
+class _StepResult:
+    def __init__(self, readback):
+        self._rb = readback
+
+    def result(self) -> tuple[float, float]:
+        loss, norm = self._rb.result()
+        return float(np.asarray(loss)[0]), float(np.asarray(norm)[0])

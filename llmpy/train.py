@@ -63,7 +63,9 @@ class TrainConfig:
     resume: str | None = None
     device: str = "auto"
     dtype: str | None = None         # fp32 on the CPU, bf16 on the GPU
-    recompute: int = 0               # 1: recompute GELU in backward; 2: also the LayerNorms (less memory)
+    recompute: int | None = None     # 1: recompute GELU in backward; 2: also the LayerNorms (default: 1 on
+                                     # the GPU, 0 on the CPU)
+    master_weights: bool = True      # bf16: keep fp32 master weights (off: stochastic rounding into bf16 only)
     graph: bool = True               # CUDA: capture the step as CUDA graphs
     progress: bool = True
     explicit: tuple = ()             # names of the settings given on the command line (they override a resume)
@@ -189,7 +191,8 @@ def run(tc: TrainConfig) -> TrainResult:
         cfg, params, what = _load_init(tc)
     be = get_backend(device, dtype)
     B, T, A = tc.batch_size, tc.seq_len, tc.grad_accum
-    model = GPT2(cfg, be, B, T, recompute=tc.recompute)
+    recompute = tc.recompute if tc.recompute is not None else (1 if device == "cuda" else 0)
+    model = GPT2(cfg, be, B, T, recompute=recompute, master_weights=tc.master_weights)
     if params is None:
         model.init_weights(tc.seed)
     else:
@@ -224,7 +227,8 @@ def run(tc: TrainConfig) -> TrainResult:
     tokens_per_step = B * T * A
     print(f"model: GPT-2 L={cfg.num_layers} H={cfg.num_heads} C={cfg.channels} maxT={cfg.max_seq_len} "
           f"V={cfg.vocab_size} ({cfg.num_params() / 1e6:.1f}M parameters), {what}")
-    print(f"device: {device} {dtype}; memory plan: " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in plan.items()))
+    print(f"device: {device} {dtype}, recompute {recompute}; memory plan: "
+          + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in plan.items()) + f"; total {_fmt_bytes(sum(plan.values()))}")
     print(f"data: train {train_glob} ({train_loader.num_batches_per_epoch} batches/epoch), "
           f"val {val_glob or 'none'}; batch {B}x{T}x{A} = {tokens_per_step} tokens/step")
     print(f"training steps {start}..{tc.steps - 1}, lr {tc.lr} {tc.lr_schedule}, output {out}/", flush=True)
@@ -265,34 +269,51 @@ def run(tc: TrainConfig) -> TrainResult:
     bar = _progress(tc, start)
     t_start = time.perf_counter()
     last = min(tc.steps, tc.stop_at + 1) if tc.stop_at is not None else tc.steps
-    # divergence is detected and reported below; NumPy's overflow warnings on the way there are noise
+    pending = []  # the launched step whose result is not read yet: [(step, lr, handle)]
+    clock = [time.perf_counter()]
+
+    def finish() -> None:
+        """Reads the pending step's loss and norm (the next step may already be running) and logs it."""
+        if not pending:
+            return
+        step, lr, handle = pending.pop()
+        loss, norm = handle.result()
+        now = time.perf_counter()
+        tps = tokens_per_step / (now - clock[0])
+        clock[0] = now
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise UserError(f"training diverged at step {step}: loss {loss}, grad norm {norm} "
+                            f"(lr {lr:.3g}); the update was not applied and nothing was saved; "
+                            f"last good checkpoint: {_last_ckpt(out)}. Try a lower --lr or --grad-clip 1")
+        log.write({"step": step, "train_loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps})
+        result.train_losses.append(loss)
+        result.steps_done = step + 1
+        bar.update(1)
+        bar.set_postfix_str(f"loss {loss:.4f} | {tps:,.0f} tok/s | lr {lr:.2e}", refresh=False)
+
+    def pause(fn, *a) -> None:  # evaluation, sampling, saving: after the pending step, off the step clock
+        finish()
+        fn(*a)
+        clock[0] = time.perf_counter()
+
+    # divergence is detected and reported in finish(); NumPy's overflow warnings on the way there are noise
     with _StopFlag() as stop, np.errstate(over="ignore", invalid="ignore"):
-        step = start
         try:
             for step in range(start, last):
                 if tc.val_every and step % tc.val_every == 0:
-                    evaluate(step)
+                    pause(evaluate, step)
                 if tc.sample_every and step > 0 and step % tc.sample_every == 0:
-                    sample(step)
-                t0 = time.perf_counter()
+                    pause(sample, step)
                 lr = lr_at(step, lr=tc.lr, schedule=tc.lr_schedule, steps=tc.steps, warmup=tc.warmup_steps,
                            final_frac=tc.final_lr_frac, decay_frac=tc.decay_frac)
-                loss, norm = stepper.run((train_loader.next_batch() for _ in range(A)), lr)
-                if not (math.isfinite(loss) and math.isfinite(norm)):
-                    raise UserError(f"training diverged at step {step}: loss {loss}, grad norm {norm} "
-                                    f"(lr {lr:.3g}); the update was not applied and nothing was saved; "
-                                    f"last good checkpoint: {_last_ckpt(out)}. Try a lower --lr or --grad-clip 1")
-                dt = time.perf_counter() - t0
-                tps = tokens_per_step / dt
-                log.write({"step": step, "train_loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps})
-                result.train_losses.append(loss)
-                result.steps_done = step + 1
-                bar.update(1)
-                bar.set_postfix_str(f"loss {loss:.4f} | {tps:,.0f} tok/s | lr {lr:.2e}", refresh=False)
+                handle = stepper.launch((train_loader.next_batch() for _ in range(A)), lr)
+                finish()  # the previous step, while the GPU works on this one
+                pending.append((step, lr, handle))
                 if stop.requested:
                     break
                 if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < last:
-                    save(step + 1)
+                    pause(save, step + 1)
+            finish()
         finally:
             bar.close()
         done = result.steps_done

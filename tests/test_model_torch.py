@@ -36,9 +36,9 @@ def setup():
 def test_logits_loss_grads(setup):
     model, ref, x, y = setup
     model.forward(x)
-    logits = model.acts["logits"].copy()
-    loss = model.forward(x, y, grad_scale=1.0 / (B * T))
+    logits = model.acts["logits"].reshape(B, T, -1).copy()
     model.zero_grad()
+    loss = model.forward(x, y, grad_scale=1.0 / (B * T))
     model.backward()
     tl, tloss = ref(torch.tensor(x, dtype=torch.long), torch.tensor(y, dtype=torch.long))
     tloss.backward()
@@ -64,8 +64,8 @@ def test_ten_adamw_steps(setup):
     x = rng.integers(0, CFG.vocab_size, (B, T + 1)).astype(np.int32)
     x, y = np.ascontiguousarray(x[:, :-1]), np.ascontiguousarray(x[:, 1:])
     for step in range(10):  # one batch over and over: the loss must fall as it is memorised
-        ours.append(model.forward(x, y, grad_scale=1.0 / (B * T)))
         model.zero_grad()
+        ours.append(model.forward(x, y, grad_scale=1.0 / (B * T)))
         model.backward()
         norm = opt.step(lr, grad_clip=clip)
         clipped += norm > clip
@@ -86,3 +86,19 @@ def test_ten_adamw_steps(setup):
             keep = np.r_[0:C, 2 * C:3 * C]  # both sides update it from rounding noise that Adam amplifies
             ours_p, ref_p = ours_p[:, keep], ref_p[:, keep]
         assert relerr(ours_p, ref_p) < 1e-5, name
+
+
+def test_chunked_lm_head_matches_one_chunk(setup):
+    """Forming the logits a chunk of rows at a time (and the LM head's backward with them) changes nothing."""
+    _, _, x, y = setup
+    out = []
+    for chunk in (B * T, 24):  # 24 does not divide 64 rows: a short last chunk too
+        m = GPT2(CFG, get_backend("cpu"), B, T, logits_chunk=chunk)
+        m.init_weights(7)
+        loss = m.forward(x, y, grad_scale=1.0 / (B * T))
+        m.backward()
+        out.append((loss, {n: m.grads[n].copy() for n, _ in param_shapes(CFG)}))
+    (l1, g1), (l2, g2) = out
+    assert abs(l1 - l2) <= 1e-6 * l1
+    for n in g1:
+        assert relerr(g2[n], g1[n]) < 1e-6, n

@@ -21,7 +21,7 @@ def test_kv_cache_matches_full_forward():
     model.load_params(p)
     toks = np.random.default_rng(2).integers(0, CFG.vocab_size, (1, n)).astype(np.int32)
     model.forward(toks)
-    full = model.acts["logits"][0]                   # (n, V)
+    full = model.acts["logits"]                      # (n, V)
     dec = KVCacheDecoder(CFG, p)
     got = [dec.forward(toks[0, :7])]                 # a prompt of 7 in one pass, then one token at a time
     got += [dec.forward(toks[0, i:i + 1]) for i in range(7, n)]

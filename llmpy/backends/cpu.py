@@ -1,6 +1,16 @@
 """The CPU backend: binds the NumPy reference layers, composes the fused ops the GPU backend runs as single
-kernels, and owns one preallocated workspace so that a training step allocates nothing."""
+kernels, and owns one preallocated workspace so that a training step allocates nothing.
+
+Cache blocking: a NumPy expression makes one pass over its whole operands per ufunc call, so a chain of ten
+calls over a 400 MB logits tensor (or a 100 MB AdamW moment) streams it through DRAM ten times. The layer
+functions stay whole-tensor and readable (they are the spec); this backend calls them on blocks of rows (or flat
+chunks) small enough that every pass of a block hits the core's L2 cache. Rows are independent in all of them,
+so blocking changes no result bit, except where a parameter gradient sums over rows (layernorm, matmul biases):
+there the blocks' partial sums are added in a fixed order, which stays deterministic.
+"""
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -8,6 +18,15 @@ from .. import layers as Lr
 from ..errors import UserError
 
 _DTYPES = {"fp32": np.float32, "fp64": np.float64}
+BLOCK = 1 << 15          # elements per operand in one block of an elementwise chain (128 KB in fp32)
+ROW_BLOCK_BYTES = 1 << 20  # bytes of logits per block of rows in the classifier (a few rows of 50257)
+
+
+@functools.lru_cache(maxsize=64)
+def blocks(n: int, size: int) -> tuple[slice, ...]:
+    """[0, n) cut into consecutive slices of `size` (the last may be shorter)."""
+    size = max(1, size)
+    return tuple(slice(i, min(i + size, n)) for i in range(0, n, size))
 
 
 class CPUBackend:
@@ -48,6 +67,9 @@ class CPUBackend:
     def set_tokens(self, dst, host, *, training=True):
         np.copyto(dst, host, casting="unsafe")
 
+    def upload(self, dst, host):
+        np.copyto(dst, host.reshape(dst.shape), casting="unsafe")
+
     def capture(self, fn):
         return fn  # no graphs on the CPU: "replaying" is running
 
@@ -61,15 +83,18 @@ class CPUBackend:
         """One flat scratch buffer, large enough for the hungriest op (all ops run one after another)."""
         C, NH, V, N = cfg.channels, cfg.num_heads, self.logit_columns(cfg), B * T
         need = max(
-            3 * N * 4 * C,                           # gelu backward
-            2 * N * C + C + 2 * N,                   # layernorm backward
+            3 * BLOCK,                               # gelu backward, AdamW (one block each)
+            2 * BLOCK + 3 * C,                       # layernorm backward (one block of rows)
             V * C + V, 4 * C * C + 4 * C,            # matmul backward: classifier, MLP
-            B * NH * T * T + N * C + B * NH * T,     # attention backward (forward needs less)
+            B * NH * T * T + B * NH * T,             # attention backward (forward needs less)
             2 * N,                                   # classifier
-            3 * cfg.padded_vocab_size * C,           # AdamW temporaries for the largest tensor (wte)
         )
         self.ws = np.empty(need, self.act_dtype)
         return need * self.act_dtype.itemsize
+
+    def _rows(self, C):
+        """Row blocks for (rows, C) tensors: a block of each operand is about BLOCK elements."""
+        return max(1, BLOCK // C)
 
     # ---- layers ---------------------------------------------------------------------------------------------
     def encoder_forward(self, out, tokens, wte, wpe):
@@ -79,15 +104,26 @@ class CPUBackend:
         Lr.encoder_backward(dwte, dwpe, dout, tokens)
 
     def layernorm_forward(self, out, mean, rstd, inp, w, b):
-        Lr.layernorm_forward(out, mean, rstd, inp, w, b)
+        C = inp.shape[-1]
+        o, m, r, x = out.reshape(-1, C), mean.reshape(-1), rstd.reshape(-1), inp.reshape(-1, C)
+        for i in blocks(x.shape[0], self._rows(C)):
+            Lr.layernorm_forward(o[i], m[i], r[i], x[i], w, b)
 
     def fused_residual_layernorm_forward(self, residual, out, mean, rstd, inp1, inp2, w, b):
         # residual = inp1 + inp2; out = layernorm(residual)
-        Lr.residual_forward(residual, inp1, inp2)
-        Lr.layernorm_forward(out, mean, rstd, residual, w, b)
+        C = inp1.shape[-1]
+        res, o, m, r = residual.reshape(-1, C), out.reshape(-1, C), mean.reshape(-1), rstd.reshape(-1)
+        x1, x2 = inp1.reshape(-1, C), inp2.reshape(-1, C)
+        for i in blocks(res.shape[0], self._rows(C)):
+            Lr.residual_forward(res[i], x1[i], x2[i])
+            Lr.layernorm_forward(o[i], m[i], r[i], res[i], w, b)
 
     def layernorm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd):
-        Lr.layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, scratch=self.ws)
+        C = inp.shape[-1]
+        dx, dy, x = dinp.reshape(-1, C), dout.reshape(-1, C), inp.reshape(-1, C)
+        m, r = mean.reshape(-1), rstd.reshape(-1)
+        for i in blocks(x.shape[0], self._rows(C)):  # dw, db accumulate block by block, in order
+            Lr.layernorm_backward(dx[i], dw, db, dy[i], x[i], w, m[i], r[i], scratch=self.ws)
 
     def matmul_forward(self, out, inp, w, b, gelu_pre=None):
         # gelu_pre given: gelu_pre = inp @ w.T + b is saved and out = gelu(gelu_pre)
@@ -95,13 +131,15 @@ class CPUBackend:
             Lr.matmul_forward(out, inp, w, b)
         else:
             Lr.matmul_forward(gelu_pre, inp, w, b)
-            Lr.gelu_forward(out, gelu_pre, scratch=self.ws)
+            self.gelu_forward(out, gelu_pre)
 
     def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None):
         # gelu_pre given: dinp = (dout @ w) * gelu'(gelu_pre), the GELU backward of the layer below
         Lr.matmul_backward(dinp, dw, db, dout, inp, w, scratch=self.ws)
         if gelu_pre is not None:
-            Lr.gelu_backward(dinp, gelu_pre, dinp, scratch=self.ws)
+            d, x = dinp.reshape(-1), gelu_pre.reshape(-1)
+            for i in blocks(d.size, BLOCK):
+                Lr.gelu_backward(d[i], x[i], d[i], scratch=self.ws)
 
     def attention_forward(self, out, state, qkv, num_heads):
         Lr.attention_forward(out, state, qkv, num_heads, scratch=self.ws)
@@ -110,11 +148,15 @@ class CPUBackend:
         Lr.attention_backward(dqkv, dout, qkv, state, num_heads, scratch=self.ws)
 
     def fused_classifier(self, losses, logits, targets, vocab_size, dloss=None):
-        Lr.fused_classifier(losses, logits[..., :vocab_size].reshape(-1, vocab_size), targets, dloss,
-                            scratch=self.ws)
+        lg = logits[..., :vocab_size].reshape(-1, vocab_size)
+        ls, t = losses.reshape(-1), targets.reshape(-1)
+        for i in blocks(lg.shape[0], ROW_BLOCK_BYTES // lg[0].nbytes):
+            Lr.fused_classifier(ls[i], lg[i], t[i], dloss, scratch=self.ws)
 
     def gelu_forward(self, out, inp):
-        Lr.gelu_forward(out, inp, scratch=self.ws)
+        o, x = out.reshape(-1), inp.reshape(-1)
+        for i in blocks(x.size, BLOCK):
+            Lr.gelu_forward(o[i], x[i], scratch=self.ws)
 
     def loss_accumulate(self, acc, losses, scale):
         acc[0] += scale * float(losses.sum(dtype=np.float64))
@@ -123,38 +165,57 @@ class CPUBackend:
         return float(losses.sum(dtype=np.float64)) / losses.size
 
     # ---- optimizer ------------------------------------------------------------------------------------------
-    def grad_norm(self, out, flat):
-        """out[0] = sqrt(sum of squares), accumulated in float64 in a fixed order (deterministic)."""
-        out[0] = np.sqrt(np.einsum("i,i->", flat, flat, dtype=np.float64))
+    def grad_norm(self, out, flat, guard):
+        """out[0] = sqrt(sum of squares), accumulated in float64 in a fixed order (deterministic); NaN when
+        guard[0] (the step's loss) is not finite, so that AdamW skips the update of a diverged step."""
+        ok = np.isfinite(guard[0])
+        out[0] = np.sqrt(np.einsum("i,i->", flat, flat, dtype=np.float64)) if ok else np.nan
+
+    def async_read(self, *arrays):
+        return _Ready([np.array(a, copy=True) for a in arrays])
 
     def adamw(self, p, master, g, m, v, hp, norm, weight_decay, offset):
-        """One AdamW step over one tensor (flat views), in place, in llm.c's formula order:
-        m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p).
+        """One AdamW step over one tensor (flat views), in place, block by block (see adamw_update).
         hp = [lr, beta1, beta2, eps, 1/(1-beta1^t), 1/(1-beta2^t), grad_clip, seed]; norm[0] the global grad
         norm (clipping scales g by grad_clip/norm when above; a non-finite norm skips the update)."""
         lr, beta1, beta2, eps, bc1, bc2, clip = (float(x) for x in hp[:7])
         gn = float(norm[0])
         if not np.isfinite(gn):
             return
-        n = g.size
-        a, b, gs = (self.ws[k * n:(k + 1) * n] for k in range(3))
-        if clip > 0 and gn > clip:
-            np.multiply(g, clip / gn, out=gs)
-            g = gs
-        m *= beta1
-        np.multiply(g, 1.0 - beta1, out=a)
-        m += a
-        v *= beta2
-        np.multiply(g, 1.0 - beta2, out=a)
-        a *= g
-        v += a
-        np.multiply(v, bc2, out=a)
-        np.sqrt(a, out=a)
-        a += eps
-        np.multiply(m, bc1, out=b)
-        np.divide(b, a, out=a)
-        if weight_decay:
-            np.multiply(p, weight_decay, out=b)
-            a += b
-        a *= lr
-        p -= a
+        scale = clip / gn if clip > 0 and gn > clip else 1.0
+        a, b = self.ws[:BLOCK], self.ws[BLOCK:2 * BLOCK]
+        for i in blocks(g.size, BLOCK):
+            n = i.stop - i.start
+            adamw_update(p[i], g[i], m[i], v[i], a[:n], b[:n], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                         bc1=bc1, bc2=bc2, weight_decay=weight_decay, scale=scale)
+
+
+def adamw_update(p, g, m, v, a, b, *, lr, beta1, beta2, eps, bc1, bc2, weight_decay, scale=1.0):
+    """AdamW on flat arrays, in place (a, b: scratch of the same size), llm.c's formula with clipping folded in:
+    m = b1 m + (1-b1) s g;  v = b2 v + (1-b2) (s g)^2;  p -= lr (m bc1 / (sqrt(v bc2) + eps) + wd p),
+    s the clip scale, bc1 = 1/(1-b1^t), bc2 = 1/(1-b2^t)."""
+    np.multiply(g, (1.0 - beta1) * scale, out=a)
+    m *= beta1
+    m += a
+    np.multiply(g, g, out=a)
+    a *= (1.0 - beta2) * scale * scale
+    v *= beta2
+    v += a
+    np.multiply(v, bc2, out=a)
+    np.sqrt(a, out=a)
+    a += eps
+    np.divide(m, a, out=a)
+    a *= bc1                                   # m_hat / (sqrt(v_hat) + eps)
+    if weight_decay:
+        np.multiply(p, weight_decay, out=b)
+        a += b
+    a *= lr
+    p -= a
+
+
+class _Ready:
+    def __init__(self, values):
+        self.values = values
+
+    def result(self):
+        return self.values

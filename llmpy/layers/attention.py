@@ -20,53 +20,47 @@ def split_heads(qkv, num_heads):
 
 
 @functools.lru_cache(maxsize=8)
-def _future_mask(T):
-    m = np.triu(np.ones((T, T), dtype=bool), k=1)            # True where key position > query position
+def _causal_bias(T, dtype):
+    """(T, T): 0 where key position <= query position, -inf where the key is in the future."""
+    m = np.triu(np.full((T, T), -np.inf, dtype=dtype), k=1)
     m.flags.writeable = False
     return m
 
 
 def attention_forward(out, att, qkv, num_heads, scratch=None):
-    # out (B, T, C); att (B, NH, T, T) saved softmax; qkv (B, T, 3C). scratch: B*C*T + B*NH*T elements
+    # out (B, T, C); att (B, NH, T, T) saved softmax; qkv (B, T, 3C). scratch: B*NH*T elements
     B, T, C = out.shape
     hs = C // num_heads
     q, k, v = split_heads(qkv, num_heads)
-    s = buf(scratch, (B * T * C + B * num_heads * T,), qkv.dtype)
-    y, rowmax = s[:B * T * C].reshape(B, num_heads, T, hs), s[B * T * C:].reshape(B, num_heads, T, 1)
+    rowmax = buf(scratch, (B, num_heads, T, 1), qkv.dtype)
     np.matmul(q, k.swapaxes(-1, -2), out=att)
     att *= 1.0 / math.sqrt(hs)
-    np.copyto(att, -np.inf, where=_future_mask(T))
+    att += _causal_bias(T, att.dtype)                         # -inf above the diagonal: exp() makes it 0
     np.max(att, axis=-1, keepdims=True, out=rowmax)
     att -= rowmax
     np.exp(att, out=att)
     np.sum(att, axis=-1, keepdims=True, out=rowmax)
     att /= rowmax
-    np.matmul(att, v, out=y)
-    np.copyto(out.reshape(B, T, num_heads, hs), y.transpose(0, 2, 1, 3))
+    np.matmul(att, v, out=out.reshape(B, T, num_heads, hs).swapaxes(1, 2))  # heads written in place
 
 
 def attention_backward(dqkv, dout, qkv, att, num_heads, scratch=None):
     # dqkv (B, T, 3C) overwritten; dout (B, T, C); qkv, att as saved by forward.
-    # scratch: B*NH*T*T + B*C*T + B*NH*T elements
+    # scratch: B*NH*T*T + B*NH*T elements
     B, T, C = dout.shape
     hs = C // num_heads
     q, k, v = split_heads(qkv, num_heads)
     dq, dk, dv = split_heads(dqkv, num_heads)
-    do = dout.reshape(B, T, num_heads, hs).transpose(0, 2, 1, 3)
-    n_att, n_y = B * num_heads * T * T, B * T * C
-    s = buf(scratch, (n_att + n_y + B * num_heads * T,), qkv.dtype)
-    datt = s[:n_att].reshape(B, num_heads, T, T)
-    tmp = s[n_att:n_att + n_y].reshape(B, num_heads, T, hs)
-    rowdot = s[n_att + n_y:].reshape(B, num_heads, T)
+    do = dout.reshape(B, T, num_heads, hs).swapaxes(1, 2)
+    n_att = B * num_heads * T * T
+    s = buf(scratch, (n_att + B * num_heads * T,), qkv.dtype)
+    datt, rowdot = s[:n_att].reshape(B, num_heads, T, T), s[n_att:].reshape(B, num_heads, T)
     np.matmul(do, v.swapaxes(-1, -2), out=datt)
-    np.matmul(att.swapaxes(-1, -2), do, out=tmp)
-    np.copyto(dv, tmp)
+    np.matmul(att.swapaxes(-1, -2), do, out=dv)
     # softmax backward: dpre = att * (datt - sum_j att*datt), then the 1/sqrt(hs) scale of the scores
     np.einsum("bhij,bhij->bhi", att, datt, out=rowdot)
     datt -= rowdot[..., None]
     datt *= att
     datt *= 1.0 / math.sqrt(hs)
-    np.matmul(datt, k, out=tmp)
-    np.copyto(dq, tmp)
-    np.matmul(datt.swapaxes(-1, -2), q, out=tmp)
-    np.copyto(dk, tmp)
+    np.matmul(datt, k, out=dq)
+    np.matmul(datt.swapaxes(-1, -2), q, out=dk)

@@ -1,6 +1,7 @@
 """Softmax + cross-entropy, fused: the probabilities are formed in the logits buffer and turned into dlogits in
 place, so no separate (N, V) probability tensor is ever kept. Only the V real vocabulary columns are passed in:
-padded rows of the embedding never receive probability."""
+padded rows of the embedding never receive probability. Rows are independent, so a caller may run this on any
+block of rows (the CPU backend does, so that each block's passes stay in cache)."""
 import numpy as np
 
 from ._scratch import buf
@@ -12,20 +13,19 @@ def fused_classifier(losses, logits, targets, dloss=None, scratch=None):
     # targets (N,) int. scratch: 2*N elements
     N = logits.shape[0]
     s = buf(scratch, (2, N), logits.dtype)
-    mx, tgt = s[0], s[1]
-    rows = np.arange(N)
-    t = targets.reshape(N)
+    mx, z = s[0], s[1]
+    rows, t, loss = np.arange(N), targets.reshape(N), losses.reshape(N)
     np.max(logits, axis=-1, out=mx)
+    np.subtract(mx, logits[rows, t], out=loss)     # loss = log(z) + max - logit[target], z = sum exp(l - max)
     logits -= mx[:, None]
-    tgt[...] = logits[rows, t]
-    np.exp(logits, out=logits)
-    np.sum(logits, axis=-1, out=mx)
-    np.log(mx, out=losses.reshape(N))
-    losses.reshape(N)[...] -= tgt
+    np.exp(logits, out=logits)                     # unnormalised probabilities
+    np.sum(logits, axis=-1, out=z)
     if dloss is not None:
-        logits /= mx[:, None]
-        logits[rows, t] -= 1.0
-        logits *= dloss
+        np.divide(dloss, z, out=mx)
+        logits *= mx[:, None]                      # dloss * softmax
+        logits[rows, t] -= dloss
+    np.log(z, out=z)
+    loss += z
 
 
 def crossentropy_forward(losses, logits, targets):

@@ -42,9 +42,12 @@ class FlatBuffer:
 
 
 class GPT2:
-    def __init__(self, cfg: GPT2Config, backend, B: int, T: int, *, training: bool = True, recompute: int = 0):
+    def __init__(self, cfg: GPT2Config, backend, B: int, T: int, *, training: bool = True, recompute: int = 0,
+                 master_weights: bool = True, logits_chunk: int = 8192):
         """recompute: 0 keeps every activation; 1 recomputes the GELU output in backward; 2 also the two
-        LayerNorm outputs of each block (from the saved mean/rstd): less memory for more compute."""
+        LayerNorm outputs of each block (from the saved mean/rstd): less memory for more compute.
+        master_weights: keep fp32 master weights when the compute copy is lower precision (else AdamW updates
+        the bf16 weights directly, with stochastic rounding). logits_chunk: rows of logits formed at a time."""
         if T > cfg.max_seq_len:
             raise UserError(f"sequence length {T} exceeds the model's maximum {cfg.max_seq_len}")
         if B < 1 or T < 1:
@@ -53,11 +56,12 @@ class GPT2:
             raise UserError(f"--recompute must be 0, 1 or 2 (got {recompute})")
         self.cfg, self.be, self.B, self.T = cfg, backend, B, T
         self.training, self.recompute = training, recompute
+        self.chunk = min(B * T, max(1, logits_chunk))
         shapes = param_shapes(cfg)
         self.params = FlatBuffer(backend, shapes, backend.param_dtype)
         # fp32 master weights when the compute copy is lower precision (AdamW updates these)
-        self.master = (FlatBuffer(backend, shapes, np.float32)
-                       if training and np.dtype(backend.param_dtype) != np.float32 else None)
+        self.master = (FlatBuffer(backend, shapes, np.float32) if training and master_weights
+                       and np.dtype(backend.param_dtype) != np.float32 else None)
         self.grads = FlatBuffer(backend, shapes, backend.param_dtype) if training else None
         self._plan_activations()
         self.workspace_bytes = backend.plan_workspace(cfg, B, T)
@@ -82,7 +86,7 @@ class GPT2:
             ("fch", (L, B, T, 4 * C)), ("fch_gelu", (Lg, B, T, 4 * C)),
             ("residual3", (L, B, T, C)), ("lnf", (B, T, C)),
             ("proj", (B, T, C)),                     # attproj / fcproj outputs: consumed at once, reused
-            ("logits", (B, T, self.Vl)),             # becomes dlogits in place
+            ("logits", (self.chunk, self.Vl)),       # one chunk of rows; becomes dlogits in place
         ]
         stats = [(n, (L, B, T)) for n in ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd")]
         stats += [("lnf_mean", (B, T)), ("lnf_rstd", (B, T)), ("losses", (B, T))]
@@ -187,20 +191,33 @@ class GPT2:
             else:
                 be.fused_residual_layernorm_forward(a["residual3"][l], a["lnf"], s["lnf_mean"], s["lnf_rstd"],
                                                     a["residual2"][l], a["proj"], p["lnfw"], p["lnfb"])
-        # LM head tied to wte: logits (B, T, Vl) = lnf @ wte[:Vl].T
-        be.matmul_forward(a["logits"], a["lnf"], p["wte"][:self.Vl], None)
+        # LM head tied to wte, in chunks of rows: logits (rows, Vl) = lnf @ wte[:Vl].T; with grad_scale each
+        # chunk's backward (dlnf rows into dbtc, dwte +=) runs at once, so only one chunk of logits is ever held
+        N, C, R = self.B * self.T, cfg.channels, self.chunk
+        lnf, wte = a["lnf"].reshape(N, C), p["wte"][:self.Vl]
         if not self.has_targets:
+            if N > R:
+                raise UserError(f"logits of {N} rows need logits_chunk >= {N} (it is {R})")
+            be.matmul_forward(a["logits"], lnf, wte, None)
             return None
-        be.fused_classifier(s["losses"], a["logits"], self.targets, cfg.vocab_size, grad_scale)
+        losses, targets = s["losses"].reshape(N), self.targets.reshape(N)
+        for r0 in range(0, N, R):
+            r1 = min(N, r0 + R)
+            logits = a["logits"][:r1 - r0]
+            be.matmul_forward(logits, lnf[r0:r1], wte, None)
+            be.fused_classifier(losses[r0:r1], logits, targets[r0:r1], cfg.vocab_size, grad_scale)
+            if grad_scale is not None:
+                be.matmul_backward(a["dbtc"].reshape(N, C)[r0:r1], self.grads["wte"][:self.Vl], None, logits,
+                                   lnf[r0:r1], wte)
         return be.mean_loss(s["losses"]) if return_loss and not be.capturing else None
 
     # ---- backward -------------------------------------------------------------------------------------------
     def backward(self) -> None:
-        """Accumulates parameter gradients (+=) from the dlogits the last forward(grad_scale=...) left."""
+        """Accumulates parameter gradients (+=), starting from the dlnf that forward(grad_scale=...) left in dbtc
+        (the LM head's own backward ran chunk by chunk inside that forward)."""
         be, cfg, a, s, p, g = self.be, self.cfg, self.acts, self.stats, self.params, self.grads
         L, NH = cfg.num_layers, cfg.num_heads
         dres, dbtc, dbt4c, dqkv = a["dresidual"], a["dbtc"], a["dbt4c"], a["dqkv"]
-        be.matmul_backward(dbtc, g["wte"][:self.Vl], None, a["logits"], a["lnf"], p["wte"][:self.Vl])
         be.fill_zero(dres)
         be.layernorm_backward(dres, g["lnfw"], g["lnfb"], dbtc, a["residual3"][L - 1], p["lnfw"],
                               s["lnf_mean"], s["lnf_rstd"])

@@ -111,25 +111,51 @@ class CUDABackend:
         self.order = self.zeros(N, np.int32)        # encoder backward: positions sorted by token (stable)
         self.seg = self.zeros(N + 1, np.int32)      # segment starts into order, one per distinct token
         self.nseg = self.zeros(1, np.int32)
+        self._staging = _Staging(self.cp, N)
+        self._ids16 = cfg.vocab_size <= 65536
         return (self.colsum_part.nbytes + self.norm_part.nbytes + 4 * (2 * N + 2) + self.gemm.workspace.nbytes
                 + a.nbytes)
 
     def set_tokens(self, dst, host, *, training=True):
-        """Uploads (B, T) token ids; for training also the sort the deterministic encoder backward uses."""
-        h = np.ascontiguousarray(host, dtype=np.int32)
-        dst.set(h, stream=self.stream)
+        """Uploads (B, T) token ids asynchronously (through pinned staging buffers, so the host can prepare the
+        next batch while the GPU works); for training also the sort the deterministic encoder backward uses."""
+        slot = self._staging.take(dst.size)
+        flat = slot.tok[:dst.size]
+        np.copyto(flat, np.asarray(host).reshape(-1), casting="unsafe")
+        self._upload(dst.reshape(-1), flat)
         if training:
-            flat = h.reshape(-1)
-            order = np.argsort(flat, kind="stable").astype(np.int32)
+            n = flat.size
+            # stable sort by token: a radix sort on 16-bit keys (GPT-2's ids fit), positions kept in order
+            order = slot.order[:n]
+            order[...] = np.argsort(flat.astype(np.uint16) if self._ids16 else flat, kind="stable")
             s = flat[order]
-            starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]).astype(np.int32)
-            seg = np.empty(flat.size + 1, np.int32)
+            starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+            seg = slot.seg[:n + 1]
             seg[:starts.size] = starts
-            seg[starts.size:] = flat.size
-            self.order.set(order, stream=self.stream)
-            self.seg.set(seg, stream=self.stream)
-            self.nseg.set(np.array([starts.size], np.int32), stream=self.stream)
-            # (pageable host memory: each copy is staged before set() returns, so the temporaries may go)
+            seg[starts.size:] = n
+            slot.nseg[0] = starts.size
+            self._upload(self.order[:n], order)
+            self._upload(self.seg[:n + 1], seg)
+            self._upload(self.nseg, slot.nseg)
+        slot.done.record(self.stream)
+
+    def _upload(self, dst, src):
+        self.cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.ctypes.data, src.nbytes,
+                                         self.cp.cuda.runtime.memcpyHostToDevice, self.stream.ptr)
+
+    def upload(self, dst, host):
+        """dst (device, contiguous) = host array, asynchronously through pinned memory kept alive until copied."""
+        mem = self.cp.cuda.alloc_pinned_memory(max(host.nbytes, 1))
+        h = np.frombuffer(mem, host.dtype, host.size)
+        np.copyto(h, host.reshape(-1))
+        self._upload(dst, h)
+        ev = self.cp.cuda.Event(disable_timing=True)
+        ev.record(self.stream)
+        self._inflight = [(e, m) for e, m in getattr(self, "_inflight", []) if not e.done] + [(ev, mem)]
+
+    def async_read(self, *arrays):
+        """Starts device->host copies of small arrays; `.result()` waits for them only (not for later work)."""
+        return _Readback(self, arrays)
 
     # ---- layers ---------------------------------------------------------------------------------------------
     def encoder_forward(self, out, tokens, wte, wpe):
@@ -184,9 +210,12 @@ class CUDABackend:
     def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None):
         OC, K = w.shape
         M = inp.size // K
-        if dinp is not None:  # dinp = dout @ w, times gelu'(gelu_pre) via the DGELU epilogue
-            self.gemm.mm(dinp, dout, w, M, K, OC, epilogue="dgelu" if gelu_pre is not None else "default",
-                         aux=gelu_pre)
+        if dinp is not None:  # dinp = dout @ w, then times gelu'(gelu_pre) in place
+            self.gemm.mm(dinp, dout, w, M, K, OC)
+            if gelu_pre is not None:
+                n = dinp.size
+                self.k["elementwise"].gelu_backward_inplace((cdiv(n // (16 // dinp.itemsize), 256),), (256,),
+                                                            (dinp, gelu_pre, np.int64(n)))
         self.gemm.mm(dw, dout, inp, OC, K, M, transx=True, accumulate=True)  # dw += dout^T @ inp
         if db is not None:
             self._colsum_add(db, dout, M, OC)
@@ -222,11 +251,12 @@ class CUDABackend:
         return float(self.to_numpy(losses).astype(np.float64).sum()) / losses.size
 
     # ---- optimizer ------------------------------------------------------------------------------------------
-    def grad_norm(self, out, flat):
-        """out[0] = sqrt(sum of squares of flat), deterministic (fixed grid, fixed order)."""
+    def grad_norm(self, out, flat, guard):
+        """out[0] = sqrt(sum of squares of flat), deterministic (fixed grid, fixed order); NaN when guard[0]
+        (the step's loss) is not finite."""
         e = self.k["elementwise"]
         e.sumsq_partial((_NORM_BLOCKS,), (512,), (self.norm_part, flat, np.int64(flat.size)))
-        e.norm_finalize((1,), (1024,), (out, self.norm_part, np.int32(_NORM_BLOCKS)))
+        e.norm_finalize((1,), (1024,), (out, self.norm_part, np.int32(_NORM_BLOCKS), guard))
 
     def adamw(self, p, master, g, m, v, hp, norm, weight_decay, offset):
         n = p.size
@@ -248,6 +278,49 @@ class CUDABackend:
         finally:
             self.capturing = False
         return lambda: graph.launch(stream=s)
+
+
+class _Slot:
+    def __init__(self, cp, n):
+        def pinned(count):
+            mem = cp.cuda.alloc_pinned_memory(4 * count)
+            return np.frombuffer(mem, np.int32, count)
+        self.tok, self.order, self.seg, self.nseg = pinned(n), pinned(n), pinned(n + 1), pinned(1)
+        self.done = cp.cuda.Event(disable_timing=True)
+        self.done.record()
+
+
+class _Staging:
+    """A ring of pinned host buffers for uploads; a slot is reused only after its last copy has run."""
+
+    def __init__(self, cp, n, slots=8):
+        self.n, self.slots, self.i = n, [_Slot(cp, n) for _ in range(slots)], 0
+
+    def take(self, n):
+        if n > self.n:
+            raise ValueError(f"upload of {n} tokens exceeds the planned {self.n}")
+        slot = self.slots[self.i]
+        self.i = (self.i + 1) % len(self.slots)
+        slot.done.synchronize()
+        return slot
+
+
+class _Readback:
+    def __init__(self, be, arrays):
+        cp = be.cp
+        self.host = []
+        for a in arrays:
+            mem = cp.cuda.alloc_pinned_memory(a.nbytes)
+            h = np.frombuffer(mem, a.dtype, a.size).reshape(a.shape)
+            cp.cuda.runtime.memcpyAsync(h.ctypes.data, a.data.ptr, a.nbytes, cp.cuda.runtime.memcpyDeviceToHost,
+                                        be.stream.ptr)
+            self.host.append(h)
+        self.event = cp.cuda.Event(disable_timing=True)
+        self.event.record(be.stream)
+
+    def result(self) -> list[np.ndarray]:
+        self.event.synchronize()
+        return [h.copy() for h in self.host]
 
 
 def _round32(n: int) -> int:
