@@ -418,6 +418,7 @@ class Watchdog:
         self.on_abort, self.exit_fn = on_abort, exit_fn
         self.interval = min(2.0, self.timeout / 5)
         self.abort_reason: str | None = None  # set when this rank aborted (read by tests)
+        self.ready = threading.Event()  # set once connected to rank 0's monitor (rank 0: once every rank joined)
         self._hard = exit_fn is os._exit
         self._progress_t = self._hard_t = 0.0
         self._progressed = False
@@ -504,6 +505,7 @@ class Watchdog:
                 s = socket.create_connection((addr, self.port), timeout=min(5.0, self.timeout))
                 s.settimeout(min(2.0, self.timeout))
                 s.sendall(_msg(_HELLO_WD, struct.pack("!II", self.env.world, self.env.rank)))
+                self.ready.set()
                 return s
             except OSError as e:
                 err = e.strerror or str(e) or type(e).__name__
@@ -519,6 +521,7 @@ class Watchdog:
         sock = self._connect() if self.env.world > 1 else None
         if sock is None and self.env.world > 1:
             return
+        self.ready.set()
         sel = selectors.DefaultSelector()
         sel.register(self._wake_r, selectors.EVENT_READ)
         if sock is not None:
@@ -572,6 +575,8 @@ class Watchdog:
         sel.register(self._wake_r, selectors.EVENT_READ)
         if self._srv is not None:
             sel.register(self._srv, selectors.EVENT_READ)
+        else:
+            self.ready.set()  # a world of one
         rank_of: dict[socket.socket, int] = {}
         last: dict[int, float] = {}  # rank -> when it was last heard
         done: set[int] = set()
@@ -617,6 +622,8 @@ class Watchdog:
                                                                         if r in last else ""))
                                 return self._abort(why, why)
                             rank_of[conn] = r
+                            if len(rank_of) == world - 1:
+                                self.ready.set()
                         elif r is None:
                             continue
                         elif kind == _DONE:

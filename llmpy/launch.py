@@ -49,14 +49,15 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
     a("--grace", type=float, default=10.0, metavar="S",
       help="after a rank fails, seconds between SIGTERM and SIGKILL for the others (10)")
     a("--quiet-others", action="store_true", help="drop the stdout of ranks other than 0")
-    a("command", nargs=argparse.REMAINDER, help="the llmpy command the ranks run, after --")
+    # not "command": cli.py's subparsers store the subcommand's name there
+    a("child_argv", nargs=argparse.REMAINDER, metavar="COMMAND", help="the llmpy command every rank runs, after --")
     p.set_defaults(func=launch)
     return p
 
 
 def _plan(args) -> tuple[list[str], dict[str, str], list[str]]:
     """Validated (command, environment shared by all children, notes to print)."""
-    cmd = list(args.command)
+    cmd = list(args.child_argv)
     if cmd[:1] == ["--"]:
         cmd = cmd[1:]
     n, m, r = args.nproc_per_node, args.nnodes, args.node_rank
