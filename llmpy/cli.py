@@ -58,6 +58,8 @@ def _train_parser(sub) -> None:
       help="bf16: no fp32 master copy; AdamW writes the bf16 weights with stochastic rounding (less memory)")
     a("--no-graph", dest="graph", action="store_const", const=False, help="CUDA: run the step eagerly instead of "
       "replaying CUDA graphs")
+    a("--zero", type=int, choices=[0, 1, 2], help="data parallel (under `llmpy launch`, mpirun or srun): 0 "
+      "all-reduces gradients; 1 shards master weights and AdamW moments over the ranks; 2 also the gradients")
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -194,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prepare)
 
     _train_parser(sub)
+    from .launch import add_launch_parser
+    add_launch_parser(sub)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint (KV cache)")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="llmpy checkpoint, llm.c .bin or HF file")

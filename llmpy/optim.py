@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 
-from .config import DECAYED, param_shapes
 from .errors import UserError
 
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
@@ -15,29 +14,41 @@ class AdamW:
     """Bias-corrected AdamW (Loshchilov & Hutter) with decoupled weight decay applied to the 2-D weight matrices
     (wte, wpe, qkvw, attprojw, fcw, fcprojw) and not to biases or LayerNorm gains, and global-norm clipping.
 
-    Moments are fp32 flat buffers shaped like the parameters; the update reads its per-step scalars (lr, bias
-    corrections, clip, rounding seed) and the gradient norm from device buffers, so a captured CUDA graph can
-    replay it every step. `t` counts updates (bias correction uses t = 1 on the first)."""
+    Moments are fp32 buffers in the parameters' layout (models/params.py), or this rank's shard of it under ZeRO.
+    The update reads its per-step scalars (lr, bias corrections, clip, rounding seed) and the gradient norm from
+    device buffers, so a captured CUDA graph can replay it every step. `t` counts updates (bias correction uses
+    t = 1 on the first). With a communicator (data parallelism) the gradients reach apply() already summed over
+    ranks (zero 0: in full; zero >= 1: this rank's slices, in `gshard`); ZeRO then all-gathers the updated
+    weights."""
 
-    def __init__(self, model, *, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, decay_all=False, seed=0):
-        from .models.gpt2 import FlatBuffer
+    def __init__(self, model, *, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, decay_all=False, seed=0,
+                 comm=None):
+        from .models.params import ParamBuffer, ShardBuffer
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise UserError(f"AdamW betas must be in [0, 1): got beta1={beta1}, beta2={beta2}")
         if eps <= 0 or weight_decay < 0:
             raise UserError(f"AdamW needs eps > 0 and weight decay >= 0 (got eps={eps}, wd={weight_decay})")
-        self.model, self.be = model, model.be
+        self.model, self.be, self.comm = model, model.be, comm
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
-        self.decayed = {n for n, _ in param_shapes(model.cfg)} if decay_all else set(DECAYED)
-        shapes = param_shapes(model.cfg)
-        self.m = FlatBuffer(self.be, shapes, np.float32)
-        self.v = FlatBuffer(self.be, shapes, np.float32)
-        self.hp = self.be.zeros(8, np.float32)           # [lr, b1, b2, eps, 1/(1-b1^t), 1/(1-b2^t), clip, seed]
-        self.norm = self.be.zeros(1, self.be.acc_dtype)  # the global gradient norm of the current step
+        self.decay_all = decay_all
+        layout, be = model.layout, model.be
+        self.sharded = model.zero >= 1
+        if self.sharded:
+            self.m, self.v = (ShardBuffer(be, layout, np.float32, model.rank) for _ in range(2))
+            self.gshard = ShardBuffer(be, layout, be.param_dtype, model.rank)  # this rank's reduced gradients
+            self.runs = layout.shard_runs(model.rank)
+        else:
+            self.m, self.v = (ParamBuffer(be, layout, np.float32) for _ in range(2))
+            self.gshard = None
+            self.runs = [(o, o, n, d) for o, n, d in layout.runs()]
+        self.hp = be.zeros(8, np.float32)           # [lr, b1, b2, eps, 1/(1-b1^t), 1/(1-b2^t), clip, seed]
+        self.norm = be.zeros(1, be.acc_dtype)       # the global gradient norm of the current step
+        self.sumsq = be.zeros(1, be.acc_dtype)      # its square, summed over ranks under ZeRO
         self.seed = seed
         self.t = 0
 
     def nbytes(self) -> int:
-        return self.m.nbytes() + self.v.nbytes()
+        return self.m.nbytes() + self.v.nbytes() + (self.gshard.nbytes() if self.gshard is not None else 0)
 
     def set_step(self, lr: float, grad_clip: float = 0.0) -> None:
         """Host side of one update: advances t and uploads this step's scalars."""
@@ -49,25 +60,67 @@ class AdamW:
         self.be.upload(self.hp, hp)
 
     def apply(self) -> None:
-        """Device side: the global gradient norm, then AdamW on every tensor (clipped by the norm; skipped when
-        the norm is not finite, so a diverging step never touches the weights)."""
+        """Device side: the global gradient norm, then AdamW over every run of parameters (clipped by the norm;
+        skipped when the norm or the step's loss is not finite, so a diverging step never touches the weights)."""
         be, model = self.be, self.model
-        p, g, master = model.params, model.grads, model.master
-        be.grad_norm(self.norm, g.flat, model.loss_acc)  # NaN (so no update) if the step's loss is not finite
-        for name, _ in param_shapes(model.cfg):
-            wd = self.weight_decay if name in self.decayed else 0.0
-            be.adamw(p[name].reshape(-1), None if master is None else master[name].reshape(-1),
-                     g[name].reshape(-1), self.m[name].reshape(-1), self.v[name].reshape(-1), self.hp, self.norm,
-                     wd, p.offsets[name])
+        guard = model.loss_acc  # NaN loss -> NaN norm -> no update
+        if self.sharded:
+            grads = self.gshard.flat
+            be.grad_sumsq(self.sumsq, grads)
+            self.comm.all_reduce(self.sumsq)
+            be.norm_from_sumsq(self.norm, self.sumsq, guard)
+        else:
+            grads = model.grads.flat
+            be.grad_sumsq(self.sumsq, grads)
+            be.norm_from_sumsq(self.norm, self.sumsq, guard)
+        master = model.master.flat if model.master is not None else None
+        p, m, v = model.params.flat, self.m.flat, self.v.flat
+        for g0, l0, n, decayed in self.runs:
+            wd = self.weight_decay if (decayed or self.decay_all) else 0.0
+            be.adamw(p[g0:g0 + n], None if master is None else master[l0:l0 + n], grads[l0:l0 + n],
+                     m[l0:l0 + n], v[l0:l0 + n], self.hp, self.norm, wd, g0)
+        if self.sharded:  # every rank gets the others' updated slices of the compute weights
+            layout = model.layout
+            for b, (g0, _, s) in enumerate(layout.shard(model.rank)):
+                b0, b1 = layout.buckets[b]
+                self.comm.all_gather(p[g0:g0 + s], p[b0:b1])
 
     def step(self, lr: float, grad_clip: float = 0.0) -> float:
-        """set_step + apply, eagerly; returns the gradient norm."""
+        """set_step + apply, eagerly (single process); returns the gradient norm."""
         self.set_step(lr, grad_clip)
         self.apply()
         return self.last_norm()
 
     def last_norm(self) -> float:
         return float(self.be.to_numpy(self.norm)[0])
+
+    def moments_numpy(self) -> tuple[dict, dict] | tuple[np.ndarray, np.ndarray]:
+        """Unsharded: (m, v) as dicts of named fp32 host arrays; sharded: this rank's flat shards."""
+        if self.sharded:
+            return (np.asarray(self.be.to_numpy(self.m.flat)), np.asarray(self.be.to_numpy(self.v.flat)))
+        return tuple(_named(self.be, self.model.layout, buf.flat) for buf in (self.m, self.v))
+
+    def load_moments(self, m, v) -> None:
+        """The inverse of moments_numpy."""
+        be = self.be
+        if self.sharded:
+            be.copy_(self.m.flat, be.asarray(np.asarray(m, np.float32)))
+            be.copy_(self.v.flat, be.asarray(np.asarray(v, np.float32)))
+            return
+        for buf, src in ((self.m, m), (self.v, v)):
+            host = np.zeros(self.model.layout.size, np.float32)
+            for name, layer, off, n in self.model.layout.pieces():
+                a = np.asarray(src[name], np.float32)
+                host[off:off + n] = (a if layer is None else a[layer]).reshape(-1)
+            be.copy_(buf.flat, be.asarray(host))
+
+
+def _named(be, layout, flat) -> dict[str, np.ndarray]:
+    host = np.asarray(be.to_numpy(flat), dtype=np.float32)
+    out = {n: np.empty(s, np.float32) for n, s in layout.shapes.items()}
+    for name, layer, off, n in layout.pieces():
+        (out[name] if layer is None else out[name][layer]).reshape(-1)[...] = host[off:off + n]
+    return out
 
 
 def lr_at(step: int, *, lr: float, schedule: str, steps: int, warmup: int = 0, final_frac: float = 0.0,

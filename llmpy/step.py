@@ -12,27 +12,40 @@ import numpy as np
 
 
 class TrainStep:
-    def __init__(self, model, opt, grad_accum: int = 1, *, grad_clip: float = 0.0, graph: bool = True):
+    def __init__(self, model, opt, grad_accum: int = 1, *, grad_clip: float = 0.0, graph: bool = True,
+                 comm=None):
         self.model, self.opt, self.be = model, opt, model.be
         self.A, self.grad_clip = grad_accum, grad_clip
-        self.scale = 1.0 / (model.B * model.T * grad_accum)  # d(step loss)/d(each token's loss)
+        self.comm = comm if comm is not None and comm.world > 1 else None
+        world = self.comm.world if self.comm else 1
+        # d(step loss)/d(each token's loss); the 1/world makes the ranks' summed gradients their average
+        self.scale = 1.0 / (model.B * model.T * grad_accum * world)
         self.loss_out = self.be.zeros(1, self.be.acc_dtype)
         self.use_graph = graph and self.be.name == "cuda"
-        self._micro_fn, self._update_fn = self._micro, self._update
+        self.reducer = _Reducer(self) if self.comm else None
+        self._micro_fns = {False: lambda: self._micro(False), True: lambda: self._micro(True)}
+        self._update_fn = self._update
         self.steps_run = 0
 
-    def _micro(self):
+    def _micro(self, last: bool):
         m = self.model
         m.forward(grad_scale=self.scale, return_loss=False)
         self.be.loss_accumulate(m.loss_acc, m.stats["losses"], self.scale)
-        m.backward()
+        # data parallel: reduce the gradients of the step's last micro-batch (ZeRO-2: of every micro-batch,
+        # into the rank's shard, since its gradient buffers only hold two layers)
+        reduce = self.reducer is not None and (last or m.zero == 2)
+        m.backward(self.reducer if reduce else None)
 
     def _update(self):
         m, be = self.model, self.be
+        if self.comm is not None:
+            self.comm.all_reduce(m.loss_acc)  # the step's mean loss over all ranks (1/world is in the scale)
         self.opt.apply()
         be.copy_(self.loss_out, m.loss_acc)
         be.fill_zero(m.loss_acc)
         m.zero_grad()
+        if m.zero == 2:
+            be.fill_zero(self.opt.gshard.flat)
 
     def launch(self, batches, lr: float):
         """Enqueues one step; returns at once with a handle whose `.result()` gives (mean loss, gradient norm).
@@ -40,14 +53,16 @@ class TrainStep:
         before reading this one's result (the GPU then never waits for the host). AdamW skips the update when
         the loss or the norm is not finite."""
         if self.use_graph and self.steps_run == 1:
-            self._micro_fn = self.be.capture(self._micro)
+            variants = (True,) if self.A == 1 else (False, True)
+            self._micro_fns = {k: self.be.capture(lambda k=k: self._micro(k)) for k in variants}
             self._update_fn = self.be.capture(self._update)
         self.opt.set_step(lr, self.grad_clip)
+        batches = list(batches) if self.A > 1 else batches
         n = 0
         for x, y in batches:
             self.model.set_batch(x, y)
-            self._micro_fn()
             n += 1
+            self._micro_fns[n == self.A]()
         if n != self.A:
             raise ValueError(f"expected {self.A} micro-batches, got {n}")
         self._update_fn()
@@ -66,3 +81,56 @@ class _StepResult:
     def result(self) -> tuple[float, float]:
         loss, norm = self._rb.result()
         return float(np.asarray(loss)[0]), float(np.asarray(norm)[0])
+
+
+class _Reducer:
+    """Data parallelism overlapped with backward: as soon as a layer's gradients are complete, a second stream
+    reduces that bucket over the ranks (zero 0: all-reduce in place; zero 1: reduce-scatter into this rank's
+    shard; zero 2: reduce-scatter and add into the shard, freeing the rotating bucket buffer) while the main
+    stream goes on with the layers below. The streams are ordered by events, which a CUDA graph captures as
+    dependencies."""
+
+    def __init__(self, step: TrainStep):
+        self.step, self.be, self.comm = step, step.be, step.comm
+        self.model, self.opt = step.model, step.opt
+        self.side = self.be.side_stream()
+        self.free = [self.be.event(), self.be.event()]  # ZeRO-2: bucket buffer l % 2 may be written again
+        if self.model.zero == 2:
+            self.tmp = self.be.zeros(max(b1 - b0 for b0, b1 in self.model.layout.buckets) // self.comm.world,
+                                     self.be.param_dtype)
+
+    def before_layer(self, l: int) -> None:
+        if self.model.zero != 2:
+            return
+        if l < self.model.cfg.num_layers - 2:  # layers L-1, L-2 reuse buffers freed before the last done()
+            self.be.stream.wait_event(self.free[l % 2])
+        self.be.fill_zero(self.model.grads.bucket(1 + l))
+
+    def after_layer(self, l: int) -> None:
+        self._reduce(1 + l)
+
+    def done(self) -> None:
+        self._reduce(0)
+        ev = self.be.event()
+        ev.record(self.side)
+        self.be.stream.wait_event(ev)  # join: the update (or the next micro-batch) comes after every reduction
+
+    def _reduce(self, b: int) -> None:
+        be, m, comm = self.be, self.model, self.comm
+        ev = be.event()
+        ev.record(be.stream)
+        self.side.wait_event(ev)
+        full = m.grads.bucket(b)
+        with self.side:
+            if m.zero == 0:
+                comm.all_reduce(full, self.side)
+            elif m.zero == 1:
+                comm.reduce_scatter(full, self.opt.gshard.bucket(b), self.side)
+            else:
+                part = self.tmp[:full.size // comm.world]
+                comm.reduce_scatter(full, part, self.side)
+                be.add_inplace(self.opt.gshard.bucket(b), part)
+                if b == 0:
+                    be.fill_zero(full)  # the head's buffer is reused by the next micro-batch
+                else:
+                    self.free[(b - 1) % 2].record(self.side)

@@ -26,6 +26,7 @@ from .metrics import MetricsLog
 from .models.gpt2 import GPT2
 from .optim import AdamW, SCHEDULES, lr_at
 from .step import TrainStep
+from .train_dist import Dist, load_shard, prune_shards, save_shard
 
 CHECKPOINT = "checkpoint.safetensors"
 # The embedded default (`llmpy train` with no arguments): a small GPT-2 on Shakespeare, ~5 minutes on 2 cores.
@@ -63,6 +64,7 @@ class TrainConfig:
     resume: str | None = None
     device: str = "auto"
     dtype: str | None = None         # fp32 on the CPU, bf16 on the GPU
+    zero: int = 0                    # data parallel: 0 all-reduce, 1 shard optimizer state, 2 also gradients
     recompute: int | None = None     # 1: recompute GELU in backward; 2: also the LayerNorms (default: 1 on
                                      # the GPU, 0 on the CPU)
     master_weights: bool = True      # bf16: keep fp32 master weights (off: stochastic rounding into bf16 only)
@@ -143,10 +145,14 @@ def _load_init(tc: TrainConfig) -> tuple[GPT2Config, dict | None, str]:
     return config_from_name(spec), None, f"{spec}, fresh init (seed {tc.seed})"
 
 
-def _data_globs(tc: TrainConfig) -> tuple[str, str | None]:
+def _data_globs(tc: TrainConfig, dist) -> tuple[str, str | None]:
     if tc.train_data is None:
         from .data import prepare_shakespeare
+        if not dist.main:
+            dist.barrier()  # rank 0 prepares the corpus once; the others wait, then read it
         train, val = prepare_shakespeare()
+        if dist.main:
+            dist.barrier()
         return train, tc.val_data or val
     return tc.train_data, tc.val_data
 
@@ -176,81 +182,107 @@ def run(tc: TrainConfig) -> TrainResult:
             raise UserError(f"{path} holds weights only (no training state): use --init {path} instead")
         tc = _merge_resume(tc, resume_ckpt.state["train"])
     tc.check()
-    device = resolve_device(tc.device)
+    dist = Dist.start(tc)
+    device = "cuda" if dist.world > 1 else resolve_device(tc.device)
     dtype = tc.dtype or ("bf16" if device == "cuda" else "fp32")
     if device == "cpu" and dtype != "fp32":
         raise UserError("--dtype bf16 needs --device cuda (the CPU reference runs in fp32)")
     out = Path(tc.out or tc.resume or time.strftime("runs/%Y%m%d-%H%M%S"))
     if resume_ckpt is None and (out / CHECKPOINT).exists():
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
+    if resume_ckpt is not None:
+        was = (resume_ckpt.state.get("world", 1), resume_ckpt.state.get("train", {}).get("zero", 0))
+        if was[1] >= 1 and was[0] != dist.world:
+            raise UserError(f"{tc.resume} was written by {was[0]} ranks with --zero {was[1]}: its optimizer shards "
+                            f"only fit {was[0]} ranks (this run has {dist.world}); resume with the same world size")
     out.mkdir(parents=True, exist_ok=True)
+    say = print if dist.main else _quiet
 
     if resume_ckpt is not None:
         cfg, params, what = resume_ckpt.cfg, resume_ckpt.params, f"resumed from {tc.resume}"
     else:
         cfg, params, what = _load_init(tc)
-    be = get_backend(device, dtype)
+    be = get_backend(device, dtype, device_id=dist.env.local_rank if dist.world > 1 else None)
+    comm = dist.connect(be)
     B, T, A = tc.batch_size, tc.seq_len, tc.grad_accum
     recompute = tc.recompute if tc.recompute is not None else (1 if device == "cuda" else 0)
-    model = GPT2(cfg, be, B, T, recompute=recompute, master_weights=tc.master_weights)
+    model = GPT2(cfg, be, B, T, recompute=recompute, master_weights=tc.master_weights, rank=dist.rank,
+                 world=dist.world, zero=tc.zero if dist.world > 1 else 0)
     if params is None:
         model.init_weights(tc.seed)
     else:
         model.load_params(params)
-    opt = AdamW(model, beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay, seed=tc.seed)
-    stepper = TrainStep(model, opt, A, grad_clip=tc.grad_clip, graph=tc.graph)
+    opt = AdamW(model, beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay, seed=tc.seed,
+                comm=comm)
+    stepper = TrainStep(model, opt, A, grad_clip=tc.grad_clip, graph=tc.graph, comm=comm)
 
-    train_glob, val_glob = _data_globs(tc)
-    train_loader = DataLoader(train_glob, B, T, shuffle=tc.shuffle, seed=tc.seed, vocab_size=cfg.vocab_size)
+    train_glob, val_glob = _data_globs(tc, dist)
+    train_loader = DataLoader(train_glob, B, T, rank=dist.rank, world=dist.world, shuffle=tc.shuffle, seed=tc.seed,
+                              vocab_size=cfg.vocab_size)
     val_loader = DataLoader(val_glob, B, T, vocab_size=cfg.vocab_size) if val_glob else None
     val_batches = min(tc.val_batches, val_loader.num_batches_per_epoch) if val_loader else 0
     sample_rng = np.random.default_rng([tc.seed, 1])
     start = 0
     if resume_ckpt is not None:
         st = resume_ckpt.state
-        if resume_ckpt.adam_m is None:
+        if opt.sharded:
+            m, v = load_shard(out, int(st["step"]), dist)
+            opt.load_moments(m, v)
+        elif resume_ckpt.adam_m is None:
             raise UserError(f"{tc.resume} has no optimizer state to resume from")
-        for name in model.params.shapes:
-            be.copy_(opt.m[name], be.asarray(resume_ckpt.adam_m[name]))
-            be.copy_(opt.v[name], be.asarray(resume_ckpt.adam_v[name]))
-            if model.master is not None and resume_ckpt.compute_bf16 is not None:
-                # the compute copy was stochastically rounded: restore its exact bits
+        else:
+            opt.load_moments(resume_ckpt.adam_m, resume_ckpt.adam_v)
+        if resume_ckpt.compute_bf16 is not None:  # the compute copy was stochastically rounded: exact bits
+            for name in model.params.shapes:
                 be.copy_(model.params[name], be.asarray(resume_ckpt.compute_bf16[name].view(be.param_dtype)))
         opt.t = int(st["adam_t"])
         start = int(st["step"])
         train_loader.load_state(st["loader"])
         sample_rng.bit_generator.state = st["sample_rng"]
-    log = MetricsLog(out / "metrics.jsonl", keep_before=start)
+    log = MetricsLog(out / "metrics.jsonl", keep_before=start) if dist.main else _NullLog()
 
     plan = model.memory_plan()
     plan["optimizer"] = opt.nbytes()
-    tokens_per_step = B * T * A
-    print(f"model: GPT-2 L={cfg.num_layers} H={cfg.num_heads} C={cfg.channels} maxT={cfg.max_seq_len} "
+    tokens_per_step = B * T * A * dist.world
+    if dist.world > 1:
+        say(f"data parallel: {dist.world} ranks over NCCL, ZeRO-{model.zero}; memory below is per rank")
+    say(f"model: GPT-2 L={cfg.num_layers} H={cfg.num_heads} C={cfg.channels} maxT={cfg.max_seq_len} "
           f"V={cfg.vocab_size} ({cfg.num_params() / 1e6:.1f}M parameters), {what}")
-    print(f"device: {device} {dtype}, recompute {recompute}; memory plan: "
+    say(f"device: {device} {dtype}, recompute {recompute}; memory plan: "
           + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in plan.items()) + f"; total {_fmt_bytes(sum(plan.values()))}")
-    print(f"data: train {train_glob} ({train_loader.num_batches_per_epoch} batches/epoch), "
-          f"val {val_glob or 'none'}; batch {B}x{T}x{A} = {tokens_per_step} tokens/step")
-    print(f"training steps {start}..{tc.steps - 1}, lr {tc.lr} {tc.lr_schedule}, output {out}/", flush=True)
+    say(f"data: train {train_glob} ({train_loader.num_batches_per_epoch} batches/epoch), "
+        f"val {val_glob or 'none'}; batch {B}x{T}x{A}x{dist.world} = {tokens_per_step} tokens/step")
+    say(f"training steps {start}..{tc.steps - 1}, lr {tc.lr} {tc.lr_schedule}, output {out}/", flush=True)
 
     def save(next_step: int) -> None:
-        state = {"step": next_step, "adam_t": opt.t, "loader": train_loader.state(),
+        """Collective under data parallelism: a sharded master is gathered; each rank writes its optimizer
+        shard (named by step) before rank 0 replaces the checkpoint, which then names that step."""
+        state = {"step": next_step, "adam_t": opt.t, "loader": train_loader.state(), "world": dist.world,
                  "sample_rng": _rng_state(sample_rng), "train": dataclasses.asdict(tc)}
-        compute = None
-        if model.master is not None:
-            compute = {n: np.asarray(be.to_numpy(model.params[n])).view(np.uint16) for n in model.params.shapes}
-        save_checkpoint(out / CHECKPOINT, cfg, model.params_numpy(), adam_m=_host(be, opt.m),
-                        adam_v=_host(be, opt.v), state=state, compute_bf16=compute)
+        weights = model.params_numpy(comm)
+        if opt.sharded:
+            save_shard(out, next_step, dist, *opt.moments_numpy())
+            dist.barrier()
+        if dist.main:
+            compute = None
+            if np.dtype(be.param_dtype) != np.float32:
+                compute = {n: np.asarray(be.to_numpy(model.params[n])).view(np.uint16) for n in model.params.shapes}
+            m, v = (None, None) if opt.sharded else opt.moments_numpy()
+            save_checkpoint(out / CHECKPOINT, cfg, weights, adam_m=m, adam_v=v, state=state, compute_bf16=compute)
+        if opt.sharded:
+            dist.barrier()
+            prune_shards(out, next_step, dist)
 
     def evaluate(step: int) -> None:
         if val_loader is None:
             return
         val_loader.reset()
         total = 0.0
-        for _ in range(val_batches):
+        for i in range(val_batches):  # the first val_batches batches, shared out over the ranks
             x, y = val_loader.next_batch()
-            total += model.forward(x, y)  # no grad_scale: gradients and the step's loss sum are untouched
-        loss = total / val_batches
+            if i % dist.world == dist.rank:
+                total += model.forward(x, y)  # no grad_scale: gradients and the step's loss sum are untouched
+        loss = dist.sum(total) / val_batches
         if not math.isfinite(loss):
             raise UserError(f"val loss is {loss} at step {step}: the weights hold NaN/Inf; "
                             f"last good checkpoint: {out / CHECKPOINT}")
@@ -259,6 +291,8 @@ def run(tc: TrainConfig) -> TrainResult:
         bar.write(f"step {step}: val loss {loss:.4f}")
 
     def sample(step: int) -> None:
+        if not dist.main:
+            return
         from .sample import generate
         from .tokenizer import get_tokenizer
         tok = get_tokenizer()
@@ -266,7 +300,7 @@ def run(tc: TrainConfig) -> TrainResult:
         bar.write(f"--- sample at step {step} ---\n{tok.decode(ids)}\n---")
 
     result = TrainResult(out=out, steps_done=start)
-    bar = _progress(tc, start)
+    bar = _progress(tc, start, dist.main)
     t_start = time.perf_counter()
     last = min(tc.steps, tc.stop_at + 1) if tc.stop_at is not None else tc.steps
     pending = []  # the launched step whose result is not read yet: [(step, lr, handle)]
@@ -309,7 +343,9 @@ def run(tc: TrainConfig) -> TrainResult:
                 handle = stepper.launch((train_loader.next_batch() for _ in range(A)), lr)
                 finish()  # the previous step, while the GPU works on this one
                 pending.append((step, lr, handle))
-                if stop.requested:
+                dist.progress()
+                _inject_fault(dist.rank, step)
+                if dist.stop_agreed(stop.requested):  # every rank stops after the same step
                     break
                 if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < last:
                     pause(save, step + 1)
@@ -324,16 +360,18 @@ def run(tc: TrainConfig) -> TrainResult:
         save(done)
     result.seconds = time.perf_counter() - t_start
     log.close()
+    dist.stop()
+    if not dist.main:
+        return result
     _plot(out, log)
     if done < tc.steps:
         print(f"stopped after step {done - 1}; continue with: llmpy train --resume {out}")
     print(f"done: {done - start} steps in {result.seconds:.1f} s; checkpoint {out / CHECKPOINT}, "
           f"metrics {out / 'metrics.jsonl'}, loss curve {out / 'loss.png'}")
+    if be.name == "cuda":
+        import cupy
+        print(f"peak GPU memory held: {cupy.get_default_memory_pool().total_bytes() / 2**30:.2f} GiB per rank")
     return result
-
-
-def _host(be, fb) -> dict[str, np.ndarray]:
-    return {name: np.asarray(be.to_numpy(fb[name]), dtype=np.float32) for name in fb.shapes}
 
 
 def _last_ckpt(out: Path) -> str:
@@ -357,11 +395,33 @@ def _merge_resume(tc: TrainConfig, saved: dict) -> TrainConfig:
     return base
 
 
-def _progress(tc: TrainConfig, start: int):
+def _progress(tc: TrainConfig, start: int, main: bool = True):
     from tqdm import tqdm
     total = (min(tc.steps, tc.stop_at + 1) if tc.stop_at is not None else tc.steps)
-    return tqdm(total=total, initial=start, desc="train", unit="step", disable=not tc.progress,
+    return tqdm(total=total, initial=start, desc="train", unit="step", disable=not (tc.progress and main),
                 dynamic_ncols=True, file=sys.stderr)
+
+
+def _inject_fault(rank: int, step: int) -> None:
+    """For testing fault handling: LLMPY_FAULT_INJECT=R:S makes rank R die abruptly at step S."""
+    spec = os.environ.get("LLMPY_FAULT_INJECT")
+    if spec and spec == f"{rank}:{step}":
+        print(f"rank {rank}: dying at step {step} (LLMPY_FAULT_INJECT)", file=sys.stderr, flush=True)
+        os._exit(9)
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+class _NullLog:
+    path = None
+
+    def write(self, event: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _plot(out: Path, log: MetricsLog) -> None:

@@ -21,10 +21,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def get_backend(device: str = "cpu", dtype: str = "fp32"):
+def get_backend(device: str = "cpu", dtype: str = "fp32", device_id: int | None = None):
+    """device_id: which GPU (data parallelism: the process's local rank)."""
     device = resolve_device(device)
     if device == "cpu":
         from .cpu import CPUBackend
         return CPUBackend(dtype)
     from .cuda import CUDABackend  # noqa: deferred import keeps CuPy off the CPU path
-    return CUDABackend(dtype)
+    return CUDABackend(dtype, device_id=device_id)

@@ -11,14 +11,12 @@ import numpy as np
 
 from ..config import GPT2Config, param_shapes, RESIDUAL_PROJ
 from ..errors import UserError
-
-
-ALIGN = 64  # elements: every tensor starts 128/256-byte aligned (16-byte vector loads, cuBLASLt's fast paths)
+from .params import ALIGN, ParamBuffer, ParamLayout, RotatingGrads, ShardBuffer
 
 
 class FlatBuffer:
-    """One contiguous allocation with named views: what makes a step allocation-free, a CUDA graph possible and
-    ZeRO sharding a matter of offsets. Tensors start at multiples of ALIGN elements (the gaps stay zero)."""
+    """One contiguous allocation with named views (the activations): what makes a step allocation-free and a
+    CUDA graph possible. Tensors start at multiples of ALIGN elements (the gaps stay zero)."""
 
     def __init__(self, backend, entries, dtype):
         self.shapes = dict(entries)
@@ -43,11 +41,14 @@ class FlatBuffer:
 
 class GPT2:
     def __init__(self, cfg: GPT2Config, backend, B: int, T: int, *, training: bool = True, recompute: int = 0,
-                 master_weights: bool = True, logits_chunk: int = 8192):
+                 master_weights: bool = True, logits_chunk: int = 8192, rank: int = 0, world: int = 1,
+                 zero: int = 0):
         """recompute: 0 keeps every activation; 1 recomputes the GELU output in backward; 2 also the two
         LayerNorm outputs of each block (from the saved mean/rstd): less memory for more compute.
         master_weights: keep fp32 master weights when the compute copy is lower precision (else AdamW updates
-        the bf16 weights directly, with stochastic rounding). logits_chunk: rows of logits formed at a time."""
+        the bf16 weights directly, with stochastic rounding). logits_chunk: rows of logits formed at a time.
+        rank/world/zero: data parallelism; zero >= 1 keeps only this rank's shard of the master weights, zero 2
+        also keeps the layers' gradients in two rotating bucket buffers (see models/params.py)."""
         if T > cfg.max_seq_len:
             raise UserError(f"sequence length {T} exceeds the model's maximum {cfg.max_seq_len}")
         if B < 1 or T < 1:
@@ -57,12 +58,20 @@ class GPT2:
         self.cfg, self.be, self.B, self.T = cfg, backend, B, T
         self.training, self.recompute = training, recompute
         self.chunk = min(B * T, max(1, logits_chunk))
-        shapes = param_shapes(cfg)
-        self.params = FlatBuffer(backend, shapes, backend.param_dtype)
-        # fp32 master weights when the compute copy is lower precision (AdamW updates these)
-        self.master = (FlatBuffer(backend, shapes, np.float32) if training and master_weights
-                       and np.dtype(backend.param_dtype) != np.float32 else None)
-        self.grads = FlatBuffer(backend, shapes, backend.param_dtype) if training else None
+        if zero not in (0, 1, 2):
+            raise UserError(f"--zero must be 0, 1 or 2 (got {zero})")
+        self.rank, self.world, self.zero = rank, world, zero
+        self.layout = ParamLayout(cfg, world)
+        self.params = ParamBuffer(backend, self.layout, backend.param_dtype)
+        # fp32 master weights when the compute copy is lower precision (AdamW updates these); ZeRO shards them
+        self.master = None
+        if training and master_weights and np.dtype(backend.param_dtype) != np.float32:
+            self.master = (ShardBuffer(backend, self.layout, np.float32, rank) if zero >= 1
+                           else ParamBuffer(backend, self.layout, np.float32))
+        self.grads = None
+        if training:
+            self.grads = (RotatingGrads(backend, self.layout, backend.param_dtype) if zero == 2
+                          else ParamBuffer(backend, self.layout, backend.param_dtype))
         self._plan_activations()
         self.workspace_bytes = backend.plan_workspace(cfg, B, T)
         self.tokens = backend.zeros(B * T, np.int32).reshape(B, T)
@@ -106,7 +115,7 @@ class GPT2:
         return self.acts["fch_gelu"][0 if self.recompute >= 1 else l]
 
     def memory_plan(self) -> dict[str, int]:
-        """Bytes per category (printed at start; the step allocates nothing beyond these)."""
+        """Bytes per category on this rank (printed at start; the step allocates nothing beyond these)."""
         plan = {"parameters": self.params.nbytes()}
         if self.master is not None:
             plan["master weights"] = self.master.nbytes()
@@ -134,20 +143,41 @@ class GPT2:
         self.load_params(out)
 
     def load_params(self, params: dict[str, np.ndarray]) -> None:
-        """fp32 host weights -> the master copy (if any) and the compute copy (rounded to nearest)."""
-        for name, shape in param_shapes(self.cfg):
+        """fp32 host weights -> the compute copy (rounded to nearest) and the master copy or this rank's shard."""
+        be = self.be
+        host = np.zeros(self.layout.size, np.float32)  # the weights in our layout, then one upload
+        for name, layer, off, n in self.layout.pieces():
             a = np.asarray(params[name], dtype=np.float32)
-            if a.shape != shape:
-                raise UserError(f"parameter {name} has shape {a.shape}, the model needs {shape}")
-            dev = self.be.asarray(a, np.float32)
-            if self.master is not None:
-                self.be.copy_(self.master[name], dev)
-            self.be.load_f32(self.params[name], dev)
+            if a.shape != self.layout.shapes[name]:
+                raise UserError(f"parameter {name} has shape {a.shape}, the model needs {self.layout.shapes[name]}")
+            host[off:off + n] = (a if layer is None else a[layer]).reshape(-1)
+        dev = be.asarray(host, np.float32)
+        be.load_f32(self.params.flat, dev)
+        if isinstance(self.master, ParamBuffer):
+            be.copy_(self.master.flat, dev)
+        elif self.master is not None:
+            for g0, l0, s in self.layout.shard(self.rank):
+                be.copy_(self.master.flat[l0:l0 + s], dev[g0:g0 + s])
 
-    def params_numpy(self) -> dict[str, np.ndarray]:
-        """The weights as fp32 host arrays (from the master copy when there is one)."""
-        src = self.master if self.master is not None else self.params
-        return {n: np.asarray(self.be.to_numpy(src[n]), dtype=np.float32) for n, _ in param_shapes(self.cfg)}
+    def params_numpy(self, comm=None) -> dict[str, np.ndarray]:
+        """The weights as fp32 host arrays (from the master copy when there is one; a sharded master is gathered
+        over `comm`, which every rank must then call)."""
+        be = self.be
+        if isinstance(self.master, ShardBuffer):
+            full = be.zeros(self.layout.size, np.float32)
+            for g0, l0, s in self.layout.shard(self.rank):
+                be.copy_(full[g0:g0 + s], self.master.flat[l0:l0 + s])
+            for b, (b0, b1) in enumerate(self.layout.buckets):
+                s = (b1 - b0) // self.world
+                comm.all_gather(full[b0 + self.rank * s:b0 + (self.rank + 1) * s], full[b0:b1])
+            flat = np.asarray(be.to_numpy(full), dtype=np.float32)
+        else:
+            src = self.master if self.master is not None else self.params
+            flat = np.asarray(be.to_numpy(src.flat), dtype=np.float32)
+        out = {n: np.empty(s, np.float32) for n, s in self.layout.shapes.items()}
+        for name, layer, off, n in self.layout.pieces():
+            (out[name] if layer is None else out[name][layer]).reshape(-1)[...] = flat[off:off + n]
+        return out
 
     def zero_grad(self) -> None:
         self.be.fill_zero(self.grads.flat)
@@ -212,9 +242,11 @@ class GPT2:
         return be.mean_loss(s["losses"]) if return_loss and not be.capturing else None
 
     # ---- backward -------------------------------------------------------------------------------------------
-    def backward(self) -> None:
+    def backward(self, hooks=None) -> None:
         """Accumulates parameter gradients (+=), starting from the dlnf that forward(grad_scale=...) left in dbtc
-        (the LM head's own backward ran chunk by chunk inside that forward)."""
+        (the LM head's own backward ran chunk by chunk inside that forward). `hooks` (data parallelism) hears
+        before_layer(l) / after_layer(l) around each layer's backward and done() at the end: layer l's
+        gradients are complete at after_layer(l), the head's (wte, wpe, lnf) at done()."""
         be, cfg, a, s, p, g = self.be, self.cfg, self.acts, self.stats, self.params, self.grads
         L, NH = cfg.num_layers, cfg.num_heads
         dres, dbtc, dbt4c, dqkv = a["dresidual"], a["dbtc"], a["dbt4c"], a["dqkv"]
@@ -222,6 +254,8 @@ class GPT2:
         be.layernorm_backward(dres, g["lnfw"], g["lnfb"], dbtc, a["residual3"][L - 1], p["lnfw"],
                               s["lnf_mean"], s["lnf_rstd"])
         for l in reversed(range(L)):
+            if hooks is not None:
+                hooks.before_layer(l)
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
             if self.recompute >= 1:
                 be.gelu_forward(self._fch_gelu(l), a["fch"][l])
@@ -243,7 +277,11 @@ class GPT2:
             be.matmul_backward(dbtc, g["qkvw"][l], g["qkvb"][l], dqkv, self._ln1(l), p["qkvw"][l])
             be.layernorm_backward(dres, g["ln1w"][l], g["ln1b"][l], dbtc, residual, p["ln1w"][l],
                                   s["ln1_mean"][l], s["ln1_rstd"][l])
+            if hooks is not None:
+                hooks.after_layer(l)
         be.encoder_backward(g["wte"], g["wpe"], dres, self.tokens)
+        if hooks is not None:
+            hooks.done()
 
 
 def s_or_a(model: GPT2, name: str):

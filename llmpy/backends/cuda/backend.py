@@ -19,8 +19,12 @@ _CHUNK_ROWS = 256   # rows per partial in the column sums (bias / LayerNorm para
 class CUDABackend:
     name = "cuda"
 
-    def __init__(self, dtype: str = "bf16", attention: str = "auto"):
+    def __init__(self, dtype: str = "bf16", attention: str = "auto", device_id: int | None = None):
         cp = import_cupy()
+        if device_id is not None:
+            if device_id >= cp.cuda.runtime.getDeviceCount():
+                raise UserError(f"GPU {device_id} requested but only {cp.cuda.runtime.getDeviceCount()} visible")
+            cp.cuda.Device(device_id).use()
         if dtype not in ("fp32", "bf16"):
             raise UserError(f"the cuda device supports --dtype fp32 or bf16 (got {dtype})")
         self.cp = self.xp = cp
@@ -70,7 +74,18 @@ class CUDABackend:
         self.k["elementwise"].cast_from_f32((cdiv(n, 256),), (256,), (dst, src_f32, np.int64(n)))
 
     def fill_zero(self, x):
-        self.cp.cuda.runtime.memsetAsync(x.data.ptr, 0, x.nbytes, self.stream.ptr)
+        self.cp.cuda.runtime.memsetAsync(x.data.ptr, 0, x.nbytes, self.cp.cuda.get_current_stream().ptr)
+
+    def add_inplace(self, a, b):
+        n = a.size
+        self.k["elementwise"].add_inplace((cdiv(n, 256),), (256,), (a, b, np.int64(n)))
+
+    def side_stream(self):
+        """A second stream (communication overlapping backward) and the event helpers to order the two."""
+        return self.cp.cuda.Stream(non_blocking=True)
+
+    def event(self):
+        return self.cp.cuda.Event(disable_timing=True)
 
     def synchronize(self):
         self.stream.synchronize()
@@ -251,12 +266,15 @@ class CUDABackend:
         return float(self.to_numpy(losses).astype(np.float64).sum()) / losses.size
 
     # ---- optimizer ------------------------------------------------------------------------------------------
-    def grad_norm(self, out, flat, guard):
-        """out[0] = sqrt(sum of squares of flat), deterministic (fixed grid, fixed order); NaN when guard[0]
-        (the step's loss) is not finite."""
+    def grad_sumsq(self, out, flat):
+        """out[0] = sum of squares of flat, deterministic (fixed grid, fixed order)."""
         e = self.k["elementwise"]
         e.sumsq_partial((_NORM_BLOCKS,), (512,), (self.norm_part, flat, np.int64(flat.size)))
-        e.norm_finalize((1,), (1024,), (out, self.norm_part, np.int32(_NORM_BLOCKS), guard))
+        e.sum_partials((1,), (1024,), (out, self.norm_part, np.int32(_NORM_BLOCKS)))
+
+    def norm_from_sumsq(self, out, sumsq, guard):
+        """out[0] = sqrt(sumsq[0]), NaN when guard[0] (the step's loss) is not finite."""
+        self.k["elementwise"].norm_from_sumsq((1,), (1,), (out, sumsq, guard))
 
     def adamw(self, p, master, g, m, v, hp, norm, weight_decay, offset):
         n = p.size

@@ -91,14 +91,19 @@ __global__ void sumsq_partial(float* part, const T* x, long long n) {
     if (threadIdx.x == 0) part[blockIdx.x] = s;
 }
 
-// out[0] = sqrt(sum of the first n partials), the global gradient norm; NaN when the step's loss (guard[0]) is
-// not finite, so that AdamW skips the update of a diverged step
-__global__ void norm_finalize(float* out, const float* part, int n, const float* guard) {
+// out[0] = the sum of the first n partials, one block in a fixed order
+__global__ void sum_partials(float* out, const float* part, int n) {
     __shared__ float buf[32];
     float s = 0.0f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) s += part[i];
     s = block_sum(s, buf);
-    if (threadIdx.x == 0) out[0] = isfinite(guard[0]) ? sqrtf(s) : __int_as_float(0x7fc00000);
+    if (threadIdx.x == 0) out[0] = s;
+}
+
+// out[0] = sqrt(sumsq[0]), the global gradient norm; NaN when the step's loss (guard[0]) is not finite, so that
+// AdamW skips the update of a diverged step
+__global__ void norm_from_sumsq(float* out, const float* sumsq, const float* guard) {
+    out[0] = isfinite(guard[0]) ? sqrtf(sumsq[0]) : __int_as_float(0x7fc00000);
 }
 
 // acc[0] += scale * sum(losses[0..n)), one block, fixed order (the mean loss over micro-batches)

@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 def import_cupy():
     try:
         import cupy
-        import ml_dtypes  # noqa: F401  (bf16 arrays need it)
+        import ml_dtypes  # noqa: F401  (bf16 arrays need it: fail here with the install hint)
     except ImportError as e:
         raise UserError(f"the cuda device needs the GPU extras: pip install -e '.[cuda]' ({e.name} is missing)") from None
     try:

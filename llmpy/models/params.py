@@ -1,0 +1,191 @@
+"""Where the parameters (and their gradients, master copy, AdamW moments) live in memory.
+
+One flat buffer per role, laid out in buckets: a head bucket (wte, wpe, lnfw, lnfb), then one bucket per layer
+with that layer's 12 tensors. A bucket is the unit data parallelism reduces as soon as backward has finished its
+layer, and the unit ZeRO shards: rank r of W owns the r-th 1/W of every bucket (buckets are padded to a multiple of
+W * ALIGN so all slices are equal and aligned). Inside a layer bucket the tensors without weight decay come first,
+so AdamW runs over few contiguous pieces. The llm.c file order of the tensors (config.param_shapes) is unaffected:
+files are written by name.
+
+Views: `buf["wte"]` is a plain (Vp, C) array; `buf["qkvw"]` is an (L, 3C, C) view whose layer slices are
+contiguous (`buf["qkvw"][l]`), strided by the bucket size.
+"""
+from __future__ import annotations
+
+import math
+
+from ..config import DECAYED, GPT2Config, param_shapes
+
+ALIGN = 64  # elements: every tensor starts 128/256-byte aligned (16-byte vector loads, cuBLASLt's fast paths)
+HEAD = ("wte", "wpe", "lnfw", "lnfb")
+
+
+def _up(n: int, q: int) -> int:
+    return -(-n // q) * q
+
+
+class ParamLayout:
+    def __init__(self, cfg: GPT2Config, world: int = 1):
+        self.cfg, self.world = cfg, world
+        self.shapes = dict(param_shapes(cfg))
+        self.L = cfg.num_layers
+        q = ALIGN * world
+        self.head_off, off = {}, 0
+        for name in sorted(HEAD, key=lambda n: n not in DECAYED):
+            self.head_off[name] = off
+            off += _up(math.prod(self.shapes[name]), ALIGN)
+        head_size = _up(off, q)
+        layer_names = [n for n in self.shapes if n not in HEAD]
+        self.layer_off, off = {}, 0
+        for name in sorted(layer_names, key=lambda n: n in DECAYED):  # stable: llm.c order within each group
+            self.layer_off[name] = off
+            off += _up(math.prod(self.shapes[name][1:]), ALIGN)
+        self.bucket_size = _up(off, q)
+        self.buckets = [(0, head_size)] + [(head_size + l * self.bucket_size, head_size + (l + 1) * self.bucket_size)
+                                           for l in range(self.L)]
+        self.size = head_size + self.L * self.bucket_size
+
+    def offset(self, name: str, layer: int | None = None) -> int:
+        if name in self.head_off:
+            return self.head_off[name]
+        return self.buckets[1 + layer][0] + self.layer_off[name]
+
+    def pieces(self) -> list[tuple[str, int | None, int, int]]:
+        """(name, layer or None, offset, size) of every contiguous tensor slice, in memory order."""
+        out = [(n, None, o, math.prod(self.shapes[n])) for n, o in self.head_off.items()]
+        for l in range(self.L):
+            out += [(n, l, self.offset(n, l), math.prod(self.shapes[n][1:])) for n in self.layer_off]
+        return sorted(out, key=lambda p: p[2])
+
+    def runs(self) -> list[tuple[int, int, bool]]:
+        """Contiguous (offset, size, decayed) runs covering every piece; neighbours with the same weight-decay
+        setting merge (alignment gaps between them hold zeros and stay zero under AdamW)."""
+        runs: list[list] = []
+        for name, _, off, n in self.pieces():
+            d = name in DECAYED
+            if runs and runs[-1][2] == d and runs[-1][0] + runs[-1][1] <= off and \
+                    not _crosses_bucket(self, runs[-1][0], off + n):
+                runs[-1][1] = off + n - runs[-1][0]
+            else:
+                runs.append([off, n, d])
+        return [tuple(r) for r in runs]
+
+    def shard(self, rank: int) -> list[tuple[int, int, int]]:
+        """This rank's slice of every bucket: (global offset, offset in the shard buffer, size)."""
+        out, local = [], 0
+        for b0, b1 in self.buckets:
+            s = (b1 - b0) // self.world
+            out.append((b0 + rank * s, local, s))
+            local += s
+        return out
+
+    @property
+    def shard_size(self) -> int:
+        return self.size // self.world
+
+    def shard_runs(self, rank: int) -> list[tuple[int, int, int, bool]]:
+        """AdamW's work on one rank: (global offset, shard offset, size, decayed) for the parts of the runs that
+        fall in the rank's slices (the whole buffer when world is 1)."""
+        out = []
+        for g0, l0, s in self.shard(rank):
+            for off, n, d in self.runs():
+                a, b = max(off, g0), min(off + n, g0 + s)
+                if a < b:
+                    out.append((a, l0 + a - g0, b - a, d))
+        return out
+
+
+def _crosses_bucket(layout: ParamLayout, start: int, end: int) -> bool:
+    return not any(b0 <= start and end <= b1 for b0, b1 in layout.buckets)
+
+
+class ParamBuffer:
+    """A full flat buffer in `layout`, with a named view per parameter."""
+
+    def __init__(self, backend, layout: ParamLayout, dtype):
+        self.layout, self.be = layout, backend
+        self.flat = backend.zeros(layout.size, dtype)
+        self.shapes = layout.shapes
+        self.views = {}
+        as_strided = backend.xp.lib.stride_tricks.as_strided
+        item = self.flat.dtype.itemsize
+        for name, shape in layout.shapes.items():
+            o = layout.offset(name, 0 if name not in HEAD else None)
+            if name in HEAD:
+                self.views[name] = self.flat[o:o + math.prod(shape)].reshape(shape)
+            else:
+                inner = shape[1:]
+                strides = [item] * len(inner)
+                for i in range(len(inner) - 2, -1, -1):
+                    strides[i] = strides[i + 1] * inner[i + 1]
+                self.views[name] = as_strided(self.flat[o:], shape=shape,
+                                              strides=(layout.bucket_size * item, *strides))
+
+    def __getitem__(self, name):
+        return self.views[name]
+
+    def bucket(self, b: int):
+        b0, b1 = self.layout.buckets[b]
+        return self.flat[b0:b1]
+
+    def nbytes(self) -> int:
+        return self.flat.nbytes
+
+
+class ShardBuffer:
+    """One rank's slices of every bucket, concatenated (ZeRO: master weights, moments, reduced gradients)."""
+
+    def __init__(self, backend, layout: ParamLayout, dtype, rank: int):
+        self.layout, self.rank = layout, rank
+        self.flat = backend.zeros(layout.shard_size, dtype)
+
+    def bucket(self, b: int):
+        _, l0, s = self.layout.shard(self.rank)[b]
+        return self.flat[l0:l0 + s]
+
+    def nbytes(self) -> int:
+        return self.flat.nbytes
+
+
+class _LayerSlices:
+    """`grads["qkvw"][l]` for rotating gradients: layer l's slice lives in bucket buffer l % 2."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __getitem__(self, l):
+        o = self.owner
+        start = o.head + (l % 2) * o.layout.bucket_size + o.layout.layer_off[self.name]
+        shape = o.layout.shapes[self.name][1:]
+        return o.flat[start:start + math.prod(shape)].reshape(shape)
+
+
+class RotatingGrads:
+    """ZeRO-2 gradients: the head bucket in full, the layers in two bucket buffers used in turn (layer l's
+    gradients exist from its backward until its reduce-scatter into the rank's shard)."""
+
+    def __init__(self, backend, layout: ParamLayout, dtype):
+        self.layout = layout
+        self.head = layout.buckets[0][1]
+        self.flat = backend.zeros(self.head + 2 * layout.bucket_size, dtype)
+        self.shapes = layout.shapes
+        self.views = {}
+        for name, shape in layout.shapes.items():
+            if name in HEAD:
+                o = layout.head_off[name]
+                self.views[name] = self.flat[o:o + math.prod(shape)].reshape(shape)
+            else:
+                self.views[name] = _LayerSlices(self, name)
+
+    def __getitem__(self, name):
+        return self.views[name]
+
+    def bucket(self, b: int):
+        if b == 0:
+            return self.flat[:self.head]
+        s = self.layout.bucket_size
+        start = self.head + ((b - 1) % 2) * s
+        return self.flat[start:start + s]
+
+    def nbytes(self) -> int:
+        return self.flat.nbytes
