@@ -57,8 +57,7 @@ class TrainStep:
             self._micro_fns = {k: self.be.capture(lambda k=k: self._micro(k)) for k in variants}
             self._update_fn = self.be.capture(self._update)
         self.opt.set_step(lr, self.grad_clip)
-        batches = list(batches) if self.A > 1 else batches
-        n = 0
+        n = 0  # batches may be a generator over one loader buffer: consume each before drawing the next
         for x, y in batches:
             self.model.set_batch(x, y)
             n += 1

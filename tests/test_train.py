@@ -174,3 +174,27 @@ def test_cli_train_eval_sample_convert(shards, tmp_path, capsys):
         assert main(["sample", "--checkpoint", ck, "--prompt", "Hello", "-n", "5", "--seed", "3"]) == 0
     a, b = capsys.readouterr().out.splitlines()[-2:]
     assert a == b and a.startswith("Hello")
+
+
+def test_grad_accumulation_equals_the_larger_batch():
+    """2 micro-batches of B=2 (fed from one reused loader buffer, as the trainer does) = one batch of B=4."""
+    from llmpy.step import TrainStep
+    cfg = config_from_name("l2h2c32t16")
+    rng = np.random.default_rng(3)
+    w = rng.integers(0, cfg.vocab_size, (4, 17)).astype(np.int32)
+    out = []
+    for B, A in ((4, 1), (2, 2)):
+        model = GPT2(cfg, get_backend("cpu"), B, 16)
+        model.init_weights(0)
+        step = TrainStep(model, AdamW(model, weight_decay=0.1), A, grad_clip=1.0)
+        buf = np.empty((B, 17), np.int32)
+
+        def batches():
+            for i in range(A):  # one buffer, overwritten per micro-batch
+                buf[...] = w[i * B:(i + 1) * B]
+                yield buf[:, :-1], buf[:, 1:]
+        loss, norm = step.run(batches(), 1e-3)
+        out.append((loss, norm, model.params_numpy()))
+    (l1, n1, p1), (l2, n2, p2) = out
+    assert abs(l1 - l2) < 1e-6 * l1 and abs(n1 - n2) < 1e-5 * n1
+    assert all(np.allclose(p1[k], p2[k], rtol=1e-5, atol=1e-7) for k in p1)
