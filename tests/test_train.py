@@ -186,6 +186,7 @@ def test_grad_accumulation_equals_the_larger_batch():
     for B, A in ((4, 1), (2, 2)):
         model = GPT2(cfg, get_backend("cpu"), B, 16)
         model.init_weights(0)
+        p0 = model.params_numpy()
         step = TrainStep(model, AdamW(model, weight_decay=0.1), A, grad_clip=1.0)
         buf = np.empty((B, 17), np.int32)
 
@@ -197,4 +198,5 @@ def test_grad_accumulation_equals_the_larger_batch():
         out.append((loss, norm, model.params_numpy()))
     (l1, n1, p1), (l2, n2, p2) = out
     assert abs(l1 - l2) < 1e-6 * l1 and abs(n1 - n2) < 1e-5 * n1
-    assert all(np.allclose(p1[k], p2[k], rtol=1e-5, atol=1e-7) for k in p1)
+    for k in p1:  # the updates agree (1e-3 of their size: Adam amplifies the key bias's rounding-noise gradient)
+        assert np.linalg.norm(p1[k] - p2[k]) <= 1e-3 * np.linalg.norm(p1[k] - p0[k]), k
