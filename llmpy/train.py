@@ -96,6 +96,7 @@ class TrainConfig:
 class TrainResult:
     out: Path
     steps_done: int
+    world: int = 1
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
@@ -299,7 +300,7 @@ def run(tc: TrainConfig) -> TrainResult:
         ids = generate(model.params_numpy(), cfg, [tok.eot], tc.sample_tokens, rng=sample_rng, top_k=40)
         bar.write(f"--- sample at step {step} ---\n{tok.decode(ids)}\n---")
 
-    result = TrainResult(out=out, steps_done=start)
+    result = TrainResult(out=out, steps_done=start, world=dist.world)
     bar = _progress(tc, start, dist.main)
     t_start = time.perf_counter()
     last = min(tc.steps, tc.stop_at + 1) if tc.stop_at is not None else tc.steps

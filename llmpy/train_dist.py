@@ -45,8 +45,11 @@ class Dist:
             self.watchdog.progress()
 
     def stop(self) -> None:
+        """Clean end of a data-parallel run: wait for the device, tell the watchdog, release NCCL."""
         if self.watchdog is not None:
+            self.be.synchronize()
             self.watchdog.stop()
+            self.comm.abort()  # frees the communicator without waiting for peers (they are finishing too)
 
     def barrier(self) -> None:
         if self.world > 1:
