@@ -1,11 +1,15 @@
-"""CPU training throughput: llmpy's NumPy reference vs PyTorch eager, same model, batch and optimizer, one run.
+"""CPU training throughput: llmpy's NumPy reference vs PyTorch eager, same model, batch and optimizer.
 
-    python benchmarks/cpu.py [--configs l4h4c256t256,d6] [--batch 8] [--seq 256] [--steps 6] [--threads 2]
+    python benchmarks/cpu.py [--configs l4h4c256t256,d6] [--batch 8] [--seq 256] [--steps 4] [--rounds 2]
+                             [--threads 2]
 
 Each side runs a full training step (forward, backward, global-norm clip 1.0, AdamW with weight decay) on the same
 random tokens, in a process of its own (the idle thread pools of OpenBLAS and of PyTorch's OpenMP spin and would
-slow each other); two warm-up steps are dropped and the median step time is reported. Prints a Markdown table
-with the ratio llmpy / PyTorch (> 1: llmpy is faster).
+slow each other); two warm-up steps are dropped and the median step time of a process is its measurement. The
+sides alternate for --rounds rounds (llmpy first in even rounds, PyTorch first in odd ones) and each side keeps
+its best measurement: on a shared (virtual) machine the speed drifts by tens of percent over minutes, and the best
+of a few alternating runs compares the two sides at the same, least disturbed, machine speed. Prints a Markdown
+table with the ratio llmpy / PyTorch (> 1: llmpy is faster).
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ def main(argv=None):
     ap.add_argument("--configs", default="l2h2c128t256,l4h4c256t256,d6,d12")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per side (after 2 warm-up steps)")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per process (after 2 warm-up steps)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating runs per side; each side keeps its best")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--side", choices=["llmpy", "torch"], help=argparse.SUPPRESS)  # internal: one measurement
     ap.add_argument("--config", help=argparse.SUPPRESS)
@@ -39,22 +44,27 @@ def main(argv=None):
                MKL_NUM_THREADS=str(args.threads))
     rows = []
     for name in args.configs.split(","):
-        res = {}
-        for side in ("llmpy", "torch"):
-            cmd = [sys.executable, __file__, "--side", side, "--config", name, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--steps", str(args.steps), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"{side} {name} failed:\n{out.stderr[-2000:]}")
-            res[side] = json.loads(out.stdout.strip().splitlines()[-1])
+        runs = {"llmpy": [], "torch": []}
+        for r in range(args.rounds):
+            for side in ("llmpy", "torch") if r % 2 == 0 else ("torch", "llmpy"):
+                cmd = [sys.executable, __file__, "--side", side, "--config", name, "--batch", str(args.batch),
+                       "--seq", str(args.seq), "--steps", str(args.steps), "--threads", str(args.threads)]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(f"{side} {name} failed:\n{out.stderr[-2000:]}")
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                runs[side].append(res["step_s"])
         tok = args.batch * args.seq
-        a, b = res["llmpy"]["step_s"], res["torch"]["step_s"]
-        rows.append((name, res["llmpy"]["params_m"], tok / a, tok / b, b / a))
-        print(f"{name}: llmpy {a * 1e3:.0f} ms/step, PyTorch {b * 1e3:.0f} ms/step, ratio {b / a:.2f}x", flush=True)
+        a, b = min(runs["llmpy"]), min(runs["torch"])
+        rows.append((name, res["params_m"], tok / a, tok / b, b / a))
+        ms = {k: " ".join(f"{t * 1e3:.0f}" for t in v) for k, v in runs.items()}
+        print(f"{name}: llmpy {a * 1e3:.0f} ms/step (runs: {ms['llmpy']}), PyTorch {b * 1e3:.0f} ms/step "
+              f"(runs: {ms['torch']}), ratio {b / a:.2f}x", flush=True)
     import numpy
     import torch
     print(f"\n{time.strftime('%Y-%m-%d')}, {cpu_name()}, {args.threads} threads, numpy {numpy.__version__}, "
-          f"torch {torch.__version__}, B={args.batch} T={args.seq}, fp32, AdamW + clip, median of {args.steps} steps")
+          f"torch {torch.__version__}, B={args.batch} T={args.seq}, fp32, AdamW + clip, best of {args.rounds} "
+          f"alternating runs of the median of {args.steps} steps")
     print("| config | params (M) | llmpy tok/s | PyTorch eager tok/s | llmpy / PyTorch |")
     print("|---|---|---|---|---|")
     for name, n, a, b, r in rows:

@@ -27,6 +27,7 @@ from .errors import UserError
 from .formats.atomic import atomic_write_bytes
 
 EXIT_CODE = 75
+STARTUP_TIMEOUT = 600.0  # the watchdog's default limit before the first progress() (kernel compilation)
 DEFAULT_ADDR, DEFAULT_PORT, DEFAULT_TIMEOUT = "127.0.0.1", 29500, 300.0
 RDZV_METHODS = ("tcp", "file", "mpi")
 # What `llmpy launch` sets in every child (LLMPY_JOB_ID only when it makes one up: see launch.py).
@@ -399,9 +400,11 @@ class Watchdog:
     sends a heartbeat every min(2, timeout/5) s. The monitor tells every rank to abort when a rank's connection
     drops or it sends nothing for `timeout` s; a rank aborts by itself when the monitor's connection drops or goes
     silent, or when its own `progress()` calls stop for `timeout` s (a local hang; before the first progress()
-    the limit is `startup_timeout`, default `timeout`). Abort = one line on stderr, `on_abort()` (given at most
+    the limit is `startup_timeout`, default max(timeout, 600 s): the first step compiles kernels; it also bounds
+    how long rank 0 waits for every rank to join). Abort = one line on stderr, `on_abort()` (given at most
     10 s: e.g. abort the NCCL communicator), then `exit_fn(EXIT_CODE)`. `stop()` leaves cleanly: the others
-    stop watching this rank (rank 0: the others stop watching the monitor).
+    stop watching this rank (rank 0: the others stop watching the monitor). `ready` is set once this rank is
+    connected to the monitor (rank 0: once every rank has joined).
 
     Heartbeats come from a thread, so a dead or frozen process is seen remotely and a main thread stuck in a
     collective locally. If that thread cannot run at all (a C call hung holding the GIL), faulthandler's C thread
@@ -413,7 +416,8 @@ class Watchdog:
         if not timeout > 0:
             raise UserError(f"watchdog timeout must be > 0 s, got {timeout}")
         self.env, self.timeout = env, float(timeout)
-        self.startup_timeout = self.timeout if startup_timeout is None else float(startup_timeout)
+        self.startup_timeout = (max(self.timeout, STARTUP_TIMEOUT) if startup_timeout is None
+                                else float(startup_timeout))
         self.port = env.master_port + 1 if port is None else port
         self.on_abort, self.exit_fn = on_abort, exit_fn
         self.interval = min(2.0, self.timeout / 5)
@@ -464,7 +468,10 @@ class Watchdog:
     def _arm_hard(self, limit: float) -> None:
         if self._hard:
             self._hard_t = time.monotonic()
-            faulthandler.dump_traceback_later(2 * limit + 10, exit=True)
+            try:
+                faulthandler.dump_traceback_later(2 * limit + 10, exit=True)
+            except (RuntimeError, ValueError, OSError):  # stderr is not a file (embedded, redirected): no backstop
+                self._hard = False
 
     # ---- the watchdog thread
     def _local_reason(self, now: float) -> str | None:
@@ -481,11 +488,11 @@ class Watchdog:
                 return
             self.abort_reason = reason
         print(f"rank {self.env.rank}: {reason}; stopping", file=sys.stderr, flush=True)
-        for conn in list(self._conns):  # rank 0 first tells the others, so that they stop too
-            try:
-                conn.sendall(_msg(_ABORT, (tell or f"rank 0 reports {reason}").encode()))
-            except OSError:
-                pass
+        conns = list(self._conns)  # rank 0 first tells the others, so that they stop too
+        for conn in conns:
+            _send_quietly(conn, _msg(_ABORT, (tell or f"rank 0 reports {reason}").encode()))
+        if conns:
+            _close_after_peer(conns, min(1.0, self.timeout))
         if self.on_abort is not None:  # in a thread: a hung communicator abort must not keep us alive
             t = threading.Thread(target=self._call_on_abort, daemon=True)
             t.start()
@@ -505,7 +512,6 @@ class Watchdog:
                 s = socket.create_connection((addr, self.port), timeout=min(5.0, self.timeout))
                 s.settimeout(min(2.0, self.timeout))
                 s.sendall(_msg(_HELLO_WD, struct.pack("!II", self.env.world, self.env.rank)))
-                self.ready.set()
                 return s
             except OSError as e:
                 err = e.strerror or str(e) or type(e).__name__
@@ -517,9 +523,9 @@ class Watchdog:
         return None
 
     def _watch(self) -> None:
-        """Ranks > 0 (and a world of one): heartbeats to rank 0, its orders, the local progress check."""
-        sock = self._connect() if self.env.world > 1 else None
-        if sock is None and self.env.world > 1:
+        """Ranks > 0: heartbeats to rank 0, its orders, the local progress check."""
+        sock = self._connect()
+        if sock is None:
             return
         self.ready.set()
         sel = selectors.DefaultSelector()
@@ -533,6 +539,9 @@ class Watchdog:
                     if key.fileobj is self._wake_r:
                         if sock is not None:
                             _send_quietly(sock, _msg(_DONE))
+                            sel.unregister(sock)
+                            _close_after_peer([sock], min(2.0, self.timeout))
+                            sock = None
                         return
                     try:
                         data = sock.recv(4096)
@@ -563,6 +572,9 @@ class Watchdog:
                 if reason:
                     if sock is not None:
                         _send_quietly(sock, _msg(_FAIL, reason.encode()))
+                        sel.unregister(sock)
+                        _close_after_peer([sock], min(1.0, self.timeout))
+                        sock = None
                     return self._abort(reason)
         finally:
             sel.close()
@@ -585,8 +597,12 @@ class Watchdog:
             while True:
                 for key, _ in sel.select(self.interval / 2):
                     if key.fileobj is self._wake_r:
-                        for conn in list(self._conns):
+                        conns = list(self._conns)
+                        for conn in conns:
                             _send_quietly(conn, _msg(_BYE))
+                            sel.unregister(conn)
+                        _close_after_peer(conns, min(2.0, self.timeout))
+                        self._conns.clear()
                         return
                     if key.fileobj is self._srv:
                         try:
@@ -622,12 +638,17 @@ class Watchdog:
                                                                         if r in last else ""))
                                 return self._abort(why, why)
                             rank_of[conn] = r
-                            if len(rank_of) == world - 1:
+                            last[r] = time.monotonic()
+                            if len(last) == world - 1:  # every rank has joined once (some may be done already)
                                 self.ready.set()
                         elif r is None:
                             continue
                         elif kind == _DONE:
                             done.add(r)
+                            try:
+                                conn.shutdown(socket.SHUT_WR)  # the rank waits for this before it closes
+                            except OSError:
+                                pass
                         elif kind == _FAIL:
                             why = f"rank {r} reports {payload.decode(errors='replace')}"
                             return self._abort(why, why)
@@ -656,6 +677,31 @@ class Watchdog:
             self._conns.clear()
             if self._srv is not None:
                 self._srv.close()
+
+
+def _close_after_peer(socks: list[socket.socket], limit: float) -> None:
+    """Close once the peers have our last message: FIN after it, then read (and drop) what they still send until
+    they close, for at most `limit` s. Closing with unread data would make the kernel send a reset instead, and
+    the peer could see "connection reset" rather than our DONE / FAIL / BYE / ABORT."""
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+    deadline = time.monotonic() + limit
+    with selectors.DefaultSelector() as sel:
+        for s in socks:
+            sel.register(s, selectors.EVENT_READ)
+        while sel.get_map() and (left := deadline - time.monotonic()) > 0:
+            for key, _ in sel.select(left):
+                try:
+                    data = key.fileobj.recv(4096)
+                except OSError:
+                    data = b""
+                if not data:
+                    sel.unregister(key.fileobj)
+    for s in socks:
+        s.close()
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> bool:

@@ -38,7 +38,7 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
     a("--nproc-per-node", type=int, default=1, metavar="N", help="processes on this node, usually its GPUs (1)")
     a("--nnodes", type=int, default=1, metavar="M", help="nodes in the job (1)")
     a("--node-rank", type=int, default=0, metavar="R", help="this node's index, 0..M-1 (0)")
-    a("--master-addr", metavar="A", help="node 0's address (default $MASTER_ADDR or 127.0.0.1)")
+    a("--master-addr", metavar="A", help="node 0's address (default: 127.0.0.1 on one node, else $MASTER_ADDR)")
     a("--master-port", type=int, metavar="P", help=f"rendezvous port on node 0; the watchdog uses P+1 (default "
       f"$MASTER_PORT or {DEFAULT_PORT})")
     a("--rdzv", choices=["tcp", "file", "mpi"], default="tcp", help="how rank 0 hands out NCCL's id: tcp (default) "
@@ -72,8 +72,14 @@ def _plan(args) -> tuple[list[str], dict[str, str], list[str]]:
                         "llmpy launch --nproc-per-node 8 -- train --init d12")
     if cmd[0] == "launch":
         raise UserError("the command after -- is run by every rank; it cannot be another launch")
-    addr = args.master_addr or os.environ.get("MASTER_ADDR") or "127.0.0.1"
-    port = args.master_port if args.master_port is not None else int(os.environ.get("MASTER_PORT") or DEFAULT_PORT)
+    # one node: always this machine, whatever an exported MASTER_ADDR from another job says
+    addr = args.master_addr or (os.environ.get("MASTER_ADDR") if m > 1 else None) or "127.0.0.1"
+    port = args.master_port
+    if port is None:
+        try:
+            port = int(os.environ.get("MASTER_PORT") or DEFAULT_PORT)
+        except ValueError:
+            raise UserError(f"MASTER_PORT={os.environ['MASTER_PORT']!r} is not a port number") from None
     if not 1 <= port <= 65534:
         raise UserError(f"--master-port must be in 1..65534 (the watchdog uses the next port), got {port}")
     if m > 1 and (addr.startswith("127.") or addr in ("localhost", "::1")):
@@ -129,11 +135,14 @@ def _pump(stream, prefix: bytes, out, lock: threading.Lock) -> None:
         if not line.endswith(b"\n"):
             line += b"\n"
         with lock:
-            if sink is not None:
-                sink.write(prefix + line)
-            else:
-                out.write((prefix + line).decode(errors="replace"))
-            out.flush()
+            try:
+                if sink is not None:
+                    sink.write(prefix + line)
+                else:
+                    out.write((prefix + line).decode(errors="replace"))
+                out.flush()
+            except (OSError, ValueError):
+                pass  # our output is gone (`| head`): keep reading, or the child blocks on a full pipe
     stream.close()
 
 
@@ -178,6 +187,8 @@ def launch(args, *, program: list[str] | None = None) -> int:
                 process_group=0, preexec_fn=setup))
     except OSError as e:
         _signal_all(procs, signal.SIGKILL)
+        for p in procs:
+            p.wait()
         raise UserError(f"cannot start {program[0]}: {e.strerror or e}") from None
     # Threads only after every fork: a fork while another thread holds a lock can deadlock the child.
     lock, pumps = threading.Lock(), []
@@ -204,14 +215,20 @@ def _supervise(procs, ranks, args, pumps) -> int:
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     failed: tuple[int, int] | None = None
     escalate: list[tuple[float, int]] = []  # (when, signal) still to send to the ranks left
+    first_abort = None  # when a rank was first seen stopped by its watchdog
     try:
         while True:
             codes = [p.poll() for p in procs]
             now = time.monotonic()
             if failed is None and not got:
                 bad = [(r, c) for r, c in zip(ranks, codes) if c not in (None, 0)]
-                if bad:  # name the cause rather than the ranks whose watchdog stopped them because of it
-                    failed = next((b for b in bad if b[1] != EXIT_CODE), bad[0])
+                causes = [b for b in bad if b[1] != EXIT_CODE]
+                if bad and not causes and first_abort is None:
+                    first_abort = now
+                # Name the cause, not a rank its watchdog stopped because of it: a rank that died can become
+                # waitable after the others noticed, so watchdog exits alone get a second for a cause to appear.
+                if causes or (bad and (now - first_abort >= 1.0 or all(c is not None for c in codes))):
+                    failed = (causes or bad)[0]
                     alive = sum(c is None for c in codes)
                     print(f"llmpy launch: rank {failed[0]} {_describe(failed[1])}; stopping the other {alive} "
                           "rank(s)", file=sys.stderr, flush=True)

@@ -363,9 +363,27 @@ def test_watchdog_clean_stop_aborts_nobody():
     assert rk.exits == [] and all(wd.abort_reason is None for wd in rk.wd.values())
 
 
+def test_watchdog_ready_when_a_rank_finished_before_the_last_joined():
+    rk = Ranks(3, timeout=2)
+    try:
+        rk.wd[0].start()
+        rk.wd[1].start()
+        assert rk.wd[1].ready.wait(3)
+        rk.wd[1].progress()
+        rk.wd[1].stop()  # done before rank 2 even started
+        time.sleep(0.1)
+        assert not rk.wd[0].ready.is_set()
+        rk.wd[2].start()
+        assert rk.wd[0].ready.wait(3)
+    finally:
+        rk.stop()
+    assert rk.exits == []
+
+
 def test_watchdog_startup_failures_and_world_of_one():
     rk = Ranks(2, timeout=5, ranks=[1], startup_timeout=0.3).start()  # rank 0 never comes
     solo = Ranks(1, timeout=0.3, startup_timeout=None).start()
+    assert solo.wd[0].startup_timeout == 600  # the first step may compile kernels for minutes
     try:
         reasons = rk.wait_aborted([1], 3)
         solo.alive[0].clear()
@@ -380,7 +398,8 @@ def test_watchdog_startup_failures_and_world_of_one():
 
 def test_watchdog_exits_even_if_on_abort_hangs():
     release, exits = threading.Event(), []
-    wd = Watchdog(denv(0, 1, 1), timeout=0.2, on_abort=lambda: release.wait(5), exit_fn=exits.append).start()
+    wd = Watchdog(denv(0, 1, 1), timeout=0.2, on_abort=lambda: release.wait(5), exit_fn=exits.append,
+                  startup_timeout=0.2).start()
     t = time.monotonic()
     try:
         while not exits and time.monotonic() - t < 3:

@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,14 @@ if mode == "trap":
         mark("sig", str(len(got)))
     signal.signal(signal.SIGINT, on_int)
 mark("pid", str(os.getpid()))
+if mode == "cause-late" and rank == 2:  # a watchdog exit shows up before the failure that caused it
+    mark("gone")
+    sys.exit(75)
+if mode == "cause-late" and rank == 1:
+    while not os.path.exists(os.path.join(folder, "gone2")):
+        time.sleep(0.01)
+    time.sleep(0.3)
+    sys.exit(3)
 if mode in ("fail", "stubborn") and rank == 1:
     while not all(os.path.exists(os.path.join(folder, f"pid{r}")) for r in (0, 2)):
         time.sleep(0.01)
@@ -95,7 +104,8 @@ def wait_files(folder, names, limit=5.0):
 @pytest.mark.parametrize("argv, match", [
     (["--nproc-per-node", "0", "--", "train"], "--nproc-per-node must be >= 1"),
     (["--nnodes", "0", "--", "train"], "--nnodes must be >= 1"),
-    (["--nnodes", "2", "--node-rank", "2", "--master-addr", "10.0.0.1", "--", "train"], r"--node-rank must be in 0\.\.1"),
+    (["--nnodes", "2", "--node-rank", "2", "--master-addr", "10.0.0.1", "--", "train"],
+     r"--node-rank must be in 0\.\.1"),
     (["--nproc-per-node", "2"], "nothing to launch"),
     (["--nproc-per-node", "2", "--"], "nothing to launch"),
     (["--master-port", "65535", "--", "train"], "--master-port must be in 1..65534"),
@@ -104,6 +114,7 @@ def wait_files(folder, names, limit=5.0):
     (["--rdzv", "file", "--rdzv-path", "/no/such/dir/r.json", "--", "train"], "folder /no/such/dir does not exist"),
     (["--rdzv", "mpi", "--", "train"], "--rdzv mpi needs processes started by mpirun"),
     (["--timeout", "0", "--", "train"], "--timeout must be > 0"),
+    (["--grace", "-1", "--", "train"], "--grace >= 0"),
     (["--", "launch", "--", "train"], "cannot be another launch"),
     (["--nnodes", "2", "--master-addr", "10.0.0.1", "--rdzv", "file", "--rdzv-path", "/tmp/r", "--", "train"],
      "needs LLMPY_JOB_ID"),
@@ -119,6 +130,7 @@ def test_bad_arguments(argv, match, monkeypatch, child):
 @pytest.mark.parametrize("node", [0, 1])
 def test_children_environment_and_output(node, child, capfd, monkeypatch, tmp_path):
     monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")  # must be overridden
+    monkeypatch.setenv("MASTER_ADDR", "elsewhere")  # left over from another job: one node ignores it
     monkeypatch.delenv("LLMPY_JOB_ID", raising=False)
     argv = ["--nproc-per-node", "3", "--master-port", "31000", "--timeout", "42"]
     if node:
@@ -185,6 +197,12 @@ def test_a_failing_child_stops_the_others(mode, grace, child, tmp_path, capfd):
         assert not alive(int((tmp_path / f"pid{r}").read_text()))
 
 
+def test_the_cause_is_named_not_the_watchdog_exit(child, tmp_path, capfd):
+    code = launch(parse(["--nproc-per-node", "3", "--", "cause-late", str(tmp_path)]), program=child)
+    assert code == 3
+    assert "llmpy launch: rank 1 exited with code 3; stopping the other" in capfd.readouterr().err
+
+
 def test_watchdog_exit_code_is_named(child, tmp_path, capfd):
     code = launch(parse(["--nproc-per-node", "3", "--", "fail", str(tmp_path), str(EXIT_CODE)]), program=child)
     assert code == EXIT_CODE
@@ -200,11 +218,14 @@ def _start_driver(child, tmp_path, mode):
                             stderr=subprocess.PIPE)
 
 
-def test_ctrl_c_reaches_each_child_once(child, tmp_path):
+@pytest.mark.parametrize("to_group", [True, False])
+def test_ctrl_c_reaches_each_child_once(to_group, child, tmp_path):
+    """Ctrl-C in a terminal signals the launcher's whole process group; scancel or a supervisor may signal only
+    the launcher. Either way each rank sees one SIGINT (a second one would make training stop at once)."""
     launcher = _start_driver(child, tmp_path, "trap")
     try:
         wait_files(tmp_path, [f"pid{r}" for r in range(3)])
-        os.killpg(launcher.pid, signal.SIGINT)
+        (os.killpg if to_group else os.kill)(launcher.pid, signal.SIGINT)
         code = launcher.wait(5)
     finally:
         launcher.kill()
@@ -230,3 +251,69 @@ def test_children_die_with_a_killed_launcher(child, tmp_path):
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+RANK_PROGRAM = """
+import os, signal, sys, time
+from llmpy.distributed import Watchdog, dist_env, exchange_id
+env = dist_env()
+blob = exchange_id(env, bytes(range(16)) if env.rank == 0 else None, method=env.rdzv, path=env.rdzv_path,
+                   timeout=env.timeout)
+print("id", blob.hex(), env.world, flush=True)
+# startup_timeout: until the first progress(); it must cover the slowest rank's start (file rendezvous: rank 0
+# does not wait for the others) and, in training, the first step's compilation
+wd = Watchdog(env, timeout=env.timeout, startup_timeout=60).start()
+assert wd.ready.wait(30)
+if sys.argv[1] == "ok":
+    for _ in range(5):
+        wd.progress()
+        time.sleep(0.02)
+    wd.stop()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the watchdog can stop these ranks now
+folder = sys.argv[2]
+open(os.path.join(folder, f"set{env.rank}"), "w").close()
+if env.rank == 1:
+    while not all(os.path.exists(os.path.join(folder, f"set{r}")) for r in range(3)):
+        time.sleep(0.01)
+    os._exit(1)  # dies without a word
+while True:
+    wd.progress()
+    time.sleep(0.02)
+"""
+
+
+def _free_port_pair() -> int:
+    import socket
+    for _ in range(20):
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("", 0))
+                b.bind(("", a.getsockname()[1] + 1))
+                return a.getsockname()[1]
+            except OSError:
+                continue
+    pytest.skip("no two consecutive free ports")
+
+
+@pytest.mark.parametrize("rdzv", ["tcp", "file"])
+def test_end_to_end_rendezvous_and_watchdog(rdzv, tmp_path, capfd):
+    prog = tmp_path / "rank.py"
+    prog.write_text(RANK_PROGRAM)
+    base = ["--nproc-per-node", "3", "--master-port", str(_free_port_pair()), "--timeout", "5", "--rdzv", rdzv]
+    if rdzv == "file":
+        base += ["--rdzv-path", str(tmp_path / "rdzv.json")]
+    assert launch(parse(base + ["--", "ok"]), program=[sys.executable, str(prog)]) == 0
+    out = capfd.readouterr().out
+    assert sorted(line.split("] ")[-1] for line in out.splitlines() if "id " in line) == \
+        [f"id {bytes(range(16)).hex()} 3"] * 3
+
+    t = time.monotonic()
+    code = launch(parse(base + ["--grace", "30", "--", "die", str(tmp_path)]), program=[sys.executable, str(prog)])
+    assert code == 1 and time.monotonic() - t < 20  # the watchdog, not the launcher's 30 s grace, stopped them
+    err = capfd.readouterr().err
+    assert "llmpy launch: rank 1 exited with code 1" in err  # the cause, not the ranks the watchdog stopped
+    assert "rank 0: rank 1's watchdog connection dropped (rank 1 died?); stopping" in err
+    # rank 2 hears it from rank 0, or (when rank 1 died before rank 0 had accepted rank 2) sees rank 0 go
+    assert re.search(r"\[rank 2\] rank 2: rank [01]'s watchdog connection dropped \(rank [01] died\?\); stopping",
+                     err), err

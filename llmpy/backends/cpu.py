@@ -20,6 +20,8 @@ from ..errors import UserError
 _DTYPES = {"fp32": np.float32, "fp64": np.float64}
 BLOCK = 1 << 15          # elements per operand in one block of an elementwise chain (128 KB in fp32)
 ROW_BLOCK_BYTES = 1 << 20  # bytes of logits per block of rows in the classifier (a few rows of 50257)
+DOT_BLOCK = 8192         # below OpenBLAS's threading threshold for a dot product (10000): waking its threads for
+                         # every block costs more than the block itself
 
 
 @functools.lru_cache(maxsize=64)
@@ -165,11 +167,19 @@ class CPUBackend:
         return float(losses.sum(dtype=np.float64)) / losses.size
 
     # ---- optimizer ------------------------------------------------------------------------------------------
-    def grad_norm(self, out, flat, guard):
-        """out[0] = sqrt(sum of squares), accumulated in float64 in a fixed order (deterministic); NaN when
-        guard[0] (the step's loss) is not finite, so that AdamW skips the update of a diverged step."""
-        ok = np.isfinite(guard[0])
-        out[0] = np.sqrt(np.einsum("i,i->", flat, flat, dtype=np.float64)) if ok else np.nan
+    def grad_sumsq(self, out, flat):
+        """out[0] = sum of squares: each block's by BLAS (a dot product, fp32), the blocks' in float64, in a fixed
+        order (deterministic). All terms are positive, so the fp32 partial sums lose nothing that matters
+        (relative error ~1e-9 on random data)."""
+        total = 0.0
+        for i in blocks(flat.size, DOT_BLOCK):
+            x = flat[i]
+            total += float(np.dot(x, x))
+        out[0] = total
+
+    def norm_from_sumsq(self, out, sumsq, guard):
+        """out[0] = sqrt(sumsq[0]); NaN when guard[0] (the step's loss) is not finite, so AdamW skips it."""
+        out[0] = np.sqrt(sumsq[0]) if np.isfinite(guard[0]) else np.nan
 
     def async_read(self, *arrays):
         return _Ready([np.array(a, copy=True) for a in arrays])

@@ -5,7 +5,8 @@ import numpy as np
 def encoder_forward(out, tokens, wte, wpe):
     # out (B,T,C); tokens (B,T) int; wte (Vp,C); wpe (maxT,C)
     T = tokens.shape[1]
-    np.take(wte, tokens, axis=0, out=out)
+    # ids are checked where they enter (data.py); mode="clip" lets take write straight into out ("raise" copies)
+    np.take(wte, tokens, axis=0, out=out, mode="clip")
     out += wpe[:T]
 
 
