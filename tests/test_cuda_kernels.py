@@ -190,6 +190,7 @@ def test_fused_classifier(be):
 
 def test_adamw_and_norm(be):
     r = rng()
+    be.plan_workspace(_cfg(64, 2), 2, 32)  # the norm's partial sums live in the workspace
     n = 10_000
     g = rounded(be, r.standard_normal(n) * 0.1)
     p = r.standard_normal(n).astype(np.float32)
