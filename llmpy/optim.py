@@ -98,7 +98,7 @@ class AdamW:
         """Unsharded: (m, v) as dicts of named fp32 host arrays; sharded: this rank's flat shards."""
         if self.sharded:
             return (np.asarray(self.be.to_numpy(self.m.flat)), np.asarray(self.be.to_numpy(self.v.flat)))
-        return tuple(_named(self.be, self.model.layout, buf.flat) for buf in (self.m, self.v))
+        return tuple(self.model.layout.from_flat(self.be.to_numpy(buf.flat)) for buf in (self.m, self.v))
 
     def load_moments(self, m, v) -> None:
         """The inverse of moments_numpy."""
@@ -108,19 +108,7 @@ class AdamW:
             be.copy_(self.v.flat, be.asarray(np.asarray(v, np.float32)))
             return
         for buf, src in ((self.m, m), (self.v, v)):
-            host = np.zeros(self.model.layout.size, np.float32)
-            for name, layer, off, n in self.model.layout.pieces():
-                a = np.asarray(src[name], np.float32)
-                host[off:off + n] = (a if layer is None else a[layer]).reshape(-1)
-            be.copy_(buf.flat, be.asarray(host))
-
-
-def _named(be, layout, flat) -> dict[str, np.ndarray]:
-    host = np.asarray(be.to_numpy(flat), dtype=np.float32)
-    out = {n: np.empty(s, np.float32) for n, s in layout.shapes.items()}
-    for name, layer, off, n in layout.pieces():
-        (out[name] if layer is None else out[name][layer]).reshape(-1)[...] = host[off:off + n]
-    return out
+            be.copy_(buf.flat, be.asarray(self.model.layout.to_flat(src)))
 
 
 def lr_at(step: int, *, lr: float, schedule: str, steps: int, warmup: int = 0, final_frac: float = 0.0,

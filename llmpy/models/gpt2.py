@@ -145,13 +145,7 @@ class GPT2:
     def load_params(self, params: dict[str, np.ndarray]) -> None:
         """fp32 host weights -> the compute copy (rounded to nearest) and the master copy or this rank's shard."""
         be = self.be
-        host = np.zeros(self.layout.size, np.float32)  # the weights in our layout, then one upload
-        for name, layer, off, n in self.layout.pieces():
-            a = np.asarray(params[name], dtype=np.float32)
-            if a.shape != self.layout.shapes[name]:
-                raise UserError(f"parameter {name} has shape {a.shape}, the model needs {self.layout.shapes[name]}")
-            host[off:off + n] = (a if layer is None else a[layer]).reshape(-1)
-        dev = be.asarray(host, np.float32)
+        dev = be.asarray(self.layout.to_flat(params), np.float32)  # the weights in our layout, one upload
         be.load_f32(self.params.flat, dev)
         if isinstance(self.master, ParamBuffer):
             be.copy_(self.master.flat, dev)
@@ -170,14 +164,9 @@ class GPT2:
             for b, (b0, b1) in enumerate(self.layout.buckets):
                 s = (b1 - b0) // self.world
                 comm.all_gather(full[b0 + self.rank * s:b0 + (self.rank + 1) * s], full[b0:b1])
-            flat = np.asarray(be.to_numpy(full), dtype=np.float32)
-        else:
-            src = self.master if self.master is not None else self.params
-            flat = np.asarray(be.to_numpy(src.flat), dtype=np.float32)
-        out = {n: np.empty(s, np.float32) for n, s in self.layout.shapes.items()}
-        for name, layer, off, n in self.layout.pieces():
-            (out[name] if layer is None else out[name][layer]).reshape(-1)[...] = flat[off:off + n]
-        return out
+            return self.layout.from_flat(be.to_numpy(full))
+        src = self.master if self.master is not None else self.params
+        return self.layout.from_flat(be.to_numpy(src.flat))
 
     def zero_grad(self) -> None:
         self.be.fill_zero(self.grads.flat)

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..config import DECAYED, GPT2Config, param_shapes
+from ..errors import UserError
 
 ALIGN = 64  # elements: every tensor starts 128/256-byte aligned (16-byte vector loads, cuBLASLt's fast paths)
 HEAD = ("wte", "wpe", "lnfw", "lnfb")
@@ -77,6 +80,24 @@ class ParamLayout:
             s = (b1 - b0) // self.world
             out.append((b0 + rank * s, local, s))
             local += s
+        return out
+
+    def to_flat(self, named: dict) -> np.ndarray:
+        """Named host arrays (param_shapes) -> one fp32 host buffer in this layout (gaps zero)."""
+        flat = np.zeros(self.size, np.float32)
+        for name, layer, off, n in self.pieces():
+            a = np.asarray(named[name], dtype=np.float32)
+            if a.shape != self.shapes[name]:
+                raise UserError(f"parameter {name} has shape {a.shape}, the model needs {self.shapes[name]}")
+            flat[off:off + n] = (a if layer is None else a[layer]).reshape(-1)
+        return flat
+
+    def from_flat(self, flat) -> dict:
+        """The inverse of to_flat: a host buffer in this layout -> named fp32 arrays."""
+        flat = np.asarray(flat, dtype=np.float32)
+        out = {n: np.empty(s, np.float32) for n, s in self.shapes.items()}
+        for name, layer, off, n in self.pieces():
+            (out[name] if layer is None else out[name][layer]).reshape(-1)[...] = flat[off:off + n]
         return out
 
     @property
