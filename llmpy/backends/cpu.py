@@ -11,6 +11,7 @@ there the blocks' partial sums are added in a fixed order, which stays determini
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
@@ -43,6 +44,7 @@ class CPUBackend:
         self.acc_dtype = np.dtype(np.float64)         # loss sums and the gradient norm
         self.ws = None
         self.capturing = False
+        self.stream = _InOrder()
 
     # ---- memory ---------------------------------------------------------------------------------------------
     def zeros(self, n, dtype):
@@ -75,6 +77,15 @@ class CPUBackend:
     def capture(self, fn):
         return fn  # no graphs on the CPU: "replaying" is running
 
+    def side_stream(self):
+        return _InOrder()
+
+    def event(self):
+        return _InOrder()
+
+    def add_inplace(self, a, b):
+        a += b
+
     def logit_columns(self, cfg) -> int:
         return cfg.vocab_size                        # only the real vocabulary: padded columns never exist
 
@@ -87,7 +98,7 @@ class CPUBackend:
         need = max(
             3 * BLOCK,                               # gelu backward, AdamW (one block each)
             2 * BLOCK + 3 * C,                       # layernorm backward (one block of rows)
-            V * C + V, 4 * C * C + 4 * C,            # matmul backward: classifier, MLP
+            V * C + V + N, 4 * C * C + 4 * C + N,    # matmul backward: LM head, MLP
             B * NH * T * T + B * NH * T,             # attention backward (forward needs less)
             2 * N,                                   # classifier
         )
@@ -144,10 +155,13 @@ class CPUBackend:
                 Lr.gelu_backward(d[i], x[i], d[i], scratch=self.ws)
 
     def attention_forward(self, out, state, qkv, num_heads):
-        Lr.attention_forward(out, state, qkv, num_heads, scratch=self.ws)
+        for b in range(out.shape[0]):  # one sequence at a time: its (NH, T, T) scores stay in cache
+            Lr.attention_forward(out[b:b + 1], state[b:b + 1], qkv[b:b + 1], num_heads, scratch=self.ws)
 
     def attention_backward(self, dqkv, dout, qkv, state, num_heads, out=None):
-        Lr.attention_backward(dqkv, dout, qkv, state, num_heads, scratch=self.ws)
+        for b in range(dout.shape[0]):
+            Lr.attention_backward(dqkv[b:b + 1], dout[b:b + 1], qkv[b:b + 1], state[b:b + 1], num_heads,
+                                  scratch=self.ws)
 
     def fused_classifier(self, losses, logits, targets, vocab_size, dloss=None):
         lg = logits[..., :vocab_size].reshape(-1, vocab_size)
@@ -203,7 +217,8 @@ class CPUBackend:
 def adamw_update(p, g, m, v, a, b, *, lr, beta1, beta2, eps, bc1, bc2, weight_decay, scale=1.0):
     """AdamW on flat arrays, in place (a, b: scratch of the same size), llm.c's formula with clipping folded in:
     m = b1 m + (1-b1) s g;  v = b2 v + (1-b2) (s g)^2;  p -= lr (m bc1 / (sqrt(v bc2) + eps) + wd p),
-    s the clip scale, bc1 = 1/(1-b1^t), bc2 = 1/(1-b2^t)."""
+    s the clip scale, bc1 = 1/(1-b1^t), bc2 = 1/(1-b2^t). sqrt(bc2) is factored out of the denominator (one
+    pass fewer); p is rounded once per step."""
     np.multiply(g, (1.0 - beta1) * scale, out=a)
     m *= beta1
     m += a
@@ -211,16 +226,31 @@ def adamw_update(p, g, m, v, a, b, *, lr, beta1, beta2, eps, bc1, bc2, weight_de
     a *= (1.0 - beta2) * scale * scale
     v *= beta2
     v += a
-    np.multiply(v, bc2, out=a)
-    np.sqrt(a, out=a)
-    a += eps
+    r = math.sqrt(bc2)
+    np.sqrt(v, out=a)
+    a += eps / r                               # (sqrt(v bc2) + eps) / sqrt(bc2)
     np.divide(m, a, out=a)
-    a *= bc1                                   # m_hat / (sqrt(v_hat) + eps)
+    a *= lr * bc1 / r                          # lr m_hat / (sqrt(v_hat) + eps)
     if weight_decay:
-        np.multiply(p, weight_decay, out=b)
+        np.multiply(p, lr * weight_decay, out=b)
         a += b
-    a *= lr
     p -= a
+
+
+class _InOrder:
+    """The CPU runs every op in program order: its streams and events are no-ops with the CUDA ones' methods."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
 
 
 class _Ready:
