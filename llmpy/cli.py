@@ -19,13 +19,13 @@ def _train_parser(sub) -> None:
                        "the resumed run's settings.")
     a = p.add_argument
     a("--init", metavar="PATH|CONFIG", help="llm.c .bin, llmpy checkpoint, HF GPT-2 safetensors, or a config: "
-      "d2..d48 (d12 = 124M), or lLhHcC[tT] such as l4h4c256t256 (default: l4h4c256t256)")
+      "d2..d48 (d12 = 124M), or lLhHcC[tT] such as l4h4c256t256 (default: l4h4c128t128)")
     a("--train-data", metavar="GLOB", help="llm.c-format token shards (default: the Shakespeare corpus)")
     a("--val-data", metavar="GLOB", help="validation shards (default: Shakespeare's val split when training on it)")
     a("--batch-size", "-b", type=int, metavar="B", help="sequences per micro-batch (default 16)")
     a("--seq-len", "-t", type=int, metavar="T", help="tokens per sequence (default 128)")
-    a("--steps", type=int, help="optimizer steps (default 300)")
-    a("--lr", type=float, help="peak learning rate (default 1e-3)")
+    a("--steps", type=int, help="optimizer steps (default 200)")
+    a("--lr", type=float, help="peak learning rate (default 2e-3)")
     a("--lr-schedule", choices=["constant", "cosine", "linear", "wsd"], help="default cosine")
     a("--warmup-steps", type=int, help="linear warmup steps (default 20)")
     a("--final-lr-frac", type=float, help="lr at the end of cosine/linear/wsd as a fraction of --lr (default 0.1)")
@@ -40,7 +40,7 @@ def _train_parser(sub) -> None:
       help="llm.c's sequential order: batch i reads B*T+1 tokens from token i*B*T, shard after shard")
     a("--val-every", type=int, metavar="N", help="val loss before steps 0, N, 2N, ... and after the last; 0 = only "
       "after the last (default 50)")
-    a("--val-batches", type=int, metavar="N", help="the first N batches of the val shards (default 20)")
+    a("--val-batches", type=int, metavar="N", help="the first N batches of the val shards (default 10)")
     a("--sample-every", type=int, metavar="N", help="print a sample every N steps; 0 = off (default)")
     a("--sample-tokens", type=int, metavar="N", help="tokens per sample, also printed at the end; 0 = none (64)")
     a("--checkpoint-every", type=int, metavar="N", help="write the checkpoint every N steps (default 100) and at "

@@ -30,7 +30,7 @@ from .train_dist import Dist, load_shard, prune_shards, save_shard
 
 CHECKPOINT = "checkpoint.safetensors"
 # The embedded default (`llmpy train` with no arguments): a small GPT-2 on Shakespeare, ~5 minutes on 2 cores.
-DEFAULT_MODEL = "l4h4c256t256"
+DEFAULT_MODEL = "l4h4c128t128"
 
 
 @dataclass
@@ -40,8 +40,8 @@ class TrainConfig:
     val_data: str | None = None
     batch_size: int = 16
     seq_len: int = 128
-    steps: int = 300
-    lr: float = 1e-3
+    steps: int = 200
+    lr: float = 2e-3
     lr_schedule: str = "cosine"
     warmup_steps: int = 20
     final_lr_frac: float = 0.1
@@ -54,7 +54,7 @@ class TrainConfig:
     grad_accum: int = 1
     shuffle: bool = True
     val_every: int = 50
-    val_batches: int = 20
+    val_batches: int = 10
     sample_every: int = 0
     sample_tokens: int = 64
     checkpoint_every: int = 100

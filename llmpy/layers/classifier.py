@@ -19,7 +19,7 @@ def fused_classifier(losses, logits, targets, dloss=None, scratch=None):
     np.subtract(mx, logits[rows, t], out=loss)     # loss = log(z) + max - logit[target], z = sum exp(l - max)
     logits -= mx[:, None]
     np.exp(logits, out=logits)                     # unnormalised probabilities
-    np.sum(logits, axis=-1, out=z)
+    np.einsum("nv->n", logits, out=z)              # row sums (einsum: 3x np.sum's pairwise summation here)
     if dloss is not None:
         np.divide(dloss, z, out=mx)
         logits *= mx[:, None]                      # dloss * softmax

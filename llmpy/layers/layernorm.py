@@ -9,7 +9,8 @@ EPS = 1e-5
 def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=EPS):
     # inp, out (..., C); mean, rstd (...) saved for backward; weight, bias (C,)
     C = inp.shape[-1]
-    np.mean(inp, axis=-1, out=mean)
+    np.einsum("...c->...", inp, out=mean)                     # (einsum: faster than np.mean over short rows)
+    mean /= C
     np.subtract(inp, mean[..., None], out=out)               # out = x - mean
     np.einsum("...c,...c->...", out, out, out=rstd)          # sum of squares, no (..., C) temporary
     rstd /= C
@@ -33,7 +34,7 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
     vc, a, b = s[2 * N * C:2 * N * C + C], s[2 * N * C + C:2 * N * C + C + N], s[2 * N * C + C + N:]
     np.subtract(x, mu, out=norm)
     norm *= rs                                               # normalised input
-    np.add.reduce(dy, axis=0, out=vc)
+    np.einsum("nc->c", dy, out=vc)
     dbias += vc
     np.einsum("nc,nc->c", norm, dy, out=vc)
     dweight += vc

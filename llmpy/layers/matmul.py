@@ -14,15 +14,18 @@ def matmul_forward(out, inp, weight, bias=None):
 
 def matmul_backward(dinp, dweight, dbias, dout, inp, weight, scratch=None):
     # dinp (..., K) overwritten (None: not needed); dweight (OC, K) +=; dbias (OC,) += (None: no bias)
-    # scratch: OC*K + OC elements (the product is formed there, then added: NumPy's matmul has no beta=1)
+    # scratch: OC*K + OC + N elements, N = rows (the product is formed there, then added: NumPy's matmul has
+    # no beta=1)
     OC, K = weight.shape
     d2, x2 = dout.reshape(-1, OC), inp.reshape(-1, K)
+    N = d2.shape[0]
     if dinp is not None:
         np.matmul(d2, weight, out=dinp.reshape(-1, K))
-    s = buf(scratch, (OC * K + OC,), weight.dtype)
-    tmp, vb = s[:OC * K].reshape(OC, K), s[OC * K:]
+    s = buf(scratch, (OC * K + OC + N,), weight.dtype)
+    tmp, vb, ones = s[:OC * K].reshape(OC, K), s[OC * K:OC * K + OC], s[OC * K + OC:]
     np.matmul(d2.T, x2, out=tmp)
     dweight += tmp
     if dbias is not None:
-        np.add.reduce(d2, axis=0, out=vb)
+        ones[...] = 1.0
+        np.matmul(ones, d2, out=vb)            # the column sums of dout, as a GEMV (3x np.add.reduce's speed)
         dbias += vb
