@@ -8,7 +8,6 @@ loss sequence is bitwise the uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -428,7 +427,3 @@ class _NullLog:
 def _plot(out: Path, log: MetricsLog) -> None:
     from .metrics import plot_losses
     plot_losses(log.path, out / "loss.png")
-
-
-def load_metrics(path: str | os.PathLike) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

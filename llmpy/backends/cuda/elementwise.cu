@@ -12,17 +12,6 @@ __global__ void gelu_forward(T* out, const T* inp, long long n) {
     out[i] = from_f<T>(0.5f * x * (1.0f + tanhf(u)));
 }
 
-// dinp = gelu'(inp) * dout (dinp may alias dout)
-template <class T>
-__global__ void gelu_backward(T* dinp, const T* inp, const T* dout, long long n) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float x = to_f(inp[i]);
-    float th = tanhf(GELU_SCALE * (x + 0.044715f * x * x * x));
-    float g = 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
-    dinp[i] = from_f<T>(g * to_f(dout[i]));
-}
-
 // dinp = gelu'(inp) * dinp in place, 16 bytes per thread (n % Pack<T>::N == 0): the GELU backward applied to
 // the output of the product that formed dinp (cheaper than cuBLASLt's DGELU epilogue, measured on an H200)
 template <class T>

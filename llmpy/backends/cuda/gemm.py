@@ -86,14 +86,15 @@ class Gemm:
            bias=None, epilogue="default", aux=None, accumulate=False, batch=1, stride_x=0, stride_y=0,
            stride_o=0, stream=None):
         """out (M, N) [+]= op(x) @ op(y) (+ bias over N) with an optional epilogue:
-        'gelu': out = gelu(. + bias), aux = the pre-GELU values (M, N); 'dgelu': out = (.) * gelu'(aux).
+        'gelu': out = gelu(. + bias), aux = the pre-GELU values (M, N). (The DGELU epilogue for the backward
+        measured 2.2 ms/layer on d12 against 1.2 for a plain product and our GELU-backward kernel: not used.)
         Leading dimensions default to the contiguous ones; batch > 1 runs strided batched products."""
         lt = self.lt
         ldx = ldx or (M if transx else K)
         ldy = ldy or (K if transy else N)
         ldo = ldo or N
         E = self.E
-        epi = {"default": E.DEFAULT, "gelu": E.GELU_AUX, "dgelu": E.DGELU}[epilogue]
+        epi = {"default": E.DEFAULT, "gelu": E.GELU_AUX}[epilogue]
         if bias is not None:
             epi = {E.DEFAULT: E.BIAS, E.GELU_AUX: E.GELU_AUX_BIAS}[epi]
         align = (_align(y), _align(x), _align(out), _align(out))
