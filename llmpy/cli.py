@@ -68,13 +68,7 @@ def _cmd_train(args) -> int:
     from .train import TrainConfig, run
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     tc = TrainConfig(**given, explicit=tuple(given))
-    result = run(tc)
-    if result.world > 1:
-        # Everything is written and flushed. Leave without running destructors: tearing down NCCL, CUDA graphs
-        # and cuDNN handles at interpreter exit was seen to hang a rank forever (H200 x2, 2026-11-28).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    run(tc)
     return 0
 
 
@@ -248,15 +242,47 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         ap.print_help()
         return 0
+    multi = args.command == "train" and _ranks() > 1
+    if multi or (args.command == "train" and os.environ.get("LLMPY_STACKS")):
+        _stack_dumps_on_usr1()
     try:
-        return args.func(args)
+        code = args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code = 130
     except OSError as e:  # disk full, permission denied, ...: one line, the file and the reason
         where = f" {e.filename}" if e.filename else ""
         print(f"error:{where} {e.strerror or e}", file=sys.stderr)
-        return 2
+        code = 2
+    if multi:
+        # A rank of a data-parallel run leaves without running destructors, on success and on error alike:
+        # tearing down NCCL, CUDA graphs and cuDNN handles at interpreter exit was seen to hang a rank forever
+        # (H200 x2, 2026-11-28). Everything it writes is written atomically before this point.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _ranks() -> int:
+    from .distributed import dist_env
+    try:
+        return dist_env().world
+    except UserError:
+        return 1  # a malformed environment is reported by the training run itself
+
+
+def _stack_dumps_on_usr1() -> None:
+    """`kill -USR1 <pid>` makes a rank write every thread's Python stack, for finding where a job hangs: to
+    $LLMPY_STACKS/stacks-<pid>.txt when that folder is set (output pipes may be gone by then), else stderr."""
+    import faulthandler
+    import signal
+    folder = os.environ.get("LLMPY_STACKS")
+    out = sys.stderr
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        out = open(os.path.join(folder, f"stacks-{os.getpid()}.txt"), "w")
+    faulthandler.register(signal.SIGUSR1, file=out, all_threads=True)

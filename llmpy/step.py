@@ -120,7 +120,7 @@ class _Reducer:
         ev.record(be.stream)
         self.side.wait_event(ev)
         full = m.grads.bucket(b)
-        with self.side:
+        with be.on(self.side):
             if m.zero == 0:
                 comm.all_reduce(full, self.side)
             elif m.zero == 1:

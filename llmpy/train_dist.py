@@ -45,11 +45,13 @@ class Dist:
             self.watchdog.progress()
 
     def stop(self) -> None:
-        """Clean end of a data-parallel run: wait for the device, tell the watchdog, release NCCL."""
+        """Clean end of a data-parallel run: wait for the device, tell the watchdog. The communicator is not
+        released: ncclCommAbort (and ncclCommDestroy at interpreter exit) hung every rank after CUDA graphs had
+        captured collectives (H200 x2, NCCL 2.28, 2026-11-28, stacks taken with LLMPY_STACKS); the CLI leaves
+        with os._exit instead, and process exit frees the GPU."""
         if self.watchdog is not None:
             self.be.synchronize()
             self.watchdog.stop()
-            self.comm.abort()  # frees the communicator without waiting for peers (they are finishing too)
 
     def barrier(self) -> None:
         if self.world > 1:

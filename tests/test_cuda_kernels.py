@@ -245,3 +245,30 @@ def test_loss_accumulate_and_gelu(be):
     Lr.gelu_forward(ref, x)
     check(be, out, ref)
     assert math.isfinite(float(host(be, out).sum()))
+
+
+def test_side_stream_returns_to_the_backend_stream(be):
+    """Work done `on` the side stream must leave the backend's own stream current afterwards (CuPy's `with
+    stream:` rewinds to the null stream instead), so later ops stay ordered before the reads on be.stream."""
+    cp = be.xp
+    side = be.side_stream()
+    assert cp.cuda.get_current_stream() == be.stream, "an earlier op left another stream current"
+    with be.on(side):
+        assert cp.cuda.get_current_stream() == side
+        with be.on(side):  # nested use still returns to the backend stream
+            pass
+    assert cp.cuda.get_current_stream() == be.stream
+    # reading a strided view back must not change the current stream either (CuPy's get() uses `with`)
+    m = be.asarray(np.arange(12, dtype=np.float32).reshape(3, 4))
+    assert np.array_equal(be.to_numpy(m[:, 1]), [1, 5, 9])
+    assert cp.cuda.get_current_stream() == be.stream
+    # ordering: a big op then a small readback on be.stream; the readback must see the op's result
+    x = be.zeros(1 << 24, np.float32)
+    ev = be.event()
+    with be.on(side):
+        be.fill_zero(x)
+        ev.record(side)
+    be.stream.wait_event(ev)
+    x += 1.0  # CuPy op on the current stream, which must be be.stream
+    got = be.async_read(x[-1:]).result()[0]
+    assert got[0] == 1.0

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -47,7 +48,10 @@ def train(data, out, *, nproc=1, extra=()):
             "--val-every", "10", "--val-batches", "4", "--sample-tokens", "0", "--no-progress", "--lr", "1e-3",
             "--out", str(out), "--device", "cuda", *extra]
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", PYTHONUNBUFFERED="1")
+    t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    print(f"\n  {out.name}: {nproc} process(es), {' '.join(extra)}: exit {p.returncode} after "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)  # with -s: where the time goes on the device
     assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     ev = [json.loads(line) for line in open(out / "metrics.jsonl")]
     return ev, p.stdout

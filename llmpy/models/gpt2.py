@@ -158,13 +158,16 @@ class GPT2:
         over `comm`, which every rank must then call)."""
         be = self.be
         if isinstance(self.master, ShardBuffer):
-            full = be.zeros(self.layout.size, np.float32)
-            for g0, l0, s in self.layout.shard(self.rank):
-                be.copy_(full[g0:g0 + s], self.master.flat[l0:l0 + s])
-            for b, (b0, b1) in enumerate(self.layout.buckets):
-                s = (b1 - b0) // self.world
-                comm.all_gather(full[b0 + self.rank * s:b0 + (self.rank + 1) * s], full[b0:b1])
-            return self.layout.from_flat(be.to_numpy(full))
+            # one bucket at a time through a device buffer of the largest bucket, so that a checkpoint costs
+            # ~1 bucket of extra GPU memory rather than the whole fp32 model (5.8 GiB for d48)
+            flat = np.empty(self.layout.size, np.float32)
+            buf = be.zeros(max(b1 - b0 for b0, b1 in self.layout.buckets), np.float32)
+            for (b0, b1), (_, l0, s) in zip(self.layout.buckets, self.layout.shard(self.rank)):
+                mine = buf[self.rank * s:(self.rank + 1) * s]
+                be.copy_(mine, self.master.flat[l0:l0 + s])
+                comm.all_gather(mine, buf[:b1 - b0])
+                flat[b0:b1] = be.to_numpy(buf[:b1 - b0])
+            return self.layout.from_flat(flat)
         src = self.master if self.master is not None else self.params
         return self.layout.from_flat(be.to_numpy(src.flat))
 

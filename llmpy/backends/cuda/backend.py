@@ -6,6 +6,8 @@ cuDNN's flash attention is half precision only).
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from ...errors import UserError
@@ -50,7 +52,14 @@ class CUDABackend:
                             f"{total / 2**30:.1f} GiB free): use a smaller --batch-size or --recompute 2") from None
 
     def to_numpy(self, x) -> np.ndarray:
-        return self.cp.asnumpy(x, stream=self.stream)
+        # Copy a strided view to a contiguous one ourselves: CuPy's get() would do it inside `with stream:`,
+        # whose exit leaves the null stream current (see on()). Then restore our stream regardless.
+        if not x.flags.c_contiguous:
+            x = self.cp.ascontiguousarray(x)
+        try:
+            return self.cp.asnumpy(x, stream=self.stream)
+        finally:
+            self.stream.use()
 
     def asarray(self, x, dtype=None):
         a = np.ascontiguousarray(x, dtype=dtype)
@@ -86,6 +95,17 @@ class CUDABackend:
 
     def event(self):
         return self.cp.cuda.Event(disable_timing=True)
+
+    @contextlib.contextmanager
+    def on(self, stream):
+        """Runs the ops inside on `stream`, then makes the backend's stream current again. Not CuPy's `with
+        stream:`: its exit rewinds to the stream current before any `with` (the null stream), ignoring `use()`;
+        that silently moved every later op off self.stream, racing the reads that wait on it (H200 x2)."""
+        stream.use()
+        try:
+            yield stream
+        finally:
+            self.stream.use()
 
     def synchronize(self):
         self.stream.synchronize()

@@ -30,7 +30,6 @@ class NcclComm:
             raise UserError(f"rank {env.rank}: NCCL could not start ({e})") from None
         self._types = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64,
                        np.dtype(np.int32): nccl.NCCL_INT32}
-        self.stream = cupy.cuda.get_current_stream()
 
     def _type(self, a) -> int:
         t = self._types.get(np.dtype(a.dtype))
