@@ -288,15 +288,20 @@ def run(tc: TrainConfig) -> TrainResult:
                             f"last good checkpoint: {out / CHECKPOINT}")
         log.write({"step": step, "val_loss": loss})
         result.val_losses.append((step, loss))
-        bar.write(f"step {step}: val loss {loss:.4f}")
+        if dist.main:
+            bar.write(f"step {step}: val loss {loss:.4f}")
 
     def sample(step: int) -> None:
+        """Rank 0 generates; under ZeRO every rank takes part in gathering the sharded weights first."""
+        if not (dist.main or opt.sharded):
+            return
+        weights = model.params_numpy(comm)
         if not dist.main:
             return
         from .sample import generate
         from .tokenizer import get_tokenizer
         tok = get_tokenizer()
-        ids = generate(model.params_numpy(), cfg, [tok.eot], tc.sample_tokens, rng=sample_rng, top_k=40)
+        ids = generate(weights, cfg, [tok.eot], tc.sample_tokens, rng=sample_rng, top_k=40)
         bar.write(f"--- sample at step {step} ---\n{tok.decode(ids)}\n---")
 
     result = TrainResult(out=out, steps_done=start, world=dist.world)

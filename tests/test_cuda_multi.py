@@ -45,7 +45,7 @@ def train(data, out, *, nproc=1, extra=()):
         cmd += ["launch", "--nproc-per-node", str(nproc), "--timeout", "120", "--"]
     cmd += ["train", "--init", "l4h4c256t128", "--train-data", str(data / "tr_*.bin"), "--val-data",
             str(data / "va_*.bin"), "--batch-size", "8", "--seq-len", "128", "--steps", str(STEPS), "--no-shuffle",
-            "--val-every", "10", "--val-batches", "4", "--sample-tokens", "0", "--no-progress", "--lr", "1e-3",
+            "--val-every", "10", "--val-batches", "4", "--sample-tokens", "4", "--no-progress", "--lr", "1e-3",
             "--out", str(out), "--device", "cuda", *extra]
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
