@@ -167,7 +167,9 @@ def _rng_state(rng: np.random.Generator) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- loop
 
-def run(tc: TrainConfig) -> TrainResult:
+def run(tc: TrainConfig, *, dist: Dist | None = None) -> TrainResult:
+    """dist: this process's place in a data-parallel job; by default read from the environment (launcher, MPI,
+    Slurm). Tests pass ranks that are threads over an in-process communicator, on the CPU."""
     from .data import DataLoader
     from .formats.checkpoint import load_checkpoint, save_checkpoint
 
@@ -182,8 +184,8 @@ def run(tc: TrainConfig) -> TrainResult:
             raise UserError(f"{path} holds weights only (no training state): use --init {path} instead")
         tc = _merge_resume(tc, resume_ckpt.state["train"])
     tc.check()
-    dist = Dist.start(tc)
-    device = "cuda" if dist.world > 1 else resolve_device(tc.device)
+    dist = dist if dist is not None else Dist.start(tc)
+    device = "cuda" if dist.world > 1 and tc.device == "auto" else resolve_device(tc.device)
     dtype = tc.dtype or ("bf16" if device == "cuda" else "fp32")
     if device == "cpu" and dtype != "fp32":
         raise UserError("--dtype bf16 needs --device cuda (the CPU reference runs in fp32)")

@@ -1,6 +1,7 @@
 """Data parallelism and ZeRO on the CPU: two ranks as threads over an in-process communicator run the real
 TrainStep (per-layer reduction hooks, sharded AdamW, all-gather) and must match one process training on the same
 global batch with gradient accumulation. Also the bucketed parameter layout that makes the shards."""
+import json
 import threading
 
 import numpy as np
@@ -8,11 +9,14 @@ import pytest
 
 from llmpy.backends import get_backend
 from llmpy.config import GPT2Config
-from llmpy.distributed import FakeComm
+from llmpy.data import write_shard
+from llmpy.distributed import DistEnv, FakeComm
 from llmpy.models.gpt2 import GPT2
 from llmpy.models.params import ParamBuffer, ParamLayout, RotatingGrads
 from llmpy.optim import AdamW
 from llmpy.step import TrainStep
+from llmpy.train import TrainConfig, run
+from llmpy.train_dist import Dist
 
 CFG = GPT2Config(max_seq_len=16, vocab_size=300, padded_vocab_size=384, num_layers=3, num_heads=2, channels=32)
 
@@ -109,3 +113,80 @@ def test_layout_views_runs_and_shards():
     rot = RotatingGrads(be, ParamLayout(CFG, 2), np.float32)
     assert np.shares_memory(rot["qkvw"][0], rot.bucket(1)) and np.shares_memory(rot["qkvw"][2], rot.bucket(1))
     assert not np.shares_memory(rot["qkvw"][1], rot["qkvw"][0])
+
+
+# ---- the whole training loop (llmpy.train.run) with two ranks as threads -----------------------------------------
+
+class ThreadDist(Dist):
+    """Rank r of a job whose ranks are threads of this process: the loop's Dist with FakeComm instead of NCCL."""
+
+    def __init__(self, fake):
+        super().__init__(DistEnv(rank=fake.rank, world=fake.world, local_rank=fake.rank, local_world=fake.world))
+        self.fake = fake
+
+    def connect(self, be):
+        self.be, self.comm = be, Comm(self.fake)
+        self._flag = be.zeros(1, np.float32)
+        return self.comm
+
+
+def on_threads(world, fn):
+    """fn(rank) on `world` threads; a rank's exception fails the test (the others then time out in FakeComm)."""
+    out, errors = {}, []
+
+    def body(r):
+        try:
+            out[r] = fn(r)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dp_loop")
+    r = np.random.default_rng(1)
+    phrases = [r.integers(0, 50257, 7) for _ in range(30)]
+    stream = np.concatenate([phrases[i] for i in r.integers(0, 30, 3000)])
+    write_shard(d / "tr_000.bin", stream[:18000])
+    write_shard(d / "va_000.bin", stream[18000:])
+    return d
+
+
+def loop_config(shards, out, **kw):
+    return TrainConfig(init="l2h2c32t16", train_data=str(shards / "tr_*.bin"), val_data=str(shards / "va_*.bin"),
+                       batch_size=2, seq_len=16, steps=8, lr=3e-3, warmup_steps=2, val_every=4, val_batches=3,
+                       sample_tokens=4, checkpoint_every=3, shuffle=False, progress=False, device="cpu",
+                       out=str(out), **kw)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_training_loop_on_two_thread_ranks(shards, tmp_path, zero):
+    """Every collective of the loop (evaluation, sampling, checkpoints with ZeRO shards, the stop decision, resume)
+    is called by every rank, and two ranks train like one process accumulating two micro-batches. (The CPU runs
+    fp32, which keeps no master copy: gathering a ZeRO-sharded master is exercised by tests/test_cuda_multi.py.)"""
+    ref = run(loop_config(shards, tmp_path / "one", grad_accum=2))
+    comms = FakeComm.group(2, timeout=30)
+    full = on_threads(2, lambda r: run(loop_config(shards, tmp_path / "dp", zero=zero), dist=ThreadDist(comms[r])))
+    np.testing.assert_allclose(full[0].train_losses, ref.train_losses, rtol=1e-5)
+    np.testing.assert_allclose([v for _, v in full[0].val_losses], [v for _, v in ref.val_losses], rtol=1e-5)
+    assert full[1].train_losses == full[0].train_losses
+    shard_files = sorted(p.name for p in (tmp_path / "dp").glob("zero-step*"))
+    assert shard_files == ([] if zero == 0 else [f"zero-step00000008-rank{r}-of-2.safetensors" for r in (0, 1)])
+    # stop after step 4 (a checkpoint at 3 is replaced by the stop's), then resume on two ranks: the same run
+    comms = FakeComm.group(2, timeout=30)
+    on_threads(2, lambda r: run(loop_config(shards, tmp_path / "part", zero=zero, stop_at=4),
+                                dist=ThreadDist(comms[r])))
+    comms = FakeComm.group(2, timeout=30)
+    resumed = on_threads(2, lambda r: run(TrainConfig(resume=str(tmp_path / "part"), progress=False),
+                                          dist=ThreadDist(comms[r])))
+    events = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
+    assert [e["train_loss"] for e in events if "train_loss" in e] == full[0].train_losses
+    assert resumed[0].val_losses == full[0].val_losses[-1:]
