@@ -51,32 +51,41 @@ def single(batches, B, T, world):
     return losses, m.params_numpy()
 
 
+def on_threads(world, fn):
+    """fn(rank) on `world` threads; a rank's exception fails the test (the others then time out in FakeComm)."""
+    out, errors = {}, []
+
+    def body(r):
+        try:
+            out[r] = fn(r)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return out
+
+
 @pytest.mark.parametrize("zero", [0, 1, 2])
 def test_two_ranks_match_one_process_with_accumulation(zero):
     B, T, W, steps = 2, 16, 2, 3
     batches = data(steps, B, T, W)
     ref_losses, ref_params = single(batches, B, T, W)
     comms = FakeComm.group(W, timeout=30)
-    out, errors = {}, []
 
     def rank(r):
-        try:
-            comm = Comm(comms[r])
-            m = GPT2(CFG, get_backend("cpu"), B, T, rank=r, world=W, zero=zero)
-            m.init_weights(5)
-            st = TrainStep(m, AdamW(m, weight_decay=0.1, comm=comm), 1, grad_clip=1.0, comm=comm)
-            losses = [st.run([(w[r * B:(r + 1) * B, :-1], w[r * B:(r + 1) * B, 1:])], 1e-3)[0] for w in batches]
-            out[r] = (losses, m.params_numpy(comm))
-        except Exception as e:  # surface a rank's failure in the main thread
-            errors.append(e)
-            raise
+        comm = Comm(comms[r])
+        m = GPT2(CFG, get_backend("cpu"), B, T, rank=r, world=W, zero=zero)
+        m.init_weights(5)
+        st = TrainStep(m, AdamW(m, weight_decay=0.1, comm=comm), 1, grad_clip=1.0, comm=comm)
+        losses = [st.run([(w[r * B:(r + 1) * B, :-1], w[r * B:(r + 1) * B, 1:])], 1e-3)[0] for w in batches]
+        return losses, m.params_numpy(comm)
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(W)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    out = on_threads(W, rank)
     p0 = GPT2(CFG, get_backend("cpu"), B, T, training=False)
     p0.init_weights(5)
     init = p0.params_numpy()
@@ -128,25 +137,6 @@ class ThreadDist(Dist):
         self.be, self.comm = be, Comm(self.fake)
         self._flag = be.zeros(1, np.float32)
         return self.comm
-
-
-def on_threads(world, fn):
-    """fn(rank) on `world` threads; a rank's exception fails the test (the others then time out in FakeComm)."""
-    out, errors = {}, []
-
-    def body(r):
-        try:
-            out[r] = fn(r)
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    return out
 
 
 @pytest.fixture(scope="module")
