@@ -123,7 +123,7 @@ def profile(args) -> None:
     from llmpy.backends import get_backend
     from llmpy.config import config_from_name
     from llmpy.models.gpt2 import GPT2
-    from llmpy.optim import AdamW
+    from llmpy.train.optim import AdamW
     cfg, B, T = config_from_name(args.profile), args.batch, args.seq
     be = get_backend("cpu")
     tot, stack, matmul = defaultdict(float), [], np.matmul
@@ -192,7 +192,7 @@ def serve(args) -> None:
     if args.side == "llmpy":
         from llmpy.backends import get_backend
         from llmpy.models.gpt2 import GPT2
-        from llmpy.optim import AdamW
+        from llmpy.train.optim import AdamW
         model = GPT2(cfg, get_backend("cpu"), B, T)
         model.init_weights(0)
         opt = AdamW(model, weight_decay=0.1)

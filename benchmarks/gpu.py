@@ -103,8 +103,8 @@ def measure(args) -> dict:
 
         from llmpy.backends import get_backend
         from llmpy.models.gpt2 import GPT2
-        from llmpy.optim import AdamW
-        from llmpy.step import TrainStep
+        from llmpy.train.optim import AdamW
+        from llmpy.train.step import TrainStep
         be = get_backend("cuda", "bf16")
         model = GPT2(cfg, be, B, T, recompute=args.recompute, master_weights=not args.no_master_weights)
         model.init_weights(0)

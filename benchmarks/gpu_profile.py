@@ -35,8 +35,8 @@ def main(argv=None):
     from llmpy.backends import get_backend
     from llmpy.config import config_from_name
     from llmpy.models.gpt2 import GPT2
-    from llmpy.optim import AdamW
-    from llmpy.step import TrainStep
+    from llmpy.train.optim import AdamW
+    from llmpy.train.step import TrainStep
     cfg = config_from_name(args.model)
     B, T = args.batch, args.seq
     be = get_backend("cuda", "bf16")

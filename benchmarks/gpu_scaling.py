@@ -53,7 +53,7 @@ def main(argv=None):
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
-    from llmpy.data import write_shard
+    from llmpy.data.shards import write_shard
     rows = []
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)

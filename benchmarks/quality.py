@@ -38,9 +38,9 @@ def run_torch(args, init, train_glob, val_glob) -> tuple[float, float]:
     import torch
 
     from benchmarks.torch_gpt2 import TorchGPT2
-    from llmpy.data import DataLoader
+    from llmpy.data.loader import DataLoader
     from llmpy.formats.llmc import read_llmc_model
-    from llmpy.optim import lr_at
+    from llmpy.train.optim import lr_at
     s = settings(args)
     cfg, params = read_llmc_model(init)
     model = TorchGPT2(cfg, params).cuda()
@@ -74,7 +74,7 @@ def compare(args) -> dict:
     sys.path.insert(0, str(ROOT))
     from llmpy.backends import get_backend
     from llmpy.config import config_from_name
-    from llmpy.data import prepare_shakespeare
+    from llmpy.data.prepare import prepare_shakespeare
     from llmpy.formats.llmc import write_llmc_model
     from llmpy.models.gpt2 import GPT2
     train_glob, val_glob = prepare_shakespeare()

@@ -73,7 +73,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from .data import prepare, prepare_shakespeare
+    from .data.prepare import prepare, prepare_shakespeare
     if not args.inputs:
         train, val = prepare_shakespeare(args.out)
         print(f"Shakespeare corpus ready:\n  --train-data '{train}'\n  --val-data '{val}'")
@@ -97,7 +97,7 @@ def _cmd_sample(args) -> int:
     import numpy as np
 
     from .sample import generate
-    from .tokenizer import get_tokenizer
+    from .data.tokenizers import get_tokenizer
     cfg, params = _load_any(args.checkpoint)
     tok = get_tokenizer()
     prompt = tok.encode(args.prompt) if args.prompt else [tok.eot]
@@ -127,7 +127,7 @@ def _cmd_sample(args) -> int:
 
 def _cmd_eval(args) -> int:
     from .backends import get_backend, resolve_device
-    from .data import DataLoader
+    from .data.loader import DataLoader
     from .models.gpt2 import GPT2
     cfg, params = _load_any(args.checkpoint)
     T = args.seq_len or cfg.max_seq_len
@@ -164,7 +164,8 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_tokenizer(args) -> int:
-    from .tokenizer import get_tokenizer, write_llmc_tokenizer
+    from .data.tokenizers import get_tokenizer
+    from .data.tokenizers.gpt2 import write_llmc_tokenizer
     tok = get_tokenizer()
     if args.llmc_out:
         write_llmc_tokenizer(args.llmc_out, tok)
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prepare)
 
     _train_parser(sub)
-    from .launch import add_launch_parser
+    from .distributed.launch import add_launch_parser
     add_launch_parser(sub)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint (KV cache)")
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ranks() -> int:
-    from .distributed import dist_env
+    from .distributed.env import dist_env
     try:
         return dist_env().world
     except UserError:

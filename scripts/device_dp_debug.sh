@@ -4,7 +4,7 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONFAULTHANDLER=1 NCCL_DEBUG=WARN
 python3 -c "
-import numpy as np; from llmpy.data import write_shard
+import numpy as np; from llmpy.data.shards import write_shard
 write_shard('/tmp/dp_000.bin', np.random.default_rng(0).integers(0, 50257, 200000).astype(np.uint16))"
 for mode in --no-graph ""; do
   log=$OUT/dp${mode:---graph}.txt

@@ -31,7 +31,7 @@ window() {  # window SECONDS NAME COMMAND...: runs COMMAND, logging to $LOGS/NAM
 
 smoke() {
   rm -rf /tmp/smoke
-  python3 -c "import numpy as np; from llmpy.data import write_shard; write_shard('/tmp/dp_000.bin', np.random.default_rng(0).integers(0, 50257, 200000).astype(np.uint16))"
+  python3 -c "import numpy as np; from llmpy.data.shards import write_shard; write_shard('/tmp/dp_000.bin', np.random.default_rng(0).integers(0, 50257, 200000).astype(np.uint16))"
   python3 -m llmpy launch --nproc-per-node 2 --timeout 60 -- train --init l2h2c128t64 --train-data /tmp/dp_000.bin \
     --batch-size 4 --seq-len 64 --steps 6 --val-every 3 --val-batches 2 --sample-tokens 0 --no-progress \
     --out /tmp/smoke --device cuda --zero 1

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmpy import corpus, data
-from llmpy.data import prepare_shakespeare, read_shard
+from llmpy.data import corpus, prepare as data
+from llmpy.data.prepare import prepare_shakespeare
+from llmpy.data.shards import read_shard
 from llmpy.errors import UserError
-from llmpy.tokenizer import get_tokenizer
+from llmpy.data.tokenizers import get_tokenizer
 from test_tokenizer import reference_encode
 
 

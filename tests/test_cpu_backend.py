@@ -11,7 +11,7 @@ from llmpy.backends import cpu as cpu_mod
 from llmpy.backends.cpu import CPUBackend, adamw_update, blocks
 from llmpy.config import GPT2Config
 from llmpy.models.gpt2 import GPT2
-from llmpy.optim import AdamW
+from llmpy.train.optim import AdamW
 
 RNG = np.random.default_rng(77)
 

@@ -7,12 +7,12 @@ import pytest
 
 from llmpy.backends import get_backend
 from llmpy.config import GPT2Config, param_shapes
-from llmpy.data import write_shard
+from llmpy.data.shards import write_shard
 from llmpy.errors import UserError
 from llmpy.formats.llmc import read_llmc_model, write_llmc_model
 from llmpy.models.gpt2 import GPT2
-from llmpy.optim import AdamW
-from llmpy.step import TrainStep
+from llmpy.train.optim import AdamW
+from llmpy.train.step import TrainStep
 from llmpy.train import TrainConfig, run
 
 pytestmark = pytest.mark.gpu

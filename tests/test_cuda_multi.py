@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from llmpy.data import write_shard
+from llmpy.data.shards import write_shard
 
 pytestmark = pytest.mark.gpu
 

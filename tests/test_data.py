@@ -5,9 +5,11 @@ import struct
 import numpy as np
 import pytest
 
-from llmpy.data import DataLoader, prepare, read_shard, write_shard
+from llmpy.data.loader import DataLoader
+from llmpy.data.prepare import prepare
+from llmpy.data.shards import read_shard, write_shard
 from llmpy.errors import UserError
-from llmpy.tokenizer import get_tokenizer
+from llmpy.data.tokenizers import get_tokenizer
 
 EOT = 50256
 

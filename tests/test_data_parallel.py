@@ -9,14 +9,15 @@ import pytest
 
 from llmpy.backends import get_backend
 from llmpy.config import GPT2Config
-from llmpy.data import write_shard
-from llmpy.distributed import DistEnv, FakeComm
+from llmpy.data.shards import write_shard
+from llmpy.distributed.env import DistEnv
+from fakes import FakeComm
 from llmpy.models.gpt2 import GPT2
 from llmpy.models.params import ParamBuffer, ParamLayout, RotatingGrads
-from llmpy.optim import AdamW
-from llmpy.step import TrainStep
+from llmpy.train.optim import AdamW
+from llmpy.train.step import TrainStep
 from llmpy.train import TrainConfig, run
-from llmpy.train_dist import Dist
+from llmpy.distributed.dataparallel import Dist
 
 CFG = GPT2Config(max_seq_len=16, vocab_size=300, padded_vocab_size=384, num_layers=3, num_heads=2, channels=32)
 

@@ -1,4 +1,4 @@
-"""llmpy.distributed on the CPU: environments, rendezvous, watchdog, ZeRO shard math, FakeComm collectives."""
+"""llmpy.distributed on the CPU: environments, rendezvous, watchdog; ZeRO shard math and the FakeComm test double."""
 import json
 import os
 import re
@@ -15,9 +15,12 @@ import pytest
 
 from llmpy.backends import cpu as cpu_backend
 from llmpy.backends.cpu import CPUBackend
-from llmpy.data import DataLoader, write_shard
-from llmpy.distributed import (EXIT_CODE, DistEnv, FakeComm, Watchdog, dist_env, exchange_id, expand_nodelist,
-                               padded_size, shard_pieces, shard_range, tasks_per_node)
+from llmpy.data.loader import DataLoader
+from llmpy.data.shards import write_shard
+from fakes import FakeComm, padded_size, shard_pieces, shard_range
+from llmpy.distributed.env import EXIT_CODE, DistEnv, dist_env, expand_nodelist, tasks_per_node
+from llmpy.distributed.rendezvous import exchange_id
+from llmpy.distributed.watchdog import Watchdog
 from llmpy.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -302,7 +305,8 @@ def test_watchdog_a_rank_without_progress_stops_all(hung):
 
 _SUB_RANK = """
 import sys, time
-from llmpy.distributed import DistEnv, Watchdog
+from llmpy.distributed.env import DistEnv
+from llmpy.distributed.watchdog import Watchdog
 rank, port, wport = (int(a) for a in sys.argv[1:4])
 wd = Watchdog(DistEnv(rank, 3, rank, 3, "127.0.0.1", port, "test"), timeout=0.6, port=wport,
               startup_timeout=10).start()

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from llmpy.distributed import EXIT_CODE
+from llmpy.distributed.env import EXIT_CODE
 from llmpy.errors import UserError
-from llmpy.launch import add_launch_parser, launch
+from llmpy.distributed.launch import add_launch_parser, launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ["LLMPY_RANK", "LLMPY_WORLD_SIZE", "LLMPY_LOCAL_RANK", "LLMPY_LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -64,7 +64,7 @@ while time.monotonic() < deadline:
 
 DRIVER = """
 import argparse, sys
-from llmpy.launch import add_launch_parser, launch
+from llmpy.distributed.launch import add_launch_parser, launch
 ap = argparse.ArgumentParser()
 add_launch_parser(ap.add_subparsers())
 sys.exit(launch(ap.parse_args(["launch"] + sys.argv[2:]), program=[sys.executable, sys.argv[1]]))
@@ -255,7 +255,9 @@ def test_children_die_with_a_killed_launcher(child, tmp_path):
 
 RANK_PROGRAM = """
 import os, signal, sys, time
-from llmpy.distributed import Watchdog, dist_env, exchange_id
+from llmpy.distributed.env import dist_env
+from llmpy.distributed.rendezvous import exchange_id
+from llmpy.distributed.watchdog import Watchdog
 env = dist_env()
 blob = exchange_id(env, bytes(range(16)) if env.rank == 0 else None, method=env.rdzv, path=env.rdzv_path,
                    timeout=env.timeout)

@@ -9,7 +9,7 @@ from benchmarks.torch_gpt2 import TorchGPT2  # noqa: E402
 from llmpy.backends import get_backend  # noqa: E402
 from llmpy.config import GPT2Config, param_shapes  # noqa: E402
 from llmpy.models.gpt2 import GPT2  # noqa: E402
-from llmpy.optim import AdamW  # noqa: E402
+from llmpy.train.optim import AdamW  # noqa: E402
 
 CFG = GPT2Config(max_seq_len=32, vocab_size=250, padded_vocab_size=256, num_layers=2, num_heads=4, channels=32)
 B, T = 4, 16

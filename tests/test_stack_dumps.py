@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from llmpy.data import write_shard
+from llmpy.data.shards import write_shard
 
 
 def test_sigusr1_writes_the_training_stack(tmp_path):
@@ -26,10 +26,10 @@ def test_sigusr1_writes_the_training_stack(tmp_path):
         p.send_signal(signal.SIGUSR1)
         path = stacks / f"stacks-{p.pid}.txt"
         deadline = time.time() + 20
-        while time.time() < deadline and "train.py" not in (path.read_text() if path.exists() else ""):
+        while time.time() < deadline and "train/loop.py" not in (path.read_text() if path.exists() else ""):
             time.sleep(0.2)
         text = path.read_text()
-        assert "Current thread" in text and "llmpy/train.py" in text.replace(os.sep, "/")
+        assert "Current thread" in text and "llmpy/train/loop.py" in text.replace(os.sep, "/")
         assert p.poll() is None, "the dump must not stop the run"
     finally:
         p.kill()

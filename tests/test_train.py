@@ -8,11 +8,11 @@ import pytest
 from llmpy.backends import get_backend
 from llmpy.cli import main
 from llmpy.config import config_from_name
-from llmpy.data import write_shard
+from llmpy.data.shards import write_shard
 from llmpy.errors import UserError
 from llmpy.formats.checkpoint import load_checkpoint
 from llmpy.models.gpt2 import GPT2
-from llmpy.optim import AdamW, lr_at
+from llmpy.train.optim import AdamW, lr_at
 from llmpy.train import TrainConfig, run
 
 MODEL = "l2h2c32t32"
@@ -178,7 +178,7 @@ def test_cli_train_eval_sample_convert(shards, tmp_path, capsys):
 
 def test_grad_accumulation_equals_the_larger_batch():
     """2 micro-batches of B=2 (fed from one reused loader buffer, as the trainer does) = one batch of B=4."""
-    from llmpy.step import TrainStep
+    from llmpy.train.step import TrainStep
     cfg = config_from_name("l2h2c32t16")
     rng = np.random.default_rng(3)
     w = rng.integers(0, cfg.vocab_size, (4, 17)).astype(np.int32)

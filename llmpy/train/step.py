@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..distributed.dataparallel import GradReducer
+
 
 class TrainStep:
     def __init__(self, model, opt, grad_accum: int = 1, *, grad_clip: float = 0.0, graph: bool = True,
@@ -22,7 +24,7 @@ class TrainStep:
         self.scale = 1.0 / (model.B * model.T * grad_accum * world)
         self.loss_out = self.be.zeros(1, self.be.acc_dtype)
         self.use_graph = graph and self.be.name == "cuda"
-        self.reducer = _Reducer(self) if self.comm else None
+        self.reducer = GradReducer(self) if self.comm else None
         self._micro_fns = {False: lambda: self._micro(False), True: lambda: self._micro(True)}
         self._update_fn = self._update
         self.steps_run = 0
@@ -80,56 +82,3 @@ class _StepResult:
     def result(self) -> tuple[float, float]:
         loss, norm = self._rb.result()
         return float(np.asarray(loss)[0]), float(np.asarray(norm)[0])
-
-
-class _Reducer:
-    """Data parallelism overlapped with backward: as soon as a layer's gradients are complete, a second stream
-    reduces that bucket over the ranks (zero 0: all-reduce in place; zero 1: reduce-scatter into this rank's
-    shard; zero 2: reduce-scatter and add into the shard, freeing the rotating bucket buffer) while the main
-    stream goes on with the layers below. The streams are ordered by events, which a CUDA graph captures as
-    dependencies."""
-
-    def __init__(self, step: TrainStep):
-        self.step, self.be, self.comm = step, step.be, step.comm
-        self.model, self.opt = step.model, step.opt
-        self.side = self.be.side_stream()
-        self.free = [self.be.event(), self.be.event()]  # ZeRO-2: bucket buffer l % 2 may be written again
-        if self.model.zero == 2:
-            self.tmp = self.be.zeros(max(b1 - b0 for b0, b1 in self.model.layout.buckets) // self.comm.world,
-                                     self.be.param_dtype)
-
-    def before_layer(self, l: int) -> None:
-        if self.model.zero != 2:
-            return
-        if l < self.model.cfg.num_layers - 2:  # layers L-1, L-2 reuse buffers freed before the last done()
-            self.be.stream.wait_event(self.free[l % 2])
-        self.be.fill_zero(self.model.grads.bucket(1 + l))
-
-    def after_layer(self, l: int) -> None:
-        self._reduce(1 + l)
-
-    def done(self) -> None:
-        self._reduce(0)
-        ev = self.be.event()
-        ev.record(self.side)
-        self.be.stream.wait_event(ev)  # join: the update (or the next micro-batch) comes after every reduction
-
-    def _reduce(self, b: int) -> None:
-        be, m, comm = self.be, self.model, self.comm
-        ev = be.event()
-        ev.record(be.stream)
-        self.side.wait_event(ev)
-        full = m.grads.bucket(b)
-        with be.on(self.side):
-            if m.zero == 0:
-                comm.all_reduce(full, self.side)
-            elif m.zero == 1:
-                comm.reduce_scatter(full, self.opt.gshard.bucket(b), self.side)
-            else:
-                part = self.tmp[:full.size // comm.world]
-                comm.reduce_scatter(full, part, self.side)
-                be.add_inplace(self.opt.gshard.bucket(b), part)
-                if b == 0:
-                    be.fill_zero(full)  # the head's buffer is reused by the next micro-batch
-                else:
-                    self.free[(b - 1) % 2].record(self.side)

@@ -18,78 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import get_backend, resolve_device
-from .config import GPT2Config, config_from_name
-from .errors import UserError
+from ..backends import get_backend, resolve_device
+from ..config import GPT2Config, config_from_name
+from ..distributed.dataparallel import Dist
+from ..errors import UserError
+from ..models.gpt2 import GPT2
+from .checkpointing import load_shard, prune_shards, save_shard
+from .config import CHECKPOINT, DEFAULT_MODEL, TrainConfig
 from .metrics import MetricsLog
-from .models.gpt2 import GPT2
-from .optim import AdamW, SCHEDULES, lr_at
+from .optim import AdamW, lr_at
 from .step import TrainStep
-from .train_dist import Dist, load_shard, prune_shards, save_shard
-
-CHECKPOINT = "checkpoint.safetensors"
-# The embedded default (`llmpy train` with no arguments): a small GPT-2 on Shakespeare, ~5 minutes on 2 cores.
-DEFAULT_MODEL = "l4h4c128t128"
-
-
-@dataclass
-class TrainConfig:
-    init: str | None = None          # llm.c .bin, llmpy checkpoint, HF safetensors, or a config name (d12, ...)
-    train_data: str | None = None    # glob of llm.c-format token shards; None: the Shakespeare corpus
-    val_data: str | None = None
-    batch_size: int = 16
-    seq_len: int = 128
-    steps: int = 200
-    lr: float = 2e-3
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 20
-    final_lr_frac: float = 0.1
-    decay_frac: float = 0.2          # wsd: the cooldown's share of the steps
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    shuffle: bool = True
-    val_every: int = 50
-    val_batches: int = 10
-    sample_every: int = 0
-    sample_tokens: int = 64
-    checkpoint_every: int = 100
-    stop_at: int | None = None       # stop (with a checkpoint) after this step, keeping the schedule of `steps`
-    seed: int = 1337
-    out: str | None = None
-    resume: str | None = None
-    device: str = "auto"
-    dtype: str | None = None         # fp32 on the CPU, bf16 on the GPU
-    zero: int = 0                    # data parallel: 0 all-reduce, 1 shard optimizer state, 2 also gradients
-    recompute: int | None = None     # 1: recompute GELU in backward; 2: also the LayerNorms (default: 1 on
-                                     # the GPU, 0 on the CPU)
-    master_weights: bool = True      # bf16: keep fp32 master weights (off: stochastic rounding into bf16 only)
-    graph: bool = True               # CUDA: capture the step as CUDA graphs
-    progress: bool = True
-    explicit: tuple = ()             # names of the settings given on the command line (they override a resume)
-
-    def check(self) -> None:
-        pos = {"batch_size": self.batch_size, "seq_len": self.seq_len, "grad_accum": self.grad_accum,
-               "val_batches": self.val_batches}
-        bad = [f"--{k.replace('_', '-')} {v}" for k, v in pos.items() if v < 1]
-        nonneg = {"steps": self.steps, "warmup_steps": self.warmup_steps, "val_every": self.val_every,
-                  "sample_every": self.sample_every, "checkpoint_every": self.checkpoint_every, "seed": self.seed,
-                  "sample_tokens": self.sample_tokens}
-        bad += [f"--{k.replace('_', '-')} {v}" for k, v in nonneg.items() if v < 0]
-        if bad:
-            raise UserError(f"bad value: {', '.join(bad)} (sizes must be >= 1, counts >= 0)")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"--lr must be a positive number (got {self.lr})")
-        if self.grad_clip < 0:
-            raise UserError(f"--grad-clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
-        if self.lr_schedule not in SCHEDULES:
-            raise UserError(f"unknown --lr-schedule {self.lr_schedule!r}: choose from {', '.join(SCHEDULES)}")
-        if self.dtype not in (None, "fp32", "bf16"):
-            raise UserError(f"unknown --dtype {self.dtype!r}: use fp32 or bf16")
-
 
 @dataclass
 class TrainResult:
@@ -135,7 +73,7 @@ def _in_main_thread() -> bool:
 
 def _load_init(tc: TrainConfig) -> tuple[GPT2Config, dict | None, str]:
     """(config, weights or None for a fresh init, description)."""
-    from .formats.checkpoint import load_weights
+    from ..formats.checkpoint import load_weights
     spec = tc.init or DEFAULT_MODEL
     if os.path.exists(spec):
         cfg, params = load_weights(spec)
@@ -147,7 +85,7 @@ def _load_init(tc: TrainConfig) -> tuple[GPT2Config, dict | None, str]:
 
 def _data_globs(tc: TrainConfig, dist) -> tuple[str, str | None]:
     if tc.train_data is None:
-        from .data import prepare_shakespeare
+        from ..data.prepare import prepare_shakespeare
         if not dist.main:
             dist.barrier()  # rank 0 prepares the corpus once; the others wait, then read it
         train, val = prepare_shakespeare()
@@ -170,8 +108,8 @@ def _rng_state(rng: np.random.Generator) -> dict:
 def run(tc: TrainConfig, *, dist: Dist | None = None) -> TrainResult:
     """dist: this process's place in a data-parallel job; by default read from the environment (launcher, MPI,
     Slurm). Tests pass ranks that are threads over an in-process communicator, on the CPU."""
-    from .data import DataLoader
-    from .formats.checkpoint import load_checkpoint, save_checkpoint
+    from ..data.loader import DataLoader
+    from ..formats.checkpoint import load_checkpoint, save_checkpoint
 
     resume_ckpt = None
     if tc.resume:
@@ -300,8 +238,8 @@ def run(tc: TrainConfig, *, dist: Dist | None = None) -> TrainResult:
         weights = model.params_numpy(comm)
         if not dist.main:
             return
-        from .sample import generate
-        from .tokenizer import get_tokenizer
+        from ..sample import generate
+        from ..data.tokenizers import get_tokenizer
         tok = get_tokenizer()
         ids = generate(weights, cfg, [tok.eot], tc.sample_tokens, rng=sample_rng, top_k=40)
         bar.write(f"--- sample at step {step} ---\n{tok.decode(ids)}\n---")

@@ -22,9 +22,9 @@ import numpy as np
 import tiktoken
 import tiktoken.load
 
-from .config import EOT_TOKEN as GPT2_EOT, GPT2_VOCAB
-from .errors import UserError
-from .formats.atomic import atomic_write_bytes
+from ...config import EOT_TOKEN as GPT2_EOT, GPT2_VOCAB
+from ...errors import UserError
+from ...formats.atomic import atomic_write_bytes
 
 # sha256 of GPT-2's original files, as published in tiktoken (tiktoken_ext/openai_public.py)
 GPT2_FILE_HASHES = {

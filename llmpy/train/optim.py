@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
 
@@ -23,7 +23,7 @@ class AdamW:
 
     def __init__(self, model, *, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, decay_all=False, seed=0,
                  comm=None):
-        from .models.params import ParamBuffer, ShardBuffer
+        from ..models.params import ParamBuffer, ShardBuffer
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise UserError(f"AdamW betas must be in [0, 1): got beta1={beta1}, beta2={beta2}")
         if eps <= 0 or weight_decay < 0:

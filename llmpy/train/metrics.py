@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from .formats.atomic import atomic_write, atomic_write_bytes
+from ..formats.atomic import atomic_write, atomic_write_bytes
 
 
 class MetricsLog:

@@ -20,9 +20,9 @@ import threading
 import time
 import uuid
 
-from .distributed import (DEFAULT_PORT, DEFAULT_TIMEOUT, ENV_JOB_ID, ENV_LOCAL_RANK, ENV_LOCAL_WORLD, ENV_RANK,
+from .env import (DEFAULT_PORT, DEFAULT_TIMEOUT, ENV_JOB_ID, ENV_LOCAL_RANK, ENV_LOCAL_WORLD, ENV_RANK,
                           ENV_RDZV, ENV_RDZV_PATH, ENV_TIMEOUT, ENV_WORLD, EXIT_CODE, force_nccl_settings)
-from .errors import UserError
+from ..errors import UserError
 
 POLL_S = 0.05
 

@@ -2,13 +2,13 @@
 
 Every call is stream-ordered and asynchronous, so it can be captured into a CUDA graph with the rest of the step.
 Sums only: the training step folds 1/world into the loss gradient, so a summed gradient is the average.
-NVLink multicast (NVLS) stays off: distributed.force_nccl_settings() runs before the communicator is made.
+NVLink multicast (NVLS) stays off: env.force_nccl_settings() runs before the communicator is made.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ...errors import UserError
+from ..errors import UserError
 
 
 class NcclComm:
@@ -16,7 +16,8 @@ class NcclComm:
         import cupy
         from cupy.cuda import nccl
 
-        from ...distributed import exchange_id, force_nccl_settings
+        from .env import force_nccl_settings
+        from .rendezvous import exchange_id
         note = force_nccl_settings()
         if note and env.rank == 0:
             print(note)
@@ -48,13 +49,15 @@ class NcclComm:
 
     def reduce_scatter(self, send, recv, stream=None):
         """recv = this rank's 1/world slice of the sum over ranks of send."""
-        assert send.size == recv.size * self.world
+        if send.size != recv.size * self.world:
+            raise ValueError(f"reduce_scatter: {send.size} elements in, {recv.size} out, world {self.world}")
         self.comm.reduceScatter(send.data.ptr, recv.data.ptr, recv.size, self._type(send), self.nccl.NCCL_SUM,
                                 self._s(stream))
 
     def all_gather(self, send, recv, stream=None):
         """recv = the ranks' `send` slices concatenated (in place when send is this rank's slice of recv)."""
-        assert recv.size == send.size * self.world
+        if recv.size != send.size * self.world:
+            raise ValueError(f"all_gather: {send.size} elements in, {recv.size} out, world {self.world}")
         self.comm.allGather(send.data.ptr, recv.data.ptr, send.size, self._type(send), self._s(stream))
 
     def abort(self):

@@ -1,0 +1,165 @@
+"""`prepare`: text files -> llm.c token shards (data/shards.py), and the Shakespeare corpus prepared once into the
+cache. Documents are concatenated, each preceded by the EOT token (50256), as llm.c does."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..formats.atomic import atomic_write_bytes
+from ..paths import cache_dir
+from .shards import MAX_SHARD_TOKENS, SHARD_MAGIC, SHARD_VERSION, write_shard
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _input_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    found: dict[Path, Path] = {}
+    for inp in inputs:
+        p = Path(inp).expanduser()
+        if p.is_dir():
+            files = [f for f in p.rglob("*.txt") if f.is_file()]
+        elif p.is_file():
+            files = [p]
+        else:
+            raise UserError(f"input {inp} does not exist")
+        for f in files:
+            found.setdefault(f.resolve(), f)  # the same file named twice is one document
+    return sorted(found.values(), key=str)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8 first")
+
+
+def _tokenize(texts: Iterator[str], ndocs: int, desc: str) -> list[np.ndarray]:
+    """One uint16 array per document: [EOT, tokens...]. Documents go to tiktoken's threads in batches."""
+    from .tokenizers.gpt2 import get_tokenizer
+    tok = get_tokenizer()
+    out: list[np.ndarray] = []
+    batch: list[str] = []
+    with tqdm(total=ndocs, unit="doc", desc=desc, disable=ndocs < 100) as bar:
+        def flush():
+            for ids in tok.encode_batch(batch):
+                doc = np.empty(len(ids) + 1, dtype=np.uint16)  # ids < 50257 fit uint16
+                doc[0] = tok.eot
+                doc[1:] = ids
+                out.append(doc)
+            bar.update(len(batch))
+            batch.clear()
+        chars = 0
+        for text in texts:
+            batch.append(text)
+            chars += len(text)
+            if len(batch) >= 256 or chars >= 1 << 25:
+                flush()
+                chars = 0
+        flush()
+    return out
+
+
+def _write_split(tokens: np.ndarray, out_dir: Path, name: str, split: str, shard_tokens: int) -> list[Path]:
+    paths = []
+    for k, start in enumerate(range(0, len(tokens), shard_tokens)):
+        paths.append(out_dir / f"{name}_{split}_{k:06d}.bin")
+        write_shard(paths[-1], tokens[start:start + shard_tokens])
+    return paths
+
+
+def _prepare_texts(texts: Iterator[str], ndocs: int, out_dir: str | os.PathLike, name: str, val_tokens: int | None,
+                   val_fraction: float, shard_tokens: int) -> tuple[list[Path], list[Path]]:
+    if not _NAME.fullmatch(name):
+        raise UserError(f"bad dataset name {name!r}: use letters, digits, '.', '_' or '-'")
+    if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
+        raise UserError(f"shard size must be 1..{MAX_SHARD_TOKENS} tokens, got {shard_tokens}")
+    if val_tokens is not None and val_tokens < 0:
+        raise UserError(f"val tokens must be >= 0, got {val_tokens}")
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val fraction must be in [0, 1), got {val_fraction}")
+    docs = _tokenize(texts, ndocs, f"tokenizing {name}")
+    total = sum(len(d) for d in docs)
+    if total == len(docs):
+        raise UserError(f"the corpus for {name} has no text (only {len(docs)} empty documents)")
+    tokens = np.concatenate(docs)  # the whole corpus in memory at 2 bytes a token
+    del docs
+    n_val = val_tokens if val_tokens is not None else int(total * val_fraction)
+    if n_val >= total:
+        raise UserError(f"val split of {n_val} tokens leaves no training data (the corpus has {total} tokens)")
+    out = Path(out_dir).expanduser()
+    val = _write_split(tokens[:n_val], out, name, "val", shard_tokens)
+    train = _write_split(tokens[n_val:], out, name, "train", shard_tokens)
+    # shards left from an earlier, larger run would be picked up by the `{name}_train_*.bin` glob
+    ours = re.compile(re.escape(name) + r"_(train|val)_\d{6}\.bin")
+    for stale in set(out.glob(f"{name}_*.bin")) - set(val) - set(train):
+        if ours.fullmatch(stale.name):
+            stale.unlink()
+    print(f"{name}: {ndocs} documents, {total:,} tokens (EOT before each document) -> "
+          f"val {n_val:,} tokens in {len(val)} shard(s), train {total - n_val:,} tokens in {len(train)} shard(s) "
+          f"in {out}")
+    return train, val
+
+
+def prepare(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, name: str, val_tokens: int | None = None,
+            val_fraction: float = 0.05, shard_tokens: int = 100_000_000) -> tuple[list[Path], list[Path]]:
+    """Tokenize text files (folders: every `*.txt` below them) into `{name}_val_NNNNNN.bin` and
+    `{name}_train_NNNNNN.bin` shards of at most `shard_tokens` tokens in `out_dir`; returns (train, val) paths.
+    Files are UTF-8 documents taken in sorted path order, each preceded by EOT. Val is the first `val_tokens`
+    tokens of that stream (default: the first `val_fraction` of it, rounded down; not cut at a document
+    boundary); train is the rest. Older `{name}_(train|val)_NNNNNN.bin` files in `out_dir` are removed."""
+    files = _input_files(inputs)
+    if not files:
+        raise UserError(f"no text files (*.txt) found in {', '.join(map(str, inputs)) or 'the inputs'}")
+    return _prepare_texts((_read_text(f) for f in files), len(files), out_dir, name, val_tokens, val_fraction,
+                          shard_tokens)
+
+
+STAMP_VERSION = 1
+SHAKESPEARE_VAL_FRACTION = 0.05
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def prepare_shakespeare(out_dir: str | os.PathLike | None = None) -> tuple[str, str]:
+    """(train_glob, val_glob) of the Shakespeare corpus (`llmpy.corpus`, 42 works, ~1.57M tokens) tokenized into
+    `out_dir` (default `cache_dir()/shakespeare/`). Works in name order, each preceded by EOT; val is the first
+    5% of the tokens (All's Well That Ends Well and most of Antony and Cleopatra), train the rest, one shard
+    each. Done once: later calls check a stamp file (corpus, tokenizer and format hashes, shard hashes) and
+    return at once. Call it from one process before others read the shards."""
+    from .corpus import corpus_sha256, shakespeare_texts
+    from .tokenizers.gpt2 import GPT2_FILE_HASHES
+    out = Path(out_dir).expanduser() if out_dir is not None else cache_dir() / "shakespeare"
+    globs = (str(out / "shakespeare_train_*.bin"), str(out / "shakespeare_val_*.bin"))
+    texts = shakespeare_texts()
+    want = {"stamp_version": STAMP_VERSION, "shard_format": [SHARD_MAGIC, SHARD_VERSION],
+            "corpus_sha256": corpus_sha256(texts), "tokenizer_sha256": GPT2_FILE_HASHES,
+            "val_fraction": SHAKESPEARE_VAL_FRACTION}
+    stamp_path = out / "shakespeare.stamp.json"
+    try:
+        stamp = json.loads(stamp_path.read_text())
+        if {k: stamp.get(k) for k in want} == want and stamp["shards"] and all(
+                _file_sha256(out / f) == h for f, h in stamp["shards"].items()):
+            return globs
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no stamp, a damaged one, or a shard gone: make them again
+    stamp_path.unlink(missing_ok=True)
+    train, val = _prepare_texts((t for _, t in texts), len(texts), out, "shakespeare", None,
+                                SHAKESPEARE_VAL_FRACTION, 100_000_000)
+    want["shards"] = {p.name: _file_sha256(p) for p in val + train}
+    atomic_write_bytes(stamp_path, json.dumps(want, indent=1).encode())  # last: its presence means the shards are whole
+    return globs
+
+

@@ -1,0 +1,7 @@
+"""Training: `config` (TrainConfig, every setting and its default), `loop` (set-up, resume, the step loop, the
+finish), `step` (one optimizer step, graph-replayable), `optim` (AdamW, learning-rate schedules), `checkpointing`
+(the training state on disk), `metrics` (metrics.jsonl and the loss plot)."""
+from .config import TrainConfig
+from .loop import TrainResult, run
+
+__all__ = ["TrainConfig", "TrainResult", "run"]
