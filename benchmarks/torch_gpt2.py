@@ -10,8 +10,8 @@ class TorchGPT2(torch.nn.Module):
     def __init__(self, cfg, params=None, dtype=torch.float32):
         super().__init__()
         self.cfg = cfg
-        from llmpy.config import param_shapes
-        for name, shape in param_shapes(cfg):
+        from llmpy.models.gpt2 import spec
+        for name, shape in ((s.name, s.shape) for s in spec(cfg)):
             t = torch.zeros(shape, dtype=dtype) if params is None else torch.tensor(params[name], dtype=dtype)
             self.register_parameter(name, torch.nn.Parameter(t))
         if params is None:
@@ -54,8 +54,9 @@ class TorchGPT2(torch.nn.Module):
         return logits, loss
 
     def optimizer(self, lr, betas, eps, weight_decay, fused=False):
-        from llmpy.config import DECAYED
-        decay = [p for n, p in self.named_parameters() if n in DECAYED]
-        other = [p for n, p in self.named_parameters() if n not in DECAYED]
+        from llmpy.models.gpt2 import spec
+        decayed = {s.name for s in spec(self.cfg) if s.decay}  # the same tensors as llmpy's AdamW
+        decay = [p for n, p in self.named_parameters() if n in decayed]
+        other = [p for n, p in self.named_parameters() if n not in decayed]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)

@@ -12,54 +12,72 @@ import sys
 from .errors import UserError
 
 
+def _model_names() -> str:
+    """What --init takes, from the family registry."""
+    from .config import DEFAULT_FAMILY, FAMILIES, get_family
+    fams = [get_family(n) for n in sorted(FAMILIES)]
+    return ("a model name family:config (" + "; ".join(f"{f.name}: {f.names}" for f in fams)
+            + f"; a bare config is {get_family(DEFAULT_FAMILY).title})")
+
+
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train GPT-2 (no arguments: a small model on Shakespeare, ~5 min on 2 cores)",
-                       description="Train GPT-2. With no arguments: a small GPT-2 on the Shakespeare corpus "
+    from .train.config import DEFAULT_MODEL, TrainConfig
+    from .train.optim import SCHEDULES
+    D = TrainConfig()
+
+    def dflt(name: str) -> str:  # the defaults live in TrainConfig alone
+        return f"(default {getattr(D, name)})"
+
+    p = sub.add_parser("train", help="train a model (no arguments: a small GPT-2 on Shakespeare, ~5 min on 2 cores)",
+                       description="Train a model. With no arguments: a small GPT-2 on the Shakespeare corpus "
                        "(fetched and tokenized on first use). Unset flags keep their defaults, or, with --resume, "
                        "the resumed run's settings.")
     a = p.add_argument
-    a("--init", metavar="PATH|CONFIG", help="llm.c .bin, llmpy checkpoint, HF GPT-2 safetensors, or a config: "
-      "d2..d48 (d12 = 124M), or lLhHcC[tT] such as l4h4c256t256 (default: l4h4c128t128)")
+    a("--init", metavar="PATH|MODEL", help="llm.c .bin, llmpy checkpoint, HF safetensors file or folder, or "
+      f"{_model_names()} (default {DEFAULT_MODEL})")
     a("--train-data", metavar="GLOB", help="llm.c-format token shards (default: the Shakespeare corpus)")
     a("--val-data", metavar="GLOB", help="validation shards (default: Shakespeare's val split when training on it)")
-    a("--batch-size", "-b", type=int, metavar="B", help="sequences per micro-batch (default 16)")
-    a("--seq-len", "-t", type=int, metavar="T", help="tokens per sequence (default 128)")
-    a("--steps", type=int, help="optimizer steps (default 200)")
-    a("--lr", type=float, help="peak learning rate (default 2e-3)")
-    a("--lr-schedule", choices=["constant", "cosine", "linear", "wsd"], help="default cosine")
-    a("--warmup-steps", type=int, help="linear warmup steps (default 20)")
-    a("--final-lr-frac", type=float, help="lr at the end of cosine/linear/wsd as a fraction of --lr (default 0.1)")
-    a("--decay-frac", type=float, help="wsd: fraction of the steps spent cooling down (default 0.2)")
-    a("--beta1", type=float, help="AdamW beta1 (default 0.9)")
-    a("--beta2", type=float, help="AdamW beta2 (default 0.95)")
-    a("--eps", type=float, help="AdamW epsilon (default 1e-8)")
-    a("--weight-decay", type=float, help="decoupled weight decay on 2-D weights (default 0.1)")
-    a("--grad-clip", type=float, help="clip the global gradient norm to this; 0 = off (default 1.0)")
-    a("--grad-accum", type=int, help="micro-batches per step (default 1)")
+    a("--batch-size", "-b", type=int, metavar="B", help=f"sequences per micro-batch {dflt('batch_size')}")
+    a("--seq-len", "-t", type=int, metavar="T", help=f"tokens per sequence {dflt('seq_len')}")
+    a("--steps", type=int, help=f"optimizer steps {dflt('steps')}")
+    a("--lr", type=float, help=f"peak learning rate {dflt('lr')}")
+    a("--lr-schedule", choices=SCHEDULES, help=dflt("lr_schedule"))
+    a("--warmup-steps", type=int, help=f"linear warmup steps {dflt('warmup_steps')}")
+    a("--final-lr-frac", type=float, help=f"lr at the end of cosine/linear/wsd as a fraction of --lr "
+      f"{dflt('final_lr_frac')}")
+    a("--decay-frac", type=float, help=f"wsd: fraction of the steps spent cooling down {dflt('decay_frac')}")
+    a("--beta1", type=float, help=f"AdamW beta1 {dflt('beta1')}")
+    a("--beta2", type=float, help=f"AdamW beta2 {dflt('beta2')}")
+    a("--eps", type=float, help=f"AdamW epsilon {dflt('eps')}")
+    a("--weight-decay", type=float, help=f"decoupled weight decay on matrices and embeddings {dflt('weight_decay')}")
+    a("--grad-clip", type=float, help=f"clip the global gradient norm to this; 0 = off {dflt('grad_clip')}")
+    a("--grad-accum", type=int, help=f"micro-batches per step {dflt('grad_accum')}")
     a("--no-shuffle", dest="shuffle", action="store_const", const=False,
       help="llm.c's sequential order: batch i reads B*T+1 tokens from token i*B*T, shard after shard")
     a("--val-every", type=int, metavar="N", help="val loss before steps 0, N, 2N, ... and after the last; 0 = only "
-      "after the last (default 50)")
-    a("--val-batches", type=int, metavar="N", help="the first N batches of the val shards (default 10)")
-    a("--sample-every", type=int, metavar="N", help="print a sample every N steps; 0 = off (default)")
-    a("--sample-tokens", type=int, metavar="N", help="tokens per sample, also printed at the end; 0 = none (64)")
-    a("--checkpoint-every", type=int, metavar="N", help="write the checkpoint every N steps (default 100) and at "
-      "the end")
+      f"after the last {dflt('val_every')}")
+    a("--val-batches", type=int, metavar="N", help=f"the first N batches of the val shards {dflt('val_batches')}")
+    a("--sample-every", type=int, metavar="N", help=f"print a sample every N steps; 0 = off {dflt('sample_every')}")
+    a("--sample-tokens", type=int, metavar="N", help=f"tokens per sample, also printed at the end; 0 = none "
+      f"{dflt('sample_tokens')}")
+    a("--checkpoint-every", type=int, metavar="N", help="write the checkpoint every N steps and at the end "
+      f"{dflt('checkpoint_every')}")
     a("--stop-at", type=int, metavar="STEP", help="stop after this step (checkpointed), keeping the schedule of "
       "--steps; continue later with --resume")
-    a("--seed", type=int, help="seeds the init, the data order and sampling (default 1337)")
+    a("--seed", type=int, help=f"seeds the init, the data order and sampling {dflt('seed')}")
     a("--out", metavar="DIR", help="output folder (default runs/<date-time>)")
     a("--resume", metavar="DIR", help="continue the run in DIR bitwise identically")
-    a("--device", choices=["cpu", "cuda", "auto"], help="default auto (cuda when a GPU is present)")
+    a("--device", choices=["cpu", "cuda", "auto"], help=f"{dflt('device')}: cuda when a GPU is present")
     a("--dtype", choices=["fp32", "bf16"], help="default fp32 on the CPU, bf16 on the GPU")
-    a("--recompute", type=int, choices=[0, 1, 2], help="trade compute for activation memory: 1 recomputes GELU, "
-      "2 also the LayerNorms, in backward (default 1 on the GPU, 0 on the CPU)")
+    a("--recompute", type=int, choices=[0, 1, 2], help="trade compute for activation memory (GPT-2: 1 recomputes "
+      "GELU, 2 also the LayerNorms, in backward; default 1 on the GPU, 0 on the CPU)")
     a("--no-master-weights", dest="master_weights", action="store_const", const=False,
       help="bf16: no fp32 master copy; AdamW writes the bf16 weights with stochastic rounding (less memory)")
     a("--no-graph", dest="graph", action="store_const", const=False, help="CUDA: run the step eagerly instead of "
       "replaying CUDA graphs")
     a("--zero", type=int, choices=[0, 1, 2], help="data parallel (under `llmpy launch`, mpirun or srun): 0 "
-      "all-reduces gradients; 1 shards master weights and AdamW moments over the ranks; 2 also the gradients")
+      "all-reduces gradients; 1 shards master weights and AdamW moments over the ranks; 2 also the gradients "
+      f"{dflt('zero')}")
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -93,11 +111,17 @@ def _load_any(path: str):
     return load_weights(path)
 
 
+def _backend(args):
+    from .backends import get_backend, resolve_device
+    device = resolve_device(args.device)
+    return get_backend(device, args.dtype or ("bf16" if device == "cuda" else "fp32"))
+
+
 def _cmd_sample(args) -> int:
     import numpy as np
 
-    from .sample import generate
     from .data.tokenizers import get_tokenizer
+    from .models.decode import decoder, generate
     cfg, params = _load_any(args.checkpoint)
     tok = get_tokenizer()
     prompt = tok.encode(args.prompt) if args.prompt else [tok.eot]
@@ -105,6 +129,7 @@ def _cmd_sample(args) -> int:
     if n is None:
         n = min(256, cfg.max_seq_len - len(prompt))
     rng = np.random.default_rng(args.seed)
+    model = decoder(cfg, params, _backend(args))
     if args.prompt:
         sys.stdout.write(args.prompt)
     pending = []
@@ -117,8 +142,8 @@ def _cmd_sample(args) -> int:
             sys.stdout.flush()
             pending.clear()
 
-    generate(params, cfg, prompt, n, rng=rng, temperature=args.temperature, top_k=args.top_k or None,
-             on_token=emit, stop_at_eot=args.stop_at_eot)
+    generate(model, prompt, n, rng=rng, temperature=args.temperature, top_k=args.top_k or None, on_token=emit,
+             stop_at=tok.eot if args.stop_at_eot else None)
     if pending:
         sys.stdout.write(tok.decode(pending))
     sys.stdout.write("\n")
@@ -126,16 +151,13 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .backends import get_backend, resolve_device
+    from .config import family_of
     from .data.loader import DataLoader
-    from .models.gpt2 import GPT2
     cfg, params = _load_any(args.checkpoint)
     T = args.seq_len or cfg.max_seq_len
     loader = DataLoader(args.data, args.batch_size, T, vocab_size=cfg.vocab_size)
     n = min(args.batches or loader.num_batches_per_epoch, loader.num_batches_per_epoch)
-    device = resolve_device(args.device)
-    be = get_backend(device, args.dtype or ("bf16" if device == "cuda" else "fp32"))
-    model = GPT2(cfg, be, args.batch_size, T, training=False)
+    model = family_of(cfg).model(cfg, _backend(args), args.batch_size, T, training=False)
     model.load_params(params)
     total = 0.0
     for _ in range(n):
@@ -147,7 +169,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_convert(args) -> int:
     from .formats.checkpoint import save_checkpoint
-    from .formats.hf import write_hf_gpt2
+    from .formats.hf import write_hf_model
     from .formats.llmc import write_llmc_model
     cfg, params = _load_any(args.input)
     to = args.to or ("llmc" if args.output.endswith(".bin") else "checkpoint"
@@ -156,7 +178,7 @@ def _cmd_convert(args) -> int:
     if to in ("llmc", "llmc-bf16"):
         write_llmc_model(args.output, cfg, params, dtype="bf16" if to == "llmc-bf16" else "fp32")
     elif to == "hf":
-        write_hf_gpt2(args.output, cfg, params)
+        write_hf_model(args.output, cfg, params)
     else:
         save_checkpoint(args.output, cfg, params)
     print(f"wrote {args.output} ({to})")
@@ -183,17 +205,20 @@ def _cmd_tokenizer(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    ap = argparse.ArgumentParser(prog="llmpy", description="GPT-2 from scratch in Python (llm.c's formats).")
+    ap = argparse.ArgumentParser(prog="llmpy", description="Language models trained from scratch in Python "
+                                 "(GPT-2; llm.c's formats).")
     ap.add_argument("--version", action="version", version=f"llmpy {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
+    from .data.prepare import SHARD_TOKENS, VAL_FRACTION
     p = sub.add_parser("prepare", help="text files or folders -> llm.c token shards (none: the Shakespeare corpus)")
     p.add_argument("inputs", nargs="*", help="text files or folders (every *.txt below them)")
     p.add_argument("--out", metavar="DIR", help="output folder")
-    p.add_argument("--name", default="data", help="shard name prefix (default data)")
+    p.add_argument("--name", default="data", help="shard name prefix (default %(default)s)")
     p.add_argument("--val-tokens", type=int, help="the first N tokens go to the val split")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="else this fraction (default 0.05)")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 1e8)")
+    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="else this fraction (default "
+                   "%(default)s)")
+    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard (default %(default)s)")
     p.set_defaults(func=_cmd_prepare)
 
     _train_parser(sub)
@@ -204,20 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="llmpy checkpoint, llm.c .bin or HF file")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--max-new-tokens", "-n", type=int, help="default 256 (or what fits the context)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=40, help="sample from the k most likely; 0 = all (default 40)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=40, help="sample from the k most likely; 0 = all (default "
+                   "%(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     p.add_argument("--stop-at-eot", action="store_true", help="stop at <|endoftext|>")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="(default %(default)s)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="default fp32 on the CPU, bf16 on the GPU")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("eval", help="mean loss of a checkpoint on token shards")
     p.add_argument("--checkpoint", required=True, metavar="PATH")
     p.add_argument("--data", required=True, metavar="GLOB", help="llm.c-format token shards")
-    p.add_argument("--batch-size", "-b", type=int, default=8)
+    p.add_argument("--batch-size", "-b", type=int, default=8, help="(default %(default)s)")
     p.add_argument("--seq-len", "-t", type=int, help="default: the model's context")
     p.add_argument("--batches", type=int, help="the first N batches (default: one pass over the shards)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"])
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="(default %(default)s)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="default fp32 on the CPU, bf16 on the GPU")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("convert", help="convert weights between llm.c .bin, HF safetensors and llmpy checkpoints")

@@ -8,8 +8,10 @@ import pytest
 
 from llmpy import layers as Lr
 from llmpy.backends import cpu as cpu_mod
-from llmpy.backends.cpu import CPUBackend, adamw_update, blocks
-from llmpy.config import GPT2Config
+from llmpy.backends.cpu import CPUBackend, blocks
+from llmpy.backends.ops import OpShapes
+from llmpy.layers.adamw import adamw_update
+from llmpy.models.gpt2 import GPT2Config
 from llmpy.models.gpt2 import GPT2
 from llmpy.train.optim import AdamW
 
@@ -22,8 +24,9 @@ def be(monkeypatch):
     monkeypatch.setattr(cpu_mod, "BLOCK", 96)
     monkeypatch.setattr(cpu_mod, "ROW_BLOCK_BYTES", 3 * 37 * 4)  # 3 rows of 37 logits
     b = CPUBackend("fp32")
-    b.plan_workspace(GPT2Config(max_seq_len=16, vocab_size=37, padded_vocab_size=64, num_layers=1, num_heads=2,
-                                channels=12), 3, 11)
+    C = 12  # a GPT-2 block's ops at B=3, T=11, 2 heads, vocabulary 37
+    b.plan_workspace(OpShapes(3, 11, C, 2, 2, C // 2, 37, 37, linears=((3 * C, C), (C, C), (4 * C, C), (C, 4 * C),
+                                                                        (37, C)), bias_widths=(3 * C, C, 4 * C)))
     return b
 
 

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from llmpy import layers as Lr
+from llmpy.backends.ops import OpShapes
+from llmpy.errors import UserError
 
 pytestmark = pytest.mark.gpu
 TOL = {"fp32": 1e-5, "bf16": 1e-2}
@@ -40,6 +42,7 @@ def poison(be, shape, dtype=None):
     """An output buffer full of NaN (all-ones bytes are NaN in fp32 and bf16): unwritten elements show."""
     x = be.xp.empty(shape, dtype=dtype or be.act_dtype)
     be.xp.cuda.runtime.memset(x.data.ptr, 0xFF, x.nbytes)
+    be.xp.cuda.Device().synchronize()  # the memset runs on the legacy stream, which be.stream does not wait for
     return x
 
 
@@ -63,7 +66,7 @@ def test_encoder(be):
     wte, wpe = rounded(be, r.standard_normal((V, C))), rounded(be, r.standard_normal((T, C)))
     out = poison(be, (B, T, C))
     tokd = be.asarray(tok)
-    be.plan_workspace(_cfg(C, 2), B, T)
+    be.plan_workspace(_shapes(B, T, C, 2))
     be.set_tokens(tokd, tok)
     be.encoder_forward(out, tokd, dev(be, wte), dev(be, wpe))
     ref = np.empty((B, T, C))
@@ -79,10 +82,12 @@ def test_encoder(be):
     check(be, dwpe, rp)
 
 
-def _cfg(C, NH, T=64, V=1000):
-    from llmpy.config import GPT2Config
-    return GPT2Config(max_seq_len=T, vocab_size=V, padded_vocab_size=((V + 127) // 128) * 128, num_layers=2,
-                      num_heads=NH, channels=C)
+def _shapes(B, T, C, NH, V=1000, bias_widths=None):
+    """The op sizes of a GPT-2-like stack (biases on qkv, attention proj, fc, fc proj) at these sizes."""
+    Vp = (V + 127) // 128 * 128
+    return OpShapes(B=B, T=T, channels=C, heads=NH, kv_heads=NH, head_size=C // NH, vocab=V, logits=Vp,
+                    linears=((3 * C, C), (C, C), (4 * C, C), (C, 4 * C), (Vp, C)),
+                    bias_widths=(3 * C, C, 4 * C, C) if bias_widths is None else bias_widths)
 
 
 def test_layernorm_and_fused_residual(be):
@@ -92,7 +97,7 @@ def test_layernorm_and_fused_residual(be):
     w, b = rounded(be, 1 + 0.1 * r.standard_normal(C)), rounded(be, r.standard_normal(C))
     res, out = poison(be, (N, C)), poison(be, (N, C))
     mean, rstd = poison(be, N, np.float32), poison(be, N, np.float32)
-    be.plan_workspace(_cfg(C, 4), 5, 60)
+    be.plan_workspace(_shapes(5, 60, C, 4, bias_widths=()))  # the partials are sized by LayerNorm's 2C alone
     be.fused_residual_layernorm_forward(res, out, mean, rstd, dev(be, x1), dev(be, x2), dev(be, w), dev(be, b))
     xr = host(be, res)  # the LayerNorm reads the stored (rounded) residual
     check(be, res, x1 + x2)
@@ -133,7 +138,7 @@ def test_matmul(be, gelu):
     prex = rounded(be, r.standard_normal((M, K)))
     dw0, db0 = rounded(be, r.standard_normal((OC, K))), rounded(be, r.standard_normal(OC))
     dinp, dw, db = poison(be, (M, K)), dev(be, dw0), dev(be, db0)
-    be.plan_workspace(_cfg(K, 4), 4, 48)
+    be.plan_workspace(_shapes(4, 48, K, 4, bias_widths=(OC,)))  # column-sum partials sized by this bias
     be.matmul_backward(dinp, dw, db, dev(be, dout), dev(be, x), dev(be, w), gelu_pre=dev(be, prex) if gelu else None)
     rdi, rdw, rdb = np.empty((M, K)), dw0.copy(), db0.copy()
     Lr.matmul_backward(rdi, rdw, rdb, dout, x, w)
@@ -153,8 +158,10 @@ def test_attention(be, impl):
     r = rng()
     B, T, NH, hs = 2, 128, 4, 64
     C = NH * hs
-    (shape, kind) = b2.attention_state(B, T, NH, hs)
-    b2.plan_workspace(_cfg(C, NH, T=T), B, T)
+    (shape, kind) = b2.attention_state(B, T, NH, NH, hs)
+    with pytest.raises(UserError, match="grouped-query"):
+        b2.attention_state(B, T, NH, NH // 2, hs)
+    b2.plan_workspace(_shapes(B, T, C, NH))
     assert type(b2._attention(B, T, NH, hs)).__name__.lower().startswith(impl[:5])
     qkv = rounded(b2, r.standard_normal((B, T, 3 * C)))
     out = poison(b2, (B, T, C))
@@ -169,6 +176,30 @@ def test_attention(be, impl):
     rq = np.empty((B, T, 3 * C))
     Lr.attention_backward(rq, dout, qkv, att, NH)
     check(b2, dqkv, rq)
+
+
+def test_attention_decode(be):
+    """Decoding one position at a time into a poisoned KV cache, against the NumPy step: a read past pos, a write
+    to the wrong slot or a wrong head/sequence offset shows as NaN or a mismatch."""
+    r = rng()
+    B, NH, hs, maxT = 2, 4, 64, 40
+    C = NH * hs
+    kc, vc = poison(be, (B, NH, maxT, hs)), poison(be, (B, NH, maxT, hs))
+    rk, rv = np.full((B, NH, maxT, hs), np.nan), np.full((B, NH, maxT, hs), np.nan)
+    for pos in range(maxT):  # from an empty cache to its last slot
+        qkv = rounded(be, r.standard_normal((B, 1, 3 * C)))
+        out = poison(be, (B, 1, C))
+        be.attention_decode(out, dev(be, qkv), kc, vc, pos, NH)
+        ref = np.empty((B, 1, C))
+        Lr.attention_decode(ref, qkv, rk, rv, pos, NH)
+        check(be, out, ref)
+        if pos == 12:
+            k = host(be, kc)
+            assert np.array_equal(k[:, :, :pos + 1], rk[:, :, :pos + 1]), "k written to the wrong slot"
+            assert np.isnan(k[:, :, pos + 1:]).all(), "cache written past pos"
+    assert np.array_equal(host(be, kc), rk) and np.array_equal(host(be, vc), rv)
+    with pytest.raises(ValueError):
+        be.attention_decode(out, dev(be, qkv), kc, vc, maxT, NH)
 
 
 def test_fused_classifier(be):
@@ -190,7 +221,7 @@ def test_fused_classifier(be):
 
 def test_adamw_and_norm(be):
     r = rng()
-    be.plan_workspace(_cfg(64, 2), 2, 32)  # the norm's partial sums live in the workspace
+    be.plan_workspace(_shapes(2, 32, 64, 2))  # the norm's partial sums live in the workspace
     n = 10_000
     g = rounded(be, r.standard_normal(n) * 0.1)
     p = r.standard_normal(n).astype(np.float32)

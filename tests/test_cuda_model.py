@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llmpy.backends import get_backend
-from llmpy.config import GPT2Config, param_shapes
+from llmpy.models.gpt2 import GPT2Config, spec
 from llmpy.data.shards import write_shard
 from llmpy.errors import UserError
 from llmpy.formats.llmc import read_llmc_model, write_llmc_model
@@ -58,7 +58,7 @@ def model_on(device, dtype, ckpt, recompute=0):
 
 
 def grads_host(m):
-    return {n: np.asarray(m.be.to_numpy(m.grads[n]), np.float64) for n, _ in param_shapes(m.cfg)}
+    return {n: np.asarray(m.be.to_numpy(m.grads[n]), np.float64) for n in (s.name for s in spec(m.cfg))}
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llmpy.backends import get_backend
-from llmpy.config import GPT2Config
+from llmpy.models.gpt2 import GPT2Config, spec
 from llmpy.data.shards import write_shard
 from llmpy.distributed.env import DistEnv
 from fakes import FakeComm
@@ -101,7 +101,7 @@ def test_two_ranks_match_one_process_with_accumulation(zero):
 def test_layout_views_runs_and_shards():
     be = get_backend("cpu")
     for world in (1, 2, 3):
-        lay = ParamLayout(CFG, world)
+        lay = ParamLayout(spec(CFG), world)
         buf = ParamBuffer(be, lay, np.float32)
         buf.flat[...] = np.arange(lay.size)
         covered = np.zeros(lay.size, bool)
@@ -120,7 +120,7 @@ def test_layout_views_runs_and_shards():
                 owned[g0:g0 + n] += 1
         assert np.all(owned[covered] == 1), "every parameter is updated by exactly one rank"
         assert all((b1 - b0) % (64 * world) == 0 for b0, b1 in lay.buckets)
-    rot = RotatingGrads(be, ParamLayout(CFG, 2), np.float32)
+    rot = RotatingGrads(be, ParamLayout(spec(CFG), 2), np.float32)
     assert np.shares_memory(rot["qkvw"][0], rot.bucket(1)) and np.shares_memory(rot["qkvw"][2], rot.bucket(1))
     assert not np.shares_memory(rot["qkvw"][1], rot["qkvw"][0])
 

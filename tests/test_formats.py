@@ -11,13 +11,14 @@ import struct
 import numpy as np
 import pytest
 
-from llmpy.config import GPT2Config, pad_vocab, param_shapes
+from llmpy.models.base import pad_vocab
+from llmpy.models.gpt2 import GPT2Config, spec
 from llmpy.errors import UserError
 from llmpy.formats import llmc
 from llmpy.formats.atomic import atomic_write
 from llmpy.formats.bf16 import bf16_bits_to_fp32, fp32_to_bf16_bits
 from llmpy.formats.checkpoint import is_checkpoint, load_checkpoint, load_weights, save_checkpoint
-from llmpy.formats.hf import is_hf_gpt2, read_hf_gpt2, write_hf_gpt2
+from llmpy.formats.hf import is_hf_model, read_hf_model, write_hf_model
 from llmpy.formats.llmc import is_llmc_model, read_llmc_model, write_llmc_model
 from llmpy.formats.safetensors import load_safetensors, read_safetensors_header, save_safetensors
 
@@ -26,7 +27,7 @@ CFG = GPT2Config(max_seq_len=16, vocab_size=200, padded_vocab_size=256, num_laye
 
 def rand_params(cfg: GPT2Config = CFG, seed: int = 0, zero_pad: bool = False) -> dict[str, np.ndarray]:
     r = np.random.default_rng(seed)
-    p = {n: r.standard_normal(s).astype(np.float32) for n, s in param_shapes(cfg)}
+    p = {s.name: r.standard_normal(s.shape).astype(np.float32) for s in spec(cfg)}
     if zero_pad:
         p["wte"][cfg.vocab_size:] = 0
     return p
@@ -354,10 +355,10 @@ def test_llmc_fp32_roundtrip_and_bytes(tmp_path):
     np.testing.assert_array_equal(h[:8], [20240326, 3, 16, 200, 2, 2, 8, 256])
     assert not h[8:].any()
     body = np.fromfile(p, dtype="<f4", offset=1024)
-    np.testing.assert_array_equal(body, np.concatenate([params[name].ravel() for name, _ in param_shapes(CFG)]))
+    np.testing.assert_array_equal(body, np.concatenate([params[s.name].ravel() for s in spec(CFG)]))
     cfg, got = read_llmc_model(p)
     assert cfg == CFG
-    assert list(got) == [name for name, _ in param_shapes(CFG)]
+    assert list(got) == [s.name for s in spec(CFG)]
     assert_params_equal(got, params)
     assert is_llmc_model(p)
 
@@ -445,8 +446,8 @@ def test_llmc_misc(tmp_path):
 def test_hf_roundtrip_and_disk_layout(tmp_path):
     params = rand_params(seed=6, zero_pad=True)
     d = tmp_path / "gpt2"
-    write_hf_gpt2(d, CFG, params)
-    cfg, got = read_hf_gpt2(d)
+    write_hf_model(d, CFG, params)
+    cfg, got = read_hf_model(d)
     assert cfg == GPT2Config(max_seq_len=16, vocab_size=200, padded_vocab_size=pad_vocab(200), num_layers=2,
                              num_heads=2, channels=8)
     assert_params_equal(got, params)
@@ -471,13 +472,13 @@ def test_hf_roundtrip_and_disk_layout(tmp_path):
     assert (conf["n_layer"], conf["n_head"], conf["n_embd"], conf["n_positions"], conf["n_ctx"],
             conf["vocab_size"]) == (2, 2, 8, 16, 16, 200)
     assert conf["layer_norm_epsilon"] == 1e-5 and conf["activation_function"] == "gelu_new"
-    assert is_hf_gpt2(d) and is_hf_gpt2(d / "model.safetensors")
+    assert is_hf_model(d) and is_hf_model(d / "model.safetensors")
 
 
 def test_hf_padding_rows_dropped(tmp_path):
     params = rand_params(seed=7)  # random (non-zero) padded rows
-    write_hf_gpt2(tmp_path / "w.safetensors", CFG, params)
-    _, got = read_hf_gpt2(tmp_path / "w.safetensors")
+    write_hf_model(tmp_path / "w.safetensors", CFG, params)
+    _, got = read_hf_model(tmp_path / "w.safetensors")
     np.testing.assert_array_equal(got["wte"][:200], params["wte"][:200])
     assert not got["wte"][200:].any()
 
@@ -510,15 +511,15 @@ def test_hf_prefix_buffers_tied_head(tmp_path):
         t[f"transformer.h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
     save_safetensors(tmp_path / "model.safetensors", t)
     write_hf_config(tmp_path)  # n_ctx only (older configs), no n_positions
-    assert is_hf_gpt2(tmp_path)
-    cfg, got = read_hf_gpt2(tmp_path)
+    assert is_hf_model(tmp_path)
+    cfg, got = read_hf_model(tmp_path)
     assert cfg == CFG
     assert_params_equal(got, params)
     # bf16 HF files are read too (converted to float32)
     bits = {k: (np.ascontiguousarray(v, np.float32).view(np.uint32) >> 16).astype(np.uint16)
             for k, v in hf_tensors(params).items()}
     save_safetensors(tmp_path / "model.safetensors", {}, bf16=bits)
-    _, got = read_hf_gpt2(tmp_path)
+    _, got = read_hf_model(tmp_path)
     np.testing.assert_array_equal(got["qkvw"][1], (params["qkvw"][1].view(np.uint32) & 0xFFFF0000).view(np.float32))
 
 
@@ -546,16 +547,16 @@ def test_hf_errors(tmp_path, case):
         t["ln_f.bias"] = np.ones(8, np.int32)
     save_safetensors(tmp_path / "model.safetensors", t)
     with pytest.raises(UserError):
-        read_hf_gpt2(tmp_path)
+        read_hf_model(tmp_path)
 
 
 def test_hf_infers_config_without_json(tmp_path):
     cfg = GPT2Config(max_seq_len=8, vocab_size=130, padded_vocab_size=256, num_layers=1, num_heads=2, channels=128)
     params = rand_params(cfg, seed=10, zero_pad=True)
-    write_hf_gpt2(tmp_path, cfg, params)
+    write_hf_model(tmp_path, cfg, params)
     (tmp_path / "config.json").unlink()
     with pytest.warns(UserWarning, match="head size 64"):
-        got_cfg, got = read_hf_gpt2(tmp_path / "model.safetensors")
+        got_cfg, got = read_hf_model(tmp_path / "model.safetensors")
     assert got_cfg == cfg
     for n, a in params.items():
         np.testing.assert_array_equal(got[n], a)
@@ -580,7 +581,7 @@ def test_checkpoint_roundtrip(tmp_path):
     _, meta = read_safetensors_header(p)
     assert meta["format"] == "llmpy-train-state" and meta["version"] == "1"
     assert json.loads(meta["config"]) == CFG.to_dict()
-    assert is_checkpoint(p) and not is_hf_gpt2(p) and not is_llmc_model(p)
+    assert is_checkpoint(p) and not is_hf_model(p) and not is_llmc_model(p)
     w = load_checkpoint(p, weights_only=True)
     assert w.adam_m is None and w.adam_v is None
     assert_params_equal(w.params, params)
@@ -594,7 +595,7 @@ def test_checkpoint_weights_only(tmp_path):
     assert ck.adam_m is None and ck.adam_v is None and ck.state == {}
     assert_params_equal(ck.params, params)
     infos, _ = read_safetensors_header(p)
-    assert set(infos) == {n for n, _ in param_shapes(CFG)}
+    assert set(infos) == {s.name for s in spec(CFG)}
 
 
 def ck_meta(cfg=CFG, **over):
@@ -651,7 +652,7 @@ def test_load_weights_detects_formats(tmp_path):
     params = rand_params(seed=19, zero_pad=True)
     write_llmc_model(tmp_path / "m.bin", CFG, params)
     save_checkpoint(tmp_path / "ck.safetensors", CFG, params, adam_m=params, adam_v=params, state={"step": 1})
-    write_hf_gpt2(tmp_path / "hf", CFG, params)
+    write_hf_model(tmp_path / "hf", CFG, params)
     for src in (tmp_path / "m.bin", tmp_path / "ck.safetensors", tmp_path / "hf",
                 tmp_path / "hf" / "model.safetensors"):
         cfg, got = load_weights(src)

@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 
 from benchmarks.torch_gpt2 import TorchGPT2  # noqa: E402
 from llmpy.backends import get_backend  # noqa: E402
-from llmpy.config import GPT2Config, param_shapes  # noqa: E402
+from llmpy.models.gpt2 import GPT2Config, spec  # noqa: E402
 from llmpy.models.gpt2 import GPT2  # noqa: E402
 from llmpy.train.optim import AdamW  # noqa: E402
 
@@ -44,7 +44,7 @@ def test_logits_loss_grads(setup):
     tloss.backward()
     assert relerr(logits, tl[..., :CFG.vocab_size].detach().numpy()) < 1e-5
     assert abs(loss - tloss.item()) / tloss.item() < 1e-5
-    for name, _ in param_shapes(CFG):
+    for name in (s.name for s in spec(CFG)):
         g = model.grads[name]
         tg = getattr(ref, name).grad.numpy()
         assert relerr(g, tg) < 1e-5, name
@@ -80,7 +80,7 @@ def test_ten_adamw_steps(setup):
     assert ours[-1] < ours[0] - 0.1, "the model should memorise the batch"
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=0)
     C = CFG.channels
-    for name, _ in param_shapes(CFG):
+    for name in (s.name for s in spec(CFG)):
         ours_p, ref_p = model.params[name], getattr(ref, name).detach().numpy()
         if name == "qkvb":  # the key bias has an exactly-zero true gradient (softmax is shift-invariant), so
             keep = np.r_[0:C, 2 * C:3 * C]  # both sides update it from rounding noise that Adam amplifies
@@ -97,7 +97,7 @@ def test_chunked_lm_head_matches_one_chunk(setup):
         m.init_weights(7)
         loss = m.forward(x, y, grad_scale=1.0 / (B * T))
         m.backward()
-        out.append((loss, {n: m.grads[n].copy() for n, _ in param_shapes(CFG)}))
+        out.append((loss, {s.name: m.grads[s.name].copy() for s in spec(CFG)}))
     (l1, g1), (l2, g2) = out
     assert abs(l1 - l2) <= 1e-6 * l1
     for n in g1:

@@ -1,12 +1,12 @@
-"""Generation: the KV-cache decoder against the full-sequence forward, and the sampler's distribution."""
+"""Generation: decoding one position at a time through the model's own forward with a KV cache, against the
+full-sequence forward; the sampler's distribution; seeding and context checks."""
 import numpy as np
 import pytest
 
 from llmpy.backends import get_backend
-from llmpy.config import GPT2Config
 from llmpy.errors import UserError
-from llmpy.models.gpt2 import GPT2
-from llmpy.sample import KVCacheDecoder, generate, sample_token
+from llmpy.models.decode import decoder, generate, sample_token
+from llmpy.models.gpt2 import GPT2, GPT2Config
 
 CFG = GPT2Config(max_seq_len=24, vocab_size=300, padded_vocab_size=384, num_layers=3, num_heads=2, channels=16)
 
@@ -22,12 +22,16 @@ def test_kv_cache_matches_full_forward():
     toks = np.random.default_rng(2).integers(0, CFG.vocab_size, (1, n)).astype(np.int32)
     model.forward(toks)
     full = model.acts["logits"]                      # (n, V)
-    dec = KVCacheDecoder(CFG, p)
-    got = [dec.forward(toks[0, :7])]                 # a prompt of 7 in one pass, then one token at a time
-    got += [dec.forward(toks[0, i:i + 1]) for i in range(7, n)]
+    dec = decoder(CFG, p, get_backend("cpu"))
+    state = dec.new_decode_state()
+    got = [dec.decode_step(toks[:, :7], state)[0]]   # a prompt of 7, then one token at a time
+    got += [dec.decode_step(toks[:, i:i + 1], state)[0] for i in range(7, n)]
+    assert state.pos == n
     ref = full[6:]
     err = np.linalg.norm(np.stack(got) - ref) / np.linalg.norm(ref)
     assert err < 1e-5
+    with pytest.raises(UserError, match="context"):
+        dec.decode_step(np.zeros((1, CFG.max_seq_len - n + 1), np.int32), state)
 
 
 def test_sampler_greedy_topk_and_distribution():
@@ -47,12 +51,14 @@ def test_sampler_greedy_topk_and_distribution():
 def test_generate_is_seeded_and_checks_context():
     p = GPT2(CFG, get_backend("cpu"), 1, 4, training=False)
     p.init_weights(0)
-    params = p.params_numpy()
-    a = generate(params, CFG, [1, 2, 3], 10, rng=np.random.default_rng(5))
-    b = generate(params, CFG, [1, 2, 3], 10, rng=np.random.default_rng(5))
-    c = generate(params, CFG, [1, 2, 3], 10, rng=np.random.default_rng(6))
+    model = decoder(CFG, p.params_numpy(), get_backend("cpu"))
+    a = generate(model, [1, 2, 3], 10, rng=np.random.default_rng(5))
+    b = generate(model, [1, 2, 3], 10, rng=np.random.default_rng(5))
+    c = generate(model, [1, 2, 3], 10, rng=np.random.default_rng(6))
     assert a == b and a != c and len(a) == 10
     with pytest.raises(UserError, match="context"):
-        generate(params, CFG, [1] * 20, 10, rng=np.random.default_rng(0))
+        generate(model, [1] * 20, 10, rng=np.random.default_rng(0))
     with pytest.raises(UserError, match="vocabulary"):
-        generate(params, CFG, [CFG.vocab_size], 1, rng=np.random.default_rng(0))
+        generate(model, [CFG.vocab_size], 1, rng=np.random.default_rng(0))
+    stopped = generate(model, [1, 2, 3], 10, rng=np.random.default_rng(5), stop_at=a[2])
+    assert stopped == a[:a.index(a[2]) + 1]

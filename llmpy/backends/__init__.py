@@ -27,5 +27,5 @@ def get_backend(device: str = "cpu", dtype: str = "fp32", device_id: int | None 
     if device == "cpu":
         from .cpu import CPUBackend
         return CPUBackend(dtype)
-    from .cuda import CUDABackend  # noqa: deferred import keeps CuPy off the CPU path
+    from .cuda import CUDABackend  # deferred: keeps CuPy off the CPU path
     return CUDABackend(dtype, device_id=device_id)

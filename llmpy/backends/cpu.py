@@ -16,12 +16,12 @@ elementwise work does not pay: after each GEMM, OpenBLAS's idle worker spins for
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 
 from .. import layers as Lr
 from ..errors import UserError
+from .ops import OpShapes
 
 _DTYPES = {"fp32": np.float32, "fp64": np.float64}
 BLOCK = 1 << 15          # elements per operand in one block of an elementwise chain (128 KB in fp32)
@@ -92,19 +92,21 @@ class CPUBackend:
     def add_inplace(self, a, b):
         a += b
 
-    def logit_columns(self, cfg) -> int:
-        return cfg.vocab_size                        # only the real vocabulary: padded columns never exist
+    def logit_columns(self, vocab_size, padded_vocab_size) -> int:
+        return vocab_size                            # only the real vocabulary: padded columns never exist
 
-    def attention_state(self, B, T, NH, hs) -> tuple:
-        return (B, NH, T, T), "act"                  # the saved softmax, in the activation buffer
+    def attention_state(self, B, T, heads, kv_heads, head_size) -> tuple:
+        if kv_heads != heads:
+            raise UserError("grouped-query attention (kv_heads != heads) is not implemented on the cpu device yet")
+        return (B, heads, T, T), "act"               # the saved softmax, in the activation buffer
 
-    def plan_workspace(self, cfg, B, T):
+    def plan_workspace(self, shapes: OpShapes) -> int:
         """One flat scratch buffer, large enough for the hungriest op (all ops run one after another)."""
-        C, NH, V, N = cfg.channels, cfg.num_heads, self.logit_columns(cfg), B * T
+        B, T, C, NH, N = shapes.B, shapes.T, shapes.channels, shapes.heads, shapes.B * shapes.T
         need = max(
             3 * BLOCK,                               # gelu backward, AdamW (one block each)
             2 * BLOCK + 3 * C,                       # layernorm backward (one block of rows)
-            V * C + V + N, 4 * C * C + 4 * C + N,    # matmul backward: LM head, MLP
+            *(OC * K + OC + N for OC, K in shapes.linears),  # matmul backward: the product, bias sums
             B * NH * T * T + B * NH * T,             # attention backward (forward needs less)
             2 * N,                                   # classifier
         )
@@ -169,6 +171,9 @@ class CPUBackend:
             Lr.attention_backward(dqkv[b:b + 1], dout[b:b + 1], qkv[b:b + 1], state[b:b + 1], num_heads,
                                   scratch=self.ws)
 
+    def attention_decode(self, out, qkv, k_cache, v_cache, pos, num_heads):
+        Lr.attention_decode(out, qkv, k_cache, v_cache, pos, num_heads)
+
     def fused_classifier(self, losses, logits, targets, vocab_size, dloss=None):
         lg = logits[..., :vocab_size].reshape(-1, vocab_size)
         ls, t = losses.reshape(-1), targets.reshape(-1)
@@ -216,31 +221,8 @@ class CPUBackend:
         a, b = self.ws[:BLOCK], self.ws[BLOCK:2 * BLOCK]
         for i in blocks(g.size, BLOCK):
             n = i.stop - i.start
-            adamw_update(p[i], g[i], m[i], v[i], a[:n], b[:n], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            Lr.adamw_update(p[i], g[i], m[i], v[i], a[:n], b[:n], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                          bc1=bc1, bc2=bc2, weight_decay=weight_decay, scale=scale)
-
-
-def adamw_update(p, g, m, v, a, b, *, lr, beta1, beta2, eps, bc1, bc2, weight_decay, scale=1.0):
-    """AdamW on flat arrays, in place (a, b: scratch of the same size), llm.c's formula with clipping folded in:
-    m = b1 m + (1-b1) s g;  v = b2 v + (1-b2) (s g)^2;  p -= lr (m bc1 / (sqrt(v bc2) + eps) + wd p),
-    s the clip scale, bc1 = 1/(1-b1^t), bc2 = 1/(1-b2^t). sqrt(bc2) is factored out of the denominator (one
-    pass fewer); p is rounded once per step."""
-    np.multiply(g, (1.0 - beta1) * scale, out=a)
-    m *= beta1
-    m += a
-    np.multiply(g, g, out=a)
-    a *= (1.0 - beta2) * scale * scale
-    v *= beta2
-    v += a
-    r = math.sqrt(bc2)
-    np.sqrt(v, out=a)
-    a += eps / r                               # (sqrt(v bc2) + eps) / sqrt(bc2)
-    np.divide(m, a, out=a)
-    a *= lr * bc1 / r                          # lr m_hat / (sqrt(v_hat) + eps)
-    if weight_decay:
-        np.multiply(p, lr * weight_decay, out=b)
-        a += b
-    p -= a
 
 
 class _InOrder:

@@ -17,6 +17,8 @@ from ..formats.atomic import atomic_write_bytes
 from ..paths import cache_dir
 from .shards import MAX_SHARD_TOKENS, SHARD_MAGIC, SHARD_VERSION, write_shard
 
+VAL_FRACTION = 0.05        # of the tokens, when no --val-tokens
+SHARD_TOKENS = 100_000_000  # tokens per shard file (llm.c's)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -112,7 +114,7 @@ def _prepare_texts(texts: Iterator[str], ndocs: int, out_dir: str | os.PathLike,
 
 
 def prepare(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, name: str, val_tokens: int | None = None,
-            val_fraction: float = 0.05, shard_tokens: int = 100_000_000) -> tuple[list[Path], list[Path]]:
+            val_fraction: float = VAL_FRACTION, shard_tokens: int = SHARD_TOKENS) -> tuple[list[Path], list[Path]]:
     """Tokenize text files (folders: every `*.txt` below them) into `{name}_val_NNNNNN.bin` and
     `{name}_train_NNNNNN.bin` shards of at most `shard_tokens` tokens in `out_dir`; returns (train, val) paths.
     Files are UTF-8 documents taken in sorted path order, each preceded by EOT. Val is the first `val_tokens`
@@ -157,7 +159,7 @@ def prepare_shakespeare(out_dir: str | os.PathLike | None = None) -> tuple[str, 
         pass  # no stamp, a damaged one, or a shard gone: make them again
     stamp_path.unlink(missing_ok=True)
     train, val = _prepare_texts((t for _, t in texts), len(texts), out, "shakespeare", None,
-                                SHAKESPEARE_VAL_FRACTION, 100_000_000)
+                                SHAKESPEARE_VAL_FRACTION, SHARD_TOKENS)
     want["shards"] = {p.name: _file_sha256(p) for p in val + train}
     atomic_write_bytes(stamp_path, json.dumps(want, indent=1).encode())  # last: its presence means the shards are whole
     return globs

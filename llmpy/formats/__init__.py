@@ -1,24 +1,26 @@
 """File formats, all read without running code (no pickle) and written atomically:
 
-- `llmc`        llm.c model checkpoint (`gpt2_124M.bin`, fp32 version 3 / bf16 version 5)
+- `llmc/`       llm.c model checkpoints (`gpt2_124M.bin`, fp32 version 3 / bf16 version 5); a header codec per family
+- `hf/`         Hugging Face weights (`model.safetensors` + `config.json`), from/to local files; a codec per family
 - `safetensors` our own reader/writer of the safetensors format
-- `hf`          Hugging Face GPT-2 weights (`model.safetensors` + `config.json`), from/to local files
 - `checkpoint`  our training state (weights, AdamW moments, step/loader/RNG state) in one safetensors file,
                 and `load_weights`, which recognizes all three weight formats
 - `bf16`, `atomic`  helpers: bfloat16 bits <-> float32, atomic file replacement
+
+Tensor names, shapes and order come from the family's parameter spec (models/<family>.py); nothing here lists them.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..config import GPT2Config, param_shapes
+from ..config import family_of
 from ..errors import UserError
 
 
-def check_params(cfg: GPT2Config, params: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
-    """The parameters as C-contiguous float32 in `param_shapes(cfg)` order; UserError (mentioning `where`)
-    if a tensor is missing, unexpected, not floating point, or of the wrong shape."""
-    shapes = dict(param_shapes(cfg))
+def check_params(cfg, params: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """The parameters as C-contiguous float32 in the spec's order; UserError (mentioning `where`) if a tensor is
+    missing, unexpected, not floating point, or of the wrong shape."""
+    shapes = {s.name: tuple(s.shape) for s in family_of(cfg).spec(cfg)}
     missing = [n for n in shapes if n not in params]
     extra = [n for n in params if n not in shapes]
     if missing or extra:

@@ -1,9 +1,11 @@
 """Our training-state checkpoint: one safetensors file holding everything needed to resume bit-exactly.
 
-Tensors: the 16 parameters under their `param_shapes` names (fp32 master weights) and, unless it is a
-weights-only checkpoint, the AdamW moments under `adam_m.<name>` / `adam_v.<name>` (float32).
-`__metadata__`: {"format": "llmpy-train-state", "version": "1", "config": JSON of GPT2Config.to_dict(),
-"state": JSON of whatever dict the trainer passes (step, loader position, RNG state, args)}.
+Tensors: the parameters under their spec names (fp32 master weights) and, unless it is a weights-only
+checkpoint, the AdamW moments under `adam_m.<name>` / `adam_v.<name>` (float32), and the bf16 compute copy under
+`compute_bf16.<name>` (uint16 bits) when training ran in bf16.
+`__metadata__`: {"format": "llmpy-train-state", "version": "1", "family": the model family ("gpt2"; files from
+before families have none and are GPT-2), "config": JSON of the family config's to_dict(), "state": JSON of
+whatever dict the trainer passes (step, loader position, RNG state, args)}.
 """
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import GPT2Config, param_shapes
+from ..config import DEFAULT_FAMILY, FAMILIES, config_from_dict, family_of
 from ..errors import UserError
 from . import check_params
-from .hf import is_hf_gpt2, read_hf_gpt2
+from .hf import is_hf_model, read_hf_model
 from .llmc import is_llmc_model, read_llmc_model
 from .safetensors import load_safetensors, read_safetensors_header, save_safetensors
 
@@ -29,7 +31,7 @@ COMPUTE = "compute_bf16"
 
 @dataclass
 class Checkpoint:
-    cfg: GPT2Config
+    cfg: object  # the family's config
     params: dict[str, np.ndarray]
     adam_m: dict[str, np.ndarray] | None = None  # None in a weights-only checkpoint
     adam_v: dict[str, np.ndarray] | None = None
@@ -39,7 +41,7 @@ class Checkpoint:
     compute_bf16: dict[str, np.ndarray] | None = None
 
 
-def save_checkpoint(path: str | os.PathLike, cfg: GPT2Config, params: dict[str, np.ndarray], *,
+def save_checkpoint(path: str | os.PathLike, cfg, params: dict[str, np.ndarray], *,
                     adam_m: dict[str, np.ndarray] | None = None, adam_v: dict[str, np.ndarray] | None = None,
                     state: dict | None = None, compute_bf16: dict[str, np.ndarray] | None = None) -> None:
     """Write the training state atomically. `adam_m` and `adam_v` are given together or not at all; `state`
@@ -53,7 +55,7 @@ def save_checkpoint(path: str | os.PathLike, cfg: GPT2Config, params: dict[str, 
         for prefix, moments in zip(MOMENTS, (adam_m, adam_v)):
             for name, a in check_params(cfg, moments, f"{where} ({prefix})").items():
                 tensors[f"{prefix}.{name}"] = a
-    for name, shape in (param_shapes(cfg) if compute_bf16 is not None else []):
+    for name, shape in ([(s.name, s.shape) for s in family_of(cfg).spec(cfg)] if compute_bf16 is not None else []):
         a = np.ascontiguousarray(compute_bf16[name])
         if a.shape != shape or a.dtype != np.uint16:
             raise UserError(f"{where}: bf16 copy of {name} must be uint16 {shape}, got {a.dtype} {a.shape}")
@@ -62,7 +64,8 @@ def save_checkpoint(path: str | os.PathLike, cfg: GPT2Config, params: dict[str, 
         state_json = json.dumps(state or {})
     except (TypeError, ValueError) as e:
         raise UserError(f"{where}: the training state is not JSON-serializable ({e})") from None
-    meta = {"format": FORMAT, "version": VERSION, "config": json.dumps(cfg.to_dict()), "state": state_json}
+    meta = {"format": FORMAT, "version": VERSION, "family": type(cfg).family, "config": json.dumps(cfg.to_dict()),
+            "state": state_json}
     save_safetensors(path, tensors, meta)
 
 
@@ -82,14 +85,19 @@ def load_checkpoint(path: str | os.PathLike, *, weights_only: bool = False) -> C
         raise UserError(f"{path} is not an llmpy checkpoint (metadata format is {meta.get('format')!r})")
     if meta.get("version") != VERSION:
         raise UserError(f"{path}: unsupported llmpy checkpoint version {meta.get('version')!r} (want {VERSION})")
+    family = meta.get("family", DEFAULT_FAMILY)
+    if family not in FAMILIES:
+        raise UserError(f"{path}: a checkpoint of an unknown model family {family!r} (this llmpy knows "
+                        f"{', '.join(sorted(FAMILIES))})")
     try:
-        cfg = GPT2Config.from_dict(json.loads(meta["config"]))
+        cfg = config_from_dict(family, json.loads(meta["config"]))
         state = json.loads(meta.get("state", "{}"))
-        assert isinstance(state, dict)
-    except (KeyError, ValueError, TypeError, AttributeError, AssertionError, UserError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError, UserError) as e:
         raise UserError(f"{path}: bad config or state in the checkpoint metadata ({e})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: bad state in the checkpoint metadata (not a JSON object)")
 
-    shapes = dict(param_shapes(cfg))
+    shapes = {s.name: tuple(s.shape) for s in family_of(cfg).spec(cfg)}
     has_moments = any(k.startswith(p + ".") for k in infos for p in MOMENTS)
     has_compute = any(k.startswith(COMPUTE + ".") for k in infos)
     expected = dict(shapes)
@@ -119,9 +127,9 @@ def load_checkpoint(path: str | os.PathLike, *, weights_only: bool = False) -> C
     return ck
 
 
-def load_weights(path: str | os.PathLike) -> tuple[GPT2Config, dict[str, np.ndarray]]:
-    """Model weights from an llm.c .bin (by magic), an llmpy checkpoint (by metadata) or an HF GPT-2
-    safetensors file / folder (by keys). Returns (config, float32 params in `param_shapes` order)."""
+def load_weights(path: str | os.PathLike) -> tuple[object, dict[str, np.ndarray]]:
+    """Model weights from an llm.c .bin (by magic), an llmpy checkpoint (by metadata) or an HF safetensors file /
+    folder (by keys). Returns (config, float32 params in spec order); the config's class names the family."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{path} not found")
@@ -130,6 +138,6 @@ def load_weights(path: str | os.PathLike) -> tuple[GPT2Config, dict[str, np.ndar
     if p.is_file() and is_checkpoint(p):
         ck = load_checkpoint(p, weights_only=True)
         return ck.cfg, ck.params
-    if is_hf_gpt2(p):
-        return read_hf_gpt2(p)
-    raise UserError(f"{path} is not a llm.c model, an llmpy checkpoint or a Hugging Face GPT-2 safetensors file")
+    if is_hf_model(p):
+        return read_hf_model(p)
+    raise UserError(f"{path} is not a llm.c model, an llmpy checkpoint or a Hugging Face safetensors file")

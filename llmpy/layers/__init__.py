@@ -11,11 +11,13 @@ from .layernorm import layernorm_forward, layernorm_backward
 from .matmul import matmul_forward, matmul_backward
 from .gelu import gelu_forward, gelu_backward
 from .residual import residual_forward, residual_backward
-from .attention import attention_forward, attention_backward
+from .attention import attention_forward, attention_backward, attention_decode
 from .classifier import crossentropy_forward, fused_classifier
+from .adamw import adamw_update
 
 __all__ = [
     "encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward",
     "matmul_forward", "matmul_backward", "gelu_forward", "gelu_backward", "residual_forward",
-    "residual_backward", "attention_forward", "attention_backward", "crossentropy_forward", "fused_classifier",
+    "residual_backward", "attention_forward", "attention_backward", "attention_decode", "crossentropy_forward",
+    "fused_classifier", "adamw_update",
 ]

@@ -64,3 +64,19 @@ def attention_backward(dqkv, dout, qkv, att, num_heads, scratch=None):
     datt *= 1.0 / math.sqrt(hs)
     np.matmul(datt, k, out=dq)
     np.matmul(datt.swapaxes(-1, -2), q, out=dk)
+
+
+def attention_decode(out, qkv, k_cache, v_cache, pos, num_heads):
+    # One new position per sequence, inference only. qkv (B, 1, 3C): the new token's q, k, v; k_cache, v_cache
+    # (B, NH, maxT, hs): its k and v are written at `pos`, then q attends over positions 0..pos. out (B, 1, C).
+    B, _, C3 = qkv.shape
+    hs = C3 // 3 // num_heads
+    q, k, v = split_heads(qkv, num_heads)                     # (B, NH, 1, hs) each
+    k_cache[:, :, pos] = k[:, :, 0]
+    v_cache[:, :, pos] = v[:, :, 0]
+    att = np.matmul(q, k_cache[:, :, :pos + 1].swapaxes(-1, -2))  # (B, NH, 1, pos+1)
+    att *= 1.0 / math.sqrt(hs)
+    att -= att.max(axis=-1, keepdims=True)
+    np.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    np.matmul(att, v_cache[:, :, :pos + 1], out=out.reshape(B, 1, num_heads, hs).swapaxes(1, 2))

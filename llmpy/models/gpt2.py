@@ -1,90 +1,121 @@
-"""GPT-2: memory plan, forward and backward, written once over a backend's layer ops.
+"""GPT-2 (Radford et al. 2019): its config, its parameter spec, its activation plan, forward and backward, written
+once over a backend's declared ops (backends/ops.py).
 
-Read top to bottom: `_plan_activations` lists every saved tensor; `forward` and `backward` are straight-line
-walks over the layers (llm.c's structure, with the residual add fused into the following LayerNorm).
+Learned position embeddings, pre-LayerNorm blocks, tanh-GELU MLP of width 4C, final LayerNorm, LM head tied to the
+token embedding. The vocabulary is padded to a multiple of 128 (50257 -> 50304) so matrix products tile well;
+padded rows stay zero and never receive probability. `forward` and `backward` are straight-line walks over the
+layers (llm.c's structure, with the residual add fused into the following LayerNorm).
 """
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 
-import numpy as np
 
-from ..config import GPT2Config, param_shapes, RESIDUAL_PROJ
+from ..backends.ops import OpShapes
 from ..errors import UserError
-from .params import ALIGN, ParamBuffer, ParamLayout, RotatingGrads, ShardBuffer
+from .base import Family, Model, ModelConfig, pad_vocab
+from .decode import KVCache
+from .params import ParamSpec
+
+GPT2_VOCAB = 50257
+# depth -> (channels, heads) for the published GPT-2 sizes; other depths use C = 64*L, H = L (head size 64).
+_PUBLISHED = {12: (768, 12), 24: (1024, 16), 36: (1280, 20), 48: (1600, 25)}
+NAMES = "d2..d48 (d12 = 124M, d24 = 350M, d36 = 774M, d48 = 1558M) or lLhHcC[tT][vV] such as l4h4c256t256"
 
 
-class FlatBuffer:
-    """One contiguous allocation with named views (the activations): what makes a step allocation-free and a
-    CUDA graph possible. Tensors start at multiples of ALIGN elements (the gaps stay zero)."""
+@dataclass(frozen=True)
+class GPT2Config(ModelConfig):
+    family = "gpt2"
+    max_seq_len: int = 1024         # maxT: rows of the position embedding
+    vocab_size: int = GPT2_VOCAB    # V: real tokens
+    padded_vocab_size: int = 50304  # Vp: rows of wte (multiple of 128)
+    num_layers: int = 12            # L
+    num_heads: int = 12             # NH
+    channels: int = 768             # C
 
-    def __init__(self, backend, entries, dtype):
-        self.shapes = dict(entries)
-        self.offsets, n = {}, 0
-        for name, shape in entries:
-            self.offsets[name] = n
-            n += -(-math.prod(shape) // ALIGN) * ALIGN
-        self.size = n
-        self.flat = backend.zeros(n, dtype)
-        self.views = {name: self.view(name) for name, _ in entries}
+    def __post_init__(self):
+        if min(self.max_seq_len, self.vocab_size, self.num_layers, self.num_heads, self.channels) < 1:
+            raise UserError(f"model config has a non-positive size: {self}")
+        if self.channels % self.num_heads:
+            raise UserError(f"channels ({self.channels}) must be a multiple of heads ({self.num_heads})")
+        if self.padded_vocab_size < self.vocab_size:
+            raise UserError(f"padded vocab {self.padded_vocab_size} < vocab {self.vocab_size}")
 
-    def view(self, name):
-        o, shape = self.offsets[name], self.shapes[name]
-        return self.flat[o:o + math.prod(shape)].reshape(shape)
+    @property
+    def head_size(self) -> int:
+        return self.channels // self.num_heads
 
-    def __getitem__(self, name):
-        return self.views[name]
+    def num_params(self) -> int:
+        return sum(math.prod(s.shape) for s in spec(self))
 
-    def nbytes(self) -> int:
-        return self.size * self.flat.dtype.itemsize
+    def describe(self) -> str:
+        return (f"GPT-2 L={self.num_layers} H={self.num_heads} C={self.channels} maxT={self.max_seq_len} "
+                f"V={self.vocab_size}")
 
 
-class GPT2:
-    def __init__(self, cfg: GPT2Config, backend, B: int, T: int, *, training: bool = True, recompute: int = 0,
-                 master_weights: bool = True, logits_chunk: int = 8192, rank: int = 0, world: int = 1,
-                 zero: int = 0):
-        """recompute: 0 keeps every activation; 1 recomputes the GELU output in backward; 2 also the two
-        LayerNorm outputs of each block (from the saved mean/rstd): less memory for more compute.
-        master_weights: keep fp32 master weights when the compute copy is lower precision (else AdamW updates
-        the bf16 weights directly, with stochastic rounding). logits_chunk: rows of logits formed at a time.
-        rank/world/zero: data parallelism; zero >= 1 keeps only this rank's shard of the master weights, zero 2
-        also keeps the layers' gradients in two rotating bucket buffers (see models/params.py)."""
-        if T > cfg.max_seq_len:
-            raise UserError(f"sequence length {T} exceeds the model's maximum {cfg.max_seq_len}")
-        if B < 1 or T < 1:
-            raise UserError(f"batch size and sequence length must be positive (got B={B}, T={T})")
-        if recompute not in (0, 1, 2):
-            raise UserError(f"--recompute must be 0, 1 or 2 (got {recompute})")
-        self.cfg, self.be, self.B, self.T = cfg, backend, B, T
-        self.training, self.recompute = training, recompute
-        self.chunk = min(B * T, max(1, logits_chunk))
-        if zero not in (0, 1, 2):
-            raise UserError(f"--zero must be 0, 1 or 2 (got {zero})")
-        self.rank, self.world, self.zero = rank, world, zero
-        self.layout = ParamLayout(cfg, world)
-        self.params = ParamBuffer(backend, self.layout, backend.param_dtype)
-        # fp32 master weights when the compute copy is lower precision (AdamW updates these); ZeRO shards them
-        self.master = None
-        if training and master_weights and np.dtype(backend.param_dtype) != np.float32:
-            self.master = (ShardBuffer(backend, self.layout, np.float32, rank) if zero >= 1
-                           else ParamBuffer(backend, self.layout, np.float32))
-        self.grads = None
-        if training:
-            self.grads = (RotatingGrads(backend, self.layout, backend.param_dtype) if zero == 2
-                          else ParamBuffer(backend, self.layout, backend.param_dtype))
-        self._plan_activations()
-        self.workspace_bytes = backend.plan_workspace(cfg, B, T)
-        self.tokens = backend.zeros(B * T, np.int32).reshape(B, T)
-        self.targets = backend.zeros(B * T, np.int32).reshape(B, T)
-        self.loss_acc = backend.zeros(1, backend.acc_dtype)  # sum over a step's micro-batches (device side)
-        self.has_targets = False
+def spec(cfg: GPT2Config) -> list[ParamSpec]:
+    """The 16 tensors in llm.c's order (its files and our checkpoints follow it). Linear weights are (out, in): y =
+    x @ W.T + b, as in llm.c and unlike HF's Conv1D (stored transposed there). Init: N(0, 0.02) matrices, residual
+    projections N(0, 0.02/sqrt(2L)) (GPT-2 paper, section 2.3), zero biases, unit LayerNorm gains. Weight decay on
+    the matrices and embeddings, not on biases and gains."""
+    Vp, T, L, C = cfg.padded_vocab_size, cfg.max_seq_len, cfg.num_layers, cfg.channels
+    std, res = 0.02, 0.02 / math.sqrt(2 * L)
+
+    def layer(name, shape, hf, **kw):
+        return ParamSpec(name, (L, *shape), per_layer=True, hf=f"h.{{l}}.{hf}", **kw)
+
+    return [
+        ParamSpec("wte", (Vp, C), decay=True, init="normal", std=std, vocab_rows=cfg.vocab_size, hf="wte.weight"),
+        ParamSpec("wpe", (T, C), decay=True, init="normal", std=std, hf="wpe.weight"),
+        layer("ln1w", (C,), "ln_1.weight", init="ones"), layer("ln1b", (C,), "ln_1.bias"),
+        layer("qkvw", (3 * C, C), "attn.c_attn.weight", decay=True, init="normal", std=std, hf_transposed=True),
+        layer("qkvb", (3 * C,), "attn.c_attn.bias"),
+        layer("attprojw", (C, C), "attn.c_proj.weight", decay=True, init="normal", std=res, hf_transposed=True),
+        layer("attprojb", (C,), "attn.c_proj.bias"),
+        layer("ln2w", (C,), "ln_2.weight", init="ones"), layer("ln2b", (C,), "ln_2.bias"),
+        layer("fcw", (4 * C, C), "mlp.c_fc.weight", decay=True, init="normal", std=std, hf_transposed=True),
+        layer("fcb", (4 * C,), "mlp.c_fc.bias"),
+        layer("fcprojw", (C, 4 * C), "mlp.c_proj.weight", decay=True, init="normal", std=res, hf_transposed=True),
+        layer("fcprojb", (C,), "mlp.c_proj.bias"),
+        ParamSpec("lnfw", (C,), init="ones", hf="ln_f.weight"), ParamSpec("lnfb", (C,), hf="ln_f.bias"),
+    ]
+
+
+_SPEC = re.compile(r"^(?:l(?P<l>\d+))?(?:h(?P<h>\d+))?(?:c(?P<c>\d+))?(?:t(?P<t>\d+))?(?:v(?P<v>\d+))?$")
+
+
+def config_from_name(name: str) -> GPT2Config:
+    """`d12` (GPT-2 124M), `d24` (350M), `d36` (774M), `d48` (1558M), any `dN` (C=64N, H=N), or an explicit
+    spec such as `l4h4c256` / `l4h4c256t512` (L layers, H heads, C channels, T max seq len, V vocab)."""
+    s = name.strip().lower().replace("-", "").replace("_", "")
+    m = re.fullmatch(r"d(\d+)", s)
+    if m:
+        depth = int(m.group(1))
+        if depth < 1:
+            raise UserError(f"bad model depth in {name!r}")
+        c, h = _PUBLISHED.get(depth, (64 * depth, depth))
+        return GPT2Config(num_layers=depth, num_heads=h, channels=c)
+    m = _SPEC.fullmatch(s)
+    if s and m and m.group("l") and m.group("h") and m.group("c"):
+        v = int(m.group("v") or GPT2_VOCAB)
+        return GPT2Config(num_layers=int(m.group("l")), num_heads=int(m.group("h")), channels=int(m.group("c")),
+                          max_seq_len=int(m.group("t") or 1024), vocab_size=v, padded_vocab_size=pad_vocab(v))
+    raise UserError(f"unknown model config {name!r} for GPT-2: use {NAMES}")
+
+
+class GPT2(Model):
+    """recompute: 0 keeps every activation; 1 recomputes the GELU output in backward; 2 also the two LayerNorm
+    outputs of each block (from the saved mean/rstd): less memory for more compute."""
+    HEAD_WEIGHT = "wte"  # tied
+    RECOMPUTE = (0, 1, 2)
 
     # ---- memory plan ----------------------------------------------------------------------------------------
-    def _plan_activations(self):
+    def plan(self):
         cfg, be, B, T = self.cfg, self.be, self.B, self.T
         L, C, NH = cfg.num_layers, cfg.channels, cfg.num_heads
-        self.Vl = be.logit_columns(cfg)  # V on the CPU; the GPU computes all Vp columns and ignores the pad
-        att_shape, att_kind = be.attention_state(B, T, NH, cfg.head_size)
+        att_shape, att_kind = be.attention_state(B, T, NH, NH, cfg.head_size)
         # recomputed activations live in one (B, T, .) buffer shared by all layers instead of one per layer
         Lg = 1 if self.recompute >= 1 else L
         Lln = 1 if self.recompute >= 2 else L
@@ -95,15 +126,18 @@ class GPT2:
             ("fch", (L, B, T, 4 * C)), ("fch_gelu", (Lg, B, T, 4 * C)),
             ("residual3", (L, B, T, C)), ("lnf", (B, T, C)),
             ("proj", (B, T, C)),                     # attproj / fcproj outputs: consumed at once, reused
-            ("logits", (self.chunk, self.Vl)),       # one chunk of rows; becomes dlogits in place
         ]
         stats = [(n, (L, B, T)) for n in ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd")]
-        stats += [("lnf_mean", (B, T)), ("lnf_rstd", (B, T)), ("losses", (B, T))]
+        stats += [("lnf_mean", (B, T)), ("lnf_rstd", (B, T))]
         (acts if att_kind == "act" else stats).append(("att", (L,) + tuple(att_shape)))
-        grads = [("dresidual", (B, T, C)), ("dbtc", (B, T, C)), ("dbt4c", (B, T, 4 * C)),
-                 ("dqkv", (B, T, 3 * C))] if self.training else []
-        self.acts = FlatBuffer(be, acts + grads, be.act_dtype)
-        self.stats = FlatBuffer(be, stats, be.stat_dtype)
+        grads = [("dresidual", (B, T, C)), ("dbtc", (B, T, C)), ("dbt4c", (B, T, 4 * C)), ("dqkv", (B, T, 3 * C))]
+        return acts, grads, stats
+
+    def op_shapes(self) -> OpShapes:
+        cfg, C = self.cfg, self.cfg.channels
+        return OpShapes(self.B, self.T, C, cfg.num_heads, cfg.num_heads, cfg.head_size, cfg.vocab_size, self.Vl,
+                        linears=((3 * C, C), (C, C), (4 * C, C), (C, 4 * C), (self.Vl, C)),
+                        bias_widths=(3 * C, C, 4 * C))
 
     def _ln1(self, l):
         return self.acts["ln1"][0 if self.recompute >= 2 else l]
@@ -114,93 +148,31 @@ class GPT2:
     def _fch_gelu(self, l):
         return self.acts["fch_gelu"][0 if self.recompute >= 1 else l]
 
-    def memory_plan(self) -> dict[str, int]:
-        """Bytes per category on this rank (printed at start; the step allocates nothing beyond these)."""
-        plan = {"parameters": self.params.nbytes()}
-        if self.master is not None:
-            plan["master weights"] = self.master.nbytes()
-        if self.grads is not None:
-            plan["gradients"] = self.grads.nbytes()
-        plan["activations"] = self.acts.nbytes() + self.stats.nbytes()
-        plan["workspace"] = self.workspace_bytes
-        return plan
-
-    # ---- parameters -----------------------------------------------------------------------------------------
-    def init_weights(self, seed: int) -> None:
-        """GPT-2 init: N(0, 0.02) matrices, residual projections N(0, 0.02/sqrt(2L)), zero biases, unit LN gains;
-        the padded vocabulary rows stay zero. Drawn on the host from `seed` so every backend starts identical."""
-        rng = np.random.default_rng(seed)
-        out = {}
-        for name, shape in param_shapes(self.cfg):
-            if name.startswith("ln") and name.endswith("w"):
-                out[name] = np.ones(shape, np.float32)
-            elif len(shape) == 1 or name.endswith("b"):
-                out[name] = np.zeros(shape, np.float32)
-            else:
-                std = 0.02 / math.sqrt(2 * self.cfg.num_layers) if name in RESIDUAL_PROJ else 0.02
-                out[name] = (rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
-        out["wte"][self.cfg.vocab_size:] = 0.0
-        self.load_params(out)
-
-    def load_params(self, params: dict[str, np.ndarray]) -> None:
-        """fp32 host weights -> the compute copy (rounded to nearest) and the master copy or this rank's shard."""
-        be = self.be
-        dev = be.asarray(self.layout.to_flat(params), np.float32)  # the weights in our layout, one upload
-        be.load_f32(self.params.flat, dev)
-        if isinstance(self.master, ParamBuffer):
-            be.copy_(self.master.flat, dev)
-        elif self.master is not None:
-            for g0, l0, s in self.layout.shard(self.rank):
-                be.copy_(self.master.flat[l0:l0 + s], dev[g0:g0 + s])
-
-    def params_numpy(self, comm=None) -> dict[str, np.ndarray]:
-        """The weights as fp32 host arrays (from the master copy when there is one; a sharded master is gathered
-        over `comm`, which every rank must then call)."""
-        be = self.be
-        if isinstance(self.master, ShardBuffer):
-            # one bucket at a time through a device buffer of the largest bucket, so that a checkpoint costs
-            # ~1 bucket of extra GPU memory rather than the whole fp32 model (5.8 GiB for d48)
-            flat = np.empty(self.layout.size, np.float32)
-            buf = be.zeros(max(b1 - b0 for b0, b1 in self.layout.buckets), np.float32)
-            for (b0, b1), (_, l0, s) in zip(self.layout.buckets, self.layout.shard(self.rank)):
-                mine = buf[self.rank * s:(self.rank + 1) * s]
-                be.copy_(mine, self.master.flat[l0:l0 + s])
-                comm.all_gather(mine, buf[:b1 - b0])
-                flat[b0:b1] = be.to_numpy(buf[:b1 - b0])
-            return self.layout.from_flat(flat)
-        src = self.master if self.master is not None else self.params
-        return self.layout.from_flat(be.to_numpy(src.flat))
-
-    def zero_grad(self) -> None:
-        self.be.fill_zero(self.grads.flat)
-
-    def set_batch(self, tokens, targets=None) -> None:
-        """Copies host (B, T) token ids (and targets) into the model's device buffers."""
-        self.be.set_tokens(self.tokens, tokens, training=self.training)
-        if targets is not None:
-            self.be.set_tokens(self.targets, targets, training=False)
-        self.has_targets = targets is not None
-
     # ---- forward --------------------------------------------------------------------------------------------
-    def forward(self, tokens=None, targets=None, grad_scale: float | None = None, *,
-                return_loss: bool = True) -> float | None:
+    def forward(self, tokens=None, targets=None, grad_scale: float | None = None, *, return_loss: bool = True,
+                state: KVCache | None = None) -> float | None:
         """Runs the model on (B, T) token ids: host arrays given here are copied in first (else the buffers
         `set_batch` filled are used). With targets, the per-token losses are computed and their mean returned
         (None while a CUDA graph is being captured: nothing runs then); with grad_scale (= d total loss / d
-        each token's loss, e.g. 1/(B*T*grad_accum)) the classifier also leaves dlogits in place for backward.
-        Without targets only the logits are computed (in the `logits` activation) and None is returned.
-        return_loss=False skips reading the loss back (on a GPU that read waits for the device)."""
+        each token's loss, e.g. 1/(B*T*grad_accum)) the LM head also leaves dlnf in dbtc for backward. Without
+        targets only the logits are computed (in the `logits` activation) and None is returned.
+        return_loss=False skips reading the loss back (on a GPU that read waits for the device). state: decoding
+        (T = 1): the tokens sit at position state.pos and attend over state's KV cache."""
         be, cfg, a, s, p = self.be, self.cfg, self.acts, self.stats, self.params
         L, NH = cfg.num_layers, cfg.num_heads
         if tokens is not None:
             self.set_batch(tokens, targets)
-        be.encoder_forward(a["encoded"], self.tokens, p["wte"], p["wpe"])
+        pos = 0 if state is None else state.pos
+        be.encoder_forward(a["encoded"], self.tokens, p["wte"], p["wpe"][pos:])
         be.layernorm_forward(self._ln1(0), s["ln1_mean"][0], s["ln1_rstd"][0], a["encoded"], p["ln1w"][0],
                              p["ln1b"][0])
         for l in range(L):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
             be.matmul_forward(a["qkv"][l], self._ln1(l), p["qkvw"][l], p["qkvb"][l])
-            be.attention_forward(a["atty"][l], s_or_a(self, "att")[l], a["qkv"][l], NH)
+            if state is None:
+                be.attention_forward(a["atty"][l], self.saved("att")[l], a["qkv"][l], NH)
+            else:
+                be.attention_decode(a["atty"][l], a["qkv"][l], state.k[l], state.v[l], pos, NH)
             be.matmul_forward(a["proj"], a["atty"][l], p["attprojw"][l], p["attprojb"][l])
             be.fused_residual_layernorm_forward(a["residual2"][l], self._ln2(l), s["ln2_mean"][l],
                                                 s["ln2_rstd"][l], residual, a["proj"], p["ln2w"][l], p["ln2b"][l])
@@ -213,25 +185,7 @@ class GPT2:
             else:
                 be.fused_residual_layernorm_forward(a["residual3"][l], a["lnf"], s["lnf_mean"], s["lnf_rstd"],
                                                     a["residual2"][l], a["proj"], p["lnfw"], p["lnfb"])
-        # LM head tied to wte, in chunks of rows: logits (rows, Vl) = lnf @ wte[:Vl].T; with grad_scale each
-        # chunk's backward (dlnf rows into dbtc, dwte +=) runs at once, so only one chunk of logits is ever held
-        N, C, R = self.B * self.T, cfg.channels, self.chunk
-        lnf, wte = a["lnf"].reshape(N, C), p["wte"][:self.Vl]
-        if not self.has_targets:
-            if N > R:
-                raise UserError(f"logits of {N} rows need logits_chunk >= {N} (it is {R})")
-            be.matmul_forward(a["logits"], lnf, wte, None)
-            return None
-        losses, targets = s["losses"].reshape(N), self.targets.reshape(N)
-        for r0 in range(0, N, R):
-            r1 = min(N, r0 + R)
-            logits = a["logits"][:r1 - r0]
-            be.matmul_forward(logits, lnf[r0:r1], wte, None)
-            be.fused_classifier(losses[r0:r1], logits, targets[r0:r1], cfg.vocab_size, grad_scale)
-            if grad_scale is not None:
-                be.matmul_backward(a["dbtc"].reshape(N, C)[r0:r1], self.grads["wte"][:self.Vl], None, logits,
-                                   lnf[r0:r1], wte)
-        return be.mean_loss(s["losses"]) if return_loss and not be.capturing else None
+        return self.lm_head(a["lnf"], a["dbtc"] if self.training else None, grad_scale, return_loss)
 
     # ---- backward -------------------------------------------------------------------------------------------
     def backward(self, hooks=None) -> None:
@@ -262,7 +216,7 @@ class GPT2:
                                   s["ln2_mean"][l], s["ln2_rstd"][l])
             # attention
             be.matmul_backward(dbtc, g["attprojw"][l], g["attprojb"][l], dres, a["atty"][l], p["attprojw"][l])
-            be.attention_backward(dqkv, dbtc, a["qkv"][l], s_or_a(self, "att")[l], NH, out=a["atty"][l])
+            be.attention_backward(dqkv, dbtc, a["qkv"][l], self.saved("att")[l], NH, out=a["atty"][l])
             if self.recompute >= 2:
                 be.layernorm_forward(self._ln1(l), s["ln1_mean"][l], s["ln1_rstd"][l], residual, p["ln1w"][l],
                                      p["ln1b"][l])
@@ -275,7 +229,12 @@ class GPT2:
         if hooks is not None:
             hooks.done()
 
+    # ---- decoding -------------------------------------------------------------------------------------------
+    def new_decode_state(self) -> KVCache:
+        cfg = self.cfg
+        shape = (cfg.num_layers, self.B, cfg.num_heads, cfg.max_seq_len, cfg.head_size)
+        return KVCache.allocate(self.be, shape)
 
-def s_or_a(model: GPT2, name: str):
-    """A planned tensor from the activation or the statistics buffer (the attention state lives in either)."""
-    return model.acts[name] if name in model.acts.shapes else model.stats[name]
+
+FAMILY = Family(name="gpt2", title="GPT-2", config=GPT2Config, model=GPT2, spec=spec, parse=config_from_name,
+                names=NAMES)

@@ -1,26 +1,67 @@
-"""Where the parameters (and their gradients, master copy, AdamW moments) live in memory.
+"""The parameter spec of a model family, and where the parameters (and their gradients, master copy, AdamW
+moments) live in memory.
 
-One flat buffer per role, laid out in buckets: a head bucket (wte, wpe, lnfw, lnfb), then one bucket per layer
-with that layer's 12 tensors. A bucket is the unit data parallelism reduces as soon as backward has finished its
-layer, and the unit ZeRO shards: rank r of W owns the r-th 1/W of every bucket (buckets are padded to a multiple of
-W * ALIGN so all slices are equal and aligned). Inside a layer bucket the tensors without weight decay come first,
-so AdamW runs over few contiguous pieces. The llm.c file order of the tensors (config.param_shapes) is unaffected:
-files are written by name.
+`ParamSpec`: one tensor of a family, everything the rest of the code derives from it: the layout below, the
+initialization (`init_params`), AdamW's weight-decay mask, the llm.c file order (the spec's order) and the Hugging
+Face names. A family lists its tensors once, in its `spec(cfg)`.
 
-Views: `buf["wte"]` is a plain (Vp, C) array; `buf["qkvw"]` is an (L, 3C, C) view whose layer slices are
-contiguous (`buf["qkvw"][l]`), strided by the bucket size.
+Layout: one flat buffer per role, laid out in buckets: a head bucket (the tensors that are not per layer), then one
+bucket per layer with that layer's slice of every per-layer tensor. A bucket is the unit data parallelism reduces as
+soon as backward has finished its layer, and the unit ZeRO shards: rank r of W owns the r-th 1/W of every bucket
+(buckets are padded to a multiple of W * ALIGN so all slices are equal and aligned). Inside a bucket the tensors
+without weight decay come first, so AdamW runs over few contiguous pieces. Files are written by name, in spec order.
+
+Views: `buf[name]` of a tensor that is not per layer is a plain array of its shape; a per-layer tensor's is an
+(L, ...) view whose layer slices are contiguous (`buf[name][l]`), strided by the bucket size.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import DECAYED, GPT2Config, param_shapes
 from ..errors import UserError
 
 ALIGN = 64  # elements: every tensor starts 128/256-byte aligned (16-byte vector loads, cuBLASLt's fast paths)
-HEAD = ("wte", "wpe", "lnfw", "lnfb")
+INITS = ("normal", "zeros", "ones")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: tuple[int, ...]         # the whole tensor; a per-layer tensor is stacked on axis 0: (L, ...)
+    per_layer: bool = False
+    decay: bool = False            # AdamW's decoupled weight decay applies
+    init: str = "zeros"            # "normal" (N(0, std)), "zeros" or "ones"
+    std: float = 0.0
+    vocab_rows: int | None = None  # rows from here on pad the vocabulary: zero at init, left out of HF files
+    hf: str | None = None          # Hugging Face key; "{l}" stands for the layer index
+    hf_transposed: bool = False    # HF stores the transpose (GPT-2's Conv1D layers)
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"{self.name}: unknown init {self.init!r}")
+        if self.per_layer and len(self.shape) < 2:
+            raise ValueError(f"{self.name}: a per-layer tensor needs the layer axis first")
+
+
+def init_params(specs: list[ParamSpec], seed: int) -> dict[str, np.ndarray]:
+    """Fresh fp32 host weights from the spec, drawn in spec order from one seeded generator (so every backend and
+    every rank starts identical); padded vocabulary rows are zero."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in specs:
+        if s.init == "ones":
+            out[s.name] = np.ones(s.shape, np.float32)
+        elif s.init == "zeros":
+            out[s.name] = np.zeros(s.shape, np.float32)
+        else:
+            out[s.name] = rng.standard_normal(s.shape, dtype=np.float32) * np.float32(s.std)
+    for s in specs:
+        if s.vocab_rows is not None:
+            out[s.name][s.vocab_rows:] = 0.0
+    return out
 
 
 def _up(n: int, q: int) -> int:
@@ -28,19 +69,24 @@ def _up(n: int, q: int) -> int:
 
 
 class ParamLayout:
-    def __init__(self, cfg: GPT2Config, world: int = 1):
-        self.cfg, self.world = cfg, world
-        self.shapes = dict(param_shapes(cfg))
-        self.L = cfg.num_layers
+    def __init__(self, specs: list[ParamSpec], world: int = 1):
+        self.world = world
+        self.shapes = {s.name: tuple(s.shape) for s in specs}
+        self.decayed = frozenset(s.name for s in specs if s.decay)
+        head = [s.name for s in specs if not s.per_layer]
+        layer_names = [s.name for s in specs if s.per_layer]
+        depths = {self.shapes[n][0] for n in layer_names}
+        if len(depths) > 1:
+            raise ValueError(f"per-layer tensors disagree on the number of layers: {sorted(depths)}")
+        self.L = depths.pop() if depths else 0
         q = ALIGN * world
         self.head_off, off = {}, 0
-        for name in sorted(HEAD, key=lambda n: n not in DECAYED):
+        for name in sorted(head, key=lambda n: n not in self.decayed):  # stable: spec order within each group
             self.head_off[name] = off
             off += _up(math.prod(self.shapes[name]), ALIGN)
         head_size = _up(off, q)
-        layer_names = [n for n in self.shapes if n not in HEAD]
         self.layer_off, off = {}, 0
-        for name in sorted(layer_names, key=lambda n: n in DECAYED):  # stable: llm.c order within each group
+        for name in sorted(layer_names, key=lambda n: n in self.decayed):
             self.layer_off[name] = off
             off += _up(math.prod(self.shapes[name][1:]), ALIGN)
         self.bucket_size = _up(off, q)
@@ -65,7 +111,7 @@ class ParamLayout:
         setting merge (alignment gaps between them hold zeros and stay zero under AdamW)."""
         runs: list[list] = []
         for name, _, off, n in self.pieces():
-            d = name in DECAYED
+            d = name in self.decayed
             if runs and runs[-1][2] == d and runs[-1][0] + runs[-1][1] <= off and \
                     not _crosses_bucket(self, runs[-1][0], off + n):
                 runs[-1][1] = off + n - runs[-1][0]
@@ -83,7 +129,7 @@ class ParamLayout:
         return out
 
     def to_flat(self, named: dict) -> np.ndarray:
-        """Named host arrays (param_shapes) -> one fp32 host buffer in this layout (gaps zero)."""
+        """Named host arrays (the spec's shapes) -> one fp32 host buffer in this layout (gaps zero)."""
         flat = np.zeros(self.size, np.float32)
         for name, layer, off, n in self.pieces():
             a = np.asarray(named[name], dtype=np.float32)
@@ -131,8 +177,8 @@ class ParamBuffer:
         as_strided = backend.xp.lib.stride_tricks.as_strided
         item = self.flat.dtype.itemsize
         for name, shape in layout.shapes.items():
-            o = layout.offset(name, 0 if name not in HEAD else None)
-            if name in HEAD:
+            o = layout.offset(name, None if name in layout.head_off else 0)
+            if name in layout.head_off:
                 self.views[name] = self.flat[o:o + math.prod(shape)].reshape(shape)
             else:
                 inner = shape[1:]
@@ -192,7 +238,7 @@ class RotatingGrads:
         self.shapes = layout.shapes
         self.views = {}
         for name, shape in layout.shapes.items():
-            if name in HEAD:
+            if name in layout.head_off:
                 o = layout.head_off[name]
                 self.views[name] = self.flat[o:o + math.prod(shape)].reshape(shape)
             else:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from ..errors import UserError
 from .optim import SCHEDULES
 
-CHECKPOINT = "checkpoint.safetensors"
 # The embedded default (`llmpy train` with no arguments): a small GPT-2 on Shakespeare, ~5 minutes on 2 cores.
 DEFAULT_MODEL = "l4h4c128t128"
 

@@ -1,17 +1,17 @@
 """The training loop: data -> step -> log / eval / sample / checkpoint.
 
-`run(TrainConfig(...))` is what `llmpy train` calls. Steps are numbered from 0; step s evaluates (when due),
-then runs grad_accum micro-batches, clips, and updates with lr_at(s). A checkpoint written after step s holds the
-state from which step s+1 starts: weights, AdamW moments, loader position, sampler RNG, so that a resumed run's
-loss sequence is bitwise the uninterrupted one.
+`run(TrainConfig(...))` is what `llmpy train` calls: `Trainer(tc)` sets up (settings, device, model, optimizer,
+data, and the state of a resumed run), `loop()` runs the steps, `finish()` evaluates, samples and saves at the end.
+Steps are numbered from 0; step s evaluates (when due), then runs grad_accum micro-batches, clips, and updates with
+lr_at(s). The host launches step s+1 before reading step s's loss, so the GPU never waits for it.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from ..backends import get_backend, resolve_device
-from ..config import GPT2Config, config_from_name
+from ..config import config_from_name, family_of
 from ..distributed.dataparallel import Dist
 from ..errors import UserError
-from ..models.gpt2 import GPT2
-from .checkpointing import load_shard, prune_shards, save_shard
-from .config import CHECKPOINT, DEFAULT_MODEL, TrainConfig
+from . import checkpointing
+from .checkpointing import CHECKPOINT
+from .config import DEFAULT_MODEL, TrainConfig
 from .metrics import MetricsLog
 from .optim import AdamW, lr_at
 from .step import TrainStep
+
 
 @dataclass
 class TrainResult:
@@ -39,48 +40,231 @@ class TrainResult:
     seconds: float = 0.0
 
 
-class _StopFlag:
-    """Ctrl-C (SIGINT) / SIGTERM ask the loop to stop at the next step boundary and checkpoint; a second
-    Ctrl-C interrupts at once (the previous checkpoint stays intact: every write is atomic)."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        if _in_main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+def run(tc: TrainConfig, *, dist: Dist | None = None) -> TrainResult:
+    """dist: this process's place in a data-parallel job; by default read from the environment (launcher, MPI,
+    Slurm). Tests pass ranks that are threads over an in-process communicator, on the CPU."""
+    trainer = Trainer(tc, dist)
+    # divergence is detected and reported when a step's result is read; NumPy's overflow warnings on the way
+    # there are noise
+    with _StopFlag() as stop, np.errstate(over="ignore", invalid="ignore"):
+        trainer.loop(stop)
+        trainer.finish()
+    return trainer.report()
 
 
-def _in_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
+class Trainer:
+    # ---- set-up ---------------------------------------------------------------------------------------------
+    def __init__(self, tc: TrainConfig, dist: Dist | None = None):
+        from ..data.loader import DataLoader
+        resume = None
+        if tc.resume:
+            tc, resume = checkpointing.open_resume(tc)
+        tc.check()
+        dist = dist if dist is not None else Dist.start(tc)
+        device = "cuda" if dist.world > 1 and tc.device == "auto" else resolve_device(tc.device)
+        dtype = tc.dtype or ("bf16" if device == "cuda" else "fp32")
+        if device == "cpu" and dtype != "fp32":
+            raise UserError("--dtype bf16 needs --device cuda (the CPU reference runs in fp32)")
+        out = Path(tc.out or tc.resume or time.strftime("runs/%Y%m%d-%H%M%S"))
+        if resume is None and (out / CHECKPOINT).exists():
+            raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
+        if resume is not None:
+            was = (resume.state.get("world", 1), resume.state.get("train", {}).get("zero", 0))
+            if was[1] >= 1 and was[0] != dist.world:
+                raise UserError(f"{tc.resume} was written by {was[0]} ranks with --zero {was[1]}: its optimizer "
+                                f"shards only fit {was[0]} ranks (this run has {dist.world}); resume with the same "
+                                "world size")
+        out.mkdir(parents=True, exist_ok=True)
+        self.tc, self.dist, self.out = tc, dist, out
+        self.say = print if dist.main else _quiet
+
+        if resume is not None:
+            cfg, params, what = resume.cfg, resume.params, f"resumed from {tc.resume}"
+        else:
+            cfg, params, what = _load_init(tc)
+        be = get_backend(device, dtype, device_id=dist.env.local_rank if dist.world > 1 else None)
+        self.comm = comm = dist.connect(be)
+        B, T, A = tc.batch_size, tc.seq_len, tc.grad_accum
+        recompute = tc.recompute if tc.recompute is not None else (1 if device == "cuda" else 0)
+        model = family_of(cfg).model(cfg, be, B, T, recompute=recompute, master_weights=tc.master_weights,
+                                     rank=dist.rank, world=dist.world, zero=tc.zero if dist.world > 1 else 0)
+        if params is None:
+            model.init_weights(tc.seed)
+        else:
+            model.load_params(params)
+        opt = AdamW(model, beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay, seed=tc.seed,
+                    comm=comm)
+        self.cfg, self.be, self.model, self.opt = cfg, be, model, opt
+        self.stepper = TrainStep(model, opt, A, grad_clip=tc.grad_clip, graph=tc.graph, comm=comm)
+
+        train_glob, val_glob = _data_globs(tc, dist)
+        self.train_loader = DataLoader(train_glob, B, T, rank=dist.rank, world=dist.world, shuffle=tc.shuffle,
+                                       seed=tc.seed, vocab_size=cfg.vocab_size)
+        self.val_loader = DataLoader(val_glob, B, T, vocab_size=cfg.vocab_size) if val_glob else None
+        self.val_batches = min(tc.val_batches, self.val_loader.num_batches_per_epoch) if self.val_loader else 0
+        self.sample_rng = np.random.default_rng([tc.seed, 1])
+        self.start = 0
+        if resume is not None:
+            self.start = checkpointing.restore(resume, tc, out, model, opt, self.train_loader, self.sample_rng, dist)
+        self.log = MetricsLog(out / "metrics.jsonl", keep_before=self.start) if dist.main else _NullLog()
+        self.result = TrainResult(out=out, steps_done=self.start, world=dist.world)
+        self.tokens_per_step = B * T * A * dist.world
+        self._decoder = None
+
+        plan = model.memory_plan()
+        plan["optimizer"] = opt.nbytes()
+        say = self.say
+        if dist.world > 1:
+            say(f"data parallel: {dist.world} ranks over NCCL, ZeRO-{model.zero}; memory below is per rank")
+        n_params = sum(math.prod(s.shape) for s in model.specs)
+        say(f"model: {cfg.describe()} ({n_params / 1e6:.1f}M parameters), {what}")
+        say(f"device: {device} {dtype}, recompute {recompute}; memory plan: "
+            + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in plan.items()) + f"; total {_fmt_bytes(sum(plan.values()))}")
+        say(f"data: train {train_glob} ({self.train_loader.num_batches_per_epoch} batches/epoch), "
+            f"val {val_glob or 'none'}; batch {B}x{T}x{A}x{dist.world} = {self.tokens_per_step} tokens/step")
+        say(f"training steps {self.start}..{tc.steps - 1}, lr {tc.lr} {tc.lr_schedule}, output {out}/", flush=True)
+
+    # ---- the step loop --------------------------------------------------------------------------------------
+    def loop(self, stop) -> None:
+        tc, dist = self.tc, self.dist
+        self.t_start = time.perf_counter()
+        last = min(tc.steps, tc.stop_at + 1) if tc.stop_at is not None else tc.steps
+        self.pending = []  # the launched step whose result is not read yet: [(step, lr, handle)]
+        self.clock = time.perf_counter()
+        self.bar = _progress(tc, self.start, dist.main)
+        try:
+            for step in range(self.start, last):
+                if tc.val_every and step % tc.val_every == 0:
+                    self._pause(self.evaluate, step)
+                if tc.sample_every and step > 0 and step % tc.sample_every == 0:
+                    self._pause(self.sample, step)
+                lr = lr_at(step, lr=tc.lr, schedule=tc.lr_schedule, steps=tc.steps, warmup=tc.warmup_steps,
+                           final_frac=tc.final_lr_frac, decay_frac=tc.decay_frac)
+                handle = self.stepper.launch((self.train_loader.next_batch() for _ in range(tc.grad_accum)), lr)
+                self._read_pending()  # the previous step, while the device works on this one
+                self.pending.append((step, lr, handle))
+                dist.progress()
+                _inject_fault(dist.rank, step)
+                if dist.stop_agreed(stop.requested):  # every rank stops after the same step
+                    break
+                if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < last:
+                    self._pause(self.save, step + 1)
+            self._read_pending()
+        finally:
+            self.bar.close()
+
+    def _read_pending(self) -> None:
+        """Reads the pending step's loss and norm (the next step may already be running) and logs it."""
+        if not self.pending:
+            return
+        step, lr, handle = self.pending.pop()
+        loss, norm = handle.result()
+        now = time.perf_counter()
+        tps = self.tokens_per_step / (now - self.clock)
+        self.clock = now
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise UserError(f"training diverged at step {step}: loss {loss}, grad norm {norm} "
+                            f"(lr {lr:.3g}); the update was not applied and nothing was saved; "
+                            f"last good checkpoint: {checkpointing.last_checkpoint(self.out)}. Try a lower --lr or "
+                            "--grad-clip 1")
+        self.log.write({"step": step, "train_loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps})
+        self.result.train_losses.append(loss)
+        self.result.steps_done = step + 1
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"loss {loss:.4f} | {tps:,.0f} tok/s | lr {lr:.2e}", refresh=False)
+
+    def _pause(self, fn, *a) -> None:
+        """Evaluation, sampling, saving: after the pending step, off the step clock."""
+        self._read_pending()
+        fn(*a)
+        self.clock = time.perf_counter()
+
+    def evaluate(self, step: int) -> None:
+        """The mean loss over the first val_batches batches, shared out over the ranks."""
+        dist, loader = self.dist, self.val_loader
+        if loader is None:
+            return
+        loader.reset()
+        total = 0.0
+        for i in range(self.val_batches):
+            x, y = loader.next_batch()
+            if i % dist.world == dist.rank:
+                total += self.model.forward(x, y)  # no grad_scale: gradients and the step's loss sum untouched
+        loss = dist.sum(total) / self.val_batches
+        if not math.isfinite(loss):
+            raise UserError(f"val loss is {loss} at step {step}: the weights hold NaN/Inf; "
+                            f"last good checkpoint: {self.out / CHECKPOINT}")
+        self.log.write({"step": step, "val_loss": loss})
+        self.result.val_losses.append((step, loss))
+        if dist.main:
+            self.bar.write(f"step {step}: val loss {loss:.4f}")
+
+    def sample(self, step: int) -> None:
+        """Rank 0 generates on the CPU through the family's own forward; under ZeRO every rank takes part in
+        gathering the sharded weights first."""
+        if not (self.dist.main or self.opt.sharded):
+            return
+        weights = self.model.params_numpy(self.comm)
+        if not self.dist.main:
+            return
+        from ..backends import get_backend
+        from ..data.tokenizers import get_tokenizer
+        from ..models.decode import decoder, generate
+        if self._decoder is None:
+            self._decoder = decoder(self.cfg, weights, get_backend("cpu"))
+        else:
+            self._decoder.load_params(weights)
+        tok = get_tokenizer()
+        ids = generate(self._decoder, [tok.eot], self.tc.sample_tokens, rng=self.sample_rng, top_k=40)
+        self.bar.write(f"--- sample at step {step} ---\n{tok.decode(ids)}\n---")
+
+    def save(self, next_step: int) -> None:
+        checkpointing.save(self.out, next_step, self.tc, self.model, self.opt, self.train_loader, self.sample_rng,
+                           self.dist, self.comm)
+
+    # ---- the end --------------------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """After the last step (or a stop): the final evaluation and sample when the run is complete, then the
+        checkpoint."""
+        done = self.result.steps_done
+        if done == self.tc.steps:
+            self.evaluate(self.tc.steps)
+            if self.tc.sample_tokens:
+                self.sample(self.tc.steps)
+        self.save(done)
+
+    def report(self) -> TrainResult:
+        res, out, dist = self.result, self.out, self.dist
+        res.seconds = time.perf_counter() - self.t_start
+        self.log.close()
+        dist.stop()
+        if not dist.main:
+            return res
+        from .metrics import plot_losses
+        plot_losses(self.log.path, out / "loss.png")
+        done = res.steps_done
+        if done < self.tc.steps:
+            print(f"stopped after step {done - 1}; continue with: llmpy train --resume {out}")
+        print(f"done: {done - self.start} steps in {res.seconds:.1f} s; checkpoint {out / CHECKPOINT}, "
+              f"metrics {out / 'metrics.jsonl'}, loss curve {out / 'loss.png'}")
+        if self.be.name == "cuda":
+            import cupy
+            print(f"peak GPU memory held: {cupy.get_default_memory_pool().total_bytes() / 2**30:.2f} GiB per rank")
+        return res
 
 
-# ---------------------------------------------------------------------------------------------------- set-up
+# ---------------------------------------------------------------------------------------------------- helpers
 
-def _load_init(tc: TrainConfig) -> tuple[GPT2Config, dict | None, str]:
+def _load_init(tc: TrainConfig):
     """(config, weights or None for a fresh init, description)."""
     from ..formats.checkpoint import load_weights
-    spec = tc.init or DEFAULT_MODEL
-    if os.path.exists(spec):
-        cfg, params = load_weights(spec)
-        return cfg, params, f"weights from {spec}"
-    if os.sep in spec or spec.endswith((".bin", ".safetensors")):
-        raise UserError(f"--init {spec}: no such file")
-    return config_from_name(spec), None, f"{spec}, fresh init (seed {tc.seed})"
+    name = tc.init or DEFAULT_MODEL
+    if os.path.exists(name):
+        cfg, params = load_weights(name)
+        return cfg, params, f"weights from {name}"
+    if os.sep in name or name.endswith((".bin", ".safetensors")):
+        raise UserError(f"--init {name}: no such file")
+    return config_from_name(name), None, f"{name}, fresh init (seed {tc.seed})"
 
 
 def _data_globs(tc: TrainConfig, dist) -> tuple[str, str | None]:
@@ -99,245 +283,29 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-def _rng_state(rng: np.random.Generator) -> dict:
-    return rng.bit_generator.state
+class _StopFlag:
+    """Ctrl-C (SIGINT) / SIGTERM ask the loop to stop at the next step boundary and checkpoint; a second
+    Ctrl-C interrupts at once (the previous checkpoint stays intact: every write is atomic)."""
 
+    def __init__(self):
+        self.requested = False
+        self._old = {}
 
-# ---------------------------------------------------------------------------------------------------- loop
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
 
-def run(tc: TrainConfig, *, dist: Dist | None = None) -> TrainResult:
-    """dist: this process's place in a data-parallel job; by default read from the environment (launcher, MPI,
-    Slurm). Tests pass ranks that are threads over an in-process communicator, on the CPU."""
-    from ..data.loader import DataLoader
-    from ..formats.checkpoint import load_checkpoint, save_checkpoint
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
 
-    resume_ckpt = None
-    if tc.resume:
-        path = Path(tc.resume)
-        path = path / CHECKPOINT if path.is_dir() else path
-        if not path.exists():
-            raise UserError(f"--resume {tc.resume}: no {CHECKPOINT} there")
-        resume_ckpt = load_checkpoint(path)
-        if "train" not in resume_ckpt.state:
-            raise UserError(f"{path} holds weights only (no training state): use --init {path} instead")
-        tc = _merge_resume(tc, resume_ckpt.state["train"])
-    tc.check()
-    dist = dist if dist is not None else Dist.start(tc)
-    device = "cuda" if dist.world > 1 and tc.device == "auto" else resolve_device(tc.device)
-    dtype = tc.dtype or ("bf16" if device == "cuda" else "fp32")
-    if device == "cpu" and dtype != "fp32":
-        raise UserError("--dtype bf16 needs --device cuda (the CPU reference runs in fp32)")
-    out = Path(tc.out or tc.resume or time.strftime("runs/%Y%m%d-%H%M%S"))
-    if resume_ckpt is None and (out / CHECKPOINT).exists():
-        raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
-    if resume_ckpt is not None:
-        was = (resume_ckpt.state.get("world", 1), resume_ckpt.state.get("train", {}).get("zero", 0))
-        if was[1] >= 1 and was[0] != dist.world:
-            raise UserError(f"{tc.resume} was written by {was[0]} ranks with --zero {was[1]}: its optimizer shards "
-                            f"only fit {was[0]} ranks (this run has {dist.world}); resume with the same world size")
-    out.mkdir(parents=True, exist_ok=True)
-    say = print if dist.main else _quiet
-
-    if resume_ckpt is not None:
-        cfg, params, what = resume_ckpt.cfg, resume_ckpt.params, f"resumed from {tc.resume}"
-    else:
-        cfg, params, what = _load_init(tc)
-    be = get_backend(device, dtype, device_id=dist.env.local_rank if dist.world > 1 else None)
-    comm = dist.connect(be)
-    B, T, A = tc.batch_size, tc.seq_len, tc.grad_accum
-    recompute = tc.recompute if tc.recompute is not None else (1 if device == "cuda" else 0)
-    model = GPT2(cfg, be, B, T, recompute=recompute, master_weights=tc.master_weights, rank=dist.rank,
-                 world=dist.world, zero=tc.zero if dist.world > 1 else 0)
-    if params is None:
-        model.init_weights(tc.seed)
-    else:
-        model.load_params(params)
-    opt = AdamW(model, beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay, seed=tc.seed,
-                comm=comm)
-    stepper = TrainStep(model, opt, A, grad_clip=tc.grad_clip, graph=tc.graph, comm=comm)
-
-    train_glob, val_glob = _data_globs(tc, dist)
-    train_loader = DataLoader(train_glob, B, T, rank=dist.rank, world=dist.world, shuffle=tc.shuffle, seed=tc.seed,
-                              vocab_size=cfg.vocab_size)
-    val_loader = DataLoader(val_glob, B, T, vocab_size=cfg.vocab_size) if val_glob else None
-    val_batches = min(tc.val_batches, val_loader.num_batches_per_epoch) if val_loader else 0
-    sample_rng = np.random.default_rng([tc.seed, 1])
-    start = 0
-    if resume_ckpt is not None:
-        st = resume_ckpt.state
-        if opt.sharded:
-            m, v = load_shard(out, int(st["step"]), dist)
-            opt.load_moments(m, v)
-        elif resume_ckpt.adam_m is None:
-            raise UserError(f"{tc.resume} has no optimizer state to resume from")
-        else:
-            opt.load_moments(resume_ckpt.adam_m, resume_ckpt.adam_v)
-        if resume_ckpt.compute_bf16 is not None:  # the compute copy was stochastically rounded: exact bits
-            for name in model.params.shapes:
-                be.copy_(model.params[name], be.asarray(resume_ckpt.compute_bf16[name].view(be.param_dtype)))
-        opt.t = int(st["adam_t"])
-        start = int(st["step"])
-        train_loader.load_state(st["loader"])
-        sample_rng.bit_generator.state = st["sample_rng"]
-    log = MetricsLog(out / "metrics.jsonl", keep_before=start) if dist.main else _NullLog()
-
-    plan = model.memory_plan()
-    plan["optimizer"] = opt.nbytes()
-    tokens_per_step = B * T * A * dist.world
-    if dist.world > 1:
-        say(f"data parallel: {dist.world} ranks over NCCL, ZeRO-{model.zero}; memory below is per rank")
-    say(f"model: GPT-2 L={cfg.num_layers} H={cfg.num_heads} C={cfg.channels} maxT={cfg.max_seq_len} "
-          f"V={cfg.vocab_size} ({cfg.num_params() / 1e6:.1f}M parameters), {what}")
-    say(f"device: {device} {dtype}, recompute {recompute}; memory plan: "
-          + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in plan.items()) + f"; total {_fmt_bytes(sum(plan.values()))}")
-    say(f"data: train {train_glob} ({train_loader.num_batches_per_epoch} batches/epoch), "
-        f"val {val_glob or 'none'}; batch {B}x{T}x{A}x{dist.world} = {tokens_per_step} tokens/step")
-    say(f"training steps {start}..{tc.steps - 1}, lr {tc.lr} {tc.lr_schedule}, output {out}/", flush=True)
-
-    def save(next_step: int) -> None:
-        """Collective under data parallelism: a sharded master is gathered; each rank writes its optimizer
-        shard (named by step) before rank 0 replaces the checkpoint, which then names that step."""
-        state = {"step": next_step, "adam_t": opt.t, "loader": train_loader.state(), "world": dist.world,
-                 "sample_rng": _rng_state(sample_rng), "train": dataclasses.asdict(tc)}
-        weights = model.params_numpy(comm)
-        if opt.sharded:
-            save_shard(out, next_step, dist, *opt.moments_numpy())
-            dist.barrier()
-        if dist.main:
-            compute = None
-            if np.dtype(be.param_dtype) != np.float32:
-                compute = {n: np.asarray(be.to_numpy(model.params[n])).view(np.uint16) for n in model.params.shapes}
-            m, v = (None, None) if opt.sharded else opt.moments_numpy()
-            save_checkpoint(out / CHECKPOINT, cfg, weights, adam_m=m, adam_v=v, state=state, compute_bf16=compute)
-        if opt.sharded:
-            dist.barrier()
-            prune_shards(out, next_step, dist)
-
-    def evaluate(step: int) -> None:
-        if val_loader is None:
-            return
-        val_loader.reset()
-        total = 0.0
-        for i in range(val_batches):  # the first val_batches batches, shared out over the ranks
-            x, y = val_loader.next_batch()
-            if i % dist.world == dist.rank:
-                total += model.forward(x, y)  # no grad_scale: gradients and the step's loss sum are untouched
-        loss = dist.sum(total) / val_batches
-        if not math.isfinite(loss):
-            raise UserError(f"val loss is {loss} at step {step}: the weights hold NaN/Inf; "
-                            f"last good checkpoint: {out / CHECKPOINT}")
-        log.write({"step": step, "val_loss": loss})
-        result.val_losses.append((step, loss))
-        if dist.main:
-            bar.write(f"step {step}: val loss {loss:.4f}")
-
-    def sample(step: int) -> None:
-        """Rank 0 generates; under ZeRO every rank takes part in gathering the sharded weights first."""
-        if not (dist.main or opt.sharded):
-            return
-        weights = model.params_numpy(comm)
-        if not dist.main:
-            return
-        from ..sample import generate
-        from ..data.tokenizers import get_tokenizer
-        tok = get_tokenizer()
-        ids = generate(weights, cfg, [tok.eot], tc.sample_tokens, rng=sample_rng, top_k=40)
-        bar.write(f"--- sample at step {step} ---\n{tok.decode(ids)}\n---")
-
-    result = TrainResult(out=out, steps_done=start, world=dist.world)
-    bar = _progress(tc, start, dist.main)
-    t_start = time.perf_counter()
-    last = min(tc.steps, tc.stop_at + 1) if tc.stop_at is not None else tc.steps
-    pending = []  # the launched step whose result is not read yet: [(step, lr, handle)]
-    clock = [time.perf_counter()]
-
-    def finish() -> None:
-        """Reads the pending step's loss and norm (the next step may already be running) and logs it."""
-        if not pending:
-            return
-        step, lr, handle = pending.pop()
-        loss, norm = handle.result()
-        now = time.perf_counter()
-        tps = tokens_per_step / (now - clock[0])
-        clock[0] = now
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            raise UserError(f"training diverged at step {step}: loss {loss}, grad norm {norm} "
-                            f"(lr {lr:.3g}); the update was not applied and nothing was saved; "
-                            f"last good checkpoint: {_last_ckpt(out)}. Try a lower --lr or --grad-clip 1")
-        log.write({"step": step, "train_loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps})
-        result.train_losses.append(loss)
-        result.steps_done = step + 1
-        bar.update(1)
-        bar.set_postfix_str(f"loss {loss:.4f} | {tps:,.0f} tok/s | lr {lr:.2e}", refresh=False)
-
-    def pause(fn, *a) -> None:  # evaluation, sampling, saving: after the pending step, off the step clock
-        finish()
-        fn(*a)
-        clock[0] = time.perf_counter()
-
-    # divergence is detected and reported in finish(); NumPy's overflow warnings on the way there are noise
-    with _StopFlag() as stop, np.errstate(over="ignore", invalid="ignore"):
-        try:
-            for step in range(start, last):
-                if tc.val_every and step % tc.val_every == 0:
-                    pause(evaluate, step)
-                if tc.sample_every and step > 0 and step % tc.sample_every == 0:
-                    pause(sample, step)
-                lr = lr_at(step, lr=tc.lr, schedule=tc.lr_schedule, steps=tc.steps, warmup=tc.warmup_steps,
-                           final_frac=tc.final_lr_frac, decay_frac=tc.decay_frac)
-                handle = stepper.launch((train_loader.next_batch() for _ in range(A)), lr)
-                finish()  # the previous step, while the GPU works on this one
-                pending.append((step, lr, handle))
-                dist.progress()
-                _inject_fault(dist.rank, step)
-                if dist.stop_agreed(stop.requested):  # every rank stops after the same step
-                    break
-                if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < last:
-                    pause(save, step + 1)
-            finish()
-        finally:
-            bar.close()
-        done = result.steps_done
-        if done == tc.steps:
-            evaluate(tc.steps)
-            if tc.sample_tokens:
-                sample(tc.steps)
-        save(done)
-    result.seconds = time.perf_counter() - t_start
-    log.close()
-    dist.stop()
-    if not dist.main:
-        return result
-    _plot(out, log)
-    if done < tc.steps:
-        print(f"stopped after step {done - 1}; continue with: llmpy train --resume {out}")
-    print(f"done: {done - start} steps in {result.seconds:.1f} s; checkpoint {out / CHECKPOINT}, "
-          f"metrics {out / 'metrics.jsonl'}, loss curve {out / 'loss.png'}")
-    if be.name == "cuda":
-        import cupy
-        print(f"peak GPU memory held: {cupy.get_default_memory_pool().total_bytes() / 2**30:.2f} GiB per rank")
-    return result
-
-
-def _last_ckpt(out: Path) -> str:
-    p = out / CHECKPOINT
-    return str(p) if p.exists() else "none yet"
-
-
-def _merge_resume(tc: TrainConfig, saved: dict) -> TrainConfig:
-    """A resumed run takes its settings from the checkpoint; flags given now override (steps, out, ...)."""
-    base = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
-    explicit = set(tc.explicit)
-    for name in explicit:
-        setattr(base, name, getattr(tc, name))
-    base.resume = tc.resume
-    base.init = None
-    for once in ("stop_at", "progress"):  # per-invocation settings, not part of the run
-        if once not in explicit:
-            setattr(base, once, getattr(TrainConfig, once))
-    if base.out is None or "out" not in explicit:
-        base.out = tc.out or tc.resume
-    return base
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _progress(tc: TrainConfig, start: int, main: bool = True):
@@ -367,8 +335,3 @@ class _NullLog:
 
     def close(self) -> None:
         pass
-
-
-def _plot(out: Path, log: MetricsLog) -> None:
-    from .metrics import plot_losses
-    plot_losses(log.path, out / "loss.png")

@@ -11,8 +11,9 @@ SCHEDULES = ("constant", "cosine", "linear", "wsd")
 
 
 class AdamW:
-    """Bias-corrected AdamW (Loshchilov & Hutter) with decoupled weight decay applied to the 2-D weight matrices
-    (wte, wpe, qkvw, attprojw, fcw, fcprojw) and not to biases or LayerNorm gains, and global-norm clipping.
+    """Bias-corrected AdamW (Loshchilov & Hutter) with decoupled weight decay on the tensors the family's spec marks
+    decayed (its matrices and embeddings, not biases or norm gains; decay_all: on everything), and global-norm
+    clipping.
 
     Moments are fp32 buffers in the parameters' layout (models/params.py), or this rank's shard of it under ZeRO.
     The update reads its per-step scalars (lr, bias corrections, clip, rounding seed) and the gradient norm from

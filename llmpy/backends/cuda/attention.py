@@ -5,7 +5,7 @@ into the packed qkv (B, T, 3, NH, hs) buffer; forward saves only the softmax sta
 backward is cuDNN's deterministic algorithm.
 
 `FallbackAttention`: our own, for fp32 and when cuDNN is missing: scores materialised as (B, NH, T, T), cuBLASLt
-batched products, softmax kernels from attention.cu. The softmax (B, NH, T, T) is the saved state.
+batched products, softmax kernels from kernels/attention.cu. The softmax (B, NH, T, T) is the saved state.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .runtime import cdiv, module
+from .runtime import cdiv
 
 
 class CudnnAttention:
@@ -94,7 +94,7 @@ class FallbackAttention:
     state_kind = "act"  # the softmax (B, NH, T, T) in the activation dtype
 
     def __init__(self, backend, B, T, NH, hs):
-        self.gemm, self.k = backend.gemm, module("attention", backend.dtype_name)
+        self.gemm, self.k = backend.gemm, backend.k["attention"]
         self.B, self.T, self.NH, self.hs = B, T, NH, hs
         n = B * NH * T * hs
         # scratch: q, k, v, y (or their gradients) per head, and the raw scores (B*NH, T, T)

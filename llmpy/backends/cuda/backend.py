@@ -7,15 +7,19 @@ cuDNN's flash attention is half precision only).
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 
 from ...errors import UserError
+from ..ops import OpShapes
 from .gemm import Gemm
 from .runtime import bf16_dtype, cdiv, import_cupy, module
 
 _NORM_BLOCKS = 264  # grid of the sum-of-squares partials: 2 per SM on an H200; fixed, so the sum's order is fixed
 _CHUNK_ROWS = 256   # rows per partial in the column sums (bias / LayerNorm parameter gradients)
+_DECODE_THREADS = 256  # block of attention_decode, one per (sequence, head)
+_FAMILIES = ("encoder", "layernorm", "matmul", "gelu", "residual", "attention", "classifier", "adamw", "cast")
 
 
 class CUDABackend:
@@ -35,10 +39,11 @@ class CUDABackend:
         self.stat_dtype = self.acc_dtype = np.dtype(np.float32)
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.stream.use()
-        self.k = {n: module(n, dtype) for n in ("encoder", "layernorm", "elementwise", "classifier", "adamw")}
+        self.k = {n: module(n, dtype) for n in _FAMILIES}  # kernels/<n>.cu
         self.gemm = Gemm(cp, dtype)
         self.attention_mode = attention  # auto: cuDNN for bf16 when importable, else our fallback
         self.attn = {}                   # (B, T, NH, hs) -> attention implementation
+        self._decode_scores = {}         # (B, NH, maxT) -> attention_decode's fp32 scores (B*NH*maxT)
         self.capturing = False
 
     # ---- memory ---------------------------------------------------------------------------------------------
@@ -80,14 +85,14 @@ class CUDABackend:
         if isinstance(src_f32, np.ndarray):
             src_f32 = self.asarray(src_f32, np.float32)
         n = dst.size
-        self.k["elementwise"].cast_from_f32((cdiv(n, 256),), (256,), (dst, src_f32, np.int64(n)))
+        self.k["cast"].cast_from_f32((cdiv(n, 256),), (256,), (dst, src_f32, np.int64(n)))
 
     def fill_zero(self, x):
         self.cp.cuda.runtime.memsetAsync(x.data.ptr, 0, x.nbytes, self.cp.cuda.get_current_stream().ptr)
 
     def add_inplace(self, a, b):
         n = a.size
-        self.k["elementwise"].add_inplace((cdiv(n, 256),), (256,), (a, b, np.int64(n)))
+        self.k["residual"].add_inplace((cdiv(n, 256),), (256,), (a, b, np.int64(n)))
 
     def side_stream(self):
         """A second stream (communication overlapping backward) and the event helpers to order the two."""
@@ -110,8 +115,8 @@ class CUDABackend:
     def synchronize(self):
         self.stream.synchronize()
 
-    def logit_columns(self, cfg) -> int:
-        return cfg.padded_vocab_size  # all Vp columns (multiples of 128 tile well); the pad gets no probability
+    def logit_columns(self, vocab_size: int, padded_vocab_size: int) -> int:
+        return padded_vocab_size  # all Vp columns (multiples of 128 tile well); the pad gets no probability
 
     def _attention(self, B, T, NH, hs):
         key = (B, T, NH, hs)
@@ -131,23 +136,28 @@ class CUDABackend:
         B, T, C = out.shape
         return self._attention(B, T, num_heads, C // num_heads)
 
-    def attention_state(self, B, T, NH, hs):
-        a = self._attention(B, T, NH, hs)
-        return a.state_shape(B, T, NH), a.state_kind
+    def attention_state(self, B: int, T: int, heads: int, kv_heads: int, head_size: int) -> tuple[tuple, str]:
+        _no_gqa(heads, kv_heads)
+        a = self._attention(B, T, heads, head_size)
+        return a.state_shape(B, T, heads), a.state_kind
 
-    def plan_workspace(self, cfg, B, T):
-        """Everything the ops need besides the planned tensors, allocated once."""
-        C, N = cfg.channels, B * T
+    def plan_workspace(self, shapes: OpShapes) -> int:
+        """Everything the ops need besides the planned tensors, allocated once; returns its size in bytes."""
+        B, T, C = shapes.B, shapes.T, shapes.channels
+        N = B * T
         if C % 8:
             raise UserError(f"the cuda kernels need channels divisible by 8 (got {C})")
-        a = self._attention(B, T, cfg.num_heads, cfg.head_size)
-        self.colsum_part = self.zeros(cdiv(N, _CHUNK_ROWS) * 2 * 4 * C, np.float32)
+        _no_gqa(shapes.heads, shapes.kv_heads)
+        a = self._attention(B, T, shapes.heads, shapes.head_size)
+        # column-sum partials, one row per chunk of rows: LayerNorm's dw|db (2C wide) or the widest bias
+        width = max(2 * C, max(shapes.bias_widths, default=0))
+        self.colsum_part = self.zeros(cdiv(N, _CHUNK_ROWS) * width, np.float32)
         self.norm_part = self.zeros(_NORM_BLOCKS, np.float32)
         self.order = self.zeros(N, np.int32)        # encoder backward: positions sorted by token (stable)
         self.seg = self.zeros(N + 1, np.int32)      # segment starts into order, one per distinct token
         self.nseg = self.zeros(1, np.int32)
         self._staging = _Staging(self.cp, N)
-        self._ids16 = cfg.vocab_size <= 65536
+        self._ids16 = shapes.vocab <= 65536
         return (self.colsum_part.nbytes + self.norm_part.nbytes + 4 * (2 * N + 2) + self.gemm.workspace.nbytes
                 + a.nbytes)
 
@@ -225,14 +235,14 @@ class CUDABackend:
         k.layernorm_backward_dinp((cdiv(rows, 8),), (256,), (dinp, dout, inp, w, mean, rstd, np.int32(rows),
                                                               np.int32(C)))
         chunks = cdiv(rows, _CHUNK_ROWS)
+        self._check_colsum(chunks, 2 * C)
         k.layernorm_backward_params_partial((cdiv(C, 128), chunks), (128,), (self.colsum_part, dout, inp, mean, rstd,
                                                                               np.int32(rows), np.int32(C),
                                                                               np.int32(_CHUNK_ROWS)))
-        e = self.k["elementwise"]
-        e.colsum_finalize((cdiv(C, 128),), (128,), (dw, self.colsum_part, np.int32(chunks), np.int32(2 * C),
-                                                    np.int32(C)))
-        e.colsum_finalize((cdiv(C, 128),), (128,), (db, self.colsum_part[C:], np.int32(chunks), np.int32(2 * C),
-                                                    np.int32(C)))
+        k.layernorm_backward_params_finalize((cdiv(C, 128),), (128,), (dw, self.colsum_part, np.int32(chunks),
+                                                                       np.int32(2 * C), np.int32(C)))
+        k.layernorm_backward_params_finalize((cdiv(C, 128),), (128,), (db, self.colsum_part[C:], np.int32(chunks),
+                                                                       np.int32(2 * C), np.int32(C)))
 
     def matmul_forward(self, out, inp, w, b, gelu_pre=None):
         OC, K = w.shape
@@ -249,28 +259,61 @@ class CUDABackend:
             self.gemm.mm(dinp, dout, w, M, K, OC)
             if gelu_pre is not None:
                 n = dinp.size
-                self.k["elementwise"].gelu_backward_inplace((cdiv(n // (16 // dinp.itemsize), 256),), (256,),
-                                                            (dinp, gelu_pre, np.int64(n)))
+                self.k["gelu"].gelu_backward_inplace((cdiv(n // (16 // dinp.itemsize), 256),), (256,),
+                                                     (dinp, gelu_pre, np.int64(n)))
         self.gemm.mm(dw, dout, inp, OC, K, M, transx=True, accumulate=True)  # dw += dout^T @ inp
         if db is not None:
             self._colsum_add(db, dout, M, OC)
 
     def _colsum_add(self, out, x, rows, C):
         chunks = cdiv(rows, _CHUNK_ROWS)
-        e = self.k["elementwise"]
+        self._check_colsum(chunks, C)
+        e = self.k["matmul"]
         e.colsum_partial((cdiv(C, 128), chunks), (128,), (self.colsum_part, x, np.int32(rows), np.int32(C),
                                                           np.int32(_CHUNK_ROWS)))
         e.colsum_finalize((cdiv(C, 128),), (128,), (out, self.colsum_part, np.int32(chunks), np.int32(C), np.int32(C)))
 
+    def _check_colsum(self, chunks, width):
+        # host-side only (nothing on a graph replay): a bias wider than OpShapes.bias_widths would overrun the buffer
+        if chunks * width > self.colsum_part.size:
+            raise ValueError(f"column sum of {chunks} x {width} partials exceeds the planned workspace "
+                             f"({self.colsum_part.size}): list every bias width in OpShapes.bias_widths")
+
     def gelu_forward(self, out, inp):
         n = inp.size
-        self.k["elementwise"].gelu_forward((cdiv(n, 256),), (256,), (out, inp, np.int64(n)))
+        self.k["gelu"].gelu_forward((cdiv(n, 256),), (256,), (out, inp, np.int64(n)))
 
     def attention_forward(self, out, state, qkv, num_heads):
         self._attention_for(out, num_heads).forward(out, state, qkv)
 
     def attention_backward(self, dqkv, dout, qkv, state, num_heads, out=None):
         self._attention_for(dout, num_heads).backward(dqkv, dout, qkv, state, out)
+
+    def attention_decode(self, out, qkv, k_cache, v_cache, pos: int, num_heads: int) -> None:
+        """One new position per sequence (inference, eager): qkv (B, 1, 3C) = the new q | k | v; k, v go into
+        k_cache, v_cache (B, NH, maxT, hs) at pos; out (B, 1, C) = softmax(q k^T / sqrt(hs)) v over 0..pos."""
+        B, NH, maxT, hs = k_cache.shape
+        C = NH * hs
+        if NH != num_heads or v_cache.shape != k_cache.shape or qkv.shape != (B, 1, 3 * C) or out.shape != (B, 1, C):
+            raise ValueError(f"attention_decode: out {out.shape}, qkv {qkv.shape}, caches {k_cache.shape} "
+                             f"{v_cache.shape}, num_heads {num_heads}")
+        if any(x.dtype != self.act_dtype or not x.flags.c_contiguous for x in (out, qkv, k_cache, v_cache)):
+            raise TypeError(f"attention_decode needs contiguous {self.act_dtype} arrays")
+        if not 0 <= pos < maxT:
+            raise ValueError(f"attention_decode: pos {pos} outside the cache's {maxT} positions")
+        npack = 16 // k_cache.itemsize  # elements per 16-byte load along a cache row
+        if hs % npack or hs // npack > _DECODE_THREADS or k_cache.data.ptr % 16 or v_cache.data.ptr % 16:
+            raise ValueError(f"attention_decode needs 16-byte aligned cache rows of <= {_DECODE_THREADS} loads "
+                             f"(head size {hs})")
+        key = (B, NH, maxT)
+        if key not in self._decode_scores:
+            self._decode_scores[key] = self.zeros(B * NH * maxT, np.float32)
+        groups = _DECODE_THREADS // (hs // npack)
+        self.k["attention"].attention_decode(
+            (B * NH,), (_DECODE_THREADS,), (out, k_cache, v_cache, self._decode_scores[key], qkv, np.int32(NH),
+                                            np.int32(maxT), np.int32(hs), np.int32(pos),
+                                            np.float32(1 / math.sqrt(hs))),
+            shared_mem=4 * hs * (1 + groups))
 
     def fused_classifier(self, losses, logits, targets, vocab_size, dloss=None):
         Vp = logits.shape[-1]
@@ -280,7 +323,7 @@ class CUDABackend:
                                                                  np.int32(Vp), np.int32(dloss is not None)))
 
     def loss_accumulate(self, acc, losses, scale):
-        self.k["elementwise"].loss_accumulate((1,), (1024,), (acc, losses, np.int32(losses.size), np.float32(scale)))
+        self.k["classifier"].loss_accumulate((1,), (1024,), (acc, losses, np.int32(losses.size), np.float32(scale)))
 
     def mean_loss(self, losses) -> float:
         return float(self.to_numpy(losses).astype(np.float64).sum()) / losses.size
@@ -288,13 +331,13 @@ class CUDABackend:
     # ---- optimizer ------------------------------------------------------------------------------------------
     def grad_sumsq(self, out, flat):
         """out[0] = sum of squares of flat, deterministic (fixed grid, fixed order)."""
-        e = self.k["elementwise"]
+        e = self.k["adamw"]
         e.sumsq_partial((_NORM_BLOCKS,), (512,), (self.norm_part, flat, np.int64(flat.size)))
         e.sum_partials((1,), (1024,), (out, self.norm_part, np.int32(_NORM_BLOCKS)))
 
     def norm_from_sumsq(self, out, sumsq, guard):
         """out[0] = sqrt(sumsq[0]), NaN when guard[0] (the step's loss) is not finite."""
-        self.k["elementwise"].norm_from_sumsq((1,), (1,), (out, sumsq, guard))
+        self.k["adamw"].norm_from_sumsq((1,), (1,), (out, sumsq, guard))
 
     def adamw(self, p, master, g, m, v, hp, norm, weight_decay, offset):
         n = p.size
@@ -363,3 +406,8 @@ class _Readback:
 
 def _round32(n: int) -> int:
     return (n + 31) // 32 * 32
+
+
+def _no_gqa(heads: int, kv_heads: int) -> None:
+    if kv_heads != heads:
+        raise UserError("grouped-query attention (kv_heads != heads) is not implemented on the cuda device yet")

@@ -1,8 +1,9 @@
 """CuPy import guard, kernel compilation (NVRTC, cached) and launch helpers.
 
-Each .cu file in this folder holds one kernel family, templated on the storage type T (float or bf16). We inline
-common.cuh into the source (so CuPy's on-disk kernel cache keys on everything the kernel sees) and compile with
-NVRTC for the device's architecture.
+Each kernels/<stem>.cu holds one kernel family, templated on the storage type T (float or bf16); the stem names its
+NumPy twin in llmpy/layers/ (cast.cu is infrastructure, no twin). We inline kernels/common.cuh into the source (so
+CuPy's on-disk kernel cache keys on everything the kernel sees) and compile with NVRTC for the device's
+architecture.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from ...errors import UserError
 
 HERE = Path(__file__).resolve().parent
+KERNELS = HERE / "kernels"
 
 
 def import_cupy():
@@ -40,14 +42,14 @@ CTYPE = {"fp32": "float", "bf16": "__nv_bfloat16"}
 
 
 def _source(name: str) -> str:
-    common = (HERE / "common.cuh").read_text()
-    src = (HERE / f"{name}.cu").read_text()
+    common = (KERNELS / "common.cuh").read_text()
+    src = (KERNELS / f"{name}.cu").read_text()
     return src.replace('#include "common.cuh"', common.replace("#pragma once", ""))
 
 
 @functools.lru_cache(maxsize=None)
 def module(name: str, dtype: str):
-    """The compiled kernels of `name`.cu instantiated for `dtype` ('fp32' or 'bf16'); `get(kernel)` returns one."""
+    """The kernels of kernels/`name`.cu compiled for `dtype` ('fp32' or 'bf16'), one attribute per kernel."""
     cupy = import_cupy()
     src = _source(name)
     templated = re.findall(r"template <class T>\s*__global__ void (\w+)\(", src)

@@ -22,10 +22,10 @@ import numpy as np
 import tiktoken
 import tiktoken.load
 
-from ...config import EOT_TOKEN as GPT2_EOT, GPT2_VOCAB
 from ...errors import UserError
 from ...formats.atomic import atomic_write_bytes
 
+GPT2_VOCAB, GPT2_EOT = 50257, 50256  # tokens, and the id of <|endoftext|>
 # sha256 of GPT-2's original files, as published in tiktoken (tiktoken_ext/openai_public.py)
 GPT2_FILE_HASHES = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",

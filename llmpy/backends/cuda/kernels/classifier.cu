@@ -57,3 +57,12 @@ __global__ void fused_classifier(T* logits, float* losses, const int* targets, f
         store16(x + i, o);
     }
 }
+
+// acc[0] += scale * sum(losses[0..n)), one block, fixed order (the mean loss over micro-batches)
+__global__ void loss_accumulate(float* acc, const float* losses, int n, float scale) {
+    __shared__ float buf[32];
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += losses[i];
+    s = block_sum(s, buf);
+    if (threadIdx.x == 0) acc[0] += scale * s;
+}

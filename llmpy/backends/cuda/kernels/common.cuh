@@ -84,3 +84,11 @@ template <> __device__ __forceinline__ float round_param<float>(float x, unsigne
 template <> __device__ __forceinline__ bf16 round_param<bf16>(float x, unsigned int seed, unsigned long long idx) {
     return stochastic_round_bf16(x, seed, idx);
 }
+
+// Second stage of the deterministic column sums (bias gradients in matmul.cu, LayerNorm's dw|db in layernorm.cu):
+// sum over k = 0..nchunks-1, in order, of part[k, c]; part holds one row of `width` fp32 partials per chunk of rows.
+__device__ __forceinline__ float colsum_chunks(const float* part, int nchunks, int width, int c) {
+    float s = 0.0f;
+    for (int k = 0; k < nchunks; k++) s += part[(long long)k * width + c];
+    return s;
+}

@@ -1,5 +1,6 @@
 // The fallback attention (used in fp32 and when cuDNN is unavailable): permutes between the packed qkv layout and
 // per-head matrices, and a causal softmax over materialised scores; the matrix products run in cuBLASLt.
+// And the one-position decode step over a KV cache (inference).
 #include "common.cuh"
 
 // qkv (B,T,3,NH,hs) -> q, k, v each (B,NH,T,hs)
@@ -72,4 +73,75 @@ __global__ void softmax_causal_backward(T* datt, const T* att, float scale, int 
     for (int j = lane; j < T_; j += 32) s += to_f(a[j]) * to_f(d[j]);
     s = warp_sum(s);
     for (int j = lane; j < T_; j += 32) d[j] = from_f<T>(scale * to_f(a[j]) * (to_f(d[j]) - s));
+}
+
+// Decode: one new position per sequence. qkv (B, 1, 3C) holds the new q | k | v (head h on channels h*hs..);
+// k_cache, v_cache (B, NH, maxT, hs): the new k, v are written at pos, then out (B, 1, C) = softmax(q k^T * scale)
+// v over positions 0..pos. One block per (b, h); scores (B*NH, maxT) fp32 scratch. Dynamic shared memory:
+// (1 + G) * hs floats, G = blockDim.x / (hs / Pack<T>::N). hs % Pack<T>::N == 0, hs / Pack<T>::N <= blockDim.x.
+// Every sum runs in a fixed order (deterministic).
+template <class T>
+__global__ void attention_decode(T* out, T* k_cache, T* v_cache, float* scores, const T* qkv, int NH, int maxT,
+                                 int hs, int pos, float scale) {
+    constexpr int N = Pack<T>::N;
+    extern __shared__ float sm[];  // q (hs) | per-group partial outputs (G, hs)
+    __shared__ float buf[32];
+    const int bh = blockIdx.x, b = bh / NH, h = bh % NH, C = NH * hs;
+    const T* x = qkv + (long long)b * 3 * C + (long long)h * hs;
+    T* K = k_cache + (long long)bh * maxT * hs;
+    T* V = v_cache + (long long)bh * maxT * hs;
+    float* s = scores + (long long)bh * maxT;
+    for (int d = threadIdx.x; d < hs; d += blockDim.x) {
+        sm[d] = to_f(x[d]);
+        K[(long long)pos * hs + d] = x[C + d];
+        V[(long long)pos * hs + d] = x[2 * C + d];
+    }
+    __syncthreads();  // q in shared memory, the new k, v in the cache (global writes visible to the block)
+    // scores: one thread per position, 16-byte loads along the key row
+    float m = -INFINITY;
+    for (int t = threadIdx.x; t <= pos; t += blockDim.x) {
+        const T* kr = K + (long long)t * hs;
+        float dot = 0.0f;
+        for (int d = 0; d < hs; d += N) {
+            Pack<T> p = load16(kr + d);
+#pragma unroll
+            for (int k = 0; k < N; k++) dot += sm[d + k] * to_f(p.v[k]);
+        }
+        dot *= scale;
+        s[t] = dot;
+        m = fmaxf(m, dot);
+    }
+    m = block_max(m, buf);
+    float sum = 0.0f;
+    for (int t = threadIdx.x; t <= pos; t += blockDim.x) {
+        float e = expf(s[t] - m);
+        s[t] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, buf);
+    __syncthreads();  // every exp written before any thread reads another's
+    // out: G groups of P threads, each thread N channels; group g sums positions g, g + G, ... in order
+    const int P = hs / N, G = blockDim.x / P, g = threadIdx.x / P, d0 = (threadIdx.x % P) * N;
+    float* part = sm + hs;
+    if (g < G) {
+        float acc[N];
+#pragma unroll
+        for (int k = 0; k < N; k++) acc[k] = 0.0f;
+        for (int t = g; t <= pos; t += G) {
+            Pack<T> p = load16(V + (long long)t * hs + d0);
+            const float w = s[t];
+#pragma unroll
+            for (int k = 0; k < N; k++) acc[k] += w * to_f(p.v[k]);
+        }
+#pragma unroll
+        for (int k = 0; k < N; k++) part[g * hs + d0 + k] = acc[k];
+    }
+    __syncthreads();
+    const float inv = 1.0f / sum;
+    T* o = out + (long long)b * C + (long long)h * hs;
+    for (int d = threadIdx.x; d < hs; d += blockDim.x) {
+        float r = 0.0f;
+        for (int j = 0; j < G; j++) r += part[j * hs + d];
+        o[d] = from_f<T>(r * inv);
+    }
 }

@@ -25,3 +25,32 @@ __global__ void adamw(T* params, float* master, const T* grads, float* m, float*
     if (master) master[i] = p;
     params[i] = round_param<T>(p, seed, (unsigned long long)(offset + i));
 }
+
+// The global gradient norm that clips the update. Sum of squares: each block strides over x in a fixed pattern
+// and writes one partial; then one block adds the partials in order. Deterministic for a fixed grid.
+template <class T>
+__global__ void sumsq_partial(float* part, const T* x, long long n) {
+    __shared__ float buf[32];
+    float s = 0.0f;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float v = to_f(x[i]);
+        s += v * v;
+    }
+    s = block_sum(s, buf);
+    if (threadIdx.x == 0) part[blockIdx.x] = s;
+}
+
+// out[0] = the sum of the first n partials, one block in a fixed order
+__global__ void sum_partials(float* out, const float* part, int n) {
+    __shared__ float buf[32];
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += part[i];
+    s = block_sum(s, buf);
+    if (threadIdx.x == 0) out[0] = s;
+}
+
+// out[0] = sqrt(sumsq[0]), the global gradient norm; NaN when the step's loss (guard[0]) is not finite, so that
+// AdamW skips the update of a diverged step
+__global__ void norm_from_sumsq(float* out, const float* sumsq, const float* guard) {
+    out[0] = isfinite(guard[0]) ? sqrtf(sumsq[0]) : __int_as_float(0x7fc00000);
+}

@@ -57,7 +57,7 @@ __global__ void fused_residual_layernorm_forward(T* residual, T* out, float* mea
 }
 
 // dinp += (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) * rstd, dnorm = dout * w. One warp per row.
-// The weight/bias gradients are column sums done by colsum kernels (deterministic, fixed order).
+// The weight/bias gradients are column sums (the _params_ kernels below: deterministic, fixed order).
 template <class T>
 __global__ void layernorm_backward_dinp(T* dinp, const T* dout, const T* inp, const T* w, const float* mean,
                                         const float* rstd, int rows, int C) {
@@ -107,4 +107,13 @@ __global__ void layernorm_backward_params_partial(float* part, const T* dout, co
     }
     part[(long long)chunk * 2 * C + c] = dw;
     part[(long long)chunk * 2 * C + C + c] = db;
+}
+
+// dw or db (C,) += the chunks' partials in order: launched on part for dw (width 2C) and on part + C for db.
+template <class T>
+__global__ void layernorm_backward_params_finalize(T* out, const float* part, int nchunks, int width, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const float s = colsum_chunks(part, nchunks, width, c);
+    out[c] = from_f<T>(to_f(out[c]) + s);
 }

@@ -1,0 +1,166 @@
+"""The declared op set: what a model may ask of a backend. `CPUBackend` (NumPy, the reference) and `CUDABackend`
+(our kernels, cuBLASLt, cuDNN) implement every method here with these signatures (tests/test_backend_ops.py checks
+it); model files call nothing else.
+
+Conventions, as in llm.c and layers/: outputs first, then inputs, then sizes. Parameter gradients ACCUMULATE (+=);
+the gradient flowing into the residual stream accumulates too; other input gradients are overwritten. Shapes: B
+batch, T time, C channels, NH heads, hs head size, OC out channels, N = B*T rows, V vocabulary, Vl logit columns.
+Arrays are the backend's own (NumPy or CuPy), contiguous unless a docstring says otherwise. Planning ops take
+explicit sizes, never a model family's config: a backend knows ops, not models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class OpShapes:
+    """The sizes a model will run its ops at, so that a backend can allocate its scratch memory once."""
+    B: int
+    T: int
+    channels: int                           # C: the residual stream (norms, embeddings)
+    heads: int                              # NH: query heads
+    kv_heads: int                           # key/value heads (== heads without grouped-query attention)
+    head_size: int                          # hs
+    vocab: int                              # V: token ids are < vocab
+    logits: int                             # Vl: columns of the LM head product (logit_columns)
+    linears: tuple[tuple[int, int], ...]    # (OC, K) of every weight a matmul op sees, the LM head's included
+    bias_widths: tuple[int, ...] = ()       # OC of every matmul with a bias (its gradient is a column sum)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str            # "cpu" | "cuda"
+    xp: Any              # the array module: numpy or cupy
+    dtype_name: str      # "fp32" | "bf16" | "fp64"
+    act_dtype: Any       # activations and their gradients
+    param_dtype: Any     # the compute copy of the weights and their gradients
+    stat_dtype: Any      # normalisation statistics, per-token losses, attention statistics
+    acc_dtype: Any       # loss sums, gradient norms
+    capturing: bool      # a CUDA graph is being recorded: nothing runs, nothing may be read back
+    stream: Any          # the stream every op runs on (in-order stand-in on the CPU)
+
+    # ---- memory and transfers ------------------------------------------------------------------------------
+    def zeros(self, n: int, dtype) -> Any:
+        """A new zeroed 1-D array of n elements (the only allocation a model makes: at planning time)."""
+
+    def asarray(self, x, dtype=None) -> Any:
+        """A new device array holding host array x (synchronous)."""
+
+    def to_numpy(self, x) -> Any:
+        """A host copy of device array x (waits for the work that writes it)."""
+
+    def copy_(self, dst, src) -> None:
+        """dst = src, same shape; src fp32 into a lower-precision dst rounds to nearest."""
+
+    def load_f32(self, dst, src_f32) -> None:
+        """dst (any dtype) = src (fp32, host or device), rounded to nearest."""
+
+    def fill_zero(self, x) -> None:
+        """x = 0 (contiguous)."""
+
+    def add_inplace(self, a, b) -> None:
+        """a += b, elementwise, same size."""
+
+    def set_tokens(self, dst, host, *, training: bool = True) -> None:
+        """dst (B, T) int32 = host token ids, asynchronously; training: also what encoder_backward needs."""
+
+    def upload(self, dst, host) -> None:
+        """dst (contiguous) = host array, asynchronously (host may be reused at once)."""
+
+    def async_read(self, *arrays) -> Any:
+        """Starts copies of small device arrays to the host; `.result()` waits for them alone, returns a list."""
+
+    def synchronize(self) -> None:
+        """Waits until every op issued so far has run."""
+
+    # ---- streams and graphs --------------------------------------------------------------------------------
+    def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Records fn's ops (nothing runs now); returns a function that replays them."""
+
+    def side_stream(self) -> Any:
+        """A second stream (communication overlapping backward)."""
+
+    def event(self) -> Any:
+        """An event: `record(stream)`, and `stream.wait_event(event)` orders two streams."""
+
+    def on(self, stream) -> Any:
+        """Context manager: the ops inside run on `stream`; the backend's stream is current again after."""
+
+    # ---- planning (explicit sizes) -------------------------------------------------------------------------
+    def logit_columns(self, vocab_size: int, padded_vocab_size: int) -> int:
+        """Vl: columns of the logits this backend forms (V on the CPU; the padded Vp on the GPU, which tiles
+        better; padded columns never get probability)."""
+
+    def attention_state(self, B: int, T: int, heads: int, kv_heads: int, head_size: int) -> tuple[tuple, str]:
+        """(shape, kind) of the per-layer tensor attention_forward saves for backward: "act" (activation dtype,
+        the softmax (B, NH, T, T)) or "stat" (stat dtype, e.g. softmax statistics (B, NH, T))."""
+
+    def plan_workspace(self, shapes: OpShapes) -> int:
+        """Allocates the scratch every op needs at these sizes, once; returns its size in bytes."""
+
+    # ---- layers --------------------------------------------------------------------------------------------
+    def encoder_forward(self, out, tokens, wte, wpe) -> None:
+        """out (B, T, C) = wte[tokens] + wpe[:T]; tokens (B, T) int32, wte (Vp, C), wpe (>= T, C)."""
+
+    def encoder_backward(self, dwte, dwpe, dout, tokens) -> None:
+        """dwte (Vp, C) += scatter of dout (B, T, C) by tokens; dwpe (maxT, C)[:T] += sum over B of dout."""
+
+    def layernorm_forward(self, out, mean, rstd, inp, w, b) -> None:
+        """out (N, C) = (inp - mean) * rstd * w + b; mean, rstd (N,) saved (stat dtype); inp (..., C)."""
+
+    def fused_residual_layernorm_forward(self, residual, out, mean, rstd, inp1, inp2, w, b) -> None:
+        """residual (N, C) = inp1 + inp2; then layernorm_forward(out, mean, rstd, residual, w, b)."""
+
+    def layernorm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd) -> None:
+        """dinp (N, C) +=, dw, db (C,) += the LayerNorm's gradients given dout (N, C) and the saved stats."""
+
+    def matmul_forward(self, out, inp, w, b, gelu_pre=None) -> None:
+        """out (N, OC) = inp (N, K) @ w (OC, K).T + b (OC,) or no bias (b None). With gelu_pre (N, OC): that
+        product is saved there and out = gelu(gelu_pre) (tanh GELU)."""
+
+    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None) -> None:
+        """dinp (N, K) = dout (N, OC) @ w (None: not formed); dw (OC, K) += dout.T @ inp; db (OC,) += column sums
+        of dout (None: no bias). With gelu_pre: dinp *= gelu'(gelu_pre), the GELU backward of the layer below
+        (gelu_pre then has dinp's shape)."""
+
+    def gelu_forward(self, out, inp) -> None:
+        """out = gelu(inp) (tanh form), any shape."""
+
+    def attention_forward(self, out, state, qkv, num_heads: int) -> None:
+        """Causal self-attention: out (B, T, C) from qkv (B, T, 3C) = [q | k | v], head h on channels
+        h*hs:(h+1)*hs of each; state (attention_state's shape) saved for backward."""
+
+    def attention_backward(self, dqkv, dout, qkv, state, num_heads: int, out=None) -> None:
+        """dqkv (B, T, 3C) = the gradient through attention of dout (B, T, C); out: forward's output (cuDNN
+        needs it)."""
+
+    def attention_decode(self, out, qkv, k_cache, v_cache, pos: int, num_heads: int) -> None:
+        """One new position per sequence with a KV cache (inference): qkv (B, 1, 3C) holds the new token's q, k, v;
+        k and v go into k_cache, v_cache (B, NH, maxT, hs) at `pos`; out (B, 1, C) = the attention of q over
+        positions 0..pos."""
+
+    def fused_classifier(self, losses, logits, targets, vocab_size: int, dloss=None) -> None:
+        """losses (N,) = cross-entropy of logits (N, Vl)[:, :vocab_size] against targets (N,); with dloss (the
+        gradient of the total loss w.r.t. each row's loss) logits becomes dlogits in place (padded columns 0)."""
+
+    def loss_accumulate(self, acc, losses, scale: float) -> None:
+        """acc[0] += scale * sum(losses), on the device (no read back)."""
+
+    def mean_loss(self, losses) -> float:
+        """The mean of losses (N,), read back to the host."""
+
+    # ---- optimizer -----------------------------------------------------------------------------------------
+    def grad_sumsq(self, out, flat) -> None:
+        """out[0] = sum of squares of flat, in a fixed order (deterministic)."""
+
+    def norm_from_sumsq(self, out, sumsq, guard) -> None:
+        """out[0] = sqrt(sumsq[0]), or NaN when guard[0] (the step's loss) is not finite."""
+
+    def adamw(self, p, master, g, m, v, hp, norm, weight_decay: float, offset: int) -> None:
+        """One AdamW step over one flat run of parameters, in place. p: compute weights; master: fp32 master
+        weights (None: update p directly, with stochastic rounding below fp32); g: gradients; m, v: fp32 moments;
+        hp (8,) = [lr, beta1, beta2, eps, 1/(1-beta1^t), 1/(1-beta2^t), grad_clip, seed]; norm[0] the global
+        gradient norm (clips when above grad_clip; non-finite: no update); offset: p's position in the whole
+        parameter buffer (seeds the rounding)."""

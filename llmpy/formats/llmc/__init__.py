@@ -1,0 +1,101 @@
+"""llm.c's model checkpoint files (`gpt2_124M.bin`, `gpt2_124M_bf16.bin`), bit-compatible with llm.c.
+
+Layout: 256 little-endian int32 header words (a magic number that names the family, a version, the family's
+sizes: formats/llmc/<family>.py), then the parameters in the family's spec order, contiguous, as float32 (version
+3) or bf16 bits (version 5, every tensor including the norms).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import numpy as np
+
+from ...config import family_of
+from ...errors import UserError
+from .. import check_params
+from ..atomic import atomic_write
+from ..bf16 import bf16_bits_to_fp32, fp32_to_bf16_bits
+
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+VERSIONS = {"fp32": 3, "bf16": 5}  # dtype name -> header version
+_ITEMSIZE = {3: 4, 5: 2}
+CODECS = {20240326: "gpt2"}        # magic -> the family whose header codec is formats/llmc/<family>.py
+
+
+def _codec(family: str):
+    if family not in CODECS.values():
+        raise UserError(f"llm.c has no model file format for the {family} family")
+    return importlib.import_module(f"{__name__}.{family}")
+
+
+def is_llmc_model(path: str | os.PathLike) -> bool:
+    """True if `path` is a readable file starting with one of llm.c's model magics (the rest is not checked)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return len(head) == 4 and int.from_bytes(head, "little", signed=True) in CODECS
+
+
+def read_llmc_model(path: str | os.PathLike):
+    """Read an llm.c model file: (config, params). bf16 files are converted to float32. The returned tensors are
+    views into one contiguous float32 buffer, in the family's spec order."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size < HEADER_BYTES:
+            what = "is empty" if size == 0 else f"is too short ({size} bytes)"
+            raise UserError(f"{path} {what}: not an llm.c model (its header alone is {HEADER_BYTES} bytes)")
+        h = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4").astype(np.int64)
+        if int(h[0]) not in CODECS:
+            raise UserError(f"{path} is not an llm.c model: bad magic {h[0]} (want one of "
+                            f"{', '.join(map(str, CODECS))})")
+        cfg, version = _codec(CODECS[int(h[0])]).parse_header(path, h, _ITEMSIZE)
+        specs = family_of(cfg).spec(cfg)
+        itemsize = _ITEMSIZE[version]
+        n = sum(math.prod(s.shape) for s in specs)
+        want = HEADER_BYTES + n * itemsize
+        if size < want:
+            raise UserError(f"{path} is truncated: {size} bytes, its header implies {want} "
+                            f"({n} parameters of {itemsize} bytes)")
+        if size > want:
+            raise UserError(f"{path} has {size - want} trailing bytes after the parameters: not a valid llm.c model")
+        raw = np.empty(n, dtype=np.float32 if itemsize == 4 else np.uint16)
+        if f.readinto(raw.view(np.uint8)) != raw.nbytes:
+            raise UserError(f"{path} is truncated (it changed while being read)")
+    flat = raw if itemsize == 4 else bf16_bits_to_fp32(raw)
+    params, off = {}, 0
+    for s in specs:
+        k = math.prod(s.shape)
+        params[s.name] = flat[off:off + k].reshape(s.shape)
+        off += k
+    return cfg, params
+
+
+def write_llmc_model(path: str | os.PathLike, cfg, params: dict[str, np.ndarray], dtype: str = "fp32") -> None:
+    """Write `params` (float32, shapes from `cfg`) atomically as an llm.c model file; `dtype` "fp32" (version 3)
+    or "bf16" (version 5, rounded to nearest even)."""
+    if dtype not in VERSIONS:
+        raise UserError(f"cannot write {path}: llm.c model dtype must be fp32 or bf16, not {dtype!r}")
+    codec = _codec(type(cfg).family)
+    params = check_params(cfg, params, f"cannot write {path}")
+    words = codec.header(cfg, VERSIONS[dtype])
+    h = np.zeros(HEADER_INTS, dtype="<i4")
+    h[:len(words)] = words
+
+    def write(f) -> None:
+        f.write(h.tobytes())
+        for name, a in params.items():  # check_params returns them in spec order
+            a = a if dtype == "fp32" else fp32_to_bf16_bits(a)
+            f.write(a.reshape(-1).view(np.uint8).data)
+
+    atomic_write(path, write)

@@ -1,0 +1,265 @@
+"""What every model family shares: its registry entry (`Family`), the config base, and the `Model` machinery —
+flat buffers planned once (parameters, master weights, gradients, activations), the LM head and the loss in
+chunks of rows (tied or untied head), initialization and parameter I/O from the family's spec, and decoding with
+state one position at a time.
+
+A family file (models/gpt2.py) subclasses `Model` and holds only its config, its spec, its activation plan
+(`plan`, `op_shapes`), `forward`, `backward` and `new_decode_state`; it calls the backend's declared ops
+(backends/ops.py) and nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import numpy as np
+
+from ..errors import UserError
+from .params import ALIGN, ParamBuffer, ParamLayout, ParamSpec, RotatingGrads, ShardBuffer, init_params
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family as the registry (llmpy/config.py) knows it."""
+    name: str                                   # recorded in checkpoints: "gpt2"
+    title: str                                  # for people: "GPT-2"
+    config: type                                # its ModelConfig subclass
+    model: type                                 # its Model subclass
+    spec: Callable[..., list[ParamSpec]]        # spec(cfg): the parameter list
+    parse: Callable[[str], object]              # a config name (the part after "family:") -> config
+    names: str                                  # the config names `parse` takes, for help and errors
+
+
+class ModelConfig:
+    """Base of every family's config, a frozen dataclass whose fields all have defaults and include max_seq_len
+    (maxT: the longest sequence), vocab_size (V: real tokens) and padded_vocab_size (Vp: embedding rows, a
+    multiple of 128; the padding never gets probability). `family` names its registry entry."""
+    family: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """From to_dict's output (checkpoint metadata); each value converted to its field's default's type."""
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in d]
+        if missing:
+            raise UserError(f"model config is missing {', '.join(missing)}")
+        try:
+            return cls(**{f.name: type(f.default)(d[f.name]) for f in fields})
+        except (TypeError, ValueError) as e:
+            raise UserError(f"bad model config {d}: {e}") from None
+
+
+def pad_vocab(v: int, multiple: int = 128) -> int:
+    return ((v + multiple - 1) // multiple) * multiple
+
+
+class FlatBuffer:
+    """One contiguous allocation with named views (the activations): what makes a step allocation-free and a
+    CUDA graph possible. Tensors start at multiples of ALIGN elements (the gaps stay zero)."""
+
+    def __init__(self, backend, entries, dtype):
+        self.shapes = dict(entries)
+        self.offsets, n = {}, 0
+        for name, shape in entries:
+            self.offsets[name] = n
+            n += -(-math.prod(shape) // ALIGN) * ALIGN
+        self.size = n
+        self.flat = backend.zeros(n, dtype)
+        self.views = {name: self.view(name) for name, _ in entries}
+
+    def view(self, name):
+        o, shape = self.offsets[name], self.shapes[name]
+        return self.flat[o:o + math.prod(shape)].reshape(shape)
+
+    def __getitem__(self, name):
+        return self.views[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self.shapes
+
+    def nbytes(self) -> int:
+        return self.size * self.flat.dtype.itemsize
+
+
+class Model:
+    """A family's model on a backend, planned for micro-batches of (B, T) tokens.
+
+    training: gradients and the backward's activations exist. recompute: a level the family defines (0 keeps
+    every activation). master_weights: keep fp32 master weights when the compute copy is lower precision (else
+    AdamW updates the compute weights with stochastic rounding). logits_chunk: rows of logits formed at a time.
+    rank/world/zero: data parallelism; zero >= 1 keeps only this rank's shard of the master weights, zero 2 also
+    keeps the layers' gradients in two rotating bucket buffers (models/params.py)."""
+
+    HEAD_WEIGHT: ClassVar[str] = ""            # the LM head's weight: the embedding's name when tied
+    RECOMPUTE: ClassVar[tuple[int, ...]] = (0,)
+
+    def __init__(self, cfg, backend, B: int, T: int, *, training: bool = True, recompute: int = 0,
+                 master_weights: bool = True, logits_chunk: int = 8192, rank: int = 0, world: int = 1,
+                 zero: int = 0):
+        if T > cfg.max_seq_len:
+            raise UserError(f"sequence length {T} exceeds the model's maximum {cfg.max_seq_len}")
+        if B < 1 or T < 1:
+            raise UserError(f"batch size and sequence length must be positive (got B={B}, T={T})")
+        if recompute not in self.RECOMPUTE:
+            raise UserError(f"--recompute must be one of {', '.join(map(str, self.RECOMPUTE))} (got {recompute})")
+        if zero not in (0, 1, 2):
+            raise UserError(f"--zero must be 0, 1 or 2 (got {zero})")
+        from ..config import family_of
+        self.cfg, self.be, self.B, self.T = cfg, backend, B, T
+        self.training, self.recompute = training, recompute
+        self.chunk = min(B * T, max(1, logits_chunk))
+        self.rank, self.world, self.zero = rank, world, zero
+        self.specs = family_of(cfg).spec(cfg)
+        self.layout = ParamLayout(self.specs, world)
+        self.params = ParamBuffer(backend, self.layout, backend.param_dtype)
+        # fp32 master weights when the compute copy is lower precision (AdamW updates these); ZeRO shards them
+        self.master = None
+        if training and master_weights and np.dtype(backend.param_dtype) != np.float32:
+            self.master = (ShardBuffer(backend, self.layout, np.float32, rank) if zero >= 1
+                           else ParamBuffer(backend, self.layout, np.float32))
+        self.grads = None
+        if training:
+            self.grads = (RotatingGrads(backend, self.layout, backend.param_dtype) if zero == 2
+                          else ParamBuffer(backend, self.layout, backend.param_dtype))
+        # Vl: V on the CPU; the GPU computes all Vp columns and ignores the pad
+        self.Vl = backend.logit_columns(cfg.vocab_size, cfg.padded_vocab_size)
+        acts, grads, stats = self.plan()
+        acts = acts + [("logits", (self.chunk, self.Vl))]  # one chunk of rows; becomes dlogits in place
+        self.acts = FlatBuffer(backend, acts + (grads if training else []), backend.act_dtype)
+        self.stats = FlatBuffer(backend, stats + [("losses", (B, T))], backend.stat_dtype)
+        self.workspace_bytes = backend.plan_workspace(self.op_shapes())
+        self.tokens = backend.zeros(B * T, np.int32).reshape(B, T)
+        self.targets = backend.zeros(B * T, np.int32).reshape(B, T)
+        self.loss_acc = backend.zeros(1, backend.acc_dtype)  # sum over a step's micro-batches (device side)
+        self.has_targets = False
+
+    # ---- what a family provides -----------------------------------------------------------------------------
+    def plan(self) -> tuple[list, list, list]:
+        """(activations, their gradients' scratch, statistics): lists of (name, shape) for the flat buffers (the
+        logits chunk and the per-token losses are added here)."""
+        raise NotImplementedError
+
+    def op_shapes(self):
+        """backends.ops.OpShapes: the sizes this model runs the backend's ops at."""
+        raise NotImplementedError
+
+    def forward(self, tokens=None, targets=None, grad_scale: float | None = None, *, return_loss: bool = True,
+                state=None) -> float | None:
+        raise NotImplementedError
+
+    def backward(self, hooks=None) -> None:
+        raise NotImplementedError
+
+    def new_decode_state(self):
+        """The state decoding carries from one position to the next (a KV cache, a recurrent state)."""
+        raise NotImplementedError
+
+    # ---- memory plan ----------------------------------------------------------------------------------------
+    def memory_plan(self) -> dict[str, int]:
+        """Bytes per category on this rank (printed at start; the step allocates nothing beyond these)."""
+        plan = {"parameters": self.params.nbytes()}
+        if self.master is not None:
+            plan["master weights"] = self.master.nbytes()
+        if self.grads is not None:
+            plan["gradients"] = self.grads.nbytes()
+        plan["activations"] = self.acts.nbytes() + self.stats.nbytes()
+        plan["workspace"] = self.workspace_bytes
+        return plan
+
+    def saved(self, name: str):
+        """A planned tensor from the activation or the statistics buffer (some backends keep the attention state
+        in one, some in the other)."""
+        return self.acts[name] if name in self.acts else self.stats[name]
+
+    # ---- parameters -----------------------------------------------------------------------------------------
+    def init_weights(self, seed: int) -> None:
+        """The family's init rule from its spec, drawn on the host from `seed` so every backend starts identical."""
+        self.load_params(init_params(self.specs, seed))
+
+    def load_params(self, params: dict[str, np.ndarray]) -> None:
+        """fp32 host weights -> the compute copy (rounded to nearest) and the master copy or this rank's shard."""
+        be = self.be
+        dev = be.asarray(self.layout.to_flat(params), np.float32)  # the weights in our layout, one upload
+        be.load_f32(self.params.flat, dev)
+        if isinstance(self.master, ParamBuffer):
+            be.copy_(self.master.flat, dev)
+        elif self.master is not None:
+            for g0, l0, s in self.layout.shard(self.rank):
+                be.copy_(self.master.flat[l0:l0 + s], dev[g0:g0 + s])
+
+    def params_numpy(self, comm=None) -> dict[str, np.ndarray]:
+        """The weights as fp32 host arrays (from the master copy when there is one; a sharded master is gathered
+        over `comm`, which every rank must then call)."""
+        be = self.be
+        if isinstance(self.master, ShardBuffer):
+            # one bucket at a time through a device buffer of the largest bucket, so that a checkpoint costs
+            # ~1 bucket of extra GPU memory rather than the whole fp32 model (5.8 GiB for GPT-2 d48)
+            flat = np.empty(self.layout.size, np.float32)
+            buf = be.zeros(max(b1 - b0 for b0, b1 in self.layout.buckets), np.float32)
+            for (b0, b1), (_, l0, s) in zip(self.layout.buckets, self.layout.shard(self.rank)):
+                mine = buf[self.rank * s:(self.rank + 1) * s]
+                be.copy_(mine, self.master.flat[l0:l0 + s])
+                comm.all_gather(mine, buf[:b1 - b0])
+                flat[b0:b1] = be.to_numpy(buf[:b1 - b0])
+            return self.layout.from_flat(flat)
+        src = self.master if self.master is not None else self.params
+        return self.layout.from_flat(be.to_numpy(src.flat))
+
+    def zero_grad(self) -> None:
+        self.be.fill_zero(self.grads.flat)
+
+    def set_batch(self, tokens, targets=None) -> None:
+        """Copies host (B, T) token ids (and targets) into the model's device buffers."""
+        self.be.set_tokens(self.tokens, tokens, training=self.training)
+        if targets is not None:
+            self.be.set_tokens(self.targets, targets, training=False)
+        self.has_targets = targets is not None
+
+    # ---- LM head and loss -----------------------------------------------------------------------------------
+    def lm_head(self, x, dx, grad_scale: float | None, return_loss: bool) -> float | None:
+        """logits = x (B, T, C) @ W[:Vl].T, W = params[HEAD_WEIGHT] (the embedding when tied), a chunk of rows at
+        a time. With targets: the per-token losses (stats "losses"); with grad_scale (= d total loss / d each
+        token's loss) each chunk's backward runs at once (dx rows =, W's gradient +=), so only one chunk of logits
+        is ever held; returns the mean loss (None when not read back). Without targets: the logits of all rows
+        (which must fit one chunk) are left in acts["logits"] and None is returned."""
+        be, a, s = self.be, self.acts, self.stats
+        N, C, R = self.B * self.T, x.shape[-1], self.chunk
+        xf, w = x.reshape(N, C), self.params[self.HEAD_WEIGHT][:self.Vl]
+        if not self.has_targets:
+            if N > R:
+                raise UserError(f"logits of {N} rows need logits_chunk >= {N} (it is {R})")
+            be.matmul_forward(a["logits"], xf, w, None)
+            return None
+        losses, targets = s["losses"].reshape(N), self.targets.reshape(N)
+        for r0 in range(0, N, R):
+            r1 = min(N, r0 + R)
+            logits = a["logits"][:r1 - r0]
+            be.matmul_forward(logits, xf[r0:r1], w, None)
+            be.fused_classifier(losses[r0:r1], logits, targets[r0:r1], self.cfg.vocab_size, grad_scale)
+            if grad_scale is not None:
+                be.matmul_backward(dx.reshape(N, C)[r0:r1], self.grads[self.HEAD_WEIGHT][:self.Vl], None, logits,
+                                   xf[r0:r1], w)
+        return be.mean_loss(s["losses"]) if return_loss and not be.capturing else None
+
+    # ---- decoding -------------------------------------------------------------------------------------------
+    def decode_step(self, tokens, state) -> np.ndarray:
+        """Feeds tokens (B, n) at positions state.pos.. one position at a time (the model is planned for
+        (B, 1) and no training) and returns the fp32 logits (B, V) that follow the last."""
+        toks = np.asarray(tokens, dtype=np.int32).reshape(self.B, -1)
+        if self.training or self.T != 1:
+            raise ValueError("decode_step needs a model made with T=1 and training=False")
+        if toks.shape[1] == 0:
+            raise UserError("nothing to decode: the prompt is empty")
+        if state.pos + toks.shape[1] > self.cfg.max_seq_len:
+            raise UserError(f"the sequence would reach {state.pos + toks.shape[1]} tokens, past the model's context "
+                            f"of {self.cfg.max_seq_len}: use a shorter prompt or fewer new tokens")
+        for t in range(toks.shape[1]):
+            self.forward(np.ascontiguousarray(toks[:, t:t + 1]), state=state)
+            state.pos += 1
+        logits = self.be.to_numpy(self.acts["logits"][:self.B, :self.cfg.vocab_size])
+        return np.array(logits, np.float32)  # a copy: the next step overwrites the buffer (a view on the CPU)
