@@ -158,3 +158,23 @@ def test_out_of_memory_is_a_clear_error():
     from llmpy.config import config_from_name
     with pytest.raises(UserError, match="batch-size|recompute"):
         GPT2(config_from_name("d48"), get_backend("cuda", "bf16"), 1024, 1024)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_decoding_matches_the_cpu(ckpt, dtype):
+    """`llmpy sample --device cuda`: the model's own forward one position at a time over a GPU KV cache."""
+    from llmpy.models.decode import decoder, generate
+    cfg, params = read_llmc_model(ckpt)
+    toks = np.random.default_rng(4).integers(0, cfg.vocab_size, (1, 12)).astype(np.int32)
+    out = {}
+    for dev, dt in (("cpu", "fp32"), ("cuda", dtype)):
+        m = decoder(cfg, params, get_backend(dev, dt))
+        st = m.new_decode_state()
+        steps = [m.decode_step(toks[:, :5], st)] + [m.decode_step(toks[:, i:i + 1], st) for i in range(5, 12)]
+        out[dev] = np.concatenate(steps)
+        if dev == "cuda":
+            new = generate(m, [1, 2, 3], 6, rng=np.random.default_rng(0), temperature=0)
+            assert len(new) == 6 and all(0 <= t < cfg.vocab_size for t in new)
+    err = relerr(out["cuda"], out["cpu"])
+    print(f"\n{dtype}: decode logits rel err {err:.2e}")
+    assert err < (1e-4 if dtype == "fp32" else 3e-2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 
 import numpy as np
 
@@ -129,6 +130,11 @@ class CUDABackend:
                 except ImportError:
                     if self.attention_mode == "cudnn":
                         raise UserError("cuDNN attention needs nvidia-cudnn-frontend: pip install -e '.[cuda]'")
+                except Exception as e:  # cuDNN has no plan for this shape (e.g. T = 1 when decoding)
+                    if self.attention_mode == "cudnn":
+                        raise
+                    print(f"note: cuDNN attention has no plan for B={B} T={T} heads={NH} head size {hs} ({e}); "
+                          "using llmpy's own", file=sys.stderr)
             self.attn[key] = a or FallbackAttention(self, B, T, NH, hs)
         return self.attn[key]
 
