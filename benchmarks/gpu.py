@@ -45,8 +45,7 @@ def main(argv=None):
         return
     res = {}
     for side in args.sides.split(","):
-        cmd = [sys.executable, __file__, "--side", side] + [a for a in (argv or sys.argv[1:])
-                                                            if not a.startswith("--side")]
+        cmd = [sys.executable, __file__, "--side", side] + _without_sides(argv or sys.argv[1:])
         p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(ROOT)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])))
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -57,6 +56,19 @@ def main(argv=None):
     report(args, res)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": res}, indent=1))
+
+
+def _without_sides(argv: list[str]) -> list[str]:
+    """argv less --sides / --side and their values (in either the `--sides X` or the `--sides=X` form)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--sides", "--side"):
+            skip = True
+        elif not a.startswith(("--sides=", "--side=")):
+            out.append(a)
+    return out
 
 
 def report(args, res):

@@ -19,7 +19,7 @@ for st in ${*:-tests bench sample}; do
         for side in old new; do
           root=$NEW; [ $side = old ] && root=$NEW/build/old
           (cd "$root" && PYTHONPATH=/tmp/site timeout 240 python3 benchmarks/gpu.py --model d12 --batch 64 --seq 1024 \
-            --steps 20 --warmup 8 --sides llmpy --json "$OUT/bench_${side}_$i.json" 2>&1 | grep -E "^\| llmpy|failed" \
+            --steps 20 --warmup 8 --sides=llmpy --json "$OUT/bench_${side}_$i.json" 2>&1 | grep -E "^\| llmpy|failed" \
             | sed "s/^/$side $i: /" | tee -a "$OUT/summary.txt")
         done
       done ;;

@@ -98,3 +98,20 @@ def test_the_cpu_path_never_imports_cupy(tmp_path):
             "print('LOADED', bad)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "LOADED []" in out.stdout, out.stdout + out.stderr
+
+
+def test_train_help_states_the_defaults_of_train_config():
+    """The CLI's help shows TrainConfig's defaults (read from it, never written twice)."""
+    import re
+
+    from llmpy.cli import build_parser
+    from llmpy.train.config import TrainConfig
+    ap = build_parser()
+    train = next(a for a in ap._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train"))
+    d, checked = TrainConfig(), 0
+    for act in train._actions:
+        m = re.search(r"\(?default ([^):;]+)", act.help or "")
+        if act.dest in TrainConfig.__dataclass_fields__ and m and getattr(d, act.dest) is not None:
+            assert m.group(1).strip() == str(getattr(d, act.dest)), (act.dest, act.help)
+            checked += 1
+    assert checked >= 20

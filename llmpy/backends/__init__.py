@@ -1,4 +1,5 @@
-"""Backends supply the layer ops and the memory; the model code (models/gpt2.py) is written once over them.
+"""Backends supply the layer ops and the memory; a family's model code (models/<family>.py) is written once over
+them, against the op set that ops.py declares.
 
 `get_backend("cpu")` gives the NumPy reference; `get_backend("cuda")` the GPU one (imported only when asked for,
 so the CPU path never touches CuPy)."""

@@ -96,7 +96,7 @@ class GradReducer:
     def before_layer(self, l: int) -> None:
         if self.model.zero != 2:
             return
-        if l < self.model.cfg.num_layers - 2:  # layers L-1, L-2 reuse buffers freed before the last done()
+        if l < self.model.layout.L - 2:  # layers L-1, L-2 reuse buffers freed before the last done()
             self.be.stream.wait_event(self.free[l % 2])
         self.be.fill_zero(self.model.grads.bucket(1 + l))
 

@@ -35,9 +35,10 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
         "--nnodes/--master-addr/--master-port and each node's --node-rank (or skip it: srun and mpirun "
         "are understood directly).")
     a = p.add_argument
-    a("--nproc-per-node", type=int, default=1, metavar="N", help="processes on this node, usually its GPUs (1)")
-    a("--nnodes", type=int, default=1, metavar="M", help="nodes in the job (1)")
-    a("--node-rank", type=int, default=0, metavar="R", help="this node's index, 0..M-1 (0)")
+    a("--nproc-per-node", type=int, default=1, metavar="N", help="processes on this node, usually its GPUs "
+      "(%(default)s)")
+    a("--nnodes", type=int, default=1, metavar="M", help="nodes in the job (%(default)s)")
+    a("--node-rank", type=int, default=0, metavar="R", help="this node's index, 0..M-1 (%(default)s)")
     a("--master-addr", metavar="A", help="node 0's address (default: 127.0.0.1 on one node, else $MASTER_ADDR)")
     a("--master-port", type=int, metavar="P", help=f"rendezvous port on node 0; the watchdog uses P+1 (default "
       f"$MASTER_PORT or {DEFAULT_PORT})")
@@ -45,9 +46,9 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
       "or file (--rdzv-path on a shared file system); mpi only under mpirun/srun, without this launcher")
     a("--rdzv-path", metavar="PATH", help="the rendezvous file for --rdzv file")
     a("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
-      help=f"seconds to wait for the other ranks, and before a hung rank stops the job ({DEFAULT_TIMEOUT:g})")
+      help="seconds to wait for the other ranks, and before a hung rank stops the job (%(default)g)")
     a("--grace", type=float, default=10.0, metavar="S",
-      help="after a rank fails, seconds between SIGTERM and SIGKILL for the others (10)")
+      help="after a rank fails, seconds between SIGTERM and SIGKILL for the others (%(default)g)")
     a("--quiet-others", action="store_true", help="drop the stdout of ranks other than 0")
     # not "command": cli.py's subparsers store the subcommand's name there
     a("child_argv", nargs=argparse.REMAINDER, metavar="COMMAND", help="the llmpy command every rank runs, after --")

@@ -9,7 +9,8 @@ Layout: one flat buffer per role, laid out in buckets: a head bucket (the tensor
 bucket per layer with that layer's slice of every per-layer tensor. A bucket is the unit data parallelism reduces as
 soon as backward has finished its layer, and the unit ZeRO shards: rank r of W owns the r-th 1/W of every bucket
 (buckets are padded to a multiple of W * ALIGN so all slices are equal and aligned). Inside a bucket the tensors
-without weight decay come first, so AdamW runs over few contiguous pieces. Files are written by name, in spec order.
+without weight decay come first (in the head bucket, the decayed ones), so AdamW runs over few contiguous pieces.
+Files are written by name, in spec order.
 
 Views: `buf[name]` of a tensor that is not per layer is a plain array of its shape; a per-layer tensor's is an
 (L, ...) view whose layer slices are contiguous (`buf[name][l]`), strided by the bucket size.
