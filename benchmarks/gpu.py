@@ -86,7 +86,7 @@ def report(args, res):
 
 
 def flops_per_token(cfg, T):
-    return 6 * cfg.num_params() + 6 * cfg.num_layers * cfg.channels * T
+    return cfg.flops_per_token(T)  # GPT-2: llm.c's 6N + 6LCT
 
 
 def device_used_gib():

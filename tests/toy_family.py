@@ -28,6 +28,9 @@ class ToyConfig(ModelConfig):
     def describe(self) -> str:
         return f"toy L={self.num_layers} C={self.channels}"
 
+    def flops_per_token(self, T: int) -> int:
+        return 6 * sum(math.prod(s.shape) for s in spec(self))
+
 
 def spec(cfg: ToyConfig) -> list[ParamSpec]:
     L, C, Vp = cfg.num_layers, cfg.channels, cfg.padded_vocab_size

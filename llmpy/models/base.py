@@ -38,6 +38,15 @@ class ModelConfig:
     multiple of 128; the padding never gets probability). `family` names its registry entry."""
     family: ClassVar[str] = ""
 
+    def flops_per_token(self, T: int) -> int:
+        """Training FLOPs per token at sequence length T (forward + backward), for MFU; each family states its
+        convention."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for people: the family and its sizes."""
+        raise NotImplementedError
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -50,6 +50,10 @@ class GPT2Config(ModelConfig):
     def num_params(self) -> int:
         return sum(math.prod(s.shape) for s in spec(self))
 
+    def flops_per_token(self, T: int) -> int:
+        """Training FLOPs per token at sequence length T, llm.c's convention (for MFU): 6N + 6 L C T."""
+        return 6 * self.num_params() + 6 * self.num_layers * self.channels * T
+
     def describe(self) -> str:
         return (f"GPT-2 L={self.num_layers} H={self.num_heads} C={self.channels} maxT={self.max_seq_len} "
                 f"V={self.vocab_size}")
