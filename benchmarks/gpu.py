@@ -1,15 +1,18 @@
 """GPU training throughput and memory: llmpy's CUDA backend vs a PyTorch baseline, same GPU, model and batch.
 
     python benchmarks/gpu.py --model d12 --batch 64 --seq 1024 [--steps 30] [--warmup 10] [--recompute 0]
+    python benchmarks/gpu.py --model llama3.2:1b --batch 8 --seq 2048
 
-Both sides train GPT-2 on random tokens with vocab padded to 50304, bf16 compute, fp32 AdamW (weight decay 0.1
-on matrices), global-norm clip 1.0. The baseline is nanoGPT-style PyTorch (benchmarks/nanogpt.py): bf16
-autocast, SDPA (flash) attention, fused AdamW, torch.compile. llmpy runs its trainer's way: CUDA graphs, the host
+Both sides train the model (any registered name) on random tokens, bf16 compute, fp32 AdamW (weight decay 0.1 on
+matrices), global-norm clip 1.0. The baseline is PyTorch with bf16 autocast, SDPA (flash) attention, fused AdamW,
+torch.compile: for GPT-2 nanoGPT's model (benchmarks/nanogpt.py), for Llama 3 a torchtitan-style one with
+enable_gqa (benchmarks/torch_llama.py). llmpy runs its trainer's way: CUDA graphs, the host
 launching step i+1 before reading step i's loss. Each side runs in its own process (clean peak
 memory); warm-up steps are dropped and the median step time of the rest is reported. Peak memory is the
 device memory in use by the process at its peak as the framework reports it (llmpy: CuPy's pool plus the
 cuBLASLt/cuDNN workspaces inside it; PyTorch: max_memory_reserved), and the device-wide used memory (NVML's
-view, context included) for both. MFU uses llm.c's convention: 6N + 6*L*C*T flops per token at 989 TFLOP/s.
+view, context included) for both. MFU: the family's flops_per_token (GPT-2: llm.c's 6N + 6LCT; Llama 3:
+torchtitan's 6N + 12 L H d T) at 989 TFLOP/s.
 """
 from __future__ import annotations
 
@@ -72,7 +75,7 @@ def _without_sides(argv: list[str]) -> list[str]:
 
 
 def report(args, res):
-    print(f"\n{time.strftime('%Y-%m-%d')}  GPT-2 {args.model} B={args.batch} T={args.seq} bf16, "
+    print(f"\n{time.strftime('%Y-%m-%d')}  {args.model} B={args.batch} T={args.seq} bf16, "
           f"median of {args.steps} steps after {args.warmup} warm-up")
     print("| | tok/s | step ms | peak GiB (framework) | device used GiB | MFU |")
     print("|---|---|---|---|---|---|")
@@ -86,7 +89,7 @@ def report(args, res):
 
 
 def flops_per_token(cfg, T):
-    return cfg.flops_per_token(T)  # GPT-2: llm.c's 6N + 6LCT
+    return cfg.flops_per_token(T)
 
 
 def device_used_gib():
@@ -114,11 +117,12 @@ def measure(args) -> dict:
         import cupy
 
         from llmpy.backends import get_backend
-        from llmpy.models.gpt2 import GPT2
+        from llmpy.config import family_of
         from llmpy.train.optim import AdamW
         from llmpy.train.step import TrainStep
         be = get_backend("cuda", "bf16")
-        model = GPT2(cfg, be, B, T, recompute=args.recompute, master_weights=not args.no_master_weights)
+        model = family_of(cfg).model(cfg, be, B, T, recompute=args.recompute,
+                                     master_weights=not args.no_master_weights)
         model.init_weights(0)
         opt = AdamW(model, weight_decay=0.1)
         st = TrainStep(model, opt, 1, grad_clip=1.0, graph=not args.no_graph)
@@ -142,10 +146,13 @@ def measure(args) -> dict:
     else:
         import torch
 
-        from benchmarks.nanogpt import NanoGPT
         torch.manual_seed(0)
         torch.backends.cuda.matmul.allow_tf32 = True
-        model = NanoGPT(cfg).cuda()
+        if type(cfg).family == "llama3":
+            from benchmarks.torch_llama import TorchLlama as Baseline
+        else:
+            from benchmarks.nanogpt import NanoGPT as Baseline
+        model = Baseline(cfg).cuda()
         opt = model.optimizer(1e-4)
         fwd = torch.compile(model)
         td = [torch.tensor(b, dtype=torch.long, device="cuda") for b in data]

@@ -1,6 +1,7 @@
 """Where a GPU training step spends its time: every backend op of one eager step timed with CUDA events.
 
     python benchmarks/gpu_profile.py --model d12 --batch 64 --seq 1024 [--recompute 0]
+    python benchmarks/gpu_profile.py --model llama3.2:1b --batch 8 --seq 2048 --recompute 1
 
 The step runs eagerly (no graph) after two warm-up steps; each op call is bracketed by events on the stream, so
 the table shows device time per op family (launch gaps between ops are not counted; the last line compares the
@@ -16,9 +17,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# every op of the declared set that runs on the device during a step (the model's and the optimizer's)
 OPS = ["encoder_forward", "encoder_backward", "layernorm_forward", "fused_residual_layernorm_forward",
-       "layernorm_backward", "matmul_forward", "matmul_backward", "gelu_forward", "attention_forward",
-       "attention_backward", "fused_classifier", "loss_accumulate", "grad_norm", "adamw", "fill_zero", "copy_"]
+       "layernorm_backward", "rmsnorm_forward", "fused_residual_rmsnorm_forward", "rmsnorm_backward",
+       "rope_forward", "rope_backward", "swiglu_forward", "swiglu_backward", "matmul_forward", "matmul_backward",
+       "gelu_forward", "attention_forward", "attention_backward", "fused_classifier", "loss_accumulate",
+       "grad_sumsq", "norm_from_sumsq", "adamw", "fill_zero", "copy_"]
 
 
 def main(argv=None):
@@ -33,14 +37,13 @@ def main(argv=None):
     import numpy as np
 
     from llmpy.backends import get_backend
-    from llmpy.config import config_from_name
-    from llmpy.models.gpt2 import GPT2
+    from llmpy.config import config_from_name, family_of
     from llmpy.train.optim import AdamW
     from llmpy.train.step import TrainStep
     cfg = config_from_name(args.model)
     B, T = args.batch, args.seq
     be = get_backend("cuda", "bf16")
-    model = GPT2(cfg, be, B, T, recompute=args.recompute)
+    model = family_of(cfg).model(cfg, be, B, T, recompute=args.recompute)
     model.init_weights(0)
     opt = AdamW(model, weight_decay=0.1)
     st = TrainStep(model, opt, 1, grad_clip=1.0, graph=False)
@@ -88,7 +91,7 @@ def main(argv=None):
         graph_st.run(batch, 1e-4)
         ts.append(time.perf_counter() - t0)
     step = sorted(ts)[len(ts) // 2]
-    print(f"GPT-2 {args.model} B={B} T={T} bf16 recompute={args.recompute}: one eager step, device time per op")
+    print(f"{args.model} B={B} T={T} bf16 recompute={args.recompute}: one eager step, device time per op")
     print("| op | calls | ms | % of op time |")
     print("|---|---|---|---|")
     for key, (ms, n) in sorted(per.items(), key=lambda kv: -kv[1][0]):

@@ -1,7 +1,9 @@
 """`llmpy prepare | train | sample | eval | convert | tokenizer` (also `python -m llmpy ...`).
 
-User errors (bad flags, bad files, divergence) print one line `error: ...` and exit with status 2; Ctrl-C exits
-with 130 after training has written its checkpoint.
+Exit statuses: 0 done; 2 a user error (bad flags, bad files, divergence, out of memory: one line `error: ...`); a
+training run stopped by a signal before its last step exits 128 + the signal once its checkpoint is written: 130
+after Ctrl-C (SIGINT), 143 after SIGTERM (a run whose steps were all done exits 0); a second Ctrl-C aborts at once
+with 130 (the previous checkpoint stays intact).
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from .errors import UserError
 def _model_names() -> str:
     """What --init takes, from the family registry."""
     from .config import DEFAULT_FAMILY, FAMILIES, get_family
-    fams = [get_family(n) for n in sorted(FAMILIES)]
-    return ("a model name family:config (" + "; ".join(f"{f.name}: {f.names}" for f in fams)
+    fams = {f.name: f for f in (get_family(n) for n in sorted(FAMILIES))}.values()  # one entry per family
+    return ("a model name family:config (" + "; ".join(f"{f.names}" for f in fams)
             + f"; a bare config is {get_family(DEFAULT_FAMILY).title})")
 
 
@@ -39,7 +41,8 @@ def _train_parser(sub) -> None:
     a("--val-data", metavar="GLOB", help="validation shards (default: Shakespeare's val split when training on it)")
     a("--batch-size", "-b", type=int, metavar="B", help=f"sequences per micro-batch {dflt('batch_size')}")
     a("--seq-len", "-t", type=int, metavar="T", help=f"tokens per sequence {dflt('seq_len')}")
-    a("--steps", type=int, help=f"optimizer steps {dflt('steps')}")
+    a("--steps", type=int, help=f"optimizer steps; with --resume, a different number needs --extend "
+      f"{dflt('steps')}")
     a("--lr", type=float, help=f"peak learning rate {dflt('lr')}")
     a("--lr-schedule", choices=SCHEDULES, help=dflt("lr_schedule"))
     a("--warmup-steps", type=int, help=f"linear warmup steps {dflt('warmup_steps')}")
@@ -52,6 +55,8 @@ def _train_parser(sub) -> None:
     a("--weight-decay", type=float, help=f"decoupled weight decay on matrices and embeddings {dflt('weight_decay')}")
     a("--grad-clip", type=float, help=f"clip the global gradient norm to this; 0 = off {dflt('grad_clip')}")
     a("--grad-accum", type=int, help=f"micro-batches per step {dflt('grad_accum')}")
+    a("--total-batch-size", type=int, metavar="TOKENS", help="tokens per optimizer step (llm.c's -d): sets "
+      "--grad-accum to TOKENS / (B*T*ranks), which must divide it (default: from --grad-accum)")
     a("--no-shuffle", dest="shuffle", action="store_const", const=False,
       help="llm.c's sequential order: batch i reads B*T+1 tokens from token i*B*T, shard after shard")
     a("--val-every", type=int, metavar="N", help="val loss before steps 0, N, 2N, ... and after the last; 0 = only "
@@ -62,11 +67,19 @@ def _train_parser(sub) -> None:
       f"{dflt('sample_tokens')}")
     a("--checkpoint-every", type=int, metavar="N", help="write the checkpoint every N steps and at the end "
       f"{dflt('checkpoint_every')}")
+    a("--keep", type=int, metavar="N", help="keep the last N checkpoints: checkpoint.safetensors (the latest, what "
+      f"--resume DIR reads) and N-1 earlier ones as checkpoint-<step>.safetensors {dflt('keep')}")
     a("--stop-at", type=int, metavar="STEP", help="stop after this step (checkpointed), keeping the schedule of "
-      "--steps; continue later with --resume")
+      "--steps; continue later with --resume (default: run every step)")
     a("--seed", type=int, help=f"seeds the init, the data order and sampling {dflt('seed')}")
+    a("--tokenizer", choices=["gpt2", "llama3"], help="for the Shakespeare shards and samples (default: by the "
+      "model's vocabulary: Llama 3's 128,256 tokens use llama3, else gpt2)")
     a("--out", metavar="DIR", help="output folder (default runs/<date-time>)")
-    a("--resume", metavar="DIR", help="continue the run in DIR bitwise identically")
+    a("--resume", metavar="DIR|FILE", help="continue the run in DIR (its checkpoint.safetensors, or the checkpoint "
+      "FILE given) bitwise identically; with --out, into that new or empty folder, leaving DIR as it is "
+      "(default: none)")
+    a("--extend", action="store_const", const=True, help="with --resume: allow --steps beyond the run's planned "
+      "steps, stretching its lr schedule (a warning shows the new schedule)")
     a("--device", choices=["cpu", "cuda", "auto"], help=f"{dflt('device')}: cuda when a GPU is present")
     a("--dtype", choices=["fp32", "bf16"], help="default fp32 on the CPU, bf16 on the GPU")
     a("--recompute", type=int, choices=[0, 1, 2], help="trade compute for activation memory (GPT-2: 1 recomputes "
@@ -78,7 +91,8 @@ def _train_parser(sub) -> None:
     a("--zero", type=int, choices=[0, 1, 2], help="data parallel (under `llmpy launch`, mpirun or srun): 0 "
       "all-reduces gradients; 1 shards master weights and AdamW moments over the ranks; 2 also the gradients "
       f"{dflt('zero')}")
-    a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar: one line per "
+      "step (as without a terminal)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -86,29 +100,56 @@ def _cmd_train(args) -> int:
     from .train import TrainConfig, run
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     tc = TrainConfig(**given, explicit=tuple(given))
-    run(tc)
-    return 0
+    res = run(tc)
+    return 128 + res.signal if res.signal else 0
 
 
 def _cmd_prepare(args) -> int:
     from .data.prepare import prepare, prepare_shakespeare
     if not args.inputs:
-        train, val = prepare_shakespeare(args.out)
+        train, val = prepare_shakespeare(args.out, tokenizer=args.tokenizer)
         print(f"Shakespeare corpus ready:\n  --train-data '{train}'\n  --val-data '{val}'")
         return 0
     if not args.out:
         raise UserError("--out DIR is needed when preparing your own text files")
     train, val = prepare(args.inputs, args.out, args.name, val_tokens=args.val_tokens,
-                         val_fraction=args.val_fraction, shard_tokens=args.shard_tokens)
+                         val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, tokenizer=args.tokenizer)
     print(f"  --train-data '{os.path.join(args.out, args.name + '_train_*.bin')}'")
     if val:
         print(f"  --val-data '{os.path.join(args.out, args.name + '_val_*.bin')}'")
     return 0
 
 
-def _load_any(path: str):
+def _weights_path(path: str) -> str:
+    """A run folder means its latest checkpoint; anything else is passed on (an HF folder, a file, a Hub name)."""
+    from .train.checkpointing import CHECKPOINT
+    ck = os.path.join(path, CHECKPOINT)
+    return ck if os.path.isdir(path) and os.path.isfile(ck) else path
+
+
+def _load_any(path: str, *, finite: bool = True):
+    """(config, weights) from any weights file or a run folder; finite: NaN/Inf weights are an error."""
     from .formats.checkpoint import load_weights
-    return load_weights(path)
+    from .train.checkpointing import nonfinite
+    cfg, params = load_weights(_weights_path(path))
+    bad = nonfinite(params) if finite else []
+    if bad:
+        raise UserError(f"{path}: the weights hold NaN/Inf ({', '.join(bad[:3])}); nothing to compute with them")
+    return cfg, params
+
+
+def _run_settings(path: str) -> dict | None:
+    """The training settings saved in an llmpy training checkpoint (None for other weight files)."""
+    import json
+
+    from .formats.checkpoint import FORMAT
+    from .formats.safetensors import read_safetensors_header
+    try:
+        _, meta = read_safetensors_header(_weights_path(path))
+        train = json.loads(meta.get("state", "{}")).get("train") if meta.get("format") == FORMAT else None
+    except (UserError, ValueError, AttributeError, OSError, RecursionError):
+        return None
+    return train if isinstance(train, dict) else None
 
 
 def _backend(args):
@@ -120,18 +161,24 @@ def _backend(args):
 def _cmd_sample(args) -> int:
     import numpy as np
 
-    from .data.tokenizers import get_tokenizer
-    from .models.decode import decoder, generate
+    from .data.tokenizers import get_tokenizer, tokenizer_for
+    from .models.decode import check_sampling, decoder, generate
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0 (got {args.seed})")
+    if args.max_new_tokens is not None and args.max_new_tokens < 0:
+        raise UserError(f"-n must be >= 0 (got {args.max_new_tokens})")
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1 (got {args.num_samples})")
+    check_sampling(args.temperature, args.top_k, args.top_p)
     cfg, params = _load_any(args.checkpoint)
-    tok = get_tokenizer()
-    prompt = tok.encode(args.prompt) if args.prompt else [tok.eot]
-    n = args.max_new_tokens
-    if n is None:
-        n = min(256, cfg.max_seq_len - len(prompt))
+    tok = get_tokenizer(tokenizer_for(cfg.vocab_size, args.tokenizer))
+    prompt = tok.encode(args.prompt) if args.prompt else [tok.doc if tok.doc < cfg.vocab_size else 0]
+    if not args.prompt and tok.doc >= cfg.vocab_size:
+        print(f"note: starting from token 0 (the model's vocabulary of {cfg.vocab_size} has no document token "
+              f"{tok.doc})", file=sys.stderr)
+    n = 256 if args.max_new_tokens is None else args.max_new_tokens
     rng = np.random.default_rng(args.seed)
     model = decoder(cfg, params, _backend(args))
-    if args.prompt:
-        sys.stdout.write(args.prompt)
     pending = []
 
     def emit(t):  # stream, holding back bytes that do not yet form whole UTF-8 characters
@@ -142,28 +189,49 @@ def _cmd_sample(args) -> int:
             sys.stdout.flush()
             pending.clear()
 
-    generate(model, prompt, n, rng=rng, temperature=args.temperature, top_k=args.top_k or None, on_token=emit,
-             stop_at=tok.eot if args.stop_at_eot else None)
-    if pending:
-        sys.stdout.write(tok.decode(pending))
-    sys.stdout.write("\n")
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            sys.stdout.write(f"--- sample {i + 1} of {args.num_samples} ---\n")
+        if args.prompt:
+            sys.stdout.write(args.prompt)
+        generate(model, prompt, n, rng=rng, temperature=args.temperature, top_k=args.top_k or None,
+                 top_p=args.top_p, on_token=emit, stop_at=tok.eot if args.stop_at_eot else None)
+        if pending:
+            sys.stdout.write(tok.decode(pending))
+            pending.clear()
+        sys.stdout.write("\n")
     return 0
 
 
 def _cmd_eval(args) -> int:
+    """Evaluates the way training validates: the mean loss of the first N batches of BxT tokens, in order; the
+    defaults are the run's own (its val data, batch size, seq len, --val-batches) for a training checkpoint, else
+    `llmpy train`'s."""
     from .config import family_of
     from .data.loader import DataLoader
+    from .train.config import TrainConfig
+    for flag, v in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--batches", args.batches)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be >= 1 (got {v})")
     cfg, params = _load_any(args.checkpoint)
-    T = args.seq_len or cfg.max_seq_len
-    loader = DataLoader(args.data, args.batch_size, T, vocab_size=cfg.vocab_size)
-    n = min(args.batches or loader.num_batches_per_epoch, loader.num_batches_per_epoch)
-    model = family_of(cfg).model(cfg, _backend(args), args.batch_size, T, training=False)
+    D, run = TrainConfig(), _run_settings(args.checkpoint) or {}
+    data = args.data or run.get("val_data")
+    if data is None and run and run.get("train_data") is None:  # the run trained on the Shakespeare corpus
+        from .data.prepare import prepare_shakespeare
+        data = prepare_shakespeare()[1]
+    if data is None:
+        raise UserError("--data GLOB is needed: which token shards to evaluate on")
+    B = args.batch_size or run.get("batch_size") or D.batch_size
+    T = args.seq_len or run.get("seq_len") or min(D.seq_len, cfg.max_seq_len)
+    loader = DataLoader(data, B, T, vocab_size=cfg.vocab_size)
+    n = min(args.batches or run.get("val_batches") or D.val_batches, loader.num_batches_per_epoch)
+    model = family_of(cfg).model(cfg, _backend(args), B, T, training=False)
     model.load_params(params)
     total = 0.0
     for _ in range(n):
         x, y = loader.next_batch()
         total += model.forward(x, y)
-    print(f"val loss {total / n:.6f} over {n} batches of {args.batch_size}x{T} tokens")
+    print(f"val loss {total / n:.6f} over {n} batches of {B}x{T} tokens")
     return 0
 
 
@@ -171,7 +239,7 @@ def _cmd_convert(args) -> int:
     from .formats.checkpoint import save_checkpoint
     from .formats.hf import write_hf_model
     from .formats.llmc import write_llmc_model
-    cfg, params = _load_any(args.input)
+    cfg, params = _load_any(args.input, finite=False)  # a file converts as it is
     to = args.to or ("llmc" if args.output.endswith(".bin") else "checkpoint"
                      if args.output.endswith(".safetensors") and not args.output.endswith("model.safetensors")
                      else "hf")
@@ -188,8 +256,13 @@ def _cmd_convert(args) -> int:
 def _cmd_tokenizer(args) -> int:
     from .data.tokenizers import get_tokenizer
     from .data.tokenizers.gpt2 import write_llmc_tokenizer
-    tok = get_tokenizer()
+    if args.llmc_out is None and args.encode is None and args.decode is None:
+        args.parser.print_help()
+        return 0
+    tok = get_tokenizer(args.tokenizer)
     if args.llmc_out:
+        if args.tokenizer != "gpt2":
+            raise UserError("--llmc-out writes llm.c's GPT-2 tokenizer file: use --tokenizer gpt2")
         write_llmc_tokenizer(args.llmc_out, tok)
         print(f"wrote {args.llmc_out} (llm.c tokenizer, {tok.vocab_size} tokens)")
     if args.encode is not None:
@@ -213,12 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.prepare import SHARD_TOKENS, VAL_FRACTION
     p = sub.add_parser("prepare", help="text files or folders -> llm.c token shards (none: the Shakespeare corpus)")
     p.add_argument("inputs", nargs="*", help="text files or folders (every *.txt below them)")
-    p.add_argument("--out", metavar="DIR", help="output folder")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: the cache, for the Shakespeare corpus; "
+                   "needed for your own files)")
     p.add_argument("--name", default="data", help="shard name prefix (default %(default)s)")
-    p.add_argument("--val-tokens", type=int, help="the first N tokens go to the val split")
+    p.add_argument("--val-tokens", type=int, help="the first N tokens go to the val split (default: "
+                   "--val-fraction)")
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="else this fraction (default "
                    "%(default)s)")
     p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard (default %(default)s)")
+    p.add_argument("--tokenizer", choices=["gpt2", "llama3"], default="gpt2", help="gpt2: uint16 shards; llama3: "
+                   "Meta's (Llama 3 Community License), uint32 shards (default %(default)s)")
     p.set_defaults(func=_cmd_prepare)
 
     _train_parser(sub)
@@ -226,41 +303,63 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_parser(sub)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint (KV cache)")
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="llmpy checkpoint, llm.c .bin or HF file")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a run folder, llmpy checkpoint, llm.c .bin "
+                   "or HF file or folder (required)")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    p.add_argument("--max-new-tokens", "-n", type=int, help="default 256 (or what fits the context)")
+    p.add_argument("--max-new-tokens", "-n", type=int, help="tokens to generate; past the model's context the "
+                   "window slides (default 256)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples to draw, one after another "
+                   "(default %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default %(default)s)")
     p.add_argument("--top-k", type=int, default=40, help="sample from the k most likely; 0 = all (default "
                    "%(default)s)")
+    p.add_argument("--top-p", type=float, help="then from the most likely tokens whose probability reaches P, in "
+                   "(0, 1] (default: off)")
     p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
-    p.add_argument("--stop-at-eot", action="store_true", help="stop at <|endoftext|>")
+    p.add_argument("--stop-at-eot", action="store_true", help="stop at the tokenizer's end of text (default: off)")
+    p.add_argument("--tokenizer", choices=["gpt2", "llama3"], help="default: by the model's vocabulary (Llama 3's "
+                   "128,256 tokens: llama3, else gpt2)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="(default %(default)s)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default fp32 on the CPU, bf16 on the GPU")
     p.set_defaults(func=_cmd_sample)
 
-    p = sub.add_parser("eval", help="mean loss of a checkpoint on token shards")
-    p.add_argument("--checkpoint", required=True, metavar="PATH")
-    p.add_argument("--data", required=True, metavar="GLOB", help="llm.c-format token shards")
-    p.add_argument("--batch-size", "-b", type=int, default=8, help="(default %(default)s)")
-    p.add_argument("--seq-len", "-t", type=int, help="default: the model's context")
-    p.add_argument("--batches", type=int, help="the first N batches (default: one pass over the shards)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="(default %(default)s)")
+    from .train.config import TrainConfig
+    D = TrainConfig()
+    p = sub.add_parser("eval", help="mean loss of a checkpoint on token shards, the way training validates",
+                       description="The mean loss over the first N batches of BxT tokens of the shards, in order: "
+                       "what `llmpy train` logs as val_loss. For a training checkpoint (or run folder) every "
+                       "default is the run's own, so that eval repeats its last validation.")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a run folder, llmpy checkpoint, llm.c .bin "
+                   "or HF file or folder (required)")
+    p.add_argument("--data", metavar="GLOB", help="llm.c-format token shards (default: the run's val data)")
+    p.add_argument("--batch-size", "-b", type=int, help=f"(default: the run's, else {D.batch_size})")
+    p.add_argument("--seq-len", "-t", type=int, help=f"(default: the run's, else {D.seq_len} or the model's "
+                   "context if shorter)")
+    p.add_argument("--batches", type=int, help=f"the first N batches (default: the run's --val-batches, else "
+                   f"{D.val_batches}; at most one pass)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=D.device, help="(default %(default)s: "
+                   "cuda when a GPU is present)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default fp32 on the CPU, bf16 on the GPU")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("convert", help="convert weights between llm.c .bin, HF safetensors and llmpy checkpoints")
-    p.add_argument("input")
-    p.add_argument("output")
+    p.add_argument("input", help="a run folder (its latest checkpoint), llmpy checkpoint, llm.c .bin, HF file or "
+                   "folder")
+    p.add_argument("output", help="the file or folder to write")
     p.add_argument("--to", choices=["llmc", "llmc-bf16", "hf", "checkpoint"],
                    help="default from the output name: .bin -> llmc, model.safetensors or a folder -> hf, "
-                   "other .safetensors -> checkpoint (weights only)")
+                   "other .safetensors -> checkpoint (weights only: no AdamW state)")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("tokenizer", help="GPT-2 BPE: write llm.c's tokenizer file, encode or decode")
-    p.add_argument("--llmc-out", metavar="PATH", help="write llm.c's gpt2_tokenizer.bin here")
-    p.add_argument("--encode", metavar="TEXT")
-    p.add_argument("--decode", metavar="IDS")
-    p.set_defaults(func=_cmd_tokenizer)
+    p = sub.add_parser("tokenizer", help="a tokenizer (GPT-2's or Llama 3's BPE): encode, decode, or write llm.c's "
+                       "GPT-2 tokenizer file")
+    p.add_argument("--tokenizer", choices=["gpt2", "llama3"], default="gpt2", help="(default %(default)s; llama3: "
+                   "Meta's, under the Llama 3 Community License)")
+    p.add_argument("--llmc-out", metavar="PATH", help="write llm.c's gpt2_tokenizer.bin here (default: not written)")
+    p.add_argument("--encode", metavar="TEXT", help="print TEXT's token ids (default: none)")
+    p.add_argument("--decode", metavar="IDS", help="print the text of token ids separated by spaces or commas "
+                   "(default: none)")
+    p.set_defaults(func=_cmd_tokenizer, parser=p)
     return ap
 
 
@@ -285,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # disk full, permission denied, ...: one line, the file and the reason
         where = f" {e.filename}" if e.filename else ""
         print(f"error:{where} {e.strerror or e}", file=sys.stderr)
+        code = 2
+    except MemoryError as e:  # CuPy's out-of-memory error is one too
+        print(f"error: out of memory ({e or 'the allocation failed'}): use a smaller model, batch or --seq-len",
+              file=sys.stderr)
         code = 2
     if multi:
         # A rank of a data-parallel run leaves without running destructors, on success and on error alike:

@@ -11,8 +11,9 @@ import importlib
 
 from .errors import UserError
 
-FAMILIES: dict[str, str] = {
+FAMILIES: dict[str, str] = {  # name prefix -> module (a family may answer to several prefixes, one per version)
     "gpt2": "llmpy.models.gpt2",
+    "llama3": "llmpy.models.llama3", "llama3.1": "llmpy.models.llama3", "llama3.2": "llmpy.models.llama3",
 }
 DEFAULT_FAMILY = "gpt2"  # what a name without "family:" means (the GPT-2 shorthands predate the families)
 
@@ -40,7 +41,7 @@ def config_from_name(name: str):
     if not sep:
         fam, rest = DEFAULT_FAMILY, name
     family = get_family(fam.strip().lower())
-    return family.parse(rest)
+    return family.parse(fam.strip().lower(), rest.strip())
 
 
 def config_from_dict(family: str, d: dict):

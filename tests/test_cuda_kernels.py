@@ -59,35 +59,42 @@ def check(be, got, ref, tol=None):
     assert err <= (tol or TOL[be.dtype_name]), f"relative error {err:.2e}"
 
 
-def test_encoder(be):
+@pytest.mark.parametrize("pos_table", [True, False])
+def test_encoder(be, pos_table):
+    """GPT-2's token + position embedding, and Llama's token embedding alone (wpe, dwpe None)."""
     r = rng()
     B, T, C, V = 4, 64, 128, 1000
     tok = r.integers(0, 50, (B, T)).astype(np.int32)  # many repeats: exercises the segmented backward
     wte, wpe = rounded(be, r.standard_normal((V, C))), rounded(be, r.standard_normal((T, C)))
+    if not pos_table:
+        wpe = None
     out = poison(be, (B, T, C))
     tokd = be.asarray(tok)
     be.plan_workspace(_shapes(B, T, C, 2))
     be.set_tokens(tokd, tok)
-    be.encoder_forward(out, tokd, dev(be, wte), dev(be, wpe))
+    be.encoder_forward(out, tokd, dev(be, wte), dev(be, wpe) if pos_table else None)
     ref = np.empty((B, T, C))
     Lr.encoder_forward(ref, tok, wte, wpe)
     check(be, out, ref)
     dout = rounded(be, r.standard_normal((B, T, C)))
     w0, p0 = rounded(be, r.standard_normal((V, C))), rounded(be, r.standard_normal((T, C)))
-    dwte, dwpe = dev(be, w0), dev(be, p0)
+    dwte, dwpe = dev(be, w0), dev(be, p0) if pos_table else None
     be.encoder_backward(dwte, dwpe, dev(be, dout), tokd)
-    rw, rp = w0.copy(), p0.copy()
+    rw, rp = w0.copy(), p0.copy() if pos_table else None
     Lr.encoder_backward(rw, rp, dout, tok)
     check(be, dwte, rw)
-    check(be, dwpe, rp)
+    if pos_table:
+        check(be, dwpe, rp)
 
 
-def _shapes(B, T, C, NH, V=1000, bias_widths=None):
+def _shapes(B, T, C, NH, V=1000, bias_widths=None, kv_heads=None):
     """The op sizes of a GPT-2-like stack (biases on qkv, attention proj, fc, fc proj) at these sizes."""
     Vp = (V + 127) // 128 * 128
-    return OpShapes(B=B, T=T, channels=C, heads=NH, kv_heads=NH, head_size=C // NH, vocab=V, logits=Vp,
-                    linears=((3 * C, C), (C, C), (4 * C, C), (C, 4 * C), (Vp, C)),
-                    bias_widths=(3 * C, C, 4 * C, C) if bias_widths is None else bias_widths)
+    K = kv_heads or NH
+    hs = C // NH
+    return OpShapes(B=B, T=T, channels=C, heads=NH, kv_heads=K, head_size=hs, vocab=V, logits=Vp,
+                    linears=(((NH + 2 * K) * hs, C), (C, C), (4 * C, C), (C, 4 * C), (Vp, C)),
+                    bias_widths=((NH + 2 * K) * hs, C, 4 * C, C) if bias_widths is None else bias_widths)
 
 
 def test_layernorm_and_fused_residual(be):
@@ -115,6 +122,87 @@ def test_layernorm_and_fused_residual(be):
     check(be, dinp, rd)
     check(be, dw, rdw)
     check(be, db, rdb)
+
+
+def test_rmsnorm_and_fused_residual(be):
+    r = rng()
+    N, C, eps = 300, 256, 1e-5  # 300 rows: two chunks of the weight gradient's partial sums, the last one short
+    x1, x2 = rounded(be, r.standard_normal((N, C))), rounded(be, r.standard_normal((N, C)))
+    w = rounded(be, 1 + 0.1 * r.standard_normal(C))
+    res, out, out2 = poison(be, (N, C)), poison(be, (N, C)), poison(be, (N, C))
+    rstd, rstd2 = poison(be, N, np.float32), poison(be, N, np.float32)
+    be.plan_workspace(_shapes(5, 60, C, 4, bias_widths=()))  # Llama has no biases: the partials are 2C wide
+    be.fused_residual_rmsnorm_forward(res, out, rstd, dev(be, x1), dev(be, x2), dev(be, w), eps)
+    xr = host(be, res)  # the RMSNorm reads the stored (rounded) residual
+    check(be, res, x1 + x2)
+    ro, rr = np.empty((N, C)), np.empty(N)
+    Lr.rmsnorm_forward(ro, rr, xr, w, eps)
+    check(be, out, ro)
+    check(be, rstd, rr, 1e-5)
+    be.rmsnorm_forward(out2, rstd2, dev(be, x1), dev(be, w), eps)  # the plain forward, a different input
+    ro2, rr2 = np.empty((N, C)), np.empty(N)
+    Lr.rmsnorm_forward(ro2, rr2, x1, w, eps)
+    check(be, out2, ro2)
+    check(be, rstd2, rr2, 1e-5)
+    # backward: dinp and dw accumulate
+    dout, d0 = rounded(be, r.standard_normal((N, C))), rounded(be, r.standard_normal((N, C)))
+    dw0 = rounded(be, r.standard_normal(C))
+    dinp, dw = dev(be, d0), dev(be, dw0)
+    be.rmsnorm_backward(dinp, dw, dev(be, dout), dev(be, xr), dev(be, w), rstd)
+    rd, rdw = d0.copy(), dw0.copy()
+    Lr.rmsnorm_backward(rd, rdw, dout, xr, w, rr)
+    check(be, dinp, rd)
+    check(be, dw, rdw)
+
+
+@pytest.mark.parametrize("T,pos", [(16, 0), (16, 16), (1, 23)])
+def test_rope(be, T, pos):
+    """In place on q and k of a GQA qkv (NH=8, K=2, hs=64) with Llama 3.1's scaled frequencies (original_context 16
+    puts all three bands in hs=64); v untouched. pos > 0 is decoding (T = 1) or a later window of the table."""
+    r = rng()
+    B, NH, K, hs, maxT = 2, 8, 2, 64, 32
+    W, R = (NH + 2 * K) * hs, (NH + K) * hs
+    table = Lr.rope_table(maxT, Lr.rope_frequencies(hs, 500000.0, factor=32.0, original_context=16))
+    tab = be.asarray(table, np.float32)
+    qkv = rounded(be, r.standard_normal((B, T, W)))
+    d = dev(be, qkv)
+    be.rope_forward(d, tab, NH, K, pos=pos)
+    ref = qkv.copy()
+    Lr.rope_forward(ref, table, NH, K, pos=pos)
+    got = host(be, d)
+    check(be, d[..., :R], ref[..., :R])
+    assert np.array_equal(got[..., R:], qkv[..., R:]), "v must be left alone"
+    # backward (positions 0..15; not T = 1, whose only position 0 is the identity): the transposed rotation
+    g = rounded(be, r.standard_normal((B, 16, W)))
+    dg = dev(be, g)
+    be.rope_backward(dg, tab, NH, K)
+    rg = g.copy()
+    Lr.rope_backward(rg, table, NH, K)
+    check(be, dg[..., :R], rg[..., :R])
+    assert np.array_equal(host(be, dg)[..., R:], g[..., R:])
+    with pytest.raises(ValueError):  # a table too short for these positions
+        be.rope_forward(d, tab, NH, K, pos=maxT - T + 1)
+
+
+def test_swiglu(be):
+    r = rng()
+    N, F = 200, 264  # F % 8 == 0 (16-byte packs in bf16) but not a multiple of the block
+    x = rounded(be, r.standard_normal((N, 2 * F)) * 2)
+    out = poison(be, (N, F))
+    xd = dev(be, x)
+    be.swiglu_forward(out, xd)
+    ref = np.empty((N, F))
+    Lr.swiglu_forward(ref, x)
+    check(be, out, ref)
+    dout = rounded(be, r.standard_normal((N, F)))
+    dinp = poison(be, (N, 2 * F))
+    be.swiglu_backward(dinp, xd, dev(be, dout))
+    rdi = np.empty((N, 2 * F))
+    Lr.swiglu_backward(rdi, x, dout)
+    check(be, dinp[:, :F], rdi[:, :F])  # up and gate halves separately: a swapped half shows
+    check(be, dinp[:, F:], rdi[:, F:])
+    with pytest.raises(UserError, match="divisible"):
+        be.swiglu_forward(poison(be, (4, 6)), dev(be, np.ones((4, 12))))
 
 
 @pytest.mark.parametrize("gelu", [False, True])
@@ -149,49 +237,57 @@ def test_matmul(be, gelu):
     check(be, db, rdb)
 
 
+@pytest.mark.parametrize("NH,K", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("impl", ["fallback", "cudnn"])
-def test_attention(be, impl):
+def test_attention(be, impl, NH, K):
+    """Multi-head (K = NH, called as GPT-2 does, without kv_heads) and grouped-query attention (K < NH)."""
     from llmpy.backends.cuda.backend import CUDABackend
     if impl == "cudnn" and be.dtype_name != "bf16":
         pytest.skip("cuDNN flash attention is half precision only")
     b2 = CUDABackend(be.dtype_name, attention=impl)
     r = rng()
-    B, T, NH, hs = 2, 128, 4, 64
-    C = NH * hs
-    (shape, kind) = b2.attention_state(B, T, NH, NH, hs)
-    with pytest.raises(UserError, match="grouped-query"):
-        b2.attention_state(B, T, NH, NH // 2, hs)
-    b2.plan_workspace(_shapes(B, T, C, NH))
-    assert type(b2._attention(B, T, NH, hs)).__name__.lower().startswith(impl[:5])
-    qkv = rounded(b2, r.standard_normal((B, T, 3 * C)))
+    B, T, hs = 2, 128, 64
+    C, W = NH * hs, (NH + 2 * K) * hs
+    kw = {} if K == NH else {"kv_heads": K}
+    (shape, kind) = b2.attention_state(B, T, NH, K, hs)
+    with pytest.raises(UserError, match="divide"):
+        b2.attention_state(B, T, NH, 3, hs)
+    b2.plan_workspace(_shapes(B, T, C, NH, kv_heads=K))
+    assert type(b2._attention(B, T, NH, hs, K)).__name__.lower().startswith(impl[:5])
+    qkv = rounded(b2, r.standard_normal((B, T, W)))
     out = poison(b2, (B, T, C))
     state = poison(b2, shape, np.float32 if kind == "stat" else None)
-    b2.attention_forward(out, state, dev(b2, qkv), NH)
+    b2.attention_forward(out, state, dev(b2, qkv), NH, **kw)
     ref, att = np.empty((B, T, C)), np.empty((B, NH, T, T))
-    Lr.attention_forward(ref, att, qkv, NH)
+    Lr.attention_forward(ref, att, qkv, NH, K)
     check(b2, out, ref)
     dout = rounded(b2, r.standard_normal((B, T, C)))
-    dqkv = poison(b2, (B, T, 3 * C))
-    b2.attention_backward(dqkv, dev(b2, dout), dev(b2, qkv), state, NH, out=out)
-    rq = np.empty((B, T, 3 * C))
-    Lr.attention_backward(rq, dout, qkv, att, NH)
+    dqkv = poison(b2, (B, T, W))
+    b2.attention_backward(dqkv, dev(b2, dout), dev(b2, qkv), state, NH, out=out, **kw)
+    rq = np.empty((B, T, W))
+    Lr.attention_backward(rq, dout, qkv, att, NH, K)
     check(b2, dqkv, rq)
+    for lo, hi in ((0, NH), (NH, NH + K), (NH + K, NH + 2 * K)):  # dq, dk, dv each (dk, dv: the group sums)
+        check(b2, dqkv[..., lo * hs:hi * hs], rq[..., lo * hs:hi * hs])
 
 
-def test_attention_decode(be):
-    """Decoding one position at a time into a poisoned KV cache, against the NumPy step: a read past pos, a write
-    to the wrong slot or a wrong head/sequence offset shows as NaN or a mismatch."""
+@pytest.mark.parametrize("NH,K", [(4, 4), (8, 2)])
+def test_attention_decode(be, NH, K):
+    """Decoding one position at a time into a poisoned KV cache (B, K, maxT, hs), against the NumPy step: a read
+    past pos, a write to the wrong slot, a wrong head/group/sequence offset or a read of the new row before it is
+    written shows as NaN or a mismatch."""
     r = rng()
-    B, NH, hs, maxT = 2, 4, 64, 40
-    C = NH * hs
-    kc, vc = poison(be, (B, NH, maxT, hs)), poison(be, (B, NH, maxT, hs))
-    rk, rv = np.full((B, NH, maxT, hs), np.nan), np.full((B, NH, maxT, hs), np.nan)
+    B, hs, maxT = 2, 64, 40
+    C, W = NH * hs, (NH + 2 * K) * hs
+    kw = {} if K == NH else {"kv_heads": K}
+    kc, vc = poison(be, (B, K, maxT, hs)), poison(be, (B, K, maxT, hs))
+    rk, rv = np.full((B, K, maxT, hs), np.nan), np.full((B, K, maxT, hs), np.nan)
     for pos in range(maxT):  # from an empty cache to its last slot
-        qkv = rounded(be, r.standard_normal((B, 1, 3 * C)))
+        qkv = rounded(be, r.standard_normal((B, 1, W)))
         out = poison(be, (B, 1, C))
-        be.attention_decode(out, dev(be, qkv), kc, vc, pos, NH)
+        be.attention_decode(out, dev(be, qkv), kc, vc, pos, NH, **kw)
         ref = np.empty((B, 1, C))
-        Lr.attention_decode(ref, qkv, rk, rv, pos, NH)
+        Lr.attention_decode(ref, qkv, rk, rv, pos, NH, K)
         check(be, out, ref)
         if pos == 12:
             k = host(be, kc)
@@ -199,7 +295,7 @@ def test_attention_decode(be):
             assert np.isnan(k[:, :, pos + 1:]).all(), "cache written past pos"
     assert np.array_equal(host(be, kc), rk) and np.array_equal(host(be, vc), rv)
     with pytest.raises(ValueError):
-        be.attention_decode(out, dev(be, qkv), kc, vc, maxT, NH)
+        be.attention_decode(out, dev(be, qkv), kc, vc, maxT, NH, **kw)
 
 
 def test_fused_classifier(be):

@@ -169,7 +169,7 @@ def test_decoding_matches_the_cpu(ckpt, dtype):
     out = {}
     for dev, dt in (("cpu", "fp32"), ("cuda", dtype)):
         m = decoder(cfg, params, get_backend(dev, dt))
-        st = m.new_decode_state()
+        st = m.new_decode_state(12)
         steps = [m.decode_step(toks[:, :5], st)] + [m.decode_step(toks[:, i:i + 1], st) for i in range(5, 12)]
         out[dev] = np.concatenate(steps)
         if dev == "cuda":

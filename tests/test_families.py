@@ -94,7 +94,7 @@ def test_a_family_added_as_files_trains_resumes_and_samples(toy, shards, tmp_pat
 
 def test_untied_head_gradients_by_finite_differences(toy):
     """float64: every gradient of the toy model, the untied head's included, against central differences."""
-    cfg = toy.parse("l2c8v40")
+    cfg = toy.parse("toy", "l2c8v40")
     be = get_backend("cpu", "fp64")
     B, T = 2, 5
     m = toy.model(cfg, be, B, T, logits_chunk=4)  # several chunks of logits, a short last one

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -21,6 +22,9 @@ from llmpy.formats.checkpoint import is_checkpoint, load_checkpoint, load_weight
 from llmpy.formats.hf import is_hf_model, read_hf_model, write_hf_model
 from llmpy.formats.llmc import is_llmc_model, read_llmc_model, write_llmc_model
 from llmpy.formats.safetensors import load_safetensors, read_safetensors_header, save_safetensors
+
+# the test models' vocabulary is not GPT-2's: HF exports say they leave the tokenizer out (tested in test_hf_export)
+pytestmark = pytest.mark.filterwarnings("ignore:no tokenizer exported")
 
 CFG = GPT2Config(max_seq_len=16, vocab_size=200, padded_vocab_size=256, num_layers=2, num_heads=2, channels=8)
 
@@ -191,7 +195,9 @@ def test_safetensors_layout_bytes(tmp_path):
     text = blob[8:8 + n].decode()
     assert text.startswith("{") and text == text.rstrip(" ") + " " * (len(text) - len(text.rstrip(" ")))
     header = json.loads(text)
+    crcs = json.loads(header["__metadata__"].pop("llmpy.crc32"))
     assert header["__metadata__"] == {"k": "v"}
+    assert int(crcs.pop("__metadata__"), 16) == zlib.crc32(b'{"k":"v"}')  # canonical JSON of the rest
     data = blob[8 + n:]
     spans = []
     for name, arr in {"a": a, "b": b, "c": c}.items():
@@ -200,7 +206,9 @@ def test_safetensors_layout_bytes(tmp_path):
         lo, hi = e["data_offsets"]
         assert lo % arr.itemsize == 0                          # aligned within the data
         assert data[lo:hi] == arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+        assert int(crcs.pop(name), 16) == zlib.crc32(data[lo:hi])
         spans.append((lo, hi))
+    assert crcs == {}
     spans.sort()
     assert spans[0][0] == 0 and spans[-1][1] == len(data)
     assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))
@@ -245,7 +253,9 @@ def test_safetensors_package_reads_ours_and_we_read_theirs(tmp_path):
         assert theirs_view[k].dtype == a.dtype, k
         np.testing.assert_array_equal(theirs_view[k], a)
     with safe_open(str(ours), "np") as f:
-        assert f.metadata() == {"format": "np", "x": "y"}
+        meta = f.metadata()
+    assert set(json.loads(meta.pop("llmpy.crc32"))) == set(t) | {"__metadata__"}
+    assert meta == {"format": "np", "x": "y"}
     theirs = tmp_path / "theirs.safetensors"
     st_np.save_file(t, str(theirs), metadata={"a": "b"})
     got, meta = load_safetensors(theirs)
@@ -658,10 +668,14 @@ def test_load_weights_detects_formats(tmp_path):
         cfg, got = load_weights(src)
         assert cfg == CFG, src
         assert_params_equal(got, params)
-    (tmp_path / "junk.bin").write_bytes(os.urandom(2000))
+    (tmp_path / "junk.bin").write_bytes(b"\x00" * 2000)
+    (tmp_path / "junk").write_bytes(b"\x00" * 2000)
     save_safetensors(tmp_path / "other.safetensors", {"w": np.ones(2, np.float32)})
-    for bad in ("junk.bin", "other.safetensors"):
-        with pytest.raises(UserError, match="is not a llm.c model, an llmpy checkpoint or a Hugging Face"):
+    for bad, match in [("junk.bin", "not an llm.c model: bad magic 0"),
+                       ("junk", "starts with neither llm.c's magic number nor a safetensors header"),
+                       ("other.safetensors", ("a safetensors file but neither an llmpy checkpoint nor a Hugging "
+                                              "Face model of a known family; its tensors: w"))]:
+        with pytest.raises(UserError, match=match):
             load_weights(tmp_path / bad)
     with pytest.raises(UserError, match="not found"):
         load_weights(tmp_path / "missing.bin")

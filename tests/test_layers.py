@@ -171,3 +171,104 @@ def test_fused_classifier():
     d = logits.copy()
     Lr.fused_classifier(losses, d, t, dloss=1.0 / N)
     check(d, loss, logits)
+
+
+# ---- Llama 3's layers -------------------------------------------------------------------------------------------
+
+def test_rmsnorm():
+    B, T, C = 2, 3, 5
+    x, w, R = r(B, T, C), r(C), r(B, T, C)
+    out, rstd = np.empty((B, T, C)), np.empty((B, T))
+
+    def loss():
+        Lr.rmsnorm_forward(out, rstd, x, w)
+        return (out * R).sum()
+
+    loss()
+    assert relerr(out, x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * w) < 1e-14
+    d0 = r(B, T, C)  # dinp accumulates
+    dx, dw = d0.copy(), np.zeros_like(w)
+    Lr.rmsnorm_backward(dx, dw, R, x, w, rstd)
+    check(dx - d0, loss, x)
+    check(dw, loss, w)
+
+
+@pytest.mark.parametrize("factor", [1.0, 32.0])
+def test_rope(factor):
+    B, T, NH, K, d = 2, 16, 4, 2, 16
+    table = Lr.rope_table(40, Lr.rope_frequencies(d, 500000.0, factor=factor, original_context=16))
+    qkv, R = r(B, T, (NH + 2 * K) * d), r(B, T, (NH + 2 * K) * d)
+    pos = 7
+    out = np.empty_like(qkv)
+
+    def loss():
+        out[...] = qkv
+        Lr.rope_forward(out, table, NH, K, pos=pos)
+        return (out * R).sum()
+
+    loss()
+    # against a complex rotation of each pair (Meta's formulation), and v untouched
+    f = Lr.rope_frequencies(d, 500000.0, factor=factor, original_context=16).astype(np.float64)
+    z = qkv[..., :(NH + K) * d].reshape(B, T, NH + K, d // 2, 2)
+    rot = (z[..., 0] + 1j * z[..., 1]) * np.exp(1j * np.outer(np.arange(pos, pos + T), f))[None, :, None]
+    want = np.stack([rot.real, rot.imag], -1).reshape(B, T, -1)
+    assert relerr(out[..., :(NH + K) * d], want) < 1e-6  # the table is float32
+    assert np.array_equal(out[..., (NH + K) * d:], qkv[..., (NH + K) * d:])
+    g = R.copy()
+    Lr.rope_backward(g, table, NH, K, pos=pos)
+    check(g, loss, qkv)
+
+
+def test_rope_frequencies_llama31_bands():
+    """Llama 3.1 scaling at d = 128, theta 5e5, factor 8, context 8192: 29 frequencies kept, 6 blended, 29 divided."""
+    base = Lr.rope_frequencies(128, 500000.0)
+    scaled = Lr.rope_frequencies(128, 500000.0, factor=8.0)
+    kept = np.isclose(scaled, base, rtol=0, atol=0)
+    divided = np.isclose(scaled, base / 8, rtol=1e-6, atol=0)
+    assert (kept.sum(), divided.sum(), (~kept & ~divided).sum()) == (29, 29, 6)
+
+
+def test_swiglu():
+    N, F = 6, 5
+    x, R = r(N, 2 * F), r(N, F)
+    out = np.empty((N, F))
+
+    def loss():
+        Lr.swiglu_forward(out, x)
+        return (out * R).sum()
+
+    loss()
+    up, gate = x[:, :F], x[:, F:]
+    assert relerr(out, up * gate / (1 + np.exp(-gate))) < 1e-14
+    dx = np.full_like(x, np.nan)
+    Lr.swiglu_backward(dx, x, R)
+    check(dx, loss, x)
+
+
+def test_grouped_query_attention():
+    B, T, NH, K, hs = 2, 5, 4, 2, 3
+    C = NH * hs
+    qkv, R = r(B, T, (NH + 2 * K) * hs), r(B, T, C)
+    out, att = np.full((B, T, C), np.nan), np.empty((B, NH, T, T))
+
+    def loss():
+        Lr.attention_forward(out, att, qkv, NH, K)
+        return (out * R).sum()
+
+    loss()
+    # against plain multi-head attention on k and v repeated for each query head of their group
+    q, k, v = qkv[..., :C], qkv[..., C:C + K * hs], qkv[..., C + K * hs:]
+    rep = lambda t: np.repeat(t.reshape(B, T, K, hs), NH // K, axis=2).reshape(B, T, C)  # noqa: E731
+    ref, ref_att = np.empty((B, T, C)), np.empty((B, NH, T, T))
+    Lr.attention_forward(ref, ref_att, np.concatenate([q, rep(k), rep(v)], -1), NH)
+    assert relerr(out, ref) < 1e-13
+    dqkv = np.full_like(qkv, np.nan)
+    Lr.attention_backward(dqkv, R, qkv, att, NH, K)
+    check(dqkv, loss, qkv)
+    # decoding one position at a time over a K-head cache gives the same outputs
+    loss()  # (check() left out from its last perturbation)
+    kc, vc = np.full((B, K, 8, hs), np.nan), np.full((B, K, 8, hs), np.nan)
+    for t in range(T):
+        o = np.full((B, 1, C), np.nan)
+        Lr.attention_decode(o, np.ascontiguousarray(qkv[:, t:t + 1]), kc, vc, t, NH, K)
+        assert relerr(o[:, 0], out[:, t]) < 1e-12

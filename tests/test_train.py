@@ -110,9 +110,10 @@ def test_divergence_is_caught_and_keeps_checkpoint(shards, tmp_path):
     out = tmp_path / "div"
     run(cfg_for(shards, tmp_path, out=str(out), steps=2, val_every=0))
     before = (out / "checkpoint.safetensors").read_bytes()
-    with pytest.raises(UserError, match="diverged"):
-        run(TrainConfig(resume=str(out), steps=6, lr=1e38, grad_clip=0.0, progress=False,
-                        explicit=("resume", "steps", "lr", "grad_clip")))
+    with pytest.raises(UserError, match="diverged") as e:
+        run(TrainConfig(resume=str(out), steps=6, lr=1e38, grad_clip=0.0, extend=True, progress=False,
+                        explicit=("resume", "steps", "lr", "grad_clip", "extend")))
+    assert f"the last checkpoint, {out / 'checkpoint.safetensors'}, is intact" in str(e.value)
     assert (out / "checkpoint.safetensors").read_bytes() == before
 
 
@@ -200,3 +201,75 @@ def test_grad_accumulation_equals_the_larger_batch():
     assert abs(l1 - l2) < 1e-6 * l1 and abs(n1 - n2) < 1e-5 * n1
     for k in p1:  # the updates agree (1e-3 of their size: Adam amplifies the key bias's rounding-noise gradient)
         assert np.linalg.norm(p1[k] - p2[k]) <= 1e-3 * np.linalg.norm(p1[k] - p0[k]), k
+
+
+# ---- logs you can believe (issue 11) ----------------------------------------------------------------------------
+
+def test_tokens_per_s_is_each_steps_own_throughput(shards, tmp_path, monkeypatch):
+    """Every step takes the same time (a sleep dominates it); evaluation, checkpoints and samples take long pauses
+    between steps. The logged tokens/s must not see the pauses: no step may look several times faster (the step
+    read right after a pause) or slower (the step after it) than the others."""
+    import time
+
+    from llmpy.train.loop import Trainer
+    from llmpy.train.step import TrainStep
+    update = TrainStep._update
+
+    def slow_update(self):  # inside the step
+        time.sleep(0.1)
+        return update(self)
+
+    def slow(fn):
+        def pause(self, *a):
+            time.sleep(0.25)
+            return fn(self, *a)
+        return pause
+    monkeypatch.setattr(TrainStep, "_update", slow_update)
+    monkeypatch.setattr(Trainer, "evaluate", slow(Trainer.evaluate))
+    monkeypatch.setattr(Trainer, "save", slow(Trainer.save))
+    res = run(cfg_for(shards, tmp_path, steps=8, val_every=2, checkpoint_every=3))
+    tps = np.array([e["tokens_per_s"] for e in events(res.out) if "train_loss" in e])
+    med = np.median(tps)
+    assert tps.max() < 1.6 * med and tps.min() > med / 1.6, tps
+
+
+def test_step_lines_and_summary_without_a_terminal(shards, tmp_path, capsys):
+    import re
+    res = run(cfg_for(shards, tmp_path, steps=4, val_every=2))
+    out = capsys.readouterr()
+    lines = [ln for ln in out.out.splitlines() if ln.startswith("step ") and "val loss" not in ln]
+    pat = r"step (\d+)/4 \| loss \d+\.\d{4} \| norm \d+\.\d{2} \| lr \d\.\de-\d\d \| \d+\.\d ms \| [\d,]+ tok/s"
+    assert [int(re.fullmatch(pat, ln).group(1)) for ln in lines] == [1, 2, 3, 4]
+    assert "\r" not in out.out + out.err and "MFU" not in out.out  # MFU is for GPUs
+    losses = [e["train_loss"] for e in events(res.out) if "train_loss" in e]
+    assert [f"loss {x:.4f}" in ln for x, ln in zip(losses, lines)] == [True] * 4  # each line its own step's loss
+    summary = next(ln for ln in out.out.splitlines() if ln.startswith("summary: "))
+    best = min(res.val_losses, key=lambda sv: sv[1])
+    assert "4 steps in" in summary and "tok/s (mean of steps 2..4" in summary
+    assert f"best val loss {best[1]:.4f} (step {best[0]})" in summary
+
+
+def test_the_progress_bar_shows_the_step_it_counts(monkeypatch):
+    """The bar's postfix is set before the bar advances, so the frame drawn for step n carries step n's loss."""
+    import io
+
+    from llmpy.train.progress import Progress
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    p = Progress(start=0, last=3, steps=3, show=True, lines=False, tokens_per_step=100)
+    p.bar.mininterval, p.bar.miniters = 0, 1
+    for step, loss in enumerate((5.1111, 4.2222, 3.3333)):
+        p.step(step, loss, 1.0, 1e-3, 0.01)
+        frame = err.getvalue().split("\r")[-1]
+        assert f"{step + 1}/3" in frame and f"loss {loss:.4f}" in frame, frame
+    p.close()
+
+
+def test_mfu_uses_the_models_flops_and_the_gpu_peak(capsys):
+    from llmpy.train.progress import PEAK_FLOPS, Progress
+    p = Progress(start=0, last=2, steps=2, show=True, lines=True, tokens_per_step=1000, flops_per_token=1e9,
+                 world=2)
+    p.step(0, 3.0, 1.0, 1e-3, 0.5)
+    p.step(1, 3.0, 1.0, 1e-3, 0.001)  # 1e6 tok/s over 2 GPUs: 5e14 flop/s each
+    assert f"MFU {5e14 / PEAK_FLOPS:.1%}" in capsys.readouterr().out.splitlines()[-1]
+    assert f"MFU {5e14 / PEAK_FLOPS:.1%}" in p.summary(1.0, [])  # the first (warm-up) step is left out

@@ -49,7 +49,7 @@ def spec(cfg: ToyConfig) -> list[ParamSpec]:
     ]
 
 
-def parse(name: str) -> ToyConfig:
+def parse(prefix: str, name: str) -> ToyConfig:
     m = re.fullmatch(r"l(\d+)c(\d+)(?:v(\d+))?", name.strip())
     if not m:
         raise UserError(f"unknown model config {name!r} for toy: use lLcC[vV]")
@@ -59,6 +59,7 @@ def parse(name: str) -> ToyConfig:
 
 @dataclass
 class Position:
+    capacity: int
     pos: int = 0
 
 
@@ -109,8 +110,8 @@ class Toy(Model):
         if hooks is not None:
             hooks.done()
 
-    def new_decode_state(self):
-        return Position()
+    def new_decode_state(self, length):
+        return Position(min(length, self.cfg.max_seq_len))
 
 
 FAMILY = Family(name="toy", title="toy", config=ToyConfig, model=Toy, spec=spec, parse=parse, names="lLcC[vV]")

@@ -96,8 +96,8 @@ class CPUBackend:
         return vocab_size                            # only the real vocabulary: padded columns never exist
 
     def attention_state(self, B, T, heads, kv_heads, head_size) -> tuple:
-        if kv_heads != heads:
-            raise UserError("grouped-query attention (kv_heads != heads) is not implemented on the cpu device yet")
+        if heads % kv_heads:
+            raise UserError(f"{heads} query heads do not divide into {kv_heads} key/value heads")
         return (B, heads, T, T), "act"               # the saved softmax, in the activation buffer
 
     def plan_workspace(self, shapes: OpShapes) -> int:
@@ -146,6 +146,45 @@ class CPUBackend:
         for i in blocks(x.shape[0], self._rows(C)):  # dw, db accumulate block by block, in order
             Lr.layernorm_backward(dx[i], dw, db, dy[i], x[i], w, m[i], r[i], scratch=self.ws)
 
+    def rmsnorm_forward(self, out, rstd, inp, w, eps):
+        C = inp.shape[-1]
+        o, r, x = out.reshape(-1, C), rstd.reshape(-1), inp.reshape(-1, C)
+        for i in blocks(x.shape[0], self._rows(C)):
+            Lr.rmsnorm_forward(o[i], r[i], x[i], w, eps)
+
+    def fused_residual_rmsnorm_forward(self, residual, out, rstd, inp1, inp2, w, eps):
+        # residual = inp1 + inp2; out = rmsnorm(residual)
+        C = inp1.shape[-1]
+        res, o, r = residual.reshape(-1, C), out.reshape(-1, C), rstd.reshape(-1)
+        x1, x2 = inp1.reshape(-1, C), inp2.reshape(-1, C)
+        for i in blocks(res.shape[0], self._rows(C)):
+            Lr.residual_forward(res[i], x1[i], x2[i])
+            Lr.rmsnorm_forward(o[i], r[i], res[i], w, eps)
+
+    def rmsnorm_backward(self, dinp, dw, dout, inp, w, rstd):
+        C = inp.shape[-1]
+        dx, dy, x, r = dinp.reshape(-1, C), dout.reshape(-1, C), inp.reshape(-1, C), rstd.reshape(-1)
+        for i in blocks(x.shape[0], self._rows(C)):  # dw accumulates block by block, in order
+            Lr.rmsnorm_backward(dx[i], dw, dy[i], x[i], w, r[i], scratch=self.ws)
+
+    def rope_forward(self, qkv, table, num_heads, kv_heads, pos=0):
+        Lr.rope_forward(qkv, table, num_heads, kv_heads, pos=pos)
+
+    def rope_backward(self, dqkv, table, num_heads, kv_heads):
+        Lr.rope_backward(dqkv, table, num_heads, kv_heads)
+
+    def swiglu_forward(self, out, inp):
+        F = out.shape[-1]
+        o, x = out.reshape(-1, F), inp.reshape(-1, 2 * F)
+        for i in blocks(o.shape[0], self._rows(F)):
+            Lr.swiglu_forward(o[i], x[i], scratch=self.ws)
+
+    def swiglu_backward(self, dinp, inp, dout):
+        F = dout.shape[-1]
+        dx, x, dy = dinp.reshape(-1, 2 * F), inp.reshape(-1, 2 * F), dout.reshape(-1, F)
+        for i in blocks(dy.shape[0], self._rows(F)):
+            Lr.swiglu_backward(dx[i], x[i], dy[i], scratch=self.ws)
+
     def matmul_forward(self, out, inp, w, b, gelu_pre=None):
         # gelu_pre given: gelu_pre = inp @ w.T + b is saved and out = gelu(gelu_pre)
         if gelu_pre is None:
@@ -162,17 +201,17 @@ class CPUBackend:
             for i in blocks(d.size, BLOCK):
                 Lr.gelu_backward(d[i], x[i], d[i], scratch=self.ws)
 
-    def attention_forward(self, out, state, qkv, num_heads):
+    def attention_forward(self, out, state, qkv, num_heads, kv_heads=None):
         for b in range(out.shape[0]):  # one sequence at a time: its (NH, T, T) scores stay in cache
-            Lr.attention_forward(out[b:b + 1], state[b:b + 1], qkv[b:b + 1], num_heads, scratch=self.ws)
+            Lr.attention_forward(out[b:b + 1], state[b:b + 1], qkv[b:b + 1], num_heads, kv_heads, scratch=self.ws)
 
-    def attention_backward(self, dqkv, dout, qkv, state, num_heads, out=None):
+    def attention_backward(self, dqkv, dout, qkv, state, num_heads, out=None, kv_heads=None):
         for b in range(dout.shape[0]):
-            Lr.attention_backward(dqkv[b:b + 1], dout[b:b + 1], qkv[b:b + 1], state[b:b + 1], num_heads,
+            Lr.attention_backward(dqkv[b:b + 1], dout[b:b + 1], qkv[b:b + 1], state[b:b + 1], num_heads, kv_heads,
                                   scratch=self.ws)
 
-    def attention_decode(self, out, qkv, k_cache, v_cache, pos, num_heads):
-        Lr.attention_decode(out, qkv, k_cache, v_cache, pos, num_heads)
+    def attention_decode(self, out, qkv, k_cache, v_cache, pos, num_heads, kv_heads=None):
+        Lr.attention_decode(out, qkv, k_cache, v_cache, pos, num_heads, kv_heads)
 
     def fused_classifier(self, losses, logits, targets, vocab_size, dloss=None):
         lg = logits[..., :vocab_size].reshape(-1, vocab_size)

@@ -102,10 +102,12 @@ class Backend(Protocol):
 
     # ---- layers --------------------------------------------------------------------------------------------
     def encoder_forward(self, out, tokens, wte, wpe) -> None:
-        """out (B, T, C) = wte[tokens] + wpe[:T]; tokens (B, T) int32, wte (Vp, C), wpe (>= T, C)."""
+        """out (B, T, C) = wte[tokens] + wpe[:T]; tokens (B, T) int32, wte (Vp, C), wpe (>= T, C) or None (no
+        position table: out = wte[tokens])."""
 
     def encoder_backward(self, dwte, dwpe, dout, tokens) -> None:
-        """dwte (Vp, C) += scatter of dout (B, T, C) by tokens; dwpe (maxT, C)[:T] += sum over B of dout."""
+        """dwte (Vp, C) += scatter of dout (B, T, C) by tokens; dwpe (maxT, C)[:T] += sum over B of dout (None: no
+        position table)."""
 
     def layernorm_forward(self, out, mean, rstd, inp, w, b) -> None:
         """out (N, C) = (inp - mean) * rstd * w + b; mean, rstd (N,) saved (stat dtype); inp (..., C)."""
@@ -128,18 +130,43 @@ class Backend(Protocol):
     def gelu_forward(self, out, inp) -> None:
         """out = gelu(inp) (tanh form), any shape."""
 
-    def attention_forward(self, out, state, qkv, num_heads: int) -> None:
-        """Causal self-attention: out (B, T, C) from qkv (B, T, 3C) = [q | k | v], head h on channels
-        h*hs:(h+1)*hs of each; state (attention_state's shape) saved for backward."""
+    def rmsnorm_forward(self, out, rstd, inp, w, eps: float) -> None:
+        """out (N, C) = inp * rstd * w, rstd (N,) = 1/sqrt(mean(inp^2) + eps) saved (stat dtype); inp (..., C)."""
 
-    def attention_backward(self, dqkv, dout, qkv, state, num_heads: int, out=None) -> None:
-        """dqkv (B, T, 3C) = the gradient through attention of dout (B, T, C); out: forward's output (cuDNN
-        needs it)."""
+    def fused_residual_rmsnorm_forward(self, residual, out, rstd, inp1, inp2, w, eps: float) -> None:
+        """residual (N, C) = inp1 + inp2; then rmsnorm_forward(out, rstd, residual, w, eps)."""
 
-    def attention_decode(self, out, qkv, k_cache, v_cache, pos: int, num_heads: int) -> None:
-        """One new position per sequence with a KV cache (inference): qkv (B, 1, 3C) holds the new token's q, k, v;
-        k and v go into k_cache, v_cache (B, NH, maxT, hs) at `pos`; out (B, 1, C) = the attention of q over
-        positions 0..pos."""
+    def rmsnorm_backward(self, dinp, dw, dout, inp, w, rstd) -> None:
+        """dinp (N, C) +=, dw (C,) += the RMSNorm's gradients given dout (N, C) and the saved rstd."""
+
+    def rope_forward(self, qkv, table, num_heads: int, kv_heads: int, pos: int = 0) -> None:
+        """RoPE in place on the q and k parts of qkv (B, T, (NH + 2K) hs) at positions pos..pos+T-1, Meta's
+        pairing (x[2i], x[2i+1]); table (maxT, hs/2, 2) fp32 cos, sin (layers/rope.py rope_table)."""
+
+    def rope_backward(self, dqkv, table, num_heads: int, kv_heads: int) -> None:
+        """The transposed rotation, in place on dqkv's q and k parts (positions 0..T-1)."""
+
+    def swiglu_forward(self, out, inp) -> None:
+        """out (N, F) = up * silu(gate), inp (N, 2F) = [up | gate]."""
+
+    def swiglu_backward(self, dinp, inp, dout) -> None:
+        """dinp (N, 2F) = the gradient of swiglu_forward at inp given dout (N, F) (overwritten)."""
+
+    def attention_forward(self, out, state, qkv, num_heads: int, kv_heads: int | None = None) -> None:
+        """Causal self-attention: out (B, T, C) from qkv (B, T, (NH + 2K) hs) = [q | k | v], head h on channels
+        h*hs:(h+1)*hs of its part, query head h reading key/value head h // (NH/K) (kv_heads None: K = NH);
+        state (attention_state's shape) saved for backward."""
+
+    def attention_backward(self, dqkv, dout, qkv, state, num_heads: int, out=None,
+                           kv_heads: int | None = None) -> None:
+        """dqkv (B, T, (NH + 2K) hs) = the gradient through attention of dout (B, T, C); out: forward's output
+        (cuDNN needs it)."""
+
+    def attention_decode(self, out, qkv, k_cache, v_cache, pos: int, num_heads: int,
+                         kv_heads: int | None = None) -> None:
+        """One new position per sequence with a KV cache (inference): qkv (B, 1, (NH + 2K) hs) holds the new
+        token's q, k, v; k and v go into k_cache, v_cache (B, K, maxT, hs) at `pos`; out (B, 1, C) = the attention
+        of q over positions 0..pos."""
 
     def fused_classifier(self, losses, logits, targets, vocab_size: int, dloss=None) -> None:
         """losses (N,) = cross-entropy of logits (N, Vl)[:, :vocab_size] against targets (N,); with dloss (the

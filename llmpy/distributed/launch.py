@@ -44,7 +44,7 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
       f"$MASTER_PORT or {DEFAULT_PORT})")
     a("--rdzv", choices=["tcp", "file", "mpi"], default="tcp", help="how rank 0 hands out NCCL's id: tcp (default) "
       "or file (--rdzv-path on a shared file system); mpi only under mpirun/srun, without this launcher")
-    a("--rdzv-path", metavar="PATH", help="the rendezvous file for --rdzv file")
+    a("--rdzv-path", metavar="PATH", help="the rendezvous file for --rdzv file (default: none; needed there)")
     a("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
       help="seconds to wait for the other ranks, and before a hung rank stops the job (%(default)g)")
     a("--grace", type=float, default=10.0, metavar="S",

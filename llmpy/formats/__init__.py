@@ -1,10 +1,12 @@
 """File formats, all read without running code (no pickle) and written atomically:
 
 - `llmc/`       llm.c model checkpoints (`gpt2_124M.bin`, fp32 version 3 / bf16 version 5); a header codec per family
-- `hf/`         Hugging Face weights (`model.safetensors` + `config.json`), from/to local files; a codec per family
-- `safetensors` our own reader/writer of the safetensors format
+- `hf/`         Hugging Face weights (`model.safetensors` or a sharded index + `config.json`), from/to local files
+                (an export also gets the tokenizer and generation config); a codec per family
+- `hub`         Hugging Face Hub downloads into the cache (`gpt2`, `hf:owner/name`): resumable, sha256-checked
+- `safetensors` our own reader/writer of the safetensors format, with per-tensor CRC-32s in the files we write
 - `checkpoint`  our training state (weights, AdamW moments, step/loader/RNG state) in one safetensors file,
-                and `load_weights`, which recognizes all three weight formats
+                and `load_weights`, which recognizes all three weight formats and Hub names
 - `bf16`, `atomic`  helpers: bfloat16 bits <-> float32, atomic file replacement
 
 Tensor names, shapes and order come from the family's parameter spec (models/<family>.py); nothing here lists them.

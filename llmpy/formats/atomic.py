@@ -42,7 +42,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], None]) 
         if isinstance(e, OSError) and not isinstance(e, UserError):
             raise UserError(f"cannot write {path}: {e.strerror or e}") from e
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def atomic_write_bytes(path: str | os.PathLike, *chunks) -> None:
@@ -55,8 +55,9 @@ def atomic_write_bytes(path: str | os.PathLike, *chunks) -> None:
     atomic_write(path, write)
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable across a power loss; not possible on every OS/filesystem, so best effort.
+def fsync_dir(folder: Path) -> None:
+    """Makes a rename into `folder` durable across a power loss; not possible on every OS/filesystem, so best
+    effort."""
     try:
         dfd = os.open(folder, os.O_RDONLY)
     except OSError:

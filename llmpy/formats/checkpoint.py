@@ -94,6 +94,8 @@ def load_checkpoint(path: str | os.PathLike, *, weights_only: bool = False) -> C
         state = json.loads(meta.get("state", "{}"))
     except (KeyError, ValueError, TypeError, AttributeError, UserError) as e:
         raise UserError(f"{path}: bad config or state in the checkpoint metadata ({e})") from None
+    except RecursionError:
+        raise UserError(f"{path}: bad config or state in the checkpoint metadata (JSON nested too deeply)") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: bad state in the checkpoint metadata (not a JSON object)")
 
@@ -128,16 +130,44 @@ def load_checkpoint(path: str | os.PathLike, *, weights_only: bool = False) -> C
 
 
 def load_weights(path: str | os.PathLike) -> tuple[object, dict[str, np.ndarray]]:
-    """Model weights from an llm.c .bin (by magic), an llmpy checkpoint (by metadata) or an HF safetensors file /
-    folder (by keys). Returns (config, float32 params in spec order); the config's class names the family."""
+    """Model weights from an llm.c .bin (by magic), an llmpy checkpoint (by metadata), an HF safetensors file,
+    index or folder (by keys), or a Hub model name (`gpt2`, `hf:owner/name`: formats/hub.py) that is not a local
+    path. Returns (config, float32 params in spec order); the config's class names the family. A file of a
+    recognized kind that is damaged is reported by its reader (truncated, bad header, ...)."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{path} not found")
-    if p.is_file() and is_llmc_model(p):
-        return read_llmc_model(p)
-    if p.is_file() and is_checkpoint(p):
-        ck = load_checkpoint(p, weights_only=True)
-        return ck.cfg, ck.params
-    if is_hf_model(p):
+        from .hub import fetch_model, hub_repo
+        repo = hub_repo(str(path))
+        if repo is None:
+            raise UserError(f"{path} not found")
+        p = fetch_model(*repo)
+    if p.is_dir() or p.name.endswith(".index.json"):
         return read_hf_model(p)
-    raise UserError(f"{path} is not a llm.c model, an llmpy checkpoint or a Hugging Face safetensors file")
+    kind = _sniff(p)
+    if kind == "llmc" or (kind is None and p.suffix == ".bin"):
+        return read_llmc_model(p)  # an unknown .bin gets llm.c's reasons (too short, bad magic)
+    if kind == "safetensors" or p.suffix == ".safetensors":
+        infos, meta = read_safetensors_header(p)
+        if meta.get("format") == FORMAT:
+            ck = load_checkpoint(p, weights_only=True)
+            return ck.cfg, ck.params
+        if is_hf_model(p):
+            return read_hf_model(p)
+        kind = f" (metadata format {meta['format']!r})" if "format" in meta else ""
+        raise UserError(f"{path} is a safetensors file{kind} but neither an llmpy checkpoint nor a Hugging Face "
+                        f"model of a known family; its tensors: {', '.join(sorted(infos)[:4]) or 'none'}"
+                        + (" ..." if len(infos) > 4 else ""))
+    raise UserError(f"{path} is not a llm.c model, an llmpy checkpoint or a Hugging Face safetensors file: it "
+                    "starts with neither llm.c's magic number nor a safetensors header")
+
+
+def _sniff(p: Path) -> str | None:
+    """"llmc" if the file starts with an llm.c magic, "safetensors" if its JSON header seems to start at byte 8."""
+    if is_llmc_model(p):
+        return "llmc"
+    try:
+        with open(p, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise UserError(f"cannot read {p}: {e.strerror or e}") from None
+    return "safetensors" if len(head) == 9 and head[8:] == b"{" else None

@@ -8,12 +8,22 @@ the header is padded with spaces so the data starts 8-byte aligned. All numbers 
 BF16 has no NumPy dtype, so it travels as uint16 bits (see `bf16.py`): write it with
 `save_safetensors(path, tensors, bf16={"name": u16_bits})`; `load_safetensors` returns it as float32 by
 default, or as the raw uint16 bits with `bf16_as_fp32=False`.
+
+Integrity: files llmpy writes for itself carry `__metadata__["llmpy.crc32"]`, a JSON object mapping every tensor
+name to the CRC-32 (8 hex digits) of its stored bytes, and "__metadata__" to the CRC-32 of the other metadata
+entries (canonical JSON: sorted keys, no spaces). Readers verify what they read and report a mismatch as damage,
+naming the tensor; the key is not returned with the metadata. CRC-32, not a cryptographic hash: it guards against
+flipped or lost bits (disk, copy), not against tampering (whoever edits the data can edit the table beside it),
+and zlib's runs at twice sha256's speed. Files without the key (older checkpoints, other tools' files) load
+unverified. HF exports leave it out (`checksums=False`) so that they stay plain files for other tools.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable
@@ -21,10 +31,14 @@ from typing import BinaryIO, Iterable
 import numpy as np
 
 from ..errors import UserError
+from . import crc32
 from .atomic import atomic_write
 from .bf16 import bf16_bits_to_fp32
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit: anything larger is not a real header
+CHECKSUMS = "llmpy.crc32"        # the metadata key of the checksum table
+_META = "__metadata__"           # its entry for the other metadata
+_WORKERS = min(8, os.cpu_count() or 1)  # threads computing CRCs (zlib releases the GIL)
 
 # safetensors dtype name -> little-endian NumPy dtype of the stored bytes (BF16 as its uint16 bits)
 DTYPES: dict[str, np.dtype] = {
@@ -46,8 +60,10 @@ class TensorInfo:
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
-                     metadata: dict[str, str] | None = None, *, bf16: dict[str, np.ndarray] | None = None) -> None:
-    """Write `tensors` (and BF16 tensors given as uint16 bits in `bf16`) atomically to `path`."""
+                     metadata: dict[str, str] | None = None, *, bf16: dict[str, np.ndarray] | None = None,
+                     checksums: bool = True) -> None:
+    """Write `tensors` (and BF16 tensors given as uint16 bits in `bf16`) atomically to `path`, with the CRC-32
+    table in the metadata unless `checksums` is False."""
     entries: list[tuple[str, str, np.ndarray]] = []  # (name, safetensors dtype, little-endian contiguous array)
     for name, a in tensors.items():
         a = np.asarray(a)
@@ -67,16 +83,22 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
             raise UserError(f"cannot write {path}: bad tensor name {name!r}")
     if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise UserError(f"cannot write {path}: metadata keys and values must all be strings")
+    if metadata and CHECKSUMS in metadata:
+        raise UserError(f"cannot write {path}: the metadata key {CHECKSUMS!r} is reserved for the checksums")
 
     # Widest dtypes first: every tensor's size is a multiple of its itemsize, so each one starts aligned.
     entries.sort(key=lambda e: -DTYPES[e[1]].itemsize)
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    arrays, offset = [], 0
-    for name, st, a in entries:
-        a = np.require(a, dtype=DTYPES[st], requirements="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
+    # not ascontiguousarray: it makes 0-d arrays 1-d
+    arrays = [np.require(a, dtype=DTYPES[st], requirements="C") for _, st, a in entries]
+    meta = dict(metadata or {})
+    if checksums:
+        crcs = {name: f"{c:08x}" for (name, _, _), c in zip(entries, _crc32_all(arrays))}
+        meta[CHECKSUMS] = json.dumps(crcs | {_META: _meta_crc(meta)}, separators=(",", ":"))
+    header: dict = {"__metadata__": meta} if meta else {}
+    offset = 0
+    for (name, st, _), a in zip(entries, arrays):
         header[name] = {"dtype": st, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
-        arrays.append(a)
     hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     hbytes += b" " * (-len(hbytes) % 8)
 
@@ -92,7 +114,7 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate the header only (cheap: reads no tensor data). Returns (tensors, metadata)."""
     with _open(path) as f:
-        infos, meta, _ = _read_header(f, Path(path))
+        infos, meta, _, _ = _read_header(f, Path(path))
     return infos, meta
 
 
@@ -103,13 +125,14 @@ def load_safetensors(path: str | os.PathLike, *, bf16_as_fp32: bool = True, name
     BF16 tensors come back as float32 (or their uint16 bits if `bf16_as_fp32=False`). `names` restricts
     loading to those tensors (each must exist)."""
     path = Path(path)
-    with _open(path) as f:
-        infos, meta, data_start = _read_header(f, path)
+    with _open(path) as f, ThreadPoolExecutor(_WORKERS) as pool:
+        infos, meta, data_start, crcs = _read_header(f, path)
         wanted = list(infos) if names is None else list(names)
         for n in wanted:
             if n not in infos:
                 raise UserError(f"{path} has no tensor {n!r}")
         out: dict[str, np.ndarray] = {}
+        pending = []  # (name, its chunks' CRCs): each chunk is checksummed on the pool while the next is read
         for n in sorted(wanted, key=lambda n: infos[n].begin):  # sequential reads
             info = infos[n]
             raw = DTYPES[info.dtype]
@@ -118,8 +141,14 @@ def load_safetensors(path: str | os.PathLike, *, bf16_as_fp32: bool = True, name
             except ValueError:  # an empty tensor with an absurd dimension, e.g. (0, 2**62)
                 raise UserError(f"{path}: tensor {n!r} has an absurd shape {info.shape}") from None
             f.seek(data_start + info.begin)
-            if a.nbytes and f.readinto(a.reshape(-1).view(np.uint8)) != a.nbytes:
-                raise UserError(f"{path} is truncated: tensor {n!r} ends past the end of the file")
+            buf, parts = a.reshape(-1).view(np.uint8), []
+            for i in range(0, buf.nbytes, crc32.CHUNK):
+                piece = buf[i:i + crc32.CHUNK]
+                if f.readinto(piece) != piece.nbytes:
+                    raise UserError(f"{path} is truncated: tensor {n!r} ends past the end of the file")
+                if crcs is not None:
+                    parts += crc32.chunks(pool, piece)
+            pending.append((n, parts))
             if info.dtype == "BOOL":
                 if a.size and a.max() > 1:
                     raise UserError(f"{path}: BOOL tensor {n!r} holds bytes other than 0 and 1")
@@ -127,6 +156,10 @@ def load_safetensors(path: str | os.PathLike, *, bf16_as_fp32: bool = True, name
             elif info.dtype == "BF16" and bf16_as_fp32:
                 a = bf16_bits_to_fp32(a)
             out[n] = a
+        for n, parts in pending if crcs is not None else []:
+            if f"{crc32.join(parts):08x}" != crcs[n]:
+                raise UserError(f"{path} is damaged: tensor {n!r} fails its CRC-32 check (its bytes changed "
+                                "after the file was written); use another copy")
     return out, meta
 
 
@@ -141,8 +174,9 @@ def _open(path: str | os.PathLike) -> BinaryIO:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def _read_header(f: BinaryIO, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
-    """Validate everything the header claims against itself and the file size. Returns (infos, meta, data_start)."""
+def _read_header(f: BinaryIO, path: Path):
+    """Validate everything the header claims against itself and the file size (and the metadata against its
+    checksum). Returns (infos, meta, data_start, the tensors' stored CRC-32s or None when the file has none)."""
     size = os.fstat(f.fileno()).st_size
     if size < 8:
         raise UserError(f"{path} is not a safetensors file: only {size} bytes, too short for the 8-byte header size")
@@ -150,9 +184,11 @@ def _read_header(f: BinaryIO, path: Path) -> tuple[dict[str, TensorInfo], dict[s
     if n > MAX_HEADER_BYTES or n > size - 8:
         raise UserError(f"{path} is not a safetensors file: header size {n} is absurd for a {size}-byte file")
     try:
-        header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise UserError(f"{path} is not a safetensors file: header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise UserError(f"{path} is not a safetensors file: header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise UserError(f"{path} is not a safetensors file: header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -172,7 +208,39 @@ def _read_header(f: BinaryIO, path: Path) -> tuple[dict[str, TensorInfo], dict[s
         raise UserError(f"{path} is truncated: tensors need {pos} data bytes, the file has {data_len}")
     if pos < data_len:
         raise UserError(f"{path} has {data_len - pos} trailing bytes after the last tensor")
-    return infos, meta, 8 + n
+    return infos, meta, 8 + n, _checksums(path, meta, infos)
+
+
+def _checksums(path: Path, meta: dict[str, str], infos: dict[str, TensorInfo]) -> dict[str, str] | None:
+    """Pops the checksum table from `meta`, checks its form and the metadata's CRC; the tensors' CRCs or None."""
+    if CHECKSUMS not in meta:
+        return None
+    damaged = f"{path} is damaged: its checksum table"
+    try:
+        table = json.loads(meta.pop(CHECKSUMS))
+    except (ValueError, RecursionError):
+        raise UserError(f"{damaged} is not valid JSON") from None
+    if not (isinstance(table, dict) and all(isinstance(v, str) and len(v) == 8 for v in table.values())):
+        raise UserError(f"{damaged} is not a JSON object of 8-digit hex strings")
+    if set(table) != set(infos) | {_META}:
+        odd = sorted(set(table) ^ (set(infos) | {_META}))
+        raise UserError(f"{damaged} does not list the file's tensors (differs in {', '.join(map(repr, odd[:3]))})")
+    if table.pop(_META) != _meta_crc(meta):
+        raise UserError(f"{path} is damaged: its metadata fails its CRC-32 check (changed after the file was "
+                        "written); use another copy")
+    return table
+
+
+def _crc32_all(arrays: list[np.ndarray]) -> list[int]:
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        parts = [crc32.chunks(pool, a.reshape(-1).view(np.uint8)) for a in arrays]
+        return [crc32.join(p) for p in parts]
+
+
+def _meta_crc(meta: dict[str, str]) -> str:
+    text = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return f"{zlib.crc32(text.encode('utf-8')):08x}"
+
 
 
 def _parse_entry(path: Path, name: str, e: object) -> TensorInfo:
@@ -198,7 +266,8 @@ def _is_uint(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """`object_pairs_hook` for json.loads: a key given twice is an error (which one counts would be a guess)."""
     d = dict(pairs)
     if len(d) != len(pairs):
         seen = set()

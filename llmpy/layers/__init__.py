@@ -2,9 +2,9 @@
 
 Conventions (as in llm.c): outputs first, then inputs. Parameter gradients are ACCUMULATED (+=) so that
 gradient accumulation needs no copy; the gradient flowing into the residual stream is accumulated too, other
-input gradients are overwritten. Shapes use B batch, T time, C channels, NH heads, hs = C/NH, OC out channels,
-N = B*T rows, V vocab. Functions are dtype-generic (float32 for training, float64 for gradient checks).
-Optional `scratch` arguments let a caller pass preallocated temporaries so that a step allocates nothing.
+input gradients are overwritten. Shapes use B batch, T time, C channels, NH heads, K key/value heads, hs = C/NH,
+OC out channels, N = B*T rows, V vocab. Functions are dtype-generic (float32 for training, float64 for gradient
+checks). Optional `scratch` arguments let a caller pass preallocated temporaries so that a step allocates nothing.
 """
 from .encoder import encoder_forward, encoder_backward
 from .layernorm import layernorm_forward, layernorm_backward
@@ -14,10 +14,14 @@ from .residual import residual_forward, residual_backward
 from .attention import attention_forward, attention_backward, attention_decode
 from .classifier import crossentropy_forward, fused_classifier
 from .adamw import adamw_update
+from .rmsnorm import rmsnorm_forward, rmsnorm_backward
+from .rope import rope_forward, rope_backward, rope_frequencies, rope_table
+from .swiglu import swiglu_forward, swiglu_backward
 
 __all__ = [
     "encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward",
     "matmul_forward", "matmul_backward", "gelu_forward", "gelu_backward", "residual_forward",
     "residual_backward", "attention_forward", "attention_backward", "attention_decode", "crossentropy_forward",
-    "fused_classifier", "adamw_update",
+    "fused_classifier", "adamw_update", "rmsnorm_forward", "rmsnorm_backward", "rope_forward", "rope_backward",
+    "rope_frequencies", "rope_table", "swiglu_forward", "swiglu_backward",
 ]

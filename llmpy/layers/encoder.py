@@ -3,17 +3,19 @@ import numpy as np
 
 
 def encoder_forward(out, tokens, wte, wpe):
-    # out (B,T,C); tokens (B,T) int; wte (Vp,C); wpe (maxT,C)
+    # out (B,T,C); tokens (B,T) int; wte (Vp,C); wpe (maxT,C), or None for a model without a position table
     T = tokens.shape[1]
-    # ids are checked where they enter (data.py); mode="clip" lets take write straight into out ("raise" copies)
+    # ids are checked where they enter (data/loader.py); mode="clip" lets take write straight into out ("raise"
+    # copies)
     np.take(wte, tokens, axis=0, out=out, mode="clip")
-    out += wpe[:T]
+    if wpe is not None:
+        out += wpe[:T]
 
 
 def encoder_backward(dwte, dwpe, dout, tokens):
-    # dwte (Vp,C) +=, dwpe (maxT,C) +=, dout (B,T,C), tokens (B,T)
+    # dwte (Vp,C) +=, dwpe (maxT,C) += (None: no position table), dout (B,T,C), tokens (B,T)
     B, T, C = dout.shape
-    for b in range(B):  # B row-adds into (T,C): no (T,C) temporary
+    for b in range(B if dwpe is not None else 0):  # B row-adds into (T,C): no (T,C) temporary
         dwpe[:T] += dout[b]
     # Scatter-add rows into the token table. ufunc.at applies repeats in index order: deterministic.
     np.add.at(dwte, tokens.reshape(-1), dout.reshape(B * T, C))

@@ -28,7 +28,8 @@ class Family:
     config: type                                # its ModelConfig subclass
     model: type                                 # its Model subclass
     spec: Callable[..., list[ParamSpec]]        # spec(cfg): the parameter list
-    parse: Callable[[str], object]              # a config name (the part after "family:") -> config
+    parse: Callable[[str, str], object]         # (prefix, name) of "prefix:name" -> config; the prefix tells
+                                                # versions apart (llama3.1:8b vs llama3:8b)
     names: str                                  # the config names `parse` takes, for help and errors
 
 
@@ -164,8 +165,9 @@ class Model:
     def backward(self, hooks=None) -> None:
         raise NotImplementedError
 
-    def new_decode_state(self):
-        """The state decoding carries from one position to the next (a KV cache, a recurrent state)."""
+    def new_decode_state(self, length: int):
+        """The state decoding carries from one position to the next (a KV cache, a recurrent state), for sequences
+        of up to `length` tokens (<= max_seq_len; its `capacity`)."""
         raise NotImplementedError
 
     # ---- memory plan ----------------------------------------------------------------------------------------
@@ -264,9 +266,10 @@ class Model:
             raise ValueError("decode_step needs a model made with T=1 and training=False")
         if toks.shape[1] == 0:
             raise UserError("nothing to decode: the prompt is empty")
-        if state.pos + toks.shape[1] > self.cfg.max_seq_len:
-            raise UserError(f"the sequence would reach {state.pos + toks.shape[1]} tokens, past the model's context "
-                            f"of {self.cfg.max_seq_len}: use a shorter prompt or fewer new tokens")
+        if state.pos + toks.shape[1] > state.capacity:
+            raise UserError(f"the sequence would reach {state.pos + toks.shape[1]} tokens, past the "
+                            f"{state.capacity} this decoding state holds (the model's context is "
+                            f"{self.cfg.max_seq_len}): use a shorter prompt or fewer new tokens")
         for t in range(toks.shape[1]):
             self.forward(np.ascontiguousarray(toks[:, t:t + 1]), state=state)
             state.pos += 1

@@ -22,7 +22,8 @@ from .params import ParamSpec
 GPT2_VOCAB = 50257
 # depth -> (channels, heads) for the published GPT-2 sizes; other depths use C = 64*L, H = L (head size 64).
 _PUBLISHED = {12: (768, 12), 24: (1024, 16), 36: (1280, 20), 48: (1600, 25)}
-NAMES = "d2..d48 (d12 = 124M, d24 = 350M, d36 = 774M, d48 = 1558M) or lLhHcC[tT][vV] such as l4h4c256t256"
+NAMES = ("gpt2:d2..gpt2:d48 (d12 = 124M, d24 = 350M, d36 = 774M, d48 = 1558M) or gpt2:lLhHcC[tT][vV] such as "
+         "gpt2:l4h4c256t256")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ _SPEC = re.compile(r"^(?:l(?P<l>\d+))?(?:h(?P<h>\d+))?(?:c(?P<c>\d+))?(?:t(?P<t>
 def config_from_name(name: str) -> GPT2Config:
     """`d12` (GPT-2 124M), `d24` (350M), `d36` (774M), `d48` (1558M), any `dN` (C=64N, H=N), or an explicit
     spec such as `l4h4c256` / `l4h4c256t512` (L layers, H heads, C channels, T max seq len, V vocab)."""
+    if re.search(r"-\s*\d", name):  # "-" is a separator ("gpt2-d12"), never a sign: "d-1" is no depth
+        raise UserError(f"bad model config {name!r}: sizes are positive integers")
     s = name.strip().lower().replace("-", "").replace("_", "")
     m = re.fullmatch(r"d(\d+)", s)
     if m:
@@ -234,11 +237,11 @@ class GPT2(Model):
             hooks.done()
 
     # ---- decoding -------------------------------------------------------------------------------------------
-    def new_decode_state(self) -> KVCache:
+    def new_decode_state(self, length: int) -> KVCache:
         cfg = self.cfg
-        shape = (cfg.num_layers, self.B, cfg.num_heads, cfg.max_seq_len, cfg.head_size)
+        shape = (cfg.num_layers, self.B, cfg.num_heads, min(length, cfg.max_seq_len), cfg.head_size)
         return KVCache.allocate(self.be, shape)
 
 
-FAMILY = Family(name="gpt2", title="GPT-2", config=GPT2Config, model=GPT2, spec=spec, parse=config_from_name,
-                names=NAMES)
+FAMILY = Family(name="gpt2", title="GPT-2", config=GPT2Config, model=GPT2, spec=spec,
+                parse=lambda prefix, name: config_from_name(name), names=NAMES)

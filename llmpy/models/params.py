@@ -37,7 +37,9 @@ class ParamSpec:
     init: str = "zeros"            # "normal" (N(0, std)), "zeros" or "ones"
     std: float = 0.0
     vocab_rows: int | None = None  # rows from here on pad the vocabulary: zero at init, left out of HF files
-    hf: str | None = None          # Hugging Face key; "{l}" stands for the layer index
+    hf: str | tuple[str, ...] | None = None  # Hugging Face key ("{l}": the layer index), or the keys of the HF
+                                             # tensors that this one concatenates along its first axis
+    hf_rows: tuple[int, ...] = ()  # with several keys: the rows each contributes
     hf_transposed: bool = False    # HF stores the transpose (GPT-2's Conv1D layers)
 
     def __post_init__(self):

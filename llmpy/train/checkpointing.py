@@ -1,12 +1,20 @@
 """The training state on disk, in the run folder: `checkpoint.safetensors` (weights, AdamW moments, the bf16
 compute copy, and step, loader position, sampler RNG, settings: formats/checkpoint.py) and, under ZeRO, one
 optimizer shard per rank beside it. A checkpoint written after step s holds the state from which step s+1 starts,
-so that a resumed run is bitwise the uninterrupted one.
+so that a resumed run is bitwise the uninterrupted one. With --keep N the N-1 checkpoints before the latest stay
+as `checkpoint-<step>.safetensors` (hard links: no copy is made). Nothing non-finite is ever written.
+
+Resume (`open_resume`) reads and validates a checkpoint and decides what the flags given now mean for it: it
+refuses, before touching anything, a resume that would do nothing, silently change the run's schedule, or mix
+--init in.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,81 +23,213 @@ from ..errors import UserError
 from .config import TrainConfig
 
 CHECKPOINT = "checkpoint.safetensors"
+KEPT = re.compile(r"checkpoint-(\d+)\.safetensors")
+ONCE = ("stop_at", "progress", "extend")  # per-invocation settings, not part of the run
 
 
-def open_resume(tc: TrainConfig):
-    """(the settings to resume with, the checkpoint) for `--resume DIR`: the saved settings, overridden by the flags
-    given now (steps, out, ...)."""
+def kept_name(step: int) -> str:
+    return f"checkpoint-{step:06d}.safetensors"
+
+
+@dataclass
+class Resume:
+    ckpt: object        # formats.checkpoint.Checkpoint
+    path: Path          # the checkpoint file
+    src: Path           # its run folder (ZeRO shards and metrics.jsonl are read from there)
+    step: int           # the step it resumes at (= steps done)
+    planned: int        # the steps the run was planned for
+
+    @property
+    def state(self) -> dict:
+        return self.ckpt.state
+
+
+def open_resume(tc: TrainConfig) -> tuple[TrainConfig, Resume]:
+    """(the settings to resume with, the checkpoint) for `--resume DIR` (its checkpoint.safetensors) or
+    `--resume FILE`: the saved settings, overridden by the flags given now. Reads only."""
     from ..formats.checkpoint import load_checkpoint
+    if tc.init is not None:
+        raise UserError("--init and --resume exclude each other: a resumed run continues from its checkpoint's "
+                        "weights (to start from a checkpoint's weights, use --init alone)")
     path = Path(tc.resume)
     path = path / CHECKPOINT if path.is_dir() else path
-    if not path.exists():
+    if not path.is_file():
         raise UserError(f"--resume {tc.resume}: no {CHECKPOINT} there")
     ckpt = load_checkpoint(path)
     if "train" not in ckpt.state:
         raise UserError(f"{path} holds weights only (no training state): use --init {path} instead")
-    return _merge_resume(tc, ckpt.state["train"]), ckpt
+    step = _check_state(ckpt.state, path)
+    src = path.parent
+    new = _merge_resume(tc, ckpt.state["train"], src)
+    res = Resume(ckpt, path, src, step, int(ckpt.state["train"]["steps"]))
+    _refuse_pointless(new, res)
+    bad = nonfinite(ckpt.params) + nonfinite(ckpt.adam_m or {}, "adam_m.") + nonfinite(ckpt.adam_v or {}, "adam_v.")
+    if bad:
+        raise UserError(f"{path} holds non-finite values ({', '.join(bad[:3])}): the file is damaged (llmpy never "
+                        "writes them)")
+    return new, res
 
 
-def _merge_resume(tc: TrainConfig, saved: dict) -> TrainConfig:
+def continues_in_place(out: Path, res: Resume) -> bool:
+    """Whether a resumed run writes to the folder it came from (else `out` must be a new folder: the run is copied
+    there and its own folder is left as it is). An earlier checkpoint is never continued in place: that would
+    drop the run's later steps."""
+    same = Path(out).resolve() == res.src.resolve()
+    if same and res.path.name != CHECKPOINT:
+        raise UserError(f"--resume {res.path}: not {res.src}'s latest {CHECKPOINT}; continue it into a new folder "
+                        "with --out DIR")
+    return same
+
+
+def _check_state(st: dict, path: Path) -> int:
+    """The step a checkpoint's state resumes at, after checking every field the resume uses."""
+    def bad(what: str) -> UserError:
+        return UserError(f"{path}: bad training state in its metadata: {what}")
+
+    def count(key: str, least: int) -> int:
+        v = st.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise bad(f"{key} is {v!r}, want an integer >= {least}")
+        return v
+    step = count("step", 0)
+    count("adam_t", 0)
+    count("world", 1)
+    for key in ("loader", "sample_rng", "train"):
+        if not isinstance(st.get(key), dict):
+            raise bad(f"{key} is {st.get(key)!r}, want an object")
+    try:
+        np.random.default_rng(0).bit_generator.state = st["sample_rng"]
+    except (TypeError, ValueError, KeyError) as e:
+        raise bad(f"sample_rng is not a generator state ({e})") from None
+    steps = st["train"].get("steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise bad(f"train.steps is {steps!r}, want an integer >= 0")
+    return step
+
+
+def _merge_resume(tc: TrainConfig, saved: dict, src: Path) -> TrainConfig:
     base = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
     explicit = set(tc.explicit)
     for name in explicit:
         setattr(base, name, getattr(tc, name))
-    base.resume = tc.resume
-    base.init = None
-    for once in ("stop_at", "progress"):  # per-invocation settings, not part of the run
+    base.resume, base.init = tc.resume, None
+    for once in ONCE:
         if once not in explicit:
             setattr(base, once, getattr(TrainConfig, once))
-    if base.out is None or "out" not in explicit:
-        base.out = tc.out or tc.resume
+    base.out = tc.out or str(src)
+    base.check()
     return base
 
 
-def save(out: Path, next_step: int, tc: TrainConfig, model, opt, loader, sample_rng, dist, comm) -> None:
+def _refuse_pointless(tc: TrainConfig, res: Resume) -> None:
+    """A resume that would do nothing, or change the run's plan without saying so, is refused."""
+    run, done, planned = res.src if res.path.name == CHECKPOINT else res.path, res.step, res.planned
+    if tc.steps != planned:
+        if tc.steps <= done:
+            raise UserError(f"--steps {tc.steps}: {run} has done {done} steps already; nothing was changed")
+        if tc.steps < planned:
+            raise UserError(f"--steps {tc.steps} would shorten the {planned}-step {tc.lr_schedule} schedule of "
+                            f"{run}; to stop early on it, use --stop-at {tc.steps - 1}")
+        if not tc.extend:
+            raise UserError(f"{run} was planned for {planned} steps; --steps {tc.steps} stretches its "
+                            f"{tc.lr_schedule} schedule, so the rest is not what an uninterrupted {tc.steps}-step "
+                            "run would do: add --extend to do it anyway")
+    elif done >= planned:
+        raise UserError(f"{run} is finished ({done} of {planned} steps); to train it longer, give --steps N "
+                        "--extend")
+    elif tc.extend:
+        raise UserError(f"--extend needs --steps larger than the run's {planned}")
+    if tc.stop_at is not None and tc.stop_at < done:
+        raise UserError(f"--stop-at {tc.stop_at}: {run} is past that step (it has done {done} steps)")
+
+
+def nonfinite(arrays: dict, prefix: str = "") -> list[str]:
+    """Names of the arrays holding NaN or Inf. A float64 sum of float32 values cannot overflow, and NaN/Inf
+    propagate through it: one pass, no temporary of the array's size."""
+    return [prefix + n for n, a in arrays.items() if not np.isfinite(np.sum(a, dtype=np.float64))]
+
+
+def save(out: Path, next_step: int, tc: TrainConfig, model, opt, loader, sample_rng, dist, comm, *,
+         prev_step: int | None = None, last_good: str = "") -> None:
     """Writes the state from which step `next_step` starts. Collective under data parallelism: a sharded master is
     gathered; each rank writes its optimizer shard (named by step) before rank 0 replaces the checkpoint, which
-    then names that step."""
+    then names that step. prev_step: the step of the checkpoint now in `out` (kept as a copy when tc.keep > 1).
+    Refuses (on every rank) to write weights or moments that are not finite; last_good says what is on disk."""
     from ..formats.checkpoint import save_checkpoint
     be = model.be
     state = {"step": next_step, "adam_t": opt.t, "loader": loader.state(), "world": dist.world,
              "sample_rng": sample_rng.bit_generator.state, "train": dataclasses.asdict(tc)}
     weights = model.params_numpy(comm)
+    m = v = None
+    if opt.sharded or dist.main:
+        m, v = opt.moments_numpy()
+    bad = []
+    if dist.main:
+        bad = nonfinite(weights)
+    if m is not None:
+        bad += nonfinite(m if isinstance(m, dict) else {"shard": m}, "adam_m.")
+        bad += nonfinite(v if isinstance(v, dict) else {"shard": v}, "adam_v.")
+    if dist.sum(float(bool(bad))) > 0:
+        raise UserError(f"the weights or AdamW moments after step {next_step - 1} are not finite "
+                        f"({', '.join(bad[:3]) or 'on another rank'}): the checkpoint was not written; {last_good}. "
+                        "Try a lower --lr, --grad-clip 1, or check --eps/--weight-decay")
     if opt.sharded:
-        save_shard(out, next_step, dist, *opt.moments_numpy())
+        save_shard(out, next_step, dist, m, v)
         dist.barrier()
     if dist.main:
+        if tc.keep > 1 and prev_step is not None and prev_step != next_step and (out / CHECKPOINT).exists():
+            _link(out / CHECKPOINT, out / kept_name(prev_step))
         compute = None
         if np.dtype(be.param_dtype) != np.float32:
             compute = {n: np.asarray(be.to_numpy(model.params[n])).view(np.uint16) for n in model.params.shapes}
-        m, v = (None, None) if opt.sharded else opt.moments_numpy()
-        save_checkpoint(out / CHECKPOINT, model.cfg, weights, adam_m=m, adam_v=v, state=state, compute_bf16=compute)
+        save_checkpoint(out / CHECKPOINT, model.cfg, weights, adam_m=None if opt.sharded else m,
+                        adam_v=None if opt.sharded else v, state=state, compute_bf16=compute)
+        for p in kept(out)[:-(tc.keep - 1) or None]:
+            p.unlink(missing_ok=True)
     if opt.sharded:
         dist.barrier()
-        prune_shards(out, next_step, dist)
+        prune_shards(out, {next_step} | {int(KEPT.fullmatch(p.name)[1]) for p in kept(out)}, dist)
 
 
-def restore(ckpt, tc: TrainConfig, out: Path, model, opt, loader, sample_rng, dist) -> int:
+def kept(out: Path) -> list[Path]:
+    """The kept earlier checkpoints, oldest first."""
+    found = [(int(m[1]), p) for p in Path(out).iterdir() if (m := KEPT.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _link(src: Path, dst: Path) -> None:
+    """dst becomes another name of src's file (a copy where the filesystem has no hard links), atomically."""
+    from ..formats.atomic import atomic_write
+    tmp = dst.with_name(f".{dst.name}.{os.getpid() % 10**8:08d}.tmp")  # a name the run folder's cleanup knows
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        with open(src, "rb") as f:
+            atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 24))
+
+
+def restore(res: Resume, model, opt, loader, sample_rng, dist) -> int:
     """Puts a resumed run's state back (its weights are loaded with the model); returns the step to start from."""
-    be, st = model.be, ckpt.state
+    be, st, ckpt = model.be, res.state, res.ckpt
     if opt.sharded:
-        opt.load_moments(*load_shard(out, int(st["step"]), dist))
+        m, v = load_shard(res.src, res.step, dist)
+        if nonfinite({"m": m, "v": v}):
+            raise UserError(f"the ZeRO shard of rank {dist.rank} in {res.src} holds non-finite values: it is damaged")
+        opt.load_moments(m, v)
     elif ckpt.adam_m is None:
-        raise UserError(f"{tc.resume} has no optimizer state to resume from")
+        raise UserError(f"{res.path} has no optimizer state to resume from")
     else:
         opt.load_moments(ckpt.adam_m, ckpt.adam_v)
     if ckpt.compute_bf16 is not None:  # the compute copy was stochastically rounded: exact bits
         for name in model.params.shapes:
             be.copy_(model.params[name], be.asarray(ckpt.compute_bf16[name].view(be.param_dtype)))
-    opt.t = int(st["adam_t"])
+    opt.t = st["adam_t"]
     loader.load_state(st["loader"])
     sample_rng.bit_generator.state = st["sample_rng"]
-    return int(st["step"])
-
-
-def last_checkpoint(out: Path) -> str:
-    p = out / CHECKPOINT
-    return str(p) if p.exists() else "none yet"
+    return res.step
 
 
 def shard_path(out: Path, step: int, rank: int, world: int) -> Path:
@@ -116,10 +256,10 @@ def load_shard(out, step: int, dist) -> tuple[np.ndarray, np.ndarray]:
     return t["adam_m"], t["adam_v"]
 
 
-def prune_shards(out, step: int, dist) -> None:
-    """Removes this rank's shards of other steps (after the checkpoint naming `step` is in place)."""
-    keep = shard_path(out, step, dist.rank, dist.world).name
+def prune_shards(out, steps: set[int], dist) -> None:
+    """Removes this rank's shards of steps other than `steps` (after the checkpoint naming the newest is in place)."""
+    keep = {shard_path(out, s, dist.rank, dist.world).name for s in steps}
     pattern = re.compile(rf"zero-step\d+-rank{dist.rank}-of-{dist.world}\.safetensors")
     for p in Path(out).glob(f"zero-step*-rank{dist.rank}-of-{dist.world}.safetensors"):
-        if p.name != keep and pattern.fullmatch(p.name):
+        if p.name not in keep and pattern.fullmatch(p.name):
             p.unlink(missing_ok=True)

@@ -3,9 +3,14 @@ validation."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, fields
+
+import numpy as np
 
 from ..errors import UserError
+from ..data.tokenizers import TOKENIZERS
 from .optim import SCHEDULES
 
 # The embedded default (`llmpy train` with no arguments): a small GPT-2 on Shakespeare, ~5 minutes on 2 cores.
@@ -31,16 +36,20 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     grad_accum: int = 1
+    total_batch_size: int | None = None  # tokens per step (llm.c's -d): sets grad_accum = it / (B*T*world)
     shuffle: bool = True
     val_every: int = 50
     val_batches: int = 10
     sample_every: int = 0
     sample_tokens: int = 64
     checkpoint_every: int = 100
+    keep: int = 1                    # checkpoints kept: the latest, and keep-1 earlier ones as checkpoint-<step>
     stop_at: int | None = None       # stop (with a checkpoint) after this step, keeping the schedule of `steps`
     seed: int = 1337
+    tokenizer: str | None = None     # gpt2 | llama3 (the Shakespeare shards, samples); default: by the vocabulary
     out: str | None = None
     resume: str | None = None
+    extend: bool = False             # resume: allow --steps beyond the run's planned steps (stretches the schedule)
     device: str = "auto"
     dtype: str | None = None         # fp32 on the CPU, bf16 on the GPU
     zero: int = 0                    # data parallel: 0 all-reduce, 1 shard optimizer state, 2 also gradients
@@ -52,20 +61,55 @@ class TrainConfig:
     explicit: tuple = ()             # names of the settings given on the command line (they override a resume)
 
     def check(self) -> None:
-        pos = {"batch_size": self.batch_size, "seq_len": self.seq_len, "grad_accum": self.grad_accum,
-               "val_batches": self.val_batches}
-        bad = [f"--{k.replace('_', '-')} {v}" for k, v in pos.items() if v < 1]
-        nonneg = {"steps": self.steps, "warmup_steps": self.warmup_steps, "val_every": self.val_every,
-                  "sample_every": self.sample_every, "checkpoint_every": self.checkpoint_every, "seed": self.seed,
-                  "sample_tokens": self.sample_tokens}
-        bad += [f"--{k.replace('_', '-')} {v}" for k, v in nonneg.items() if v < 0]
+        """UserError listing every bad setting, whether given as a flag or read from a resumed run."""
+        _check_types(self)
+        bad = []
+
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                bad.append(f"--{name.replace('_', '-')} {getattr(self, name)} ({what})")
+        for name in ("batch_size", "seq_len", "grad_accum", "val_batches", "keep"):
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("steps", "warmup_steps", "val_every", "sample_every", "sample_tokens", "checkpoint_every",
+                     "seed"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(self.stop_at is None or self.stop_at >= 0, "stop_at", "must be >= 0")
+        need(self.total_batch_size is None or self.total_batch_size >= 1, "total_batch_size", "must be >= 1")
+        # floats: `not (x >= 0)` is also true for NaN; fp32 is what the optimizer computes in
+        need(_fp32_finite(self.lr) and np.float32(self.lr) > 0, "lr", "must be > 0 and finite in fp32")
+        for name in ("beta1", "beta2"):
+            need(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
+        need(_fp32_finite(self.eps) and np.float32(self.eps) > 0, "eps", "must be > 0 and finite in fp32")
+        for name in ("weight_decay", "grad_clip"):
+            need(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "must be >= 0 and finite")
+        for name in ("final_lr_frac", "decay_frac"):
+            need(0 <= getattr(self, name) <= 1, name, "must be in [0, 1]")
+        need(self.lr_schedule in SCHEDULES, "lr_schedule", f"choose from {', '.join(SCHEDULES)}")
+        need(self.dtype in (None, "fp32", "bf16"), "dtype", "use fp32 or bf16")
+        need(self.device in ("cpu", "cuda", "auto"), "device", "use cpu, cuda or auto")
+        need(self.zero in (0, 1, 2), "zero", "use 0, 1 or 2")
+        need(self.tokenizer in (None, *TOKENIZERS), "tokenizer", f"use {' or '.join(TOKENIZERS)}")
         if bad:
-            raise UserError(f"bad value: {', '.join(bad)} (sizes must be >= 1, counts >= 0)")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"--lr must be a positive number (got {self.lr})")
-        if self.grad_clip < 0:
-            raise UserError(f"--grad-clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
-        if self.lr_schedule not in SCHEDULES:
-            raise UserError(f"unknown --lr-schedule {self.lr_schedule!r}: choose from {', '.join(SCHEDULES)}")
-        if self.dtype not in (None, "fp32", "bf16"):
-            raise UserError(f"unknown --dtype {self.dtype!r}: use fp32 or bf16")
+            raise UserError(f"bad setting: {'; '.join(bad)}")
+
+
+def _check_types(tc: TrainConfig) -> None:
+    """Each setting has its field's type (a resumed run's settings come from a file): ints are not bools, floats
+    may be ints."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name == "explicit":
+            continue
+        hint, v = hints[f.name], getattr(tc, f.name)
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        ok = any(v is None if t is type(None) else
+                 isinstance(v, (int, float)) and not isinstance(v, bool) if t is float else
+                 isinstance(v, int) and not isinstance(v, bool) if t is int else isinstance(v, t)
+                 for t in allowed)
+        if not ok:
+            want = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            raise UserError(f"bad setting: {f.name.replace('_', '-')} is {v!r}, not {want}")
+
+
+def _fp32_finite(x: float) -> bool:
+    return math.isfinite(x) and abs(x) <= float(np.finfo(np.float32).max)

@@ -7,6 +7,7 @@ lr_at(s). The host launches step s+1 before reading step s's loss, so the GPU ne
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -18,15 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import __version__
 from ..backends import get_backend, resolve_device
-from ..config import config_from_name, family_of
+from ..config import family_of
 from ..distributed.dataparallel import Dist
 from ..errors import UserError
-from . import checkpointing
+from . import checkpointing, setup
 from .checkpointing import CHECKPOINT
-from .config import DEFAULT_MODEL, TrainConfig
+from .config import TrainConfig
 from .metrics import MetricsLog
 from .optim import AdamW, lr_at
+from .progress import Progress
+from .rundir import LOCK, RunDir
 from .step import TrainStep
 
 
@@ -38,146 +42,224 @@ class TrainResult:
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
+    signal: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run before its last step
 
 
 def run(tc: TrainConfig, *, dist: Dist | None = None) -> TrainResult:
     """dist: this process's place in a data-parallel job; by default read from the environment (launcher, MPI,
     Slurm). Tests pass ranks that are threads over an in-process communicator, on the CPU."""
     trainer = Trainer(tc, dist)
-    # divergence is detected and reported when a step's result is read; NumPy's overflow warnings on the way
-    # there are noise
-    with _StopFlag() as stop, np.errstate(over="ignore", invalid="ignore"):
-        trainer.loop(stop)
-        trainer.finish()
-    return trainer.report()
+    try:
+        # divergence is detected and reported when a step's result is read; NumPy's overflow warnings on the way
+        # there are noise
+        with _StopFlag() as stop, np.errstate(over="ignore", invalid="ignore"):
+            trainer.loop(stop)
+            trainer.finish()
+        if trainer.result.steps_done < trainer.last:
+            trainer.result.signal = stop.signum
+        return trainer.report()
+    finally:
+        trainer.run_dir.release()
 
 
 class Trainer:
     # ---- set-up ---------------------------------------------------------------------------------------------
     def __init__(self, tc: TrainConfig, dist: Dist | None = None):
-        from ..data.loader import DataLoader
         resume = None
         if tc.resume:
-            tc, resume = checkpointing.open_resume(tc)
+            tc, resume = checkpointing.open_resume(tc)  # reads only; refuses a resume that means nothing
         tc.check()
         dist = dist if dist is not None else Dist.start(tc)
         device = "cuda" if dist.world > 1 and tc.device == "auto" else resolve_device(tc.device)
         dtype = tc.dtype or ("bf16" if device == "cuda" else "fp32")
         if device == "cpu" and dtype != "fp32":
             raise UserError("--dtype bf16 needs --device cuda (the CPU reference runs in fp32)")
-        out = Path(tc.out or tc.resume or time.strftime("runs/%Y%m%d-%H%M%S"))
-        if resume is None and (out / CHECKPOINT).exists():
-            raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
+        out = Path(tc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
+        in_place = resume is not None and checkpointing.continues_in_place(out, resume)
         if resume is not None:
-            was = (resume.state.get("world", 1), resume.state.get("train", {}).get("zero", 0))
+            was = (resume.state["world"], resume.state["train"].get("zero", 0))
             if was[1] >= 1 and was[0] != dist.world:
                 raise UserError(f"{tc.resume} was written by {was[0]} ranks with --zero {was[1]}: its optimizer "
                                 f"shards only fit {was[0]} ranks (this run has {dist.world}); resume with the same "
                                 "world size")
-        out.mkdir(parents=True, exist_ok=True)
+        _check_target(out, resume, in_place)
         self.tc, self.dist, self.out = tc, dist, out
         self.say = print if dist.main else _quiet
-
-        if resume is not None:
-            cfg, params, what = resume.cfg, resume.params, f"resumed from {tc.resume}"
-        else:
-            cfg, params, what = _load_init(tc)
         be = get_backend(device, dtype, device_id=dist.env.local_rank if dist.world > 1 else None)
-        self.comm = comm = dist.connect(be)
-        B, T, A = tc.batch_size, tc.seq_len, tc.grad_accum
-        recompute = tc.recompute if tc.recompute is not None else (1 if device == "cuda" else 0)
-        model = family_of(cfg).model(cfg, be, B, T, recompute=recompute, master_weights=tc.master_weights,
-                                     rank=dist.rank, world=dist.world, zero=tc.zero if dist.world > 1 else 0)
-        if params is None:
-            model.init_weights(tc.seed)
-        else:
-            model.load_params(params)
-        opt = AdamW(model, beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay, seed=tc.seed,
-                    comm=comm)
-        self.cfg, self.be, self.model, self.opt = cfg, be, model, opt
-        self.stepper = TrainStep(model, opt, A, grad_clip=tc.grad_clip, graph=tc.graph, comm=comm)
+        self.comm = dist.connect(be)
+        self.run_dir = RunDir(out)
+        self._claim(resume, in_place)
+        try:
+            self._setup(resume, in_place, be, device, dtype)
+        except BaseException:
+            self.run_dir.abandon()  # a failed start leaves no empty run folder behind
+            raise
 
-        train_glob, val_glob = _data_globs(tc, dist)
+    def _claim(self, resume, in_place: bool) -> None:
+        """Rank 0 locks the run folder and checks what it holds; every rank stops if that failed."""
+        err, out = None, self.out
+        if self.dist.main:
+            try:
+                freed = self.run_dir.claim()
+                _check_target(out, resume, in_place)  # again, now that no other run can write there
+                if freed:
+                    self.say(f"removed temporary files of interrupted writes from {out} ({_fmt_bytes(freed)})")
+            except UserError as e:
+                self.run_dir.abandon()
+                err = e
+        if self.dist.sum(float(err is not None)) > 0:
+            raise err or UserError(f"rank 0 could not take the run folder {out}")
+
+    def _setup(self, resume, in_place: bool, be, device: str, dtype: str) -> None:
+        from ..data.loader import DataLoader
+        tc, dist, out, say = self.tc, self.dist, self.out, self.say
+        if resume is not None:
+            cfg, params, what = resume.ckpt.cfg, resume.ckpt.params, f"resumed from {resume.path}"
+        else:
+            cfg, params, what = setup.load_init(tc)
+        B, T = tc.batch_size, tc.seq_len
+        A = setup.grad_accum(tc, dist.world)
+        recompute = tc.recompute if tc.recompute is not None else (1 if device == "cuda" else 0)
+        n_params = setup.check_size(cfg, device)
+        try:
+            model = family_of(cfg).model(cfg, be, B, T, recompute=recompute, master_weights=tc.master_weights,
+                                         rank=dist.rank, world=dist.world, zero=tc.zero if dist.world > 1 else 0)
+            if params is None:
+                model.init_weights(tc.seed)
+            else:
+                model.load_params(params)
+            opt = AdamW(model, beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay,
+                        seed=tc.seed, comm=self.comm)
+        except MemoryError as e:
+            raise UserError(f"{cfg.describe()} ({n_params / 1e6:,.1f}M parameters) with batch {B}x{T} does not fit "
+                            f"in {device} memory ({e})") from None
+        self.cfg, self.be, self.model, self.opt = cfg, be, model, opt
+        self.stepper = TrainStep(model, opt, A, grad_clip=tc.grad_clip, graph=tc.graph, comm=self.comm)
+
+        train_glob, val_glob = setup.data_globs(tc, dist, cfg)
         self.train_loader = DataLoader(train_glob, B, T, rank=dist.rank, world=dist.world, shuffle=tc.shuffle,
                                        seed=tc.seed, vocab_size=cfg.vocab_size)
         self.val_loader = DataLoader(val_glob, B, T, vocab_size=cfg.vocab_size) if val_glob else None
         self.val_batches = min(tc.val_batches, self.val_loader.num_batches_per_epoch) if self.val_loader else 0
         self.sample_rng = np.random.default_rng([tc.seed, 1])
-        self.start = 0
+        self.start, self.saved_step, self.saved_path = 0, None, None
         if resume is not None:
-            self.start = checkpointing.restore(resume, tc, out, model, opt, self.train_loader, self.sample_rng, dist)
-        self.log = MetricsLog(out / "metrics.jsonl", keep_before=self.start) if dist.main else _NullLog()
+            self.start = checkpointing.restore(resume, model, opt, self.train_loader, self.sample_rng, dist)
+            self.saved_path = resume.path  # left as it is until this run saves
+            self.saved_step = self.start if in_place else None
+        self.last = min(tc.steps, tc.stop_at + 1) if tc.stop_at is not None else tc.steps
         self.result = TrainResult(out=out, steps_done=self.start, world=dist.world)
         self.tokens_per_step = B * T * A * dist.world
         self._decoder = None
 
         plan = model.memory_plan()
         plan["optimizer"] = opt.nbytes()
-        say = self.say
         if dist.world > 1:
             say(f"data parallel: {dist.world} ranks over NCCL, ZeRO-{model.zero}; memory below is per rank")
-        n_params = sum(math.prod(s.shape) for s in model.specs)
         say(f"model: {cfg.describe()} ({n_params / 1e6:.1f}M parameters), {what}")
         say(f"device: {device} {dtype}, recompute {recompute}; memory plan: "
             + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in plan.items()) + f"; total {_fmt_bytes(sum(plan.values()))}")
         say(f"data: train {train_glob} ({self.train_loader.num_batches_per_epoch} batches/epoch), "
             f"val {val_glob or 'none'}; batch {B}x{T}x{A}x{dist.world} = {self.tokens_per_step} tokens/step")
         say(f"training steps {self.start}..{tc.steps - 1}, lr {tc.lr} {tc.lr_schedule}, output {out}/", flush=True)
+        self.sample_n, self.sample_prompt = self._plan_samples()
+        # the first writes: the metrics log (a resume into a new folder copies the run's history there) and the
+        # settings; everything that can refuse the run has been checked
+        source = None if resume is None or in_place else resume.src / "metrics.jsonl"
+        self.log = (MetricsLog(out / "metrics.jsonl", keep_before=self.start, source=source) if dist.main
+                    else _NullLog())
+        for line in setup.warnings(tc, resume, self.start, A, self.train_loader.num_batches_per_epoch,
+                                   getattr(self.log, "damaged", 0)):
+            say(line)
+        if dist.main:
+            self.run_dir.write_config({
+                "train": {k: v for k, v in dataclasses.asdict(tc).items() if k != "explicit"},
+                "model": {"family": type(cfg).family, **cfg.to_dict()}, "parameters": n_params,
+                "device": device, "dtype": dtype, "recompute": recompute, "world": dist.world,
+                "tokens_per_step": self.tokens_per_step, "start_step": self.start,
+                "resumed_from": str(resume.path) if resume is not None else None, "llmpy": __version__})
+        flops = None
+        if device == "cuda":
+            try:
+                flops = cfg.flops_per_token(T)
+            except (AttributeError, NotImplementedError):
+                pass
+        self.progress = Progress(start=self.start, last=self.last, steps=tc.steps, show=dist.main,
+                                 lines=not (tc.progress and sys.stderr.isatty()),
+                                 tokens_per_step=self.tokens_per_step, flops_per_token=flops, world=dist.world)
+
+    def _plan_samples(self) -> tuple[int, list[int]]:
+        """(tokens per sample, the prompt): samples start at the tokenizer's document token (GPT-2's end-of-text,
+        Llama 3's <|begin_of_text|>) and fit the context. Every rank knows the length (under ZeRO all of them
+        gather the weights for a sample); rank 0 the prompt."""
+        tc, cfg = self.tc, self.cfg
+        n = min(tc.sample_tokens, cfg.max_seq_len - 1)  # after a one-token prompt
+        if not n or not self.dist.main:
+            return n, []
+        from ..data.tokenizers import get_tokenizer, tokenizer_for
+        self.tokenizer = get_tokenizer(tokenizer_for(cfg.vocab_size, tc.tokenizer))
+        doc = self.tokenizer.doc
+        if doc >= cfg.vocab_size:
+            self.say(f"note: samples start from token 0 (the model's vocabulary of {cfg.vocab_size} has no "
+                     f"document token {doc})")
+        if n < tc.sample_tokens:
+            self.say(f"note: samples are cropped to {n} tokens (the model's context is {cfg.max_seq_len})")
+        return n, [doc if doc < cfg.vocab_size else 0]
 
     # ---- the step loop --------------------------------------------------------------------------------------
     def loop(self, stop) -> None:
         tc, dist = self.tc, self.dist
         self.t_start = time.perf_counter()
-        last = min(tc.steps, tc.stop_at + 1) if tc.stop_at is not None else tc.steps
         self.pending = []  # the launched step whose result is not read yet: [(step, lr, handle)]
-        self.clock = time.perf_counter()
-        self.bar = _progress(tc, self.start, dist.main)
+        self.prev_ready = 0.0  # when the previous step's result existed (train/step.py)
         try:
-            for step in range(self.start, last):
+            for step in range(self.start, self.last):
                 if tc.val_every and step % tc.val_every == 0:
                     self._pause(self.evaluate, step)
                 if tc.sample_every and step > 0 and step % tc.sample_every == 0:
                     self._pause(self.sample, step)
                 lr = lr_at(step, lr=tc.lr, schedule=tc.lr_schedule, steps=tc.steps, warmup=tc.warmup_steps,
                            final_frac=tc.final_lr_frac, decay_frac=tc.decay_frac)
-                handle = self.stepper.launch((self.train_loader.next_batch() for _ in range(tc.grad_accum)), lr)
+                handle = self.stepper.launch((self.train_loader.next_batch() for _ in range(self.stepper.A)), lr)
                 self._read_pending()  # the previous step, while the device works on this one
                 self.pending.append((step, lr, handle))
                 dist.progress()
                 _inject_fault(dist.rank, step)
                 if dist.stop_agreed(stop.requested):  # every rank stops after the same step
                     break
-                if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < last:
+                if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < self.last:
                     self._pause(self.save, step + 1)
             self._read_pending()
         finally:
-            self.bar.close()
+            self.progress.close()
 
     def _read_pending(self) -> None:
-        """Reads the pending step's loss and norm (the next step may already be running) and logs it."""
+        """Reads the pending step's loss and norm (the next step may already be running) and logs it with its own
+        time: from when it could start (launched, and the step before it done) to when its result existed."""
         if not self.pending:
             return
         step, lr, handle = self.pending.pop()
         loss, norm = handle.result()
-        now = time.perf_counter()
-        tps = self.tokens_per_step / (now - self.clock)
-        self.clock = now
+        seconds = handle.ready - max(handle.started, self.prev_ready)
+        self.prev_ready = handle.ready
         if not (math.isfinite(loss) and math.isfinite(norm)):
-            raise UserError(f"training diverged at step {step}: loss {loss}, grad norm {norm} "
-                            f"(lr {lr:.3g}); the update was not applied and nothing was saved; "
-                            f"last good checkpoint: {checkpointing.last_checkpoint(self.out)}. Try a lower --lr or "
-                            "--grad-clip 1")
+            raise UserError(f"training diverged at step {step}: loss {loss}, grad norm {norm} (lr {lr:.3g}); the "
+                            f"update was not applied and nothing was saved; {self._last_good()}. Try a lower --lr "
+                            "or --grad-clip 1")
+        tps = self.progress.step(step, loss, norm, lr, seconds)
         self.log.write({"step": step, "train_loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps})
         self.result.train_losses.append(loss)
         self.result.steps_done = step + 1
-        self.bar.update(1)
-        self.bar.set_postfix_str(f"loss {loss:.4f} | {tps:,.0f} tok/s | lr {lr:.2e}", refresh=False)
 
     def _pause(self, fn, *a) -> None:
         """Evaluation, sampling, saving: after the pending step, off the step clock."""
         self._read_pending()
         fn(*a)
-        self.clock = time.perf_counter()
+
+    def _last_good(self) -> str:
+        if self.saved_path is None:
+            return "there is no checkpoint of this run yet"
+        return f"the last checkpoint, {self.saved_path}, is intact"
 
     def evaluate(self, step: int) -> None:
         """The mean loss over the first val_batches batches, shared out over the ranks."""
@@ -192,35 +274,35 @@ class Trainer:
                 total += self.model.forward(x, y)  # no grad_scale: gradients and the step's loss sum untouched
         loss = dist.sum(total) / self.val_batches
         if not math.isfinite(loss):
-            raise UserError(f"val loss is {loss} at step {step}: the weights hold NaN/Inf; "
-                            f"last good checkpoint: {self.out / CHECKPOINT}")
+            raise UserError(f"val loss is {loss} at step {step}: the weights hold NaN/Inf; {self._last_good()}")
         self.log.write({"step": step, "val_loss": loss})
         self.result.val_losses.append((step, loss))
-        if dist.main:
-            self.bar.write(f"step {step}: val loss {loss:.4f}")
+        self.progress.write(f"step {step}: val loss {loss:.4f}")
 
     def sample(self, step: int) -> None:
         """Rank 0 generates on the CPU through the family's own forward; under ZeRO every rank takes part in
-        gathering the sharded weights first."""
-        if not (self.dist.main or self.opt.sharded):
+        gathering the sharded weights first. A sample that fails is reported and costs the run nothing."""
+        if not self.sample_n or not (self.dist.main or self.opt.sharded):
             return
         weights = self.model.params_numpy(self.comm)
         if not self.dist.main:
             return
-        from ..backends import get_backend
-        from ..data.tokenizers import get_tokenizer
         from ..models.decode import decoder, generate
-        if self._decoder is None:
-            self._decoder = decoder(self.cfg, weights, get_backend("cpu"))
-        else:
-            self._decoder.load_params(weights)
-        tok = get_tokenizer()
-        ids = generate(self._decoder, [tok.eot], self.tc.sample_tokens, rng=self.sample_rng, top_k=40)
-        self.bar.write(f"--- sample at step {step} ---\n{tok.decode(ids)}\n---")
+        try:
+            if self._decoder is None:
+                self._decoder = decoder(self.cfg, weights, get_backend("cpu"))
+            else:
+                self._decoder.load_params(weights)
+            ids = generate(self._decoder, self.sample_prompt, self.sample_n, rng=self.sample_rng, top_k=40)
+            self.progress.write(f"--- sample at step {step} ---\n{self.tokenizer.decode(ids)}\n---")
+        except Exception as e:  # noqa: BLE001 -- a sample is a courtesy: no error of it may stop the run
+            self.progress.write(f"warning: the sample at step {step} failed ({type(e).__name__}: {e}); the run "
+                                "goes on")
 
     def save(self, next_step: int) -> None:
         checkpointing.save(self.out, next_step, self.tc, self.model, self.opt, self.train_loader, self.sample_rng,
-                           self.dist, self.comm)
+                           self.dist, self.comm, prev_step=self.saved_step, last_good=self._last_good())
+        self.saved_step, self.saved_path = next_step, self.out / CHECKPOINT
 
     # ---- the end --------------------------------------------------------------------------------------------
     def finish(self) -> None:
@@ -229,8 +311,7 @@ class Trainer:
         done = self.result.steps_done
         if done == self.tc.steps:
             self.evaluate(self.tc.steps)
-            if self.tc.sample_tokens:
-                self.sample(self.tc.steps)
+            self.sample(self.tc.steps)
         self.save(done)
 
     def report(self) -> TrainResult:
@@ -245,8 +326,9 @@ class Trainer:
         done = res.steps_done
         if done < self.tc.steps:
             print(f"stopped after step {done - 1}; continue with: llmpy train --resume {out}")
+        print(self.progress.summary(res.seconds, res.val_losses))
         print(f"done: {done - self.start} steps in {res.seconds:.1f} s; checkpoint {out / CHECKPOINT}, "
-              f"metrics {out / 'metrics.jsonl'}, loss curve {out / 'loss.png'}")
+              f"metrics {out / 'metrics.jsonl'}, loss curve {out / 'loss.png'}, settings {out / 'config.json'}")
         if self.be.name == "cuda":
             import cupy
             print(f"peak GPU memory held: {cupy.get_default_memory_pool().total_bytes() / 2**30:.2f} GiB per rank")
@@ -255,28 +337,15 @@ class Trainer:
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
-def _load_init(tc: TrainConfig):
-    """(config, weights or None for a fresh init, description)."""
-    from ..formats.checkpoint import load_weights
-    name = tc.init or DEFAULT_MODEL
-    if os.path.exists(name):
-        cfg, params = load_weights(name)
-        return cfg, params, f"weights from {name}"
-    if os.sep in name or name.endswith((".bin", ".safetensors")):
-        raise UserError(f"--init {name}: no such file")
-    return config_from_name(name), None, f"{name}, fresh init (seed {tc.seed})"
-
-
-def _data_globs(tc: TrainConfig, dist) -> tuple[str, str | None]:
-    if tc.train_data is None:
-        from ..data.prepare import prepare_shakespeare
-        if not dist.main:
-            dist.barrier()  # rank 0 prepares the corpus once; the others wait, then read it
-        train, val = prepare_shakespeare()
-        if dist.main:
-            dist.barrier()
-        return train, tc.val_data or val
-    return tc.train_data, tc.val_data
+def _check_target(out: Path, resume, in_place: bool) -> None:
+    """A new run needs a folder without a run in it; a run resumed into another folder needs a new or empty one."""
+    if resume is None and (out / CHECKPOINT).exists():
+        raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
+    if resume is not None and not in_place and out.is_dir():
+        held = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+        if held:
+            raise UserError(f"--out {out} holds {', '.join(held[:3])}: a run resumed from {resume.src} into another "
+                            "folder needs a new or empty one (its own folder is continued with --resume alone)")
 
 
 def _fmt_bytes(n: int) -> str:
@@ -289,6 +358,7 @@ class _StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None  # the first signal received
         self._old = {}
 
     def __enter__(self):
@@ -300,19 +370,12 @@ class _StopFlag:
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         print("\nstopping after this step (Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def _progress(tc: TrainConfig, start: int, main: bool = True):
-    from tqdm import tqdm
-    total = (min(tc.steps, tc.stop_at + 1) if tc.stop_at is not None else tc.steps)
-    return tqdm(total=total, initial=start, desc="train", unit="step", disable=not (tc.progress and main),
-                dynamic_ncols=True, file=sys.stderr)
 
 
 def _inject_fault(rank: int, step: int) -> None:

@@ -8,21 +8,38 @@ from pathlib import Path
 from ..formats.atomic import atomic_write, atomic_write_bytes
 
 
+def read_events(path: str | os.PathLike) -> tuple[list[dict], int]:
+    """(the events of a metrics.jsonl, how many lines were damaged and skipped): a line torn by a crash, bytes
+    that are not UTF-8, JSON that is not an event object with a step >= 0 never stop a resume or a plot."""
+    events, damaged = [], 0
+    for line in Path(path).read_bytes().decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            ev = None
+        step = ev.get("step") if isinstance(ev, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+            events.append(ev)
+        else:
+            damaged += 1
+    return events, damaged
+
+
 class MetricsLog:
     """Appends one JSON line per event, flushed at once (a crash loses at most the line being written).
-    `keep_before`: on resume, events of steps >= it are dropped first, since the resumed run writes them again."""
+    `keep_before`: on resume, the events of steps before it are kept (the resumed run writes the later ones
+    again), read from `source` (the resumed run's metrics, when it continues into a new folder) or from `path`;
+    `damaged` counts the lines that could not be read and were dropped."""
 
-    def __init__(self, path: str | os.PathLike, keep_before: int = 0):
+    def __init__(self, path: str | os.PathLike, keep_before: int = 0, source: str | os.PathLike | None = None):
         self.path = Path(path)
-        kept = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    ev = json.loads(line)
-                except ValueError:
-                    continue  # a line torn by a crash
-                if keep_before and ev.get("step", 0) < keep_before:
-                    kept.append(line + "\n")
+        source = Path(source) if source is not None else self.path
+        kept, self.damaged = [], 0
+        if keep_before and source.is_file():
+            events, self.damaged = read_events(source)
+            kept = [json.dumps(e) + "\n" for e in events if e["step"] < keep_before]
         atomic_write_bytes(self.path, "".join(kept).encode())
         self._f = open(self.path, "a", buffering=1)
 
@@ -31,7 +48,7 @@ class MetricsLog:
 
     def events(self) -> list[dict]:
         self._f.flush()
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_events(self.path)[0]
 
     def close(self) -> None:
         self._f.close()
@@ -43,9 +60,11 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    events = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    train = [(e["step"], e["train_loss"]) for e in events if "train_loss" in e]
-    val = [(e["step"], e["val_loss"]) for e in events if "val_loss" in e]
+    events, _ = read_events(metrics_path)
+
+    def series(key):
+        return [(e["step"], e[key]) for e in events if isinstance(e.get(key), (int, float))]
+    train, val = series("train_loss"), series("val_loss")
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         ax.plot(*zip(*train), lw=1, label="train")
@@ -54,7 +73,8 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:
+        ax.legend()
     fig.tight_layout()
     atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)

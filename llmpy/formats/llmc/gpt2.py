@@ -14,8 +14,9 @@ from ...models.gpt2 import GPT2Config
 MAGIC = 20240326
 
 
-def parse_header(path: str | os.PathLike, h: np.ndarray, versions) -> tuple[GPT2Config, int]:
-    """(config, version) from the 256 header words (int64), after checking them; `versions`: the ones we read."""
+def parse_header(path: str | os.PathLike, h: np.ndarray, extra: bytes, versions) -> tuple[GPT2Config, int]:
+    """(config, version) from the 256 header words (int64), after checking them (GPT-2 has no extra header);
+    `versions`: the ones we read."""
     version = int(h[1])
     if version == 1:
         raise UserError(f"{path} is an llm.c model of version 1 (before the padded vocabulary), which llm.c no "
@@ -38,7 +39,7 @@ def parse_header(path: str | os.PathLike, h: np.ndarray, versions) -> tuple[GPT2
     return cfg, version
 
 
-def header(cfg: GPT2Config, version: int) -> list[int]:
-    """The header words after which the rest are zero."""
+def header(cfg: GPT2Config, version: int) -> tuple[list[int], bytes]:
+    """(the header words after which the rest are zero, no extra header)."""
     return [MAGIC, version, cfg.max_seq_len, cfg.vocab_size, cfg.num_layers, cfg.num_heads, cfg.channels,
-            cfg.padded_vocab_size]
+            cfg.padded_vocab_size], b""

@@ -1,14 +1,20 @@
 // Token + position embedding and its deterministic backward.
 #include "common.cuh"
 
-// out (B,T,C) = wte[tok] + wpe[t]; one thread per 16-byte pack. C % Pack<T>::N == 0.
+// out (B,T,C) = wte[tok] + wpe[t], or wte[tok] when wpe is null (no position table: Llama); one thread per
+// 16-byte pack. C % Pack<T>::N == 0.
 template <class T>
 __global__ void encoder_forward(T* out, const int* tok, const T* wte, const T* wpe, int BT, int T_, int C) {
     constexpr int N = Pack<T>::N;
     long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * N;
     if (i >= (long long)BT * C) return;
     int bt = (int)(i / C), c = (int)(i % C), t = bt % T_;
-    Pack<T> a = load16(wte + (long long)tok[bt] * C + c), b = load16(wpe + (long long)t * C + c), o;
+    Pack<T> a = load16(wte + (long long)tok[bt] * C + c);
+    if (wpe == nullptr) {
+        store16(out + i, a);
+        return;
+    }
+    Pack<T> b = load16(wpe + (long long)t * C + c), o;
 #pragma unroll
     for (int k = 0; k < N; k++) o.v[k] = from_f<T>(to_f(a.v[k]) + to_f(b.v[k]));
     store16(out + i, o);

@@ -1,0 +1,103 @@
+// RMSNorm forward (optionally fused with the residual add before it) and backward; rstd kept in fp32.
+// out = x * rstd * w, rstd = 1/sqrt(mean(x^2) + eps): no mean, no bias (Llama).
+#include "common.cuh"
+
+// One warp per row of C; 16-byte loads; the sum of squares in fp32. Writes out and rstd. C % Pack<T>::N == 0.
+template <class T>
+__device__ void rmsnorm_row(T* out, float* rstd, const T* x, const T* w, float eps, int row, int C) {
+    constexpr int N = Pack<T>::N;
+    const int lane = threadIdx.x % 32;
+    float s = 0.0f;
+    for (int c = lane * N; c < C; c += 32 * N) {
+        Pack<T> p = load16(x + c);
+#pragma unroll
+        for (int k = 0; k < N; k++) { float v = to_f(p.v[k]); s += v * v; }
+    }
+    const float r = rsqrtf(warp_sum(s) / C + eps);
+    for (int c = lane * N; c < C; c += 32 * N) {
+        Pack<T> p = load16(x + c), pw = load16(w + c), o;
+#pragma unroll
+        for (int k = 0; k < N; k++) o.v[k] = from_f<T>(to_f(p.v[k]) * r * to_f(pw.v[k]));
+        store16(out + c, o);
+    }
+    if (lane == 0) rstd[row] = r;
+}
+
+// out, inp (rows, C); rstd (rows,); w (C,). Blocks of 8 warps, one row each.
+template <class T>
+__global__ void rmsnorm_forward(T* out, float* rstd, const T* inp, const T* w, float eps, int rows, int C) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    rmsnorm_row(out + (long long)row * C, rstd, inp + (long long)row * C, w, eps, row, C);
+}
+
+// residual = inp1 + inp2 (stored in T), then out = rmsnorm(residual) reading back the stored (rounded) values.
+template <class T>
+__global__ void fused_residual_rmsnorm_forward(T* residual, T* out, float* rstd, const T* inp1, const T* inp2,
+                                               const T* w, float eps, int rows, int C) {
+    constexpr int N = Pack<T>::N;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const long long off = (long long)row * C;
+    for (int c = (threadIdx.x % 32) * N; c < C; c += 32 * N) {
+        Pack<T> a = load16(inp1 + off + c), b = load16(inp2 + off + c), o;
+#pragma unroll
+        for (int k = 0; k < N; k++) o.v[k] = from_f<T>(to_f(a.v[k]) + to_f(b.v[k]));
+        store16(residual + off + c, o);
+    }
+    __syncwarp();  // each lane reads back the packs other lanes of its warp stored
+    rmsnorm_row(out + off, rstd, residual + off, w, eps, row, C);
+}
+
+// dinp += rstd * (u - xh * mean(u * xh)), xh = x * rstd, u = w * dout. One warp per row.
+// The weight gradient is a column sum (the _weight_ kernels below: deterministic, fixed order).
+template <class T>
+__global__ void rmsnorm_backward_dinp(T* dinp, const T* dout, const T* inp, const T* w, const float* rstd, int rows,
+                                      int C) {
+    constexpr int N = Pack<T>::N;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const int lane = threadIdx.x % 32;
+    const long long off = (long long)row * C;
+    const float r = rstd[row];
+    float a = 0.0f;
+    for (int c = lane * N; c < C; c += 32 * N) {
+        Pack<T> x = load16(inp + off + c), dy = load16(dout + off + c), pw = load16(w + c);
+#pragma unroll
+        for (int k = 0; k < N; k++) a += to_f(dy.v[k]) * to_f(pw.v[k]) * to_f(x.v[k]) * r;
+    }
+    a = warp_sum(a) / C;
+    for (int c = lane * N; c < C; c += 32 * N) {
+        Pack<T> x = load16(inp + off + c), dy = load16(dout + off + c), pw = load16(w + c), di = load16(dinp + off + c);
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            float u = to_f(dy.v[k]) * to_f(pw.v[k]);
+            float xh = to_f(x.v[k]) * r;
+            di.v[k] = from_f<T>(to_f(di.v[k]) + (u - xh * a) * r);
+        }
+        store16(dinp + off + c, di);
+    }
+}
+
+// Partial column sums of the weight gradient over a chunk of rows, in row order:
+// part[chunk, c] = sum_n dout[n,c] * inp[n,c] * rstd[n]. One thread per column; grid (C / 128, chunks).
+template <class T>
+__global__ void rmsnorm_backward_weight_partial(float* part, const T* dout, const T* inp, const float* rstd, int rows,
+                                                int C, int rows_per_chunk) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
+    if (c >= C) return;
+    int lo = chunk * rows_per_chunk, hi = min(rows, lo + rows_per_chunk);
+    float dw = 0.0f;
+    for (int n = lo; n < hi; n++)
+        dw += to_f(dout[(long long)n * C + c]) * to_f(inp[(long long)n * C + c]) * rstd[n];
+    part[(long long)chunk * C + c] = dw;
+}
+
+// dw (C,) += the chunks' partials (nchunks rows of C) summed in chunk order.
+template <class T>
+__global__ void rmsnorm_backward_weight_finalize(T* dw, const float* part, int nchunks, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const float s = colsum_chunks(part, nchunks, C, c);
+    dw[c] = from_f<T>(to_f(dw[c]) + s);
+}

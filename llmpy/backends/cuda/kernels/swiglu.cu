@@ -1,0 +1,39 @@
+// SwiGLU on the output of one fused projection: inp (N, 2F) = [up | gate] per row, out (N, F) = up * silu(gate),
+// silu(a) = a * sigmoid(a). One thread per 16-byte pack of out (F % Pack<T>::N == 0, so a pack stays in one row).
+#include "common.cuh"
+
+// out (N, F); inp (N, 2F); n = N * F.
+template <class T>
+__global__ void swiglu_forward(T* out, const T* inp, long long n, int F) {
+    constexpr int N = Pack<T>::N;
+    long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * N;
+    if (i >= n) return;
+    const long long row = i / F, f = i % F;
+    const T* up = inp + row * 2 * F + f;
+    Pack<T> u = load16(up), g = load16(up + F), o;
+#pragma unroll
+    for (int k = 0; k < N; k++) {
+        const float a = to_f(g.v[k]);
+        o.v[k] = from_f<T>(to_f(u.v[k]) * (a / (1.0f + expf(-a))));
+    }
+    store16(out + i, o);
+}
+
+// dinp (N, 2F) overwritten: with s = sigmoid(gate), dup = dout * gate * s, dgate = dout * up * s (1 + gate (1 - s)).
+template <class T>
+__global__ void swiglu_backward(T* dinp, const T* inp, const T* dout, long long n, int F) {
+    constexpr int N = Pack<T>::N;
+    long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * N;
+    if (i >= n) return;
+    const long long row = i / F, f = i % F, off = row * 2 * F + f;
+    Pack<T> u = load16(inp + off), g = load16(inp + off + F), dy = load16(dout + i), du, dg;
+#pragma unroll
+    for (int k = 0; k < N; k++) {
+        const float a = to_f(g.v[k]), b = to_f(u.v[k]), d = to_f(dy.v[k]);
+        const float s = 1.0f / (1.0f + expf(-a));
+        du.v[k] = from_f<T>(d * a * s);
+        dg.v[k] = from_f<T>(d * b * s * (1.0f + a * (1.0f - s)));
+    }
+    store16(dinp + off, du);
+    store16(dinp + off + F, dg);
+}

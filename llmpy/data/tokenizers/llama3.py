@@ -1,0 +1,151 @@
+"""Llama 3's BPE tokenizer, offline: tiktoken over `tokenizer.model` from Meta's PyPI package `llama-models==0.3.0`
+(Llama 3 Community License: the file is Meta's; using it accepts that license).
+
+The file is read without importing the package's code: from an installed distribution (`pip install --no-deps
+llama-models==0.3.0`) when present, else from its wheel, fetched once with `pip download --no-deps` into the cache.
+Either way its sha256 must match. The file holds 128,000 lines "base64(bytes) rank"; the 256 special tokens that follow
+(128000..128255) are Meta's list (llama_models/llama3/tokenizer.py).
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import tiktoken
+
+from ...errors import UserError
+from ...formats.atomic import atomic_write_bytes
+from ...paths import cache_dir
+
+MODEL_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
+MODEL_BYTES = 2_183_982
+PACKAGE, VERSION = "llama-models", "0.3.0"
+MEMBER = "llama_models/llama3/tokenizer.model"
+WHEEL = "llama_models-0.3.0-py3-none-any.whl"
+PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+           r"\s+(?!\S)|\s+")
+SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+           "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+           "<|eot_id|>", "<|python_tag|>", "<|image|>"]
+SPECIAL += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(SPECIAL))]
+MAX_CHARS = 400_000  # tiktoken panics on longer single inputs (Meta splits there too)
+_FIX = f"pip install --no-deps {PACKAGE}=={VERSION}"
+
+
+def _check(data: bytes, where) -> bytes:
+    if len(data) != MODEL_BYTES or hashlib.sha256(data).hexdigest() != MODEL_SHA256:
+        raise UserError(f"{where} is not Llama 3's tokenizer.model of {PACKAGE}=={VERSION} (wrong size or sha256); "
+                        f"try: {_FIX} --force-reinstall")
+    return data
+
+
+def _from_installed() -> bytes | None:
+    try:
+        dist = importlib.metadata.distribution(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if dist.version != VERSION:
+        return None
+    path = Path(dist.locate_file(MEMBER))
+    return _check(path.read_bytes(), path) if path.is_file() else None
+
+
+def model_file_bytes() -> bytes:
+    """The verified tokenizer.model: installed package, or the cached copy, or fetched once from PyPI."""
+    data = _from_installed()
+    if data is not None:
+        return data
+    cached = cache_dir() / "llama3" / "tokenizer.model"
+    if cached.is_file():
+        data = cached.read_bytes()
+        if len(data) == MODEL_BYTES and hashlib.sha256(data).hexdigest() == MODEL_SHA256:
+            return data
+    downloads = cache_dir() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    print(f"fetching Llama 3's tokenizer ({PACKAGE}=={VERSION}, 6.6 MB, Llama 3 Community License) from PyPI",
+          file=sys.stderr, flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".pip-download.", dir=downloads))
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               f"{PACKAGE}=={VERSION}", "-d", str(tmp)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wheel = tmp / WHEEL
+        if r.returncode != 0 or not wheel.exists():
+            last = (r.stderr.strip() or r.stdout.strip() or "no output").splitlines()[-1]
+            raise UserError(f"Llama 3's tokenizer could not be fetched with pip download ({last}); try: {_FIX}")
+        try:
+            with zipfile.ZipFile(wheel) as z:
+                data = _check(z.read(MEMBER), f"{MEMBER} in {WHEEL}")
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise UserError(f"the downloaded {WHEEL} is damaged ({e}); try: {_FIX}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cached, data)
+    return data
+
+
+def _ranks(data: bytes) -> dict[bytes, int]:
+    ranks = {}
+    for i, line in enumerate(data.splitlines()):
+        token, rank = line.split()
+        if int(rank) != i:
+            raise UserError("Llama 3's tokenizer.model has its ranks out of order")
+        ranks[base64.b64decode(token)] = i
+    return ranks
+
+
+class Tokenizer:
+    """Llama 3's BPE. `encode` treats text as ordinary (special-token text is encoded as plain text); documents are
+    preceded by `doc` (<|begin_of_text|>) in shards; `eot` (<|end_of_text|>) ends a sample."""
+    name = "llama3"
+
+    def __init__(self, encoding: tiktoken.Encoding):
+        self._enc = encoding
+        self.vocab_size: int = encoding.n_vocab                     # 128256
+        self.special = {t: 128000 + i for i, t in enumerate(SPECIAL)}
+        self.doc: int = self.special["<|begin_of_text|>"]            # 128000
+        self.eot: int = self.special["<|end_of_text|>"]              # 128001
+
+    def encode(self, text: str) -> list[int]:
+        out: list[int] = []
+        for i in range(0, len(text), MAX_CHARS):
+            out += self._enc.encode_ordinary(text[i:i + MAX_CHARS])
+        return out
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
+        if all(len(t) <= MAX_CHARS for t in texts):
+            return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = ids.ravel().tolist() if isinstance(ids, np.ndarray) else [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the tokenizer's vocabulary 0..{self.vocab_size - 1}")
+        return self._enc.decode(ids, errors="replace")
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer() -> Tokenizer:
+    """Llama 3's tokenizer, built once per process."""
+    ranks = _ranks(model_file_bytes())
+    special = {t: len(ranks) + i for i, t in enumerate(SPECIAL)}
+    return Tokenizer(tiktoken.Encoding(name="llama3-llmpy", pat_str=PATTERN, mergeable_ranks=ranks,
+                                       special_tokens=special))
+
+
+def fingerprint() -> dict:
+    """What a cache stamp needs to know that shards were made with this very tokenizer."""
+    return {"llama3 tokenizer.model": MODEL_SHA256}
+

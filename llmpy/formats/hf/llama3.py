@@ -1,0 +1,145 @@
+"""Hugging Face Llama 3 (`LlamaForCausalLM`): config.json, recognizing its files, and the q/k row permutation.
+
+HF applies RoPE to the halves of each head (x_i with x_{i+d/2}); Meta, llm.c and we rotate interleaved pairs
+(x_{2i}, x_{2i+1}). The conversion permutes the rows of wq (H heads) and wk (K heads) only: Meta -> HF is
+W.view(h, d/2, 2, C).transpose(1, 2), HF -> Meta the inverse (transformers' convert_llama_weights_to_hf). config.json
+may carry RoPE settings as the Hub's Llama 3.x checkpoints spell them (`rope_theta` + `rope_scaling`) or as
+current transformers writes them (`rope_parameters`); both are read, the Hub's spelling is written.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import UserError
+from ...models.base import pad_vocab
+from ...models.llama3 import LlamaConfig
+
+TITLE = "Llama 3"
+# config.json settings that change the math; other values are not the Llama 3 we compute
+_MUST = {"hidden_act": ("silu",), "attention_bias": (False,), "mlp_bias": (False,), "model_type": ("llama",),
+         "pretraining_tp": (1,)}
+
+
+def detect(keys) -> bool:
+    keys = set(keys)
+    return "model.embed_tokens.weight" in keys and any(k.startswith("model.layers.0.self_attn.") for k in keys)
+
+
+def clean(file: Path, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The parameter tensors: RoPE buffers dropped; a head equal to the embedding dropped (tied)."""
+    t = {k: a for k, a in raw.items() if not k.endswith("rotary_emb.inv_freq")}
+    head = t.get("lm_head.weight")
+    if head is not None and head.shape == t["model.embed_tokens.weight"].shape and \
+            np.array_equal(head, t["model.embed_tokens.weight"]) and _config_json(file).get("tie_word_embeddings"):
+        del t["lm_head.weight"]
+    return t
+
+
+def _config_json(file: Path) -> dict:
+    cj = file.parent / "config.json"
+    if not cj.is_file():
+        raise UserError(f"{file}: a Llama file needs its config.json beside it (heads, RoPE and norm settings)")
+    try:
+        d = json.loads(cj.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        d = None
+    except OSError as e:
+        raise UserError(f"cannot read {cj}: {e.strerror or e}") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{cj} is not a JSON object")
+    return d
+
+
+def _rope(cj: Path, d: dict) -> dict:
+    """{theta, factor, low, high, original} from either spelling."""
+    p = d.get("rope_parameters")
+    if isinstance(p, dict):
+        theta, scaling = p.get("rope_theta", d.get("rope_theta")), p
+    else:
+        theta, scaling = d.get("rope_theta"), d.get("rope_scaling")
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise UserError(f"{cj}: missing or bad rope_theta")
+    out = {"rope_theta": float(theta)}
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind in ("default", None) or not scaling:
+        return out
+    if kind != "llama3":
+        raise UserError(f"{cj}: RoPE scaling of type {kind!r} is not supported (llama3 or none)")
+    try:
+        out |= {"rope_factor": float(scaling["factor"]), "rope_low_freq_factor": float(scaling["low_freq_factor"]),
+                "rope_high_freq_factor": float(scaling["high_freq_factor"]),
+                "rope_original_context": int(scaling["original_max_position_embeddings"])}
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{cj}: incomplete llama3 RoPE scaling ({e})") from None
+    return out
+
+
+def config(file: Path, t: dict[str, np.ndarray]) -> LlamaConfig:
+    d = _config_json(file)
+    cj = file.parent / "config.json"
+    for k, allowed in _MUST.items():
+        if k in d and d[k] not in allowed:
+            raise UserError(f"{cj}: {k}={d[k]!r} is not supported (want {' or '.join(map(repr, allowed))})")
+    ints = {k: d.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                  "vocab_size", "max_position_embeddings")}
+    missing = [k for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool)]
+    if missing:
+        raise UserError(f"{cj}: missing or non-integer {', '.join(missing)}")
+    C, H = ints["hidden_size"], ints["num_attention_heads"]
+    K = d.get("num_key_value_heads") or H
+    if d.get("head_dim") not in (None, C // H):
+        raise UserError(f"{cj}: head_dim {d['head_dim']} is not hidden_size / num_attention_heads ({C // H})")
+    V, (Ve, Ce) = ints["vocab_size"], t["model.embed_tokens.weight"].shape
+    if (Ve, Ce) != (V, C):
+        raise UserError(f"{cj}: vocab_size {V} and hidden_size {C} but the embedding is {Ve} x {Ce}")
+    try:
+        return LlamaConfig(max_seq_len=ints["max_position_embeddings"], vocab_size=V, padded_vocab_size=pad_vocab(V),
+                           num_layers=ints["num_hidden_layers"], channels=C, num_heads=H, num_kv_heads=int(K),
+                           ffn_hidden=ints["intermediate_size"], norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+                           tied="lm_head.weight" not in t, **_rope(cj, d))
+    except UserError as e:
+        raise UserError(f"{cj}: {e}") from None
+
+
+def _permute(w: np.ndarray, heads: int, inverse: bool) -> np.ndarray:
+    d = w.shape[0] // heads
+    if inverse:  # HF -> Meta
+        return w.reshape(heads, 2, d // 2, -1).transpose(0, 2, 1, 3).reshape(w.shape)
+    return w.reshape(heads, d // 2, 2, -1).transpose(0, 2, 1, 3).reshape(w.shape)
+
+
+def to_ours(key: str, a: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
+    """An HF tensor (after loading) in our orientation: q and k rows back to Meta's pair order."""
+    if key.endswith("q_proj.weight"):
+        return _permute(a, cfg.num_heads, inverse=True)
+    if key.endswith("k_proj.weight"):
+        return _permute(a, cfg.num_kv_heads, inverse=True)
+    return a
+
+
+def to_hf(key: str, a: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
+    if key.endswith("q_proj.weight"):
+        return _permute(a, cfg.num_heads, inverse=False)
+    if key.endswith("k_proj.weight"):
+        return _permute(a, cfg.num_kv_heads, inverse=False)
+    return a
+
+
+def config_json(cfg: LlamaConfig) -> dict:
+    out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.channels,
+           "intermediate_size": cfg.ffn_hidden, "num_hidden_layers": cfg.num_layers,
+           "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+           "head_dim": cfg.head_size, "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,
+           "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tied,
+           "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
+    # the document and end tokens of the tokenizer the vocabulary belongs to (Llama 3's, else GPT-2's)
+    out["bos_token_id"], out["eos_token_id"] = (128000, 128001) if cfg.vocab_size >= 128256 else (50256, 50256)
+    if cfg.rope_factor != 1.0:
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_factor,
+                               "low_freq_factor": cfg.rope_low_freq_factor,
+                               "high_freq_factor": cfg.rope_high_freq_factor,
+                               "original_max_position_embeddings": cfg.rope_original_context}
+    return out

@@ -1,0 +1,97 @@
+"""The decisions of a run's set-up that need no model yet: the initial weights, gradient accumulation, whether the
+model can fit, where the data is, and the warnings to give before the first step."""
+from __future__ import annotations
+
+import math
+import os
+
+from ..config import config_from_name, family_of
+from ..errors import UserError
+from .checkpointing import nonfinite
+from .config import DEFAULT_MODEL, TrainConfig
+from .optim import lr_at
+
+EPOCHS_WARNING = 10  # a run reading its training data more often than this is warned about
+
+
+def load_init(tc: TrainConfig):
+    """(config, weights or None for a fresh init, description)."""
+    from ..formats.checkpoint import load_weights
+    from ..formats.hub import hub_repo
+    name = tc.init or DEFAULT_MODEL
+    if os.path.exists(name) or hub_repo(name):  # a Hub name (gpt2, hf:owner/name) is fetched into the cache
+        cfg, params = load_weights(name)
+        bad = nonfinite(params)
+        if bad:
+            raise UserError(f"--init {name}: the weights hold NaN/Inf ({', '.join(bad[:3])})")
+        return cfg, params, f"weights from {name}"
+    if os.sep in name or name.endswith((".bin", ".safetensors")):
+        raise UserError(f"--init {name}: no such file")
+    return config_from_name(name), None, f"{name}, fresh init (seed {tc.seed})"
+
+
+def grad_accum(tc: TrainConfig, world: int) -> int:
+    """Micro-batches per step: --grad-accum, or --total-batch-size / (B*T*world) (llm.c's -d)."""
+    if tc.total_batch_size is None:
+        return tc.grad_accum
+    per = tc.batch_size * tc.seq_len * world
+    if tc.total_batch_size % per:
+        raise UserError(f"--total-batch-size {tc.total_batch_size} is not a multiple of B*T*world = "
+                        f"{tc.batch_size}*{tc.seq_len}*{world} = {per} tokens")
+    A = tc.total_batch_size // per
+    if ("grad_accum" in tc.explicit or tc.grad_accum != 1) and tc.grad_accum != A:
+        raise UserError(f"--grad-accum {tc.grad_accum} contradicts --total-batch-size {tc.total_batch_size} "
+                        f"(= {A} micro-batches of {per} tokens): give one of them")
+    tc.grad_accum = A  # recorded in the checkpoint and config.json
+    return A
+
+
+def check_size(cfg, device: str) -> int:
+    """The parameter count; a one-line error when the model alone cannot fit this machine's memory (fp32
+    weights, gradients and two moments: 16 bytes a parameter) rather than a MemoryError or the OOM killer."""
+    n = sum(math.prod(s.shape) for s in family_of(cfg).spec(cfg))
+    if device == "cpu":
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            ram = None
+        if ram and 16 * n > ram:
+            raise UserError(f"{cfg.describe()} has {n / 1e6:,.1f}M parameters: training it needs at least "
+                            f"{16 * n / 2**30:,.1f} GiB, more than this machine's {ram / 2**30:,.1f} GiB")
+    return n
+
+
+def data_globs(tc: TrainConfig, dist, cfg) -> tuple[str, str | None]:
+    if tc.train_data is None:
+        from ..data.prepare import prepare_shakespeare
+        from ..data.tokenizers import tokenizer_for
+        name = tokenizer_for(cfg.vocab_size, tc.tokenizer)
+        if not dist.main:
+            dist.barrier()  # rank 0 prepares the corpus once; the others wait, then read it
+        train, val = prepare_shakespeare(tokenizer=name)
+        if dist.main:
+            dist.barrier()
+        return train, tc.val_data or val
+    return tc.train_data, tc.val_data
+
+
+def warnings(tc: TrainConfig, resume, start: int, A: int, batches_per_epoch: int, damaged: int) -> list[str]:
+    """What a person should know before the run starts: an extended schedule, dropped metrics lines, a corpus
+    read many times over."""
+    lines = []
+    if resume is not None and tc.steps > resume.planned:
+        kw = {"lr": tc.lr, "schedule": tc.lr_schedule, "warmup": tc.warmup_steps, "final_frac": tc.final_lr_frac,
+              "decay_frac": tc.decay_frac}
+        old, new = lr_at(resume.planned - 1, steps=resume.planned, **kw), lr_at(start, steps=tc.steps, **kw)
+        lines.append(f"warning: --extend: the run was planned for {resume.planned} steps (its lr was {old:.3g} at "
+                     f"step {resume.planned - 1}); its {tc.lr_schedule} schedule now spans {tc.steps}: lr "
+                     f"{new:.3g} at step {start}, {lr_at(tc.steps - 1, steps=tc.steps, **kw):.3g} at step "
+                     f"{tc.steps - 1}. The result is not bitwise an uninterrupted {tc.steps}-step run")
+    if damaged:
+        lines.append(f"warning: {damaged} damaged line(s) of metrics.jsonl could not be read and were dropped")
+    epochs = tc.steps * A / batches_per_epoch
+    if epochs > EPOCHS_WARNING:
+        lines.append(f"warning: {tc.steps} steps read the training data {epochs:,.0f} times over "
+                     f"({batches_per_epoch} batches per pass): a corpus this small is memorized; use more data or "
+                     "fewer steps")
+    return lines

@@ -1,0 +1,96 @@
+"""`llmpy convert X DIR --to hf` makes a folder transformers uses on its own (offline, local files only): its
+pipeline generates the same greedy text as `llmpy sample --temperature 0`, and its AutoTokenizer encodes like ours.
+transformers is the oracle here (tests only, from the [test] extras)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from llmpy.cli import main
+from llmpy.data.tokenizers.gpt2 import _data_file, get_tokenizer
+from llmpy.formats.checkpoint import save_checkpoint
+from llmpy.formats.hf import write_hf_model
+from llmpy.models.gpt2 import GPT2Config, spec
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("torch")
+
+CFG = GPT2Config(max_seq_len=64, vocab_size=50257, padded_vocab_size=50304, num_layers=2, num_heads=2, channels=32)
+TEXTS = ["Hello world", "ROMEO: But, soft! what light through yonder window breaks?",
+         "  leading spaces, trailing   \n\n\tand tabs", "it's we're they'll I'd 12345 3.14159 $100",
+         "ünïcödé ✓ 日本語 emoji 🙂 and\r\nCRLF", "x" * 50 + " " + "ab" * 30]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A random GPT-2 with GPT-2's vocabulary (weights large enough that greedy choices are clear-cut), as our
+    checkpoint and as the folder `llmpy convert` writes from it."""
+    d = tmp_path_factory.mktemp("export")
+    r = np.random.default_rng(0)
+    params = {s.name: (r.standard_normal(s.shape) * (0.5 if s.init == "normal" else 0.1) + (s.init == "ones"))
+              .astype(np.float32) for s in spec(CFG)}
+    params["wte"][CFG.vocab_size:] = 0
+    save_checkpoint(d / "ck.safetensors", CFG, params)
+    assert main(["convert", str(d / "ck.safetensors"), str(d / "hf"), "--to", "hf"]) == 0
+    return d
+
+
+def test_the_folder_holds_tokenizer_and_generation_config(exported):
+    hf = exported / "hf"
+    assert {p.name for p in hf.iterdir()} == {"model.safetensors", "config.json", "generation_config.json",
+                                              "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"}
+    assert (hf / "vocab.json").read_bytes() == _data_file("encoder.json").read_bytes()
+    assert (hf / "merges.txt").read_bytes() == _data_file("vocab.bpe").read_bytes()
+    gen = json.loads((hf / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == gen["bos_token_id"] == 50256
+    assert json.loads((hf / "tokenizer_config.json").read_text())["model_max_length"] == CFG.max_seq_len
+
+
+def test_auto_tokenizer_encodes_like_ours(exported, tmp_path):
+    ours = get_tokenizer()
+    tok = transformers.AutoTokenizer.from_pretrained(exported / "hf")
+    assert len(tok) == 50257 and tok.eos_token_id == 50256
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert tok(text)["input_ids"] == ids, text
+        assert tok.decode(ids) == text
+
+    # vocab.json + merges.txt alone (what tools without tokenizer.json read) give the same tokenizer
+    (tmp_path / "t").mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        (tmp_path / "t" / name).write_bytes((exported / "hf" / name).read_bytes())
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "t")
+    assert len(tok) == 50257 and all(tok(t)["input_ids"] == ours.encode(t) for t in TEXTS)
+
+
+def test_pipeline_generates_what_llmpy_sample_does(exported, capsys):
+    prompt, n = "ROMEO: But, soft!", 24
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(exported / "ck.safetensors"), "--prompt", prompt, "-n", str(n),
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    ours = capsys.readouterr().out
+    model = transformers.AutoModelForCausalLM.from_pretrained(exported / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(exported / "hf")
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert len(out) == n and 50256 not in out  # no early stop at <|endoftext|>: both made n tokens
+    assert ours == prompt + get_tokenizer().decode(out) + "\n"
+    pipe = transformers.pipeline("text-generation", model=str(exported / "hf"), device="cpu")
+    text = pipe(prompt, max_new_tokens=n, do_sample=False)[0]["generated_text"]
+    assert text == tok.decode(ids[0].tolist() + out)
+
+
+def test_a_model_without_gpt2s_vocabulary_gets_no_tokenizer(tmp_path):
+    cfg = GPT2Config(max_seq_len=8, vocab_size=100, padded_vocab_size=128, num_layers=1, num_heads=1, channels=8)
+    params = {s.name: np.zeros(s.shape, np.float32) for s in spec(cfg)}
+    with pytest.warns(UserWarning, match=r"no tokenizer exported: the model's vocabulary \(100\)"):
+        write_hf_model(tmp_path, cfg, params)
+    assert {p.name for p in tmp_path.iterdir()} == {"model.safetensors", "config.json"}

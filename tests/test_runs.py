@@ -1,0 +1,395 @@
+"""The run folder (issue 11): nothing after the last step stops the final save, nothing non-finite is saved, one run
+per folder (a lock), resume means what it says (into another folder, extending, refusing pointless resumes,
+touching nothing when it refuses), orphaned temporary files, config.json, --keep, the exit status of a graceful
+stop."""
+import fcntl
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmpy.cli import main
+from llmpy.data.shards import write_shard
+from llmpy.errors import UserError
+from llmpy.formats.checkpoint import load_checkpoint, save_checkpoint
+from llmpy.train import TrainConfig, run
+from llmpy.train.optim import AdamW
+from llmpy.train.rundir import LOCK, ORPHAN
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "l2h2c32t32"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run_shards")
+    rng = np.random.default_rng(0)
+    phrases = [rng.integers(0, 500, 7) for _ in range(20)]  # ids < 500: also fit a 512-token vocabulary
+    stream = np.concatenate([phrases[i] for i in rng.integers(0, 20, 1500)])
+    write_shard(d / "tr_000.bin", stream[:8000])
+    write_shard(d / "va_000.bin", stream[8000:])
+    return str(d / "tr_*.bin"), str(d / "va_*.bin")
+
+
+def cfg(shards, out, **kw):
+    base = dict(init=MODEL, train_data=shards[0], val_data=shards[1], batch_size=2, seq_len=16, steps=6,
+                val_every=3, val_batches=2, sample_tokens=0, progress=False, device="cpu", out=str(out))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def resume(path, **kw):
+    return TrainConfig(resume=str(path), progress=False, **kw, explicit=("resume", *kw))
+
+
+def argv(shards, out, *more):
+    return ["train", "--train-data", shards[0], "--val-data", shards[1], "--init", MODEL, "--device", "cpu",
+            "--no-progress", "--batch-size", "2", "--seq-len", "16", "--out", str(out), *more]
+
+
+def events(out):
+    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+
+
+def losses(out):
+    return [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in events(out)]
+
+
+def snapshot(folder):
+    """Every file's bytes and modification time: 'touched nothing' means this does not change."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(Path(folder).iterdir())}
+
+
+def one_line_error(capsys, args):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# ---- 1. nothing after the last step prevents the final save ---------------------------------------------------
+
+@pytest.mark.parametrize("init,kw", [
+    ("l2h2c32t32", dict(sample_tokens=64)),                    # the end-of-run sample is longer than the context
+    ("l2h2c32t32", dict(steps=0, sample_tokens=64)),           # --steps 0
+    ("l2h2c32t64", dict(sample_every=2, sample_tokens=100)),   # --sample-every with --sample-tokens > context
+    ("l2h2c32t32v512", dict(sample_tokens=8)),                 # no end-of-text token (50256) in the vocabulary
+])
+def test_samples_fit_the_context_and_never_stop_the_final_save(shards, tmp_path, capsys, init, kw):
+    res = run(cfg(shards, tmp_path / "r", init=init, **kw))
+    out = capsys.readouterr().out
+    assert (tmp_path / "r" / "checkpoint.safetensors").exists() and (tmp_path / "r" / "loss.png").exists()
+    assert res.steps_done == kw.get("steps", 6) and "failed" not in out
+    if kw["sample_tokens"] > 32:
+        assert out.count("note: samples are cropped") == 1
+    if kw.get("steps", 6):  # and the run resumes afterwards (extending it past its finished schedule)
+        again = run(resume(tmp_path / "r", steps=8, extend=True))
+        assert again.steps_done == 8
+
+
+def test_a_failing_sample_is_reported_and_the_run_still_saves(shards, tmp_path, capsys, monkeypatch):
+    import llmpy.models.decode as decode
+
+    def broken(*a, **k):
+        raise RuntimeError("sampler exploded")
+    monkeypatch.setattr(decode, "generate", broken)
+    run(cfg(shards, tmp_path / "r", sample_every=2, sample_tokens=4))
+    out = capsys.readouterr().out
+    assert "warning: the sample at step 2 failed (RuntimeError: sampler exploded)" in out
+    assert "the sample at step 6 failed" in out  # the end-of-run one too
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.safetensors").state["step"] == 6
+    assert (tmp_path / "r" / "loss.png").exists()
+
+
+# ---- 2. non-finite settings and weights -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag,value", [("--eps", "nan"), ("--weight-decay", "nan"), ("--weight-decay", "inf"),
+                                        ("--final-lr-frac", "nan"), ("--decay-frac", "nan"), ("--lr", "1e39"),
+                                        ("--lr", "nan"), ("--beta1", "1"), ("--beta2", "nan"), ("--eps", "0"),
+                                        ("--grad-clip", "inf"), ("--final-lr-frac", "2"), ("--stop-at", "-1"),
+                                        ("--keep", "0"), ("--total-batch-size", "0")])
+def test_bad_numeric_settings_are_refused_before_anything_is_written(shards, tmp_path, capsys, flag, value):
+    err = one_line_error(capsys, argv(shards, tmp_path / "r", flag, value))
+    assert flag in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_non_finite_weights_are_never_written(shards, tmp_path, monkeypatch):
+    """The update of step 2 makes a weight NaN; its loss (computed before the update) is finite, so only the guard
+    in the checkpoint writer stops the checkpoint after step 2 from replacing the good one of step 2."""
+    orig = AdamW.apply
+
+    def poisoned(self):
+        orig(self)
+        if self.t == 3:
+            self.model.params.flat[5] = np.nan
+    monkeypatch.setattr(AdamW, "apply", poisoned)
+    out = tmp_path / "r"
+    with pytest.raises(UserError, match="not finite") as e:
+        run(cfg(shards, out, checkpoint_every=1, val_every=0))
+    assert f"the last checkpoint, {out / 'checkpoint.safetensors'}, is intact" in str(e.value)
+    ck = load_checkpoint(out / "checkpoint.safetensors")
+    assert ck.state["step"] == 2 and all(np.isfinite(a).all() for a in ck.params.values())
+
+
+def test_divergence_without_a_checkpoint_says_there_is_none(shards, tmp_path):
+    with pytest.raises(UserError, match="diverged") as e:
+        run(cfg(shards, tmp_path / "r", lr=1e38, grad_clip=0.0, warmup_steps=0, checkpoint_every=0, val_every=0))
+    assert "there is no checkpoint of this run yet" in str(e.value)
+    assert not (tmp_path / "r" / "checkpoint.safetensors").exists()
+
+
+# ---- 3. --resume A --out B ----------------------------------------------------------------------------------------
+
+def test_resume_into_another_folder_copies_the_run_and_leaves_both_folders_alone(shards, tmp_path, capsys):
+    full = run(cfg(shards, tmp_path / "full", steps=7))
+    run(cfg(shards, tmp_path / "a", steps=7, stop_at=3))
+    other = run(cfg(shards, tmp_path / "b", steps=2))
+    a, b = snapshot(tmp_path / "a"), snapshot(other.out)
+    err = one_line_error(capsys, ["train", "--resume", str(tmp_path / "a"), "--out", str(other.out)])
+    assert "new or empty" in err
+    assert snapshot(tmp_path / "a") == a and snapshot(other.out) == b
+    res = run(TrainConfig(resume=str(tmp_path / "a"), out=str(tmp_path / "c"), progress=False,
+                          explicit=("resume", "out")))
+    assert res.steps_done == 7 and losses(tmp_path / "c") == losses(full.out)  # the whole run's history, bitwise
+    assert snapshot(tmp_path / "a") == a  # A stays a stopped run: it can still be continued itself
+    assert run(resume(tmp_path / "a")).steps_done == 7
+
+
+# ---- 4. one run per folder ----------------------------------------------------------------------------------------
+
+def test_a_second_run_on_the_same_folder_stops_with_one_line(shards, tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running llmpy holds it
+    try:
+        err = one_line_error(capsys, argv(shards, out, "--steps", "1"))
+        assert "in use by another llmpy run" in err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]
+    finally:
+        os.close(fd)
+    assert main(argv(shards, out, "--steps", "1")) == 0  # released: the folder is usable again
+    fcntl.flock(os.open(out / LOCK, os.O_RDWR), fcntl.LOCK_EX | fcntl.LOCK_NB)  # and the run let go of it
+
+
+def test_the_lock_works_with_data_parallel_ranks(shards, tmp_path):
+    """Rank 0 alone takes the folder; when it cannot, every rank stops (none waits for it forever)."""
+    from test_data_parallel import ThreadDist, on_threads
+
+    from fakes import FakeComm
+    out = tmp_path / "dp"
+    out.mkdir()
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    comms = FakeComm.group(2, timeout=30)
+    errors = []
+
+    def rank(r):
+        try:
+            run(cfg(shards, out, steps=2), dist=ThreadDist(comms[r]))
+        except UserError as e:
+            errors.append((r, str(e)))
+    try:
+        on_threads(2, rank)
+    finally:
+        os.close(fd)
+    assert sorted(r for r, _ in errors) == [0, 1] and "in use" in dict(errors)[0]
+    comms = FakeComm.group(2, timeout=30)
+    on_threads(2, lambda r: run(cfg(shards, out, steps=3, stop_at=1, zero=1), dist=ThreadDist(comms[r])))
+    # ZeRO: a resume into another folder reads the optimizer shards from the run's own folder
+    comms = FakeComm.group(2, timeout=30)
+    done = on_threads(2, lambda r: run(TrainConfig(resume=str(out), out=str(tmp_path / "dp2"), progress=False,
+                                                   explicit=("resume", "out")), dist=ThreadDist(comms[r])))
+    assert [done[r].steps_done for r in (0, 1)] == [3, 3]
+    assert sorted(p.name for p in (tmp_path / "dp2").glob("zero-*")) == [
+        f"zero-step00000003-rank{r}-of-2.safetensors" for r in (0, 1)]
+
+
+# ---- 6. + 8. resume semantics ------------------------------------------------------------------------------------
+
+def test_pointless_or_schedule_changing_resumes_are_refused_and_touch_nothing(shards, tmp_path, capsys):
+    out = tmp_path / "r"
+    run(cfg(shards, out, steps=6))
+    before = snapshot(out)
+    cases = [(["--steps", "4"], "done 6 steps already"), (["--steps", "6"], "is finished"), ([], "is finished"),
+             (["--steps", "9"], "--extend"), (["--init", MODEL], "exclude each other"),
+             (["--extend"], "is finished")]
+    for more, msg in cases:
+        assert msg in one_line_error(capsys, ["train", "--resume", str(out), *more])
+        assert snapshot(out) == before
+    run(cfg(shards, tmp_path / "s", steps=6, stop_at=2))
+    stopped = snapshot(tmp_path / "s")
+    for more, msg in ((["--steps", "5"], "shorten"), (["--stop-at", "1"], "past that step"),
+                      (["--steps", "3"], "done 3 steps already"), (["--extend"], "--extend needs --steps")):
+        assert msg in one_line_error(capsys, ["train", "--resume", str(tmp_path / "s"), *more])
+        assert snapshot(tmp_path / "s") == stopped
+
+
+def test_extending_a_finished_run_is_explicit_and_shows_the_new_schedule(shards, tmp_path, capsys):
+    out = tmp_path / "r"
+    run(cfg(shards, out, steps=6))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--steps", "9", "--extend", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "warning: --extend: the run was planned for 6 steps" in said and "now spans 9" in said
+    train = [e["step"] for e in events(out) if "train_loss" in e]
+    assert train == list(range(9))
+
+
+def test_resume_from_the_checkpoint_file_is_resume_from_its_folder(shards, tmp_path):
+    full = run(cfg(shards, tmp_path / "full", steps=7))
+    run(cfg(shards, tmp_path / "part", steps=7, stop_at=3))
+    res = run(resume(tmp_path / "part" / "checkpoint.safetensors"))
+    assert res.out == tmp_path / "part" and losses(res.out) == losses(full.out)
+
+
+# ---- 7. orphaned temporary files ------------------------------------------------------------------------------
+
+def test_orphaned_temporary_files_are_removed_and_only_ours(shards, tmp_path, capsys):
+    out = tmp_path / "r"
+    run(cfg(shards, out, steps=6, stop_at=1))
+    fd, real = tempfile.mkstemp(dir=out, prefix=".checkpoint.safetensors.", suffix=".tmp")  # atomic.py's naming
+    os.write(fd, b"x" * 4096)
+    os.close(fd)
+    ours = [Path(real).name, ".metrics.jsonl.ab_12xyz.tmp", ".zero-step00000004-rank1-of-2.safetensors.k2j4h5g6.tmp"]
+    theirs = [".notes.txt.abcd1234.tmp", ".checkpoint.safetensors.abc.tmp", "data.tmp", ".checkpoint.safetensors"]
+    for name in ours[1:] + theirs:
+        (out / name).write_bytes(b"y")
+    assert all(ORPHAN.fullmatch(n) for n in ours) and not any(ORPHAN.fullmatch(n) for n in theirs)
+    capsys.readouterr()
+    run(resume(out))
+    assert "removed temporary files of interrupted writes" in capsys.readouterr().out
+    left = {p.name for p in out.iterdir()}
+    assert not left & set(ours) and set(theirs) <= left
+
+
+# ---- 9. the state a resume reads -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change,msg", [
+    (lambda st: st.update(step=-1), "step is -1"), (lambda st: st.pop("step"), "step is None"),
+    (lambda st: st.update(step=2.5), "step is 2.5"), (lambda st: st.update(adam_t="3"), "adam_t"),
+    (lambda st: st.update(loader=[1]), "loader"), (lambda st: st.update(sample_rng={"x": 1}), "sample_rng"),
+    (lambda st: st["train"].update(lr=-0.1), "--lr -0.1"), (lambda st: st["train"].update(lr="fast"), "lr is"),
+    (lambda st: st["train"].pop("steps"), "train.steps"), (lambda st: st.update(world=0), "world"),
+])
+def test_a_bad_training_state_is_an_error_and_changes_nothing(shards, tmp_path, capsys, change, msg):
+    out = tmp_path / "r"
+    run(cfg(shards, out, steps=6, stop_at=2))
+    path = out / "checkpoint.safetensors"
+    ck = load_checkpoint(path)
+    change(ck.state)
+    save_checkpoint(path, ck.cfg, ck.params, adam_m=ck.adam_m, adam_v=ck.adam_v, state=ck.state)
+    before = snapshot(out)
+    assert msg in one_line_error(capsys, ["train", "--resume", str(out)])
+    assert snapshot(out) == before
+
+
+def test_non_finite_values_in_a_checkpoint_are_reported_as_damage(shards, tmp_path, capsys):
+    out = tmp_path / "r"
+    run(cfg(shards, out, steps=6, stop_at=2))
+    ck = load_checkpoint(out / "checkpoint.safetensors")
+    ck.adam_v[next(iter(ck.adam_v))].flat[0] = np.inf
+    save_checkpoint(out / "checkpoint.safetensors", ck.cfg, ck.params, adam_m=ck.adam_m, adam_v=ck.adam_v,
+                    state=ck.state)
+    assert "damaged" in one_line_error(capsys, ["train", "--resume", str(out)])
+
+
+def test_a_damaged_metrics_log_never_blocks_a_resume(shards, tmp_path, capsys):
+    full = run(cfg(shards, tmp_path / "full", steps=6))
+    out = tmp_path / "r"
+    run(cfg(shards, out, steps=6, stop_at=3))
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'5\n[1, 2]\n{"step": "x"}\n\xff\xfe not utf-8\n{"step": -3}\n{"step": 1, "train_lo')
+    capsys.readouterr()
+    run(resume(out))
+    assert "damaged line(s) of metrics.jsonl" in capsys.readouterr().out
+    assert losses(out) == losses(full.out) and (out / "loss.png").exists()
+
+
+# ---- 10. the exit status of a graceful stop ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_exit_128_plus_it(shards, tmp_path, sig, code):
+    out = tmp_path / "r"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.Popen([sys.executable, "-m", "llmpy", *argv(shards, out, "--steps", "100000", "--val-every",
+                                                                 "0", "--sample-tokens", "0")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in p.stdout:  # training has started once step lines come
+            if line.startswith("step 3/"):
+                break
+        p.send_signal(sig)
+        rest, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == code, err
+    step = load_checkpoint(out / "checkpoint.safetensors").state["step"]
+    assert step >= 3 and f"stopped after step {step - 1}" in rest
+    # and it resumes bitwise: the same losses as a run that was never interrupted
+    assert main(["train", "--resume", str(out), "--stop-at", str(step + 1), "--no-progress"]) == 0
+    ref = tmp_path / "ref"
+    assert main(argv(shards, ref, "--steps", "100000", "--val-every", "0", "--sample-tokens", "0", "--stop-at",
+                     str(step + 1))) == 0
+    assert losses(out) == losses(ref) and len(losses(ref)) == step + 2
+
+
+# ---- 12. config.json, --keep, weights-only export -----------------------------------------------------------------
+
+def test_config_json_records_every_setting(shards, tmp_path):
+    out = tmp_path / "r"
+    run(cfg(shards, out, steps=2, lr=1e-3))
+    c = json.loads((out / "config.json").read_text())
+    assert c["train"]["lr"] == 1e-3 and c["train"]["steps"] == 2 and c["train"]["out"] == str(out)
+    assert c["model"]["family"] == "gpt2" and c["model"]["max_seq_len"] == 32
+    assert c["device"] == "cpu" and c["tokens_per_step"] == 32 and c["parameters"] > 0
+    assert set(TrainConfig.__dataclass_fields__) - set(c["train"]) == {"explicit"}
+
+
+def test_keep_keeps_the_last_n_checkpoints_and_an_earlier_one_resumes(shards, tmp_path, capsys):
+    out = tmp_path / "r"
+    full = run(cfg(shards, out, steps=7, checkpoint_every=2, keep=3))
+    names = sorted(p.name for p in out.glob("checkpoint*.safetensors"))
+    assert names == ["checkpoint-000004.safetensors", "checkpoint-000006.safetensors", "checkpoint.safetensors"]
+    assert load_checkpoint(out / names[0]).state["step"] == 4
+    assert load_checkpoint(out / "checkpoint.safetensors").state["step"] == 7
+    run(cfg(shards, tmp_path / "one", steps=7, checkpoint_every=2))
+    assert sorted(p.name for p in (tmp_path / "one").glob("checkpoint*")) == ["checkpoint.safetensors"]
+    # an earlier checkpoint continues into a new folder (never in place: that would drop the later steps)
+    assert "new folder" in one_line_error(capsys, ["train", "--resume", str(out / names[0])])
+    res = run(TrainConfig(resume=str(out / names[0]), out=str(tmp_path / "again"), progress=False,
+                          explicit=("resume", "out")))
+    assert losses(res.out) == losses(full.out)
+
+
+def test_weights_only_export_of_a_run(shards, tmp_path, capsys):
+    out = tmp_path / "r"
+    run(cfg(shards, out, steps=2))
+    w = tmp_path / "w.safetensors"
+    assert main(["convert", str(out), str(w)]) == 0
+    ck = load_checkpoint(w)
+    assert ck.adam_m is None and "train" not in ck.state
+    assert w.stat().st_size < 0.4 * (out / "checkpoint.safetensors").stat().st_size
+    full = load_checkpoint(out / "checkpoint.safetensors")
+    assert all(np.array_equal(ck.params[k], full.params[k]) for k in ck.params)
+    assert "weights only" in one_line_error(capsys, ["train", "--resume", str(w)])
+    assert main(argv(shards, tmp_path / "from_w", "--steps", "1", "--init", str(w))) == 0
+    assert math.isfinite(events(tmp_path / "from_w")[-1]["val_loss"])
+
+
+# ---- 15. a failed start ---------------------------------------------------------------------------------------------
+
+def test_a_failed_start_leaves_no_run_folder(shards, tmp_path, capsys):
+    for more in (["--train-data", str(tmp_path / "none_*.bin")], ["--seq-len", "64"], ["--init", "d-1"],
+                 ["--total-batch-size", "100"]):
+        out = tmp_path / "new" / "nested"
+        one_line_error(capsys, argv(shards, out, *more))
+        assert not (tmp_path / "new").exists()
