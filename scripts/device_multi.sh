@@ -42,7 +42,7 @@ for st in $stages; do
   case $st in
     tests) window 150 tests python3 -m pytest -q -rfEs -m gpu tests/test_cuda_kernels.py tests/test_cuda_model.py ;;
     smoke) window 90 smoke bash -c "$(declare -f smoke); smoke" || break ;;
-    match) window 240 match python3 -m pytest -q -rfE -s -m gpu tests/test_cuda_multi.py -k match_one_gpu ;;
+    match) window 330 match python3 -m pytest -q -rfE -s -m gpu tests/test_cuda_multi.py -k match_one_gpu ;;
     scaling) window 240 scaling python3 benchmarks/gpu_scaling.py --model d12 --batch 64 --seq 1024 --gpus ${GPUS:-2} --steps 30 ;;
     resume) window 200 resume python3 -m pytest -q -rfE -s -m gpu tests/test_cuda_multi.py -k resume ;;
     dead) window 90 dead python3 -m pytest -q -rfE -s -m gpu tests/test_cuda_multi.py -k dead ;;

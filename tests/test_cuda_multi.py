@@ -1,5 +1,6 @@
 """Data parallel on 2 GPUs (`llmpy launch`): DP, ZeRO-1 and ZeRO-2 runs of 20 steps against a 1-GPU run with the
-same global batch (gradient accumulation); per-rank memory falls with the ZeRO stage; resume of a ZeRO run.
+same global batch (gradient accumulation), for GPT-2 and Llama 3; per-rank memory falls with the ZeRO stage; resume
+of a ZeRO run.
 Needs 2 GPUs (the device's nvidia-h200-x2 kind); skipped elsewhere."""
 import json
 import os
@@ -39,11 +40,11 @@ def data(tmp_path_factory):
     return d
 
 
-def train(data, out, *, nproc=1, extra=()):
+def train(data, out, *, nproc=1, extra=(), init="l4h4c256t128"):
     cmd = [sys.executable, "-m", "llmpy"]
     if nproc > 1:
         cmd += ["launch", "--nproc-per-node", str(nproc), "--timeout", "120", "--"]
-    cmd += ["train", "--init", "l4h4c256t128", "--train-data", str(data / "tr_*.bin"), "--val-data",
+    cmd += ["train", "--init", init, "--train-data", str(data / "tr_*.bin"), "--val-data",
             str(data / "va_*.bin"), "--batch-size", "8", "--seq-len", "128", "--steps", str(STEPS), "--no-shuffle",
             "--val-every", "10", "--val-batches", "4", "--sample-tokens", "4", "--no-progress", "--lr", "1e-3",
             "--out", str(out), "--device", "cuda", *extra]
@@ -67,16 +68,18 @@ def plan_total(stdout) -> float:
 
 
 @needs2
-def test_dp_and_zero_match_one_gpu_with_accumulation(data, tmp_path):
-    ref, _ = train(data, tmp_path / "one", extra=("--grad-accum", "2"))
+@pytest.mark.parametrize("init", ["l4h4c256t128", "llama3:l4d256h4k2f512t128r8"])
+def test_dp_and_zero_match_one_gpu_with_accumulation(data, tmp_path, init):
+    ref, _ = train(data, tmp_path / "one", extra=("--grad-accum", "2"), init=init)
     base = losses(ref)
     assert base[-1] < base[0] - 1.0, "the reference run should learn"
     totals = {}
     for zero in (0, 1, 2):
-        ev, out = train(data, tmp_path / f"z{zero}", nproc=2, extra=("--zero", str(zero)))
+        ev, out = train(data, tmp_path / f"z{zero}", nproc=2, extra=("--zero", str(zero)), init=init)
         got = losses(ev)
         diff = np.abs(got - base).max()
-        print(f"\nZeRO-{zero}: max |loss - 1-GPU loss| over {STEPS} steps = {diff:.2e}; plan {plan_total(out):.1f} MiB")
+        print(f"\n{init} ZeRO-{zero}: max |loss - 1-GPU loss| over {STEPS} steps = {diff:.2e}; plan "
+              f"{plan_total(out):.1f} MiB")
         assert len(got) == STEPS and diff <= 2e-2
         vals = [e["val_loss"] for e in ev if "val_loss" in e]
         assert len(vals) == 3 and abs(vals[-1] - [e["val_loss"] for e in ref if "val_loss" in e][-1]) <= 2e-2
