@@ -111,21 +111,19 @@ def _permute(w: np.ndarray, heads: int, inverse: bool) -> np.ndarray:
     return w.reshape(heads, d // 2, 2, -1).transpose(0, 2, 1, 3).reshape(w.shape)
 
 
+def _rows(key: str, a: np.ndarray, cfg: LlamaConfig, inverse: bool) -> np.ndarray:
+    """q and k projections with their rows permuted (HF -> Meta when inverse); other tensors as they are."""
+    heads = cfg.num_heads if key.endswith("q_proj.weight") else cfg.num_kv_heads
+    return _permute(a, heads, inverse) if key.endswith(("q_proj.weight", "k_proj.weight")) else a
+
+
 def to_ours(key: str, a: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
     """An HF tensor (after loading) in our orientation: q and k rows back to Meta's pair order."""
-    if key.endswith("q_proj.weight"):
-        return _permute(a, cfg.num_heads, inverse=True)
-    if key.endswith("k_proj.weight"):
-        return _permute(a, cfg.num_kv_heads, inverse=True)
-    return a
+    return _rows(key, a, cfg, inverse=True)
 
 
 def to_hf(key: str, a: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
-    if key.endswith("q_proj.weight"):
-        return _permute(a, cfg.num_heads, inverse=False)
-    if key.endswith("k_proj.weight"):
-        return _permute(a, cfg.num_kv_heads, inverse=False)
-    return a
+    return _rows(key, a, cfg, inverse=False)
 
 
 def config_json(cfg: LlamaConfig) -> dict:
