@@ -2,11 +2,13 @@
 
     python benchmarks/gpu.py --model d12 --batch 64 --seq 1024 [--steps 30] [--warmup 10] [--recompute 0]
     python benchmarks/gpu.py --model llama3.2:1b --batch 8 --seq 2048
+    python benchmarks/gpu.py --model mmfree:370m --batch 8 --seq 2048
 
 Both sides train the model (any registered name) on random tokens, bf16 compute, fp32 AdamW (weight decay 0.1 on
 matrices), global-norm clip 1.0. The baseline is PyTorch with bf16 autocast, SDPA (flash) attention, fused AdamW,
 torch.compile: for GPT-2 nanoGPT's model (benchmarks/nanogpt.py), for Llama 3 a torchtitan-style one with
-enable_gqa (benchmarks/torch_llama.py). llmpy runs its trainer's way: CUDA graphs, the host
+enable_gqa (benchmarks/torch_llama.py); for the MatMul-free LM the reference implementation itself, uncompiled as
+its authors run it (benchmarks/torch_mmfree.py). llmpy runs its trainer's way: CUDA graphs, the host
 launching step i+1 before reading step i's loss. Each side runs in its own process (clean peak
 memory); warm-up steps are dropped and the median step time of the rest is reported. Peak memory is the
 device memory in use by the process at its peak as the framework reports it (llmpy: CuPy's pool plus the
@@ -150,11 +152,13 @@ def measure(args) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         if type(cfg).family == "llama3":
             from benchmarks.torch_llama import TorchLlama as Baseline
+        elif type(cfg).family == "mmfree":
+            from benchmarks.torch_mmfree import TorchMMFree as Baseline
         else:
             from benchmarks.nanogpt import NanoGPT as Baseline
         model = Baseline(cfg).cuda()
         opt = model.optimizer(1e-4)
-        fwd = torch.compile(model)
+        fwd = torch.compile(model) if getattr(sys.modules[Baseline.__module__], "COMPILE", True) else model
         td = [torch.tensor(b, dtype=torch.long, device="cuda") for b in data]
         for i in range(args.warmup + args.steps):
             b = td[i % len(td)]

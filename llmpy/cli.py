@@ -72,8 +72,9 @@ def _train_parser(sub) -> None:
     a("--stop-at", type=int, metavar="STEP", help="stop after this step (checkpointed), keeping the schedule of "
       "--steps; continue later with --resume (default: run every step)")
     a("--seed", type=int, help=f"seeds the init, the data order and sampling {dflt('seed')}")
-    a("--tokenizer", choices=["gpt2", "llama3"], help="for the Shakespeare shards and samples (default: by the "
-      "model's vocabulary: Llama 3's 128,256 tokens use llama3, else gpt2)")
+    a("--tokenizer", type=_tokenizer_arg, help="gpt2, llama3, or a tokenizer.json / tokenizer.model file or a "
+      "folder holding one, for the Shakespeare shards and samples (default: by the model's vocabulary: Llama 3's "
+      "128,256 tokens use llama3, else gpt2)")
     a("--out", metavar="DIR", help="output folder (default runs/<date-time>)")
     a("--resume", metavar="DIR|FILE", help="continue the run in DIR (its checkpoint.safetensors, or the checkpoint "
       "FILE given) bitwise identically; with --out, into that new or empty folder, leaving DIR as it is "
@@ -127,12 +128,13 @@ def _weights_path(path: str) -> str:
     return ck if os.path.isdir(path) and os.path.isfile(ck) else path
 
 
-def _load_any(path: str, *, finite: bool = True):
-    """(config, weights) from any weights file or a run folder; finite: NaN/Inf weights are an error."""
+def _load_any(path: str, *, finite: bool = True, packed_ok: bool = False):
+    """(config, weights) from any weights file or a run folder; finite: NaN/Inf weights are an error; packed_ok:
+    a packed ternary model is welcome (inference)."""
     from .formats.checkpoint import load_weights
     from .train.checkpointing import nonfinite
-    cfg, params = load_weights(_weights_path(path))
-    bad = nonfinite(params) if finite else []
+    cfg, params = load_weights(_weights_path(path), packed_ok=packed_ok)
+    bad = nonfinite({k: v for k, v in params.items() if not hasattr(v, "codes")}) if finite else []
     if bad:
         raise UserError(f"{path}: the weights hold NaN/Inf ({', '.join(bad[:3])}); nothing to compute with them")
     return cfg, params
@@ -158,6 +160,13 @@ def _backend(args):
     return get_backend(device, args.dtype or ("bf16" if device == "cuda" else "fp32"))
 
 
+def _tokenizer_arg(s: str) -> str:
+    """--tokenizer: a known name or an existing path (the file is read when the tokenizer is needed)."""
+    if s in ("gpt2", "llama3") or os.path.exists(s):
+        return s
+    raise argparse.ArgumentTypeError(f"{s!r} is neither gpt2, llama3 nor an existing tokenizer file or folder")
+
+
 def _cmd_sample(args) -> int:
     import numpy as np
 
@@ -170,8 +179,10 @@ def _cmd_sample(args) -> int:
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1 (got {args.num_samples})")
     check_sampling(args.temperature, args.top_k, args.top_p)
-    cfg, params = _load_any(args.checkpoint)
-    tok = get_tokenizer(tokenizer_for(cfg.vocab_size, args.tokenizer))
+    cfg, params = _load_any(args.checkpoint, packed_ok=True)
+    from .data.tokenizers.files import tokenizer_file
+    own = tokenizer_file(_weights_path(args.checkpoint)) if os.path.exists(args.checkpoint) else None
+    tok = get_tokenizer(tokenizer_for(cfg.vocab_size, args.tokenizer or (str(own) if own else None)))
     prompt = tok.encode(args.prompt) if args.prompt else [tok.doc if tok.doc < cfg.vocab_size else 0]
     if not args.prompt and tok.doc >= cfg.vocab_size:
         print(f"note: starting from token 0 (the model's vocabulary of {cfg.vocab_size} has no document token "
@@ -207,13 +218,13 @@ def _cmd_eval(args) -> int:
     """Evaluates the way training validates: the mean loss of the first N batches of BxT tokens, in order; the
     defaults are the run's own (its val data, batch size, seq len, --val-batches) for a training checkpoint, else
     `llmpy train`'s."""
-    from .config import family_of
     from .data.loader import DataLoader
+    from .models.base import inference_model
     from .train.config import TrainConfig
     for flag, v in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--batches", args.batches)):
         if v is not None and v < 1:
             raise UserError(f"{flag} must be >= 1 (got {v})")
-    cfg, params = _load_any(args.checkpoint)
+    cfg, params = _load_any(args.checkpoint, packed_ok=True)
     D, run = TrainConfig(), _run_settings(args.checkpoint) or {}
     data = args.data or run.get("val_data")
     if data is None and run and run.get("train_data") is None:  # the run trained on the Shakespeare corpus
@@ -225,8 +236,7 @@ def _cmd_eval(args) -> int:
     T = args.seq_len or run.get("seq_len") or min(D.seq_len, cfg.max_seq_len)
     loader = DataLoader(data, B, T, vocab_size=cfg.vocab_size)
     n = min(args.batches or run.get("val_batches") or D.val_batches, loader.num_batches_per_epoch)
-    model = family_of(cfg).model(cfg, _backend(args), B, T, training=False)
-    model.load_params(params)
+    model = inference_model(cfg, params, _backend(args), B, T)
     total = 0.0
     for _ in range(n):
         x, y = loader.next_batch()
@@ -243,6 +253,12 @@ def _cmd_convert(args) -> int:
     to = args.to or ("llmc" if args.output.endswith(".bin") else "checkpoint"
                      if args.output.endswith(".safetensors") and not args.output.endswith("model.safetensors")
                      else "hf")
+    if to in ("ternary", "ternary-2bit"):
+        from .formats.ternary import write_ternary
+        size = write_ternary(args.output, cfg, params, packing="2bit" if to == "ternary-2bit" else "base3")
+        print(f"wrote {args.output} (ternary: {size['bytes'] / 2**20:,.1f} MiB, the fp32 weights "
+              f"{size['fp32_bytes'] / 2**20:,.1f} MiB: {size['fp32_bytes'] / size['bytes']:.1f}x smaller)")
+        return 0
     if to in ("llmc", "llmc-bf16"):
         write_llmc_model(args.output, cfg, params, dtype="bf16" if to == "llmc-bf16" else "fp32")
     elif to == "hf":
@@ -294,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="else this fraction (default "
                    "%(default)s)")
     p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard (default %(default)s)")
-    p.add_argument("--tokenizer", choices=["gpt2", "llama3"], default="gpt2", help="gpt2: uint16 shards; llama3: "
-                   "Meta's (Llama 3 Community License), uint32 shards (default %(default)s)")
+    p.add_argument("--tokenizer", type=_tokenizer_arg, default="gpt2", help="gpt2: uint16 shards; llama3: "
+                   "Meta's (Llama 3 Community License), uint32 shards; or a tokenizer.json / tokenizer.model file or "
+                   "a model folder holding one (default %(default)s)")
     p.set_defaults(func=_cmd_prepare)
 
     _train_parser(sub)
@@ -317,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(0, 1] (default: off)")
     p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     p.add_argument("--stop-at-eot", action="store_true", help="stop at the tokenizer's end of text (default: off)")
-    p.add_argument("--tokenizer", choices=["gpt2", "llama3"], help="default: by the model's vocabulary (Llama 3's "
-                   "128,256 tokens: llama3, else gpt2)")
+    p.add_argument("--tokenizer", type=_tokenizer_arg, help="gpt2, llama3, or a tokenizer.json / tokenizer.model "
+                   "file or folder (default: the checkpoint folder's own tokenizer file when it has one, else by the "
+                   "model's vocabulary: Llama 3's 128,256 tokens: llama3, else gpt2)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="(default %(default)s)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default fp32 on the CPU, bf16 on the GPU")
     p.set_defaults(func=_cmd_sample)
@@ -346,14 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="a run folder (its latest checkpoint), llmpy checkpoint, llm.c .bin, HF file or "
                    "folder")
     p.add_argument("output", help="the file or folder to write")
-    p.add_argument("--to", choices=["llmc", "llmc-bf16", "hf", "checkpoint"],
+    p.add_argument("--to", choices=["llmc", "llmc-bf16", "hf", "checkpoint", "ternary", "ternary-2bit"],
                    help="default from the output name: .bin -> llmc, model.safetensors or a folder -> hf, "
-                   "other .safetensors -> checkpoint (weights only: no AdamW state)")
+                   "other .safetensors -> checkpoint (weights only: no AdamW state); ternary: a MatMul-free model "
+                   "packed for inference (5 codes per byte; ternary-2bit: 4 per byte)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("tokenizer", help="a tokenizer (GPT-2's or Llama 3's BPE): encode, decode, or write llm.c's "
                        "GPT-2 tokenizer file")
-    p.add_argument("--tokenizer", choices=["gpt2", "llama3"], default="gpt2", help="(default %(default)s; llama3: "
+    p.add_argument("--tokenizer", type=_tokenizer_arg, default="gpt2", help="(default %(default)s; llama3: "
                    "Meta's, under the Llama 3 Community License)")
     p.add_argument("--llmc-out", metavar="PATH", help="write llm.c's gpt2_tokenizer.bin here (default: not written)")
     p.add_argument("--encode", metavar="TEXT", help="print TEXT's token ids (default: none)")

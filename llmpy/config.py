@@ -14,6 +14,7 @@ from .errors import UserError
 FAMILIES: dict[str, str] = {  # name prefix -> module (a family may answer to several prefixes, one per version)
     "gpt2": "llmpy.models.gpt2",
     "llama3": "llmpy.models.llama3", "llama3.1": "llmpy.models.llama3", "llama3.2": "llmpy.models.llama3",
+    "mmfree": "llmpy.models.mmfree",
 }
 DEFAULT_FAMILY = "gpt2"  # what a name without "family:" means (the GPT-2 shorthands predate the families)
 

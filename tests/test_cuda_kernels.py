@@ -399,3 +399,252 @@ def test_side_stream_returns_to_the_backend_stream(be):
     x += 1.0  # CuPy op on the current stream, which must be be.stream
     got = be.async_read(x[-1:]).result()[0]
     assert got[0] == 1.0
+
+
+# ---- the MatMul-free LM: BitLinear, MLGRU, lower bounds --------------------------------------------------------
+
+def _ties_cleared(be, r, x, gamma, eps, keep=()):
+    """x (M, K) with entries re-drawn (at their row's scale) wherever the float64 reference puts y s_x within 1e-3 of
+    a rounding boundary k + 1/2, so the device's fp32 arithmetic cannot flip a q_x: its q_x must then equal the
+    reference's exactly. Rows in keep are left alone."""
+    x = x.copy()
+    for _ in range(100):
+        y = x * (1 / np.sqrt((x * x).mean(-1) + eps))[:, None] * gamma
+        v = y * 127 / np.maximum(np.abs(y).max(-1, keepdims=True), 1e-5)
+        near = np.abs(np.abs(v) % 1 - 0.5) < 1e-3
+        near[list(keep)] = False
+        if not near.any():
+            return x
+        scale = np.broadcast_to(np.sqrt((x * x).mean(-1, keepdims=True)), x.shape)[near]
+        x[near] = rounded(be, r.standard_normal(int(near.sum())) * scale)
+    raise AssertionError("could not draw activations clear of rounding ties")
+
+
+def _weight_ties_cleared(be, r, w):
+    """w re-drawn wherever |w s_w| lies within 1e-3 of 1/2, the one rounding boundary inside the clamp to [-1, 1]."""
+    w = w.copy()
+    for _ in range(100):
+        near = np.abs(np.abs(w) / max(np.abs(w).mean(), 1e-5) - 0.5) < 1e-3
+        if not near.any():
+            return w
+        w[near] = rounded(be, r.standard_normal(int(near.sum())) * np.abs(w).mean())
+    raise AssertionError("could not draw weights clear of rounding ties")
+
+
+def _bitlinear_quant_ref(x, w, gamma, eps, w_rows=None):
+    """The reference's (q_x, s_x (M,), q_w, s_w) of layers/bitlinear.py."""
+    rstd = 1 / np.sqrt((x * x).mean(-1) + eps)
+    qx, sx = Lr.quantize_activations(x * rstd[:, None] * gamma)
+    qw, sw = Lr.quantize_weight(w, w_rows)
+    return qx, sx[:, 0], qw, sw
+
+
+def _check_quantized(be, M, N, K, x, w, gamma, eps, w_rows=None):
+    qx, sx, qw, sw = be.mmfree.quantized(M, N, K)
+    rqx, rsx, rqw, rsw = _bitlinear_quant_ref(x, w, gamma, eps, w_rows)
+    qx, qw = host(be, qx), host(be, qw)
+    assert np.array_equal(qx, rqx), f"q_x differs at {np.argwhere(qx != rqx)[:5].tolist()}"
+    assert np.array_equal(qw, rqw), f"q_w differs at {np.argwhere(qw != rqw)[:5].tolist()}"
+    check(be, sx, rsx, 1e-6)
+    check(be, sw, [rsw], 1e-6)
+
+
+def test_bitlinear(be):
+    """Forward and backward against layers/bitlinear.py. Row 0 is zeros, row 1 so small that max|y| < 1e-5 (the
+    activation scale's floor); the rest are drawn clear of rounding ties, so the device's q_x and q_w must equal the
+    reference's exactly and the forward is exact up to its one rescale."""
+    r = rng()
+    M, K, N, eps = 300, 256, 192, 1e-6  # 300 rows: two chunks of dgamma's partial sums, the last one short
+    gamma = rounded(be, 1 + 0.3 * r.standard_normal(K))
+    x = rounded(be, r.standard_normal((M, K)))
+    x[0] = 0
+    x[1] = rounded(be, 1e-9 * r.standard_normal(K))
+    x = _ties_cleared(be, r, x, gamma, eps)
+    w = _weight_ties_cleared(be, r, rounded(be, 0.05 * r.standard_normal((N, K))))
+    out, rstd = poison(be, (M, N)), poison(be, M, np.float32)
+    xd, wd, gd = dev(be, x), dev(be, w), dev(be, gamma)
+    be.bitlinear_forward(out, rstd, xd, wd, gd, eps)
+    ref, rr = np.empty((M, N)), np.empty(M)
+    Lr.bitlinear_forward(ref, rr, x, w, gamma, eps)
+    assert np.abs(x[1] * rr[1] * gamma).max() < 1e-5, "row 1 must sit on the 1e-5 floor"
+    _check_quantized(be, M, N, K, x, w, gamma, eps)
+    check(be, rstd, rr, 1e-5)
+    got = host(be, out)
+    assert np.all(got[0] == 0), "a row of zeros must give zeros"
+    check(be, out[1:2], ref[1:2])  # on the floor: its outputs are ~1e-6, compared on their own
+    check(be, out[2:], ref[2:])
+    # backward: dinp, dw, dgamma accumulate (small starting values: the gradients dominate); the device's rstd
+    dout = rounded(be, r.standard_normal((M, N)))
+    d0, dw0, dg0 = (rounded(be, 0.1 * r.standard_normal(s)) for s in ((M, K), (N, K), K))
+    dinp, dw, dg = dev(be, d0), dev(be, dw0), dev(be, dg0)
+    be.bitlinear_backward(dinp, dw, dg, dev(be, dout), xd, wd, gd, rstd)
+    rd, rdw, rdg = d0.copy(), dw0.copy(), dg0.copy()
+    Lr.bitlinear_backward(rd, rdw, rdg, dout, x, w, gamma, host(be, rstd))
+    check(be, dinp[:2], rd[:2])  # rstd = 1/sqrt(eps) in rows 0 and 1: gradients 1000x the others', checked apart
+    check(be, dinp[2:], rd[2:])
+    check(be, dw, rdw)
+    check(be, dg, rdg)
+    with pytest.raises(ValueError, match="131072"):  # the fp32 sums would no longer be exact
+        Kb = 1 << 17
+        be.bitlinear_forward(poison(be, (1, 8)), poison(be, 1, np.float32), dev(be, np.ones((1, Kb))),
+                             dev(be, np.ones((8, Kb))), dev(be, np.ones(Kb)), eps)
+
+
+def _tie_row(r, K):
+    """x (K,) = n 2^12 with integers |n| <= 254 (exact in bf16), n = 254 once, odd n (ties) at a quarter of the
+    places, sum n^2 = 4^11: with gamma = 1/2, mean x^2 = 2^38 swallows eps in fp32 and float64 alike, so rstd = 2^-19,
+    y = n 2^-8, s_x = 127 / (254 2^-8) = 2^7 and y s_x = n / 2 are exact on both sides."""
+    n = np.zeros(K)
+    n[0] = 254
+    odd = r.integers(-127, 127, K // 4) * 2 + 1
+    odd[:4] = (1, -1, 5, -5)  # 0.5 -> 1, -0.5 -> -1, 2.5 -> 3, -2.5 -> -3 (half to even: 0, 0, 2, -2)
+    n[1:1 + K // 4] = odd
+    rest, i = 4 ** 11 - int((n ** 2).sum()), 1 + K // 4
+    while rest > 0:  # fill up to the power of four with the largest squares that fit
+        v = min(254, math.isqrt(rest))
+        n[i] = v * r.choice((-1, 1))
+        rest, i = rest - v * v, i + 1
+    return r.permutation(n) * 2.0 ** 12
+
+
+def _tie_weights(r, N, K):
+    """|w| = 2^-5 and 3 2^-5, half each, random signs: mean|w| = 2^-4 exactly, so s_w = 16 and w s_w = +-1/2 (to even:
+    0) or +-3/2 (to 2, clamped to 1)."""
+    mag = np.where(r.permutation(N * K) % 2 == 0, 1.0, 3.0) * 2.0 ** -5
+    return (mag * r.choice((-1.0, 1.0), N * K)).reshape(N, K)
+
+
+@pytest.mark.parametrize("case", ["ties", "weight_floor", "padded_rows"])
+def test_bitlinear_rounding_edges(be, case):
+    """Exact ties of both roundings (activations half away from zero, weights half to even), with every step exact in
+    fp32 and float64; the weight scale's floor (mean|W| < 1e-5); an LM head's zero padding rows left out of the
+    weight scale's mean (w_rows). Rows: 4 of ties, zeros, one on the activation floor, 2 random."""
+    r = rng()
+    M, K, N, eps = 8, 256, 128, 1e-6
+    gamma = np.full(K, 0.5)
+    x = np.stack([_tie_row(r, K) for _ in range(4)] + [np.zeros(K), 1e-9 * r.standard_normal(K)]
+                 + [r.standard_normal(K) for _ in range(2)])
+    x = _ties_cleared(be, r, rounded(be, x), gamma, eps, keep=range(5))
+    w_rows = None
+    if case == "ties":
+        w = _tie_weights(r, N, K)
+    elif case == "weight_floor":
+        w = _weight_ties_cleared(be, r, rounded(be, 8e-6 * r.standard_normal((N, K))))
+        assert np.abs(w).mean() < 1e-5
+    else:
+        w_rows = N - 32
+        w = np.zeros((N, K))
+        w[:w_rows] = _tie_weights(r, w_rows, K)
+    assert np.array_equal(rounded(be, w), w) and np.array_equal(rounded(be, x[:5]), x[:5])
+    out, rstd = poison(be, (M, N)), poison(be, M, np.float32)
+    be.bitlinear_forward(out, rstd, dev(be, x), dev(be, w), dev(be, gamma), eps, w_rows)
+    ref, rr = np.empty((M, N)), np.empty(M)
+    Lr.bitlinear_forward(ref, rr, x, w, gamma, eps, w_rows)
+    _check_quantized(be, M, N, K, x, w, gamma, eps, w_rows)
+    qw = host(be, be.mmfree.quantized(M, N, K)[2])
+    if case != "weight_floor":
+        assert host(be, be.mmfree.quantized(M, N, K)[3])[0] == 16.0
+        assert np.array_equal(qw[np.abs(w) == 2.0 ** -5], np.zeros(int((np.abs(w) == 2.0 ** -5).sum())))
+    assert np.all(host(be, rstd)[:4] == 2.0 ** -19)
+    got = host(be, out)
+    assert np.all(got[4] == 0)
+    for rows in (slice(0, 4), slice(5, 6), slice(6, 8)):
+        check(be, out[rows], ref[rows], 1e-6 if be.dtype_name == "fp32" else None)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_mlgru(be, with_state):
+    """Forward (from zeros, or from a decoder's fp32 state h0) and backward (training: from zeros)."""
+    r = rng()
+    B, T, d, eps = 2, 37, 256, 1e-6
+    ai, af, ag = (rounded(be, 1.5 * r.standard_normal((B, T, d))) for _ in range(3))
+    lam = (0.9 * r.random(d)).astype(np.float32)
+    gamma = rounded(be, 1 + 0.1 * r.standard_normal(d))
+    h0 = r.standard_normal((B, d)).astype(np.float32) if with_state else None
+    o, h, rstd = poison(be, (B, T, d)), poison(be, (B, T, d), np.float32), poison(be, (B, T), np.float32)
+    aid, afd, agd, lamd, gd = dev(be, ai), dev(be, af), dev(be, ag), be.asarray(lam), dev(be, gamma)
+    be.mlgru_forward(o, h, rstd, aid, afd, agd, lamd, gd, None if h0 is None else be.asarray(h0), eps)
+    ro, rh, rr = np.empty((B, T, d)), np.empty((B, T, d)), np.empty((B, T))
+    Lr.mlgru_forward(ro, rh, rr, ai, af, ag, lam.astype(np.float64), gamma,
+                     h0=None if h0 is None else h0.astype(np.float64), eps=eps)
+    check(be, h, rh, 1e-5)
+    check(be, rstd, rr, 1e-5)
+    check(be, o, ro)
+    check(be, h[:, :1], rh[:, :1], 1e-5)  # the first step alone: h0 used (or zeros)
+    if with_state:
+        return
+    do = rounded(be, r.standard_normal((B, T, d)))
+    dai, daf, dag = (poison(be, (B, T, d)) for _ in range(3))
+    dlam0 = (0.1 * r.standard_normal(d)).astype(np.float32)
+    dg0 = rounded(be, 0.1 * r.standard_normal(d))
+    dlam, dg = be.asarray(dlam0), dev(be, dg0)
+    be.mlgru_backward(dai, daf, dag, dlam, dg, dev(be, do), aid, afd, agd, lamd, gd, h, rstd)
+    rai, raf, rag = (np.empty((B, T, d)) for _ in range(3))
+    rlam, rg = dlam0.astype(np.float64), dg0.copy()
+    Lr.mlgru_backward(rai, raf, rag, rlam, rg, do, ai, af, ag, lam.astype(np.float64), gamma, host(be, h),
+                      host(be, rstd))
+    check(be, dai, rai)
+    check(be, daf, raf)
+    check(be, dag, rag)
+    check(be, dlam, rlam, 1e-5)  # fp32 in both modes
+    check(be, dg, rg)
+
+
+def test_lower_bounds(be):
+    r = rng()
+    L, d = 6, 256
+    P = rounded(be, r.standard_normal((L, d)))
+    Pd = dev(be, P)
+    lam = poison(be, (L, d), np.float32)
+    be.lower_bounds_forward(lam, Pd)
+    ref = np.empty((L, d))
+    Lr.lower_bounds_forward(ref, P)
+    assert np.all(host(be, lam)[0] == 0)
+    check(be, lam[1:], ref[1:], 1e-5)  # fp32 in both modes
+    dlam = r.standard_normal((L, d)).astype(np.float32)
+    dP0 = rounded(be, 0.1 * r.standard_normal((L, d)))
+    dP = dev(be, dP0)
+    be.lower_bounds_backward(dP, be.asarray(dlam), Pd)
+    rdP = dP0.copy()
+    Lr.lower_bounds_backward(rdP, dlam.astype(np.float64), P)
+    check(be, dP, rdP)
+
+
+def test_mmfree_ops_replay_in_a_cuda_graph(be):
+    """The trainer runs its first step eagerly, then replays a captured graph: these ops must allocate nothing while
+    capturing (the eager run sized their scratch), replay to bit-identical results (fixed-order reductions, exact
+    products), and refuse a shape larger than any seen instead of allocating."""
+    r = rng()
+    M, K, N, B, T, d = 64, 128, 96, 2, 8, 128
+    x, w, gamma, dout = (rounded(be, r.standard_normal(s)) for s in ((M, K), (N, K), K, (M, N)))
+    xd, wd, gd, doutd = dev(be, x), dev(be, w), dev(be, gamma), dev(be, dout)
+    ai, af, ag, do = (dev(be, r.standard_normal((B, T, d))) for _ in range(4))
+    lam, gm = be.asarray((0.5 * r.random(d)).astype(np.float32)), dev(be, 1 + 0.1 * r.standard_normal(d))
+    outs = [poison(be, (M, N)), poison(be, M, np.float32), poison(be, (M, K)), poison(be, (N, K)), poison(be, K),
+            poison(be, (B, T, d)), poison(be, (B, T, d), np.float32), poison(be, (B, T), np.float32),
+            poison(be, (B, T, d)), poison(be, (B, T, d)), poison(be, (B, T, d)), poison(be, d, np.float32),
+            poison(be, d)]
+    out, rstd, dinp, dw, dg, o, h, hr, dai, daf, dag, dlam, dgm = outs
+
+    def step():
+        for a in (dinp, dw, dg, dlam, dgm):
+            be.fill_zero(a)
+        be.bitlinear_forward(out, rstd, xd, wd, gd, 1e-6)
+        be.bitlinear_backward(dinp, dw, dg, doutd, xd, wd, gd, rstd)
+        be.mlgru_forward(o, h, hr, ai, af, ag, lam, gm, None, 1e-6)
+        be.mlgru_backward(dai, daf, dag, dlam, dgm, do, ai, af, ag, lam, gm, h, hr)
+
+    step()
+    eager = [host(be, a) for a in outs]
+    for a in outs:
+        be.xp.cuda.runtime.memset(a.data.ptr, 0xFF, a.nbytes)
+    be.xp.cuda.Device().synchronize()
+    replay = be.capture(step)
+    replay()
+    for e, a in zip(eager, outs):
+        assert not np.isnan(e).any()
+        assert np.array_equal(host(be, a), e), "the replay differs from the eager run"
+    Mb = 4096  # more rows than any test before has run: the scratch would have to grow
+    big = poison(be, (Mb, N)), poison(be, Mb, np.float32), dev(be, np.ones((Mb, K)))
+    with pytest.raises(RuntimeError, match="inside a CUDA graph capture"):
+        be.capture(lambda: be.bitlinear_forward(*big, wd, gd, 1e-6))

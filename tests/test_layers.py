@@ -272,3 +272,94 @@ def test_grouped_query_attention():
         o = np.full((B, 1, C), np.nan)
         Lr.attention_decode(o, np.ascontiguousarray(qkv[:, t:t + 1]), kc, vc, t, NH, K)
         assert relerr(o[:, 0], out[:, t]) < 1e-12
+
+
+# ---- the MatMul-free LM's layers ---------------------------------------------------------------------------------
+
+def test_bitlinear_forward_is_the_quantized_product():
+    M, K, N = 5, 8, 6
+    x, w, g = r(M, K), r(N, K) * 0.3, 1 + 0.1 * r(K)
+    out, rstd = np.empty((M, N)), np.empty(M)
+    Lr.bitlinear_forward(out, rstd, x, w, g)
+    y = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * g
+    sx = 127 / np.abs(y).max(-1, keepdims=True)
+    qx = np.clip(np.sign(y * sx) * np.floor(np.abs(y * sx) + 0.5), -128, 127)
+    sw = 1 / np.abs(w).mean()
+    qw = np.clip(np.round(w * sw), -1, 1)  # numpy rounds half to even, as the reference's weights
+    assert set(np.unique(qw)) <= {-1.0, 0.0, 1.0} and np.abs(qx).max() == 127
+    assert relerr(out, (qx / sx) @ (qw / sw).T) < 1e-13
+    assert Lr.round_half_away(np.array([0.5, -0.5, 1.5, -2.5])).tolist() == [1, -1, 2, -3]
+
+
+def test_bitlinear_straight_through_gradients():
+    """The backward is the gradient of the straight-through surrogate: y(x, gamma) @ Wq0^T + yq0 @ W^T with the
+    quantized Wq0, yq0 frozen at the point of evaluation (the roundings as identities, the scales constant)."""
+    M, K, N = 4, 6, 5
+    x, w, g, R = r(M, K), r(N, K) * 0.3, 1 + 0.1 * r(K), r(M, N)
+    out, rstd = np.empty((M, N)), np.empty(M)
+    Lr.bitlinear_forward(out, rstd, x, w, g)
+    qw, sw = Lr.quantize_weight(w)
+    Wq0 = qw / sw
+    qx, sx = Lr.quantize_activations(x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * g)
+    yq0 = qx / sx
+
+    def surrogate():
+        y = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * g
+        return ((y @ Wq0.T + yq0 @ w.T) * R).sum()
+
+    d0 = r(M, K)  # dinp accumulates
+    dx, dw, dg = d0.copy(), np.zeros_like(w), np.zeros_like(g)
+    Lr.bitlinear_backward(dx, dw, dg, R, x, w, g, rstd)
+    check(dx - d0, surrogate, x)
+    check(dw, surrogate, w)
+    check(dg, surrogate, g)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_mlgru(with_state):
+    B, T, d = 2, 5, 4
+    ai, af, ag, R = r(B, T, d), r(B, T, d), r(B, T, d), r(B, T, d)
+    lam, g = np.abs(r(d)) * 0.3, 1 + 0.1 * r(d)
+    h0 = r(B, d) if with_state else None
+    o, h, rstd = np.empty((B, T, d)), np.empty((B, T, d)), np.empty((B, T))
+
+    def loss():
+        Lr.mlgru_forward(o, h, rstd, ai, af, ag, lam, g, h0=h0)
+        return (o * R).sum()
+
+    loss()
+    # against the recurrence written out step by step
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    f = lam + (1 - lam) * sig(af)
+    prev, hs = (np.zeros((B, d)) if h0 is None else h0), []
+    for t in range(T):
+        prev = f[:, t] * prev + ai[:, t] * sig(ai[:, t]) * (1 - f[:, t])
+        hs.append(prev)
+    hh = np.stack(hs, 1)
+    want = ag / np.sqrt((ag * ag).mean(-1, keepdims=True) + 1e-6) * g * hh * sig(hh)
+    assert relerr(o, want) < 1e-13
+    if with_state:
+        return  # the backward starts from zeros (training); decoding has no backward
+    dai, daf, dag = (np.full((B, T, d), np.nan) for _ in range(3))
+    dlam, dg = np.zeros(d), np.zeros(d)
+    Lr.mlgru_backward(dai, daf, dag, dlam, dg, R, ai, af, ag, lam, g, h, rstd)
+    for grad, x in ((dai, ai), (daf, af), (dag, ag), (dlam, lam), (dg, g)):
+        check(grad, loss, x)
+
+
+def test_lower_bounds():
+    L, d = 4, 3
+    P, R = r(L, d), r(L, d)
+    lam = np.empty((L, d))
+
+    def loss():
+        Lr.lower_bounds_forward(lam, P)
+        return (lam * R).sum()
+
+    loss()
+    S = np.exp(P) / np.exp(P).sum(0)
+    assert np.all(lam[0] == 0) and relerr(lam[1:], np.cumsum(S, 0)[1:] - S[0]) < 1e-14
+    assert np.all(np.diff(lam, axis=0) >= 0)  # they grow with depth
+    dP = np.zeros_like(P)
+    Lr.lower_bounds_backward(dP, R, P)
+    check(dP, loss, P)

@@ -201,6 +201,27 @@ class CPUBackend:
             for i in blocks(d.size, BLOCK):
                 Lr.gelu_backward(d[i], x[i], d[i], scratch=self.ws)
 
+    def bitlinear_forward(self, out, rstd, inp, w, gamma, eps, w_rows=None):
+        Lr.bitlinear_forward(out, rstd, inp, w, gamma, eps, w_rows)
+
+    def bitlinear_backward(self, dinp, dw, dgamma, dout, inp, w, gamma, rstd, w_rows=None):
+        Lr.bitlinear_backward(dinp, dw, dgamma, dout, inp, w, gamma, rstd, w_rows)
+
+    def bitlinear_packed_forward(self, out, rstd, inp, codes, scale, K, packing, gamma, eps):
+        Lr.bitlinear_packed_forward(out, rstd, inp, codes, scale, K, packing, gamma, eps)
+
+    def mlgru_forward(self, o, h, rstd, ai, af, ag, lam, gamma, h0, eps):
+        Lr.mlgru_forward(o, h, rstd, ai, af, ag, lam, gamma, h0=h0, eps=eps)
+
+    def mlgru_backward(self, dai, daf, dag, dlam, dgamma, do, ai, af, ag, lam, gamma, h, rstd):
+        Lr.mlgru_backward(dai, daf, dag, dlam, dgamma, do, ai, af, ag, lam, gamma, h, rstd)
+
+    def lower_bounds_forward(self, lam, P):
+        Lr.lower_bounds_forward(lam, P)
+
+    def lower_bounds_backward(self, dP, dlam, P):
+        Lr.lower_bounds_backward(dP, dlam, P)
+
     def attention_forward(self, out, state, qkv, num_heads, kv_heads=None):
         for b in range(out.shape[0]):  # one sequence at a time: its (NH, T, T) scores stay in cache
             Lr.attention_forward(out[b:b + 1], state[b:b + 1], qkv[b:b + 1], num_heads, kv_heads, scratch=self.ws)

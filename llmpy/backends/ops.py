@@ -152,6 +152,36 @@ class Backend(Protocol):
     def swiglu_backward(self, dinp, inp, dout) -> None:
         """dinp (N, 2F) = the gradient of swiglu_forward at inp given dout (N, F) (overwritten)."""
 
+    def bitlinear_forward(self, out, rstd, inp, w, gamma, eps: float, w_rows: int | None = None) -> None:
+        """The MatMul-free LM's ternary linear layer (layers/bitlinear.py): out (N, OC) from inp (N, K), w (OC, K),
+        the inner RMSNorm's gain gamma (K,): per-row int8 activations (absmax to 127, round half away from zero),
+        ternary weights (per-matrix absmean scale, round half to even), an exact integer product, one rescale per
+        output; rstd (N,) saved (stat dtype). w is used only through q_w and s_w: it may be the fp32 master copy of
+        a lower-precision model. w_rows: the leading rows of w its scale averages over (an LM head's vocabulary
+        padding rows are zero and left out; None: all OC)."""
+
+    def bitlinear_backward(self, dinp, dw, dgamma, dout, inp, w, gamma, rstd, w_rows: int | None = None) -> None:
+        """The straight-through backward: dinp (N, K) +=, dw (OC, K) +=, dgamma (K,) += given dout (N, OC)."""
+
+    def bitlinear_packed_forward(self, out, rstd, inp, codes, scale: float, K: int, packing: str, gamma,
+                                 eps: float) -> None:
+        """bitlinear_forward from packed ternary weights (formats/ternary.py): codes uint8 (OC, ceil(K / per
+        byte)), scale s_w; the same result as the latent weights they were packed from (inference only)."""
+
+    def mlgru_forward(self, o, h, rstd, ai, af, ag, lam, gamma, h0, eps: float) -> None:
+        """MLGRU (layers/mlgru.py): o (B, T, d) from the projections ai, af, ag (B, T, d), the layer's lower bound
+        lam (d,) and the gate norm's gain gamma (d,); h (B, T, d) every recurrent state and rstd (B, T) saved (stat
+        dtype); h0 (B, d) the state before the first position (stat dtype) or None for zeros."""
+
+    def mlgru_backward(self, dai, daf, dag, dlam, dgamma, do, ai, af, ag, lam, gamma, h, rstd) -> None:
+        """dai, daf, dag (B, T, d) overwritten; dlam (d,) +=, dgamma (d,) += (fp32 for dlam); given do (B, T, d)."""
+
+    def lower_bounds_forward(self, lam, P) -> None:
+        """lam (L, d) = cumsum(softmax(P over layers)) - softmax(P)_0, P (L, d) (lam fp32)."""
+
+    def lower_bounds_backward(self, dP, dlam, P) -> None:
+        """dP (L, d) += the gradient given dlam (L, d) (fp32)."""
+
     def attention_forward(self, out, state, qkv, num_heads: int, kv_heads: int | None = None) -> None:
         """Causal self-attention: out (B, T, C) from qkv (B, T, (NH + 2K) hs) = [q | k | v], head h on channels
         h*hs:(h+1)*hs of its part, query head h reading key/value head h // (NH/K) (kv_heads None: K = NH);

@@ -151,9 +151,15 @@ def prepare_shakespeare(out_dir: str | os.PathLike | None = None, tokenizer: str
     if tokenizer == "gpt2":
         from .tokenizers.gpt2 import GPT2_FILE_HASHES as hashes
         shard_format, folder = [SHARD_MAGIC, SHARD_VERSION], "shakespeare"
-    else:
+    elif tokenizer == "llama3":
         from .tokenizers.llama3 import fingerprint
         hashes, shard_format, folder = fingerprint(), [SHARD32_MAGIC, SHARD32_VERSION], f"shakespeare-{tokenizer}"
+    else:  # a tokenizer file: one folder per file content
+        from .tokenizers import get_tokenizer
+        tok = get_tokenizer(tokenizer)
+        hashes = tok.fingerprint()
+        shard_format = [SHARD_MAGIC, SHARD_VERSION] if tok.vocab_size <= 65536 else [SHARD32_MAGIC, SHARD32_VERSION]
+        folder = f"shakespeare-{next(iter(hashes.values()))[:16]}"
     out = Path(out_dir).expanduser() if out_dir is not None else cache_dir() / folder
     globs = (str(out / "shakespeare_train_*.bin"), str(out / "shakespeare_val_*.bin"))
     texts = shakespeare_texts()

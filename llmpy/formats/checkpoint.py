@@ -129,11 +129,12 @@ def load_checkpoint(path: str | os.PathLike, *, weights_only: bool = False) -> C
     return ck
 
 
-def load_weights(path: str | os.PathLike) -> tuple[object, dict[str, np.ndarray]]:
+def load_weights(path: str | os.PathLike, *, packed_ok: bool = False) -> tuple[object, dict[str, np.ndarray]]:
     """Model weights from an llm.c .bin (by magic), an llmpy checkpoint (by metadata), an HF safetensors file,
     index or folder (by keys), or a Hub model name (`gpt2`, `hf:owner/name`: formats/hub.py) that is not a local
     path. Returns (config, float32 params in spec order); the config's class names the family. A file of a
-    recognized kind that is damaged is reported by its reader (truncated, bad header, ...)."""
+    recognized kind that is damaged is reported by its reader (truncated, bad header, ...). A packed ternary
+    model (formats/ternary.py) loads only with packed_ok (inference), its ternary weights as PackedTernary."""
     p = Path(path)
     if not p.exists():
         from .hub import fetch_model, hub_repo
@@ -151,6 +152,12 @@ def load_weights(path: str | os.PathLike) -> tuple[object, dict[str, np.ndarray]
         if meta.get("format") == FORMAT:
             ck = load_checkpoint(p, weights_only=True)
             return ck.cfg, ck.params
+        from .ternary import FORMAT as TERNARY, read_ternary
+        if meta.get("format") == TERNARY:
+            if not packed_ok:
+                raise UserError(f"{path} is a packed ternary model, for sample and eval only: training and "
+                                "converting need the latent weights it was packed from")
+            return read_ternary(p)
         if is_hf_model(p):
             return read_hf_model(p)
         kind = f" (metadata format {meta['format']!r})" if "format" in meta else ""

@@ -17,11 +17,17 @@ from .adamw import adamw_update
 from .rmsnorm import rmsnorm_forward, rmsnorm_backward
 from .rope import rope_forward, rope_backward, rope_frequencies, rope_table
 from .swiglu import swiglu_forward, swiglu_backward
+from .bitlinear import (bitlinear_forward, bitlinear_backward, bitlinear_packed_forward, quantize_activations,
+                        quantize_weight, round_half_away, unpack_codes)
+from .mlgru import mlgru_forward, mlgru_backward, lower_bounds_forward, lower_bounds_backward
 
 __all__ = [
     "encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward",
     "matmul_forward", "matmul_backward", "gelu_forward", "gelu_backward", "residual_forward",
     "residual_backward", "attention_forward", "attention_backward", "attention_decode", "crossentropy_forward",
     "fused_classifier", "adamw_update", "rmsnorm_forward", "rmsnorm_backward", "rope_forward", "rope_backward",
-    "rope_frequencies", "rope_table", "swiglu_forward", "swiglu_backward",
+    "rope_frequencies", "rope_table", "swiglu_forward", "swiglu_backward", "bitlinear_forward", "bitlinear_backward",
+    "bitlinear_packed_forward", "unpack_codes",
+    "quantize_activations", "quantize_weight", "round_half_away", "mlgru_forward", "mlgru_backward",
+    "lower_bounds_forward", "lower_bounds_backward",
 ]

@@ -64,6 +64,15 @@ class ModelConfig:
             raise UserError(f"bad model config {d}: {e}") from None
 
 
+def inference_model(cfg, params: dict, backend, B: int, T: int):
+    """cfg's family model for inference on (B, T) holding `params` (packed when they hold ternary codes)."""
+    from ..config import family_of
+    packed = any(hasattr(v, "codes") for v in params.values())
+    model = family_of(cfg).model(cfg, backend, B, T, training=False, packed=packed)
+    model.load_params(params)
+    return model
+
+
 def pad_vocab(v: int, multiple: int = 128) -> int:
     return ((v + multiple - 1) // multiple) * multiple
 
@@ -107,10 +116,13 @@ class Model:
 
     HEAD_WEIGHT: ClassVar[str] = ""            # the LM head's weight: the embedding's name when tied
     RECOMPUTE: ClassVar[tuple[int, ...]] = (0,)
+    TERNARY: ClassVar[tuple[str, ...]] = ()    # weights a packed model holds as ternary codes (formats/ternary.py)
+    GRAPH_DECODE: ClassVar[bool] = False       # a decode step is the same launches at every position (no position
+                                               # argument, state updated in place): replayed as one CUDA graph
 
     def __init__(self, cfg, backend, B: int, T: int, *, training: bool = True, recompute: int = 0,
                  master_weights: bool = True, logits_chunk: int = 8192, rank: int = 0, world: int = 1,
-                 zero: int = 0):
+                 zero: int = 0, packed: bool = False):
         if T > cfg.max_seq_len:
             raise UserError(f"sequence length {T} exceeds the model's maximum {cfg.max_seq_len}")
         if B < 1 or T < 1:
@@ -120,11 +132,18 @@ class Model:
         if zero not in (0, 1, 2):
             raise UserError(f"--zero must be 0, 1 or 2 (got {zero})")
         from ..config import family_of
+        if packed and (training or not self.TERNARY):
+            raise UserError("a packed ternary model is for inference only (sample, eval): train from the latent "
+                            "weights it was packed from" if self.TERNARY else
+                            f"the {family_of(cfg).title} has no packed ternary form")
         self.cfg, self.be, self.B, self.T = cfg, backend, B, T
         self.training, self.recompute = training, recompute
         self.chunk = min(B * T, max(1, logits_chunk))
         self.rank, self.world, self.zero = rank, world, zero
-        self.specs = family_of(cfg).spec(cfg)
+        # packed: the TERNARY weights live as codes + scales (self.packed, filled by load_params), not as params
+        self.packed: dict[str, tuple] = {}
+        self.is_packed = packed
+        self.specs = [s for s in family_of(cfg).spec(cfg) if not (packed and s.name in self.TERNARY)]
         self.layout = ParamLayout(self.specs, world)
         self.params = ParamBuffer(backend, self.layout, backend.param_dtype)
         # fp32 master weights when the compute copy is lower precision (AdamW updates these); ZeRO shards them
@@ -174,6 +193,8 @@ class Model:
     def memory_plan(self) -> dict[str, int]:
         """Bytes per category on this rank (printed at start; the step allocates nothing beyond these)."""
         plan = {"parameters": self.params.nbytes()}
+        if self.packed:
+            plan["packed ternary weights"] = sum(int(c.nbytes) + s.nbytes for c, s, _, _ in self.packed.values())
         if self.master is not None:
             plan["master weights"] = self.master.nbytes()
         if self.grads is not None:
@@ -193,8 +214,18 @@ class Model:
         self.load_params(init_params(self.specs, seed))
 
     def load_params(self, params: dict[str, np.ndarray]) -> None:
-        """fp32 host weights -> the compute copy (rounded to nearest) and the master copy or this rank's shard."""
+        """fp32 host weights -> the compute copy (rounded to nearest) and the master copy or this rank's shard; a
+        packed model takes its TERNARY weights as formats.ternary.PackedTernary (codes and scales uploaded as
+        they are)."""
         be = self.be
+        self._decode_graph = None  # a recorded decode step may point at buffers replaced here
+        if self.is_packed:
+            missing = [k for k in self.TERNARY if not hasattr(params.get(k), "codes")]
+            if missing:
+                raise UserError(f"a packed model needs packed ternary weights; {', '.join(missing)} are not")
+            self.packed = {k: (be.asarray(params[k].codes), np.atleast_1d(params[k].scale).astype(np.float32),
+                               params[k].K, params[k].packing) for k in self.TERNARY}
+            params = {k: v for k, v in params.items() if k not in self.TERNARY}
         dev = be.asarray(self.layout.to_flat(params), np.float32)  # the weights in our layout, one upload
         be.load_f32(self.params.flat, dev)
         if isinstance(self.master, ParamBuffer):
@@ -240,22 +271,31 @@ class Model:
         (which must fit one chunk) are left in acts["logits"] and None is returned."""
         be, a, s = self.be, self.acts, self.stats
         N, C, R = self.B * self.T, x.shape[-1], self.chunk
-        xf, w = x.reshape(N, C), self.params[self.HEAD_WEIGHT][:self.Vl]
+        xf = x.reshape(N, C)
         if not self.has_targets:
             if N > R:
                 raise UserError(f"logits of {N} rows need logits_chunk >= {N} (it is {R})")
-            be.matmul_forward(a["logits"], xf, w, None)
+            self.head_forward(a["logits"], xf, slice(0, N))
             return None
         losses, targets = s["losses"].reshape(N), self.targets.reshape(N)
         for r0 in range(0, N, R):
             r1 = min(N, r0 + R)
             logits = a["logits"][:r1 - r0]
-            be.matmul_forward(logits, xf[r0:r1], w, None)
+            self.head_forward(logits, xf[r0:r1], slice(r0, r1))
             be.fused_classifier(losses[r0:r1], logits, targets[r0:r1], self.cfg.vocab_size, grad_scale)
             if grad_scale is not None:
-                be.matmul_backward(dx.reshape(N, C)[r0:r1], self.grads[self.HEAD_WEIGHT][:self.Vl], None, logits,
-                                   xf[r0:r1], w)
+                self.head_backward(dx.reshape(N, C)[r0:r1], logits, xf[r0:r1], slice(r0, r1))
         return be.mean_loss(s["losses"]) if return_loss and not be.capturing else None
+
+    def head_forward(self, logits, x, rows: slice) -> None:
+        """logits (n, Vl) = the head applied to x (n, C), the rows `rows` of the batch (a plain product here; a
+        family with another head overrides this and head_backward)."""
+        self.be.matmul_forward(logits, x, self.params[self.HEAD_WEIGHT][:self.Vl], None)
+
+    def head_backward(self, dx, dlogits, x, rows: slice) -> None:
+        """dx (n, C) = the head's input gradient (overwritten), the head weight's gradient +=, given dlogits."""
+        w = self.HEAD_WEIGHT
+        self.be.matmul_backward(dx, self.grads[w][:self.Vl], None, dlogits, x, self.params[w][:self.Vl])
 
     # ---- decoding -------------------------------------------------------------------------------------------
     def decode_step(self, tokens, state) -> np.ndarray:
@@ -271,7 +311,21 @@ class Model:
                             f"{state.capacity} this decoding state holds (the model's context is "
                             f"{self.cfg.max_seq_len}): use a shorter prompt or fewer new tokens")
         for t in range(toks.shape[1]):
-            self.forward(np.ascontiguousarray(toks[:, t:t + 1]), state=state)
+            if self.GRAPH_DECODE:
+                self._decode_replay(np.ascontiguousarray(toks[:, t:t + 1]), state)
+            else:
+                self.forward(np.ascontiguousarray(toks[:, t:t + 1]), state=state)
             state.pos += 1
         logits = self.be.to_numpy(self.acts["logits"][:self.B, :self.cfg.vocab_size])
         return np.array(logits, np.float32)  # a copy: the next step overwrites the buffer (a view on the CPU)
+
+    def _decode_replay(self, tokens, state) -> None:
+        """One decode step as a CUDA graph of the whole forward, recorded for `state` on its first step (which runs
+        eagerly, sizing every scratch buffer); later steps upload the token and replay it."""
+        self.set_batch(tokens)
+        cached = getattr(self, "_decode_graph", None)
+        if cached is not None and cached[0] is state:
+            cached[1]()
+            return
+        self.forward(state=state)
+        self._decode_graph = (state, self.be.capture(lambda: self.forward(state=state)))

@@ -34,12 +34,23 @@ class KVCache:
         return cls(k, v)
 
 
+@dataclass
+class RecurrentState:
+    """Every layer's recurrent state h (L, B, d) in fp32 (the stat dtype), after positions < pos; a recurrent model
+    has no cache to fill, so capacity only bounds the decoding window as the context bounds an attention model's."""
+    h: Any
+    capacity: int
+    pos: int = 0
+
+    @classmethod
+    def allocate(cls, backend, shape: tuple[int, ...], capacity: int) -> "RecurrentState":
+        return cls(backend.zeros(int(np.prod(shape)), backend.stat_dtype).reshape(shape), capacity)
+
+
 def decoder(cfg, params: dict[str, np.ndarray], backend):
     """cfg's family model on `backend`, planned for decoding one sequence (B = 1, T = 1), holding `params`."""
-    from ..config import family_of
-    model = family_of(cfg).model(cfg, backend, 1, 1, training=False)
-    model.load_params(params)
-    return model
+    from .base import inference_model
+    return inference_model(cfg, params, backend, 1, 1)
 
 
 def sample_token(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import UserError
 
 ALIGN = 64  # elements: every tensor starts 128/256-byte aligned (16-byte vector loads, cuBLASLt's fast paths)
-INITS = ("normal", "zeros", "ones")
+INITS = ("normal", "uniform", "zeros", "ones")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class ParamSpec:
     shape: tuple[int, ...]         # the whole tensor; a per-layer tensor is stacked on axis 0: (L, ...)
     per_layer: bool = False
     decay: bool = False            # AdamW's decoupled weight decay applies
-    init: str = "zeros"            # "normal" (N(0, std)), "zeros" or "ones"
+    init: str = "zeros"            # "normal" (N(0, std)), "uniform" (U(-std, std)), "zeros" or "ones"
     std: float = 0.0
     vocab_rows: int | None = None  # rows from here on pad the vocabulary: zero at init, left out of HF files
     hf: str | tuple[str, ...] | None = None  # Hugging Face key ("{l}": the layer index), or the keys of the HF
@@ -59,6 +59,8 @@ def init_params(specs: list[ParamSpec], seed: int) -> dict[str, np.ndarray]:
             out[s.name] = np.ones(s.shape, np.float32)
         elif s.init == "zeros":
             out[s.name] = np.zeros(s.shape, np.float32)
+        elif s.init == "uniform":
+            out[s.name] = rng.uniform(-s.std, s.std, s.shape).astype(np.float32)
         else:
             out[s.name] = rng.standard_normal(s.shape, dtype=np.float32) * np.float32(s.std)
     for s in specs:

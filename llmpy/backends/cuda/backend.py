@@ -15,6 +15,7 @@ import numpy as np
 from ...errors import UserError
 from ..ops import OpShapes
 from .gemm import Gemm
+from .mmfree import MMFree
 from .runtime import bf16_dtype, cdiv, import_cupy, module
 
 _NORM_BLOCKS = 264  # grid of the sum-of-squares partials: 2 per SM on an H200; fixed, so the sum's order is fixed
@@ -47,6 +48,7 @@ class CUDABackend:
         self.attn = {}                   # (B, T, NH, K, hs) -> attention implementation
         self._decode_scores = {}         # (B, NH, maxT) -> attention_decode's fp32 scores (B*NH*maxT)
         self.capturing = False
+        self.mmfree = MMFree(self)       # BitLinear, MLGRU, lower bounds (mmfree.py) and their scratch
 
     # ---- memory ---------------------------------------------------------------------------------------------
     def zeros(self, n, dtype):
@@ -362,6 +364,28 @@ class CUDABackend:
         if chunks * width > self.colsum_part.size:
             raise ValueError(f"column sum of {chunks} x {width} partials exceeds the planned workspace "
                              f"({self.colsum_part.size}): list every bias width in OpShapes.bias_widths")
+
+    # the MatMul-free LM's ops: mmfree.py
+    def bitlinear_forward(self, out, rstd, inp, w, gamma, eps, w_rows=None):
+        self.mmfree.bitlinear_forward(out, rstd, inp, w, gamma, eps, w_rows)
+
+    def bitlinear_backward(self, dinp, dw, dgamma, dout, inp, w, gamma, rstd, w_rows=None):
+        self.mmfree.bitlinear_backward(dinp, dw, dgamma, dout, inp, w, gamma, rstd, w_rows)
+
+    def bitlinear_packed_forward(self, out, rstd, inp, codes, scale, K, packing, gamma, eps):
+        self.mmfree.bitlinear_packed_forward(out, rstd, inp, codes, scale, K, packing, gamma, eps)
+
+    def mlgru_forward(self, o, h, rstd, ai, af, ag, lam, gamma, h0, eps):
+        self.mmfree.mlgru_forward(o, h, rstd, ai, af, ag, lam, gamma, h0, eps)
+
+    def mlgru_backward(self, dai, daf, dag, dlam, dgamma, do, ai, af, ag, lam, gamma, h, rstd):
+        self.mmfree.mlgru_backward(dai, daf, dag, dlam, dgamma, do, ai, af, ag, lam, gamma, h, rstd)
+
+    def lower_bounds_forward(self, lam, P):
+        self.mmfree.lower_bounds_forward(lam, P)
+
+    def lower_bounds_backward(self, dP, dlam, P):
+        self.mmfree.lower_bounds_backward(dP, dlam, P)
 
     def gelu_forward(self, out, inp):
         n = inp.size

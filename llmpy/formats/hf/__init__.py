@@ -29,7 +29,7 @@ from ..safetensors import load_safetensors, no_duplicates, read_safetensors_head
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-CODECS = ("gpt2", "llama3")  # families with an HF codec in formats/hf/<family>.py
+CODECS = ("gpt2", "llama3", "mmfree")  # families with an HF codec in formats/hf/<family>.py
 
 
 def _codec(family: str):

@@ -32,6 +32,15 @@ template <class T> __device__ __forceinline__ void store16(T* p, const Pack<T>& 
     *reinterpret_cast<Pack<T>*>(p) = x;
 }
 
+// N fp32 values (N % 4 == 0) in 16-byte loads, for fp32 tensors read alongside Pack<T>s of N elements.
+template <int N> __device__ __forceinline__ void load_f32(float (&v)[N], const float* p) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) {
+        const float4 q = *reinterpret_cast<const float4*>(p + i);
+        v[i] = q.x; v[i + 1] = q.y; v[i + 2] = q.z; v[i + 3] = q.w;
+    }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

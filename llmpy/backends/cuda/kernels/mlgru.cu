@@ -1,0 +1,165 @@
+// MLGRU (layers/mlgru.py), the MatMul-free LM's token mixer, elementwise over channels; ai, af, ag (B, T, d):
+//   f = lam + (1 - lam) sigmoid(af); c = silu(ai) (1 - f); h_t = f_t h_{t-1} + c_t (fp32); o = RMSNorm(ag) silu(h)
+// and the lower bounds of all layers, lam (L, d) = cumsum(softmax(P over layers)) - softmax(P)_0.
+#include "common.cuh"
+
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// rstd (rows,) = 1/sqrt(mean(ag^2) + eps) of the gate's rows ag (rows, d), rows = B T. One warp per row.
+template <class T>
+__global__ void mlgru_gate_rstd(float* rstd, const T* ag, float eps, int rows, int d) {
+    constexpr int N = Pack<T>::N;
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const T* x = ag + (long long)row * d;
+    float s = 0.0f;
+    for (int c = lane * N; c < d; c += 32 * N) {
+        Pack<T> p = load16(x + c);
+#pragma unroll
+        for (int k = 0; k < N; k++) { const float v = to_f(p.v[k]); s += v * v; }
+    }
+    s = warp_sum(s);
+    if (lane == 0) rstd[row] = 1.0f / sqrtf(s / d + eps);
+}
+
+// The recurrence: one thread per (b, channel), walking t = 0..nt-1 in order (deterministic). The parallelism is
+// B d threads; an associative scan over T, (a2, b2) o (a1, b1) = (a2 a1, a2 b1 + b2), would add more: a later step.
+// Threads of a warp take adjacent channels, so each step's scalar loads coalesce (no 16-byte packs here: a thread
+// per pack would cut the few threads there are by 4-8x).
+// h (B, nt, d) fp32 every state; o = ag rstd gamma * h sigmoid(h) (rstd (B, nt) from mlgru_gate_rstd);
+// lam, gamma (d,); h0 (B, d) fp32 or null (zeros).
+template <class T>
+__global__ void mlgru_forward(T* o, float* h, const T* ai, const T* af, const T* ag, const float* lam,
+                              const T* gamma, const float* rstd, const float* h0, int B, int nt, int d) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= B * d) return;
+    const int b = i / d, c = i % d;
+    const float l = lam[c], g = to_f(gamma[c]);
+    float prev = h0 ? h0[i] : 0.0f;
+    for (int t = 0; t < nt; t++) {
+        const long long off = ((long long)b * nt + t) * d + c;
+        const float a = to_f(ai[off]);
+        const float f = l + (1.0f - l) * sigmoid_f(to_f(af[off]));
+        prev = f * prev + a * sigmoid_f(a) * (1.0f - f);
+        h[off] = prev;
+        o[off] = from_f<T>(to_f(ag[off]) * rstd[(long long)b * nt + t] * g * (prev * sigmoid_f(prev)));
+    }
+}
+
+// Backward of the recurrence and the gates: one thread per (b, channel), t = nt-1..0:
+//   dh_t = do z (s + h s (1 - s)) (o = z silu(h), z = ag rstd gamma, s = sigmoid(h));
+//   delta_t = dh_t + f_{t+1} delta_{t+1};
+//   df = delta h_{t-1} - silu(ai) delta (h_{-1} = 0: training starts from zeros); dai, daf overwritten (B, nt, d).
+// The parameter gradients' terms, df (1 - sigmoid(af)) for dlam and do h s (ag rstd) for dgamma, are summed over t
+// in order into part (2, B, d): fixed-order partials that mlgru_backward_params_finalize adds over b.
+template <class T>
+__global__ void mlgru_backward_scan(T* dai, T* daf, float* part, const T* dout, const T* ai, const T* af, const T* ag,
+                                    const float* lam, const T* gamma, const float* h, const float* rstd, int B, int nt,
+                                    int d) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= B * d) return;
+    const int b = i / d, c = i % d;
+    const float l = lam[c], g = to_f(gamma[c]);
+    float nxt = 0.0f, slam = 0.0f, sgam = 0.0f;
+    for (int t = nt - 1; t >= 0; t--) {
+        const long long off = ((long long)b * nt + t) * d + c;
+        const float hv = h[off], sh = sigmoid_f(hv), ah = to_f(ag[off]) * rstd[(long long)b * nt + t];
+        const float dov = to_f(dout[off]);
+        const float delta = dov * (ah * g) * (sh + hv * sh * (1.0f - sh)) + nxt;
+        const float a = to_f(ai[off]), si = sigmoid_f(a), sf = sigmoid_f(to_f(af[off]));
+        const float f = l + (1.0f - l) * sf;
+        nxt = f * delta;
+        const float hprev = t > 0 ? h[off - d] : 0.0f;
+        const float df = delta * hprev - a * si * delta;
+        dai[off] = from_f<T>(si * (1.0f + a * (1.0f - si)) * (1.0f - f) * delta);
+        daf[off] = from_f<T>(df * (1.0f - l) * sf * (1.0f - sf));
+        slam += df * (1.0f - sf);
+        sgam += dov * hv * sh * ah;
+    }
+    part[i] = slam;
+    part[(long long)B * d + i] = sgam;
+}
+
+// dlam (d,) fp32 += sum_b part[0, b, :]; dgamma (d,) += sum_b part[1, b, :]; b in order.
+template <class T>
+__global__ void mlgru_backward_params_finalize(float* dlam, T* dgamma, const float* part, int B, int d) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= d) return;
+    dlam[c] += colsum_chunks(part, B, d, c);
+    dgamma[c] = from_f<T>(to_f(dgamma[c]) + colsum_chunks(part + (long long)B * d, B, d, c));
+}
+
+// The gate norm's input gradient: dag (rows, d) = rstd (u - ah mean_d(ah u)), u = gamma dz, dz = do h sigmoid(h),
+// ah = ag rstd; h (rows, d) fp32. One warp per row.
+template <class T>
+__global__ void mlgru_backward_dag(T* dag, const T* dout, const T* ag, const T* gamma, const float* h,
+                                   const float* rstd, int rows, int d) {
+    constexpr int N = Pack<T>::N;
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const long long off = (long long)row * d;
+    const float r = rstd[row];
+    float a = 0.0f;
+    for (int c = lane * N; c < d; c += 32 * N) {
+        Pack<T> x = load16(ag + off + c), dy = load16(dout + off + c), g = load16(gamma + c);
+        float hv[N];
+        load_f32<N>(hv, h + off + c);
+#pragma unroll
+        for (int k = 0; k < N; k++)
+            a += (to_f(x.v[k]) * r) * (to_f(g.v[k]) * (to_f(dy.v[k]) * hv[k] * sigmoid_f(hv[k])));
+    }
+    a = warp_sum(a) / d;
+    for (int c = lane * N; c < d; c += 32 * N) {
+        Pack<T> x = load16(ag + off + c), dy = load16(dout + off + c), g = load16(gamma + c), o;
+        float hv[N];
+        load_f32<N>(hv, h + off + c);
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            const float u = to_f(g.v[k]) * (to_f(dy.v[k]) * hv[k] * sigmoid_f(hv[k])), ah = to_f(x.v[k]) * r;
+            o.v[k] = from_f<T>(r * (u - ah * a));
+        }
+        store16(dag + off + c, o);
+    }
+}
+
+// lam (L, d) fp32 = cumsum_l(S) - S_0, S = softmax of P (L, d) over the layer axis (lam_0 = 0 exactly). One thread
+// per channel, the L layers in order.
+template <class T>
+__global__ void lower_bounds_forward(float* lam, const T* P, int L, int d) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= d) return;
+    float m = -INFINITY, z = 0.0f;
+    for (int l = 0; l < L; l++) m = fmaxf(m, to_f(P[(long long)l * d + c]));
+    for (int l = 0; l < L; l++) z += expf(to_f(P[(long long)l * d + c]) - m);
+    float cum = 0.0f, s0 = 0.0f;
+    for (int l = 0; l < L; l++) {
+        const float s = expf(to_f(P[(long long)l * d + c]) - m) / z;
+        if (l == 0) s0 = s;
+        cum += s;
+        lam[(long long)l * d + c] = cum - s0;
+    }
+}
+
+// dP (L, d) += S (dS - sum_j S_j dS_j), dS_j = sum_{l >= j} dlam_l for j > 0 and dS_0 = 0 (the - S_0 takes back
+// layer 0's whole suffix); dlam (L, d) fp32. One thread per channel; the suffix sums in the same order twice.
+template <class T>
+__global__ void lower_bounds_backward(T* dP, const float* dlam, const T* P, int L, int d) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= d) return;
+    float m = -INFINITY, z = 0.0f;
+    for (int l = 0; l < L; l++) m = fmaxf(m, to_f(P[(long long)l * d + c]));
+    for (int l = 0; l < L; l++) z += expf(to_f(P[(long long)l * d + c]) - m);
+    float suffix = 0.0f, dot = 0.0f;
+    for (int j = L - 1; j > 0; j--) {
+        const long long i = (long long)j * d + c;
+        suffix += dlam[i];
+        dot += expf(to_f(P[i]) - m) / z * suffix;
+    }
+    suffix = 0.0f;
+    for (int j = L - 1; j >= 0; j--) {
+        const long long i = (long long)j * d + c;
+        if (j > 0) suffix += dlam[i];
+        const float s = expf(to_f(P[i]) - m) / z, ds = j > 0 ? suffix : 0.0f;
+        dP[i] = from_f<T>(to_f(dP[i]) + s * (ds - dot));
+    }
+}

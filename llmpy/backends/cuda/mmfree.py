@@ -1,0 +1,262 @@
+"""The MatMul-free LM's ops on the GPU: BitLinear's exact quantized product and straight-through backward
+(kernels/bitlinear.cu), the MLGRU recurrence and the lower bounds (kernels/mlgru.cu); the NumPy twins are
+layers/bitlinear.py and layers/mlgru.py. CUDABackend's methods delegate here, one line each.
+
+Dtypes, T = the backend's activation and parameter dtype (bf16 or fp32):
+  bitlinear:    out, inp, gamma, dout, dinp, dw, dgamma T; rstd fp32; w T or fp32 (a bf16 model's fp32 master
+                weights: q_w and s_w from them, as the reference quantizes its fp32 weights under autocast).
+  mlgru:        o, ai, af, ag, gamma, do, dai, daf, dag, dgamma T; h, h0, rstd, lam, dlam fp32.
+  lower bounds: P, dP T; lam, dlam fp32.
+BitLinear's product: q_x and q_w are integer-valued scratch arrays in T (exact in bf16 and fp32; T rather than
+always bf16 because cuBLASLt wants A and B of one type and the backward multiplies dout (T) by the same q_w), multiplied
+by cuBLASLt into fp32 with fp32 accumulation. Every product is an integer and every partial sum stays below 2^24 for
+K < 2^17 (|q_x| <= 128, |q_w| <= 1), so the sums are exact in any order, split-K included. (int8 tensor cores with
+int32 accumulation would run the product about 2x faster and lift the bound on K: a later step.)
+
+Scratch lives here rather than in plan_workspace, so models without these ops pay nothing: each buffer is allocated
+on first use and grown, never shrunk, to the largest size seen, and only outside CUDA graph capture. The trainer's
+first step runs eagerly and so sizes everything; a capture that needs more raises. A buffer replaced after a capture
+used it is kept alive, since the captured graph still points at it.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from ...errors import UserError
+from .runtime import cdiv, module
+
+_WBLOCKS = 264       # grid of the weight scale's |W| partial sums: fixed, so the sum's order is fixed
+_CHUNK_ROWS = 256    # rows per partial of dgamma's column sums
+_MAX_K = 1 << 17     # |q_x q_w^T| <= 128 K must stay below 2^24 (exact in fp32)
+_SCAN_THREADS = 64   # block of the MLGRU scans: only B d threads in all, so small blocks reach more SMs
+F32 = np.dtype(np.float32)
+
+
+class _Scratch:
+    """Named device buffers that grow to the largest request, never during graph capture."""
+
+    def __init__(self, be):
+        self.be, self.bufs, self.kept, self.captured = be, {}, [], False
+
+    def get(self, name: str, n: int, dtype):
+        """The first n elements of buffer `name` (a contiguous 1-D array of dtype)."""
+        n, key = int(n), (name, np.dtype(dtype).str)
+        buf = self.bufs.get(key)
+        if self.be.capturing:
+            if buf is None or buf.size < n:
+                raise RuntimeError(f"scratch {name!r} needs {n} elements inside a CUDA graph capture but holds "
+                                   f"{0 if buf is None else buf.size}: run every shape eagerly once before capturing")
+            self.captured = True
+        elif buf is None or buf.size < n:
+            if buf is not None and self.captured:
+                self.kept.append(buf)  # a captured graph may still read or write it
+            buf = self.bufs[key] = self.be.zeros(n, dtype)
+        return buf[:n]
+
+
+def _need(op: str, name: str, x, dtype, size: int, aligned: bool = True) -> None:
+    """x is a contiguous array of `size` elements of dtype; aligned: 16-byte aligned too (vector loads)."""
+    if x.dtype != dtype or x.size != size or not x.flags.c_contiguous or (aligned and x.data.ptr % 16):
+        raise ValueError(f"{op}: {name} {tuple(x.shape)} {x.dtype} is not a contiguous{', 16-byte aligned' * aligned} "
+                         f"array of {size} {np.dtype(dtype).name}")
+
+
+class MMFree:
+    """BitLinear, MLGRU and the lower bounds on one CUDABackend (its stream, GEMMs, capture flag) with their scratch."""
+
+    def __init__(self, be):
+        self.be = be
+        self.scratch = _Scratch(be)
+
+    @functools.cached_property
+    def kb(self):  # compiled on first use: families without these ops never build them
+        return module("bitlinear", self.be.dtype_name)
+
+    @functools.cached_property
+    def km(self):
+        return module("mlgru", self.be.dtype_name)
+
+    # ---- BitLinear -------------------------------------------------------------------------------------------
+    def _bitlinear_sizes(self, op, inp, w, w_rows):
+        if w.ndim != 2:
+            raise ValueError(f"{op}: weight {tuple(w.shape)} is not (N, K)")
+        N, K = w.shape
+        if K >= _MAX_K:
+            raise ValueError(f"{op}: K = {K} inputs per output; the exact fp32 sums of int8 x ternary products need "
+                             f"K < {_MAX_K} (|sum| <= 128 K < 2^24)")
+        if K % 8 or N % 8:
+            raise UserError(f"the cuda BitLinear kernels need in and out features divisible by 8 (got {K}, {N})")
+        if inp.size % K or inp.size == 0:
+            raise ValueError(f"{op}: input {tuple(inp.shape)} is not rows of K = {K}")
+        if w_rows is not None and not 0 < w_rows <= N:
+            raise ValueError(f"{op}: w_rows = {w_rows} outside 1..{N}")
+        return N, K, inp.size // K
+
+    def _weight(self, w, N, K, w_rows):
+        """(q_w (N, K) in T, s_w (1,) fp32) of w, recomputed on every call (forward and backward see one w); the
+        mean |w| is over the leading w_rows rows (None: all N; the rest are an LM head's zero padding)."""
+        T, s, k = self.be.act_dtype, self.scratch, self.kb
+        n = N * K
+        count = n if w_rows is None else w_rows * K
+        qw, sw, part = s.get("bl_qw", n, T), s.get("bl_sw", 1, F32), s.get("bl_wpart", _WBLOCKS, F32)
+        f32 = w.dtype == F32 and T != F32  # the fp32 master weights of a bf16 model
+        (k.bitlinear_absmean_partial_f32 if f32 else k.bitlinear_absmean_partial)((_WBLOCKS,), (512,),
+                                                                                  (part, w, np.int64(n)))
+        k.bitlinear_weight_scale((1,), (1024,), (sw, part, np.int32(_WBLOCKS), np.int64(count)))
+        (k.bitlinear_ternary_f32 if f32 else k.bitlinear_ternary)((cdiv(n // _pack(w.dtype), 256),), (256,),
+                                                                  (qw, w, sw, np.int64(n)))
+        return qw, sw
+
+    def bitlinear_forward(self, out, rstd, inp, w, gamma, eps, w_rows=None):
+        op, T = "bitlinear_forward", self.be.act_dtype
+        N, K, M = self._bitlinear_sizes(op, inp, w, w_rows)
+        for name, x, dt, size in (("out", out, T, M * N), ("inp", inp, T, M * K), ("w", w, _wdtype(w, T), N * K),
+                                  ("gamma", gamma, T, K)):
+            _need(op, name, x, dt, size)
+        _need(op, "rstd", rstd, F32, M, aligned=False)
+        s = self.scratch
+        qx, sx, acc = s.get("bl_x", M * K, T), s.get("bl_sx", M, F32), s.get("bl_f32", M * N, F32)
+        qw, sw = self._weight(w, N, K, w_rows)
+        # q_x (M, K) integers, s_x (M,), rstd (M,) written
+        self.kb.bitlinear_quantize((cdiv(M, 8),), (256,), (qx, sx, rstd, inp, gamma, np.float32(eps), np.int32(0),
+                                                            np.int32(0), np.int32(M), np.int32(K)))
+        self.be.gemm.mm(acc, qx, qw, M, N, K, transy=True, out_fp32=True)  # acc (M, N) = q_x q_w^T, exact
+        self.kb.bitlinear_rescale((cdiv(M * N // _pack(T), 256),), (256,), (out, acc, sx, sw, np.int32(M),
+                                                                             np.int32(N)))
+
+    def bitlinear_backward(self, dinp, dw, dgamma, dout, inp, w, gamma, rstd, w_rows=None):
+        op, T = "bitlinear_backward", self.be.act_dtype
+        N, K, M = self._bitlinear_sizes(op, inp, w, w_rows)
+        for name, x, dt, size in (("dinp", dinp, T, M * K), ("dw", dw, T, N * K), ("dout", dout, T, M * N),
+                                  ("inp", inp, T, M * K), ("w", w, _wdtype(w, T), N * K), ("gamma", gamma, T, K)):
+            _need(op, name, x, dt, size)
+        _need(op, "dgamma", dgamma, T, K, aligned=False)
+        _need(op, "rstd", rstd, F32, M, aligned=False)
+        chunks = cdiv(M, _CHUNK_ROWS)
+        s, k = self.scratch, self.kb
+        yq, sx, graw = s.get("bl_x", M * K, T), s.get("bl_sx", M, F32), s.get("bl_f32", M * K, F32)
+        part = s.get("bl_gpart", chunks * K, F32)
+        qw, sw = self._weight(w, N, K, w_rows)
+        # yq = q_x / s_x (M, K) in T, recomputed from inp with the saved rstd (eps unused)
+        k.bitlinear_quantize((cdiv(M, 8),), (256,), (yq, sx, rstd, inp, gamma, np.float32(0.0), np.int32(1),
+                                                     np.int32(1), np.int32(M), np.int32(K)))
+        self.be.gemm.mm(dw, dout, yq, N, K, M, transx=True, accumulate=True)  # dw (N, K) += dout^T yq
+        self.be.gemm.mm(graw, dout, qw, M, K, N, out_fp32=True)               # graw (M, K) = dout q_w = s_w dyq
+        k.bitlinear_backward_dinp((cdiv(M, 8),), (256,), (dinp, graw, inp, gamma, rstd, sw, np.int32(M),
+                                                          np.int32(K)))
+        k.bitlinear_backward_dgamma_partial((cdiv(K, 128), chunks), (128,), (part, graw, inp, rstd, sw, np.int32(M),
+                                                                            np.int32(K), np.int32(_CHUNK_ROWS)))
+        k.bitlinear_backward_dgamma_finalize((cdiv(K, 128),), (128,), (dgamma, part, np.int32(chunks), np.int32(K)))
+
+    def bitlinear_packed_forward(self, out, rstd, inp, codes, scale, K, packing, gamma, eps):
+        """Packed inference: q_x as in bitlinear_forward, then for up to 8 rows (decoding) the packed GEMV kernel
+        (codes read as they are: additions and subtractions, int32 sums), else the codes unpacked into the q_w
+        scratch and the same exact GEMM and rescale as the latent path."""
+        op, T = "bitlinear_packed_forward", self.be.act_dtype
+        N, nb = codes.shape
+        per = {"base3": 5, "2bit": 4}[packing]
+        if nb != -(-K // per) or codes.dtype != np.uint8 or not codes.flags.c_contiguous:
+            raise ValueError(f"{op}: codes {tuple(codes.shape)} {codes.dtype} are not contiguous uint8 rows of "
+                             f"ceil({K} / {per}) bytes")
+        if K % 8 or N % 8 or K >= _MAX_K:
+            raise UserError(f"the cuda BitLinear kernels need in and out features divisible by 8 (got {K}, {N})")
+        M = inp.size // K
+        for name, x, dt, size in (("out", out, T, M * N), ("inp", inp, T, M * K), ("gamma", gamma, T, K)):
+            _need(op, name, x, dt, size)
+        _need(op, "rstd", rstd, F32, M, aligned=False)
+        s, k = self.scratch, self.kb
+        qx, sx = s.get("bl_x", M * K, T), s.get("bl_sx", M, F32)
+        k.bitlinear_quantize((cdiv(M, 8),), (256,), (qx, sx, rstd, inp, gamma, np.float32(eps), np.int32(0),
+                                                     np.int32(0), np.int32(M), np.int32(K)))
+        staged = M * nb * per  # bytes of q_x as int8 in the GEMV's shared memory
+        if M <= 8 and staged <= 48 * 1024:
+            k.bitlinear_packed_gemv((cdiv(N, 8),), (256,), (out, qx, sx, codes, np.float32(scale), np.int32(M),
+                                                                np.int32(N), np.int32(K), np.int32(nb),
+                                                                np.int32(per)), shared_mem=staged)
+            return
+        qw, sw, acc = s.get("bl_qw", N * K, T), s.get("bl_sw", 1, F32), s.get("bl_f32", M * N, F32)
+        k.bitlinear_unpack((cdiv(N * nb, 256),), (256,), (qw, codes, np.int32(N), np.int32(K), np.int32(nb),
+                                                          np.int32(per)))
+        sw.fill(np.float32(scale))
+        self.be.gemm.mm(acc, qx, qw, M, N, K, transy=True, out_fp32=True)
+        k.bitlinear_rescale((cdiv(M * N // _pack(T), 256),), (256,), (out, acc, sx, sw, np.int32(M), np.int32(N)))
+
+    def quantized(self, M: int, N: int, K: int):
+        """(q_x (M, K), s_x (M,), q_w (N, K), s_w (1,)) of the last bitlinear_forward at these sizes: device views of
+        the scratch (the tests read them; a bitlinear_backward since has overwritten q_x and s_x)."""
+        T, s = self.be.act_dtype, self.scratch
+        return (s.get("bl_x", M * K, T).reshape(M, K), s.get("bl_sx", M, F32), s.get("bl_qw", N * K, T).reshape(N, K),
+                s.get("bl_sw", 1, F32))
+
+    # ---- MLGRU -------------------------------------------------------------------------------------------------
+    def _mlgru_sizes(self, op, ai):
+        if ai.ndim != 3:
+            raise ValueError(f"{op}: ai {tuple(ai.shape)} is not (B, T, d)")
+        B, nt, d = ai.shape
+        if d % 8:
+            raise UserError(f"the cuda MLGRU kernels need a hidden size divisible by 8 (got {d})")
+        return B, nt, d
+
+    def mlgru_forward(self, o, h, rstd, ai, af, ag, lam, gamma, h0, eps):
+        op, T = "mlgru_forward", self.be.act_dtype
+        B, nt, d = self._mlgru_sizes(op, ai)
+        n = B * nt * d
+        for name, x, dt, size, aligned in (
+                ("o", o, T, n, True), ("h", h, F32, n, True), ("ai", ai, T, n, True), ("af", af, T, n, True),
+                ("ag", ag, T, n, True), ("rstd", rstd, F32, B * nt, False), ("lam", lam, F32, d, False),
+                ("gamma", gamma, T, d, False)) + ((("h0", h0, F32, B * d, False),) if h0 is not None else ()):
+            _need(op, name, x, dt, size, aligned)
+        k = self.km
+        k.mlgru_gate_rstd((cdiv(B * nt, 8),), (256,), (rstd, ag, np.float32(eps), np.int32(B * nt), np.int32(d)))
+        k.mlgru_forward((cdiv(B * d, _SCAN_THREADS),), (_SCAN_THREADS,), (
+            o, h, ai, af, ag, lam, gamma, rstd, np.uint64(0) if h0 is None else h0, np.int32(B), np.int32(nt),
+            np.int32(d)))
+
+    def mlgru_backward(self, dai, daf, dag, dlam, dgamma, do, ai, af, ag, lam, gamma, h, rstd):
+        op, T = "mlgru_backward", self.be.act_dtype
+        B, nt, d = self._mlgru_sizes(op, ai)
+        n = B * nt * d
+        for name, x, dt, size, aligned in (
+                ("dai", dai, T, n, True), ("daf", daf, T, n, True), ("dag", dag, T, n, True), ("do", do, T, n, True),
+                ("ai", ai, T, n, True), ("af", af, T, n, True), ("ag", ag, T, n, True), ("h", h, F32, n, True),
+                ("rstd", rstd, F32, B * nt, False), ("lam", lam, F32, d, False), ("dlam", dlam, F32, d, False),
+                ("gamma", gamma, T, d, True), ("dgamma", dgamma, T, d, False)):
+            _need(op, name, x, dt, size, aligned)
+        part = self.scratch.get("mg_part", 2 * B * d, F32)  # (2, B, d): dlam's and dgamma's per-sequence sums
+        k = self.km
+        k.mlgru_backward_scan((cdiv(B * d, _SCAN_THREADS),), (_SCAN_THREADS,), (
+            dai, daf, part, do, ai, af, ag, lam, gamma, h, rstd, np.int32(B), np.int32(nt), np.int32(d)))
+        k.mlgru_backward_dag((cdiv(B * nt, 8),), (256,), (dag, do, ag, gamma, h, rstd, np.int32(B * nt), np.int32(d)))
+        k.mlgru_backward_params_finalize((cdiv(d, 128),), (128,), (dlam, dgamma, part, np.int32(B), np.int32(d)))
+
+    # ---- lower bounds --------------------------------------------------------------------------------------------
+    def _lower_bounds_sizes(self, op, P):
+        if P.ndim != 2:
+            raise ValueError(f"{op}: P {tuple(P.shape)} is not (L, d)")
+        _need(op, "P", P, self.be.act_dtype, P.size, aligned=False)
+        return P.shape
+
+    def lower_bounds_forward(self, lam, P):
+        op = "lower_bounds_forward"
+        L, d = self._lower_bounds_sizes(op, P)
+        _need(op, "lam", lam, F32, L * d, aligned=False)
+        self.km.lower_bounds_forward((cdiv(d, 128),), (128,), (lam, P, np.int32(L), np.int32(d)))
+
+    def lower_bounds_backward(self, dP, dlam, P):
+        op = "lower_bounds_backward"
+        L, d = self._lower_bounds_sizes(op, P)
+        _need(op, "dP", dP, self.be.act_dtype, L * d, aligned=False)
+        _need(op, "dlam", dlam, F32, L * d, aligned=False)
+        self.km.lower_bounds_backward((cdiv(d, 128),), (128,), (dP, dlam, P, np.int32(L), np.int32(d)))
+
+
+def _wdtype(w, T):
+    """A BitLinear weight is in T, or fp32 (the master weights a bf16 model quantizes)."""
+    return F32 if w.dtype == F32 else T
+
+
+def _pack(dtype) -> int:
+    """Elements per 16-byte load."""
+    return 16 // np.dtype(dtype).itemsize

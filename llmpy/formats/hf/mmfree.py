@@ -1,0 +1,105 @@
+"""Hugging Face MatMul-free LM (`model_type` "hgrn_bit": ridgerchu/matmulfreellm's HGRNBitForCausalLM, the layout of
+the released `ridger/MMfreeLM-*` checkpoints): config.json, recognizing its files, and gate_proj's row order.
+
+The reference's fused GLU projection gate_proj (2I, d) is [gate; up]; ours (models/mmfree.py `gatew`) is [up; gate]
+(our SwiGLU op's order), so the halves swap both ways. Options of the reference that change the math and that we do
+not implement are refused: the short convolution, an expand ratio other than 1, no lower bounds, another
+activation. The released checkpoints are bf16 latent weights; they load as float32 (exact).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import UserError
+from ...models.base import pad_vocab
+from ...models.mmfree import MMFreeConfig
+
+TITLE = "MatMul-free LM (hgrn_bit)"
+# config.json settings that change the math: anything else is not the model we compute
+_MUST = {"model_type": ("hgrn_bit",), "use_short_conv": (False,), "expand_ratio": (1, None),
+         "use_lower_bound": (True,), "hidden_act": ("swish", "silu"), "tie_word_embeddings": (False,)}
+
+
+def detect(keys) -> bool:
+    keys = set(keys)
+    return "model.embeddings.weight" in keys and any(k.startswith("model.layers.0.attn.i_proj") for k in keys)
+
+
+def clean(file: Path, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return dict(raw)
+
+
+def _config_json(file: Path) -> dict:
+    cj = file.parent / "config.json"
+    if not cj.is_file():
+        raise UserError(f"{file}: a MatMul-free (hgrn_bit) file needs its config.json beside it")
+    try:
+        d = json.loads(cj.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        d = None
+    except OSError as e:
+        raise UserError(f"cannot read {cj}: {e.strerror or e}") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{cj} is not a JSON object")
+    return d
+
+
+def config(file: Path, t: dict[str, np.ndarray]) -> MMFreeConfig:
+    d = _config_json(file)
+    cj = file.parent / "config.json"
+    for k, allowed in _MUST.items():
+        if k in d and d[k] not in allowed:
+            raise UserError(f"{cj}: {k}={d[k]!r} is not supported (want {' or '.join(map(repr, allowed))})")
+    if "lm_head.weight" not in t:
+        raise UserError(f"{file} is missing the tensor lm_head.weight (the MatMul-free head is untied and ternary)")
+    ints = {k: d.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
+    missing = [k for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool)]
+    if missing:
+        raise UserError(f"{cj}: missing or non-integer {', '.join(missing)}")
+    C, V = ints["hidden_size"], ints["vocab_size"]
+    if t["model.embeddings.weight"].shape != (V, C):
+        raise UserError(f"{cj}: vocab_size {V} and hidden_size {C} but the embedding is "
+                        f"{' x '.join(map(str, t['model.embeddings.weight'].shape))}")
+    inter = d.get("intermediate_size")
+    if inter is None:  # the reference's rule from hidden_ratio (default 4)
+        ratio = d.get("hidden_ratio") or 4
+        inter = 256 * -(-int(C * ratio * 2 / 3) // 256)
+    eps = d.get("rms_norm_eps", 1e-6)
+    maxT = d.get("max_position_embeddings", 2048)
+    if not isinstance(inter, int) or not isinstance(maxT, int) or not isinstance(eps, (int, float)):
+        raise UserError(f"{cj}: intermediate_size, max_position_embeddings and rms_norm_eps must be numbers")
+    try:
+        return MMFreeConfig(max_seq_len=maxT, vocab_size=V, padded_vocab_size=pad_vocab(V),
+                            num_layers=ints["num_hidden_layers"], channels=C, ffn_hidden=inter, norm_eps=float(eps))
+    except UserError as e:
+        raise UserError(f"{cj}: {e}") from None
+
+
+def _swap_halves(key: str, a: np.ndarray) -> np.ndarray:
+    if not key.endswith("mlp.gate_proj.weight"):
+        return a
+    half = a.shape[0] // 2
+    return np.concatenate([a[half:], a[:half]])
+
+
+def to_ours(key: str, a: np.ndarray, cfg: MMFreeConfig) -> np.ndarray:
+    return _swap_halves(key, a)
+
+
+def to_hf(key: str, a: np.ndarray, cfg: MMFreeConfig) -> np.ndarray:
+    return _swap_halves(key, a)
+
+
+def config_json(cfg: MMFreeConfig) -> dict:
+    out = {"architectures": ["HGRNBitForCausalLM"], "model_type": "hgrn_bit", "vocab_size": cfg.vocab_size,
+           "hidden_size": cfg.channels, "num_hidden_layers": cfg.num_layers, "attn_mode": "fused_recurrent",
+           "num_heads": 1, "expand_ratio": 1, "use_short_conv": False, "use_lower_bound": True,
+           "hidden_ratio": 4, "intermediate_size": cfg.ffn_hidden, "hidden_act": "swish",
+           "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": False,
+           "initializer_range": 0.02, "torch_dtype": "float32"}
+    # the document tokens of the tokenizer the vocabulary belongs to (Mistral's SentencePiece, else GPT-2's)
+    out["bos_token_id"], out["eos_token_id"] = (1, 2) if cfg.vocab_size == 32000 else (50256, 50256)
+    return out
