@@ -32,6 +32,22 @@ INDEX_NAME = "model.safetensors.index.json"
 CODECS = ("gpt2", "llama3", "mmfree")  # families with an HF codec in formats/hf/<family>.py
 
 
+def config_json_beside(file: Path, what: str) -> dict:
+    """The config.json beside `file` as a dict; one-line errors naming `what` needs it (a family's codec)."""
+    cj = file.parent / "config.json"
+    if not cj.is_file():
+        raise UserError(f"{file}: a {what} file needs its config.json beside it")
+    try:
+        d = json.loads(cj.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        d = None
+    except OSError as e:
+        raise UserError(f"cannot read {cj}: {e.strerror or e}") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{cj} is not a JSON object")
+    return d
+
+
 def _codec(family: str):
     if family not in CODECS:
         raise UserError(f"there is no Hugging Face format for the {family} family")

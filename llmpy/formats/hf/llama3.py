@@ -8,7 +8,6 @@ current transformers writes them (`rope_parameters`); both are read, the Hub's s
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import numpy as np
 from ...errors import UserError
 from ...models.base import pad_vocab
 from ...models.llama3 import LlamaConfig
+from . import config_json_beside
 
 TITLE = "Llama 3"
 # config.json settings that change the math; other values are not the Llama 3 we compute
@@ -39,18 +39,7 @@ def clean(file: Path, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _config_json(file: Path) -> dict:
-    cj = file.parent / "config.json"
-    if not cj.is_file():
-        raise UserError(f"{file}: a Llama file needs its config.json beside it (heads, RoPE and norm settings)")
-    try:
-        d = json.loads(cj.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        d = None
-    except OSError as e:
-        raise UserError(f"cannot read {cj}: {e.strerror or e}") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{cj} is not a JSON object")
-    return d
+    return config_json_beside(file, "Llama")
 
 
 def _rope(cj: Path, d: dict) -> dict:

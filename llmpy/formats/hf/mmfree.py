@@ -8,7 +8,6 @@ activation. The released checkpoints are bf16 latent weights; they load as float
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import numpy as np
 from ...errors import UserError
 from ...models.base import pad_vocab
 from ...models.mmfree import MMFreeConfig
+from . import config_json_beside
 
 TITLE = "MatMul-free LM (hgrn_bit)"
 # config.json settings that change the math: anything else is not the model we compute
@@ -33,18 +33,7 @@ def clean(file: Path, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _config_json(file: Path) -> dict:
-    cj = file.parent / "config.json"
-    if not cj.is_file():
-        raise UserError(f"{file}: a MatMul-free (hgrn_bit) file needs its config.json beside it")
-    try:
-        d = json.loads(cj.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        d = None
-    except OSError as e:
-        raise UserError(f"cannot read {cj}: {e.strerror or e}") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{cj} is not a JSON object")
-    return d
+    return config_json_beside(file, "MatMul-free (hgrn_bit)")
 
 
 def config(file: Path, t: dict[str, np.ndarray]) -> MMFreeConfig:
