@@ -8,27 +8,19 @@ import pytest
 
 from llmpy.backends import get_backend
 from llmpy.cli import main
-from llmpy.config import config_from_name
 from llmpy.errors import UserError
 from llmpy.formats.bf16 import bf16_bits_to_fp32, fp32_to_bf16_bits
 from llmpy.formats.checkpoint import load_weights, save_checkpoint
 from llmpy.formats.hf import read_hf_model, write_hf_model
 from llmpy.formats.safetensors import load_safetensors, save_safetensors
 from llmpy.models.mmfree import MMFree
+from mmfree_weights import trained_like
 
 NAME = "mmfree:l2d64i96v300t16"
 
 
 def weights(seed=0):
-    cfg = config_from_name(NAME)
-    m = MMFree(cfg, get_backend("cpu"), 1, 4, training=False)
-    m.init_weights(seed)
-    p = m.params_numpy()
-    r = np.random.default_rng(seed)
-    for n, v in p.items():
-        if v.ndim <= 2 and n not in ("wte", "lm_head"):
-            p[n] = (v + 0.1 * r.standard_normal(v.shape)).astype(np.float32)
-    return cfg, p
+    return trained_like(NAME, seed)
 
 
 def logits(cfg, p, x):

@@ -18,6 +18,7 @@ from llmpy.models.base import inference_model
 from llmpy.models.decode import decoder, generate
 from llmpy.models.mmfree import MMFree
 from llmpy.train import TrainConfig, run
+from mmfree_weights import trained_like as _trained_like
 
 NAME = "mmfree:l2d64i96v300t32"
 
@@ -34,15 +35,7 @@ def test_codes_round_trip(packing, per_byte, K):
 
 
 def trained_like(seed=0):
-    cfg = config_from_name(NAME)
-    m = MMFree(cfg, get_backend("cpu"), 1, 4, training=False)
-    m.init_weights(seed)
-    p = m.params_numpy()
-    r = np.random.default_rng(seed)
-    for n, v in p.items():
-        if v.ndim <= 2 and n not in ("wte", "lm_head"):
-            p[n] = (v + 0.1 * r.standard_normal(v.shape)).astype(np.float32)
-    return cfg, p
+    return _trained_like(NAME, seed)
 
 
 @pytest.mark.parametrize("packing", ["base3", "2bit"])
