@@ -23,7 +23,7 @@ from ..config import config_from_dict, family_of
 from ..errors import UserError
 from ..layers.bitlinear import CODES, PER_BYTE, unpack_codes
 from .bf16 import fp32_to_bf16_bits
-from .safetensors import load_safetensors, read_safetensors_header, save_safetensors
+from .safetensors import load_safetensors, save_safetensors
 
 FORMAT = "llmpy-ternary"
 VERSION = 1
@@ -69,7 +69,8 @@ def quantize(w: np.ndarray, rows: int | None = None) -> tuple[np.ndarray, np.flo
 
 
 def write_ternary(path: str | os.PathLike, cfg, params: dict[str, np.ndarray], packing: str = "base3") -> dict:
-    """Packs a MatMul-free model's latent weights into `path` (atomic). Returns {"bytes", "fp32_bytes"}."""
+    """Packs a MatMul-free model's latent weights into `path` (atomic). Returns {"bytes": the tensors' bytes,
+    "fp32_bytes": the same weights' in fp32, vocabulary padding left out}."""
     from .. import formats
     fam = family_of(cfg)
     ternary = getattr(fam.model, "TERNARY", ())
@@ -79,11 +80,12 @@ def write_ternary(path: str | os.PathLike, cfg, params: dict[str, np.ndarray], p
         raise UserError(f"unknown ternary packing {packing!r}: choose base3 (5 per byte) or 2bit (4 per byte)")
     params = formats.check_params(cfg, params, f"cannot write {path}")
     specs = {s.name: s for s in fam.spec(cfg)}
-    tensors, bf16 = {}, {}
+    tensors, bf16, fp32 = {}, {}, 0
     for name, a in params.items():
         s = specs[name]
         if s.vocab_rows is not None:
             a = a[:s.vocab_rows]
+        fp32 += a.nbytes
         if name in ternary:
             ws = a if s.per_layer else a[None]
             qs = [quantize(w) for w in ws]
@@ -99,11 +101,12 @@ def write_ternary(path: str | os.PathLike, cfg, params: dict[str, np.ndarray], p
             "packing": packing}
     save_safetensors(path, tensors, meta, bf16=bf16)
     n = sum(t.nbytes for t in tensors.values()) + sum(t.nbytes for t in bf16.values())
-    return {"bytes": n, "fp32_bytes": sum(a.nbytes for a in params.values())}
+    return {"bytes": n, "fp32_bytes": fp32}
 
 
 def packed_size(cfg, packing: str = "base3") -> dict:
-    """Bytes of the packed file's tensors for `cfg`, without building it: {"bytes", "fp32_bytes", "embedding"}."""
+    """Bytes of the packed file's tensors for `cfg`, without building it: {"bytes", "fp32_bytes" (the same model's
+    fp32 weights, vocabulary padding left out), "embedding_bytes" (the bf16 embedding's share of "bytes")}."""
     fam = family_of(cfg)
     ternary, n, fp32 = getattr(fam.model, "TERNARY", ()), 0, 0
     for s in fam.spec(cfg):
@@ -116,15 +119,7 @@ def packed_size(cfg, packing: str = "base3") -> dict:
                                                                                      else 1)
         else:
             n += (2 if s.vocab_rows is not None else 4) * count  # the embedding in bf16
-    emb = 2 * cfg.vocab_size * cfg.channels
-    return {"bytes": n, "fp32_bytes": fp32, "embedding": emb}
-
-
-def is_ternary(path: str | os.PathLike) -> bool:
-    try:
-        return read_safetensors_header(path)[1].get("format") == FORMAT
-    except (UserError, OSError):
-        return False
+    return {"bytes": n, "fp32_bytes": fp32, "embedding_bytes": 2 * cfg.vocab_size * cfg.channels}
 
 
 def read_ternary(path: str | os.PathLike):
