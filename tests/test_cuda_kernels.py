@@ -449,6 +449,19 @@ def _check_quantized(be, M, N, K, x, w, gamma, eps, w_rows=None):
     check(be, sw, [rsw], 1e-6)
 
 
+@pytest.mark.parametrize("M,N,K", [(300, 192, 256), (1, 64, 2056), (5, 2816, 1024)])
+def test_int8_gemm_is_exact(be, M, N, K):
+    """BitLinear's forward product: cuBLASLt int8 x int8 -> int32 (out = x y^T) equals the integer product, over
+    the whole int8 range (sums past 2^24: int32, not fp32, accumulation)."""
+    r = rng()
+    x, y = (r.integers(-128, 128, s, dtype=np.int8) for s in ((M, K), (N, K)))
+    out = be.xp.full((M, N), -1, dtype=np.int32)
+    be.gemm.mm_int8(out, be.xp.asarray(x), be.xp.asarray(y), M, N, K)
+    ref = x.astype(np.int64) @ y.astype(np.int64).T
+    got = be.to_numpy(out)
+    assert np.array_equal(got, ref), f"differs at {np.argwhere(got != ref)[:5].tolist()}"
+
+
 def test_bitlinear(be):
     """Forward and backward against layers/bitlinear.py. Row 0 is zeros, row 1 so small that max|y| < 1e-5 (the
     activation scale's floor); the rest are drawn clear of rounding ties, so the device's q_x and q_w must equal the
@@ -552,11 +565,65 @@ def test_bitlinear_rounding_edges(be, case):
         check(be, out[rows], ref[rows], 1e-6 if be.dtype_name == "fp32" else None)
 
 
-@pytest.mark.parametrize("with_state", [False, True])
-def test_mlgru(be, with_state):
-    """Forward (from zeros, or from a decoder's fp32 state h0) and backward (training: from zeros)."""
+@pytest.mark.parametrize("packing", ["base3", "2bit"])
+@pytest.mark.parametrize("K", [2048, 5632])
+def test_bitlinear_packed_decode(be, packing, K):
+    """The one-launch decode kernel (up to 8 rows) against two other paths: the same rows inside a 16-row call
+    (bitlinear_quantize, the codes unpacked, the GEMM, the rescale), bit for bit in out, rstd and s_x; and
+    layers/bitlinear.py's packed forward (activations clear of rounding ties: the same q_x). K: the 1.3B model's d
+    and I (8 rows of it stage 45 KB of int8 q_x, near the 48 KB limit), neither a multiple of 5 (base 3's last code
+    byte is part padding). N = 136: 17 blocks of 8 outputs. Row 1 is zeros (s_x on its 1e-5 floor)."""
+    from llmpy.formats.ternary import pack
     r = rng()
-    B, T, d, eps = 2, 37, 256, 1e-6
+    Mb, N, eps = 16, 136, 1e-6
+    gamma = rounded(be, 1 + 0.3 * r.standard_normal(K))
+    x = rounded(be, r.standard_normal((Mb, K)) * 10.0 ** r.integers(-2, 3, (Mb, 1)))  # rows at several scales
+    x[1] = 0
+    x = _ties_cleared(be, r, x, gamma, eps)
+    q = r.integers(-1, 2, (N, K)).astype(np.int8)
+    codes, scale = pack(q, packing), np.float32(1 / 0.037)
+    assert np.array_equal(Lr.unpack_codes(codes, K, packing), q)
+    cd, xd, gd = be.asarray(codes), dev(be, x), dev(be, gamma)
+    scratch = be.mmfree.scratch
+
+    def poisoned_scratch(name, n, dtype):
+        a = scratch.get(name, n, dtype)
+        be.xp.cuda.runtime.memset(a.data.ptr, 0xFF, a.nbytes)
+        be.xp.cuda.Device().synchronize()
+        return a
+
+    big, big_r = poison(be, (Mb, N)), poison(be, Mb, np.float32)
+    big_sx = poisoned_scratch("bl_sx", Mb, np.float32)
+    be.bitlinear_packed_forward(big, big_r, xd, cd, scale, K, packing, gd, eps)  # 16 rows: unpack + GEMM
+    big, big_r, big_sx = host(be, big), host(be, big_r), host(be, big_sx)
+    assert not np.isnan(big).any() and not np.isnan(big_sx).any()
+    ref, rr = np.empty((Mb, N)), np.empty(Mb)
+    Lr.bitlinear_packed_forward(ref, rr, x, codes, scale, K, packing, gamma, eps)
+    y = x * rr[:, None] * gamma
+    rsx = 127 / np.maximum(np.abs(y).max(-1), 1e-5)
+    for M in (1, 3, 8):
+        qx = poisoned_scratch("bl_x", M * K, be.act_dtype)
+        sx = poisoned_scratch("bl_sx", M, np.float32)
+        out, rstd = poison(be, (M, N)), poison(be, M, np.float32)
+        be.bitlinear_packed_forward(out, rstd, xd[:M], cd, scale, K, packing, gd, eps)
+        assert np.isnan(host(be, qx)).all(), f"{M} rows: q_x went through the scratch (the two-kernel path ran)"
+        got = host(be, out)
+        assert np.array_equal(got, big[:M]), f"{M} rows: out differs at {np.argwhere(got != big[:M])[:5].tolist()}"
+        assert np.array_equal(host(be, rstd), big_r[:M]), f"{M} rows: rstd differs"
+        assert np.array_equal(host(be, sx), big_sx[:M]), f"{M} rows: s_x differs"
+        assert np.all(got[1:2] == 0)
+        check(be, out, ref[:M])
+        check(be, rstd, rr[:M], 1e-5)
+        check(be, sx, rsx[:M], 1e-6)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("T", [1, 37, 1000])
+def test_mlgru(be, with_state, T):
+    """Forward (from zeros, or from a decoder's fp32 state h0) and backward (training: from zeros). T = 1 is one
+    chunk of the scan (decoding), 37 four chunks with a short last one, 1000 thirty-two chunks."""
+    r = rng()
+    B, d, eps = 2, 264, 1e-6  # d: 8 full warps of channels and a part one
     ai, af, ag = (rounded(be, 1.5 * r.standard_normal((B, T, d))) for _ in range(3))
     lam = (0.9 * r.random(d)).astype(np.float32)
     gamma = rounded(be, 1 + 0.1 * r.standard_normal(d))

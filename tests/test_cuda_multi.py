@@ -1,5 +1,5 @@
 """Data parallel on 2 GPUs (`llmpy launch`): DP, ZeRO-1 and ZeRO-2 runs of 20 steps against a 1-GPU run with the
-same global batch (gradient accumulation), for GPT-2 and Llama 3; per-rank memory falls with the ZeRO stage; resume
+same global batch (gradient accumulation), for GPT-2, Llama 3 and the MatMul-free LM; per-rank memory falls with the ZeRO stage; resume
 of a ZeRO run.
 Needs 2 GPUs (the device's nvidia-h200-x2 kind); skipped elsewhere."""
 import json
@@ -68,7 +68,7 @@ def plan_total(stdout) -> float:
 
 
 @needs2
-@pytest.mark.parametrize("init", ["l4h4c256t128", "llama3:l4d256h4k2f512t128r8"])
+@pytest.mark.parametrize("init", ["l4h4c256t128", "llama3:l4d256h4k2f512t128r8", "mmfree:l4d256i512t128"])
 def test_dp_and_zero_match_one_gpu_with_accumulation(data, tmp_path, init):
     ref, _ = train(data, tmp_path / "one", extra=("--grad-accum", "2"), init=init)
     base = losses(ref)
@@ -88,10 +88,10 @@ def test_dp_and_zero_match_one_gpu_with_accumulation(data, tmp_path, init):
 
 
 @needs2
-@pytest.mark.parametrize("zero", [0, 2])
-def test_resume_is_bitwise_with_two_ranks(data, tmp_path, zero):
-    full, _ = train(data, tmp_path / "full", nproc=2, extra=("--zero", str(zero)))
-    train(data, tmp_path / "part", nproc=2, extra=("--zero", str(zero), "--stop-at", "9"))
+@pytest.mark.parametrize("zero,init", [(0, "l4h4c256t128"), (2, "l4h4c256t128"), (2, "mmfree:l4d256i512t128")])
+def test_resume_is_bitwise_with_two_ranks(data, tmp_path, zero, init):
+    full, _ = train(data, tmp_path / "full", nproc=2, extra=("--zero", str(zero)), init=init)
+    train(data, tmp_path / "part", nproc=2, extra=("--zero", str(zero), "--stop-at", "9"), init=init)
     cmd = [sys.executable, "-m", "llmpy", "launch", "--nproc-per-node", "2", "--", "train", "--resume",
            str(tmp_path / "part"), "--no-progress"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=dict(os.environ, NCCL_NVLS_ENABLE="0"))

@@ -76,7 +76,7 @@ class Toy(Model):
 
     def op_shapes(self) -> OpShapes:
         C = self.cfg.channels
-        return OpShapes(self.B, self.T, C, 1, 1, C, self.cfg.vocab_size, self.Vl,
+        return OpShapes(self.B, self.T, C, 0, 0, 0, self.cfg.vocab_size, self.Vl,  # no attention
                         linears=((4 * C, C), (C, 4 * C), (self.Vl, C)), bias_widths=(4 * C, C))
 
     def forward(self, tokens=None, targets=None, grad_scale=None, *, return_loss=True, state=None):

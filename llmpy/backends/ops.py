@@ -20,7 +20,7 @@ class OpShapes:
     B: int
     T: int
     channels: int                           # C: the residual stream (norms, embeddings)
-    heads: int                              # NH: query heads
+    heads: int                              # NH: query heads (0: the model has no attention)
     kv_heads: int                           # key/value heads (== heads without grouped-query attention)
     head_size: int                          # hs
     vocab: int                              # V: token ids are < vocab

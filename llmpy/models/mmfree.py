@@ -127,9 +127,11 @@ def config_from_name(prefix: str, name: str) -> MMFreeConfig:
 
 
 class MMFree(Model):
-    """recompute: 0 keeps every activation; 1 recomputes the GLU's SwiGLU output in backward. The BitLinears never
-    store their normalized or quantized inputs: they keep one rstd per row and recompute the rest in backward."""
-    RECOMPUTE = (0, 1)
+    """recompute: 0 keeps every activation; 1 recomputes the GLU's SwiGLU output in backward; 2 also its gate/up
+    BitLinear (fc, 2I wide: the largest activation) and the recurrent states h (fp32), one layer's buffer each
+    (a BitLinear forward and a scan forward per layer more). The BitLinears never store their normalized or
+    quantized inputs: they keep one rstd per row and recompute the rest in backward."""
+    RECOMPUTE = (0, 1, 2)
     HEAD_WEIGHT = "lm_head"
     TERNARY = ("lm_head", "iw", "fw", "gw", "ow", "gatew", "downw")
     GRAPH_DECODE = True  # no positions: every decode step is the same launches
@@ -139,13 +141,14 @@ class MMFree(Model):
         cfg, B, T = self.cfg, self.B, self.T
         L, d, I = cfg.num_layers, cfg.channels, cfg.ffn_hidden
         Lg = 1 if self.recompute >= 1 else L
+        Lf = 1 if self.recompute >= 2 else L
         acts = [
             ("encoded", (B, T, d)),
             ("ln1", (L, B, T, d)),                                  # u: the input of BL_i, BL_f, BL_g
             ("ai", (L, B, T, d)), ("af", (L, B, T, d)), ("ag", (L, B, T, d)),
             ("o", (L, B, T, d)),                                    # MLGRU's output: BL_o's input
             ("residual2", (L, B, T, d)), ("ln2", (L, B, T, d)),
-            ("fc", (L, B, T, 2 * I)), ("sw", (Lg, B, T, I)),
+            ("fc", (Lf, B, T, 2 * I)), ("sw", (Lg, B, T, I)),
             ("residual3", (L, B, T, d)), ("lnf", (B, T, d)),
             ("proj", (B, T, d)),                                    # BL_o / BL_down outputs: consumed at once
         ]
@@ -153,7 +156,7 @@ class MMFree(Model):
                  ("ifg_rstd", (L, B, T)),                           # BL_i, BL_f, BL_g's inner norm (one input)
                  ("g_rstd", (L, B, T)), ("o_rstd", (L, B, T)), ("fc_rstd", (L, B, T)), ("down_rstd", (L, B, T)),
                  ("head_rstd", (B, T)),
-                 ("h", (L, B, T, d)),                               # every recurrent state, fp32
+                 ("h", (Lf, B, T, d)),                              # the recurrent states, fp32
                  ("lam", (L, d)), ("dlam", (L, d))]                 # lower bounds and their gradient, fp32
         grads = [("dresidual", (B, T, d)), ("dbtc", (B, T, d)), ("dai", (B, T, d)), ("daf", (B, T, d)),
                  ("dag", (B, T, d)), ("do", (B, T, d)), ("dfc", (B, T, 2 * I)), ("dsw", (B, T, I))]
@@ -161,11 +164,17 @@ class MMFree(Model):
 
     def op_shapes(self) -> OpShapes:
         cfg, d, I = self.cfg, self.cfg.channels, self.cfg.ffn_hidden
-        return OpShapes(self.B, self.T, d, 1, 1, d, cfg.vocab_size, self.Vl,
+        return OpShapes(self.B, self.T, d, 0, 0, 0, cfg.vocab_size, self.Vl,  # no attention
                         linears=((d, d), (2 * I, d), (d, I), (self.Vl, d)))
 
     def _sw(self, l):
         return self.acts["sw"][0 if self.recompute >= 1 else l]
+
+    def _fc(self, l):
+        return self.acts["fc"][0 if self.recompute >= 2 else l]
+
+    def _h(self, l):
+        return self.stats["h"][0 if self.recompute >= 2 else l]
 
     def _bitlinear(self, out, rstd, x, w, gamma, l=None, w_rows=None):
         """BitLinear `w` (layer l; None: a global weight) from the latent weights, or from the packed codes."""
@@ -203,15 +212,15 @@ class MMFree(Model):
             self._bitlinear(a["ai"][l], s["ifg_rstd"][l], u, "iw", p["in"][l], l)
             self._bitlinear(a["af"][l], s["ifg_rstd"][l], u, "fw", p["fn"][l], l)
             self._bitlinear(a["ag"][l], s["ifg_rstd"][l], u, "gw", p["gn"][l], l)
-            be.mlgru_forward(a["o"][l], s["h"][l], s["g_rstd"][l], a["ai"][l], a["af"][l], a["ag"][l],
+            be.mlgru_forward(a["o"][l], self._h(l), s["g_rstd"][l], a["ai"][l], a["af"][l], a["ag"][l],
                              s["lam"][l], p["gnormw"][l], None if state is None else state.h[l], eps)
             if state is not None:  # the new state: the last position's (decoding runs T = 1)
-                be.copy_(state.h[l], s["h"][l][:, self.T - 1])
+                be.copy_(state.h[l], self._h(l)[:, self.T - 1])
             self._bitlinear(a["proj"], s["o_rstd"][l], a["o"][l], "ow", p["on"][l], l)
             be.fused_residual_rmsnorm_forward(a["residual2"][l], a["ln2"][l], s["ln2_rstd"][l], residual,
                                               a["proj"], p["ln2w"][l], eps)
-            self._bitlinear(a["fc"][l], s["fc_rstd"][l], a["ln2"][l], "gatew", p["gaten"][l], l)
-            be.swiglu_forward(self._sw(l), a["fc"][l])
+            self._bitlinear(self._fc(l), s["fc_rstd"][l], a["ln2"][l], "gatew", p["gaten"][l], l)
+            be.swiglu_forward(self._sw(l), self._fc(l))
             self._bitlinear(a["proj"], s["down_rstd"][l], self._sw(l), "downw", p["downn"][l], l)
             if l + 1 < L:  # this block's residual add, fused with the next block's first RMSNorm
                 be.fused_residual_rmsnorm_forward(a["residual3"][l], a["ln1"][l + 1], s["ln1_rstd"][l + 1],
@@ -248,13 +257,15 @@ class MMFree(Model):
             if hooks is not None:
                 hooks.before_layer(l)
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
+            if self.recompute >= 2:  # the same kernels on the same inputs: bitwise the forward's values
+                self._bitlinear(self._fc(l), s["fc_rstd"][l], a["ln2"][l], "gatew", p["gaten"][l], l)
             if self.recompute >= 1:
-                be.swiglu_forward(self._sw(l), a["fc"][l])
+                be.swiglu_forward(self._sw(l), self._fc(l))
             # GLU: dres flows unchanged into BL_down's output (the residual add)
             be.fill_zero(dsw)
             be.bitlinear_backward(dsw, g["downw"][l], g["downn"][l], dres, self._sw(l), self._latent("downw", l),
                                   p["downn"][l], s["down_rstd"][l])
-            be.swiglu_backward(dfc, a["fc"][l], dsw)
+            be.swiglu_backward(dfc, self._fc(l), dsw)
             be.fill_zero(dbtc)
             be.bitlinear_backward(dbtc, g["gatew"][l], g["gaten"][l], dfc, a["ln2"][l], self._latent("gatew", l),
                                   p["gaten"][l], s["fc_rstd"][l])
@@ -263,8 +274,11 @@ class MMFree(Model):
             be.fill_zero(do)
             be.bitlinear_backward(do, g["ow"][l], g["on"][l], dres, a["o"][l], self._latent("ow", l), p["on"][l],
                                   s["o_rstd"][l])
+            if self.recompute >= 2:
+                be.mlgru_forward(a["o"][l], self._h(l), s["g_rstd"][l], a["ai"][l], a["af"][l], a["ag"][l],
+                                 s["lam"][l], p["gnormw"][l], None, cfg.norm_eps)
             be.mlgru_backward(dai, daf, dag, s["dlam"][l], g["gnormw"][l], do, a["ai"][l], a["af"][l], a["ag"][l],
-                              s["lam"][l], p["gnormw"][l], s["h"][l], s["g_rstd"][l])
+                              s["lam"][l], p["gnormw"][l], self._h(l), s["g_rstd"][l])
             be.fill_zero(dbtc)
             u = a["ln1"][l]
             for dx, w in ((dai, "iw"), (daf, "fw"), (dag, "gw")):  # three projections of one input: dbtc +=

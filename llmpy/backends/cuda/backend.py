@@ -161,7 +161,7 @@ class CUDABackend:
         N = B * T
         if C % 8:
             raise UserError(f"the cuda kernels need channels divisible by 8 (got {C})")
-        a = self._attention(B, T, shapes.heads, shapes.head_size, shapes.kv_heads)
+        attention = self._attention(B, T, shapes.heads, shapes.head_size, shapes.kv_heads) if shapes.heads else None
         # column-sum partials, one row per chunk of rows: LayerNorm's dw|db (2C wide; RMSNorm's dw: C) or the
         # widest bias
         width = max(2 * C, max(shapes.bias_widths, default=0))
@@ -173,7 +173,7 @@ class CUDABackend:
         self._staging = _Staging(self.cp, N)
         self._ids16 = shapes.vocab <= 65536
         return (self.colsum_part.nbytes + self.norm_part.nbytes + 4 * (2 * N + 2) + self.gemm.workspace.nbytes
-                + a.nbytes)
+                + (attention.nbytes if attention else 0))
 
     def set_tokens(self, dst, host, *, training=True):
         """Uploads (B, T) token ids asynchronously (through pinned staging buffers, so the host can prepare the

@@ -1,4 +1,5 @@
-"""Matrix products through cuBLASLt (nvmath-python's thin bindings), with bias / GELU epilogues.
+"""Matrix products through cuBLASLt (nvmath-python's thin bindings), with bias / GELU epilogues; int8 x int8 ->
+int32 for BitLinear's forward (mm_int8).
 
 Our tensors are row-major; cuBLASLt is column-major, where a row-major (r, c) matrix reads as its transpose.
 `mm(out, x, y)` computes out (M, N) = op(x) (M, K) @ op(y) (K, N) as the column-major product
@@ -13,7 +14,8 @@ import numpy as np
 from ...errors import UserError
 
 WORKSPACE_BYTES = 32 << 20
-_R32F, _R16BF, _COMPUTE_32F = 0, 14, 68
+_R32F, _R16BF, _R8I, _R32I = 0, 14, 3, 10   # cudaDataType_t
+_COMPUTE_32F, _COMPUTE_32I = 68, 72          # cublasComputeType_t
 
 
 def _align(a) -> int:
@@ -35,6 +37,7 @@ class Gemm:
         self._plans = {}
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
+        self._one_i, self._zero_i = np.ones(1, np.int32), np.zeros(1, np.int32)
         self.E = lt.Epilogue
 
     def _set(self, fn, obj, attr, value, dtype):
@@ -46,14 +49,15 @@ class Gemm:
         if plan is not None:
             return plan
         lt = self.lt
-        (transa, transb, m, n, k, lda, ldb, ldd, epi, accumulate, batch, sa, sb, sd, align, dtype_d) = key
+        (transa, transb, m, n, k, lda, ldb, ldd, epi, accumulate, batch, sa, sb, sd, align, dtype_d, dtype_ab) = key
         D = lt.MatmulDescAttribute
-        desc = lt.matmul_desc_create(_COMPUTE_32F, _R32F)
+        integer = dtype_ab == _R8I  # int8 x int8 -> int32: int32 accumulation, int32 alpha and beta
+        desc = lt.matmul_desc_create(_COMPUTE_32I, _R32I) if integer else lt.matmul_desc_create(_COMPUTE_32F, _R32F)
         self._set(lt.matmul_desc_set_attribute, desc, D.TRANSA, int(transa), np.int32)
         self._set(lt.matmul_desc_set_attribute, desc, D.TRANSB, int(transb), np.int32)
         self._set(lt.matmul_desc_set_attribute, desc, D.EPILOGUE, int(epi), np.uint32)
 
-        def layout(rows, cols, ld, stride, dtype=self.dtype):
+        def layout(rows, cols, ld, stride, dtype=dtype_ab):
             lay = lt.matrix_layout_create(dtype, rows, cols, ld)
             if batch > 1:
                 L = lt.MatrixLayoutAttribute
@@ -89,8 +93,8 @@ class Gemm:
         'gelu': out = gelu(. + bias), aux = the pre-GELU values (M, N). (The DGELU epilogue for the backward
         measured 2.2 ms/layer on d12 against 1.2 for a plain product and our GELU-backward kernel: not used.)
         Leading dimensions default to the contiguous ones; batch > 1 runs strided batched products. out_fp32: out
-        (and the accumulated C) is fp32 whatever the operands' dtype (bf16 x bf16 -> fp32: BitLinear's exact integer
-        sums)."""
+        (and the accumulated C) is fp32 whatever the operands' dtype (bf16 x bf16 -> fp32: BitLinear's backward).
+        Integer operands go through mm_int8."""
         lt = self.lt
         ldx = ldx or (M if transx else K)
         ldy = ldy or (K if transy else N)
@@ -101,7 +105,7 @@ class Gemm:
             epi = {E.DEFAULT: E.BIAS, E.GELU_AUX: E.GELU_AUX_BIAS}[epi]
         align = (_align(y), _align(x), _align(out), _align(out))
         key = (transy, transx, N, M, K, ldy, ldx, ldo, int(epi), accumulate, batch, stride_y, stride_x, stride_o,
-               align, _R32F if out_fp32 else self.dtype)
+               align, _R32F if out_fp32 else self.dtype, self.dtype)
         desc, la, lb, ld_, res = self._plan(key)
         D = lt.MatmulDescAttribute
         if bias is not None:
@@ -112,5 +116,18 @@ class Gemm:
         s = stream if stream is not None else self.cupy.cuda.get_current_stream()
         beta = self._one if accumulate else self._zero
         lt.matmul(self.handle, desc, self._one.ctypes.data, y.data.ptr, la, x.data.ptr, lb, beta.ctypes.data,
+                  out.data.ptr, ld_, out.data.ptr, ld_, res.ctypes.data, self.workspace.data.ptr, WORKSPACE_BYTES,
+                  s.ptr)
+
+    def mm_int8(self, out, x, y, M, N, K, stream=None):
+        """out (M, N) int32 = x (M, K) int8 @ y (N, K)^T int8 on the int8 tensor cores, int32 accumulation: exact.
+        This is the one form cuBLASLt's int8 kernels take on plain layouts ("TN": A = y transposed, B = x, both
+        K-contiguous); K and N must be multiples of 4 (BitLinear checks 8) and the pointers 4-byte aligned."""
+        lt = self.lt
+        align = (_align(y), _align(x), _align(out), _align(out))
+        key = (True, False, N, M, K, K, K, N, int(self.E.DEFAULT), False, 1, 0, 0, 0, align, _R32I, _R8I)
+        desc, la, lb, ld_, res = self._plan(key)
+        s = stream if stream is not None else self.cupy.cuda.get_current_stream()
+        lt.matmul(self.handle, desc, self._one_i.ctypes.data, y.data.ptr, la, x.data.ptr, lb, self._zero_i.ctypes.data,
                   out.data.ptr, ld_, out.data.ptr, ld_, res.ctypes.data, self.workspace.data.ptr, WORKSPACE_BYTES,
                   s.ptr)

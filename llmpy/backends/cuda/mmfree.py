@@ -7,11 +7,10 @@ Dtypes, T = the backend's activation and parameter dtype (bf16 or fp32):
                 weights: q_w and s_w from them, as the reference quantizes its fp32 weights under autocast).
   mlgru:        o, ai, af, ag, gamma, do, dai, daf, dag, dgamma T; h, h0, rstd, lam, dlam fp32.
   lower bounds: P, dP T; lam, dlam fp32.
-BitLinear's product: q_x and q_w are integer-valued scratch arrays in T (exact in bf16 and fp32; T rather than
-always bf16 because cuBLASLt wants A and B of one type and the backward multiplies dout (T) by the same q_w), multiplied
-by cuBLASLt into fp32 with fp32 accumulation. Every product is an integer and every partial sum stays below 2^24 for
-K < 2^17 (|q_x| <= 128, |q_w| <= 1), so the sums are exact in any order, split-K included. (int8 tensor cores with
-int32 accumulation would run the product about 2x faster and lift the bound on K: a later step.)
+BitLinear's forward product: q_x and q_w in int8, multiplied by cuBLASLt on the int8 tensor cores into int32
+(exact), then one rescale per output. The backward's products take T operands (dout is not an integer): q_w again
+in T (exact) and yq = q_x / s_x, into fp32. Every int32 sum is below 128 K < 2^24 for K < 2^17, so its conversion
+to fp32 is exact too, and the forward equals the exact product whatever the GEMM's order.
 
 Scratch lives here rather than in plan_workspace, so models without these ops pay nothing: each buffer is allocated
 on first use and grown, never shrunk, to the largest size seen, and only outside CUDA graph capture. The trainer's
@@ -30,7 +29,9 @@ from .runtime import cdiv, module
 _WBLOCKS = 264       # grid of the weight scale's |W| partial sums: fixed, so the sum's order is fixed
 _CHUNK_ROWS = 256    # rows per partial of dgamma's column sums
 _MAX_K = 1 << 17     # |q_x q_w^T| <= 128 K must stay below 2^24 (exact in fp32)
-_SCAN_THREADS = 64   # block of the MLGRU scans: only B d threads in all, so small blocks reach more SMs
+_MAX_SMEM = 227 * 1024  # shared memory a block may opt in to on sm_90
+_SCAN_CHUNKS = 32    # most chunks of the MLGRU's scan over t (SCAN_MAX_CHUNKS in mlgru.cu): B d 32 threads
+_SCAN_MIN_LEN = 8    # fewest steps a chunk gets (decoding, nt = 1: one chunk, the sequential scan)
 F32 = np.dtype(np.float32)
 
 
@@ -94,9 +95,10 @@ class MMFree:
             raise ValueError(f"{op}: w_rows = {w_rows} outside 1..{N}")
         return N, K, inp.size // K
 
-    def _weight(self, w, N, K, w_rows):
-        """(q_w (N, K) in T, s_w (1,) fp32) of w, recomputed on every call (forward and backward see one w); the
-        mean |w| is over the leading w_rows rows (None: all N; the rest are an LM head's zero padding)."""
+    def _weight(self, w, N, K, w_rows, int8=False):
+        """(q_w (N, K), s_w (1,) fp32) of w, recomputed on every call (forward and backward see one w); q_w in int8
+        (the forward's GEMM) or in T (the backward's), in one scratch either way; the mean |w| is over the leading
+        w_rows rows (None: all N; the rest are an LM head's zero padding)."""
         T, s, k = self.be.act_dtype, self.scratch, self.kb
         n = N * K
         count = n if w_rows is None else w_rows * K
@@ -105,8 +107,12 @@ class MMFree:
         (k.bitlinear_absmean_partial_f32 if f32 else k.bitlinear_absmean_partial)((_WBLOCKS,), (512,),
                                                                                   (part, w, np.int64(n)))
         k.bitlinear_weight_scale((1,), (1024,), (sw, part, np.int32(_WBLOCKS), np.int64(count)))
-        (k.bitlinear_ternary_f32 if f32 else k.bitlinear_ternary)((cdiv(n // _pack(w.dtype), 256),), (256,),
-                                                                  (qw, w, sw, np.int64(n)))
+        if int8:
+            qw = qw.view(np.int8)[:n]
+            ternary = k.bitlinear_ternary_f32_i8 if f32 else k.bitlinear_ternary_i8
+        else:
+            ternary = k.bitlinear_ternary_f32 if f32 else k.bitlinear_ternary
+        ternary((cdiv(n // _pack(w.dtype), 256),), (256,), (qw, w, sw, np.int64(n)))
         return qw, sw
 
     def bitlinear_forward(self, out, rstd, inp, w, gamma, eps, w_rows=None):
@@ -117,14 +123,15 @@ class MMFree:
             _need(op, name, x, dt, size)
         _need(op, "rstd", rstd, F32, M, aligned=False)
         s = self.scratch
-        qx, sx, acc = s.get("bl_x", M * K, T), s.get("bl_sx", M, F32), s.get("bl_f32", M * N, F32)
-        qw, sw = self._weight(w, N, K, w_rows)
-        # q_x (M, K) integers, s_x (M,), rstd (M,) written
-        self.kb.bitlinear_quantize((cdiv(M, 8),), (256,), (qx, sx, rstd, inp, gamma, np.float32(eps), np.int32(0),
-                                                            np.int32(0), np.int32(M), np.int32(K)))
-        self.be.gemm.mm(acc, qx, qw, M, N, K, transy=True, out_fp32=True)  # acc (M, N) = q_x q_w^T, exact
-        self.kb.bitlinear_rescale((cdiv(M * N // _pack(T), 256),), (256,), (out, acc, sx, sw, np.int32(M),
-                                                                             np.int32(N)))
+        qx, sx = s.get("bl_x", M * K, T).view(np.int8)[:M * K], s.get("bl_sx", M, F32)
+        acc = s.get("bl_acc", M * N, F32).view(np.int32)
+        qw, sw = self._weight(w, N, K, w_rows, int8=True)
+        # q_x (M, K) int8, s_x (M,), rstd (M,) written
+        self.kb.bitlinear_quantize_i8((cdiv(M, 8),), (256,), (qx, sx, rstd, inp, gamma, np.float32(eps), np.int32(M),
+                                                               np.int32(K)))
+        self.be.gemm.mm_int8(acc, qx, qw, M, N, K)  # acc (M, N) int32 = q_x q_w^T on the int8 tensor cores, exact
+        self.kb.bitlinear_rescale_i32((cdiv(M * N // _pack(T), 256),), (256,), (out, acc, sx, sw, np.int32(M),
+                                                                                 np.int32(N)))
 
     def bitlinear_backward(self, dinp, dw, dgamma, dout, inp, w, gamma, rstd, w_rows=None):
         op, T = "bitlinear_backward", self.be.act_dtype
@@ -136,7 +143,7 @@ class MMFree:
         _need(op, "rstd", rstd, F32, M, aligned=False)
         chunks = cdiv(M, _CHUNK_ROWS)
         s, k = self.scratch, self.kb
-        yq, sx, graw = s.get("bl_x", M * K, T), s.get("bl_sx", M, F32), s.get("bl_f32", M * K, F32)
+        yq, sx, graw = s.get("bl_x", M * K, T), s.get("bl_sx", M, F32), s.get("bl_acc", M * K, F32)
         part = s.get("bl_gpart", chunks * K, F32)
         qw, sw = self._weight(w, N, K, w_rows)
         # yq = q_x / s_x (M, K) in T, recomputed from inp with the saved rstd (eps unused)
@@ -151,9 +158,10 @@ class MMFree:
         k.bitlinear_backward_dgamma_finalize((cdiv(K, 128),), (128,), (dgamma, part, np.int32(chunks), np.int32(K)))
 
     def bitlinear_packed_forward(self, out, rstd, inp, codes, scale, K, packing, gamma, eps):
-        """Packed inference: q_x as in bitlinear_forward, then for up to 8 rows (decoding) the packed GEMV kernel
-        (codes read as they are: additions and subtractions, int32 sums), else the codes unpacked into the q_w
-        scratch and the same exact GEMM and rescale as the latent path."""
+        """Packed inference: for up to 8 rows (decoding) one kernel, bitlinear_packed_decode, quantizes the rows as
+        bitlinear_forward does and reads the codes as they are (int8 dot products of q_x with each code byte's
+        trits, int32 sums); else q_x as in bitlinear_forward, the codes unpacked into int8 and the same exact GEMM
+        and rescale as the latent path. Both give the same out, rstd and s_x bit for bit."""
         op, T = "bitlinear_packed_forward", self.be.act_dtype
         N, nb = codes.shape
         per = {"base3": 5, "2bit": 4}[packing]
@@ -167,28 +175,34 @@ class MMFree:
             _need(op, name, x, dt, size)
         _need(op, "rstd", rstd, F32, M, aligned=False)
         s, k = self.scratch, self.kb
-        qx, sx = s.get("bl_x", M * K, T), s.get("bl_sx", M, F32)
-        k.bitlinear_quantize((cdiv(M, 8),), (256,), (qx, sx, rstd, inp, gamma, np.float32(eps), np.int32(0),
-                                                     np.int32(0), np.int32(M), np.int32(K)))
-        staged = M * nb * per  # bytes of q_x as int8 in the GEMV's shared memory
-        if M <= 8 and staged <= 48 * 1024:
-            k.bitlinear_packed_gemv((cdiv(N, 8),), (256,), (out, qx, sx, codes, np.float32(scale), np.int32(M),
-                                                                np.int32(N), np.int32(K), np.int32(nb),
-                                                                np.int32(per)), shared_mem=staged)
+        sx = s.get("bl_sx", M, F32)
+        staged = decode_smem(M, nb, per)
+        if M <= 8 and staged + 96 <= _MAX_SMEM:  # + its 96 B of static shared memory
+            if staged > 48 * 1024 - 96 and k.bitlinear_packed_decode.max_dynamic_shared_size_bytes < staged:
+                k.bitlinear_packed_decode.max_dynamic_shared_size_bytes = staged  # the opt-in above 48 KB
+            k.bitlinear_packed_decode((cdiv(N, 8),), (256,), (out, rstd, sx, inp, gamma, np.float32(eps), codes,
+                                                                  np.float32(scale), np.int32(M), np.int32(N),
+                                                                  np.int32(K), np.int32(nb), np.int32(per)),
+                                      shared_mem=staged)
             return
-        qw, sw, acc = s.get("bl_qw", N * K, T), s.get("bl_sw", 1, F32), s.get("bl_f32", M * N, F32)
+        qx = s.get("bl_x", M * K, T).view(np.int8)[:M * K]
+        k.bitlinear_quantize_i8((cdiv(M, 8),), (256,), (qx, sx, rstd, inp, gamma, np.float32(eps), np.int32(M),
+                                                        np.int32(K)))
+        qw, sw = s.get("bl_qw", N * K, T).view(np.int8)[:N * K], s.get("bl_sw", 1, F32)
+        acc = s.get("bl_acc", M * N, F32).view(np.int32)
         k.bitlinear_unpack((cdiv(N * nb, 256),), (256,), (qw, codes, np.int32(N), np.int32(K), np.int32(nb),
                                                           np.int32(per)))
         sw.fill(np.float32(scale))
-        self.be.gemm.mm(acc, qx, qw, M, N, K, transy=True, out_fp32=True)
-        k.bitlinear_rescale((cdiv(M * N // _pack(T), 256),), (256,), (out, acc, sx, sw, np.int32(M), np.int32(N)))
+        self.be.gemm.mm_int8(acc, qx, qw, M, N, K)
+        k.bitlinear_rescale_i32((cdiv(M * N // _pack(T), 256),), (256,), (out, acc, sx, sw, np.int32(M),
+                                                                          np.int32(N)))
 
     def quantized(self, M: int, N: int, K: int):
-        """(q_x (M, K), s_x (M,), q_w (N, K), s_w (1,)) of the last bitlinear_forward at these sizes: device views of
-        the scratch (the tests read them; a bitlinear_backward since has overwritten q_x and s_x)."""
-        T, s = self.be.act_dtype, self.scratch
-        return (s.get("bl_x", M * K, T).reshape(M, K), s.get("bl_sx", M, F32), s.get("bl_qw", N * K, T).reshape(N, K),
-                s.get("bl_sw", 1, F32))
+        """(q_x (M, K) int8, s_x (M,), q_w (N, K) int8, s_w (1,)) of the last bitlinear_forward at these sizes:
+        device views of the scratch (the tests read them; a bitlinear_backward since has overwritten them)."""
+        s = self.scratch
+        return (s.get("bl_x", M * K, self.be.act_dtype).view(np.int8)[:M * K].reshape(M, K), s.get("bl_sx", M, F32),
+                s.get("bl_qw", N * K, self.be.act_dtype).view(np.int8)[:N * K].reshape(N, K), s.get("bl_sw", 1, F32))
 
     # ---- MLGRU -------------------------------------------------------------------------------------------------
     def _mlgru_sizes(self, op, ai):
@@ -210,7 +224,7 @@ class MMFree:
             _need(op, name, x, dt, size, aligned)
         k = self.km
         k.mlgru_gate_rstd((cdiv(B * nt, 8),), (256,), (rstd, ag, np.float32(eps), np.int32(B * nt), np.int32(d)))
-        k.mlgru_forward((cdiv(B * d, _SCAN_THREADS),), (_SCAN_THREADS,), (
+        k.mlgru_forward(*_scan_grid(B, nt, d), (
             o, h, ai, af, ag, lam, gamma, rstd, np.uint64(0) if h0 is None else h0, np.int32(B), np.int32(nt),
             np.int32(d)))
 
@@ -226,7 +240,7 @@ class MMFree:
             _need(op, name, x, dt, size, aligned)
         part = self.scratch.get("mg_part", 2 * B * d, F32)  # (2, B, d): dlam's and dgamma's per-sequence sums
         k = self.km
-        k.mlgru_backward_scan((cdiv(B * d, _SCAN_THREADS),), (_SCAN_THREADS,), (
+        k.mlgru_backward_scan(*_scan_grid(B, nt, d), (
             dai, daf, part, do, ai, af, ag, lam, gamma, h, rstd, np.int32(B), np.int32(nt), np.int32(d)))
         k.mlgru_backward_dag((cdiv(B * nt, 8),), (256,), (dag, do, ag, gamma, h, rstd, np.int32(B * nt), np.int32(d)))
         k.mlgru_backward_params_finalize((cdiv(d, 128),), (128,), (dlam, dgamma, part, np.int32(B), np.int32(d)))
@@ -250,6 +264,19 @@ class MMFree:
         _need(op, "dP", dP, self.be.act_dtype, L * d, aligned=False)
         _need(op, "dlam", dlam, F32, L * d, aligned=False)
         self.km.lower_bounds_backward((cdiv(d, 128),), (128,), (dP, dlam, P, np.int32(L), np.int32(d)))
+
+
+def decode_smem(M: int, nb: int, per: int) -> int:
+    """Dynamic shared memory of bitlinear_packed_decode: the code table (base 3: 2048 bytes, 2-bit: 1024) and q_x
+    of M rows at 8 (base 3) or 4 (2-bit) bytes per code byte (K = 5632 base 3: 2048 + 9016 M bytes)."""
+    return (2048 + 8 * M * nb) if per == 5 else (1024 + 4 * M * nb)
+
+
+def _scan_grid(B: int, nt: int, d: int):
+    """(grid, block) of the chunked MLGRU scans: 32 channels x nch chunks of t per block; a fixed function of the
+    shape, so every run sums in the same order."""
+    nch = max(1, min(_SCAN_CHUNKS, nt // _SCAN_MIN_LEN))
+    return (cdiv(d, 32), B), (32, nch)
 
 
 def _wdtype(w, T):

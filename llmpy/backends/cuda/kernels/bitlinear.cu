@@ -1,17 +1,35 @@
 // BitLinear (layers/bitlinear.py), the MatMul-free LM's ternary linear layer: x (M, K), W (N, K), gamma (K,).
-// The product q_x q_w^T itself is a cuBLASLt GEMM on integer-valued operands with fp32 output (mmfree.py), exact
-// for K < 2^17; here: quantizing the activations (the inner RMSNorm fused in) and the weights, the one rescale per
-// output, and the backward's input and gamma gradients.
+// The forward product q_x q_w^T is a cuBLASLt int8 x int8 GEMM with int32 accumulation (mmfree.py; exact); the
+// backward's products take T operands (dout is not an integer). Here: quantizing the activations (the inner
+// RMSNorm fused in) and the weights, the one rescale per output, and the backward's input and gamma gradients.
 #include "common.cuh"
+
+// N values of a row stored as Q at q: T itself (N = one 16-byte pack of T), or int8 (N bytes: 8 or 4).
+template <class T, class Q, int N>
+__device__ __forceinline__ void store_q(Q* q, const float (&v)[N]) {
+    if constexpr (sizeof(Q) == 1) {
+        signed char b[N];
+#pragma unroll
+        for (int k = 0; k < N; k++) b[k] = (signed char)(int)v[k];
+        if constexpr (N == 8) { uint2 u; memcpy(&u, b, 8); *reinterpret_cast<uint2*>(q) = u; }
+        else { unsigned int u; memcpy(&u, b, 4); *reinterpret_cast<unsigned int*>(q) = u; }
+    } else {
+        Pack<T> o;
+#pragma unroll
+        for (int k = 0; k < N; k++) o.v[k] = from_f<T>(v[k]);
+        store16(q, o);
+    }
+}
 
 // One warp per row of inp (rows, K), three passes over the row: rstd = 1/sqrt(mean x^2 + eps) (or the saved one:
 // `saved`), y = x rstd gamma, s_x = 127 / max(max|y|, 1e-5), q_x = clamp(roundf(y s_x), -128, 127) (roundf: half
-// away from zero). q (rows, K) gets q_x itself (integers: exact in bf16 and fp32) or, with `dequant`, yq = q_x / s_x
-// (the backward's dW operand); sx (rows,) = s_x. 1/sqrtf rather than rsqrtf: correctly rounded like the reference,
-// so rstd is exact where the reference's is (the tie tests rely on it). rstd is read when saved, else written.
-template <class T>
-__global__ void bitlinear_quantize(T* q, float* sx, float* rstd, const T* inp, const T* gamma, float eps, int saved,
-                                   int dequant, int rows, int K) {
+// away from zero). q (rows, K) gets q_x itself (Q = T: integers, exact in bf16 and fp32; Q = int8: the forward
+// GEMM's operand) or, with `dequant`, yq = q_x / s_x in T (the backward's dW operand); sx (rows,) = s_x. 1/sqrtf
+// rather than rsqrtf: correctly rounded like the reference, so rstd is exact where the reference's is (the tie tests
+// rely on it). rstd is read when saved, else written.
+template <class T, class Q>
+__device__ __forceinline__ void quantize_rows(Q* q, float* sx, float* rstd, const T* inp, const T* gamma, float eps,
+                                              int saved, int dequant, int rows, int K) {
     constexpr int N = Pack<T>::N;
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
@@ -37,15 +55,29 @@ __global__ void bitlinear_quantize(T* q, float* sx, float* rstd, const T* inp, c
     }
     const float s = 127.0f / fmaxf(warp_max(m), 1e-5f);
     for (int c = lane * N; c < K; c += 32 * N) {
-        Pack<T> p = load16(inp + off + c), g = load16(gamma + c), o;
+        Pack<T> p = load16(inp + off + c), g = load16(gamma + c);
+        float o[N];
 #pragma unroll
         for (int k = 0; k < N; k++) {
             const float v = fminf(fmaxf(roundf(to_f(p.v[k]) * r * to_f(g.v[k]) * s), -128.0f), 127.0f);
-            o.v[k] = from_f<T>(dequant ? v / s : v);
+            o[k] = dequant ? v / s : v;
         }
-        store16(q + off + c, o);
+        store_q<T, Q, N>(q + off + c, o);
     }
     if (lane == 0) sx[row] = s;
+}
+
+template <class T>
+__global__ void bitlinear_quantize(T* q, float* sx, float* rstd, const T* inp, const T* gamma, float eps, int saved,
+                                   int dequant, int rows, int K) {
+    quantize_rows<T, T>(q, sx, rstd, inp, gamma, eps, saved, dequant, rows, K);
+}
+
+// q_x as int8 (the forward's GEMM operand); rstd written.
+template <class T>
+__global__ void bitlinear_quantize_i8(signed char* q, float* sx, float* rstd, const T* inp, const T* gamma, float eps,
+                                      int rows, int K) {
+    quantize_rows<T, signed char>(q, sx, rstd, inp, gamma, eps, 0, 0, rows, K);
 }
 
 // The weight scale s_w = 1 / max(mean|W|, 1e-5), deterministic in two stages: a fixed grid of blocks, each summing
@@ -76,22 +108,38 @@ __global__ void bitlinear_weight_scale(float* sw, const float* part, int nparts,
     if (threadIdx.x == 0) sw[0] = 1.0f / fmaxf((float)((double)s / (double)count), 1e-5f);
 }
 
-// qw (n,) = clamp(rint(w s_w), -1, 1) (rintf: half to even, as the reference's weights), in T (exact). One thread
-// per 16-byte pack.
-template <class T>
-__global__ void bitlinear_ternary(T* qw, const T* w, const float* sw, long long n) {
-    constexpr int N = Pack<T>::N;
+// qw (n,) = clamp(rint(w s_w), -1, 1) (rintf: half to even, as the reference's weights), as Q: T (exact; the
+// backward's dX operand) or int8 (the forward's). w in W: T, or the fp32 master weights a bf16 model keeps (the
+// reference quantizes its fp32 weights under bf16 autocast). One thread per 16-byte pack of w (n % 8 == 0).
+template <class T, class W, class Q>
+__device__ __forceinline__ void ternary_pack(Q* qw, const W* w, const float* sw, long long n) {
+    constexpr int N = Pack<W>::N;
     const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * N;
     if (i >= n) return;
     const float s = sw[0];
-    Pack<T> p = load16(w + i), o;
+    Pack<W> p = load16(w + i);
+    float v[N];
 #pragma unroll
-    for (int k = 0; k < N; k++) o.v[k] = from_f<T>(fminf(fmaxf(rintf(to_f(p.v[k]) * s), -1.0f), 1.0f));
-    store16(qw + i, o);
+    for (int k = 0; k < N; k++) v[k] = fminf(fmaxf(rintf(to_f(p.v[k]) * s), -1.0f), 1.0f);
+    if constexpr (sizeof(Q) == 1 || N == Pack<T>::N) {
+        store_q<T, Q, N>(qw + i, v);
+    } else {  // fp32 source, bf16 destination: 4 values, 8 bytes
+#pragma unroll
+        for (int k = 0; k < N; k++) qw[i + k] = from_f<T>(v[k]);
+    }
 }
 
-// The same two steps from fp32 master weights (bf16 training keeps them; the reference quantizes its fp32
-// weights under bf16 autocast): w fp32 (n,), n % 4 == 0; q_w written in T.
+template <class T>
+__global__ void bitlinear_ternary(T* qw, const T* w, const float* sw, long long n) {
+    ternary_pack<T, T, T>(qw, w, sw, n);
+}
+
+template <class T>
+__global__ void bitlinear_ternary_i8(signed char* qw, const T* w, const float* sw, long long n) {
+    ternary_pack<T, T, signed char>(qw, w, sw, n);
+}
+
+// The same two steps from fp32 master weights (bf16 training keeps them): w fp32 (n,), n % 4 == 0.
 template <class T>
 __global__ void bitlinear_absmean_partial_f32(float* part, const float* w, long long n) {
     __shared__ float buf[32];
@@ -107,28 +155,31 @@ __global__ void bitlinear_absmean_partial_f32(float* part, const float* w, long 
 
 template <class T>
 __global__ void bitlinear_ternary_f32(T* qw, const float* w, const float* sw, long long n) {
-    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 4;
-    if (i >= n) return;
-    const float s = sw[0];
-    const float4 p = *reinterpret_cast<const float4*>(w + i);
-    const float v[4] = {p.x, p.y, p.z, p.w};
-#pragma unroll
-    for (int k = 0; k < 4; k++) qw[i + k] = from_f<T>(fminf(fmaxf(rintf(v[k] * s), -1.0f), 1.0f));
+    ternary_pack<T, float, T>(qw, w, sw, n);
 }
 
-// out (rows, N) = acc / (s_x s_w): the GEMM's exact integer sums acc (rows, N) fp32, one rescale per output.
-// One thread per 16-byte pack of out (N % Pack<T>::N == 0: a pack stays in one row).
 template <class T>
-__global__ void bitlinear_rescale(T* out, const float* acc, const float* sx, const float* sw, int rows, int N) {
+__global__ void bitlinear_ternary_f32_i8(signed char* qw, const float* w, const float* sw, long long n) {
+    ternary_pack<T, float, signed char>(qw, w, sw, n);
+}
+
+// out (rows, N) = acc / (s_x s_w): the int8 GEMM's exact int32 sums acc (rows, N) (|acc| < 2^24: converted to float
+// exactly), one rescale per output. One thread per 16-byte pack of out (N % Pack<T>::N == 0: a pack stays in a row).
+template <class T>
+__global__ void bitlinear_rescale_i32(T* out, const int* acc, const float* sx, const float* sw, int rows, int N) {
     constexpr int P = Pack<T>::N;
     const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * P;
     if (i >= (long long)rows * N) return;
     const float d = sx[i / N] * sw[0];
-    float v[P];
-    load_f32<P>(v, acc + i);
     Pack<T> o;
 #pragma unroll
-    for (int k = 0; k < P; k++) o.v[k] = from_f<T>(v[k] / d);
+    for (int k = 0; k < P; k += 4) {
+        const int4 a = *reinterpret_cast<const int4*>(acc + i + k);
+        o.v[k] = from_f<T>((float)a.x / d);
+        o.v[k + 1] = from_f<T>((float)a.y / d);
+        o.v[k + 2] = from_f<T>((float)a.z / d);
+        o.v[k + 3] = from_f<T>((float)a.w / d);
+    }
     store16(out + i, o);
 }
 
@@ -198,58 +249,194 @@ __device__ __forceinline__ int trit(unsigned int& c, int per) {
     return t;
 }
 
-// Decoding (rows <= 8): out (rows, N) = (q_x q_w^T) / (s_x s_w), q_w straight from the codes: integer additions
-// and subtractions of q_x, int32 sums (exact), one rescale per output. The block first stages q_x (rows, K) (the
-// integers bitlinear_quantize wrote, in T) as int8 in shared memory, zero-padded to nb * per columns (dynamic
-// shared memory: rows * nb * per bytes); then each warp takes one output, its lanes striding over the row's code
-// bytes eight loads at a time (independent loads in flight: decoding is bound by the latency of reading codes).
+// Decoding (rows <= 8), one launch per BitLinear: out (rows, N) = (q_x q_w^T) / (s_x s_w) from inp (rows, K) in T,
+// q_w straight from the codes: int8 dot products (__dp4a) of q_x with each code byte's trits, int32 sums (exact),
+// one rescale per output. Dynamic shared memory (the Python side sizes it, `decode_smem`): first a table from a code
+// byte to its trits as int8 (base 3: 243 x 8 bytes, trits 0-3 | trit 4, 0, 0, 0; 2-bit: 256 x 4 bytes), then q_x
+// of every row laid out to match: base 3, 8 bytes per code byte (its 5 columns and 3 zeros); 2-bit, the 4 columns
+// of each code byte (q_x as it is). So a code byte costs one table read, and per row one 8- or 4-byte read of q_x
+// and one or two dp4a. Every block quantizes all the rows itself (rows x K from L2: cheaper than a second launch),
+// bit for bit as bitlinear_quantize does: rstd's sum of squares in one warp per row, in that kernel's order (an
+// fp32 sum depends on it); the absmax and q_x split over the 8 / rows warps a row gets (fmaxf and elementwise
+// rounding do not depend on order). Block 0 writes rstd and sx (rows,). Then each warp takes output n (and, were
+// the grid smaller than N / 8 blocks, n + 8 gridDim.x, ...), its lanes striding over the row's code bytes (adjacent
+// lanes, adjacent bytes and q_x words: no bank conflicts) 16 byte loads at a time, the first batch issued before
+// the quantizing and each later one while the one before is summed. Measured on an H200 (1.3B, batch 1): a grid of
+// 2 or 4 blocks per SM looping over outputs ran 1.3x slower than N / 8 blocks of one output per warp; the
+// decoding GEMVs are bound by the latency of the code loads, and more resident warps keep more of them in flight.
 template <class T>
-__global__ void bitlinear_packed_gemv(T* out, const T* q, const float* sx, const unsigned char* codes, float sw,
-                                      int rows, int N, int K, int nb, int per) {
-    extern __shared__ signed char xs[];
-    const int Kp = nb * per;
-    for (int m = 0; m < rows; m++)
-        for (int k = threadIdx.x; k < Kp; k += blockDim.x)
-            xs[m * Kp + k] = k < K ? (signed char)(int)to_f(q[(long long)m * K + k]) : (signed char)0;
-    __syncthreads();
-    const int lane = threadIdx.x % 32, n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (n >= N) return;
-    int acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    const unsigned char* row = codes + (long long)n * nb;
-    for (int b0 = lane; b0 < nb; b0 += 32 * 8) {
-        unsigned int c8[8];
+__global__ void bitlinear_packed_decode(T* out, float* rstd, float* sx, const T* inp, const T* gamma, float eps,
+                                        const unsigned char* codes, float sw, int rows, int N, int K, int nb,
+                                        int per) {
+    constexpr int P = Pack<T>::N, U = 4, BU = 16;  // 16-byte loads in flight per lane while quantizing; code bytes
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ float r_s[8], m_s[8], s_s[8];  // rstd and s_x per row, absmax per warp (the Python side counts 96 B)
+    const bool b3 = per == 5;
+    const int tab_bytes = b3 ? 2048 : 1024, xw = b3 ? 8 : 4;  // the table (243 x 8 used | 256 x 4); q_x per code byte
+    unsigned char* xs = smem + tab_bytes;                            // (rows, nb, xw) int8
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    const unsigned int zero_code = b3 ? 121u : 0u;  // the byte whose trits are all 0 (base 3: 1 + 3 + 9 + 27 + 81)
+    // this lane's code bytes of batch bi (32 BU bytes of a row per batch) of output n; past the row: zero_code
+    auto load_codes = [&](unsigned int (&c)[BU], int n, int bi) {
+        const unsigned char* row = codes + (long long)n * nb;
 #pragma unroll
-        for (int u = 0; u < 8; u++) c8[u] = b0 + 32 * u < nb ? __ldg(row + b0 + 32 * u) : 0u;
-#pragma unroll
-        for (int u = 0; u < 8; u++) {
-            const int b = b0 + 32 * u;
-            if (b >= nb) break;
-            unsigned int c = c8[u];
-            const signed char* x = xs + b * per;
-            for (int j = 0; j < per; j++) {
-                const int t = trit(c, per);
-#pragma unroll
-                for (int m = 0; m < 8; m++)
-                    if (m < rows) acc[m] += t * (int)x[m * Kp + j];
+        for (int u = 0; u < BU; u++) {
+            const int b = bi * 32 * BU + lane + 32 * u;
+            c[u] = b < nb ? (unsigned int)__ldg(row + b) : zero_code;
+        }
+    };
+    const int nbatch = (nb + 32 * BU - 1) / (32 * BU), stride_n = gridDim.x * nw;
+    int n = blockIdx.x * nw + warp, bi = 0;
+    unsigned int cur[BU];
+    if (n < N) load_codes(cur, n, 0);  // in flight during the quantizing
+
+    // the code table, and zeros under q_x (the padding columns must read as 0)
+    for (int v = threadIdx.x; v < 256; v += blockDim.x) {
+        if (b3) {
+            if (v < 243) {
+                unsigned int c = v, w[2] = {0u, 0u};
+                for (int j = 0; j < 5; j++, c /= 3u)
+                    w[j / 4] |= (unsigned int)(unsigned char)(signed char)((int)(c % 3u) - 1) << (8 * (j % 4));
+                reinterpret_cast<uint2*>(smem)[v] = make_uint2(w[0], w[1]);
             }
+        } else {
+            unsigned int w = 0u;
+            for (int j = 0; j < 4; j++) {
+                const int t = (v >> (2 * j)) & 3;
+                w |= (unsigned int)(unsigned char)(signed char)(t == 3 ? -1 : t) << (8 * j);
+            }
+            reinterpret_cast<unsigned int*>(smem)[v] = w;
         }
     }
+    const int xbytes = rows * nb * xw;  // a multiple of 4
+    for (int i = threadIdx.x; i < xbytes / 4; i += blockDim.x) reinterpret_cast<unsigned int*>(xs)[i] = 0u;
+
+    const int g = nw / rows, m = warp / g, j = warp % g;  // warps per row; this warp's row (m >= rows: idle), part
+    const long long off = (long long)m * K;
+    const int stride = g * 32 * P;  // between one lane's packs in the absmax and q_x passes
+    if (m < rows && j == 0) {
+        float s = 0.0f;
+        for (int c0 = lane * P; c0 < K; c0 += 32 * P * U) {
+            Pack<T> p[U];
 #pragma unroll
-    for (int m = 0; m < 8; m++) {
-        if (m >= rows) break;
-        int s = acc[m];
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0) out[(long long)m * N + n] = from_f<T>((float)s / (sx[m] * sw));
+            for (int u = 0; u < U; u++)
+                if (c0 + 32 * P * u < K) p[u] = load16(inp + off + c0 + 32 * P * u);
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (c0 + 32 * P * u >= K) break;
+#pragma unroll
+                for (int k = 0; k < P; k++) { const float v = to_f(p[u].v[k]); s += v * v; }
+            }
+        }
+        const float r = 1.0f / sqrtf(warp_sum(s) / K + eps);
+        if (lane == 0) r_s[m] = r;
+    }
+    __syncthreads();
+    float mx = 0.0f;
+    if (m < rows) {
+        const float r = r_s[m];
+        for (int c0 = (j * 32 + lane) * P; c0 < K; c0 += stride * U) {
+            Pack<T> p[U], q[U];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (c0 + stride * u < K) {
+                    p[u] = load16(inp + off + c0 + stride * u);
+                    q[u] = load16(gamma + c0 + stride * u);
+                }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (c0 + stride * u >= K) break;
+#pragma unroll
+                for (int k = 0; k < P; k++) mx = fmaxf(mx, fabsf(to_f(p[u].v[k]) * r * to_f(q[u].v[k])));
+            }
+        }
+        mx = warp_max(mx);
+    }
+    if (lane == 0) m_s[warp] = mx;
+    __syncthreads();
+    if (m < rows) {
+        float a = 0.0f;
+        for (int i = 0; i < g; i++) a = fmaxf(a, m_s[m * g + i]);
+        const float r = r_s[m], s = 127.0f / fmaxf(a, 1e-5f);
+        signed char* x = reinterpret_cast<signed char*>(xs) + (long long)m * nb * xw;
+        for (int c0 = (j * 32 + lane) * P; c0 < K; c0 += stride * U) {
+            Pack<T> p[U], q[U];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (c0 + stride * u < K) {
+                    p[u] = load16(inp + off + c0 + stride * u);
+                    q[u] = load16(gamma + c0 + stride * u);
+                }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (c0 + stride * u >= K) break;
+#pragma unroll
+                for (int k = 0; k < P; k++) {
+                    const int col = c0 + stride * u + k;
+                    x[b3 ? (col / 5) * 8 + col % 5 : col] = (signed char)(int)fminf(
+                        fmaxf(roundf(to_f(p[u].v[k]) * r * to_f(q[u].v[k]) * s), -128.0f), 127.0f);
+                }
+            }
+        }
+        if (j == 0 && lane == 0) {
+            s_s[m] = s;
+            if (blockIdx.x == 0) { rstd[m] = r; sx[m] = s; }
+        }
+    }
+    __syncthreads();
+
+    // The outputs n, n + stride_n, ... of this warp, batch after batch, the next batch's loads in flight while this
+    // one is summed.
+    int acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    while (n < N) {
+        int n2 = n, bi2 = bi + 1;
+        if (bi2 == nbatch) { bi2 = 0; n2 = n + stride_n; }
+        unsigned int nxt[BU];
+        if (n2 < N) load_codes(nxt, n2, bi2);
+#pragma unroll
+        for (int u = 0; u < BU; u++) {
+            const int b = bi * 32 * BU + lane + 32 * u;
+            if (b >= nb) break;
+            if (b3) {
+                const uint2 w = reinterpret_cast<const uint2*>(smem)[cur[u]];
+#pragma unroll
+                for (int mm = 0; mm < 8; mm++)
+                    if (mm < rows) {
+                        const uint2 xv = reinterpret_cast<const uint2*>(xs)[mm * nb + b];
+                        acc[mm] = __dp4a((int)w.x, (int)xv.x, acc[mm]);
+                        acc[mm] = __dp4a((int)w.y, (int)xv.y, acc[mm]);
+                    }
+            } else {
+                const unsigned int w = reinterpret_cast<const unsigned int*>(smem)[cur[u]];
+#pragma unroll
+                for (int mm = 0; mm < 8; mm++)
+                    if (mm < rows) acc[mm] = __dp4a((int)w, reinterpret_cast<const int*>(xs)[mm * nb + b], acc[mm]);
+            }
+        }
+        if (bi == nbatch - 1) {  // output n complete
+#pragma unroll
+            for (int mm = 0; mm < 8; mm++) {
+                if (mm >= rows) break;
+                int s = acc[mm];
+                for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+                if (lane == 0) out[(long long)mm * N + n] = from_f<T>((float)s / (s_s[mm] * sw));
+                acc[mm] = 0;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < BU; u++) cur[u] = nxt[u];
+        n = n2;
+        bi = bi2;
     }
 }
 
-// Many rows (eval): qw (N, K) in T = the codes unpacked, for the GEMM; one thread per code byte.
+// Many rows (eval): qw (N, K) int8 = the codes unpacked, for the int8 GEMM; one thread per code byte.
 template <class T>
-__global__ void bitlinear_unpack(T* qw, const unsigned char* codes, int N, int K, int nb, int per) {
+__global__ void bitlinear_unpack(signed char* qw, const unsigned char* codes, int N, int K, int nb, int per) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)N * nb) return;
     const long long n = i / nb;
     const int b = (int)(i % nb);
     unsigned int c = codes[i];
-    for (int j = 0, k = b * per; j < per && k < K; j++, k++) qw[n * K + k] = from_f<T>((float)trit(c, per));
+    for (int j = 0, k = b * per; j < per && k < K; j++, k++) qw[n * K + k] = (signed char)trit(c, per);
 }

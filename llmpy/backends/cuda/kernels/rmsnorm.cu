@@ -14,11 +14,22 @@ __device__ void rmsnorm_row(T* out, float* rstd, const T* x, const T* w, float e
         for (int k = 0; k < N; k++) { float v = to_f(p.v[k]); s += v * v; }
     }
     const float r = rsqrtf(warp_sum(s) / C + eps);
-    for (int c = lane * N; c < C; c += 32 * N) {
-        Pack<T> p = load16(x + c), pw = load16(w + c), o;
+    // U packs loaded before any is stored: out may alias x as far as the compiler knows, so a load after a store
+    // waits for it; batching keeps U loads in flight (few-row calls, decoding, are bound by this latency)
+    constexpr int U = 4;
+    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
+        Pack<T> p[U], pw[U];
 #pragma unroll
-        for (int k = 0; k < N; k++) o.v[k] = from_f<T>(to_f(p.v[k]) * r * to_f(pw.v[k]));
-        store16(out + c, o);
+        for (int u = 0; u < U; u++)
+            if (c0 + 32 * N * u < C) { p[u] = load16(x + c0 + 32 * N * u); pw[u] = load16(w + c0 + 32 * N * u); }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (c0 + 32 * N * u >= C) break;
+            Pack<T> o;
+#pragma unroll
+            for (int k = 0; k < N; k++) o.v[k] = from_f<T>(to_f(p[u].v[k]) * r * to_f(pw[u].v[k]));
+            store16(out + c0 + 32 * N * u, o);
+        }
     }
     if (lane == 0) rstd[row] = r;
 }
@@ -39,11 +50,23 @@ __global__ void fused_residual_rmsnorm_forward(T* residual, T* out, float* rstd,
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;
     const long long off = (long long)row * C;
-    for (int c = (threadIdx.x % 32) * N; c < C; c += 32 * N) {
-        Pack<T> a = load16(inp1 + off + c), b = load16(inp2 + off + c), o;
+    constexpr int U = 4;  // packs in flight before the stores (as in rmsnorm_row)
+    for (int c0 = (threadIdx.x % 32) * N; c0 < C; c0 += 32 * N * U) {
+        Pack<T> a[U], b[U];
 #pragma unroll
-        for (int k = 0; k < N; k++) o.v[k] = from_f<T>(to_f(a.v[k]) + to_f(b.v[k]));
-        store16(residual + off + c, o);
+        for (int u = 0; u < U; u++)
+            if (c0 + 32 * N * u < C) {
+                a[u] = load16(inp1 + off + c0 + 32 * N * u);
+                b[u] = load16(inp2 + off + c0 + 32 * N * u);
+            }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (c0 + 32 * N * u >= C) break;
+            Pack<T> o;
+#pragma unroll
+            for (int k = 0; k < N; k++) o.v[k] = from_f<T>(to_f(a[u].v[k]) + to_f(b[u].v[k]));
+            store16(residual + off + c0 + 32 * N * u, o);
+        }
     }
     __syncwarp();  // each lane reads back the packs other lanes of its warp stored
     rmsnorm_row(out + off, rstd, residual + off, w, eps, row, C);
