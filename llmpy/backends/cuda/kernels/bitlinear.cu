@@ -258,37 +258,28 @@ __device__ __forceinline__ int trit(unsigned int& c, int per) {
 // and one or two dp4a. Every block quantizes all the rows itself (rows x K from L2: cheaper than a second launch),
 // bit for bit as bitlinear_quantize does: rstd's sum of squares in one warp per row, in that kernel's order (an
 // fp32 sum depends on it); the absmax and q_x split over the 8 / rows warps a row gets (fmaxf and elementwise
-// rounding do not depend on order). Block 0 writes rstd and sx (rows,). Then each warp takes output n (and, were
-// the grid smaller than N / 8 blocks, n + 8 gridDim.x, ...), its lanes striding over the row's code bytes (adjacent
-// lanes, adjacent bytes and q_x words: no bank conflicts) 16 byte loads at a time, the first batch issued before
-// the quantizing and each later one while the one before is summed. Measured on an H200 (1.3B, batch 1): a grid of
-// 2 or 4 blocks per SM looping over outputs ran 1.3x slower than N / 8 blocks of one output per warp; the
-// decoding GEMVs are bound by the latency of the code loads, and more resident warps keep more of them in flight.
+// rounding do not depend on order). Block 0 writes rstd and sx (rows,). Then each warp takes one output, its lanes
+// striding over the row's code bytes (adjacent lanes, adjacent bytes and q_x words: no bank conflicts) eight loads
+// at a time; the first eight are issued before the quantizing and each later batch while the one before is summed.
+// Measured on an H200 (1.3B, batch 1; NOTES.md): this grid of N / 8 blocks beat a grid of 2 or 4 blocks per SM
+// looping over outputs (1.3x slower) and 16-byte batches per lane (1.6x slower): the GEMVs are bound by the
+// latency of the code loads, and more resident warps keep more of them in flight.
 template <class T>
 __global__ void bitlinear_packed_decode(T* out, float* rstd, float* sx, const T* inp, const T* gamma, float eps,
                                         const unsigned char* codes, float sw, int rows, int N, int K, int nb,
                                         int per) {
-    constexpr int P = Pack<T>::N, U = 4, BU = 16;  // 16-byte loads in flight per lane while quantizing; code bytes
+    constexpr int P = Pack<T>::N, U = 4;  // U: 16-byte loads in flight per lane while quantizing
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ float r_s[8], m_s[8], s_s[8];  // rstd and s_x per row, absmax per warp (the Python side counts 96 B)
     const bool b3 = per == 5;
     const int tab_bytes = b3 ? 2048 : 1024, xw = b3 ? 8 : 4;  // the table (243 x 8 used | 256 x 4); q_x per code byte
     unsigned char* xs = smem + tab_bytes;                            // (rows, nb, xw) int8
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
-    const unsigned int zero_code = b3 ? 121u : 0u;  // the byte whose trits are all 0 (base 3: 1 + 3 + 9 + 27 + 81)
-    // this lane's code bytes of batch bi (32 BU bytes of a row per batch) of output n; past the row: zero_code
-    auto load_codes = [&](unsigned int (&c)[BU], int n, int bi) {
-        const unsigned char* row = codes + (long long)n * nb;
+    const int n = blockIdx.x * nw + warp;
+    const unsigned char* crow = codes + (long long)min(n, N - 1) * nb;
+    unsigned int c8[8];  // the first 8 code bytes of this lane, in flight during the quantizing
 #pragma unroll
-        for (int u = 0; u < BU; u++) {
-            const int b = bi * 32 * BU + lane + 32 * u;
-            c[u] = b < nb ? (unsigned int)__ldg(row + b) : zero_code;
-        }
-    };
-    const int nbatch = (nb + 32 * BU - 1) / (32 * BU), stride_n = gridDim.x * nw;
-    int n = blockIdx.x * nw + warp, bi = 0;
-    unsigned int cur[BU];
-    if (n < N) load_codes(cur, n, 0);  // in flight during the quantizing
+    for (int u = 0; u < 8; u++) c8[u] = n < N && lane + 32 * u < nb ? __ldg(crow + lane + 32 * u) : 0u;
 
     // the code table, and zeros under q_x (the padding columns must read as 0)
     for (int v = threadIdx.x; v < 256; v += blockDim.x) {
@@ -385,20 +376,19 @@ __global__ void bitlinear_packed_decode(T* out, float* rstd, float* sx, const T*
     }
     __syncthreads();
 
-    // The outputs n, n + stride_n, ... of this warp, batch after batch, the next batch's loads in flight while this
-    // one is summed.
+    if (n >= N) return;
+
     int acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    while (n < N) {
-        int n2 = n, bi2 = bi + 1;
-        if (bi2 == nbatch) { bi2 = 0; n2 = n + stride_n; }
-        unsigned int nxt[BU];
-        if (n2 < N) load_codes(nxt, n2, bi2);
+    for (int b0 = lane; b0 < nb; b0 += 32 * 8) {
+        unsigned int c8n[8];  // the next batch, in flight while this one is summed
 #pragma unroll
-        for (int u = 0; u < BU; u++) {
-            const int b = bi * 32 * BU + lane + 32 * u;
+        for (int u = 0; u < 8; u++) c8n[u] = b0 + 256 + 32 * u < nb ? __ldg(crow + b0 + 256 + 32 * u) : 0u;
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int b = b0 + 32 * u;
             if (b >= nb) break;
             if (b3) {
-                const uint2 w = reinterpret_cast<const uint2*>(smem)[cur[u]];
+                const uint2 w = reinterpret_cast<const uint2*>(smem)[c8[u]];
 #pragma unroll
                 for (int mm = 0; mm < 8; mm++)
                     if (mm < rows) {
@@ -407,26 +397,21 @@ __global__ void bitlinear_packed_decode(T* out, float* rstd, float* sx, const T*
                         acc[mm] = __dp4a((int)w.y, (int)xv.y, acc[mm]);
                     }
             } else {
-                const unsigned int w = reinterpret_cast<const unsigned int*>(smem)[cur[u]];
+                const unsigned int w = reinterpret_cast<const unsigned int*>(smem)[c8[u]];
 #pragma unroll
                 for (int mm = 0; mm < 8; mm++)
                     if (mm < rows) acc[mm] = __dp4a((int)w, reinterpret_cast<const int*>(xs)[mm * nb + b], acc[mm]);
             }
         }
-        if (bi == nbatch - 1) {  // output n complete
 #pragma unroll
-            for (int mm = 0; mm < 8; mm++) {
-                if (mm >= rows) break;
-                int s = acc[mm];
-                for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-                if (lane == 0) out[(long long)mm * N + n] = from_f<T>((float)s / (s_s[mm] * sw));
-                acc[mm] = 0;
-            }
-        }
+        for (int u = 0; u < 8; u++) c8[u] = c8n[u];
+    }
 #pragma unroll
-        for (int u = 0; u < BU; u++) cur[u] = nxt[u];
-        n = n2;
-        bi = bi2;
+    for (int mm = 0; mm < 8; mm++) {
+        if (mm >= rows) break;
+        int s = acc[mm];
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) out[(long long)mm * N + n] = from_f<T>((float)s / (s_s[mm] * sw));
     }
 }
 
