@@ -30,6 +30,7 @@ _WBLOCKS = 264       # grid of the weight scale's |W| partial sums: fixed, so th
 _CHUNK_ROWS = 256    # rows per partial of dgamma's column sums
 _MAX_K = 1 << 17     # |q_x q_w^T| <= 128 K must stay below 2^24 (exact in fp32)
 _MAX_SMEM = 227 * 1024  # shared memory a block may opt in to on sm_90
+_DECODE_THREADS = 256  # block of the packed decode kernel: a warp per output (<= 512: 16 warps)
 _SCAN_CHUNKS = 32    # most chunks of the MLGRU's scan over t (SCAN_MAX_CHUNKS in mlgru.cu): B d 32 threads
 _SCAN_MIN_LEN = 8    # fewest steps a chunk gets (decoding, nt = 1: one chunk, the sequential scan)
 F32 = np.dtype(np.float32)
@@ -177,10 +178,11 @@ class MMFree:
         s, k = self.scratch, self.kb
         sx = s.get("bl_sx", M, F32)
         staged = decode_smem(M, nb, per)
-        if M <= 8 and staged + 96 <= _MAX_SMEM:  # + its 96 B of static shared memory
-            if staged > 48 * 1024 - 96 and k.bitlinear_packed_decode.max_dynamic_shared_size_bytes < staged:
+        threads = _DECODE_THREADS if M <= _DECODE_THREADS // 32 else 256  # a warp per row at least
+        if M <= 8 and staged + 128 <= _MAX_SMEM:  # + its 128 B of static shared memory
+            if staged > 48 * 1024 - 128 and k.bitlinear_packed_decode.max_dynamic_shared_size_bytes < staged:
                 k.bitlinear_packed_decode.max_dynamic_shared_size_bytes = staged  # the opt-in above 48 KB
-            k.bitlinear_packed_decode((cdiv(N, 8),), (256,), (out, rstd, sx, inp, gamma, np.float32(eps), codes,
+            k.bitlinear_packed_decode((cdiv(N, threads // 32),), (threads,), (out, rstd, sx, inp, gamma, np.float32(eps), codes,
                                                                   np.float32(scale), np.int32(M), np.int32(N),
                                                                   np.int32(K), np.int32(nb), np.int32(per)),
                                       shared_mem=staged)

@@ -270,7 +270,7 @@ __global__ void bitlinear_packed_decode(T* out, float* rstd, float* sx, const T*
                                         int per) {
     constexpr int P = Pack<T>::N, U = 4;  // U: 16-byte loads in flight per lane while quantizing
     extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ float r_s[8], m_s[8], s_s[8];  // rstd and s_x per row, absmax per warp (the Python side counts 96 B)
+    __shared__ float r_s[8], m_s[16], s_s[8];  // rstd, s_x per row; absmax per warp (<= 16; Python counts 128 B)
     const bool b3 = per == 5;
     const int tab_bytes = b3 ? 2048 : 1024, xw = b3 ? 8 : 4;  // the table (243 x 8 used | 256 x 4); q_x per code byte
     unsigned char* xs = smem + tab_bytes;                            // (rows, nb, xw) int8
