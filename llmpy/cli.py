@@ -190,26 +190,34 @@ def _cmd_sample(args) -> int:
     n = 256 if args.max_new_tokens is None else args.max_new_tokens
     rng = np.random.default_rng(args.seed)
     model = decoder(cfg, params, _backend(args))
-    pending = []
+    pending, ctx = [], []
 
-    def emit(t):  # stream, holding back bytes that do not yet form whole UTF-8 characters
-        pending.append(t)
-        text = tok.decode(pending)
-        if "\ufffd" not in text:
+    def flush(final=False):
+        # the new tokens' text is decoded after a few tokens already shown (SentencePiece renders a word's leading
+        # space only after other text); bytes that do not yet form whole UTF-8 characters are held back
+        head = tok.decode(ctx) if ctx else ""
+        text = tok.decode(ctx + pending)
+        text = text[len(head):] if text.startswith(head) else tok.decode(pending)
+        if final or "\ufffd" not in text:
             sys.stdout.write(text)
             sys.stdout.flush()
+            ctx[:] = (ctx + pending)[-4:]
             pending.clear()
+
+    def emit(t):
+        pending.append(t)
+        flush()
 
     for i in range(args.num_samples):
         if args.num_samples > 1:
             sys.stdout.write(f"--- sample {i + 1} of {args.num_samples} ---\n")
+        ctx[:] = prompt[-4:] if args.prompt else []
         if args.prompt:
             sys.stdout.write(args.prompt)
         generate(model, prompt, n, rng=rng, temperature=args.temperature, top_k=args.top_k or None,
                  top_p=args.top_p, on_token=emit, stop_at=tok.eot if args.stop_at_eot else None)
         if pending:
-            sys.stdout.write(tok.decode(pending))
-            pending.clear()
+            flush(final=True)
         sys.stdout.write("\n")
     return 0
 

@@ -1,6 +1,7 @@
 """A model folder's own tokenizer (data/tokenizers/files.py): a small BPE the test trains with Hugging Face's
 `tokenizers` library, saved as tokenizer.json beside an exported MatMul-free model, is what `sample` reads, and
-what `prepare --tokenizer` shards text with."""
+what `prepare --tokenizer` shards text with; and a small SentencePiece tokenizer.model (the released models' kind),
+whose word-initial spaces `sample` must keep while streaming."""
 import numpy as np
 import pytest
 
@@ -84,3 +85,34 @@ def test_a_bad_tokenizer_file_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="is not a tokenizer file") as e:
         get_tokenizer(str(tmp_path))
     assert "\n" not in str(e.value)
+
+
+def test_a_sentencepiece_tokenizer_model_is_read(tmp_path, capsys):
+    """The released MatMul-free models ship Mistral's SentencePiece `tokenizer.model`: a small one the test trains
+    (unigram, <s> = 1 and </s> = 2 as SentencePiece numbers them) is what get_tokenizer and `sample` read."""
+    spm = pytest.importorskip("sentencepiece")
+    import io
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT), model_writer=buf, vocab_size=40,
+                                   character_coverage=1.0, model_type="unigram", minloglevel=2)
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "tokenizer.model").write_bytes(buf.getvalue())
+    ref = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    tok = get_tokenizer(str(d))
+    assert tok.vocab_size == ref.get_piece_size() == 40 and (tok.doc, tok.eot) == (1, 2)
+    ids = tok.encode("the lazy fox")
+    assert ids == ref.encode("the lazy fox") and len(ids) > 1 and tok.decode(ids) == "the lazy fox"
+    assert tok.encode_batch(["to be", "a stitch"]) == [ref.encode("to be"), ref.encode("a stitch")]
+    cfg = config_from_name("mmfree:l1d32v40t64")  # the model's vocabulary is the tokenizer's
+    m = MMFree(cfg, get_backend("cpu"), 1, 1, training=False)
+    m.init_weights(0)
+    write_hf_model(d, cfg, m.params_numpy())
+    assert main(["sample", "--checkpoint", str(d), "--prompt", "to be", "--max-new-tokens", "6", "--seed", "0",
+                 "--temperature", "0"]) == 0
+    from llmpy.formats.checkpoint import load_weights
+    from llmpy.models.decode import decoder, generate
+    cfg, p = load_weights(d)
+    new = generate(decoder(cfg, p, get_backend("cpu")), ref.encode("to be"), 6, rng=np.random.default_rng(0),
+                   temperature=0)
+    assert capsys.readouterr().out.rstrip("\n") == ref.decode(ref.encode("to be") + new)
