@@ -25,6 +25,7 @@ def _model_names() -> str:
 def _train_parser(sub) -> None:
     from .train.config import DEFAULT_MODEL, TrainConfig
     from .train.optim import SCHEDULES
+    from .train.recipes import RECIPES
     D = TrainConfig()
 
     def dflt(name: str) -> str:  # the defaults live in TrainConfig alone
@@ -65,6 +66,14 @@ def _train_parser(sub) -> None:
     a("--sample-every", type=int, metavar="N", help=f"print a sample every N steps; 0 = off {dflt('sample_every')}")
     a("--sample-tokens", type=int, metavar="N", help=f"tokens per sample, also printed at the end; 0 = none "
       f"{dflt('sample_tokens')}")
+    a("--eval-tasks", metavar="TASKS", type=lambda v: "" if v.strip().lower() == "none" else v,
+      help="multiple-choice tasks scored during training, comma-separated (hellaswag, arc_easy, arc_challenge, "
+      "piqa, winogrande, openbookqa; logged in metrics.jsonl and the plot); none = off (default: none)")
+    a("--eval-every", type=int, metavar="N", help=f"score them before steps 0, N, 2N, ... and after the last; 0 = "
+      f"only after the last {dflt('eval_every')}")
+    a("--eval-limit", type=int, metavar="N", help="score the first N examples of each task (default: all)")
+    a("--recipe", choices=sorted(RECIPES), help="llm.c's published GPT-2 run of this size on FineWeb (prepare the "
+      "data first: `llmpy prepare fineweb`); prints its settings; any flag given overrides (default: none)")
     a("--checkpoint-every", type=int, metavar="N", help="write the checkpoint every N steps and at the end "
       f"{dflt('checkpoint_every')}")
     a("--keep", type=int, metavar="N", help="keep the last N checkpoints: checkpoint.safetensors (the latest, what "
@@ -100,24 +109,53 @@ def _train_parser(sub) -> None:
 def _cmd_train(args) -> int:
     from .train import TrainConfig, run
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
-    tc = TrainConfig(**given, explicit=tuple(given))
+    settings = dict(given)
+    if args.recipe:
+        from .train.recipes import describe, recipe_settings
+        if args.resume:
+            raise UserError("--recipe starts a run; --resume continues one with its own settings (drop --recipe)")
+        recipe, prepare = recipe_settings(args.recipe)
+        print(describe(args.recipe, recipe, given))
+        settings = dict(recipe, **given)
+        import glob
+        if not glob.glob(settings["train_data"]):
+            raise UserError(f"--recipe {args.recipe}: no token shards match {settings['train_data']}; prepare them "
+                            f"first (`{prepare}`) or give --train-data")
+    tc = TrainConfig(**settings, explicit=tuple(settings))
     res = run(tc)
     return 128 + res.signal if res.signal else 0
 
 
 def _cmd_prepare(args) -> int:
-    from .data.prepare import prepare, prepare_shakespeare
+    from .data.fineweb import DATASETS, prepare_fineweb
+    from .data.prepare import SHARD_TOKENS, VAL_FRACTION, prepare, prepare_shakespeare
+    fineweb = len(args.inputs) == 1 and args.inputs[0] in DATASETS and not os.path.exists(args.inputs[0])
+    only_fineweb = [f for f, v in (("--sample", args.sample), ("--tokens", args.tokens), ("--workers", args.workers))
+                    if v is not None]
+    if fineweb:
+        if args.val_tokens is not None or args.val_fraction is not None:
+            raise UserError("--val-tokens and --val-fraction are for text files: FineWeb's val split is its first "
+                            "shard (--shard-tokens)")
+        train, val = prepare_fineweb(args.inputs[0], args.sample or "10BT", args.out, tokens=args.tokens,
+                                     tokenizer=args.tokenizer, workers=args.workers,
+                                     shard_tokens=args.shard_tokens or SHARD_TOKENS, name=args.name)
+        print(f"  --train-data '{train}'\n  --val-data '{val}'")
+        return 0
+    if only_fineweb:
+        raise UserError(f"{', '.join(only_fineweb)}: only for `llmpy prepare fineweb-edu` or `fineweb`")
     if not args.inputs:
         train, val = prepare_shakespeare(args.out, tokenizer=args.tokenizer)
         print(f"Shakespeare corpus ready:\n  --train-data '{train}'\n  --val-data '{val}'")
         return 0
     if not args.out:
         raise UserError("--out DIR is needed when preparing your own text files")
-    train, val = prepare(args.inputs, args.out, args.name, val_tokens=args.val_tokens,
-                         val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, tokenizer=args.tokenizer)
-    print(f"  --train-data '{os.path.join(args.out, args.name + '_train_*.bin')}'")
+    name = args.name or "data"
+    train, val = prepare(args.inputs, args.out, name, val_tokens=args.val_tokens,
+                         val_fraction=VAL_FRACTION if args.val_fraction is None else args.val_fraction,
+                         shard_tokens=args.shard_tokens or SHARD_TOKENS, tokenizer=args.tokenizer)
+    print(f"  --train-data '{os.path.join(args.out, name + '_train_*.bin')}'")
     if val:
-        print(f"  --val-data '{os.path.join(args.out, args.name + '_val_*.bin')}'")
+        print(f"  --val-data '{os.path.join(args.out, name + '_val_*.bin')}'")
     return 0
 
 
@@ -225,7 +263,24 @@ def _cmd_sample(args) -> int:
 def _cmd_eval(args) -> int:
     """Evaluates the way training validates: the mean loss of the first N batches of BxT tokens, in order; the
     defaults are the run's own (its val data, batch size, seq len, --val-batches) for a training checkpoint, else
-    `llmpy train`'s."""
+    `llmpy train`'s. With --tasks: scores zero-shot multiple-choice tasks instead (llmpy/evals) and prints a table."""
+    if args.tasks is not None:
+        from .data.tokenizers.files import tokenizer_file
+        from .evals import check_tasks, evaluate, format_table
+        tasks = check_tasks(args.tasks)
+        for flag, v in (("--data", args.data), ("--batch-size", args.batch_size), ("--batches", args.batches)):
+            if v is not None:
+                raise UserError(f"{flag} sets the loss evaluation on token shards; it does not go with --tasks")
+        if args.limit is not None and args.limit < 1:
+            raise UserError(f"--limit must be >= 1 (got {args.limit})")
+        cfg, params = _load_any(args.checkpoint, packed_ok=True)
+        own = tokenizer_file(_weights_path(args.checkpoint)) if os.path.exists(args.checkpoint) else None
+        results = evaluate(cfg, params, _backend(args), args.tokenizer or (str(own) if own else None), tasks,
+                           limit=args.limit, T=args.seq_len)
+        print(format_table(results))
+        return 0
+    if args.limit is not None or args.tokenizer is not None:
+        raise UserError(f"{'--limit' if args.limit is not None else '--tokenizer'} goes with --tasks")
     from .data.loader import DataLoader
     from .models.base import inference_model
     from .train.config import TrainConfig
@@ -308,16 +363,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     from .data.prepare import SHARD_TOKENS, VAL_FRACTION
-    p = sub.add_parser("prepare", help="text files or folders -> llm.c token shards (none: the Shakespeare corpus)")
-    p.add_argument("inputs", nargs="*", help="text files or folders (every *.txt below them)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: the cache, for the Shakespeare corpus; "
-                   "needed for your own files)")
-    p.add_argument("--name", default="data", help="shard name prefix (default %(default)s)")
+    p = sub.add_parser("prepare", help="text files or folders -> llm.c token shards (none: the Shakespeare corpus; "
+                       "fineweb-edu or fineweb: a FineWeb sample from the Hugging Face Hub)")
+    p.add_argument("inputs", nargs="*", help="text files or folders (every *.txt below them); or the one word "
+                   "fineweb-edu or fineweb (where no such file or folder exists): download the dataset's --sample "
+                   "into the cache and tokenize it, llm.c's way (the first shard is val, the others train)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: the cache, for the Shakespeare corpus and "
+                   "FineWeb, e.g. edu_fineweb10B/; needed for your own files)")
+    p.add_argument("--name", help="shard name prefix (default: data; FineWeb: edu_fineweb or fineweb, as llm.c)")
     p.add_argument("--val-tokens", type=int, help="the first N tokens go to the val split (default: "
                    "--val-fraction)")
-    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="else this fraction (default "
-                   "%(default)s)")
-    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard (default %(default)s)")
+    p.add_argument("--val-fraction", type=float, help=f"else this fraction (default {VAL_FRACTION})")
+    p.add_argument("--shard-tokens", type=int, help=f"tokens per shard (default {SHARD_TOKENS})")
+    p.add_argument("--sample", choices=("10BT", "100BT"), help="FineWeb: which sample (default 10BT)")
+    p.add_argument("--tokens", type=int, metavar="N", help="FineWeb: stop after N tokens (default: the whole "
+                   "sample); only the files needed are downloaded")
+    p.add_argument("--workers", type=int, metavar="N", help="FineWeb: tokenizing processes (default: one per CPU)")
     p.add_argument("--tokenizer", type=_tokenizer_arg, default="gpt2", help="gpt2: uint16 shards; llama3: "
                    "Meta's (Llama 3 Community License), uint32 shards; or a tokenizer.json / tokenizer.model file or "
                    "a model folder holding one (default %(default)s)")
@@ -351,16 +412,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .train.config import TrainConfig
     D = TrainConfig()
-    p = sub.add_parser("eval", help="mean loss of a checkpoint on token shards, the way training validates",
+    from .evals.tasks import TASKS
+    p = sub.add_parser("eval", help="mean loss of a checkpoint on token shards, the way training validates; or "
+                       "zero-shot multiple-choice tasks (--tasks)",
                        description="The mean loss over the first N batches of BxT tokens of the shards, in order: "
                        "what `llmpy train` logs as val_loss. For a training checkpoint (or run folder) every "
-                       "default is the run's own, so that eval repeats its last validation.")
+                       "default is the run's own, so that eval repeats its last validation. With --tasks: the "
+                       "accuracy on zero-shot multiple-choice tasks (acc and acc_norm; HellaSwag as llm.c scores it, "
+                       "the others as the EleutherAI lm-evaluation-harness does), their files downloaded once into "
+                       "the cache.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a run folder, llmpy checkpoint, llm.c .bin "
                    "or HF file or folder (required)")
+    p.add_argument("--tasks", metavar="TASKS", help=f"score these tasks, comma-separated: {', '.join(TASKS)} "
+                   "(default: none: the loss on token shards)")
+    p.add_argument("--limit", type=int, metavar="N", help="with --tasks: the first N examples of each task "
+                   "(default: all)")
+    p.add_argument("--tokenizer", type=_tokenizer_arg, help="with --tasks: gpt2, llama3, or a tokenizer.json / "
+                   "tokenizer.model file or folder (default: the checkpoint folder's own tokenizer file when it has "
+                   "one, else by the model's vocabulary: Llama 3's 128,256 tokens: llama3, else gpt2)")
     p.add_argument("--data", metavar="GLOB", help="llm.c-format token shards (default: the run's val data)")
     p.add_argument("--batch-size", "-b", type=int, help=f"(default: the run's, else {D.batch_size})")
     p.add_argument("--seq-len", "-t", type=int, help=f"(default: the run's, else {D.seq_len} or the model's "
-                   "context if shorter)")
+                   "context if shorter; with --tasks: the longest example rounded up to a multiple of 64, at most "
+                   "the model's context, longer ones losing the start of their context)")
     p.add_argument("--batches", type=int, help=f"the first N batches (default: the run's --val-batches, else "
                    f"{D.val_batches}; at most one pass)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=D.device, help="(default %(default)s: "

@@ -14,10 +14,19 @@ For a large (LFS) file the Hub answers with a redirect to its storage that carri
 sha256) and `X-Linked-Size`; a small file is answered directly (`ETag`, `Content-Length`). Then GET, with
 `Range: bytes=N-` when N bytes of a cut download are in the `.part` file (named after the version it holds, so
 another version is never resumed); the size, and the sha256 where the Hub gives one, are checked.
+
+Dataset files (`list_dataset_files`, `fetch_dataset_file`; used by data/fineweb.py) take the same path, with
+`datasets/` before the repository in the URL. Cache layout: `cache_dir()/hub/datasets/<owner>--<name>/<revision>/
+<path in the repository>`, and beside each listed folder's files the listing itself, `.tree.json` (a model folder's
+name always holds `--`, so `hub/datasets/` cannot be a model's). The listing is the Hub API's
+`GET {endpoint}/api/datasets/{repo}/tree/{revision}/{folder}` (as huggingface_hub's `HfApi.list_repo_tree`: a JSON
+list of entries `{"type": "file" | "directory", "path", "size", "oid", "lfs": {"oid": sha256, "size", ...}}`, further
+pages named by a `Link: <url>; rel="next"` header); it is fetched once and then read from the cache, like a model.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import http.client
@@ -34,7 +43,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..paths import cache_dir
-from .atomic import fsync_dir
+from .atomic import atomic_write_bytes, fsync_dir
 
 MODELS = {n: f"openai-community/{n}" for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -115,6 +124,10 @@ class _NotFound(UserError):
     pass
 
 
+class _Changed(UserError):
+    pass
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):
         return None  # the redirect itself carries the Hub's X-Linked-* headers: hand it back as an HTTPError
@@ -160,9 +173,13 @@ def _int(x: str | None) -> int | None:
     return int(x) if x and x.isdigit() else None
 
 
-def download(repo: str, revision: str, name: str, dest: Path, *, progress: bool = True) -> None:
-    """Fetch `name` of `repo` into `dest` (atomically, resuming a cut download); UserError naming the file."""
-    url = (f"{endpoint()}/{urllib.parse.quote(repo)}/resolve/{urllib.parse.quote(revision, safe='')}/"
+def download(repo: str, revision: str, name: str, dest: Path, *, progress: bool = True, repo_type: str = "model",
+             sha256: str | None = None, size: int | None = None) -> None:
+    """Fetch `name` of `repo` into `dest` (atomically, resuming a cut download); UserError naming the file.
+    `repo_type` "dataset" reads a dataset repository; `sha256` and `size` (from a listing) are checked as well as
+    what the Hub's HEAD answers."""
+    prefix = {"model": "", "dataset": "datasets/"}[repo_type]
+    url = (f"{endpoint()}/{prefix}{urllib.parse.quote(repo)}/resolve/{urllib.parse.quote(revision, safe='')}/"
            f"{urllib.parse.quote(name)}")
     what = f"{name} of {repo} from {endpoint()}"
     part = None
@@ -170,7 +187,12 @@ def download(repo: str, revision: str, name: str, dest: Path, *, progress: bool 
         if dest.is_file():
             return
         try:
-            get_url, sha, size = _head(url, what)
+            get_url, sha, got_size = _head(url, what)
+            for listed, served, key in ((sha256, sha, "sha256"), (size, got_size, "size")):
+                if listed is not None and served is not None and listed != served:
+                    raise _Changed(f"cannot download {what}: the Hub lists it with {key} {listed} but serves "
+                                   f"{served} (it changed since it was listed?)")
+            sha, size = sha or sha256, got_size if got_size is not None else size
             part = dest.with_name(f"{dest.name}.{(sha or 'unverified')[:16]}.part")
             for old in dest.parent.glob(f"{dest.name}.*.part"):
                 if old != part:
@@ -246,3 +268,98 @@ def _locked(dest: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------------------------------------ dataset files
+
+@dataclasses.dataclass(frozen=True)
+class RepoFile:
+    """A file of a Hub repository as its tree listing gives it; `sha256` for LFS files only."""
+    path: str
+    size: int
+    sha256: str | None = None
+
+
+def list_tree(repo: str, folder: str = "", revision: str = "main", *, repo_type: str = "model") -> list[RepoFile]:
+    """The files (not the subfolders) directly in `folder` of `repo`, asked of the Hub API page by page, in the
+    order the Hub gives them; UserError when the folder is not there or the server cannot be reached."""
+    prefix = {"model": "models", "dataset": "datasets"}[repo_type]
+    sub = "/" + urllib.parse.quote(folder, safe="") if folder else ""  # quoted whole, as huggingface_hub does
+    url = f"{endpoint()}/api/{prefix}/{urllib.parse.quote(repo)}/tree/{urllib.parse.quote(revision, safe='')}{sub}"
+    what = f"the files of {repo}/{folder} at {revision} from {endpoint()}"
+    files, pages = [], 0
+    while url:
+        pages += 1
+        if pages > 10_000:
+            raise UserError(f"cannot list {what}: the Hub's pages do not end")
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=_HEADERS | {"Accept": "application/json"}),
+                                        timeout=TIMEOUT_S) as r:
+                body, link = r.read(), r.headers.get("Link", "")
+        except urllib.error.HTTPError as e:
+            raise UserError(f"cannot list {what}: HTTP {e.code} {e.reason}" +
+                            (" (no such repository or folder)" if e.code in (401, 404) else "")) from None
+        except _CUT as e:
+            reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+            raise UserError(f"cannot list {what} ({reason}); offline? LLMPY_HF_ENDPOINT names another server, "
+                            "LLMPY_CACHE the cache to look in") from None
+        try:
+            entries = json.loads(body)
+            if not isinstance(entries, list):
+                raise ValueError
+            files += [_repo_file(e, folder) for e in entries if e["type"] == "file"]
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise UserError(f"cannot list {what}: the answer is not a tree listing") from None
+        nxt = re.search(r'<([^>]+)>\s*;\s*rel="?next"?', link)
+        url = urllib.parse.urljoin(url, nxt.group(1)) if nxt else None
+    return files
+
+
+def _repo_file(e: dict, folder: str) -> RepoFile:
+    path, size = e["path"], e["size"]
+    parts = path.split("/") if isinstance(path, str) else [""]
+    if (not isinstance(size, int) or size < 0 or any(p in ("", ".", "..") for p in parts)
+            or (folder and "/".join(parts[:-1]) != folder.strip("/"))):
+        raise ValueError(path)  # a path that would leave the cache folder, or a file not in the folder listed
+    lfs = e.get("lfs")
+    return RepoFile(path, size, _sha256_of(lfs.get("oid")) if isinstance(lfs, dict) else None)
+
+
+def dataset_folder(repo: str, revision: str = "main") -> Path:
+    return cache_dir() / "hub" / "datasets" / repo.replace("/", "--") / revision
+
+
+def list_dataset_files(repo: str, folder: str, revision: str = "main") -> list[RepoFile]:
+    """`list_tree` of a dataset's folder, from the cache after the first time (`<folder>/.tree.json`)."""
+    cached = dataset_folder(repo, revision) / folder / ".tree.json"
+    try:
+        return [RepoFile(**f) for f in json.loads(cached.read_text(encoding="utf-8"))]
+    except (OSError, ValueError, TypeError, RecursionError):
+        pass  # not listed yet, or a damaged listing: ask the Hub
+    if offline():
+        raise UserError(f"the file list of {repo}/{folder} is not in the cache ({cached}) and downloads are off "
+                        "(LLMPY_OFFLINE or HF_HUB_OFFLINE is set)")
+    files = list_tree(repo, folder, revision, repo_type="dataset")
+    atomic_write_bytes(cached, json.dumps([dataclasses.asdict(f) for f in files], indent=0).encode())
+    return files
+
+
+def fetch_dataset_file(repo: str, f: RepoFile, revision: str = "main", *, progress: bool = True) -> Path:
+    """The cached copy of dataset file `f` (from `list_dataset_files`), downloaded and checked against the listing
+    (size, sha256) if it is not there; a cached copy of another size is fetched again."""
+    dest = dataset_folder(repo, revision) / f.path
+    if dest.is_file():
+        if dest.stat().st_size == f.size:
+            return dest
+        print(f"{dest} has {dest.stat().st_size} bytes, the Hub lists {f.size}: fetching it again", file=sys.stderr)
+        dest.unlink()
+    if offline():
+        raise UserError(f"{f.path} of {repo} is not in the cache ({dest}) and downloads are off (LLMPY_OFFLINE or "
+                        "HF_HUB_OFFLINE is set)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        download(repo, revision, f.path, dest, progress=progress, repo_type="dataset", sha256=f.sha256, size=f.size)
+    except _Changed as e:
+        listing = dataset_folder(repo, revision) / f.path.rpartition("/")[0] / ".tree.json"
+        raise UserError(f"{e}; delete {listing} to list the files again") from None
+    return dest

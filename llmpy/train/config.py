@@ -42,6 +42,9 @@ class TrainConfig:
     val_batches: int = 10
     sample_every: int = 0
     sample_tokens: int = 64
+    eval_tasks: str | None = None    # comma-separated multiple-choice tasks (llmpy/evals), e.g. hellaswag
+    eval_every: int = 0              # their accuracy before steps 0, N, 2N, ... and after the last; 0: at the end
+    eval_limit: int | None = None    # the first N examples of each task (default: all)
     checkpoint_every: int = 100
     keep: int = 1                    # checkpoints kept: the latest, and keep-1 earlier ones as checkpoint-<step>
     stop_at: int | None = None       # stop (with a checkpoint) after this step, keeping the schedule of `steps`
@@ -71,10 +74,17 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "grad_accum", "val_batches", "keep"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("steps", "warmup_steps", "val_every", "sample_every", "sample_tokens", "checkpoint_every",
-                     "seed"):
+                     "seed", "eval_every"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.stop_at is None or self.stop_at >= 0, "stop_at", "must be >= 0")
         need(self.total_batch_size is None or self.total_batch_size >= 1, "total_batch_size", "must be >= 1")
+        need(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "must be >= 1")
+        if self.eval_tasks:  # "" (--eval-tasks none): off
+            from ..evals import check_tasks
+            try:
+                check_tasks(self.eval_tasks)
+            except UserError as e:
+                bad.append(f"--eval-tasks {self.eval_tasks} ({e})")
         # floats: `not (x >= 0)` is also true for NaN; fp32 is what the optimizer computes in
         need(_fp32_finite(self.lr) and np.float32(self.lr) > 0, "lr", "must be > 0 and finite in fp32")
         for name in ("beta1", "beta2"):

@@ -41,6 +41,7 @@ class TrainResult:
     world: int = 1
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
+    evals: list[tuple[int, str, float, float]] = field(default_factory=list)  # (step, task, acc, acc_norm)
     seconds: float = 0.0
     signal: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run before its last step
 
@@ -151,6 +152,13 @@ class Trainer:
         self.result = TrainResult(out=out, steps_done=self.start, world=dist.world)
         self.tokens_per_step = B * T * A * dist.world
         self._decoder = None
+        self._scorer, self.eval_examples = None, {}
+        if tc.eval_tasks:  # downloaded once into the cache (the first run of a task fetches it)
+            from ..evals import check_tasks, load_task
+            for task in check_tasks(tc.eval_tasks):
+                self.eval_examples[task] = load_task(task, progress=dist.main)[:tc.eval_limit]
+            say(f"eval: {', '.join(f'{t} ({len(e)} examples)' for t, e in self.eval_examples.items())}, "
+                + (f"every {tc.eval_every} steps and " if tc.eval_every else "") + "after the last")
 
         plan = model.memory_plan()
         plan["optimizer"] = opt.nbytes()
@@ -218,6 +226,8 @@ class Trainer:
                     self._pause(self.evaluate, step)
                 if tc.sample_every and step > 0 and step % tc.sample_every == 0:
                     self._pause(self.sample, step)
+                if self.eval_examples and tc.eval_every and step % tc.eval_every == 0:
+                    self._pause(self.score_tasks, step)
                 lr = lr_at(step, lr=tc.lr, schedule=tc.lr_schedule, steps=tc.steps, warmup=tc.warmup_steps,
                            final_frac=tc.final_lr_frac, decay_frac=tc.decay_frac)
                 handle = self.stepper.launch((self.train_loader.next_batch() for _ in range(self.stepper.A)), lr)
@@ -279,6 +289,35 @@ class Trainer:
         self.result.val_losses.append((step, loss))
         self.progress.write(f"step {step}: val loss {loss:.4f}")
 
+    def score_tasks(self, step: int) -> None:
+        """Multiple-choice accuracy (llmpy/evals) of the current weights, the examples shared out over the ranks.
+        The scorer's model lives on a backend of its own: a second model on the training backend would re-plan the
+        workspace that the captured step graphs point at."""
+        if not self.eval_examples:
+            return
+        from ..backends import get_backend
+        from ..data.tokenizers import get_tokenizer, tokenizer_for
+        from ..evals.scoring import Scorer
+        dist, be = self.dist, self.be
+        weights = self.model.params_numpy(self.comm)  # under ZeRO every rank gathers
+        try:
+            if self._scorer is None:
+                sbe = get_backend(be.name, be.dtype_name, device_id=dist.env.local_rank if dist.world > 1 else None)
+                tok = get_tokenizer(tokenizer_for(self.cfg.vocab_size, self.tc.tokenizer))
+                self._scorer = Scorer(self.cfg, weights, sbe, tok)
+            else:
+                self._scorer.load_params(weights)
+            for task, examples in self.eval_examples.items():
+                r = self._scorer.score(task, examples[dist.rank::dist.world])
+                n = dist.sum(float(r["n"]))
+                acc, acc_norm = (dist.sum(r[k] * r["n"]) / max(n, 1.0) for k in ("acc", "acc_norm"))
+                self.log.write({"step": step, "eval_task": task, "acc": acc, "acc_norm": acc_norm, "n": int(n)})
+                self.result.evals.append((step, task, acc, acc_norm))
+                self.progress.write(f"step {step}: {task} acc {acc:.4f} acc_norm {acc_norm:.4f} ({int(n)} examples)")
+        finally:
+            if be.name == "cuda":
+                be.stream.use()  # the scorer's backend made its own stream current
+
     def sample(self, step: int) -> None:
         """Rank 0 generates on the CPU through the family's own forward; under ZeRO every rank takes part in
         gathering the sharded weights first. A sample that fails is reported and costs the run nothing."""
@@ -311,6 +350,7 @@ class Trainer:
         done = self.result.steps_done
         if done == self.tc.steps:
             self.evaluate(self.tc.steps)
+            self.score_tasks(self.tc.steps)
             self.sample(self.tc.steps)
         self.save(done)
 

@@ -55,17 +55,20 @@ class MetricsLog:
 
 
 def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
-    """Train loss per step and val loss at its evaluations, on one axis."""
+    """Train loss per step and val loss at its evaluations, on one axis; with multiple-choice evaluations
+    (`eval_task` events), their accuracy (acc_norm solid, acc dashed) per task on a second panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     events, _ = read_events(metrics_path)
 
-    def series(key):
-        return [(e["step"], e[key]) for e in events if isinstance(e.get(key), (int, float))]
+    def series(key, evs=events):
+        return [(e["step"], e[key]) for e in evs if isinstance(e.get(key), (int, float))]
     train, val = series("train_loss"), series("val_loss")
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    tasks = sorted({e["eval_task"] for e in events if isinstance(e.get("eval_task"), str)})
+    fig, axes = plt.subplots(1, 2 if tasks else 1, figsize=(12 if tasks else 7, 4), dpi=110, squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), lw=1, label="train")
     if val:
@@ -75,6 +78,19 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
     ax.grid(alpha=0.3)
     if train or val:
         ax.legend()
+    if tasks:
+        ax = axes[0][1]
+        for i, task in enumerate(tasks):
+            evs = [e for e in events if e.get("eval_task") == task]
+            color = f"C{i}"
+            for key, style in (("acc_norm", "o-"), ("acc", "x--")):
+                pts = series(key, evs)
+                if pts:
+                    ax.plot(*zip(*pts), style, ms=3, color=color, label=f"{task} {key}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)

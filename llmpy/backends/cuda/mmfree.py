@@ -182,10 +182,9 @@ class MMFree:
         if M <= 8 and staged + 128 <= _MAX_SMEM:  # + its 128 B of static shared memory
             if staged > 48 * 1024 - 128 and k.bitlinear_packed_decode.max_dynamic_shared_size_bytes < staged:
                 k.bitlinear_packed_decode.max_dynamic_shared_size_bytes = staged  # the opt-in above 48 KB
-            k.bitlinear_packed_decode((cdiv(N, threads // 32),), (threads,), (out, rstd, sx, inp, gamma, np.float32(eps), codes,
-                                                                  np.float32(scale), np.int32(M), np.int32(N),
-                                                                  np.int32(K), np.int32(nb), np.int32(per)),
-                                      shared_mem=staged)
+            k.bitlinear_packed_decode((cdiv(N, threads // 32),), (threads,), (
+                out, rstd, sx, inp, gamma, np.float32(eps), codes, np.float32(scale), np.int32(M), np.int32(N),
+                np.int32(K), np.int32(nb), np.int32(per)), shared_mem=staged)
             return
         qx = s.get("bl_x", M * K, T).view(np.int8)[:M * K]
         k.bitlinear_quantize_i8((cdiv(M, 8),), (256,), (qx, sx, rstd, inp, gamma, np.float32(eps), np.int32(M),
