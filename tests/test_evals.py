@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.server
 import json
-import threading
 
 import numpy as np
 import pytest
+
+from fake_hub import FakeHub, Handler, serving
 
 from llmpy.backends import get_backend
 from llmpy.cli import main
@@ -106,59 +106,20 @@ def blob_id(data: bytes) -> str:
 
 
 # ---- a local server: raw GitHub files at /<repo>/<commit>/<path>, Hub datasets behind an LFS-style redirect ------
-class FakeServer(http.server.ThreadingHTTPServer):
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.files: dict[str, bytes] = {}  # URL path without the leading slash -> bytes
-        self.log: list[tuple[str, str, str | None]] = []
-        self.cuts: list[int] = []          # each GET sends only this many bytes, then hangs up
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_HEAD(self):
-        self._serve(body=False)
-
-    def do_GET(self):
-        self._serve(body=True)
+class EvalsHandler(Handler):
+    """Raw files at /<repo>/<commit>/<path>, Hub dataset files (datasets/...) behind the LFS-style redirect; Range
+    and cuts on every body."""
 
     def _serve(self, body):
         srv, path = self.server, self.path.lstrip("/")
         srv.log.append((self.command, path, self.headers.get("Range")))
         if path.startswith("cdn/"):
             data = {hashlib.sha256(b).hexdigest(): b for b in srv.files.values()}.get(path[4:])
-            return self._send(data, body)
+            return self._send(data, body, ranged=True)
         data = srv.files.get(path)
         if data is None or not path.startswith("datasets/"):
-            return self._send(data, body)
-        sha = hashlib.sha256(data).hexdigest()
-        self.send_response(302)
-        self.send_header("Location", f"/cdn/{sha}")
-        self.send_header("X-Linked-Etag", f'"{sha}"')
-        self.send_header("X-Linked-Size", str(len(data)))
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def _send(self, data, body):
-        if data is None:
-            self.send_error(404)
-            return
-        rng = self.headers.get("Range")
-        start = int(rng.removeprefix("bytes=").rstrip("-")) if rng else 0
-        self.send_response(206 if start else 200)
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        if body:
-            out = data[start:]
-            self.wfile.write(out[:self.server.cuts.pop(0)] if self.server.cuts else out)
+            return self._send(data, body, ranged=True)
+        self._redirect(data)
 
 
 def url_path(task: str) -> str:
@@ -170,22 +131,14 @@ def url_path(task: str) -> str:
 
 @pytest.fixture
 def server(tmp_path, monkeypatch):
-    s = FakeServer()
-    t = threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    for name in TASKS:
-        s.files[url_path(name)] = file_bytes(name)
-    hs = TASKS["hellaswag"]  # our fixture stands in for the real file: its git blob id is the one to check
-    monkeypatch.setitem(T.TASKS, "hellaswag", dataclasses.replace(
-        hs, source=dataclasses.replace(hs.source, blob=blob_id(file_bytes("hellaswag")))))
-    monkeypatch.setenv("LLMPY_EVALS_URL", s.url)
-    monkeypatch.setenv("LLMPY_HF_ENDPOINT", s.url)
-    monkeypatch.setenv("LLMPY_CACHE", str(tmp_path / "cache"))
-    for v in ("LLMPY_OFFLINE", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
-        monkeypatch.delenv(v, raising=False)
-    yield s
-    s.shutdown()
-    s.server_close()
+    with serving(FakeHub(EvalsHandler), tmp_path, monkeypatch) as s:
+        for name in TASKS:
+            s.files[url_path(name)] = file_bytes(name)
+        hs = TASKS["hellaswag"]  # our fixture stands in for the real file: its git blob id is the one to check
+        monkeypatch.setitem(T.TASKS, "hellaswag", dataclasses.replace(
+            hs, source=dataclasses.replace(hs.source, blob=blob_id(file_bytes("hellaswag")))))
+        monkeypatch.setenv("LLMPY_EVALS_URL", s.url)
+        yield s
 
 
 # ---- download and parse ---------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 import urllib.parse
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from test_hub import FakeHub, Handler  # noqa: E402  (the model-download double: Range, cuts, the cdn)
+from fake_hub import FakeHub, Handler, serving  # noqa: E402  (the Hub double: Range, cuts, the cdn)
 
 from llmpy.cli import main  # noqa: E402
 from llmpy.data import fineweb  # noqa: E402
@@ -54,13 +53,7 @@ class DatasetHandler(Handler):
         data = hub_.files.get(path.replace("/resolve/main/", "/", 1))
         if data is None:
             return self._send(None, body)
-        sha = hashlib.sha256(data).hexdigest()
-        self.send_response(302)
-        self.send_header("Location", f"/cdn/{sha}")
-        self.send_header("X-Linked-Etag", f'"{sha}"')
-        self.send_header("X-Linked-Size", str(len(data)))
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+        self._redirect(data)
 
     def _tree(self, path: str, query: str):
         prefix, _, folder = path.partition("/tree/main/")
@@ -89,8 +82,7 @@ class DatasetHandler(Handler):
 
 class DatasetHub(FakeHub):
     def __init__(self):
-        super().__init__()
-        self.RequestHandlerClass = DatasetHandler
+        super().__init__(DatasetHandler)
         self.page = 2                  # entries per page of the tree API
         self.corrupt: set[str] = set()  # sha256s whose bytes the cdn damages
 
@@ -103,16 +95,8 @@ class DatasetHub(FakeHub):
 
 @pytest.fixture
 def server(tmp_path, monkeypatch):
-    s = DatasetHub()
-    t = threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    monkeypatch.setenv("LLMPY_HF_ENDPOINT", s.url)
-    monkeypatch.setenv("LLMPY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("LLMPY_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    yield s
-    s.shutdown()
-    s.server_close()
+    with serving(DatasetHub(), tmp_path, monkeypatch) as s:
+        yield s
 
 
 def texts_of(seed: int, n: int) -> list[str | None]:

@@ -3,13 +3,12 @@
 The server serves a small GPT-2 the test writes; nothing here touches the network."""
 from __future__ import annotations
 
-import hashlib
-import http.server
 import json
-import threading
 
 import numpy as np
 import pytest
+
+from fake_hub import FakeHub, serving
 
 from llmpy.cli import main
 from llmpy.data.shards import write_shard
@@ -25,84 +24,10 @@ CFG = GPT2Config(max_seq_len=32, vocab_size=200, padded_vocab_size=256, num_laye
 REPO = "openai-community/gpt2"
 
 
-class FakeHub(http.server.ThreadingHTTPServer):
-    """files: {"owner/name/file": bytes}; safetensors files are 'LFS': redirected to /cdn/<sha256>."""
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.files: dict[str, bytes] = {}
-        self.log: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
-        self.cuts: list[int] = []        # each GET of a large file sends only this many bytes, then hangs up
-        self.wrong_sha = False
-        self.ignore_range = False
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_HEAD(self):
-        self._serve(body=False)
-
-    def do_GET(self):
-        self._serve(body=True)
-
-    def _serve(self, body: bool):
-        hub_, path = self.server, self.path.lstrip("/")
-        hub_.log.append((self.command, path, self.headers.get("Range")))
-        if path.startswith("cdn/"):
-            blobs = {hashlib.sha256(b).hexdigest(): b for b in hub_.files.values()}
-            return self._send(blobs.get(path[4:]), body, ranged=True)
-        repo_file = path.replace("/resolve/main/", "/", 1)
-        data = hub_.files.get(repo_file)
-        if data is None or not repo_file.endswith(".safetensors"):
-            return self._send(data, body, etag=f'"{hashlib.sha1(data or b"").hexdigest()}"')
-        sha = hashlib.sha256(data).hexdigest()
-        self.send_response(302)
-        self.send_header("Location", f"/cdn/{sha}")
-        self.send_header("X-Linked-Etag", f'"{"0" * 64 if hub_.wrong_sha else sha}"')
-        self.send_header("X-Linked-Size", str(len(data)))
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def _send(self, data, body, etag=None, ranged=False):
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        rng = self.headers.get("Range")
-        if ranged and rng and not self.server.ignore_range:
-            start = int(rng.removeprefix("bytes=").rstrip("-"))
-        self.send_response(206 if start else 200)
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
-        if etag:
-            self.send_header("ETag", etag)
-        self.end_headers()
-        if body:
-            out = data[start:]
-            if ranged and self.server.cuts:
-                out = out[:self.server.cuts.pop(0)]
-            self.wfile.write(out)
-
-
 @pytest.fixture
 def server(tmp_path, monkeypatch):
-    s = FakeHub()
-    t = threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    monkeypatch.setenv("LLMPY_HF_ENDPOINT", s.url)
-    monkeypatch.setenv("LLMPY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("LLMPY_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    yield s
-    s.shutdown()
-    s.server_close()
+    with serving(FakeHub(), tmp_path, monkeypatch) as s:
+        yield s
 
 
 def publish(server, tmp_path, repo=REPO, seed=0):
