@@ -446,3 +446,34 @@ def test_training_logs_task_accuracy_that_eval_reproduces(server, tmp_path, caps
     for task in ("hellaswag", "piqa"):
         row = next(line for line in table.splitlines() if task in line)
         assert f"{got[(3, task)]['acc']:.4f}" in row and f"{got[(3, task)]['acc_norm']:.4f}" in row, (row, got)
+
+
+def test_training_evals_are_shared_out_over_data_parallel_ranks(server, tmp_path):
+    """Each rank scores every world-th example and the counts are summed: two thread ranks log what one process
+    accumulating two micro-batches logs (the same examples in all, the same weights up to fp32 rounding)."""
+    import json
+
+    from fakes import FakeComm
+    from test_data_parallel import ThreadDist, on_threads
+
+    from llmpy.data.shards import write_shard
+    from llmpy.train import TrainConfig, run
+    r = np.random.default_rng(1)
+    write_shard(tmp_path / "tr_000.bin", r.integers(0, 50257, 12000))
+
+    def config(out, **kw):
+        return TrainConfig(init="l2h2c32t128", train_data=str(tmp_path / "tr_*.bin"), batch_size=2, seq_len=16,
+                           steps=4, lr=3e-3, warmup_steps=1, val_every=0, sample_tokens=0, checkpoint_every=0,
+                           shuffle=False, progress=False, device="cpu", eval_tasks="hellaswag,piqa", eval_every=2,
+                           out=str(out), **kw)
+
+    def evals(out):
+        return {(e["step"], e["eval_task"]): e for e in map(json.loads, open(out / "metrics.jsonl")) if "eval_task" in e}
+    run(config(tmp_path / "one", grad_accum=2))
+    comms = FakeComm.group(2, timeout=60)
+    on_threads(2, lambda k: run(config(tmp_path / "dp"), dist=ThreadDist(comms[k])))
+    one, dp = evals(tmp_path / "one"), evals(tmp_path / "dp")
+    assert sorted(one) == sorted(dp) == [(s, t) for s in (0, 2, 4) for t in ("hellaswag", "piqa")]
+    for key, e in one.items():
+        assert dp[key]["n"] == e["n"] == len(load_task(key[1]))
+        assert dp[key]["acc"] == pytest.approx(e["acc"]) and dp[key]["acc_norm"] == pytest.approx(e["acc_norm"])
