@@ -114,8 +114,10 @@ def _cmd_train(args) -> int:
         from .train.recipes import describe, recipe_settings
         if args.resume:
             raise UserError("--recipe starts a run; --resume continues one with its own settings (drop --recipe)")
+        from .distributed.env import dist_env
         recipe, prepare = recipe_settings(args.recipe)
-        print(describe(args.recipe, recipe, given))
+        if dist_env().rank == 0:  # once per job, not once per rank
+            print(describe(args.recipe, recipe, given))
         settings = dict(recipe, **given)
         import glob
         if not glob.glob(settings["train_data"]):
