@@ -1,18 +1,16 @@
 """Llama 3 through the family seam: configs and their sizes, decoding with a GQA KV cache against the full forward,
 recompute, and training through the ordinary loop (checkpoint, bitwise resume, sampling)."""
-import json
 
 import numpy as np
 import pytest
 
+from family_runs import phrase_shards, trains_and_resumes_bitwise
+
 from llmpy.backends import get_backend
 from llmpy.config import config_from_name
-from llmpy.data.shards import write_shard
 from llmpy.errors import UserError
-from llmpy.formats.checkpoint import load_checkpoint
 from llmpy.models.decode import decoder, generate
 from llmpy.models.llama3 import Llama
-from llmpy.train import TrainConfig, run
 
 SMALL = "llama3:l2d64h4k2f192v256t24r32"
 
@@ -76,24 +74,9 @@ def test_recompute_gives_the_same_gradients(recompute):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("llama")
-    r = np.random.default_rng(3)
-    phrases = [r.integers(0, 256, 5) for _ in range(12)]
-    stream = np.concatenate([phrases[i] for i in r.integers(0, 12, 1500)])
-    write_shard(d / "tr_000.bin", stream[:6000])
-    write_shard(d / "va_000.bin", stream[6000:])
-    return str(d / "tr_*.bin"), str(d / "va_*.bin")
+    return phrase_shards(tmp_path_factory.mktemp("llama"))
 
 
 def test_trains_checkpoints_and_resumes_bitwise(shards, tmp_path):
-    kw = dict(init="llama3:l2d64h4k2f192t32r8", train_data=shards[0], val_data=shards[1], batch_size=4,
-              seq_len=16, steps=8, val_every=4, val_batches=2, sample_tokens=4, checkpoint_every=0, device="cpu",
-              progress=False, lr=3e-3, warmup_steps=0)
-    full = run(TrainConfig(out=str(tmp_path / "full"), **kw))
-    assert full.train_losses[-1] < full.train_losses[0] - 0.5
-    ck = load_checkpoint(tmp_path / "full" / "checkpoint.safetensors")
+    ck = trains_and_resumes_bitwise("llama3:l2d64h4k2f192t32r8", shards, tmp_path)
     assert type(ck.cfg).__name__ == "LlamaConfig" and ck.cfg.rope_factor == 8.0 and "lm_head" in ck.params
-    run(TrainConfig(out=str(tmp_path / "part"), stop_at=3, **kw))
-    run(TrainConfig(resume=str(tmp_path / "part"), progress=False, explicit=("resume",)))
-    events = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
-    assert [e["train_loss"] for e in events if "train_loss" in e] == full.train_losses

@@ -1,0 +1,36 @@
+"""What the families' CPU tests share: small phrase-structured shards (learnable in a few steps) and the check that
+a family trains through the ordinary loop, checkpoints, and resumes bitwise."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from llmpy.data.shards import write_shard
+from llmpy.formats.checkpoint import load_checkpoint
+from llmpy.train import TrainConfig, run
+
+
+def phrase_shards(d, vocab: int = 256, seed: int = 3) -> tuple[str, str]:
+    """(train glob, val glob) of shards in folder d: 1500 random picks of 12 five-token phrases."""
+    r = np.random.default_rng(seed)
+    phrases = [r.integers(0, vocab, 5) for _ in range(12)]
+    stream = np.concatenate([phrases[i] for i in r.integers(0, 12, 1500)])
+    write_shard(d / "tr_000.bin", stream[:6000])
+    write_shard(d / "va_000.bin", stream[6000:])
+    return str(d / "tr_*.bin"), str(d / "va_*.bin")
+
+
+def trains_and_resumes_bitwise(init: str, shards: tuple[str, str], tmp_path):
+    """Trains `init` 8 steps (the loss must fall), then stops a second run after step 3 and resumes it: the
+    resumed run's losses must equal the uninterrupted one's. Returns the first run's final checkpoint."""
+    kw = dict(init=init, train_data=shards[0], val_data=shards[1], batch_size=4, seq_len=16, steps=8, val_every=4,
+              val_batches=2, sample_tokens=4, checkpoint_every=0, device="cpu", progress=False, lr=3e-3,
+              warmup_steps=0)
+    full = run(TrainConfig(out=str(tmp_path / "full"), **kw))
+    assert full.train_losses[-1] < full.train_losses[0] - 0.5
+    run(TrainConfig(out=str(tmp_path / "part"), stop_at=3, **kw))
+    run(TrainConfig(resume=str(tmp_path / "part"), progress=False, explicit=("resume",)))
+    events = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
+    assert [e["train_loss"] for e in events if "train_loss" in e] == full.train_losses
+    return load_checkpoint(tmp_path / "full" / "checkpoint.safetensors")
