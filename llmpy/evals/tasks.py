@@ -282,13 +282,9 @@ def task_file(name: str, *, progress: bool = True) -> Path:
 
 
 def _hf_dataset_file(src: HFFile, dest: Path, progress: bool) -> None:
-    """Through formats/hub.py: its `download_dataset_file` when it has one, else its model download pointed at the
-    dataset's URL (`{endpoint}/datasets/{repo}/resolve/{revision}/{path}`: the same HEAD, resume and checks)."""
-    fetch = getattr(hub, "download_dataset_file", None)
-    if fetch is not None:
-        fetch(src.repo, src.revision, src.path, dest)
-    else:
-        hub.download(f"datasets/{src.repo}", src.revision, src.path, dest, progress=progress)
+    """Through formats/hub.py's download of a dataset file (`{endpoint}/datasets/{repo}/resolve/{revision}/{path}`:
+    HEAD, resume, size and sha256 checks)."""
+    hub.download(src.repo, src.revision, src.path, dest, progress=progress, repo_type="dataset")
 
 
 def _github_file(src: GitHubFile, dest: Path, progress: bool) -> None:
