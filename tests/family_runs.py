@@ -34,3 +34,22 @@ def trains_and_resumes_bitwise(init: str, shards: tuple[str, str], tmp_path):
     events = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
     assert [e["train_loss"] for e in events if "train_loss" in e] == full.train_losses
     return load_checkpoint(tmp_path / "full" / "checkpoint.safetensors")
+
+
+def decodes_like_the_full_forward(model_cls, cfg, n: int = 20):
+    """Decoding 6 tokens, then one at a time, gives the full forward's logits (rel. error < 1e-5) on the CPU;
+    returns (the decoder, its state) for the family's own checks."""
+    from llmpy.backends import get_backend
+    from llmpy.models.decode import decoder
+    full = model_cls(cfg, get_backend("cpu"), 1, n, training=False)
+    full.init_weights(3)
+    toks = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, n)).astype(np.int32)
+    full.forward(toks)
+    ref = full.acts["logits"][:, :cfg.vocab_size].copy()
+    dec = decoder(cfg, full.params_numpy(), get_backend("cpu"))
+    state = dec.new_decode_state(n)
+    got = [dec.decode_step(toks[:, :6], state)[0]] + [dec.decode_step(toks[:, i:i + 1], state)[0]
+                                                      for i in range(6, n)]
+    err = np.linalg.norm(np.stack(got) - ref[5:]) / np.linalg.norm(ref[5:])
+    assert err < 1e-5
+    return dec, state

@@ -4,12 +4,12 @@ recompute, and training through the ordinary loop (checkpoint, bitwise resume, s
 import numpy as np
 import pytest
 
-from family_runs import phrase_shards, trains_and_resumes_bitwise
+from family_runs import decodes_like_the_full_forward, phrase_shards, trains_and_resumes_bitwise
 
 from llmpy.backends import get_backend
 from llmpy.config import config_from_name
 from llmpy.errors import UserError
-from llmpy.models.decode import decoder, generate
+from llmpy.models.decode import generate
 from llmpy.models.llama3 import Llama
 
 SMALL = "llama3:l2d64h4k2f192v256t24r32"
@@ -37,20 +37,8 @@ def test_bad_configs_are_one_line_errors(name, why):
 
 def test_decoding_with_a_gqa_cache_matches_the_full_forward():
     cfg = config_from_name(SMALL)
-    n = 20
-    full = Llama(cfg, get_backend("cpu"), 1, n, training=False)
-    full.init_weights(3)
-    p = full.params_numpy()
-    toks = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, n)).astype(np.int32)
-    full.forward(toks)
-    ref = full.acts["logits"][:, :cfg.vocab_size].copy()
-    dec = decoder(cfg, p, get_backend("cpu"))
-    state = dec.new_decode_state(n)
-    assert state.k.shape == (cfg.num_layers, 1, cfg.num_kv_heads, n, cfg.head_size)  # K heads, not NH
-    got = [dec.decode_step(toks[:, :6], state)[0]] + [dec.decode_step(toks[:, i:i + 1], state)[0]
-                                                      for i in range(6, n)]
-    err = np.linalg.norm(np.stack(got) - ref[5:]) / np.linalg.norm(ref[5:])
-    assert err < 1e-5
+    dec, state = decodes_like_the_full_forward(Llama, cfg)
+    assert state.k.shape == (cfg.num_layers, 1, cfg.num_kv_heads, 20, cfg.head_size)  # K heads, not NH
     new = generate(dec, [1, 2, 3], 5, rng=np.random.default_rng(0), temperature=0)
     assert len(new) == 5
 
