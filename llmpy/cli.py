@@ -68,7 +68,8 @@ def _train_parser(sub) -> None:
       f"{dflt('sample_tokens')}")
     a("--eval-tasks", metavar="TASKS", type=lambda v: "" if v.strip().lower() == "none" else v,
       help="multiple-choice tasks scored during training, comma-separated (hellaswag, arc_easy, arc_challenge, "
-      "piqa, winogrande, openbookqa; logged in metrics.jsonl and the plot); none = off (default: none)")
+      "piqa, winogrande, openbookqa, or a .jsonl file in HellaSwag's format; logged in metrics.jsonl and the "
+      "plot); none = off (default: none)")
     a("--eval-every", type=int, metavar="N", help=f"score them before steps 0, N, 2N, ... and after the last; 0 = "
       f"only after the last {dflt('eval_every')}")
     a("--eval-limit", type=int, metavar="N", help="score the first N examples of each task (default: all)")
@@ -425,8 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "the cache.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a run folder, llmpy checkpoint, llm.c .bin "
                    "or HF file or folder (required)")
-    p.add_argument("--tasks", metavar="TASKS", help=f"score these tasks, comma-separated: {', '.join(TASKS)} "
-                   "(default: none: the loss on token shards)")
+    p.add_argument("--tasks", metavar="TASKS", help=f"score these tasks, comma-separated: {', '.join(TASKS)}, or "
+                   "a .jsonl file of your own in HellaSwag's format (ctx, endings, label a line) (default: none: the "
+                   "loss on token shards)")
     p.add_argument("--limit", type=int, metavar="N", help="with --tasks: the first N examples of each task "
                    "(default: all)")
     p.add_argument("--tokenizer", type=_tokenizer_arg, help="with --tasks: gpt2, llama3, or a tokenizer.json / "

@@ -391,6 +391,32 @@ def test_evaluate_and_the_command_line(hf_gpt2, server, capsys):
         assert err.startswith("error: ") and why in err and "\n" not in err, err
 
 
+def test_a_task_file_of_ones_own_scores_as_hellaswag(hf_gpt2, server, tmp_path, capsys):
+    """A .jsonl path as the task: HellaSwag's format and rule, read where it is (no cache, no server)."""
+    from llmpy.formats.checkpoint import load_weights
+    models, folders = hf_gpt2
+    mine = tmp_path / "my task.jsonl"
+    mine.write_bytes(file_bytes("hellaswag"))
+    n = len(server.log)
+    assert check_tasks(f"piqa,{mine}") == ["piqa", str(mine)]
+    assert load_task(str(mine), progress=False) == load_task("hellaswag", progress=False)
+    assert len(server.log) == n + 2  # the built-in task's download only (HEAD + GET)
+    cfg, params = load_weights(folders[0])
+    scorer = Scorer(cfg, params, get_backend("cpu"), "gpt2")
+    ex = load_task("hellaswag", progress=False)
+    assert scorer.score(str(mine), ex) == scorer.score("hellaswag", ex)
+    want = oracle_score(models[0], "hellaswag", HELLASWAG, get_tokenizer("gpt2").encode)
+    assert main(["eval", "--checkpoint", str(folders[0]), "--device", "cpu", "--tasks", str(mine)]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[1]
+    assert row.startswith(str(mine)) and row.split()[-4:] == ["acc_norm", f"{want[1]:.4f}", f"{want[2]:.4f}", "4"]
+    for bad, why in ((tmp_path / "nope.jsonl", "does not exist"), (tmp_path / "x.txt", "unknown task")):
+        with pytest.raises(UserError, match=why):
+            check_tasks(str(bad))
+    mine.write_text('{"ctx": "x", "endings": ["a", "b"], "label": 3}\n')
+    with pytest.raises(UserError, match=r"line 1: .*'label'"):
+        load_task(str(mine))
+
+
 # ---- the GPU against the CPU, every family ---------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, tol", [("gpt2:l2h2c64t128", (1e-5, 2e-3)), ("llama3:l2d64h2k1f192t128", (1e-5, 2e-3)),

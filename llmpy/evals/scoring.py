@@ -28,7 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError
-from .tasks import TASKS, Example, check_tasks, load_task
+from .tasks import Example, check_tasks, load_task
+from .tasks import task as task_of
 
 ROW_TOKENS = 2048  # tokens per forward (B*T): bounds the logits chunk, (B*T, V)
 T_MULTIPLE = 64
@@ -65,7 +66,7 @@ class Scorer:
         acc_norm = sum(int(np.argmin(s / d)) == ex.label for s, d, ex in zip(sums, norms, examples))
         n = len(examples)
         return {"acc": acc / max(n, 1), "acc_norm": acc_norm / max(n, 1), "n": n,
-                "metric": TASKS[task].headline}
+                "metric": task_of(task).headline}
 
     def choice_losses(self, task: str, examples, limit: int | None = None) -> list[np.ndarray]:
         """Per example, the summed loss (nats, float64) of each choice's scored tokens."""
@@ -75,7 +76,7 @@ class Scorer:
     # ---- internals ------------------------------------------------------------------------------------------
     def _score(self, task: str, examples: list[Example]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(summed losses, acc_norm divisors) per example, one entry per choice."""
-        rule = TASKS[check_tasks([task])[0]].rule
+        rule = task_of(check_tasks([task])[0]).rule
         rows, n_cont, norms = self._encode(rule, examples)
         sums = self._row_sums(task, rows, n_cont) if rows else np.zeros(0)
         out_s, out_n, i = [], [], 0

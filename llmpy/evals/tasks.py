@@ -99,10 +99,15 @@ class HFFile:
 
 
 @dataclass(frozen=True)
+class LocalFile:
+    path: str      # a task file of the user's (HellaSwag's jsonl format), read where it is
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     title: str
-    source: GitHubFile | HFFile
+    source: GitHubFile | HFFile | LocalFile
     split: str
     parse: Callable[[Path], list[Example]]
     rule: str      # "llmc": ending tokens encoded alone, acc_norm per token; "harness": see the module docstring
@@ -246,32 +251,53 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 )}
 
 
+def _is_file_task(name: str) -> bool:
+    return name.endswith(".jsonl")
+
+
+def task(name: str) -> Task:
+    """The Task called `name`: one of TASKS, or a local `.jsonl` file in HellaSwag's format (one record a line:
+    ctx, endings, label), scored by HellaSwag's rule (llm.c's, headline acc_norm) under its path as the name."""
+    if name in TASKS:
+        return TASKS[name]
+    return Task(name, Path(name).name, LocalFile(name), "file", _jsonl(_hellaswag), "llmc", "acc_norm")
+
+
 def check_tasks(names: str | list[str]) -> list[str]:
-    """Task names from a list or a comma-separated string; unknown ones are a one-line error listing the known."""
+    """Task names from a list or a comma-separated string; unknown ones are a one-line error listing the known.
+    A name ending in .jsonl is a local file in HellaSwag's format; it must exist."""
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     names = [n for n in names if n]
-    unknown = [n for n in names if n not in TASKS]
+    missing = [n for n in names if _is_file_task(n) and not Path(n).is_file()]
+    if missing:
+        raise UserError(f"task file {missing[0]} does not exist (a .jsonl task is a local file in HellaSwag's "
+                        "format: ctx, endings, label a line)")
+    unknown = [n for n in names if n not in TASKS and not _is_file_task(n)]
     if unknown or not names:
         raise UserError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: choose from "
-                        f"{', '.join(TASKS)}" if names else f"no task given: choose from {', '.join(TASKS)}")
+                        f"{', '.join(TASKS)} or give a .jsonl file in HellaSwag's format" if names
+                        else f"no task given: choose from {', '.join(TASKS)}")
     return list(dict.fromkeys(names))
 
 
 def load_task(name: str, *, progress: bool = True) -> list[Example]:
     """The examples of task `name`, its file downloaded into the cache first if it is not there."""
-    task = TASKS[check_tasks([name])[0]]
-    return task.parse(task_file(name, progress=progress))
+    t = task(check_tasks([name])[0])
+    return t.parse(task_file(name, progress=progress))
 
 
 def task_file(name: str, *, progress: bool = True) -> Path:
-    """The cached file of task `name` (`cache_dir()/evals/<task>/<file name>`), fetched once."""
-    task = TASKS[name]
-    src = task.source
+    """The cached file of task `name` (`cache_dir()/evals/<task>/<file name>`), fetched once; a local task's own
+    file."""
+    t = task(name)
+    src = t.source
+    if isinstance(src, LocalFile):
+        return Path(src.path)
     dest = cache_dir() / "evals" / name / Path(src.path).name
     if dest.is_file():
         return dest
     if hub.offline():
-        raise UserError(f"{task.title} is not in the cache ({dest}) and downloads are off (LLMPY_OFFLINE or "
+        raise UserError(f"{t.title} is not in the cache ({dest}) and downloads are off (LLMPY_OFFLINE or "
                         "HF_HUB_OFFLINE is set)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(src, HFFile):

@@ -86,7 +86,7 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
             for key, style in (("acc_norm", "o-"), ("acc", "x--")):
                 pts = series(key, evs)
                 if pts:
-                    ax.plot(*zip(*pts), style, ms=3, color=color, label=f"{task} {key}")
+                    ax.plot(*zip(*pts), style, ms=3, color=color, label=f"{os.path.basename(task)} {key}")  # a task file: its name
         ax.set_xlabel("step")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
