@@ -446,6 +446,43 @@ def test_cuda_scores_match_the_cpu_for_every_family(name, tol, tmp_path):
             assert gpu.score(task, ex)["n"] == len(ex)
 
 
+@pytest.mark.gpu
+def test_cuda_training_scores_what_eval_of_its_checkpoint_scores(tmp_path, monkeypatch):
+    """The scorer a CUDA training run keeps (its own backend, weights reloaded at every eval) and a fresh scorer on
+    the final checkpoint give bitwise the same choice losses, so `llmpy eval` repeats the last logged accuracy."""
+    import json
+
+    from llmpy.data.shards import write_shard
+    from llmpy.evals import scoring
+    from llmpy.formats.checkpoint import load_weights
+    from llmpy.train import TrainConfig, run
+    seen = []
+    real = scoring.Scorer._score
+
+    def spy(self, task, examples):
+        out = real(self, task, examples)
+        seen.append(np.concatenate(out[0]))
+        return out
+    monkeypatch.setattr(scoring.Scorer, "_score", spy)
+    f = tmp_path / "task.jsonl"
+    rows = [dict(HELLASWAG[i % 4], ctx=f"{i}: " + HELLASWAG[i % 4]["ctx"]) for i in range(40)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_shard(tmp_path / "tr_000.bin", np.random.default_rng(0).integers(0, 50257, 40000))
+    out = tmp_path / "run"
+    res = run(TrainConfig(init="l2h2c64t128", train_data=str(tmp_path / "tr_*.bin"), batch_size=4, seq_len=64,
+                          steps=4, lr=3e-3, warmup_steps=1, val_every=0, sample_tokens=0, progress=False,
+                          device="cuda", eval_tasks=str(f), eval_every=2, out=str(out)))
+    assert [e[0] for e in res.evals] == [0, 2, 4] and len(seen) == 3
+    assert not np.array_equal(seen[0], seen[-1])  # the weights did change between the evals
+    cfg, params = load_weights(out / "checkpoint.safetensors")
+    monkeypatch.setattr(scoring.Scorer, "_score", real)
+    fresh = scoring.Scorer(cfg, params, get_backend("cuda"), "gpt2")
+    got = np.concatenate(fresh.choice_losses(str(f), load_task(str(f))))
+    np.testing.assert_array_equal(got, seen[-1])
+    r = fresh.score(str(f), load_task(str(f)))
+    assert (r["acc"], r["acc_norm"]) == res.evals[-1][2:]
+
+
 # ---- during training (train/loop.py) ---------------------------------------------------------------------------
 def test_training_logs_task_accuracy_that_eval_reproduces(server, tmp_path, capsys):
     """--eval-tasks/--eval-every: accuracy before steps 0, 2 and after the last in metrics.jsonl (and the progress
