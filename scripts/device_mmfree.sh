@@ -5,7 +5,7 @@
 # (benchmarks/kernel_profile.py), fused vs unfused BitLinear (benchmarks/bitlinear_fused.py), the 2-GPU tests
 # (needs the x2 kind) and the loss comparison of the three families (benchmarks/compare_families.py --preset gpu).
 # Usage (device tool, carry .whl and build/ref): bash scripts/device_mmfree.sh [stage...]
-#   stages: all tests packed bench bench1 decode profile fused multi compare (default: tests bench decode); all: every
+#   stages: all tests packed bench bench1 decode kernels profile fused multi compare (default: tests bench decode); all: every
 #   single-GPU test of the repository (the shared kernels changed too), tests: the MatMul-free ones
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -44,6 +44,9 @@ for st in ${*:-tests bench decode}; do
       step decode_1.3b 80 python3 benchmarks/mmfree_decode.py --model mmfree:1.3b --tokens 48 \
         --json "$OUT/decode_1.3b.json"
       tail -8 "$OUT/decode_1.3b.log" | tee -a "$OUT/summary.txt" ;;
+    kernels)  # the decode kernel per BitLinear shape (and i, f, g in one launch)
+      step decode_kernels 90 python3 benchmarks/mmfree_decode_kernels.py
+      tail -9 "$OUT/decode_kernels.log" | tee -a "$OUT/summary.txt" ;;
     profile)
       step profile_train 110 python3 benchmarks/kernel_profile.py --what train --model mmfree:370m --batch 8 \
         --seq 2048 --recompute 2 --mode graph --json "$OUT/profile_train.json"

@@ -18,13 +18,12 @@ DTYPES = ["fp32", "bf16"]
 COMPILE_ALL = r"""
 import json, re, sys
 import cuda.bindings.nvrtc as nvrtc
-from llmpy.backends.cuda.runtime import CTYPE, _source
+from llmpy.backends.cuda.runtime import CTYPE, _source, kernel_names
 include, families, dtypes = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
 out = {}
 for family in families:
     src = _source(family)
-    templated = re.findall(r"template <class T>\s*__global__ void (\w+)\(", src)
-    plain = [k for k in re.findall(r"__global__ void (\w+)\(", src) if k not in templated]
+    templated, plain = kernel_names(src)
     for dtype in dtypes:
         err, prog = nvrtc.nvrtcCreateProgram(src.encode(), f"{family}.cu".encode(), 0, [], [])
         for e in [f"{k}<{CTYPE[dtype]}>" for k in templated] + plain:

@@ -615,6 +615,25 @@ def test_bitlinear_packed_decode(be, packing, K):
         check(be, out, ref[:M])
         check(be, rstd, rr[:M], 1e-5)
         check(be, sx, rsx[:M], 1e-6)
+    # three weights of one input in one launch (the MLGRU's i, f, g): each output, rstd and s_x as its own call's
+    q2 = [r.integers(-1, 2, (N, K)).astype(np.int8) for _ in range(2)]
+    codes3 = [cd] + [be.asarray(pack(w, packing)) for w in q2]
+    scales, gammas = [scale, np.float32(1 / 0.05), np.float32(1 / 0.021)], [gd, dev(be, gamma[::-1]), dev(be, gamma ** 2)]
+    for M in (1, 3, 8):
+        singles = []
+        for c, sc, g in zip(codes3, scales, gammas):
+            o, rs = poison(be, (M, N)), poison(be, M, np.float32)
+            be.bitlinear_packed_forward(o, rs, xd[:M], c, sc, K, packing, g, eps)
+            singles.append((host(be, o), host(be, rs), host(be, scratch.get("bl_sx", M, np.float32))))
+        outs, rstd = [poison(be, (M, N)) for _ in range(3)], poison(be, M, np.float32)
+        qx = poisoned_scratch("bl_x", M * K, be.act_dtype)
+        sx3 = poisoned_scratch("bl_sx", 3 * M, np.float32)
+        be.bitlinear_packed_forward3(outs, rstd, xd[:M], codes3, scales, K, packing, gammas, eps)
+        assert np.isnan(host(be, qx)).all(), f"{M} rows: three-weight call went through the scratch"
+        for i, (o, rs, sxi) in enumerate(singles):
+            assert np.array_equal(host(be, outs[i]), o), f"{M} rows, weight {i}: out differs"
+            assert np.array_equal(host(be, sx3)[i * M:(i + 1) * M], sxi), f"{M} rows, weight {i}: s_x differs"
+            assert np.array_equal(host(be, rstd), rs)
 
 
 @pytest.mark.parametrize("with_state", [False, True])

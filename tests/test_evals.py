@@ -471,12 +471,12 @@ def test_cuda_training_scores_what_eval_of_its_checkpoint_scores(tmp_path, monke
     out = tmp_path / "run"
     res = run(TrainConfig(init="l2h2c64t128", train_data=str(tmp_path / "tr_*.bin"), batch_size=4, seq_len=64,
                           steps=4, lr=3e-3, warmup_steps=1, val_every=0, sample_tokens=0, progress=False,
-                          device="cuda", eval_tasks=str(f), eval_every=2, out=str(out)))
+                          device="cuda", dtype="bf16", eval_tasks=str(f), eval_every=2, out=str(out)))
     assert [e[0] for e in res.evals] == [0, 2, 4] and len(seen) == 3
     assert not np.array_equal(seen[0], seen[-1])  # the weights did change between the evals
     cfg, params = load_weights(out / "checkpoint.safetensors")
     monkeypatch.setattr(scoring.Scorer, "_score", real)
-    fresh = scoring.Scorer(cfg, params, get_backend("cuda"), "gpt2")
+    fresh = scoring.Scorer(cfg, params, get_backend("cuda", "bf16"), "gpt2")
     got = np.concatenate(fresh.choice_losses(str(f), load_task(str(f))))
     np.testing.assert_array_equal(got, seen[-1])
     r = fresh.score(str(f), load_task(str(f)))

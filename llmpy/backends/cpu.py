@@ -210,6 +210,10 @@ class CPUBackend:
     def bitlinear_packed_forward(self, out, rstd, inp, codes, scale, K, packing, gamma, eps):
         Lr.bitlinear_packed_forward(out, rstd, inp, codes, scale, K, packing, gamma, eps)
 
+    def bitlinear_packed_forward3(self, outs, rstd, inp, codes, scales, K, packing, gammas, eps):
+        for o, c, sc, g in zip(outs, codes, scales, gammas, strict=True):
+            Lr.bitlinear_packed_forward(o, rstd, inp, c, sc, K, packing, g, eps)
+
     def mlgru_forward(self, o, h, rstd, ai, af, ag, lam, gamma, h0, eps):
         Lr.mlgru_forward(o, h, rstd, ai, af, ag, lam, gamma, h0=h0, eps=eps)
 

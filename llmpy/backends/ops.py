@@ -168,6 +168,11 @@ class Backend(Protocol):
         """bitlinear_forward from packed ternary weights (formats/ternary.py): codes uint8 (OC, ceil(K / per
         byte)), scale s_w; the same result as the latent weights they were packed from (inference only)."""
 
+    def bitlinear_packed_forward3(self, outs, rstd, inp, codes, scales, K: int, packing: str, gammas,
+                                  eps: float) -> None:
+        """Three bitlinear_packed_forwards of one input (the MLGRU's i, f, g: one rstd, three codes, scales, gammas
+        and outs); the GPU runs them as one launch when decoding."""
+
     def mlgru_forward(self, o, h, rstd, ai, af, ag, lam, gamma, h0, eps: float) -> None:
         """MLGRU (layers/mlgru.py): o (B, T, d) from the projections ai, af, ag (B, T, d), the layer's lower bound
         lam (d,) and the gate norm's gain gamma (d,); h (B, T, d) every recurrent state and rstd (B, T) saved (stat

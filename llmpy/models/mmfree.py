@@ -209,9 +209,15 @@ class MMFree(Model):
         for l in range(L):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
             u = a["ln1"][l]
-            self._bitlinear(a["ai"][l], s["ifg_rstd"][l], u, "iw", p["in"][l], l)
-            self._bitlinear(a["af"][l], s["ifg_rstd"][l], u, "fw", p["fn"][l], l)
-            self._bitlinear(a["ag"][l], s["ifg_rstd"][l], u, "gw", p["gn"][l], l)
+            if "iw" in self.packed:  # i, f, g: three packed BitLinears of one input (one launch when decoding)
+                (ci, si, K, pk), (cf, sf, _, _), (cg, sg, _, _) = (self.packed[w] for w in ("iw", "fw", "gw"))
+                be.bitlinear_packed_forward3((a["ai"][l], a["af"][l], a["ag"][l]), s["ifg_rstd"][l], u,
+                                             (ci[l], cf[l], cg[l]), (float(si[l]), float(sf[l]), float(sg[l])), K,
+                                             pk, (p["in"][l], p["fn"][l], p["gn"][l]), eps)
+            else:
+                self._bitlinear(a["ai"][l], s["ifg_rstd"][l], u, "iw", p["in"][l], l)
+                self._bitlinear(a["af"][l], s["ifg_rstd"][l], u, "fw", p["fn"][l], l)
+                self._bitlinear(a["ag"][l], s["ifg_rstd"][l], u, "gw", p["gn"][l], l)
             be.mlgru_forward(a["o"][l], self._h(l), s["g_rstd"][l], a["ai"][l], a["af"][l], a["ag"][l],
                              s["lam"][l], p["gnormw"][l], None if state is None else state.h[l], eps)
             if state is not None:  # the new state: the last position's (decoding runs T = 1)

@@ -30,7 +30,7 @@ _WBLOCKS = 264       # grid of the weight scale's |W| partial sums: fixed, so th
 _CHUNK_ROWS = 256    # rows per partial of dgamma's column sums
 _MAX_K = 1 << 17     # |q_x q_w^T| <= 128 K must stay below 2^24 (exact in fp32)
 _MAX_SMEM = 227 * 1024  # shared memory a block may opt in to on sm_90
-_DECODE_THREADS = 256  # block of the packed decode kernel: a warp per output (<= 512: 16 warps)
+_DECODE_THREADS = 256  # block of the packed decode kernel: a warp per output (its __launch_bounds__)
 _SCAN_CHUNKS = 32    # most chunks of the MLGRU's scan over t (SCAN_MAX_CHUNKS in mlgru.cu): B d 32 threads
 _SCAN_MIN_LEN = 8    # fewest steps a chunk gets (decoding, nt = 1: one chunk, the sequential scan)
 F32 = np.dtype(np.float32)
@@ -177,14 +177,7 @@ class MMFree:
         _need(op, "rstd", rstd, F32, M, aligned=False)
         s, k = self.scratch, self.kb
         sx = s.get("bl_sx", M, F32)
-        staged = decode_smem(M, nb, per)
-        threads = _DECODE_THREADS if M <= _DECODE_THREADS // 32 else 256  # a warp per row at least
-        if M <= 8 and staged + 128 <= _MAX_SMEM:  # + its 128 B of static shared memory
-            if staged > 48 * 1024 - 128 and k.bitlinear_packed_decode.max_dynamic_shared_size_bytes < staged:
-                k.bitlinear_packed_decode.max_dynamic_shared_size_bytes = staged  # the opt-in above 48 KB
-            k.bitlinear_packed_decode((cdiv(N, threads // 32),), (threads,), (
-                out, rstd, sx, inp, gamma, np.float32(eps), codes, np.float32(scale), np.int32(M), np.int32(N),
-                np.int32(K), np.int32(nb), np.int32(per)), shared_mem=staged)
+        if self._decode(((out, codes, scale, gamma),), rstd, sx, inp, M, N, K, nb, per, eps):
             return
         qx = s.get("bl_x", M * K, T).view(np.int8)[:M * K]
         k.bitlinear_quantize_i8((cdiv(M, 8),), (256,), (qx, sx, rstd, inp, gamma, np.float32(eps), np.int32(M),
@@ -197,6 +190,48 @@ class MMFree:
         self.be.gemm.mm_int8(acc, qx, qw, M, N, K)
         k.bitlinear_rescale_i32((cdiv(M * N // _pack(T), 256),), (256,), (out, acc, sx, sw, np.int32(M),
                                                                           np.int32(N)))
+
+    def bitlinear_packed_forward3(self, outs, rstd, inp, codes, scales, K, packing, gammas, eps):
+        """Three packed BitLinears of one input (the MLGRU's i, f, g), each as bitlinear_packed_forward; for up to 8
+        rows one launch of bitlinear_packed_decode (grid y = the weight), else three calls."""
+        N, nb = codes[0].shape
+        per = {"base3": 5, "2bit": 4}[packing]
+        M = inp.size // K
+        same = all(c.shape == (N, nb) and c.dtype == np.uint8 and c.flags.c_contiguous for c in codes)
+        if same and nb == -(-K // per) and not (K % 8 or N % 8 or K >= _MAX_K):
+            op, T = "bitlinear_packed_forward3", self.be.act_dtype
+            for i in range(3):
+                _need(op, f"outs[{i}]", outs[i], T, M * N)
+                _need(op, f"gammas[{i}]", gammas[i], T, K)
+            _need(op, "inp", inp, T, M * K)
+            _need(op, "rstd", rstd, F32, M, aligned=False)
+            sx = self.scratch.get("bl_sx", 3 * M, F32)
+            if self._decode(tuple(zip(outs, codes, scales, gammas)), rstd, sx, inp, M, N, K, nb, per, eps):
+                return
+        for o, c, sc, g in zip(outs, codes, scales, gammas):
+            self.bitlinear_packed_forward(o, rstd, inp, c, sc, K, packing, g, eps)
+
+    def _decode(self, mats, rstd, sx, inp, M, N, K, nb, per, eps) -> bool:
+        """bitlinear_packed_decode for 1 or 3 weights (mats: (out, codes, scale, gamma) each) of one input of M
+        rows, when M <= 8 and its shared memory fits (the staged rows and gamma when they fit too); False if not."""
+        if M > 8:
+            return False
+        isz = np.dtype(self.be.act_dtype).itemsize
+        smem = decode_smem(M, nb, per, K, isz, staged=True)
+        staged = smem + 96 <= _MAX_SMEM  # + its 96 B of static shared memory
+        if not staged:
+            smem = decode_smem(M, nb, per, K, isz, staged=False)
+            if smem + 96 > _MAX_SMEM:
+                return False
+        kern = self.kb.bitlinear_packed_decode
+        if smem > 48 * 1024 - 96 and kern.max_dynamic_shared_size_bytes < smem:
+            kern.max_dynamic_shared_size_bytes = smem  # the opt-in above 48 KB
+        full = (tuple(mats) * 3)[:3]  # one weight: the same one in all three slots (grid y = 1 uses the first)
+        outs, codes, scales, gammas = zip(*full)
+        kern((cdiv(N, _DECODE_THREADS // 32), len(mats)), (_DECODE_THREADS,), (
+            *outs, rstd, sx, inp, *gammas, np.float32(eps), *codes, *(np.float32(x) for x in scales), np.int32(M),
+            np.int32(N), np.int32(K), np.int32(nb), np.int32(per), np.int32(staged)), shared_mem=smem)
+        return True
 
     def quantized(self, M: int, N: int, K: int):
         """(q_x (M, K) int8, s_x (M,), q_w (N, K) int8, s_w (1,)) of the last bitlinear_forward at these sizes:
@@ -267,10 +302,12 @@ class MMFree:
         self.km.lower_bounds_backward((cdiv(d, 128),), (128,), (dP, dlam, P, np.int32(L), np.int32(d)))
 
 
-def decode_smem(M: int, nb: int, per: int) -> int:
-    """Dynamic shared memory of bitlinear_packed_decode: the code table (base 3: 2048 bytes, 2-bit: 1024) and q_x
-    of M rows at 8 (base 3) or 4 (2-bit) bytes per code byte (K = 5632 base 3: 2048 + 9016 M bytes)."""
-    return (2048 + 8 * M * nb) if per == 5 else (1024 + 4 * M * nb)
+def decode_smem(M: int, nb: int, per: int, K: int, itemsize: int, staged: bool) -> int:
+    """Dynamic shared memory of bitlinear_packed_decode: the code table (base 3: 2048 bytes, 2-bit: 1024), q_x of M
+    rows at 8 (base 3) or 4 (2-bit) bytes per code byte, rounded up to 16, and when staged the M rows and gamma in
+    T (1.3B, K = 5632, one bf16 row, base 3: 2048 + 9024 + 22528 bytes)."""
+    xs = -(-(8 * M * nb if per == 5 else 4 * M * nb) // 16) * 16
+    return (2048 if per == 5 else 1024) + xs + ((M + 1) * K * itemsize if staged else 0)
 
 
 def _scan_grid(B: int, nt: int, d: int):

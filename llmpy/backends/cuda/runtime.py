@@ -47,13 +47,21 @@ def _source(name: str) -> str:
     return src.replace('#include "common.cuh"', common.replace("#pragma once", ""))
 
 
+_GLOBAL = r"__global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\("  # a kernel's name, launch bounds or not
+
+
+def kernel_names(src: str) -> tuple[list[str], list[str]]:
+    """(the template <class T> kernels, the plain ones) a .cu source defines."""
+    templated = re.findall(r"template <class T>\s*" + _GLOBAL, src)
+    return templated, [k for k in re.findall(_GLOBAL, src) if k not in templated]
+
+
 @functools.lru_cache(maxsize=None)
 def module(name: str, dtype: str):
     """The kernels of kernels/`name`.cu compiled for `dtype` ('fp32' or 'bf16'), one attribute per kernel."""
     cupy = import_cupy()
     src = _source(name)
-    templated = re.findall(r"template <class T>\s*__global__ void (\w+)\(", src)
-    plain = [k for k in re.findall(r"__global__ void (\w+)\(", src) if k not in templated]
+    templated, plain = kernel_names(src)
     exprs = [f"{k}<{CTYPE[dtype]}>" for k in templated]
     cc = cupy.cuda.Device().compute_capability
     mod = cupy.RawModule(code=src, options=("-std=c++17", f"-arch=sm_{cc}"), name_expressions=exprs + plain)

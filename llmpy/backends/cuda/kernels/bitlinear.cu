@@ -249,39 +249,9 @@ __device__ __forceinline__ int trit(unsigned int& c, int per) {
     return t;
 }
 
-// Decoding (rows <= 8), one launch per BitLinear: out (rows, N) = (q_x q_w^T) / (s_x s_w) from inp (rows, K) in T,
-// q_w straight from the codes: int8 dot products (__dp4a) of q_x with each code byte's trits, int32 sums (exact),
-// one rescale per output. Dynamic shared memory (the Python side sizes it, `decode_smem`): first a table from a code
-// byte to its trits as int8 (base 3: 243 x 8 bytes, trits 0-3 | trit 4, 0, 0, 0; 2-bit: 256 x 4 bytes), then q_x
-// of every row laid out to match: base 3, 8 bytes per code byte (its 5 columns and 3 zeros); 2-bit, the 4 columns
-// of each code byte (q_x as it is). So a code byte costs one table read, and per row one 8- or 4-byte read of q_x
-// and one or two dp4a. Every block quantizes all the rows itself (rows x K from L2: cheaper than a second launch),
-// bit for bit as bitlinear_quantize does: rstd's sum of squares in one warp per row, in that kernel's order (an
-// fp32 sum depends on it); the absmax and q_x split over the 8 / rows warps a row gets (fmaxf and elementwise
-// rounding do not depend on order). Block 0 writes rstd and sx (rows,). Then each warp takes one output, its lanes
-// striding over the row's code bytes (adjacent lanes, adjacent bytes and q_x words: no bank conflicts) eight loads
-// at a time; the first eight are issued before the quantizing and each later batch while the one before is summed.
-// Measured on an H200 (1.3B, batch 1; NOTES.md): this grid of N / 8 blocks beat a grid of 2 or 4 blocks per SM
-// looping over outputs (1.3x slower) and 16-byte batches per lane (1.6x slower): the GEMVs are bound by the
-// latency of the code loads, and more resident warps keep more of them in flight.
-template <class T>
-__global__ void bitlinear_packed_decode(T* out, float* rstd, float* sx, const T* inp, const T* gamma, float eps,
-                                        const unsigned char* codes, float sw, int rows, int N, int K, int nb,
-                                        int per) {
-    constexpr int P = Pack<T>::N, U = 4;  // U: 16-byte loads in flight per lane while quantizing
-    extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ float r_s[8], m_s[16], s_s[8];  // rstd, s_x per row; absmax per warp (<= 16; Python counts 128 B)
-    const bool b3 = per == 5;
-    const int tab_bytes = b3 ? 2048 : 1024, xw = b3 ? 8 : 4;  // the table (243 x 8 used | 256 x 4); q_x per code byte
-    unsigned char* xs = smem + tab_bytes;                            // (rows, nb, xw) int8
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
-    const int n = blockIdx.x * nw + warp;
-    const unsigned char* crow = codes + (long long)min(n, N - 1) * nb;
-    unsigned int c8[8];  // the first 8 code bytes of this lane, in flight during the quantizing
-#pragma unroll
-    for (int u = 0; u < 8; u++) c8[u] = n < N && lane + 32 * u < nb ? __ldg(crow + lane + 32 * u) : 0u;
-
-    // the code table, and zeros under q_x (the padding columns must read as 0)
+// The decode kernel's table from a code byte to its trits as int8, in shared memory: base 3, 243 x 8 bytes (trits
+// 0-3 | trit 4, 0, 0, 0); 2-bit, 256 x 4 bytes. Every thread of the block takes part.
+__device__ __forceinline__ void code_table(unsigned char* smem, bool b3) {
     for (int v = threadIdx.x; v < 256; v += blockDim.x) {
         if (b3) {
             if (v < 243) {
@@ -299,79 +269,124 @@ __global__ void bitlinear_packed_decode(T* out, float* rstd, float* sx, const T*
             reinterpret_cast<unsigned int*>(smem)[v] = w;
         }
     }
-    const int xbytes = rows * nb * xw;  // a multiple of 4
-    for (int i = threadIdx.x; i < xbytes / 4; i += blockDim.x) reinterpret_cast<unsigned int*>(xs)[i] = 0u;
+}
 
-    const int g = nw / rows, m = warp / g, j = warp % g;  // warps per row; this warp's row (m >= rows: idle), part
-    const long long off = (long long)m * K;
-    const int stride = g * 32 * P;  // between one lane's packs in the absmax and q_x passes
-    if (m < rows && j == 0) {
+// Decoding (rows <= 8), one launch per BitLinear, or per three BitLinears of one input (the MLGRU's i, f, g:
+// blockIdx.y picks the weight, its gamma, scale and output; rstd is theirs in common): out (rows, N) =
+// (q_x q_w^T) / (s_x s_w) from inp (rows, K) in T, q_w straight from the codes: int8 dot products (__dp4a) of q_x
+// with each code byte's trits, int32 sums (exact), one rescale per output. Every block quantizes the rows itself
+// (rows x K from L2: cheaper than a second launch), bit for bit as bitlinear_quantize does.
+// Dynamic shared memory (the Python side sizes it, `decode_smem`): a table from a code byte to its trits as int8
+// (base 3: 243 x 8 bytes, trits 0-3 | trit 4, 0, 0, 0; 2-bit: 256 x 4 bytes); q_x of every row laid out to match
+// (base 3: 8 bytes per code byte, its 5 columns and 3 zeros; 2-bit: q_x as it is), so a code byte costs one table
+// read and per row one 8- or 4-byte read of q_x and one or two dp4a; and with `staged`, the rows and gamma copied
+// in by one pass of 16-byte loads all in flight at once (one trip to L2 where three passes over global memory took
+// three). Then: rstd's sum of squares by warp m for row m in bitlinear_quantize's order (an fp32 sum depends on
+// it); the absmax over the 8 / rows warps a row gets (fmaxf does not depend on order); q_x one code byte a thread.
+// Then each warp takes one output, its lanes striding over the row's code bytes (adjacent lanes, adjacent bytes
+// and q_x words: no bank conflicts) eight loads at a time; the first eight are issued before anything else and each
+// later batch while the one before is summed. Block (0, 0) writes rstd, block (0, y) sx[y rows ...].
+// Measured on an H200 (1.3B, batch 1; NOTES.md): a grid of N / 8 blocks beat a grid of 2 or 4 blocks per SM looping
+// over outputs and 16-byte code loads per lane; the time of a call is (blocks / resident blocks) x one block's
+// chain of dependent loads, so the staging (fewer trips) and the launch bounds (48 registers, no spills: 5 resident
+// blocks an SM where 124 registers allowed 2) both count.
+template <class T>
+__global__ void __launch_bounds__(256, 5) bitlinear_packed_decode(
+        T* out0, T* out1, T* out2, float* rstd, float* sx, const T* inp, const T* gamma0, const T* gamma1,
+        const T* gamma2, float eps, const unsigned char* codes0, const unsigned char* codes1,
+        const unsigned char* codes2, float sw0, float sw1, float sw2, int rows, int N, int K, int nb, int per,
+        int staged) {
+    constexpr int P = Pack<T>::N;
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ float r_s[8], m_s[8], s_s[8];  // rstd, s_x per row; absmax per warp (8 warps; Python counts 96 B)
+    const int y = blockIdx.y;
+    T* out = y == 0 ? out0 : y == 1 ? out1 : out2;
+    const T* gamma = y == 0 ? gamma0 : y == 1 ? gamma1 : gamma2;
+    const unsigned char* codes = y == 0 ? codes0 : y == 1 ? codes1 : codes2;
+    const float sw = y == 0 ? sw0 : y == 1 ? sw1 : sw2;
+    const bool b3 = per == 5;
+    const int tab_bytes = b3 ? 2048 : 1024, xw = b3 ? 8 : 4;  // the table (243 x 8 used | 256 x 4); q_x per code byte
+    unsigned char* xs = smem + tab_bytes;                            // (rows, nb, xw) int8
+    T* xr = reinterpret_cast<T*>(xs + ((rows * nb * xw + 15) & ~15));  // staged: (rows, K) inputs, then gamma (K,)
+    const T* xsrc = staged ? xr : inp;
+    const T* gsrc = staged ? xr + (long long)rows * K : gamma;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    const int n = blockIdx.x * nw + warp;
+    const unsigned char* crow = codes + (long long)min(n, N - 1) * nb;
+    unsigned int c8[8];  // the first 8 code bytes of this lane, in flight during the quantizing
+#pragma unroll
+    for (int u = 0; u < 8; u++) c8[u] = n < N && lane + 32 * u < nb ? __ldg(crow + lane + 32 * u) : 0u;
+
+    const int kp = K / P, tot = staged ? (rows + 1) * kp : 0;  // 16-byte packs to stage: the rows, then gamma
+    for (int i0 = threadIdx.x; i0 < tot; i0 += 4 * blockDim.x) {
+        Pack<T> p[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = i0 + u * blockDim.x;
+            if (i < tot) p[u] = load16(i < rows * kp ? inp + (long long)i * P : gamma + (long long)(i - rows * kp) * P);
+        }
+        if (i0 == threadIdx.x) {  // the code table while the first loads are in flight
+            code_table(smem, b3);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = i0 + u * blockDim.x;
+            if (i < tot) store16(xr + (long long)i * P, p[u]);
+        }
+    }
+    if (!staged) code_table(smem, b3);  // (tot = 0: the loop above did not run)
+    __syncthreads();
+
+    if (warp < rows) {  // rstd of row `warp`, summed as bitlinear_quantize sums it
+        const T* x = xsrc + (long long)warp * K;
         float s = 0.0f;
-        for (int c0 = lane * P; c0 < K; c0 += 32 * P * U) {
-            Pack<T> p[U];
+        for (int c = lane * P; c < K; c += 32 * P) {
+            Pack<T> p = load16(x + c);
 #pragma unroll
-            for (int u = 0; u < U; u++)
-                if (c0 + 32 * P * u < K) p[u] = load16(inp + off + c0 + 32 * P * u);
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                if (c0 + 32 * P * u >= K) break;
-#pragma unroll
-                for (int k = 0; k < P; k++) { const float v = to_f(p[u].v[k]); s += v * v; }
-            }
+            for (int k = 0; k < P; k++) { const float v = to_f(p.v[k]); s += v * v; }
         }
         const float r = 1.0f / sqrtf(warp_sum(s) / K + eps);
-        if (lane == 0) r_s[m] = r;
+        if (lane == 0) r_s[warp] = r;
     }
     __syncthreads();
+    const int g = nw / rows, m = warp / g, j = warp % g;  // warps per row; this warp's row (m >= rows: idle), part
     float mx = 0.0f;
     if (m < rows) {
         const float r = r_s[m];
-        for (int c0 = (j * 32 + lane) * P; c0 < K; c0 += stride * U) {
-            Pack<T> p[U], q[U];
+        const T* x = xsrc + (long long)m * K;
+        for (int c = (j * 32 + lane) * P; c < K; c += g * 32 * P) {
+            Pack<T> p = load16(x + c), q = load16(gsrc + c);
 #pragma unroll
-            for (int u = 0; u < U; u++)
-                if (c0 + stride * u < K) {
-                    p[u] = load16(inp + off + c0 + stride * u);
-                    q[u] = load16(gamma + c0 + stride * u);
-                }
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                if (c0 + stride * u >= K) break;
-#pragma unroll
-                for (int k = 0; k < P; k++) mx = fmaxf(mx, fabsf(to_f(p[u].v[k]) * r * to_f(q[u].v[k])));
-            }
+            for (int k = 0; k < P; k++) mx = fmaxf(mx, fabsf(to_f(p.v[k]) * r * to_f(q.v[k])));
         }
         mx = warp_max(mx);
     }
     if (lane == 0) m_s[warp] = mx;
     __syncthreads();
-    if (m < rows) {
+    if (m < rows) {  // q_x, one code byte (its `per` columns, zeros past K) a thread of the row's warps
         float a = 0.0f;
         for (int i = 0; i < g; i++) a = fmaxf(a, m_s[m * g + i]);
         const float r = r_s[m], s = 127.0f / fmaxf(a, 1e-5f);
-        signed char* x = reinterpret_cast<signed char*>(xs) + (long long)m * nb * xw;
-        for (int c0 = (j * 32 + lane) * P; c0 < K; c0 += stride * U) {
-            Pack<T> p[U], q[U];
+        const T* x = xsrc + (long long)m * K;
+        unsigned char* xq = xs + (long long)m * nb * xw;
+        for (int b = j * 32 + lane; b < nb; b += g * 32) {
+            unsigned int w[2] = {0u, 0u};
 #pragma unroll
-            for (int u = 0; u < U; u++)
-                if (c0 + stride * u < K) {
-                    p[u] = load16(inp + off + c0 + stride * u);
-                    q[u] = load16(gamma + c0 + stride * u);
-                }
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                if (c0 + stride * u >= K) break;
-#pragma unroll
-                for (int k = 0; k < P; k++) {
-                    const int col = c0 + stride * u + k;
-                    x[b3 ? (col / 5) * 8 + col % 5 : col] = (signed char)(int)fminf(
-                        fmaxf(roundf(to_f(p[u].v[k]) * r * to_f(q[u].v[k]) * s), -128.0f), 127.0f);
-                }
+            for (int t = 0; t < 5; t++) {  // unrolled: w stays in registers
+                const int col = b * per + t;
+                if (t >= per || col >= K) break;
+                const int q = (int)fminf(fmaxf(roundf(to_f(x[col]) * r * to_f(gsrc[col]) * s), -128.0f), 127.0f);
+                w[t / 4] |= (unsigned int)(unsigned char)(signed char)q << (8 * (t % 4));
             }
+            if (b3) reinterpret_cast<uint2*>(xq)[b] = make_uint2(w[0], w[1]);
+            else reinterpret_cast<unsigned int*>(xq)[b] = w[0];
         }
         if (j == 0 && lane == 0) {
             s_s[m] = s;
-            if (blockIdx.x == 0) { rstd[m] = r; sx[m] = s; }
+            if (blockIdx.x == 0) {
+                sx[y * rows + m] = s;
+                if (y == 0) rstd[m] = r;
+            }
         }
     }
     __syncthreads();
