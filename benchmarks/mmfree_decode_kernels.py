@@ -65,15 +65,21 @@ def main(argv=None):
     shapes = [("i/f/g/o", d, d, 4 * L), ("gate/up", 2 * I, d, L), ("down", d, I, L), ("head", V, d, 1)]
     print(f"{args.model} {args.packing}, {time.strftime('%Y-%m-%d')}, {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
     print(f"{'BitLinear':<10} {'N':>6} {'K':>6} {'us/call':>8} {'calls/token':>11} {'us/token':>9}")
+    from llmpy.backends.cuda import mmfree as M
+    capped = M._DECODE_BLOCKS_PER_SM
     total = 0.0
     for name, N, K, n in shapes:
-        us = timed(one(bl(N, K)))
+        b = bl(N, K)
+        M._DECODE_BLOCKS_PER_SM = 10 ** 6  # one warp an output, N / 8 blocks (the grid as before the cap)
+        flat = timed(one(b))
+        M._DECODE_BLOCKS_PER_SM = capped
+        us = timed(one(b))
         total += us * n
-        print(f"{name:<10} {N:>6} {K:>6} {us:>8.2f} {n:>11} {us * n:>9.1f}")
+        print(f"{name:<10} {N:>6} {K:>6} {us:>8.2f} {n:>11} {us * n:>9.1f}   (grid uncapped: {flat:.2f} us)")
     print(f"BitLinears per token: {total / 1e3:.3f} ms")
     if hasattr(be, "bitlinear_packed_forward3"):
         bs = [bl(d, d) for _ in range(3)]
-        three = timed(lambda: [one(b)() for b in bs]) * 3
+        three = timed(lambda: [one(b)() for b in bs])  # us per three calls
         fused = timed(lambda: be.bitlinear_packed_forward3(
             [b["out"] for b in bs], bs[0]["rstd"], bs[0]["x"], [b["codes"] for b in bs], [0.5, 0.6, 0.7], d,
             args.packing, [b["g"] for b in bs], cfg.norm_eps))

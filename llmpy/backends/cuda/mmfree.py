@@ -31,6 +31,7 @@ _CHUNK_ROWS = 256    # rows per partial of dgamma's column sums
 _MAX_K = 1 << 17     # |q_x q_w^T| <= 128 K must stay below 2^24 (exact in fp32)
 _MAX_SMEM = 227 * 1024  # shared memory a block may opt in to on sm_90
 _DECODE_THREADS = 256  # block of the packed decode kernel: a warp per output (its __launch_bounds__)
+_DECODE_BLOCKS_PER_SM = 5  # its resident blocks an SM (__launch_bounds__(256, 5)): the grid's cap
 _SCAN_CHUNKS = 32    # most chunks of the MLGRU's scan over t (SCAN_MAX_CHUNKS in mlgru.cu): B d 32 threads
 _SCAN_MIN_LEN = 8    # fewest steps a chunk gets (decoding, nt = 1: one chunk, the sequential scan)
 F32 = np.dtype(np.float32)
@@ -71,6 +72,7 @@ class MMFree:
     def __init__(self, be):
         self.be = be
         self.scratch = _Scratch(be)
+        self._sms = None  # the GPU's SM count (the decode kernel's grid cap), read on first use
 
     @functools.cached_property
     def kb(self):  # compiled on first use: families without these ops never build them
@@ -228,7 +230,10 @@ class MMFree:
             kern.max_dynamic_shared_size_bytes = smem  # the opt-in above 48 KB
         full = (tuple(mats) * 3)[:3]  # one weight: the same one in all three slots (grid y = 1 uses the first)
         outs, codes, scales, gammas = zip(*full)
-        kern((cdiv(N, _DECODE_THREADS // 32), len(mats)), (_DECODE_THREADS,), (
+        if self._sms is None:
+            self._sms = self.be.cp.cuda.Device().attributes["MultiProcessorCount"]
+        cap = max(1, _DECODE_BLOCKS_PER_SM * self._sms // len(mats))  # one wave; more outputs loop in the warps
+        kern((min(cdiv(N, _DECODE_THREADS // 32), cap), len(mats)), (_DECODE_THREADS,), (
             *outs, rstd, sx, inp, *gammas, np.float32(eps), *codes, *(np.float32(x) for x in scales), np.int32(M),
             np.int32(N), np.int32(K), np.int32(nb), np.int32(per), np.int32(staged)), shared_mem=smem)
         return True

@@ -283,9 +283,10 @@ __device__ __forceinline__ void code_table(unsigned char* smem, bool b3) {
 // in by one pass of 16-byte loads all in flight at once (one trip to L2 where three passes over global memory took
 // three). Then: rstd's sum of squares by warp m for row m in bitlinear_quantize's order (an fp32 sum depends on
 // it); the absmax over the 8 / rows warps a row gets (fmaxf does not depend on order); q_x one code byte a thread.
-// Then each warp takes one output, its lanes striding over the row's code bytes (adjacent lanes, adjacent bytes
-// and q_x words: no bank conflicts) eight loads at a time; the first eight are issued before anything else and each
-// later batch while the one before is summed. Block (0, 0) writes rstd, block (0, y) sx[y rows ...].
+// Then each warp takes output n = blockIdx.x 8 + warp (and n + 8 gridDim.x, ... when the grid is capped), its lanes
+// striding over the row's code bytes (adjacent lanes, adjacent bytes and q_x words: no bank conflicts) eight loads
+// at a time; the first eight are issued before anything else and each later batch while the one before is summed.
+// Block (0, 0) writes rstd, block (0, y) sx[y rows ...].
 // Measured on an H200 (1.3B, batch 1; NOTES.md): a grid of N / 8 blocks beat a grid of 2 or 4 blocks per SM looping
 // over outputs and 16-byte code loads per lane; the time of a call is (blocks / resident blocks) x one block's
 // chain of dependent loads, so the staging (fewer trips) and the launch bounds (48 registers, no spills: 5 resident
@@ -318,23 +319,22 @@ __global__ void __launch_bounds__(256, 5) bitlinear_packed_decode(
     for (int u = 0; u < 8; u++) c8[u] = n < N && lane + 32 * u < nb ? __ldg(crow + lane + 32 * u) : 0u;
 
     const int kp = K / P, tot = staged ? (rows + 1) * kp : 0;  // 16-byte packs to stage: the rows, then gamma
-    for (int i0 = threadIdx.x; i0 < tot; i0 += 4 * blockDim.x) {
+    int i0 = threadIdx.x;
+    do {  // every thread passes once at least: it builds its part of the table while its first loads are in flight
         Pack<T> p[4];
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             const int i = i0 + u * blockDim.x;
             if (i < tot) p[u] = load16(i < rows * kp ? inp + (long long)i * P : gamma + (long long)(i - rows * kp) * P);
         }
-        if (i0 == threadIdx.x) {  // the code table while the first loads are in flight
-            code_table(smem, b3);
-        }
+        if (i0 == threadIdx.x) code_table(smem, b3);
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             const int i = i0 + u * blockDim.x;
             if (i < tot) store16(xr + (long long)i * P, p[u]);
         }
-    }
-    if (!staged) code_table(smem, b3);  // (tot = 0: the loop above did not run)
+        i0 += 4 * blockDim.x;
+    } while (i0 < tot);
     __syncthreads();
 
     if (warp < rows) {  // rstd of row `warp`, summed as bitlinear_quantize sums it
@@ -391,13 +391,18 @@ __global__ void __launch_bounds__(256, 5) bitlinear_packed_decode(
     }
     __syncthreads();
 
-    if (n >= N) return;
-
+    // outputs n, n + ostride, ...: a grid capped at the resident blocks loops (a large N pays the quantizing above
+    // once per resident block, not once per 8 outputs); the batches run through the outputs back to back, the next
+    // one (of this output or the next) in flight while this one is summed
+    const int ostride = gridDim.x * nw;
     int acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int b0 = lane; b0 < nb; b0 += 32 * 8) {
-        unsigned int c8n[8];  // the next batch, in flight while this one is summed
+    for (int nn = n, b0 = lane; nn < N;) {
+        int n2 = nn, b2 = b0 + 32 * 8;
+        if (b2 >= nb) { n2 = nn + ostride; b2 = lane; }
+        const unsigned char* crow2 = codes + (long long)min(n2, N - 1) * nb;
+        unsigned int c8n[8];
 #pragma unroll
-        for (int u = 0; u < 8; u++) c8n[u] = b0 + 256 + 32 * u < nb ? __ldg(crow + b0 + 256 + 32 * u) : 0u;
+        for (int u = 0; u < 8; u++) c8n[u] = n2 < N && b2 + 32 * u < nb ? __ldg(crow2 + b2 + 32 * u) : 0u;
 #pragma unroll
         for (int u = 0; u < 8; u++) {
             const int b = b0 + 32 * u;
@@ -418,15 +423,20 @@ __global__ void __launch_bounds__(256, 5) bitlinear_packed_decode(
                     if (mm < rows) acc[mm] = __dp4a((int)w, reinterpret_cast<const int*>(xs)[mm * nb + b], acc[mm]);
             }
         }
+        if (n2 != nn) {  // output nn is summed
+#pragma unroll
+            for (int mm = 0; mm < 8; mm++) {
+                if (mm >= rows) break;
+                int s = acc[mm];
+                for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+                if (lane == 0) out[(long long)mm * N + nn] = from_f<T>((float)s / (s_s[mm] * sw));
+                acc[mm] = 0;
+            }
+        }
 #pragma unroll
         for (int u = 0; u < 8; u++) c8[u] = c8n[u];
-    }
-#pragma unroll
-    for (int mm = 0; mm < 8; mm++) {
-        if (mm >= rows) break;
-        int s = acc[mm];
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0) out[(long long)mm * N + n] = from_f<T>((float)s / (s_s[mm] * sw));
+        nn = n2;
+        b0 = b2;
     }
 }
 
