@@ -218,9 +218,13 @@ class MMFree(Model):
                 self._bitlinear(a["ai"][l], s["ifg_rstd"][l], u, "iw", p["in"][l], l)
                 self._bitlinear(a["af"][l], s["ifg_rstd"][l], u, "fw", p["fn"][l], l)
                 self._bitlinear(a["ag"][l], s["ifg_rstd"][l], u, "gw", p["gn"][l], l)
-            be.mlgru_forward(a["o"][l], self._h(l), s["g_rstd"][l], a["ai"][l], a["af"][l], a["ag"][l],
-                             s["lam"][l], p["gnormw"][l], None if state is None else state.h[l], eps)
-            if state is not None:  # the new state: the last position's (decoding runs T = 1)
+            # decoding (T = 1) writes the new state over the old one in place: no copy (each channel reads its h0
+            # before it writes h)
+            step = state is not None and self.T == 1
+            be.mlgru_forward(a["o"][l], state.h[l].reshape(self.B, 1, -1) if step else self._h(l), s["g_rstd"][l],
+                             a["ai"][l], a["af"][l], a["ag"][l], s["lam"][l], p["gnormw"][l],
+                             None if state is None else state.h[l], eps)
+            if state is not None and not step:  # the new state: the last position's
                 be.copy_(state.h[l], self._h(l)[:, self.T - 1])
             self._bitlinear(a["proj"], s["o_rstd"][l], a["o"][l], "ow", p["on"][l], l)
             be.fused_residual_rmsnorm_forward(a["residual2"][l], a["ln2"][l], s["ln2_rstd"][l], residual,

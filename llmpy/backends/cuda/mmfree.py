@@ -216,7 +216,7 @@ class MMFree:
     def _decode(self, mats, rstd, sx, inp, M, N, K, nb, per, eps) -> bool:
         """bitlinear_packed_decode for 1 or 3 weights (mats: (out, codes, scale, gamma) each) of one input of M
         rows, when M <= 8 and its shared memory fits (the staged rows and gamma when they fit too); False if not."""
-        if M > 8:
+        if M > 8 or any(c.data.ptr % 4 for _, c, _, _ in mats):  # its row copies read aligned 4-byte words
             return False
         isz = np.dtype(self.be.act_dtype).itemsize
         smem = decode_smem(M, nb, per, K, isz, staged=True)
@@ -309,10 +309,13 @@ class MMFree:
 
 def decode_smem(M: int, nb: int, per: int, K: int, itemsize: int, staged: bool) -> int:
     """Dynamic shared memory of bitlinear_packed_decode: the code table (base 3: 2048 bytes, 2-bit: 1024), q_x of M
-    rows at 8 (base 3) or 4 (2-bit) bytes per code byte, rounded up to 16, and when staged the M rows and gamma in
-    T (1.3B, K = 5632, one bf16 row, base 3: 2048 + 9024 + 22528 bytes)."""
+    rows at 8 (base 3) or 4 (2-bit) bytes per code byte, rounded up to 16; when staged the M rows and gamma in T; and
+    two code-row buffers per warp (its row_buffer_bytes). 1.3B, K = 5632, one bf16 row, base 3: 2048 + 9024 + 22528
+    + 16 x 1136 bytes."""
     xs = -(-(8 * M * nb if per == 5 else 4 * M * nb) // 16) * 16
-    return (2048 if per == 5 else 1024) + xs + ((M + 1) * K * itemsize if staged else 0)
+    rb = ((nb + 6) // 4 * 4 + 15) // 16 * 16
+    return ((2048 if per == 5 else 1024) + xs + ((M + 1) * K * itemsize if staged else 0)
+            + 2 * (_DECODE_THREADS // 32) * rb)
 
 
 def _scan_grid(B: int, nt: int, d: int):

@@ -249,6 +249,31 @@ __device__ __forceinline__ int trit(unsigned int& c, int per) {
     return t;
 }
 
+// Asynchronous copies global -> shared (sm_80+, cp.async): 4 bytes, of which the first `bytes` (0-4) are read and
+// the rest zero-filled, so a copy never reads past the end of an allocation.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int bytes) {
+    const unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Bytes of a shared buffer for one row of nb code bytes copied as aligned 4-byte words (<= 3 bytes before its
+// start), rounded up to 16.
+__device__ __forceinline__ int row_buffer_bytes(int nb) { return ((nb + 3 + 3) / 4 * 4 + 15) & ~15; }
+
+// One warp copies the code row `row` (nb bytes, any alignment) into dst as the aligned words that cover it: byte b
+// of the row lands at dst[(row & 3) + b]. `end`: the end of the codes (nothing past it is read).
+__device__ __forceinline__ void fetch_row(unsigned char* dst, const unsigned char* row, int nb,
+                                          const unsigned char* end, int lane) {
+    const int shift = (int)((unsigned long long)row & 3u), words = (shift + nb + 3) / 4;
+    const unsigned char* a = row - shift;
+    for (int w = lane; w < words; w += 32) {
+        const long long left = end - (a + 4 * w);
+        cp_async4(dst + 4 * w, a + 4 * w, left >= 4 ? 4 : (int)max(left, 0LL));
+    }
+}
+
 // The decode kernel's table from a code byte to its trits as int8, in shared memory: base 3, 243 x 8 bytes (trits
 // 0-3 | trit 4, 0, 0, 0); 2-bit, 256 x 4 bytes. Every thread of the block takes part.
 __device__ __forceinline__ void code_table(unsigned char* smem, bool b3) {
@@ -283,14 +308,15 @@ __device__ __forceinline__ void code_table(unsigned char* smem, bool b3) {
 // in by one pass of 16-byte loads all in flight at once (one trip to L2 where three passes over global memory took
 // three). Then: rstd's sum of squares by warp m for row m in bitlinear_quantize's order (an fp32 sum depends on
 // it); the absmax over the 8 / rows warps a row gets (fmaxf does not depend on order); q_x one code byte a thread.
-// Then each warp takes output n = blockIdx.x 8 + warp (and n + 8 gridDim.x, ... when the grid is capped), its lanes
-// striding over the row's code bytes (adjacent lanes, adjacent bytes and q_x words: no bank conflicts) eight loads
-// at a time; the first eight are issued before anything else and each later batch while the one before is summed.
-// Block (0, 0) writes rstd, block (0, y) sx[y rows ...].
-// Measured on an H200 (1.3B, batch 1; NOTES.md): a grid of N / 8 blocks beat a grid of 2 or 4 blocks per SM looping
-// over outputs and 16-byte code loads per lane; the time of a call is (blocks / resident blocks) x one block's
-// chain of dependent loads, so the staging (fewer trips) and the launch bounds (48 registers, no spills: 5 resident
-// blocks an SM where 124 registers allowed 2) both count.
+// Then each warp takes output n = blockIdx.x 8 + warp (and n + 8 gridDim.x, ... when the grid is capped at the
+// resident blocks, so that a large N pays the quantizing once per resident block): its code row is copied into the
+// warp's shared buffer by cp.async (aligned 4-byte words, no registers held: the first row's copy is issued before
+// the quantizing, each next one while the current row is summed), then its lanes stride over the row's code bytes
+// (adjacent lanes, adjacent bytes and q_x words: no bank conflicts). Block (0, 0) writes rstd, block (0, y)
+// sx[y rows ...].
+// Measured on an H200 (1.3B, batch 1; NOTES.md): the time of a call was (blocks / resident blocks) x one block's
+// chain of dependent loads, so the staging (one trip to L2, not three), the launch bounds (48 registers, no spills:
+// 5 resident blocks an SM where 124 registers allowed 2), the grid cap and the row copies all shorten it.
 template <class T>
 __global__ void __launch_bounds__(256, 5) bitlinear_packed_decode(
         T* out0, T* out1, T* out2, float* rstd, float* sx, const T* inp, const T* gamma0, const T* gamma1,
@@ -313,10 +339,14 @@ __global__ void __launch_bounds__(256, 5) bitlinear_packed_decode(
     const T* gsrc = staged ? xr + (long long)rows * K : gamma;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
     const int n = blockIdx.x * nw + warp;
-    const unsigned char* crow = codes + (long long)min(n, N - 1) * nb;
-    unsigned int c8[8];  // the first 8 code bytes of this lane, in flight during the quantizing
-#pragma unroll
-    for (int u = 0; u < 8; u++) c8[u] = n < N && lane + 32 * u < nb ? __ldg(crow + lane + 32 * u) : 0u;
+    // this warp's two code-row buffers (rb bytes each, after the staged rows); its first row's copy is in flight
+    // during the quantizing
+    const int rb = row_buffer_bytes(nb);
+    unsigned char* cbuf = reinterpret_cast<unsigned char*>(xr) + (staged ? (long long)(rows + 1) * K * sizeof(T) : 0)
+                          + (long long)warp * 2 * rb;
+    const unsigned char* cend = codes + (long long)N * nb;
+    if (n < N) fetch_row(cbuf, codes + (long long)n * nb, nb, cend, lane);
+    cp_async_commit();
 
     const int kp = K / P, tot = staged ? (rows + 1) * kp : 0;  // 16-byte packs to stage: the rows, then gamma
     int i0 = threadIdx.x;
@@ -395,20 +425,17 @@ __global__ void __launch_bounds__(256, 5) bitlinear_packed_decode(
     // once per resident block, not once per 8 outputs); the batches run through the outputs back to back, the next
     // one (of this output or the next) in flight while this one is summed
     const int ostride = gridDim.x * nw;
-    int acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int nn = n, b0 = lane; nn < N;) {
-        int n2 = nn, b2 = b0 + 32 * 8;
-        if (b2 >= nb) { n2 = nn + ostride; b2 = lane; }
-        const unsigned char* crow2 = codes + (long long)min(n2, N - 1) * nb;
-        unsigned int c8n[8];
-#pragma unroll
-        for (int u = 0; u < 8; u++) c8n[u] = n2 < N && b2 + 32 * u < nb ? __ldg(crow2 + b2 + 32 * u) : 0u;
-#pragma unroll
-        for (int u = 0; u < 8; u++) {
-            const int b = b0 + 32 * u;
-            if (b >= nb) break;
+    for (int nn = n, k = 0; nn < N; nn += ostride, k ^= 1) {
+        const int n2 = nn + ostride;  // the next row's copy, in flight while this one is summed
+        if (n2 < N) fetch_row(cbuf + (k ^ 1) * rb, codes + (long long)n2 * nb, nb, cend, lane);
+        cp_async_commit();
+        cp_async_wait<1>();  // this row's copy has landed (every group but the newest)
+        __syncwarp();
+        const unsigned char* c = cbuf + k * rb + ((unsigned long long)(codes + (long long)nn * nb) & 3u);
+        int acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int b = lane; b < nb; b += 32) {
             if (b3) {
-                const uint2 w = reinterpret_cast<const uint2*>(smem)[c8[u]];
+                const uint2 w = reinterpret_cast<const uint2*>(smem)[c[b]];
 #pragma unroll
                 for (int mm = 0; mm < 8; mm++)
                     if (mm < rows) {
@@ -417,27 +444,22 @@ __global__ void __launch_bounds__(256, 5) bitlinear_packed_decode(
                         acc[mm] = __dp4a((int)w.y, (int)xv.y, acc[mm]);
                     }
             } else {
-                const unsigned int w = reinterpret_cast<const unsigned int*>(smem)[c8[u]];
+                const unsigned int w = reinterpret_cast<const unsigned int*>(smem)[c[b]];
 #pragma unroll
                 for (int mm = 0; mm < 8; mm++)
                     if (mm < rows) acc[mm] = __dp4a((int)w, reinterpret_cast<const int*>(xs)[mm * nb + b], acc[mm]);
             }
         }
-        if (n2 != nn) {  // output nn is summed
 #pragma unroll
-            for (int mm = 0; mm < 8; mm++) {
-                if (mm >= rows) break;
-                int s = acc[mm];
-                for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-                if (lane == 0) out[(long long)mm * N + nn] = from_f<T>((float)s / (s_s[mm] * sw));
-                acc[mm] = 0;
-            }
+        for (int mm = 0; mm < 8; mm++) {
+            if (mm >= rows) break;
+            int s = acc[mm];
+            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            if (lane == 0) out[(long long)mm * N + nn] = from_f<T>((float)s / (s_s[mm] * sw));
         }
-#pragma unroll
-        for (int u = 0; u < 8; u++) c8[u] = c8n[u];
-        nn = n2;
-        b0 = b2;
+        __syncwarp();  // every lane is done with buffer k before the next turn's copy overwrites it
     }
+    cp_async_wait<0>();
 }
 
 // Many rows (eval): qw (N, K) int8 = the codes unpacked, for the int8 GEMM; one thread per code byte.
