@@ -214,11 +214,6 @@ class CPUBackend:
         for o, c, sc, g in zip(outs, codes, scales, gammas, strict=True):
             Lr.bitlinear_packed_forward(o, rstd, inp, c, sc, K, packing, g, eps)
 
-    def bitlinear_packed_glu_forward(self, out, rstd, fc, codes, scale, K, packing, gamma, eps):
-        sw = np.empty(fc.shape[:-1] + (K,), fc.dtype)
-        self.swiglu_forward(sw, fc)
-        Lr.bitlinear_packed_forward(out, rstd, sw, codes, scale, K, packing, gamma, eps)
-
     def mlgru_forward(self, o, h, rstd, ai, af, ag, lam, gamma, h0, eps):
         Lr.mlgru_forward(o, h, rstd, ai, af, ag, lam, gamma, h0=h0, eps=eps)
 

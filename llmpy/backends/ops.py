@@ -173,11 +173,6 @@ class Backend(Protocol):
         """Three bitlinear_packed_forwards of one input (the MLGRU's i, f, g: one rstd, three codes, scales, gammas
         and outs); the GPU runs them as one launch when decoding."""
 
-    def bitlinear_packed_glu_forward(self, out, rstd, fc, codes, scale: float, K: int, packing: str, gamma,
-                                     eps: float) -> None:
-        """bitlinear_packed_forward of swiglu(fc), fc (N, 2K) = [up | gate] (the GLU's down projection); the GPU
-        computes the SwiGLU inside its decode kernel (one launch fewer a layer)."""
-
     def mlgru_forward(self, o, h, rstd, ai, af, ag, lam, gamma, h0, eps: float) -> None:
         """MLGRU (layers/mlgru.py): o (B, T, d) from the projections ai, af, ag (B, T, d), the layer's lower bound
         lam (d,) and the gate norm's gain gamma (d,); h (B, T, d) every recurrent state and rstd (B, T) saved (stat

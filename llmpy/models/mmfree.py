@@ -230,13 +230,8 @@ class MMFree(Model):
             be.fused_residual_rmsnorm_forward(a["residual2"][l], a["ln2"][l], s["ln2_rstd"][l], residual,
                                               a["proj"], p["ln2w"][l], eps)
             self._bitlinear(self._fc(l), s["fc_rstd"][l], a["ln2"][l], "gatew", p["gaten"][l], l)
-            if "downw" in self.packed:  # inference: the SwiGLU inside the down projection's kernel
-                codes, scale, K, pk = self.packed["downw"]
-                be.bitlinear_packed_glu_forward(a["proj"], s["down_rstd"][l], self._fc(l), codes[l], float(scale[l]),
-                                                K, pk, p["downn"][l], eps)
-            else:
-                be.swiglu_forward(self._sw(l), self._fc(l))
-                self._bitlinear(a["proj"], s["down_rstd"][l], self._sw(l), "downw", p["downn"][l], l)
+            be.swiglu_forward(self._sw(l), self._fc(l))
+            self._bitlinear(a["proj"], s["down_rstd"][l], self._sw(l), "downw", p["downn"][l], l)
             if l + 1 < L:  # this block's residual add, fused with the next block's first RMSNorm
                 be.fused_residual_rmsnorm_forward(a["residual3"][l], a["ln1"][l + 1], s["ln1_rstd"][l + 1],
                                                   a["residual2"][l], a["proj"], p["ln1w"][l + 1], eps)

@@ -378,9 +378,6 @@ class CUDABackend:
     def bitlinear_packed_forward3(self, outs, rstd, inp, codes, scales, K, packing, gammas, eps):
         self.mmfree.bitlinear_packed_forward3(outs, rstd, inp, codes, scales, K, packing, gammas, eps)
 
-    def bitlinear_packed_glu_forward(self, out, rstd, fc, codes, scale, K, packing, gamma, eps):
-        self.mmfree.bitlinear_packed_glu_forward(out, rstd, fc, codes, scale, K, packing, gamma, eps)
-
     def mlgru_forward(self, o, h, rstd, ai, af, ag, lam, gamma, h0, eps):
         self.mmfree.mlgru_forward(o, h, rstd, ai, af, ag, lam, gamma, h0, eps)
 

@@ -213,43 +213,19 @@ class MMFree:
         for o, c, sc, g in zip(outs, codes, scales, gammas):
             self.bitlinear_packed_forward(o, rstd, inp, c, sc, K, packing, g, eps)
 
-    def bitlinear_packed_glu_forward(self, out, rstd, fc, codes, scale, K, packing, gamma, eps):
-        """bitlinear_packed_forward of swiglu(fc), fc (M, 2K) = [up | gate]: for up to 8 rows one launch (the
-        decode kernel stages up * silu(gate) itself), else swiglu_forward into scratch first. Bit for bit the same."""
-        op, T = "bitlinear_packed_glu_forward", self.be.act_dtype
-        N, nb = codes.shape
-        per = {"base3": 5, "2bit": 4}[packing]
-        M = fc.size // (2 * K)
-        if fc.size != 2 * K * M:
-            raise ValueError(f"{op}: fc {tuple(fc.shape)} is not (M, 2 x {K})")
-        if nb == -(-K // per) and codes.dtype == np.uint8 and codes.flags.c_contiguous and not (
-                K % 8 or N % 8 or K >= _MAX_K):
-            for name, x, dt, size in (("out", out, T, M * N), ("fc", fc, T, 2 * M * K), ("gamma", gamma, T, K)):
-                _need(op, name, x, dt, size)
-            _need(op, "rstd", rstd, F32, M, aligned=False)
-            sx = self.scratch.get("bl_sx", M, F32)
-            if self._decode(((out, codes, scale, gamma),), rstd, sx, fc, M, N, K, nb, per, eps, glu=True):
-                return
-        sw = self.scratch.get("bl_glu", M * K, T).reshape(M, K)
-        self.be.swiglu_forward(sw, fc.reshape(M, 2 * K))
-        self.bitlinear_packed_forward(out, rstd, sw, codes, scale, K, packing, gamma, eps)
-
-    def _decode(self, mats, rstd, sx, inp, M, N, K, nb, per, eps, glu=False) -> bool:
+    def _decode(self, mats, rstd, sx, inp, M, N, K, nb, per, eps) -> bool:
         """bitlinear_packed_decode for 1 or 3 weights (mats: (out, codes, scale, gamma) each) of one input of M
-        rows, when M <= 8 and its shared memory fits (the staged rows and gamma when they fit too; glu: inp is
-        [up | gate], staged only); False if not."""
+        rows, when M <= 8 and its shared memory fits (the staged rows and gamma when they fit too); False if not."""
         if M > 8 or any(c.data.ptr % 4 for _, c, _, _ in mats):  # its row copies read aligned 4-byte words
             return False
         isz = np.dtype(self.be.act_dtype).itemsize
         smem = decode_smem(M, nb, per, K, isz, staged=True)
         staged = smem + 96 <= _MAX_SMEM  # + its 96 B of static shared memory
-        if glu and not staged:
-            return False
         if not staged:
             smem = decode_smem(M, nb, per, K, isz, staged=False)
             if smem + 96 > _MAX_SMEM:
                 return False
-        kern = self.kb.bitlinear_packed_decode_glu if glu else self.kb.bitlinear_packed_decode
+        kern = self.kb.bitlinear_packed_decode
         if smem > 48 * 1024 - 96 and kern.max_dynamic_shared_size_bytes < smem:
             kern.max_dynamic_shared_size_bytes = smem  # the opt-in above 48 KB
         full = (tuple(mats) * 3)[:3]  # one weight: the same one in all three slots (grid y = 1 uses the first)

@@ -306,8 +306,7 @@ __device__ __forceinline__ void code_table(unsigned char* smem, bool b3) {
 // (base 3: 8 bytes per code byte, its 5 columns and 3 zeros; 2-bit: q_x as it is), so a code byte costs one table
 // read and per row one 8- or 4-byte read of q_x and one or two dp4a; and with `staged`, the rows and gamma copied
 // in by one pass of 16-byte loads all in flight at once (one trip to L2 where three passes over global memory took
-// three); with `glu` (staged only) inp is a GLU's [up | gate] (rows, 2K) and the staged row is swiglu_forward's
-// up * silu(gate), computed and rounded as that kernel does (one launch fewer before the down projection). Then: rstd's sum of squares by warp m for row m in bitlinear_quantize's order (an fp32 sum depends on
+// three). Then: rstd's sum of squares by warp m for row m in bitlinear_quantize's order (an fp32 sum depends on
 // it); the absmax over the 8 / rows warps a row gets (fmaxf does not depend on order); q_x one code byte a thread.
 // Then each warp takes output n = blockIdx.x 8 + warp (and n + 8 gridDim.x, ... when the grid is capped at the
 // resident blocks, so that a large N pays the quantizing once per resident block): its code row is copied into the
@@ -318,8 +317,8 @@ __device__ __forceinline__ void code_table(unsigned char* smem, bool b3) {
 // Measured on an H200 (1.3B, batch 1; NOTES.md): the time of a call was (blocks / resident blocks) x one block's
 // chain of dependent loads, so the staging (one trip to L2, not three), the launch bounds (48 registers, no spills:
 // 5 resident blocks an SM where 124 registers allowed 2), the grid cap and the row copies all shorten it.
-template <class T, bool glu>
-__device__ __forceinline__ void packed_decode(
+template <class T>
+__global__ void __launch_bounds__(256, 5) bitlinear_packed_decode(
         T* out0, T* out1, T* out2, float* rstd, float* sx, const T* inp, const T* gamma0, const T* gamma1,
         const T* gamma2, float eps, const unsigned char* codes0, const unsigned char* codes1,
         const unsigned char* codes2, float sw0, float sw1, float sw2, int rows, int N, int K, int nb, int per,
@@ -356,21 +355,7 @@ __device__ __forceinline__ void packed_decode(
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             const int i = i0 + u * blockDim.x;
-            if (i >= tot) continue;
-            if (i >= rows * kp) {
-                p[u] = load16(gamma + (long long)(i - rows * kp) * P);
-            } else if constexpr (!glu) {
-                p[u] = load16(inp + (long long)i * P);
-            } else {  // inp (rows, 2K) = [up | gate]: the row is up * silu(gate), as swiglu_forward rounds it
-                const int m = i / kp;
-                const T* up = inp + (long long)m * 2 * K + (long long)(i - m * kp) * P;
-                const Pack<T> a = load16(up), g = load16(up + K);
-#pragma unroll
-                for (int k = 0; k < P; k++) {
-                    const float x = to_f(g.v[k]);
-                    p[u].v[k] = from_f<T>(to_f(a.v[k]) * (x / (1.0f + expf(-x))));
-                }
-            }
+            if (i < tot) p[u] = load16(i < rows * kp ? inp + (long long)i * P : gamma + (long long)(i - rows * kp) * P);
         }
         if (i0 == threadIdx.x) code_table(smem, b3);
 #pragma unroll
@@ -475,25 +460,6 @@ __device__ __forceinline__ void packed_decode(
         __syncwarp();  // every lane is done with buffer k before the next turn's copy overwrites it
     }
     cp_async_wait<0>();
-}
-
-#define PACKED_DECODE_ARGS                                                                                       \
-    T *out0, T *out1, T *out2, float *rstd, float *sx, const T *inp, const T *gamma0, const T *gamma1,             \
-        const T *gamma2, float eps, const unsigned char *codes0, const unsigned char *codes1,                      \
-        const unsigned char *codes2, float sw0, float sw1, float sw2, int rows, int N, int K, int nb, int per,     \
-        int staged
-#define PACKED_DECODE_CALL                                                                                       \
-    out0, out1, out2, rstd, sx, inp, gamma0, gamma1, gamma2, eps, codes0, codes1, codes2, sw0, sw1, sw2, rows, N, \
-        K, nb, per, staged
-template <class T>
-__global__ void __launch_bounds__(256, 5) bitlinear_packed_decode(PACKED_DECODE_ARGS) {
-    packed_decode<T, false>(PACKED_DECODE_CALL);
-}
-// The down projection of a GLU: inp (rows, 2K) = [up | gate], staged as up * silu(gate) (staged only). Its own
-// instance: the SwiGLU's registers would make the plain one spill.
-template <class T>
-__global__ void __launch_bounds__(256, 5) bitlinear_packed_decode_glu(PACKED_DECODE_ARGS) {
-    packed_decode<T, true>(PACKED_DECODE_CALL);
 }
 
 // Many rows (eval): qw (N, K) int8 = the codes unpacked, for the int8 GEMM; one thread per code byte.
