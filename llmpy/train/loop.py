@@ -306,6 +306,8 @@ class Trainer:
                 tok = get_tokenizer(tokenizer_for(self.cfg.vocab_size, self.tc.tokenizer))
                 self._scorer = Scorer(self.cfg, weights, sbe, tok)
             else:
+                if be.name == "cuda":  # its ops run on the current stream: the scorer's own, as when it was made
+                    self._scorer.be.stream.use()
                 self._scorer.load_params(weights)
             for task, examples in self.eval_examples.items():
                 r = self._scorer.score(task, examples[dist.rank::dist.world])
