@@ -658,6 +658,12 @@ def test_mlgru(be, with_state, T):
     check(be, rstd, rr, 1e-5)
     check(be, o, ro)
     check(be, h[:, :1], rh[:, :1], 1e-5)  # the first step alone: h0 used (or zeros)
+    if T > 1:  # one step (decoding: the scan kernel sums the gate's rstd itself) = the first step of T, bit for bit
+        o1, h1, r1 = poison(be, (B, 1, d)), poison(be, (B, 1, d), np.float32), poison(be, (B, 1), np.float32)
+        first = [be.xp.ascontiguousarray(a[:, :1]) for a in (aid, afd, agd)]
+        be.mlgru_forward(o1, h1, r1, *first, lamd, gd, None if h0 is None else be.asarray(h0), eps)
+        for a, b, what in ((o1, o[:, :1], "o"), (h1, h[:, :1], "h"), (r1, rstd[:, :1], "rstd")):
+            assert np.array_equal(host(be, a), host(be, b)), f"one step: {what} differs from the first of {T}"
     if with_state:
         return
     do = rounded(be, r.standard_normal((B, T, d)))

@@ -264,10 +264,12 @@ class MMFree:
                 ("gamma", gamma, T, d, False)) + ((("h0", h0, F32, B * d, False),) if h0 is not None else ()):
             _need(op, name, x, dt, size, aligned)
         k = self.km
-        k.mlgru_gate_rstd((cdiv(B * nt, 8),), (256,), (rstd, ag, np.float32(eps), np.int32(B * nt), np.int32(d)))
+        own = nt == 1  # decoding: the scan kernel (one warp a block) computes the gate's rstd itself
+        if not own:
+            k.mlgru_gate_rstd((cdiv(B * nt, 8),), (256,), (rstd, ag, np.float32(eps), np.int32(B * nt), np.int32(d)))
         k.mlgru_forward(*_scan_grid(B, nt, d), (
             o, h, ai, af, ag, lam, gamma, rstd, np.uint64(0) if h0 is None else h0, np.int32(B), np.int32(nt),
-            np.int32(d)))
+            np.int32(d), np.int32(own), np.float32(eps)))
 
     def mlgru_backward(self, dai, daf, dag, dlam, dgamma, do, ai, af, ag, lam, gamma, h, rstd):
         op, T = "mlgru_backward", self.be.act_dtype

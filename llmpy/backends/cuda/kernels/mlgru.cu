@@ -37,12 +37,28 @@ __device__ __forceinline__ void mlgru_gates(float& f, float& x, float a, float a
 }
 
 // h (B, nt, d) fp32 every state; o = ag rstd gamma * h sigmoid(h) (rstd (B, nt) from mlgru_gate_rstd);
-// lam, gamma (d,); h0 (B, d) fp32 or null (zeros).
+// lam, gamma (d,); h0 (B, d) fp32 or null (zeros). own_rstd (nt = 1, one warp a block: decoding): the warp sums its
+// row of ag itself, as mlgru_gate_rstd does (the same order: the same bits), and block 0 writes rstd (one launch
+// fewer a layer and token).
 template <class T>
 __global__ void mlgru_forward(T* o, float* h, const T* ai, const T* af, const T* ag, const float* lam,
-                              const T* gamma, const float* rstd, const float* h0, int B, int nt, int d) {
+                              const T* gamma, float* rstd, const float* h0, int B, int nt, int d, int own_rstd,
+                              float eps) {
     __shared__ float sa[SCAN_MAX_CHUNKS][32], sx[SCAN_MAX_CHUNKS][32];
     const int x = threadIdx.x, j = threadIdx.y, nch = blockDim.y, b = blockIdx.y, c = blockIdx.x * 32 + x;
+    float r_own = 0.0f;
+    if (own_rstd) {
+        constexpr int N = Pack<T>::N;
+        const T* row = ag + (long long)b * d;
+        float s = 0.0f;
+        for (int k0 = x * N; k0 < d; k0 += 32 * N) {
+            Pack<T> p = load16(row + k0);
+#pragma unroll
+            for (int k = 0; k < N; k++) { const float v = to_f(p.v[k]); s += v * v; }
+        }
+        r_own = 1.0f / sqrtf(warp_sum(s) / d + eps);
+        if (blockIdx.x == 0 && x == 0) rstd[b] = r_own;
+    }
     const int len = (nt + nch - 1) / nch, t0 = min(nt, j * len), t1 = min(nt, t0 + len);
     const bool ok = c < d;
     const float l = ok ? lam[c] : 0.0f, g = ok ? to_f(gamma[c]) : 0.0f;
@@ -75,7 +91,8 @@ __global__ void mlgru_forward(T* o, float* h, const T* ai, const T* af, const T*
         mlgru_gates(f, xt, to_f(ai[off]), to_f(af[off]), l);
         prev = f * prev + xt;
         h[off] = prev;
-        o[off] = from_f<T>(to_f(ag[off]) * rstd[(long long)b * nt + t] * g * (prev * sigmoid_f(prev)));
+        const float r = own_rstd ? r_own : rstd[(long long)b * nt + t];
+        o[off] = from_f<T>(to_f(ag[off]) * r * g * (prev * sigmoid_f(prev)));
     }
 }
 
