@@ -635,6 +635,20 @@ def test_bitlinear_packed_decode(be, packing, K):
             assert np.array_equal(host(be, outs[i]), o), f"{M} rows, weight {i}: out differs"
             assert np.array_equal(host(be, sx3)[i * M:(i + 1) * M], sxi), f"{M} rows, weight {i}: s_x differs"
             assert np.array_equal(host(be, rstd), rs)
+    # a GLU's gate/up projection straight to its SwiGLU (2F = 272 rows): the product then swiglu_forward, bit for bit
+    cs = be.asarray(pack(r.integers(-1, 2, (272, K)).astype(np.int8), packing))
+    xb = dev(be, x)  # 16 rows: the last M = 16 takes the product-then-SwiGLU path
+    for M in (1, 3, 8, 16):
+        fc, fr = poison(be, (M, 272)), poison(be, M, np.float32)
+        be.bitlinear_packed_forward(fc, fr, xb[:M], cs, scale, K, packing, gd, eps)
+        want = be.zeros(M * 136, be.act_dtype).reshape(M, 136)
+        be.swiglu_forward(want, fc)
+        scratch_fc = poisoned_scratch("bl_fc", M * 272, be.act_dtype)
+        got, gr = poison(be, (M, 136)), poison(be, M, np.float32)
+        be.bitlinear_packed_swiglu_forward(got, gr, xb[:M], cs, scale, K, packing, gd, eps)
+        assert np.isnan(host(be, scratch_fc)).all() == (M <= 8), f"{M} rows: the wrong path ran"
+        assert np.array_equal(host(be, got), host(be, want)), f"{M} rows: the SwiGLU of the product differs"
+        assert np.array_equal(host(be, gr), host(be, fr))
 
 
 @pytest.mark.parametrize("with_state", [False, True])

@@ -214,6 +214,11 @@ class CPUBackend:
         for o, c, sc, g in zip(outs, codes, scales, gammas, strict=True):
             Lr.bitlinear_packed_forward(o, rstd, inp, c, sc, K, packing, g, eps)
 
+    def bitlinear_packed_swiglu_forward(self, out, rstd, inp, codes, scale, K, packing, gamma, eps):
+        fc = np.empty(out.shape[:-1] + (2 * out.shape[-1],), out.dtype)
+        Lr.bitlinear_packed_forward(fc, rstd, inp, codes, scale, K, packing, gamma, eps)
+        self.swiglu_forward(out, fc)
+
     def mlgru_forward(self, o, h, rstd, ai, af, ag, lam, gamma, h0, eps):
         Lr.mlgru_forward(o, h, rstd, ai, af, ag, lam, gamma, h0=h0, eps=eps)
 

@@ -173,6 +173,11 @@ class Backend(Protocol):
         """Three bitlinear_packed_forwards of one input (the MLGRU's i, f, g: one rstd, three codes, scales, gammas
         and outs); the GPU runs them as one launch when decoding."""
 
+    def bitlinear_packed_swiglu_forward(self, out, rstd, inp, codes, scale: float, K: int, packing: str, gamma,
+                                        eps: float) -> None:
+        """A GLU's packed gate/up projection and its SwiGLU: out (N, F) = swiglu of bitlinear_packed_forward's
+        (N, 2F) = [up | gate] (codes of 2F rows); the GPU does both in its decode kernel."""
+
     def mlgru_forward(self, o, h, rstd, ai, af, ag, lam, gamma, h0, eps: float) -> None:
         """MLGRU (layers/mlgru.py): o (B, T, d) from the projections ai, af, ag (B, T, d), the layer's lower bound
         lam (d,) and the gate norm's gain gamma (d,); h (B, T, d) every recurrent state and rstd (B, T) saved (stat

@@ -229,8 +229,13 @@ class MMFree(Model):
             self._bitlinear(a["proj"], s["o_rstd"][l], a["o"][l], "ow", p["on"][l], l)
             be.fused_residual_rmsnorm_forward(a["residual2"][l], a["ln2"][l], s["ln2_rstd"][l], residual,
                                               a["proj"], p["ln2w"][l], eps)
-            self._bitlinear(self._fc(l), s["fc_rstd"][l], a["ln2"][l], "gatew", p["gaten"][l], l)
-            be.swiglu_forward(self._sw(l), self._fc(l))
+            if "gatew" in self.packed:  # inference: the product straight to its SwiGLU (one launch when decoding)
+                codes, scale, K, pk = self.packed["gatew"]
+                be.bitlinear_packed_swiglu_forward(self._sw(l), s["fc_rstd"][l], a["ln2"][l], codes[l],
+                                                   float(scale[l]), K, pk, p["gaten"][l], eps)
+            else:
+                self._bitlinear(self._fc(l), s["fc_rstd"][l], a["ln2"][l], "gatew", p["gaten"][l], l)
+                be.swiglu_forward(self._sw(l), self._fc(l))
             self._bitlinear(a["proj"], s["down_rstd"][l], self._sw(l), "downw", p["downn"][l], l)
             if l + 1 < L:  # this block's residual add, fused with the next block's first RMSNorm
                 be.fused_residual_rmsnorm_forward(a["residual3"][l], a["ln1"][l + 1], s["ln1_rstd"][l + 1],

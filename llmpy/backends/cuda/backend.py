@@ -378,6 +378,9 @@ class CUDABackend:
     def bitlinear_packed_forward3(self, outs, rstd, inp, codes, scales, K, packing, gammas, eps):
         self.mmfree.bitlinear_packed_forward3(outs, rstd, inp, codes, scales, K, packing, gammas, eps)
 
+    def bitlinear_packed_swiglu_forward(self, out, rstd, inp, codes, scale, K, packing, gamma, eps):
+        self.mmfree.bitlinear_packed_swiglu_forward(out, rstd, inp, codes, scale, K, packing, gamma, eps)
+
     def mlgru_forward(self, o, h, rstd, ai, af, ag, lam, gamma, h0, eps):
         self.mmfree.mlgru_forward(o, h, rstd, ai, af, ag, lam, gamma, h0, eps)
 

@@ -213,9 +213,32 @@ class MMFree:
         for o, c, sc, g in zip(outs, codes, scales, gammas):
             self.bitlinear_packed_forward(o, rstd, inp, c, sc, K, packing, g, eps)
 
-    def _decode(self, mats, rstd, sx, inp, M, N, K, nb, per, eps) -> bool:
+    def bitlinear_packed_swiglu_forward(self, out, rstd, inp, codes, scale, K, packing, gamma, eps):
+        """A GLU's packed gate/up projection straight to its SwiGLU: out (M, F) = up * silu(gate) of the (M, 2F)
+        product [up | gate] of codes (2F, nb). For up to 8 rows one launch (bitlinear_packed_decode_swiglu), else
+        the product into scratch and swiglu_forward; the same bits either way."""
+        op, T = "bitlinear_packed_swiglu_forward", self.be.act_dtype
+        N, nb = codes.shape
+        per = {"base3": 5, "2bit": 4}[packing]
+        M = inp.size // K
+        if N % 16 or out.size != M * N // 2:
+            raise ValueError(f"{op}: out {tuple(out.shape)} is not (M, {N} / 2) for codes of {N} rows")
+        if M <= 8 and nb == -(-K // per) and codes.dtype == np.uint8 and codes.flags.c_contiguous and not (
+                K % 8 or K >= _MAX_K):
+            for name, x, dt, size in (("out", out, T, M * N // 2), ("inp", inp, T, M * K), ("gamma", gamma, T, K)):
+                _need(op, name, x, dt, size)
+            _need(op, "rstd", rstd, F32, M, aligned=False)
+            sx = self.scratch.get("bl_sx", M, F32)
+            if self._decode(((out, codes, scale, gamma),), rstd, sx, inp, M, N, K, nb, per, eps, swiglu=True):
+                return
+        fc = self.scratch.get("bl_fc", M * N, T).reshape(M, N)
+        self.bitlinear_packed_forward(fc, rstd, inp, codes, scale, K, packing, gamma, eps)
+        self.be.swiglu_forward(out.reshape(M, N // 2), fc)
+
+    def _decode(self, mats, rstd, sx, inp, M, N, K, nb, per, eps, swiglu=False) -> bool:
         """bitlinear_packed_decode for 1 or 3 weights (mats: (out, codes, scale, gamma) each) of one input of M
-        rows, when M <= 8 and its shared memory fits (the staged rows and gamma when they fit too); False if not."""
+        rows, when M <= 8 and its shared memory fits (the staged rows and gamma when they fit too); False if not.
+        swiglu: one weight of 2F rows, out (M, F) its SwiGLU (bitlinear_packed_decode_swiglu)."""
         if M > 8 or any(c.data.ptr % 4 for _, c, _, _ in mats):  # its row copies read aligned 4-byte words
             return False
         isz = np.dtype(self.be.act_dtype).itemsize
@@ -225,7 +248,7 @@ class MMFree:
             smem = decode_smem(M, nb, per, K, isz, staged=False)
             if smem + 96 > _MAX_SMEM:
                 return False
-        kern = self.kb.bitlinear_packed_decode
+        kern = self.kb.bitlinear_packed_decode_swiglu if swiglu else self.kb.bitlinear_packed_decode
         if smem > 48 * 1024 - 96 and kern.max_dynamic_shared_size_bytes < smem:
             kern.max_dynamic_shared_size_bytes = smem  # the opt-in above 48 KB
         full = (tuple(mats) * 3)[:3]  # one weight: the same one in all three slots (grid y = 1 uses the first)
@@ -233,7 +256,8 @@ class MMFree:
         if self._sms is None:
             self._sms = self.be.cp.cuda.Device().attributes["MultiProcessorCount"]
         cap = max(1, _DECODE_BLOCKS_PER_SM * self._sms // len(mats))  # one wave; more outputs loop in the warps
-        kern((min(cdiv(N, _DECODE_THREADS // 32), cap), len(mats)), (_DECODE_THREADS,), (
+        outputs = N // 2 if swiglu else N
+        kern((min(cdiv(outputs, _DECODE_THREADS // 32), cap), len(mats)), (_DECODE_THREADS,), (
             *outs, rstd, sx, inp, *gammas, np.float32(eps), *codes, *(np.float32(x) for x in scales), np.int32(M),
             np.int32(N), np.int32(K), np.int32(nb), np.int32(per), np.int32(staged)), shared_mem=smem)
         return True

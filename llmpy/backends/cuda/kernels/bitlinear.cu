@@ -317,12 +317,13 @@ __device__ __forceinline__ void code_table(unsigned char* smem, bool b3) {
 // Measured on an H200 (1.3B, batch 1; NOTES.md): the time of a call was (blocks / resident blocks) x one block's
 // chain of dependent loads, so the staging (one trip to L2, not three), the launch bounds (48 registers, no spills:
 // 5 resident blocks an SM where 124 registers allowed 2), the grid cap and the row copies all shorten it.
-template <class T>
-__global__ void __launch_bounds__(256, 5) bitlinear_packed_decode(
-        T* out0, T* out1, T* out2, float* rstd, float* sx, const T* inp, const T* gamma0, const T* gamma1,
-        const T* gamma2, float eps, const unsigned char* codes0, const unsigned char* codes1,
-        const unsigned char* codes2, float sw0, float sw1, float sw2, int rows, int N, int K, int nb, int per,
-        int staged) {
+#define PACKED_DECODE_ARGS                                                                                   \
+    T *out0, T *out1, T *out2, float *rstd, float *sx, const T *inp, const T *gamma0, const T *gamma1,         \
+        const T *gamma2, float eps, const unsigned char *codes0, const unsigned char *codes1,                  \
+        const unsigned char *codes2, float sw0, float sw1, float sw2, int rows, int N, int K, int nb, int per, \
+        int staged
+template <class T, bool swiglu>
+__device__ __forceinline__ void packed_decode(PACKED_DECODE_ARGS) {
     constexpr int P = Pack<T>::N;
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ float r_s[8], m_s[8], s_s[8];  // rstd, s_x per row; absmax per warp (8 warps; Python counts 96 B)
@@ -345,7 +346,7 @@ __global__ void __launch_bounds__(256, 5) bitlinear_packed_decode(
     unsigned char* cbuf = reinterpret_cast<unsigned char*>(xr) + (staged ? (long long)(rows + 1) * K * sizeof(T) : 0)
                           + (long long)warp * 2 * rb;
     const unsigned char* cend = codes + (long long)N * nb;
-    if (n < N) fetch_row(cbuf, codes + (long long)n * nb, nb, cend, lane);
+    if (n < (swiglu ? N / 2 : N)) fetch_row(cbuf, codes + (long long)n * nb, nb, cend, lane);
     cp_async_commit();
 
     const int kp = K / P, tot = staged ? (rows + 1) * kp : 0;  // 16-byte packs to stage: the rows, then gamma
@@ -424,14 +425,20 @@ __global__ void __launch_bounds__(256, 5) bitlinear_packed_decode(
     // outputs n, n + ostride, ...: a grid capped at the resident blocks loops (a large N pays the quantizing above
     // once per resident block, not once per 8 outputs); the batches run through the outputs back to back, the next
     // one (of this output or the next) in flight while this one is summed
-    const int ostride = gridDim.x * nw;
-    for (int nn = n, k = 0; nn < N; nn += ostride, k ^= 1) {
-        const int n2 = nn + ostride;  // the next row's copy, in flight while this one is summed
-        if (n2 < N) fetch_row(cbuf + (k ^ 1) * rb, codes + (long long)n2 * nb, nb, cend, lane);
+    // the rows this warp sums, in order: n, n + ostride, ...; with swiglu, the up row f and the gate row f + N / 2
+    // of each output f = n, n + ostride, ...
+    const int nout = swiglu ? N / 2 : N, ostride = gridDim.x * nw;
+    auto out_of = [&](int it) { return n + (swiglu ? it / 2 : it) * ostride; };
+    auto row_of = [&](int it) { return out_of(it) + (swiglu && (it & 1) ? nout : 0); };
+    float up[8];  // swiglu: the up row's outputs, rounded to T, until the gate row's
+    for (int it = 0; out_of(it) < nout; it++) {
+        const int row = row_of(it), k = it & 1;
+        if (out_of(it + 1) < nout)  // the next row's copy, in flight while this one is summed
+            fetch_row(cbuf + (k ^ 1) * rb, codes + (long long)row_of(it + 1) * nb, nb, cend, lane);
         cp_async_commit();
         cp_async_wait<1>();  // this row's copy has landed (every group but the newest)
         __syncwarp();
-        const unsigned char* c = cbuf + k * rb + ((unsigned long long)(codes + (long long)nn * nb) & 3u);
+        const unsigned char* c = cbuf + k * rb + ((unsigned long long)(codes + (long long)row * nb) & 3u);
         int acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         for (int b = lane; b < nb; b += 32) {
             if (b3) {
@@ -455,11 +462,33 @@ __global__ void __launch_bounds__(256, 5) bitlinear_packed_decode(
             if (mm >= rows) break;
             int s = acc[mm];
             for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-            if (lane == 0) out[(long long)mm * N + nn] = from_f<T>((float)s / (s_s[mm] * sw));
+            const T v = from_f<T>((float)s / (s_s[mm] * sw));
+            if constexpr (!swiglu) {
+                if (lane == 0) out[(long long)mm * N + row] = v;
+            } else if (!(it & 1)) {
+                up[mm] = to_f(v);
+            } else if (lane == 0) {  // up * silu(gate), as swiglu_forward computes and rounds it
+                const float a = to_f(v);
+                out[(long long)mm * nout + row - nout] = from_f<T>(up[mm] * (a / (1.0f + expf(-a))));
+            }
         }
         __syncwarp();  // every lane is done with buffer k before the next turn's copy overwrites it
     }
     cp_async_wait<0>();
+}
+
+template <class T>
+__global__ void __launch_bounds__(256, 5) bitlinear_packed_decode(PACKED_DECODE_ARGS) {
+    packed_decode<T, false>(out0, out1, out2, rstd, sx, inp, gamma0, gamma1, gamma2, eps, codes0, codes1, codes2,
+                            sw0, sw1, sw2, rows, N, K, nb, per, staged);
+}
+
+// A GLU's gate/up projection (N = 2F rows: up, then gate) straight to its SwiGLU: out (rows, F) = up * silu(gate),
+// bit for bit bitlinear_packed_decode then swiglu_forward (one launch fewer a layer). One weight (grid y = 1).
+template <class T>
+__global__ void __launch_bounds__(256, 5) bitlinear_packed_decode_swiglu(PACKED_DECODE_ARGS) {
+    packed_decode<T, true>(out0, out1, out2, rstd, sx, inp, gamma0, gamma1, gamma2, eps, codes0, codes1, codes2,
+                           sw0, sw1, sw2, rows, N, K, nb, per, staged);
 }
 
 // Many rows (eval): qw (N, K) int8 = the codes unpacked, for the int8 GEMM; one thread per code byte.
