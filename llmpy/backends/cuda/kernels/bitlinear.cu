@@ -38,13 +38,7 @@ __device__ __forceinline__ void quantize_rows(Q* q, float* sx, float* rstd, cons
     if (saved) {
         r = rstd[row];
     } else {
-        float s = 0.0f;
-        for (int c = lane * N; c < K; c += 32 * N) {
-            Pack<T> p = load16(inp + off + c);
-#pragma unroll
-            for (int k = 0; k < N; k++) { const float v = to_f(p.v[k]); s += v * v; }
-        }
-        r = 1.0f / sqrtf(warp_sum(s) / K + eps);
+        r = 1.0f / sqrtf(warp_sum_squares(inp + off, K, lane) / K + eps);
         if (lane == 0) rstd[row] = r;
     }
     float m = 0.0f;
@@ -369,14 +363,7 @@ __device__ __forceinline__ void packed_decode(PACKED_DECODE_ARGS) {
     __syncthreads();
 
     if (warp < rows) {  // rstd of row `warp`, summed as bitlinear_quantize sums it
-        const T* x = xsrc + (long long)warp * K;
-        float s = 0.0f;
-        for (int c = lane * P; c < K; c += 32 * P) {
-            Pack<T> p = load16(x + c);
-#pragma unroll
-            for (int k = 0; k < P; k++) { const float v = to_f(p.v[k]); s += v * v; }
-        }
-        const float r = 1.0f / sqrtf(warp_sum(s) / K + eps);
+        const float r = 1.0f / sqrtf(warp_sum_squares(xsrc + (long long)warp * K, K, lane) / K + eps);
         if (lane == 0) r_s[warp] = r;
     }
     __syncthreads();

@@ -50,6 +50,20 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// sum(x^2) over a row x of d elements (d % Pack<T>::N == 0) by one warp: lane l adds the packs l, l + 32, ... in
+// order, then warp_sum. Every kernel whose RMSNorm statistics must agree bit for bit (a BitLinear's quantizing and
+// its decode kernel; the MLGRU's gate norm and its decoding step) sums this way.
+template <class T> __device__ __forceinline__ float warp_sum_squares(const T* x, int d, int lane) {
+    constexpr int N = Pack<T>::N;
+    float s = 0.0f;
+    for (int c = lane * N; c < d; c += 32 * N) {
+        Pack<T> p = load16(x + c);
+#pragma unroll
+        for (int k = 0; k < N; k++) { const float v = to_f(p.v[k]); s += v * v; }
+    }
+    return warp_sum(s);
+}
+
 // Sum over the block in a fixed order (deterministic). `buf` holds >= 32 floats of shared memory; every thread
 // gets the result.
 __device__ __forceinline__ float block_sum(float v, float* buf) {

@@ -8,17 +8,9 @@ __device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf
 // rstd (rows,) = 1/sqrt(mean(ag^2) + eps) of the gate's rows ag (rows, d), rows = B T. One warp per row.
 template <class T>
 __global__ void mlgru_gate_rstd(float* rstd, const T* ag, float eps, int rows, int d) {
-    constexpr int N = Pack<T>::N;
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
-    const T* x = ag + (long long)row * d;
-    float s = 0.0f;
-    for (int c = lane * N; c < d; c += 32 * N) {
-        Pack<T> p = load16(x + c);
-#pragma unroll
-        for (int k = 0; k < N; k++) { const float v = to_f(p.v[k]); s += v * v; }
-    }
-    s = warp_sum(s);
+    const float s = warp_sum_squares(ag + (long long)row * d, d, lane);
     if (lane == 0) rstd[row] = 1.0f / sqrtf(s / d + eps);
 }
 
@@ -48,15 +40,7 @@ __global__ void mlgru_forward(T* o, float* h, const T* ai, const T* af, const T*
     const int x = threadIdx.x, j = threadIdx.y, nch = blockDim.y, b = blockIdx.y, c = blockIdx.x * 32 + x;
     float r_own = 0.0f;
     if (own_rstd) {
-        constexpr int N = Pack<T>::N;
-        const T* row = ag + (long long)b * d;
-        float s = 0.0f;
-        for (int k0 = x * N; k0 < d; k0 += 32 * N) {
-            Pack<T> p = load16(row + k0);
-#pragma unroll
-            for (int k = 0; k < N; k++) { const float v = to_f(p.v[k]); s += v * v; }
-        }
-        r_own = 1.0f / sqrtf(warp_sum(s) / d + eps);
+        r_own = 1.0f / sqrtf(warp_sum_squares(ag + (long long)b * d, d, x) / d + eps);
         if (blockIdx.x == 0 && x == 0) rstd[b] = r_own;
     }
     const int len = (nt + nch - 1) / nch, t0 = min(nt, j * len), t1 = min(nt, t0 + len);
