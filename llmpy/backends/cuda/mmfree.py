@@ -199,8 +199,7 @@ class MMFree:
         N, nb = codes[0].shape
         per = {"base3": 5, "2bit": 4}[packing]
         M = inp.size // K
-        same = all(c.shape == (N, nb) and c.dtype == np.uint8 and c.flags.c_contiguous for c in codes)
-        if same and nb == -(-K // per) and not (K % 8 or N % 8 or K >= _MAX_K):
+        if all(c.shape == (N, nb) and _codes_fit(c, K, per) for c in codes) and N % 8 == 0:
             op, T = "bitlinear_packed_forward3", self.be.act_dtype
             for i in range(3):
                 _need(op, f"outs[{i}]", outs[i], T, M * N)
@@ -223,8 +222,7 @@ class MMFree:
         M = inp.size // K
         if N % 16 or out.size != M * N // 2:
             raise ValueError(f"{op}: out {tuple(out.shape)} is not (M, {N} / 2) for codes of {N} rows")
-        if M <= 8 and nb == -(-K // per) and codes.dtype == np.uint8 and codes.flags.c_contiguous and not (
-                K % 8 or K >= _MAX_K):
+        if M <= 8 and _codes_fit(codes, K, per):
             for name, x, dt, size in (("out", out, T, M * N // 2), ("inp", inp, T, M * K), ("gamma", gamma, T, K)):
                 _need(op, name, x, dt, size)
             _need(op, "rstd", rstd, F32, M, aligned=False)
@@ -331,6 +329,13 @@ class MMFree:
         _need(op, "dP", dP, self.be.act_dtype, L * d, aligned=False)
         _need(op, "dlam", dlam, F32, L * d, aligned=False)
         self.km.lower_bounds_backward((cdiv(d, 128),), (128,), (dP, dlam, P, np.int32(L), np.int32(d)))
+
+
+def _codes_fit(codes, K: int, per: int) -> bool:
+    """Whether codes are contiguous uint8 rows of ceil(K / per) bytes for a K the kernels take (bitlinear_packed_forward
+    says what is wrong when not)."""
+    return (codes.dtype == np.uint8 and codes.flags.c_contiguous and codes.shape[-1] == -(-K // per)
+            and K % 8 == 0 and K < _MAX_K)
 
 
 def decode_smem(M: int, nb: int, per: int, K: int, itemsize: int, staged: bool) -> int:
