@@ -40,6 +40,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--recompute", type=int, default=1)
     ap.add_argument("--no-master-weights", action="store_true")
+    ap.add_argument("--moments", choices=("fp32", "bf16"), default="fp32", help="llmpy: AdamW's moments' dtype")
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--sides", default="llmpy,torch")
     ap.add_argument("--json", help="also write the results here")
@@ -78,12 +79,15 @@ def _without_sides(argv: list[str]) -> list[str]:
 
 def report(args, res):
     print(f"\n{time.strftime('%Y-%m-%d')}  {args.model} B={args.batch} T={args.seq} bf16, "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+          f"median of {args.steps} steps after {args.warmup} warm-up; llmpy: recompute {args.recompute}, "
+          f"{'no ' if args.no_master_weights else ''}fp32 master weights, {args.moments} moments")
     print("| | tok/s | step ms | peak GiB (framework) | device used GiB | MFU |")
     print("|---|---|---|---|---|---|")
     for side, r in res.items():
         print(f"| {side} | {r['tok_s']:,.0f} | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | {r['device_gib']:.2f} | "
               f"{r['mfu'] * 100:.1f}% |")
+    if "plan_gib" in res.get("llmpy", {}):
+        print("llmpy memory plan (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in res["llmpy"]["plan_gib"].items()))
     if "llmpy" in res and "torch" in res:
         a, b = res["llmpy"], res["torch"]
         print(f"llmpy / PyTorch: speed {a['tok_s'] / b['tok_s']:.3f}x, peak memory {a['peak_gib'] / b['peak_gib']:.3f}x "
@@ -114,7 +118,7 @@ def measure(args) -> dict:
     B, T = args.batch, args.seq
     rng = np.random.default_rng(0)
     data = [rng.integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32) for _ in range(8)]
-    times = []
+    times, extra = [], {}
     if args.side == "llmpy":
         import cupy
 
@@ -126,10 +130,11 @@ def measure(args) -> dict:
         model = family_of(cfg).model(cfg, be, B, T, recompute=args.recompute,
                                      master_weights=not args.no_master_weights)
         model.init_weights(0)
-        opt = AdamW(model, weight_decay=0.1)
+        opt = AdamW(model, weight_decay=0.1, moments=args.moments)
         st = TrainStep(model, opt, 1, grad_clip=1.0, graph=not args.no_graph)
         plan = model.memory_plan()
         plan["optimizer"] = opt.nbytes()
+        extra["plan_gib"] = {k: round(v / 2**30, 3) for k, v in plan.items()}
         print("memory plan (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in plan.items()), file=sys.stderr)
         prev, t_prev = None, time.perf_counter()
         for i in range(args.warmup + args.steps + 1):
@@ -176,7 +181,7 @@ def measure(args) -> dict:
     step = statistics.median(times[args.warmup:])
     tok_s = B * T / step
     return {"tok_s": tok_s, "step_ms": step * 1e3, "peak_gib": peak, "device_gib": device_used_gib(),
-            "mfu": tok_s * flops_per_token(cfg, T) / PEAK_FLOPS}
+            "mfu": tok_s * flops_per_token(cfg, T) / PEAK_FLOPS, **extra}
 
 
 if __name__ == "__main__":

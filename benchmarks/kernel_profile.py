@@ -268,9 +268,9 @@ def _train(args, cfg, be, job):
     from llmpy.train.optim import AdamW
     from llmpy.train.step import TrainStep
     B, T = args.batch, args.seq
-    model = family_of(cfg).model(cfg, be, B, T, recompute=args.recompute)
+    model = family_of(cfg).model(cfg, be, B, T, recompute=args.recompute, master_weights=not args.no_master_weights)
     model.init_weights(0)
-    opt = AdamW(model, weight_decay=0.1)
+    opt = AdamW(model, weight_decay=0.1, moments=args.moments)
     graph = job["mode"] == "graph"
     st = TrainStep(model, opt, 1, grad_clip=1.0, graph=graph)
     w = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
@@ -419,6 +419,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8, help="train: micro-batch B")
     ap.add_argument("--seq", type=int, default=2048, help="train: sequence length T")
     ap.add_argument("--recompute", type=int, default=0, help="train: the family's recompute level")
+    ap.add_argument("--no-master-weights", action="store_true", help="train: no fp32 master copy")
+    ap.add_argument("--moments", choices=("fp32", "bf16"), default="fp32", help="train: AdamW's moments' dtype")
     ap.add_argument("--mode", choices=("eager", "graph", "both"), default="both",
                     help="eager launches or CUDA graph replay (train: TrainStep(graph=...); decode: GRAPH_DECODE)")
     ap.add_argument("--packed", nargs="?", const="yes", default="no", choices=("no", "yes", "both"),
@@ -444,7 +446,9 @@ def main(argv=None):
     base = ["--model", args.model, "--what", args.what, "--batch", str(args.batch), "--seq", str(args.seq),
             "--recompute", str(args.recompute), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--tokens", str(args.tokens), "--warmup-tokens", str(args.warmup_tokens),
-            "--name-width", str(args.name_width)] + (["--trace-dir", args.trace_dir] if args.trace_dir else [])
+            "--name-width", str(args.name_width), "--moments", args.moments] + (
+                ["--trace-dir", args.trace_dir] if args.trace_dir else []) + (
+                ["--no-master-weights"] if args.no_master_weights else [])
     results, notes = measure_all(args, base)
     if not results:
         raise SystemExit("no measurement succeeded (see the errors above)")

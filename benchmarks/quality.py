@@ -1,11 +1,17 @@
 """Training quality on the GPU: llmpy (CUDA, bf16) vs a PyTorch reference run of the same model and settings.
 
     python benchmarks/quality.py [--model d12] [--steps 300] [--batch 8] [--seq 1024]
+    python benchmarks/quality.py --variants master,lean,master:7,lean:7 [--no-torch]
 
 Both start from the same llm.c checkpoint (GPT-2 init, seed 1337), read the same Shakespeare shards in llm.c's
 sequential order, and use the same schedule (cosine, warmup, clip 1.0, AdamW with weight decay 0.1 on the
 matrices). PyTorch keeps fp32 weights and runs bf16 autocast with SDPA. Reports both final val losses (the first
 batches of the val split) and their relative difference; exits 1 if it exceeds --tolerance (2%).
+
+--variants runs llmpy once per optimizer variant: `master` (fp32 master weights and fp32 moments, the default),
+`nomaster` (bf16 weights with stochastic rounding, fp32 moments), `lean` (that, and bf16 moments with stochastic
+rounding); `:SEED` sets the run's seed, which only changes the random rounding bits: the spread between seeds of one
+variant is the noise against which the variants are compared. The tolerance applies to the first variant.
 """
 from __future__ import annotations
 
@@ -25,12 +31,17 @@ def settings(args) -> dict:
                 beta2=0.95, eps=1e-8, shuffle=False, val_batches=args.val_batches)
 
 
-def run_llmpy(args, init, train_glob, val_glob, out) -> tuple[float, float]:
+VARIANTS = {"master": dict(master_weights=True, moments="fp32"), "nomaster": dict(master_weights=False, moments="fp32"),
+            "lean": dict(master_weights=False, moments="bf16")}
+
+
+def run_llmpy(args, init, train_glob, val_glob, out, variant="master") -> tuple[float, float]:
     from llmpy.train import TrainConfig, run
+    name, _, seed = variant.partition(":")
     t0 = time.perf_counter()
     res = run(TrainConfig(init=str(init), train_data=train_glob, val_data=val_glob, val_every=0, sample_tokens=0,
                           progress=False, device="cuda", dtype="bf16", out=str(out), checkpoint_every=0,
-                          **settings(args)))
+                          seed=int(seed or 1337), **VARIANTS[name], **settings(args)))
     return res.val_losses[-1][1], time.perf_counter() - t0
 
 
@@ -84,11 +95,17 @@ def compare(args) -> dict:
         m.init_weights(1337)
         write_llmc_model(init, m.cfg, m.params_numpy())
         del m
-        ours, t_ours = run_llmpy(args, init, train_glob, val_glob, Path(d) / "run")
-        ref, t_ref = run_torch(args, init, train_glob, val_glob)
-    rel = (ours - ref) / ref
+        runs = {}
+        for i, variant in enumerate(args.variants.split(",")):
+            runs[variant] = run_llmpy(args, init, train_glob, val_glob, Path(d) / f"run{i}", variant)
+            print(f"llmpy {variant}: val loss {runs[variant][0]:.4f} ({runs[variant][1]:.1f} s)", flush=True)
+        ref, t_ref = run_torch(args, init, train_glob, val_glob) if not args.no_torch else (None, 0.0)
+    first = next(iter(runs))
+    ours, t_ours = runs[first]
+    rel = (ours - ref) / ref if ref is not None else 0.0
     return {"llmpy_val_loss": ours, "torch_val_loss": ref, "relative_difference": rel, "llmpy_s": t_ours,
-            "torch_s": t_ref, "settings": settings(args), "model": args.model}
+            "torch_s": t_ref, "settings": settings(args), "model": args.model,
+            "variants": {k: {"val_loss": v, "s": t} for k, (v, t) in runs.items()}}
 
 
 def parser():
@@ -101,6 +118,8 @@ def parser():
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--val-batches", type=int, default=9)
     ap.add_argument("--tolerance", type=float, default=0.02)
+    ap.add_argument("--variants", default="master", help="llmpy optimizer variants: master, nomaster, lean[:SEED]")
+    ap.add_argument("--no-torch", action="store_true", help="llmpy variants only")
     ap.add_argument("--json", help="write the result here too")
     return ap
 
@@ -108,9 +127,12 @@ def parser():
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     r = compare(args)
-    print(f"{args.model}, {args.steps} steps of {args.batch}x{args.seq}, bf16: val loss llmpy {r['llmpy_val_loss']:.4f} "
-          f"({r['llmpy_s']:.1f} s), PyTorch {r['torch_val_loss']:.4f} ({r['torch_s']:.1f} s), "
-          f"difference {r['relative_difference'] * 100:+.2f}%")
+    for k, v in r["variants"].items():
+        print(f"{args.model}, {args.steps} steps of {args.batch}x{args.seq}, bf16: val loss llmpy {k} "
+              f"{v['val_loss']:.4f} ({v['s']:.1f} s)")
+    if r["torch_val_loss"] is not None:
+        print(f"PyTorch {r['torch_val_loss']:.4f} ({r['torch_s']:.1f} s); first variant's difference "
+              f"{r['relative_difference'] * 100:+.2f}%")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
     return 0 if abs(r["relative_difference"]) <= args.tolerance else 1

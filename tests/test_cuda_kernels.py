@@ -99,7 +99,7 @@ def _shapes(B, T, C, NH, V=1000, bias_widths=None, kv_heads=None):
 
 def test_layernorm_and_fused_residual(be):
     r = rng()
-    N, C = 300, 256
+    N, C = 300, 320  # the parameter gradients' column sums: 2 chunks of rows (one short), a partial column slab
     x1, x2 = rounded(be, r.standard_normal((N, C))), rounded(be, r.standard_normal((N, C)))
     w, b = rounded(be, 1 + 0.1 * r.standard_normal(C)), rounded(be, r.standard_normal(C))
     res, out = poison(be, (N, C)), poison(be, (N, C))
@@ -126,7 +126,8 @@ def test_layernorm_and_fused_residual(be):
 
 def test_rmsnorm_and_fused_residual(be):
     r = rng()
-    N, C, eps = 300, 256, 1e-5  # 300 rows: two chunks of the weight gradient's partial sums, the last one short
+    N, C, eps = 300, 320, 1e-5  # 300 rows: two chunks of the weight gradient's partial sums, the last one short;
+    # 320 columns: a partial slab of columns in those sums
     x1, x2 = rounded(be, r.standard_normal((N, C))), rounded(be, r.standard_normal((N, C)))
     w = rounded(be, 1 + 0.1 * r.standard_normal(C))
     res, out, out2 = poison(be, (N, C)), poison(be, (N, C)), poison(be, (N, C))
@@ -359,19 +360,73 @@ def test_adamw_and_norm(be):
     assert np.array_equal(host(be, md), before)
 
 
+def test_adamw_bf16_moments_and_vector_paths(be):
+    """bf16 moments (stochastic rounding): the weights get exactly the update of fp32 moments holding the same
+    values, each moment is one of the two bf16 neighbours of its fp32 value (unbiased on average); the 16-byte
+    path and the element-wise one (unaligned views) give the same bits; the norm's vector loads and tail."""
+    if be.dtype_name != "bf16":
+        pytest.skip("bf16 moments need a bf16 backend")
+    import ml_dtypes
+    r = rng()
+    be.plan_workspace(_shapes(2, 32, 64, 2))
+    bf = be.param_dtype
+    for n in (5, 8, 10_003, 1 << 20):
+        g = r.standard_normal(n) * 0.1
+        gd = dev(be, g)
+        norm, sumsq = poison(be, 1, np.float32), poison(be, 1, np.float32)
+        be.grad_sumsq(sumsq, gd)
+        ref = (host(be, gd) ** 2).sum()
+        assert host(be, sumsq)[0] == pytest.approx(ref, rel=1e-5), n
+    n = 10_003
+    g0 = (r.standard_normal(n) * 0.1).astype(ml_dtypes.bfloat16)
+    p0 = r.standard_normal(n).astype(ml_dtypes.bfloat16)
+    m0 = (r.standard_normal(n) * 0.01).astype(ml_dtypes.bfloat16)
+    v0 = (r.random(n) * 1e-3).astype(ml_dtypes.bfloat16)
+    norm = be.asarray(np.array([1.0], np.float32))
+    lr, b1, b2, eps, wd, t = 1e-2, 0.9, 0.95, 1e-8, 0.1, 7
+    seed = np.array([4242], np.uint32).view(np.float32)[0]
+    hp = be.asarray(np.array([lr, b1, b2, eps, 1 / (1 - b1 ** t), 1 / (1 - b2 ** t), 0.0, seed], np.float32))
+
+    def step(moments, shift, offset=96):
+        """one update; shift 1: every array is a view one element into its buffer (unaligned: no vector loads)"""
+        dt = np.float32 if moments == "fp32" else bf
+        bufs = [be.xp.zeros(n + shift, dtype=d) for d in (bf, bf, dt, dt)]
+        for b, a in zip(bufs, (p0, g0, m0, v0)):
+            b[shift:] = be.asarray(np.asarray(a, np.float32).astype(b.dtype))
+        p, g, m, v = (b[shift:] for b in bufs)
+        be.adamw(p, None, g, m, v, hp, norm, wd, offset)
+        return [np.asarray(be.to_numpy(x)).astype(np.float32) for x in (p, m, v)]
+
+    p32, m32, v32 = step("fp32", 0)
+    p16, m16, v16 = step("bf16", 0)
+    assert np.array_equal(p16, p32), "the weights must not depend on how the moments are stored"
+    for got, exact in ((m16, m32), (v16, v32)):
+        lo = exact.astype(ml_dtypes.bfloat16).astype(np.float32)  # nearest; the other neighbour is one ulp away
+        ulp = np.abs(exact) * 2.0 ** -7 + 1e-30
+        assert np.all(np.abs(got - exact) <= ulp), "a bf16 moment must be a neighbour of its fp32 value"
+        assert np.mean(got != lo) > 0.05, "stochastic rounding must sometimes round away from the nearest"
+        assert abs(np.mean(got - exact)) < 1e-3 * np.mean(np.abs(exact)), "stochastic rounding must be unbiased"
+    assert np.all(v16 >= 0)
+    for moments in ("fp32", "bf16"):
+        a, b = step(moments, 0), step(moments, 1)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b)), f"{moments}: vector and element paths differ"
+    assert not np.array_equal(step("bf16", 0, offset=0)[1], m16), "the rounding must depend on the global index"
+
+
 def test_loss_accumulate_and_gelu(be):
     r = rng()
     losses = r.random(5000).astype(np.float32)
     acc = be.asarray(np.array([1.5], np.float32))
     be.loss_accumulate(acc, be.asarray(losses), 0.25)
     assert host(be, acc)[0] == pytest.approx(1.5 + 0.25 * losses.astype(np.float64).sum(), rel=1e-6)
-    x = rounded(be, r.standard_normal(10_000) * 3)
-    out = poison(be, x.shape)
-    be.gelu_forward(out, dev(be, x))
-    ref = np.empty_like(x)
-    Lr.gelu_forward(ref, x)
-    check(be, out, ref)
-    assert math.isfinite(float(host(be, out).sum()))
+    for n in (10_000, 10_003, 5):  # 16-byte packs, and a tail of single elements
+        x = rounded(be, r.standard_normal(n) * 3)
+        out = poison(be, x.shape)
+        be.gelu_forward(out, dev(be, x))
+        ref = np.empty_like(x)
+        Lr.gelu_forward(ref, x)
+        check(be, out, ref)
+        assert math.isfinite(float(host(be, out).sum()))
 
 
 def test_side_stream_returns_to_the_backend_stream(be):

@@ -121,6 +121,13 @@ def test_bad_numeric_settings_are_refused_before_anything_is_written(shards, tmp
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("extra", [(), ("--dtype", "fp32")])
+def test_bf16_moments_on_an_fp32_run_are_refused_before_anything_is_written(shards, tmp_path, capsys, extra):
+    err = one_line_error(capsys, argv(shards, tmp_path / "r", "--moments", "bf16", *extra))
+    assert "bf16" in err and "moments" in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_non_finite_weights_are_never_written(shards, tmp_path, monkeypatch):
     """The update of step 2 makes a weight NaN; its loss (computed before the update) is finite, so only the guard
     in the checkpoint writer stops the checkpoint after step 2 from replacing the good one of step 2."""

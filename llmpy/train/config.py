@@ -59,6 +59,7 @@ class TrainConfig:
     recompute: int | None = None     # 1: recompute GELU in backward; 2: also the LayerNorms (default: 1 on
                                      # the GPU, 0 on the CPU)
     master_weights: bool = True      # bf16: keep fp32 master weights (off: stochastic rounding into bf16 only)
+    moments: str = "fp32"            # AdamW's m and v: fp32, or bf16 with stochastic rounding (bf16 only)
     graph: bool = True               # CUDA: capture the step as CUDA graphs
     progress: bool = True
     explicit: tuple = ()             # names of the settings given on the command line (they override a resume)
@@ -98,6 +99,8 @@ class TrainConfig:
         need(self.dtype in (None, "fp32", "bf16"), "dtype", "use fp32 or bf16")
         need(self.device in ("cpu", "cuda", "auto"), "device", "use cpu, cuda or auto")
         need(self.zero in (0, 1, 2), "zero", "use 0, 1 or 2")
+        need(self.moments in ("fp32", "bf16"), "moments", "use fp32 or bf16")
+        need(self.moments == "fp32" or self.dtype in (None, "bf16"), "moments", "bf16 moments need --dtype bf16")
         need(self.tokenizer in (None, *TOKENIZERS), "tokenizer", f"use {' or '.join(TOKENIZERS)}")
         if bad:
             raise UserError(f"bad setting: {'; '.join(bad)}")

@@ -130,7 +130,7 @@ class Trainer:
             else:
                 model.load_params(params)
             opt = AdamW(model, beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay,
-                        seed=tc.seed, comm=self.comm)
+                        seed=tc.seed, comm=self.comm, moments=tc.moments)
         except MemoryError as e:
             raise UserError(f"{cfg.describe()} ({n_params / 1e6:,.1f}M parameters) with batch {B}x{T} does not fit "
                             f"in {device} memory ({e})") from None

@@ -15,7 +15,9 @@ class AdamW:
     decayed (its matrices and embeddings, not biases or norm gains; decay_all: on everything), and global-norm
     clipping.
 
-    Moments are fp32 buffers in the parameters' layout (models/params.py), or this rank's shard of it under ZeRO.
+    Moments are buffers in the parameters' layout (models/params.py), or this rank's shard of it under ZeRO: fp32,
+    or with moments="bf16" (a bf16 backend) bf16 with stochastic rounding (half the memory and traffic; checkpoints
+    still hold them as fp32, exactly).
     The update reads its per-step scalars (lr, bias corrections, clip, rounding seed) and the gradient norm from
     device buffers, so a captured CUDA graph can replay it every step. `t` counts updates (bias correction uses
     t = 1 on the first). With a communicator (data parallelism) the gradients reach apply() already summed over
@@ -23,7 +25,7 @@ class AdamW:
     weights."""
 
     def __init__(self, model, *, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, decay_all=False, seed=0,
-                 comm=None):
+                 comm=None, moments: str = "fp32"):
         from ..models.params import ParamBuffer, ShardBuffer
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise UserError(f"AdamW betas must be in [0, 1): got beta1={beta1}, beta2={beta2}")
@@ -33,13 +35,18 @@ class AdamW:
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
         self.decay_all = decay_all
         layout, be = model.layout, model.be
+        if moments not in ("fp32", "bf16"):
+            raise UserError(f"--moments must be fp32 or bf16 (got {moments!r})")
+        if moments == "bf16" and np.dtype(be.param_dtype) == np.float32:
+            raise UserError("--moments bf16 needs --dtype bf16 (a CUDA device): fp32 training keeps fp32 moments")
+        self.moment_dtype = np.dtype(np.float32) if moments == "fp32" else np.dtype(be.param_dtype)
         self.sharded = model.zero >= 1
         if self.sharded:
-            self.m, self.v = (ShardBuffer(be, layout, np.float32, model.rank) for _ in range(2))
+            self.m, self.v = (ShardBuffer(be, layout, self.moment_dtype, model.rank) for _ in range(2))
             self.gshard = ShardBuffer(be, layout, be.param_dtype, model.rank)  # this rank's reduced gradients
             self.runs = layout.shard_runs(model.rank)
         else:
-            self.m, self.v = (ParamBuffer(be, layout, np.float32) for _ in range(2))
+            self.m, self.v = (ParamBuffer(be, layout, self.moment_dtype) for _ in range(2))
             self.gshard = None
             self.runs = [(o, o, n, d) for o, n, d in layout.runs()]
         self.hp = be.zeros(8, np.float32)           # [lr, b1, b2, eps, 1/(1-b1^t), 1/(1-b2^t), clip, seed]
@@ -96,20 +103,24 @@ class AdamW:
         return float(self.be.to_numpy(self.norm)[0])
 
     def moments_numpy(self) -> tuple[dict, dict] | tuple[np.ndarray, np.ndarray]:
-        """Unsharded: (m, v) as dicts of named fp32 host arrays; sharded: this rank's flat shards."""
+        """Unsharded: (m, v) as dicts of named fp32 host arrays; sharded: this rank's flat shards (fp32; bf16
+        moments widen exactly)."""
+        def host(buf):
+            return np.asarray(self.be.to_numpy(buf.flat)).astype(np.float32, copy=False)
         if self.sharded:
-            return (np.asarray(self.be.to_numpy(self.m.flat)), np.asarray(self.be.to_numpy(self.v.flat)))
-        return tuple(self.model.layout.from_flat(self.be.to_numpy(buf.flat)) for buf in (self.m, self.v))
+            return host(self.m), host(self.v)
+        return tuple(self.model.layout.from_flat(host(buf)) for buf in (self.m, self.v))
 
     def load_moments(self, m, v) -> None:
-        """The inverse of moments_numpy."""
-        be = self.be
+        """The inverse of moments_numpy (fp32 values into bf16 moments round to nearest: exact for values that
+        came from bf16 moments)."""
+        be, dt = self.be, self.moment_dtype
         if self.sharded:
-            be.copy_(self.m.flat, be.asarray(np.asarray(m, np.float32)))
-            be.copy_(self.v.flat, be.asarray(np.asarray(v, np.float32)))
+            be.copy_(self.m.flat, be.asarray(np.asarray(m, np.float32).astype(dt)))
+            be.copy_(self.v.flat, be.asarray(np.asarray(v, np.float32).astype(dt)))
             return
         for buf, src in ((self.m, m), (self.v, v)):
-            be.copy_(buf.flat, be.asarray(self.model.layout.to_flat(src)))
+            be.copy_(buf.flat, be.asarray(np.asarray(self.model.layout.to_flat(src), np.float32).astype(dt)))
 
 
 def lr_at(step: int, *, lr: float, schedule: str, steps: int, warmup: int = 0, final_frac: float = 0.0,

@@ -20,6 +20,7 @@ from .runtime import bf16_dtype, cdiv, import_cupy, module
 
 _NORM_BLOCKS = 264  # grid of the sum-of-squares partials: 2 per SM on an H200; fixed, so the sum's order is fixed
 _CHUNK_ROWS = 256   # rows per partial in the column sums (bias / LayerNorm parameter gradients)
+_COLSUM_WARPS = 8   # warps per block of those partial sums (COLSUM_WARPS in common.cuh)
 _DECODE_THREADS = 256  # block of attention_decode, one per (sequence, query head)
 _FAMILIES = ("encoder", "layernorm", "rmsnorm", "matmul", "gelu", "swiglu", "rope", "residual", "attention",
              "classifier", "adamw", "cast")
@@ -252,9 +253,9 @@ class CUDABackend:
                                                               np.int32(C)))
         chunks = cdiv(rows, _CHUNK_ROWS)
         self._check_colsum(chunks, 2 * C)
-        k.layernorm_backward_params_partial((cdiv(C, 128), chunks), (128,), (self.colsum_part, dout, inp, mean, rstd,
-                                                                              np.int32(rows), np.int32(C),
-                                                                              np.int32(_CHUNK_ROWS)))
+        k.layernorm_backward_params_partial(self._colsum_grid(inp, C, chunks), (32 * _COLSUM_WARPS,),
+                                            (self.colsum_part, dout, inp, mean, rstd, np.int32(rows), np.int32(C),
+                                             np.int32(_CHUNK_ROWS)))
         k.layernorm_backward_params_finalize((cdiv(C, 128),), (128,), (dw, self.colsum_part, np.int32(chunks),
                                                                        np.int32(2 * C), np.int32(C)))
         k.layernorm_backward_params_finalize((cdiv(C, 128),), (128,), (db, self.colsum_part[C:], np.int32(chunks),
@@ -280,9 +281,9 @@ class CUDABackend:
         k.rmsnorm_backward_dinp((cdiv(rows, 8),), (256,), (dinp, dout, inp, w, rstd, np.int32(rows), np.int32(C)))
         chunks = cdiv(rows, _CHUNK_ROWS)
         self._check_colsum(chunks, C)
-        k.rmsnorm_backward_weight_partial((cdiv(C, 128), chunks), (128,), (self.colsum_part, dout, inp, rstd,
-                                                                            np.int32(rows), np.int32(C),
-                                                                            np.int32(_CHUNK_ROWS)))
+        k.rmsnorm_backward_weight_partial(self._colsum_grid(inp, C, chunks), (32 * _COLSUM_WARPS,),
+                                          (self.colsum_part, dout, inp, rstd, np.int32(rows), np.int32(C),
+                                           np.int32(_CHUNK_ROWS)))
         k.rmsnorm_backward_weight_finalize((cdiv(C, 128),), (128,), (dw, self.colsum_part, np.int32(chunks),
                                                                      np.int32(C)))
 
@@ -355,9 +356,17 @@ class CUDABackend:
         chunks = cdiv(rows, _CHUNK_ROWS)
         self._check_colsum(chunks, C)
         e = self.k["matmul"]
-        e.colsum_partial((cdiv(C, 128), chunks), (128,), (self.colsum_part, x, np.int32(rows), np.int32(C),
-                                                          np.int32(_CHUNK_ROWS)))
+        e.colsum_partial(self._colsum_grid(x, C, chunks), (32 * _COLSUM_WARPS,),
+                         (self.colsum_part, x, np.int32(rows), np.int32(C), np.int32(_CHUNK_ROWS)))
         e.colsum_finalize((cdiv(C, 128),), (128,), (out, self.colsum_part, np.int32(chunks), np.int32(C), np.int32(C)))
+
+    @staticmethod
+    def _colsum_grid(x, C, chunks):
+        """The grid of a colsum_slab kernel (common.cuh) over rows of C elements of x: 16-byte packs of columns."""
+        npack = 16 // x.itemsize
+        if C % npack or x.data.ptr % 16:
+            raise ValueError(f"column sums need rows of a multiple of {npack} elements, 16-byte aligned (got {C})")
+        return (cdiv(C // npack, 32), chunks)
 
     def _check_colsum(self, chunks, width):
         # host-side only (nothing on a graph replay): a bias wider than OpShapes.bias_widths would overrun the buffer
@@ -394,8 +403,10 @@ class CUDABackend:
         self.mmfree.lower_bounds_backward(dP, dlam, P)
 
     def gelu_forward(self, out, inp):
-        n = inp.size
-        self.k["gelu"].gelu_forward((cdiv(n, 256),), (256,), (out, inp, np.int64(n)))
+        n, npack = inp.size, 16 // inp.itemsize
+        if inp.data.ptr % 16 or out.data.ptr % 16:
+            raise ValueError("gelu_forward needs 16-byte aligned arrays")
+        self.k["gelu"].gelu_forward((cdiv(n // npack + n % npack, 256),), (256,), (out, inp, np.int64(n)))
 
     def attention_forward(self, out, state, qkv, num_heads: int, kv_heads: int | None = None):
         self._attention_for(out, qkv, num_heads, kv_heads).forward(out, state, qkv)
@@ -453,7 +464,9 @@ class CUDABackend:
 
     # ---- optimizer ------------------------------------------------------------------------------------------
     def grad_sumsq(self, out, flat):
-        """out[0] = sum of squares of flat, deterministic (fixed grid, fixed order)."""
+        """out[0] = sum of squares of flat, deterministic (fixed grid, fixed order; 16-byte loads)."""
+        if flat.data.ptr % 16:
+            raise ValueError("grad_sumsq needs a 16-byte aligned buffer")
         e = self.k["adamw"]
         e.sumsq_partial((_NORM_BLOCKS,), (512,), (self.norm_part, flat, np.int64(flat.size)))
         e.sum_partials((1,), (1024,), (out, self.norm_part, np.int32(_NORM_BLOCKS)))
@@ -463,10 +476,17 @@ class CUDABackend:
         self.k["adamw"].norm_from_sumsq((1,), (1,), (out, sumsq, guard))
 
     def adamw(self, p, master, g, m, v, hp, norm, weight_decay, offset):
+        """AdamW over one run (flat views); m and v fp32, or bf16 (stochastically rounded). Eight elements per
+        thread, in 16-byte loads where every pointer allows it."""
         n = p.size
-        self.k["adamw"].adamw((cdiv(n, 256),), (256,), (p, master if master is not None else np.uint64(0), g, m, v,
-                                                        np.int64(n), hp, norm, np.float32(weight_decay),
-                                                        np.int64(offset)))
+        bf16_moments = m.dtype != np.float32
+        if v.dtype != m.dtype:
+            raise ValueError("AdamW's moments must share a dtype")
+        ptrs = [a.data.ptr for a in (p, g, m, v) + (() if master is None else (master,))]
+        vec = int(all(x % 16 == 0 for x in ptrs))
+        fn = self.k["adamw"].adamw_bf16_moments if bf16_moments else self.k["adamw"].adamw
+        fn((cdiv(n, 8 * 256),), (256,), (p, master if master is not None else np.uint64(0), g, m, v, np.int64(n), hp,
+                                         norm, np.float32(weight_decay), np.int64(offset), np.int32(vec)))
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------------
     def capture(self, fn):

@@ -1,39 +1,140 @@
-// AdamW with fp32 master weights and moments; the compute copy of the weights is written in T (bf16 with
-// stochastic rounding). The per-step scalars come from device memory so one captured CUDA graph serves every step.
+// AdamW: weights in T (the compute copy: bf16 with stochastic rounding, or fp32), optional fp32 master weights,
+// moments in fp32 or bf16 (stochastic rounding too: half the optimizer's memory and traffic). The per-step scalars
+// come from device memory so one captured CUDA graph serves every step.
 #include "common.cuh"
+
+// Eight consecutive elements as floats, in 16-byte loads (one for bf16, two for fp32). 16-byte aligned pointers.
+template <class T> __device__ __forceinline__ void load8(float (&x)[8], const T* p) {
+#pragma unroll
+    for (int h = 0; h < 8; h += Pack<T>::N) {
+        const Pack<T> q = load16_cs(p + h);
+#pragma unroll
+        for (int k = 0; k < Pack<T>::N; k++) x[h + k] = to_f(q.v[k]);
+    }
+}
+template <class T> __device__ __forceinline__ void store8(T* p, const T (&x)[8]) {
+#pragma unroll
+    for (int h = 0; h < 8; h += Pack<T>::N) {
+        Pack<T> q;
+#pragma unroll
+        for (int k = 0; k < Pack<T>::N; k++) q.v[k] = x[h + k];
+        store16(p + h, q);
+    }
+}
+
+// Storage of an updated value: fp32 as it is; bf16 rounded stochastically with the 16 random bits r
+template <class X> __device__ __forceinline__ X store_as(float x, unsigned int r);
+template <> __device__ __forceinline__ float store_as<float>(float x, unsigned int) { return x; }
+template <> __device__ __forceinline__ bf16 store_as<bf16>(float x, unsigned int r) { return round_bf16_bits(x, r); }
+
+// v's random bits come from a seed of its own; the weights take the low 16 bits of element_hash(seed, idx) (as every
+// stochastically rounded weight does) and m its high 16 bits, all from the global element index, so a sharded
+// (ZeRO) run rounds exactly as one GPU does
+#define SEED_V 0x27d4eb2fu
 
 // hp: [0] lr, [1] beta1, [2] beta2, [3] eps, [4] 1/(1-beta1^t), [5] 1/(1-beta2^t), [6] grad_clip (0 = off),
 //     [7] step seed (as float bits); norm: the global gradient norm (device). A non-finite norm skips the update,
-//     so a diverging step never corrupts the weights.
-template <class T>
-__global__ void adamw(T* params, float* master, const T* grads, float* m, float* v, long long n, const float* hp,
-                      const float* norm, float weight_decay, long long offset) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
+//     so a diverging step never corrupts the weights. Each thread updates elements [8i, 8i + 8) of the run; `vec`
+//     (every pointer 16-byte aligned) lets whole groups of 8 move in 16-byte loads. The arithmetic per element is
+//     the same either way (same bits).
+template <class T, class M>
+__device__ __forceinline__ void adamw_8(T* params, float* master, const T* grads, M* m, M* v, long long n,
+                                        const float* hp, const float* norm, float weight_decay, long long offset,
+                                        int vec) {
+    const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i0 >= n) return;
     const float gn = *norm;
     if (!isfinite(gn)) return;
     const float lr = hp[0], b1 = hp[1], b2 = hp[2], eps = hp[3], bc1 = hp[4], bc2 = hp[5], clip = hp[6];
     const unsigned int seed = __float_as_uint(hp[7]);
     const float scale = (clip > 0.0f && gn > clip) ? clip / gn : 1.0f;
-    float g = to_f(grads[i]) * scale;
-    float mi = b1 * m[i] + (1.0f - b1) * g;
-    float vi = b2 * v[i] + (1.0f - b2) * g * g;
-    m[i] = mi;
-    v[i] = vi;
-    float p = master ? master[i] : to_f(params[i]);
-    p -= lr * ((mi * bc1) / (sqrtf(vi * bc2) + eps) + weight_decay * p);
-    if (master) master[i] = p;
-    params[i] = round_param<T>(p, seed, (unsigned long long)(offset + i));
+    const int cnt = (int)min(8LL, n - i0);
+    float g[8], mi[8], vi[8], p[8];
+    if (vec && cnt == 8) {
+        load8(g, grads + i0); load8(mi, m + i0); load8(vi, v + i0);
+        if (master) load8(p, master + i0); else load8(p, params + i0);
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            const bool in = k < cnt;
+            g[k] = in ? to_f(grads[i0 + k]) : 0.0f;
+            mi[k] = in ? to_f(m[i0 + k]) : 0.0f;
+            vi[k] = in ? to_f(v[i0 + k]) : 0.0f;
+            p[k] = in ? (master ? master[i0 + k] : to_f(params[i0 + k])) : 0.0f;
+        }
+    }
+    T pt[8];
+    M mt[8], vt[8];
+    const unsigned long long base = (unsigned long long)(offset + i0);  // element_hash's inner hash, hi32 hoisted
+    const unsigned int hi0 = hash_u32((unsigned int)(base >> 32)), hi1 = hash_u32((unsigned int)((base + 7) >> 32));
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        const float gk = g[k] * scale;
+        const float mk = b1 * mi[k] + (1.0f - b1) * gk;
+        const float vk = b2 * vi[k] + (1.0f - b2) * gk * gk;
+        p[k] -= lr * ((mk * bc1) / (sqrtf(vk * bc2) + eps) + weight_decay * p[k]);
+        const unsigned long long idx = base + k;
+        const unsigned int inner = hash_u32((unsigned int)idx ^ ((idx >> 32) == (base >> 32) ? hi0 : hi1));
+        const unsigned int r = hash_u32(seed ^ inner);  // == element_hash(seed, idx)
+        pt[k] = store_as<T>(p[k], r & 0xffffu);
+        mt[k] = store_as<M>(mk, r >> 16);
+        vt[k] = store_as<M>(vk, sizeof(M) == 2 ? hash_u32(seed ^ SEED_V ^ inner) & 0xffffu : 0u);
+    }
+    if (vec && cnt == 8) {
+        store8(m + i0, mt); store8(v + i0, vt); store8(params + i0, pt);
+        if (master) {
+#pragma unroll
+            for (int h = 0; h < 8; h += 4) *reinterpret_cast<float4*>(master + i0 + h) =
+                make_float4(p[h], p[h + 1], p[h + 2], p[h + 3]);
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            if (k >= cnt) break;
+            m[i0 + k] = mt[k]; v[i0 + k] = vt[k]; params[i0 + k] = pt[k];
+            if (master) master[i0 + k] = p[k];
+        }
+    }
 }
 
-// The global gradient norm that clips the update. Sum of squares: each block strides over x in a fixed pattern
-// and writes one partial; then one block adds the partials in order. Deterministic for a fixed grid.
+// fp32 moments (exact: with master weights, the update of every earlier version bit for bit)
+template <class T>
+__global__ void adamw(T* params, float* master, const T* grads, float* m, float* v, long long n, const float* hp,
+                      const float* norm, float weight_decay, long long offset, int vec) {
+    adamw_8<T, float>(params, master, grads, m, v, n, hp, norm, weight_decay, offset, vec);
+}
+
+// bf16 moments, stochastically rounded (--moments bf16)
+template <class T>
+__global__ void adamw_bf16_moments(T* params, float* master, const T* grads, bf16* m, bf16* v, long long n,
+                                   const float* hp, const float* norm, float weight_decay, long long offset, int vec) {
+    adamw_8<T, bf16>(params, master, grads, m, v, n, hp, norm, weight_decay, offset, vec);
+}
+
+// The global gradient norm that clips the update. Sum of squares: thread t of the fixed grid adds the 16-byte packs
+// t, t + G, t + 2G, ... (G threads in the grid) in that order, four loads in flight; block 0 adds the tail
+// (n % pack elements); each block writes one partial; then one block adds the partials in order. Deterministic for
+// a fixed grid. x is 16-byte aligned.
 template <class T>
 __global__ void sumsq_partial(float* part, const T* x, long long n) {
     __shared__ float buf[32];
+    constexpr int N = Pack<T>::N;
+    const long long packs = n / N, G = (long long)gridDim.x * blockDim.x;
     float s = 0.0f;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        float v = to_f(x[i]);
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < packs; i += 4 * G) {
+        Pack<T> q[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+            if (i + u * G < packs) q[u] = load16_cs(x + (i + u * G) * N);
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            if (i + u * G >= packs) break;
+#pragma unroll
+            for (int k = 0; k < N; k++) { const float v = to_f(q[u].v[k]); s += v * v; }
+        }
+    }
+    if (blockIdx.x == 0 && threadIdx.x < n - packs * N) {
+        const float v = to_f(x[packs * N + threadIdx.x]);
         s += v * v;
     }
     s = block_sum(s, buf);

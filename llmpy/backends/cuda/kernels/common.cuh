@@ -91,14 +91,22 @@ __device__ __forceinline__ unsigned int hash_u32(unsigned int x) {  // a small i
     x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
     return x;
 }
-__device__ __forceinline__ bf16 stochastic_round_bf16(float x, unsigned int seed, unsigned long long idx) {
+// x rounded down or up with the 16 random bits r (< 2^16)
+__device__ __forceinline__ bf16 round_bf16_bits(float x, unsigned int r) {
     unsigned int bits = __float_as_uint(x);
     if ((bits & 0x7f800000u) == 0x7f800000u) return __float2bfloat16_rn(x);
-    unsigned int r = hash_u32(seed ^ hash_u32((unsigned int)idx ^ hash_u32((unsigned int)(idx >> 32)))) & 0xffffu;
     unsigned int up = bits + r;
     // do not let the random carry turn the largest finite value into Inf
     if ((up & 0x7f800000u) == 0x7f800000u) up = bits;
     return __ushort_as_bfloat16((unsigned short)(up >> 16));
+}
+// The hash of element idx under step seed: hash_u32(seed ^ hash_u32(lo32(idx) ^ hash_u32(hi32(idx)))); its low 16
+// bits round the weights (callers that round more values per element take other bits or seeds of the same inner hash)
+__device__ __forceinline__ unsigned int element_hash(unsigned int seed, unsigned long long idx) {
+    return hash_u32(seed ^ hash_u32((unsigned int)idx ^ hash_u32((unsigned int)(idx >> 32))));
+}
+__device__ __forceinline__ bf16 stochastic_round_bf16(float x, unsigned int seed, unsigned long long idx) {
+    return round_bf16_bits(x, element_hash(seed, idx) & 0xffffu);
 }
 template <class T> __device__ __forceinline__ T round_param(float x, unsigned int seed, unsigned long long idx);
 template <> __device__ __forceinline__ float round_param<float>(float x, unsigned int, unsigned long long) {
@@ -106,6 +114,47 @@ template <> __device__ __forceinline__ float round_param<float>(float x, unsigne
 }
 template <> __device__ __forceinline__ bf16 round_param<bf16>(float x, unsigned int seed, unsigned long long idx) {
     return stochastic_round_bf16(x, seed, idx);
+}
+
+// First stage of the deterministic column sums: K sums per column over one chunk of rows, by a block of COLSUM_WARPS
+// warps (grid: (cdiv(C / N, 32), chunks), N = Pack<T>::N, C % N == 0). Lane l owns the N columns from
+// c0 = (blockIdx.x * 32 + l) * N; warp w adds rows lo + w, lo + w + COLSUM_WARPS, ... in order, loading four rows
+// ahead (16-byte loads, many rows in flight: one thread per column and 2-byte loads left HBM mostly idle); then the
+// warps' sums are added in warp order: part[chunk, k * C + c] (row width `width`). load(n, c0) reads what row n
+// contributes to the lane's columns; add(item, acc) adds it to acc[K][N].
+#define COLSUM_WARPS 8
+template <class T, int K, class Load, class Add>
+__device__ __forceinline__ void colsum_slab(float* part, int width, int C, int rows, int rows_per_chunk, Load load,
+                                            Add add) {
+    constexpr int N = Pack<T>::N, W = COLSUM_WARPS;
+    __shared__ float sh[W][K][N * 32];
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32, chunk = blockIdx.y;
+    const int c0 = (blockIdx.x * 32 + lane) * N, lo = chunk * rows_per_chunk, hi = min(rows, lo + rows_per_chunk);
+    float acc[K][N];
+#pragma unroll
+    for (int k = 0; k < K; k++)
+#pragma unroll
+        for (int j = 0; j < N; j++) acc[k][j] = 0.0f;
+    if (c0 < C) {
+        int n = lo + w;
+        for (; n + 3 * W < hi; n += 4 * W) {
+            const auto a = load(n, c0), b = load(n + W, c0), c = load(n + 2 * W, c0), d = load(n + 3 * W, c0);
+            add(a, acc); add(b, acc); add(c, acc); add(d, acc);
+        }
+        for (; n < hi; n += W) add(load(n, c0), acc);
+    }
+#pragma unroll
+    for (int k = 0; k < K; k++)
+#pragma unroll
+        for (int j = 0; j < N; j++) sh[w][k][j * 32 + lane] = acc[k][j];
+    __syncthreads();
+    for (int e = threadIdx.x; e < K * N * 32; e += blockDim.x) {
+        const int k = e / (N * 32), j = (e / 32) % N, l = e % 32, c = (blockIdx.x * 32 + l) * N + j;
+        if (c >= C) continue;
+        float s = 0.0f;
+        for (int ww = 0; ww < W; ww++) s += sh[ww][k][j * 32 + l];
+        part[(long long)chunk * width + k * C + c] = s;
+    }
 }
 
 // Second stage of the deterministic column sums (bias gradients in matmul.cu, LayerNorm's dw|db in layernorm.cu):

@@ -91,22 +91,30 @@ __global__ void layernorm_backward_dinp(T* dinp, const T* dout, const T* inp, co
     }
 }
 
-// Partial column sums for the LayerNorm parameter gradients over a chunk of rows, in row order:
-// part[chunk, c] = sum dout[n,c] * norm[n,c];  part[chunk, C + c] = sum dout[n,c]. One thread per column.
+// Partial column sums for the LayerNorm parameter gradients over a chunk of rows (colsum_slab's grid and order):
+// part[chunk, c] = sum dout[n,c] * norm[n,c];  part[chunk, C + c] = sum dout[n,c].
+template <class T>
+struct NormRow {  // what one row gives a lane's columns in the norms' parameter gradients: dout, input, statistics
+    Pack<T> dy, x;
+    float m, r;
+};
+
 template <class T>
 __global__ void layernorm_backward_params_partial(float* part, const T* dout, const T* inp, const float* mean,
                                                   const float* rstd, int rows, int C, int rows_per_chunk) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
-    if (c >= C) return;
-    int lo = chunk * rows_per_chunk, hi = min(rows, lo + rows_per_chunk);
-    float dw = 0.0f, db = 0.0f;
-    for (int n = lo; n < hi; n++) {
-        float dy = to_f(dout[(long long)n * C + c]);
-        dw += dy * (to_f(inp[(long long)n * C + c]) - mean[n]) * rstd[n];
-        db += dy;
-    }
-    part[(long long)chunk * 2 * C + c] = dw;
-    part[(long long)chunk * 2 * C + C + c] = db;
+    colsum_slab<T, 2>(part, 2 * C, C, rows, rows_per_chunk,
+                      [&](int n, int c0) {
+                          const long long off = (long long)n * C + c0;
+                          return NormRow<T>{load16_cs(dout + off), load16_cs(inp + off), mean[n], rstd[n]};
+                      },
+                      [](const NormRow<T>& a, float (&acc)[2][Pack<T>::N]) {
+#pragma unroll
+                          for (int j = 0; j < Pack<T>::N; j++) {
+                              const float d = to_f(a.dy.v[j]);
+                              acc[0][j] += d * (to_f(a.x.v[j]) - a.m) * a.r;
+                              acc[1][j] += d;
+                          }
+                      });
 }
 
 // dw or db (C,) += the chunks' partials in order: launched on part for dw (width 2C) and on part + C for db.

@@ -1,16 +1,16 @@
 // The matrix products themselves run in cuBLASLt (gemm.py); here: the bias gradient, a column sum of dout
-// (rows, OC) in two deterministic stages: partial sums over chunks of rows (row order), then the chunks in order.
+// (rows, OC) in two deterministic stages: partial sums over chunks of rows (fixed order), then the chunks in order.
 #include "common.cuh"
 
-// part[chunk, c] = sum of x[n, c] over the chunk's rows, in order. One thread per column.
+// part[chunk, c] = sum of x[n, c] over the chunk's rows (colsum_slab: grid (cdiv(C / N, 32), chunks), 256 threads)
 template <class T>
 __global__ void colsum_partial(float* part, const T* x, int rows, int C, int rows_per_chunk) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
-    if (c >= C) return;
-    int lo = chunk * rows_per_chunk, hi = min(rows, lo + rows_per_chunk);
-    float s = 0.0f;
-    for (int n = lo; n < hi; n++) s += to_f(x[(long long)n * C + c]);
-    part[(long long)chunk * C + c] = s;
+    colsum_slab<T, 1>(part, C, C, rows, rows_per_chunk,
+                      [&](int n, int c0) { return load16_cs(x + (long long)n * C + c0); },
+                      [](const Pack<T>& q, float (&acc)[1][Pack<T>::N]) {
+#pragma unroll
+                          for (int j = 0; j < Pack<T>::N; j++) acc[0][j] += to_f(q.v[j]);
+                      });
 }
 
 // out[c] += sum_k part[k, c] for k = 0..nchunks-1 (in order); `width` columns per chunk row of part.

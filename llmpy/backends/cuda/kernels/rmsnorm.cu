@@ -102,18 +102,26 @@ __global__ void rmsnorm_backward_dinp(T* dinp, const T* dout, const T* inp, cons
     }
 }
 
-// Partial column sums of the weight gradient over a chunk of rows, in row order:
-// part[chunk, c] = sum_n dout[n,c] * inp[n,c] * rstd[n]. One thread per column; grid (C / 128, chunks).
+// Partial column sums of the weight gradient over a chunk of rows (colsum_slab's grid and order):
+// part[chunk, c] = sum_n dout[n,c] * inp[n,c] * rstd[n].
+template <class T>
+struct RmsRow {  // what one row gives a lane's columns of the weight gradient
+    Pack<T> dy, x;
+    float r;
+};
+
 template <class T>
 __global__ void rmsnorm_backward_weight_partial(float* part, const T* dout, const T* inp, const float* rstd, int rows,
                                                 int C, int rows_per_chunk) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
-    if (c >= C) return;
-    int lo = chunk * rows_per_chunk, hi = min(rows, lo + rows_per_chunk);
-    float dw = 0.0f;
-    for (int n = lo; n < hi; n++)
-        dw += to_f(dout[(long long)n * C + c]) * to_f(inp[(long long)n * C + c]) * rstd[n];
-    part[(long long)chunk * C + c] = dw;
+    colsum_slab<T, 1>(part, C, C, rows, rows_per_chunk,
+                      [&](int n, int c0) {
+                          const long long off = (long long)n * C + c0;
+                          return RmsRow<T>{load16_cs(dout + off), load16_cs(inp + off), rstd[n]};
+                      },
+                      [](const RmsRow<T>& a, float (&acc)[1][Pack<T>::N]) {
+#pragma unroll
+                          for (int j = 0; j < Pack<T>::N; j++) acc[0][j] += to_f(a.dy.v[j]) * to_f(a.x.v[j]) * a.r;
+                      });
 }
 
 // dw (C,) += the chunks' partials (nchunks rows of C) summed in chunk order.

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# On the GPU machine (device tool, carry .whl): GPU performance round 2 (issues 12 and 14). Stages, in order given:
+#   tests        every single-GPU test (kernels, GPT-2, Llama 3, MatMul-free)
+#   quick        the optimizer/norm/LayerNorm kernel tests and the GPT-2 determinism/resume tests only
+#   prof_d12 prof_d48 prof_llama   per-kernel profiles (benchmarks/kernel_profile.py, eager, one step)
+#   bench_d12 bench_d48 bench_llama   benchmarks/gpu.py, llmpy vs PyTorch side by side
+#   quality      300-step quality runs (benchmarks/quality.py): d12 optimizer variants and seeds vs PyTorch
+# LEAN="--no-master-weights --moments bf16" is the optimizer the d48 and Llama figures use (override with env LEAN);
+# SIDES=llmpy skips the PyTorch side of the benchmarks. Results: $OUT/summary.txt and $OUT/round2.tgz (the rest).
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 LLMPY_CACHE=/tmp/llmpy-cache
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+LEAN=${LEAN:---no-master-weights --moments bf16}
+R48=${R48:-1}; RL=${RL:-1}; R12=${R12:-1}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee -a "$OUT/summary.txt"
+for st in "$@"; do
+  t0=$SECONDS
+  case $st in
+    tests)
+      timeout 420 python3 -m pytest -q -rfEs -m gpu tests/test_cuda_kernels.py tests/test_cuda_model.py \
+        tests/test_cuda_llama.py tests/test_cuda_mmfree.py > "$OUT/gpu_tests.log" 2>&1
+      grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20 | tee -a "$OUT/summary.txt"
+      echo "tests: $(tail -1 "$OUT/gpu_tests.log")" | tee -a "$OUT/summary.txt" ;;
+    quick)
+      timeout 300 python3 -m pytest -q -rfEs -m gpu tests/test_cuda_kernels.py -k "adamw or norm or matmul or gelu" \
+        > "$OUT/gpu_quick.log" 2>&1
+      timeout 300 python3 -m pytest -q -rfEs -m gpu tests/test_cuda_model.py >> "$OUT/gpu_quick.log" 2>&1
+      grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/gpu_quick.log" | head -30 | tee -a "$OUT/summary.txt"
+      echo "quick tests: $(grep -E "passed|failed" "$OUT/gpu_quick.log" | tail -2 | tr '\n' ' ')" | tee -a "$OUT/summary.txt" ;;
+    prof_d12)
+      timeout 300 python3 benchmarks/kernel_profile.py --what train --model d12 --batch 64 --seq 1024 --recompute $R12 \
+        --mode eager --top 45 --json "$OUT/prof_d12.json" > "$OUT/prof_d12.txt" 2>&1; tail -4 "$OUT/prof_d12.txt" ;;
+    prof_d48)
+      timeout 300 python3 benchmarks/kernel_profile.py --what train --model d48 --batch 8 --seq 1024 --recompute $R48 \
+        $LEAN --mode eager --top 45 --json "$OUT/prof_d48.json" > "$OUT/prof_d48.txt" 2>&1; tail -4 "$OUT/prof_d48.txt" ;;
+    prof_llama)
+      timeout 300 python3 benchmarks/kernel_profile.py --what train --model llama3.2:1b --batch 8 --seq 2048 \
+        --recompute $RL $LEAN --mode eager --top 45 --json "$OUT/prof_llama.json" > "$OUT/prof_llama.txt" 2>&1
+      tail -4 "$OUT/prof_llama.txt" ;;
+    bench_d12)
+      timeout 400 python3 benchmarks/gpu.py --model d12 --batch 64 --seq 1024 --steps 20 --warmup 8 --recompute $R12 \
+        ${SIDES:+--sides $SIDES} --json "$OUT/bench_d12.json" > "$OUT/bench_d12.log" 2>&1
+      tail -8 "$OUT/bench_d12.log" | tee -a "$OUT/summary.txt" ;;
+    bench_d48)
+      timeout 400 python3 benchmarks/gpu.py --model d48 --batch 8 --seq 1024 --steps 20 --warmup 6 --recompute $R48 \
+        $LEAN ${SIDES:+--sides $SIDES} --json "$OUT/bench_d48.json" > "$OUT/bench_d48.log" 2>&1
+      tail -8 "$OUT/bench_d48.log" | tee -a "$OUT/summary.txt" ;;
+    bench_llama)
+      timeout 400 python3 benchmarks/gpu.py --model llama3.2:1b --batch 8 --seq 2048 --steps 20 --warmup 6 \
+        --recompute $RL $LEAN ${SIDES:+--sides $SIDES} --json "$OUT/bench_llama.json" > "$OUT/bench_llama.log" 2>&1
+      tail -8 "$OUT/bench_llama.log" | tee -a "$OUT/summary.txt" ;;
+    quality)
+      timeout 400 python3 benchmarks/quality.py --model d12 --steps 300 --batch 8 --seq 1024 \
+        --variants master,lean,master:7,lean:7 --json "$OUT/quality_d12.json" > "$OUT/quality_d12.log" 2>&1
+      tail -7 "$OUT/quality_d12.log" | tee -a "$OUT/summary.txt" ;;
+    *) echo "unknown stage $st" ;;
+  esac
+  echo "[$st: $((SECONDS - t0)) s]" | tee -a "$OUT/summary.txt"
+done
+# the device tool brings back only a few files: everything in one archive besides the summary
+tar czf /tmp/round2.tgz -C "$OUT" --exclude=summary.txt . && find "$OUT" -type f ! -name summary.txt -delete && mv /tmp/round2.tgz "$OUT/"
