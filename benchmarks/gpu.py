@@ -42,6 +42,7 @@ def main(argv=None):
     ap.add_argument("--no-master-weights", action="store_true")
     ap.add_argument("--moments", choices=("fp32", "bf16"), default="fp32", help="llmpy: AdamW's moments' dtype")
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--fast-attention", action="store_true", help="llmpy: cuDNN's non-deterministic attention backward")
     ap.add_argument("--sides", default="llmpy,torch")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--side", help=argparse.SUPPRESS)
@@ -80,7 +81,8 @@ def _without_sides(argv: list[str]) -> list[str]:
 def report(args, res):
     print(f"\n{time.strftime('%Y-%m-%d')}  {args.model} B={args.batch} T={args.seq} bf16, "
           f"median of {args.steps} steps after {args.warmup} warm-up; llmpy: recompute {args.recompute}, "
-          f"{'no ' if args.no_master_weights else ''}fp32 master weights, {args.moments} moments")
+          f"{'no ' if args.no_master_weights else ''}fp32 master weights, {args.moments} moments"
+          f"{', FAST (non-deterministic) attention backward' if args.fast_attention else ''}")
     print("| | tok/s | step ms | peak GiB (framework) | device used GiB | MFU |")
     print("|---|---|---|---|---|---|")
     for side, r in res.items():
@@ -127,6 +129,7 @@ def measure(args) -> dict:
         from llmpy.train.optim import AdamW
         from llmpy.train.step import TrainStep
         be = get_backend("cuda", "bf16")
+        be.fast_attention = args.fast_attention
         model = family_of(cfg).model(cfg, be, B, T, recompute=args.recompute,
                                      master_weights=not args.no_master_weights)
         model.init_weights(0)

@@ -99,6 +99,8 @@ def _train_parser(sub) -> None:
       help="bf16: no fp32 master copy; AdamW writes the bf16 weights with stochastic rounding (less memory)")
     a("--moments", choices=["fp32", "bf16"], help="AdamW's two moments: fp32, or bf16 with stochastic rounding "
       "(bf16 only: 4 bytes a parameter less, a faster update) {}".format(dflt("moments")))
+    a("--fast-attention", action="store_const", const=True, help="CUDA: cuDNN's non-deterministic attention "
+      "backward (faster; runs are then not bitwise reproducible, resumes not bitwise identical)")
     a("--no-graph", dest="graph", action="store_const", const=False, help="CUDA: run the step eagerly instead of "
       "replaying CUDA graphs")
     a("--zero", type=int, choices=[0, 1, 2], help="data parallel (under `llmpy launch`, mpirun or srun): 0 "

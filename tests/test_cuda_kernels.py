@@ -97,14 +97,16 @@ def _shapes(B, T, C, NH, V=1000, bias_widths=None, kv_heads=None):
                     bias_widths=((NH + 2 * K) * hs, C, 4 * C, C) if bias_widths is None else bias_widths)
 
 
-def test_layernorm_and_fused_residual(be):
+@pytest.mark.parametrize("N,C", [(300, 320), (70, 1600)])
+def test_layernorm_and_fused_residual(be, N, C):
+    """300 rows: chunks of the one-pass backward's parameter sums, the last one short; 320 channels: lanes with
+    unequal numbers of packs; 1600: more than 48 KB of shared memory (the opt-in)."""
     r = rng()
-    N, C = 300, 320  # the parameter gradients' column sums: 2 chunks of rows (one short), a partial column slab
     x1, x2 = rounded(be, r.standard_normal((N, C))), rounded(be, r.standard_normal((N, C)))
     w, b = rounded(be, 1 + 0.1 * r.standard_normal(C)), rounded(be, r.standard_normal(C))
     res, out = poison(be, (N, C)), poison(be, (N, C))
     mean, rstd = poison(be, N, np.float32), poison(be, N, np.float32)
-    be.plan_workspace(_shapes(5, 60, C, 4, bias_widths=()))  # the partials are sized by LayerNorm's 2C alone
+    be.plan_workspace(_shapes(5, 60, C, C // 64, bias_widths=()))  # the partials are sized by LayerNorm's 2C alone
     be.fused_residual_layernorm_forward(res, out, mean, rstd, dev(be, x1), dev(be, x2), dev(be, w), dev(be, b))
     xr = host(be, res)  # the LayerNorm reads the stored (rounded) residual
     check(be, res, x1 + x2)
@@ -124,15 +126,16 @@ def test_layernorm_and_fused_residual(be):
     check(be, db, rdb)
 
 
-def test_rmsnorm_and_fused_residual(be):
+@pytest.mark.parametrize("N,C", [(300, 320), (70, 1600)])
+def test_rmsnorm_and_fused_residual(be, N, C):
+    """The sizes of test_layernorm_and_fused_residual, for the same reasons."""
     r = rng()
-    N, C, eps = 300, 320, 1e-5  # 300 rows: two chunks of the weight gradient's partial sums, the last one short;
-    # 320 columns: a partial slab of columns in those sums
+    eps = 1e-5
     x1, x2 = rounded(be, r.standard_normal((N, C))), rounded(be, r.standard_normal((N, C)))
     w = rounded(be, 1 + 0.1 * r.standard_normal(C))
     res, out, out2 = poison(be, (N, C)), poison(be, (N, C)), poison(be, (N, C))
     rstd, rstd2 = poison(be, N, np.float32), poison(be, N, np.float32)
-    be.plan_workspace(_shapes(5, 60, C, 4, bias_widths=()))  # Llama has no biases: the partials are 2C wide
+    be.plan_workspace(_shapes(5, 60, C, C // 64, bias_widths=()))  # Llama has no biases: the partials are 2C wide
     be.fused_residual_rmsnorm_forward(res, out, rstd, dev(be, x1), dev(be, x2), dev(be, w), eps)
     xr = host(be, res)  # the RMSNorm reads the stored (rounded) residual
     check(be, res, x1 + x2)
@@ -270,6 +273,12 @@ def test_attention(be, impl, NH, K):
     check(b2, dqkv, rq)
     for lo, hi in ((0, NH), (NH, NH + K), (NH + K, NH + 2 * K)):  # dq, dk, dv each (dk, dv: the group sums)
         check(b2, dqkv[..., lo * hs:hi * hs], rq[..., lo * hs:hi * hs])
+    if impl == "cudnn":  # --fast-attention: cuDNN's non-deterministic backward, the same gradients within bf16
+        b2.fast_attention = True
+        d2 = poison(b2, (B, T, W))
+        b2.attention_backward(d2, dev(b2, dout), dev(b2, qkv), state, NH, out=out, **kw)
+        check(b2, d2, rq)
+        assert b2._attention(B, T, NH, hs, K) is not b2.attn[(B, T, NH, K, hs, False)], "a plan of its own"
 
 
 @pytest.mark.parametrize("NH,K", [(4, 4), (8, 2)])
@@ -301,9 +310,10 @@ def test_attention_decode(be, NH, K):
 
 def test_fused_classifier(be):
     r = rng()
-    N, V = 64, 1000
+    N, V = 64, 1001  # the last 16-byte pack of a row is partly vocabulary, partly padding
     Vp = 1024
     logits = rounded(be, r.standard_normal((N, Vp)) * 3)
+    logits[::7] += 60  # rows whose running maximum rises far above the first packs
     t = r.integers(0, V, N).astype(np.int32)
     dl = dev(be, logits)
     losses = poison(be, N, np.float32)
@@ -314,6 +324,13 @@ def test_fused_classifier(be):
     got = host(be, dl)
     assert np.all(got[:, V:] == 0), "the padded columns must get no gradient"
     check(be, dl[:, :V], d)
+    # a NaN logit makes its row's loss NaN (a diverged step must show), wherever it is in the row
+    bad = logits.copy()
+    bad[3, 7], bad[5, V - 1], bad[6, :V] = np.nan, np.nan, np.nan
+    lb = poison(be, N, np.float32)
+    be.fused_classifier(lb, dev(be, bad), be.asarray(t), V)
+    got = host(be, lb)
+    assert np.isnan(got[[3, 5, 6]]).all() and np.isfinite(np.delete(got, [3, 5, 6])).all()
 
 
 def test_adamw_and_norm(be):

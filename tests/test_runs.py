@@ -128,6 +128,12 @@ def test_bf16_moments_on_an_fp32_run_are_refused_before_anything_is_written(shar
     assert not (tmp_path / "r").exists()
 
 
+def test_fast_attention_on_the_cpu_is_refused_before_anything_is_written(shards, tmp_path, capsys):
+    err = one_line_error(capsys, argv(shards, tmp_path / "r", "--fast-attention", "--device", "cpu"))
+    assert "--fast-attention" in err and "CUDA" in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_non_finite_weights_are_never_written(shards, tmp_path, monkeypatch):
     """The update of step 2 makes a weight NaN; its loss (computed before the update) is finite, so only the guard
     in the checkpoint writer stops the checkpoint after step 2 from replacing the good one of step 2."""

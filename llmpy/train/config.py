@@ -61,6 +61,7 @@ class TrainConfig:
     master_weights: bool = True      # bf16: keep fp32 master weights (off: stochastic rounding into bf16 only)
     moments: str = "fp32"            # AdamW's m and v: fp32, or bf16 with stochastic rounding (bf16 only)
     graph: bool = True               # CUDA: capture the step as CUDA graphs
+    fast_attention: bool = False     # CUDA: cuDNN's non-deterministic attention backward (faster; not reproducible)
     progress: bool = True
     explicit: tuple = ()             # names of the settings given on the command line (they override a resume)
 

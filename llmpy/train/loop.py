@@ -87,6 +87,12 @@ class Trainer:
         self.tc, self.dist, self.out = tc, dist, out
         self.say = print if dist.main else _quiet
         be = get_backend(device, dtype, device_id=dist.env.local_rank if dist.world > 1 else None)
+        if tc.fast_attention:
+            if not hasattr(be, "fast_attention"):
+                raise UserError("--fast-attention is for CUDA devices (cuDNN's attention backward)")
+            be.fast_attention = True
+            self.say("note: --fast-attention: cuDNN's non-deterministic attention backward; this run is not "
+                     "bitwise reproducible")
         self.comm = dist.connect(be)
         self.run_dir = RunDir(out)
         self._claim(resume, in_place)

@@ -5,7 +5,8 @@ qkv (B, T, 3C)); query head h reads key/value head h // (NH / K) (grouped-query 
 
 `CudnnAttention`: cuDNN's fused flash attention (bf16) through nvidia-cudnn-frontend. q (B, NH, T, hs) and k, v
 (B, K, T, hs) are strided views into the packed qkv rows (cuDNN takes K heads directly and returns dk, dv at K
-heads); forward saves only the softmax statistics (B, NH, T) in fp32; backward is cuDNN's deterministic algorithm.
+heads); forward saves only the softmax statistics (B, NH, T) in fp32; backward is cuDNN's deterministic algorithm (or, opted
+into with --fast-attention, its faster one that accumulates dq with atomics: not bitwise reproducible).
 
 `FallbackAttention`: our own, for fp32 and when cuDNN is missing: scores materialised as (B, NH, T, T), cuBLASLt
 batched products, softmax kernels from kernels/attention.cu. The softmax (B, NH, T, T) is the saved state. Under
@@ -24,7 +25,7 @@ from .runtime import cdiv
 class CudnnAttention:
     state_kind = "stat"  # fp32 statistics, (B, NH, T)
 
-    def __init__(self, cupy, B, T, NH, K, hs):
+    def __init__(self, cupy, B, T, NH, K, hs, deterministic: bool = True):
         import cudnn
         self.cupy, self.cudnn = cupy, cudnn
         self.B, self.T, self.NH, self.K, self.hs = B, T, NH, K, hs
@@ -53,7 +54,8 @@ class CudnnAttention:
         do = g.tensor(name="do", dim=dims, stride=self.o_strides, data_type=bf16)
         stats = g.tensor(name="stats", dim=[B, NH, T, 1], stride=[NH * T, T, 1, 1], data_type=f32)
         dq, dk, dv = g.sdpa_backward(name="sdpa_bwd", q=q, k=k, v=v, o=o, dO=do, stats=stats,
-                                     attn_scale=self.scale, use_causal_mask=True, use_deterministic_algorithm=True)
+                                     attn_scale=self.scale, use_causal_mask=True,
+                                     use_deterministic_algorithm=deterministic)
         for t, d in ((dq, dims), (dk, kv_dims), (dv, kv_dims)):
             t.set_output(True).set_dim(d).set_stride(self.qkv_strides).set_data_type(bf16)
         self.bwd = _build(g, cudnn)

@@ -32,12 +32,26 @@ __global__ void fused_classifier(T* logits, float* losses, const int* targets, f
     constexpr int N = Pack<T>::N;
     const long long row = blockIdx.x;
     T* x = logits + row * Vp;
+    // running (max, sum of exp) a pack at a time: the pack's max first, then one rescale and one exp per element
+    // (N + 1 exps per pack instead of 2N: the special-function units were as busy as HBM)
     MaxSum acc = {-INFINITY, 0.0f};
     for (int i = threadIdx.x * N; i < V; i += blockDim.x * N) {
         Pack<T> p = load16(x + i);
+        float mx = -INFINITY;
+        bool nan = false;
 #pragma unroll
         for (int k = 0; k < N; k++)
-            if (i + k < V) acc = combine(acc, {to_f(p.v[k]), 1.0f});
+            if (i + k < V) { const float v = to_f(p.v[k]); mx = fmaxf(mx, v); nan |= v != v; }
+        const float m = fmaxf(acc.m, mx);
+        if (m == -INFINITY) {  // nothing above -inf yet; a NaN logit must still make the loss NaN
+            if (nan) acc.s = __int_as_float(0x7fc00000);
+            continue;
+        }
+        float s = acc.s * __expf(acc.m - m);  // acc.m = -inf: 0
+#pragma unroll
+        for (int k = 0; k < N; k++)
+            if (i + k < V) s += __expf(to_f(p.v[k]) - m);
+        acc = {m, s};
     }
     acc = block_maxsum(acc);
     const int tgt = targets[row];
