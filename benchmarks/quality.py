@@ -35,14 +35,23 @@ VARIANTS = {"master": dict(master_weights=True, moments="fp32"), "nomaster": dic
             "lean": dict(master_weights=False, moments="bf16")}
 
 
-def run_llmpy(args, init, train_glob, val_glob, out, variant="master") -> tuple[float, float]:
+def run_llmpy(args, init, train_glob, val_glob, out, variant="master") -> tuple[float, float, str]:
+    """(final val loss, seconds, a digest of the final compute weights: runs that differ must differ there)"""
+    import hashlib
+
+    from llmpy.formats.checkpoint import load_checkpoint
     from llmpy.train import TrainConfig, run
     name, _, seed = variant.partition(":")
     t0 = time.perf_counter()
     res = run(TrainConfig(init=str(init), train_data=train_glob, val_data=val_glob, val_every=0, sample_tokens=0,
                           progress=False, device="cuda", dtype="bf16", out=str(out), checkpoint_every=0,
                           seed=int(seed or 1337), **VARIANTS[name], **settings(args)))
-    return res.val_losses[-1][1], time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    ck = load_checkpoint(Path(out) / "checkpoint.safetensors")
+    h = hashlib.sha256()
+    for k in sorted(ck.compute_bf16):
+        h.update(ck.compute_bf16[k].tobytes())
+    return res.val_losses[-1][1], seconds, h.hexdigest()[:16]
 
 
 def run_torch(args, init, train_glob, val_glob) -> tuple[float, float]:
@@ -98,14 +107,15 @@ def compare(args) -> dict:
         runs = {}
         for i, variant in enumerate(args.variants.split(",")):
             runs[variant] = run_llmpy(args, init, train_glob, val_glob, Path(d) / f"run{i}", variant)
-            print(f"llmpy {variant}: val loss {runs[variant][0]:.4f} ({runs[variant][1]:.1f} s)", flush=True)
+            print(f"llmpy {variant}: val loss {runs[variant][0]:.6f} ({runs[variant][1]:.1f} s), weights "
+                  f"{runs[variant][2]}", flush=True)
         ref, t_ref = run_torch(args, init, train_glob, val_glob) if not args.no_torch else (None, 0.0)
     first = next(iter(runs))
-    ours, t_ours = runs[first]
+    ours, t_ours, _ = runs[first]
     rel = (ours - ref) / ref if ref is not None else 0.0
     return {"llmpy_val_loss": ours, "torch_val_loss": ref, "relative_difference": rel, "llmpy_s": t_ours,
             "torch_s": t_ref, "settings": settings(args), "model": args.model,
-            "variants": {k: {"val_loss": v, "s": t} for k, (v, t) in runs.items()}}
+            "variants": {k: {"val_loss": v, "s": t, "weights_sha256": w} for k, (v, t, w) in runs.items()}}
 
 
 def parser():

@@ -58,8 +58,8 @@ for st in "$@"; do
       tail -8 "$OUT/bench_llama.log" | tee -a "$OUT/summary.txt" ;;
     quality)
       timeout 400 python3 benchmarks/quality.py --model d12 --steps 300 --batch 8 --seq 1024 \
-        --variants master,lean,master:7,lean:7 --json "$OUT/quality_d12.json" > "$OUT/quality_d12.log" 2>&1
-      tail -7 "$OUT/quality_d12.log" | tee -a "$OUT/summary.txt" ;;
+        --variants master,lean,master:7,lean:7,lean:3 --json "$OUT/quality_d12.json" > "$OUT/quality_d12.log" 2>&1
+      tail -8 "$OUT/quality_d12.log" | tee -a "$OUT/summary.txt" ;;
     *) echo "unknown stage $st" ;;
   esac
   echo "[$st: $((SECONDS - t0)) s]" | tee -a "$OUT/summary.txt"

@@ -20,9 +20,7 @@ from .runtime import bf16_dtype, cdiv, import_cupy, module
 
 _NORM_BLOCKS = 264  # grid of the sum-of-squares partials: 2 per SM on an H200; fixed, so the sum's order is fixed
 _CHUNK_ROWS = 256   # rows per partial in the column sums (bias / LayerNorm parameter gradients)
-_COLSUM_WARPS = 8   # warps per block of the bias column sums (COLSUM_WARPS in matmul.cu)
-_NORM_CHUNKS = 264  # about this many chunks of rows (blocks) in a one-pass norm backward: 2 per SM on an H200
-_MAX_SMEM = 227 * 1024  # shared memory a block may opt into (sm_90)
+_COLSUM_WARPS = 8   # warps per block of those partial sums (COLSUM_WARPS in common.cuh)
 _DECODE_THREADS = 256  # block of attention_decode, one per (sequence, query head)
 _FAMILIES = ("encoder", "layernorm", "rmsnorm", "matmul", "gelu", "swiglu", "rope", "residual", "attention",
              "classifier", "adamw", "cast")
@@ -169,7 +167,7 @@ class CUDABackend:
         # column-sum partials, one row per chunk of rows: LayerNorm's dw|db (2C wide; RMSNorm's dw: C) or the
         # widest bias
         width = max(2 * C, max(shapes.bias_widths, default=0))
-        self.colsum_part = self.zeros(max(cdiv(N, _CHUNK_ROWS), _NORM_CHUNKS) * width, np.float32)
+        self.colsum_part = self.zeros(cdiv(N, _CHUNK_ROWS) * width, np.float32)
         self.norm_part = self.zeros(_NORM_BLOCKS, np.float32)
         self.order = self.zeros(N, np.int32)        # encoder backward: positions sorted by token (stable)
         self.seg = self.zeros(N + 1, np.int32)      # segment starts into order, one per distinct token
@@ -252,30 +250,17 @@ class CUDABackend:
         C = inp.shape[-1]
         rows = inp.size // C
         k = self.k["layernorm"]
-        rpc, chunks, grid = self._norm_backward(k.layernorm_backward, rows, C, 2)
-        k.layernorm_backward(grid[0], grid[1], (dinp, self.colsum_part, dout, inp, w, mean, rstd, np.int32(rows),
-                                                np.int32(C), np.int32(rpc)), shared_mem=grid[2])
+        k.layernorm_backward_dinp((cdiv(rows, 8),), (256,), (dinp, dout, inp, w, mean, rstd, np.int32(rows),
+                                                              np.int32(C)))
+        chunks = cdiv(rows, _CHUNK_ROWS)
+        self._check_colsum(chunks, 2 * C)
+        k.layernorm_backward_params_partial(self._colsum_grid(inp, C, chunks), (32 * _COLSUM_WARPS,),
+                                            (self.colsum_part, dout, inp, mean, rstd, np.int32(rows), np.int32(C),
+                                             np.int32(_CHUNK_ROWS)))
         k.layernorm_backward_params_finalize((cdiv(C, 128),), (128,), (dw, self.colsum_part, np.int32(chunks),
                                                                        np.int32(2 * C), np.int32(C)))
         k.layernorm_backward_params_finalize((cdiv(C, 128),), (128,), (db, self.colsum_part[C:], np.int32(chunks),
                                                                        np.int32(2 * C), np.int32(C)))
-
-    def _norm_backward(self, kern, rows, C, K):
-        """(rows per chunk, chunks, (grid, block, shared bytes)) of a one-pass norm backward (K parameter
-        gradients): chunks of 8..256 rows, about _NORM_CHUNKS of them (two blocks per SM); each warp keeps K x C
-        fp32 sums in shared memory."""
-        rpc = 8
-        while rpc < _CHUNK_ROWS and cdiv(rows, rpc) > _NORM_CHUNKS:
-            rpc *= 2
-        chunks = cdiv(rows, rpc)
-        warps = min(8, _MAX_SMEM // (4 * K * C))
-        if warps < 1 or C % 8:
-            raise ValueError(f"norm backward: rows of {C} channels do not fit its kernel")
-        self._check_colsum(chunks, K * C)
-        smem = 4 * K * C * warps
-        if smem > 48 * 1024 and kern.max_dynamic_shared_size_bytes < smem:
-            kern.max_dynamic_shared_size_bytes = smem  # the opt-in above 48 KB
-        return rpc, chunks, ((chunks,), (32 * warps,), smem)
 
     def rmsnorm_forward(self, out, rstd, inp, w, eps: float):
         C = inp.shape[-1]
@@ -294,9 +279,12 @@ class CUDABackend:
         C = inp.shape[-1]
         rows = inp.size // C
         k = self.k["rmsnorm"]
-        rpc, chunks, grid = self._norm_backward(k.rmsnorm_backward, rows, C, 1)
-        k.rmsnorm_backward(grid[0], grid[1], (dinp, self.colsum_part, dout, inp, w, rstd, np.int32(rows), np.int32(C),
-                                              np.int32(rpc)), shared_mem=grid[2])
+        k.rmsnorm_backward_dinp((cdiv(rows, 8),), (256,), (dinp, dout, inp, w, rstd, np.int32(rows), np.int32(C)))
+        chunks = cdiv(rows, _CHUNK_ROWS)
+        self._check_colsum(chunks, C)
+        k.rmsnorm_backward_weight_partial(self._colsum_grid(inp, C, chunks), (32 * _COLSUM_WARPS,),
+                                          (self.colsum_part, dout, inp, rstd, np.int32(rows), np.int32(C),
+                                           np.int32(_CHUNK_ROWS)))
         k.rmsnorm_backward_weight_finalize((cdiv(C, 128),), (128,), (dw, self.colsum_part, np.int32(chunks),
                                                                      np.int32(C)))
 
@@ -375,7 +363,7 @@ class CUDABackend:
 
     @staticmethod
     def _colsum_grid(x, C, chunks):
-        """The grid of colsum_partial (matmul.cu) over rows of C elements of x: 16-byte packs of columns."""
+        """The grid of a colsum_slab kernel (common.cuh) over rows of C elements of x: 16-byte packs of columns."""
         npack = 16 // x.itemsize
         if C % npack or x.data.ptr % 16:
             raise ValueError(f"column sums need rows of a multiple of {npack} elements, 16-byte aligned (got {C})")

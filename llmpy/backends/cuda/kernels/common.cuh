@@ -116,25 +116,44 @@ template <> __device__ __forceinline__ bf16 round_param<bf16>(float x, unsigned 
     return stochastic_round_bf16(x, seed, idx);
 }
 
-// One-pass norm backward (LayerNorm, RMSNorm): a block of warps takes one chunk of rows (warp w: rows lo + w,
-// lo + w + W, ...), writes each row's dinp and adds the row's parameter-gradient terms into the warp's own K x C
-// slice of dynamic shared memory (lanes own distinct columns: no atomics); then the block adds the W slices in warp
-// order into part[chunk, k * C + c]; the *_finalize kernels add the chunks in order. Deterministic. Within a slice,
-// element j of the lane's pack q (column q * N + j) lives at j * (C / N) + q, so that a warp's 32 lanes touch 32
-// consecutive floats (no bank conflicts).
-template <int N> __device__ __forceinline__ void norm_acc_zero(float* acc, int K, int C) {
-    const int lane = threadIdx.x % 32;
-    for (int e = lane; e < K * C; e += 32) acc[e] = 0.0f;
-    __syncwarp();  // a lane then adds into entries another lane of its warp zeroed
-}
-template <int N> __device__ __forceinline__ void norm_acc_flush(float* part, const float* smem, int K, int C) {
+// First stage of the deterministic column sums: K sums per column over one chunk of rows, by a block of COLSUM_WARPS
+// warps (grid: (cdiv(C / N, 32), chunks), N = Pack<T>::N, C % N == 0). Lane l owns the N columns from
+// c0 = (blockIdx.x * 32 + l) * N; warp w adds rows lo + w, lo + w + COLSUM_WARPS, ... in order, loading four rows
+// ahead (16-byte loads, many rows in flight: one thread per column and 2-byte loads left HBM mostly idle); then the
+// warps' sums are added in warp order: part[chunk, k * C + c] (row width `width`). load(n, c0) reads what row n
+// contributes to the lane's columns; add(item, acc) adds it to acc[K][N].
+#define COLSUM_WARPS 8
+template <class T, int K, class Load, class Add>
+__device__ __forceinline__ void colsum_slab(float* part, int width, int C, int rows, int rows_per_chunk, Load load,
+                                            Add add) {
+    constexpr int N = Pack<T>::N, W = COLSUM_WARPS;
+    __shared__ float sh[W][K][N * 32];
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32, chunk = blockIdx.y;
+    const int c0 = (blockIdx.x * 32 + lane) * N, lo = chunk * rows_per_chunk, hi = min(rows, lo + rows_per_chunk);
+    float acc[K][N];
+#pragma unroll
+    for (int k = 0; k < K; k++)
+#pragma unroll
+        for (int j = 0; j < N; j++) acc[k][j] = 0.0f;
+    if (c0 < C) {
+        int n = lo + w;
+        for (; n + 3 * W < hi; n += 4 * W) {
+            const auto a = load(n, c0), b = load(n + W, c0), c = load(n + 2 * W, c0), d = load(n + 3 * W, c0);
+            add(a, acc); add(b, acc); add(c, acc); add(d, acc);
+        }
+        for (; n < hi; n += W) add(load(n, c0), acc);
+    }
+#pragma unroll
+    for (int k = 0; k < K; k++)
+#pragma unroll
+        for (int j = 0; j < N; j++) sh[w][k][j * 32 + lane] = acc[k][j];
     __syncthreads();
-    const int W = blockDim.x / 32, Q = C / N;
-    for (int e = threadIdx.x; e < K * C; e += blockDim.x) {
+    for (int e = threadIdx.x; e < K * N * 32; e += blockDim.x) {
+        const int k = e / (N * 32), j = (e / 32) % N, l = e % 32, c = (blockIdx.x * 32 + l) * N + j;
+        if (c >= C) continue;
         float s = 0.0f;
-        for (int w = 0; w < W; w++) s += smem[(long long)w * K * C + e];
-        const int k = e / C, j = (e % C) / Q, q = (e % C) % Q;  // slice layout -> column q * N + j
-        part[(long long)blockIdx.x * K * C + k * C + q * N + j] = s;
+        for (int ww = 0; ww < W; ww++) s += sh[ww][k][j * 32 + l];
+        part[(long long)chunk * width + k * C + c] = s;
     }
 }
 

@@ -56,49 +56,65 @@ __global__ void fused_residual_layernorm_forward(T* residual, T* out, float* mea
     layernorm_row(out + off, mean, rstd, residual + off, w, b, row, C);
 }
 
-// LayerNorm backward in one pass over dout and inp (norm_acc_*, common.cuh): one warp per row,
-//   dinp += (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) * rstd,  dnorm = dout * w,
-// and the chunk's column sums part[chunk, c] = sum dout * norm (dw), part[chunk, C + c] = sum dout (db).
-// Grid: one block per chunk of rows_per_chunk rows; dynamic shared memory 2 * C floats per warp.
+// dinp += (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) * rstd, dnorm = dout * w. One warp per row.
+// The weight/bias gradients are column sums (the _params_ kernels below: deterministic, fixed order).
 template <class T>
-__global__ void layernorm_backward(T* dinp, float* part, const T* dout, const T* inp, const T* w, const float* mean,
-                                   const float* rstd, int rows, int C, int rows_per_chunk) {
+__global__ void layernorm_backward_dinp(T* dinp, const T* dout, const T* inp, const T* w, const float* mean,
+                                        const float* rstd, int rows, int C) {
     constexpr int N = Pack<T>::N;
-    extern __shared__ float smem[];
-    const int lane = threadIdx.x % 32, wp = threadIdx.x / 32, W = blockDim.x / 32, Q = C / N;
-    float* acc = smem + (long long)wp * 2 * C;  // [dw | db], slice layout
-    norm_acc_zero<N>(acc, 2, C);
-    const int lo = blockIdx.x * rows_per_chunk, hi = min(rows, lo + rows_per_chunk);
-    for (int row = lo + wp; row < hi; row += W) {
-        const long long off = (long long)row * C;
-        const float m = mean[row], r = rstd[row];
-        float a = 0.0f, bsum = 0.0f;
-        for (int c = lane * N; c < C; c += 32 * N) {
-            Pack<T> x = load16(inp + off + c), dy = load16(dout + off + c), pw = load16(w + c);
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const int lane = threadIdx.x % 32;
+    const long long off = (long long)row * C;
+    const float m = mean[row], r = rstd[row];
+    float a = 0.0f, bsum = 0.0f;
+    for (int c = lane * N; c < C; c += 32 * N) {
+        Pack<T> x = load16(inp + off + c), dy = load16(dout + off + c), pw = load16(w + c);
 #pragma unroll
-            for (int k = 0; k < N; k++) {
-                float dn = to_f(dy.v[k]) * to_f(pw.v[k]);
-                a += dn;
-                bsum += dn * (to_f(x.v[k]) - m) * r;
-            }
-        }
-        a = warp_sum(a) / C;
-        bsum = warp_sum(bsum) / C;
-        for (int c = lane * N; c < C; c += 32 * N) {  // the row again: from L1, just read
-            Pack<T> x = load16(inp + off + c), dy = load16(dout + off + c), pw = load16(w + c),
-                    di = load16(dinp + off + c);
-            const int q = c / N;
-#pragma unroll
-            for (int k = 0; k < N; k++) {
-                const float d = to_f(dy.v[k]), dn = d * to_f(pw.v[k]), norm = (to_f(x.v[k]) - m) * r;
-                di.v[k] = from_f<T>(to_f(di.v[k]) + (dn - a - norm * bsum) * r);
-                acc[k * Q + q] += d * norm;
-                acc[C + k * Q + q] += d;
-            }
-            store16(dinp + off + c, di);
+        for (int k = 0; k < N; k++) {
+            float dn = to_f(dy.v[k]) * to_f(pw.v[k]);
+            a += dn;
+            bsum += dn * (to_f(x.v[k]) - m) * r;
         }
     }
-    norm_acc_flush<N>(part, smem, 2, C);
+    a = warp_sum(a) / C;
+    bsum = warp_sum(bsum) / C;
+    for (int c = lane * N; c < C; c += 32 * N) {
+        Pack<T> x = load16(inp + off + c), dy = load16(dout + off + c), pw = load16(w + c), di = load16(dinp + off + c);
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            float dn = to_f(dy.v[k]) * to_f(pw.v[k]);
+            float norm = (to_f(x.v[k]) - m) * r;
+            di.v[k] = from_f<T>(to_f(di.v[k]) + (dn - a - norm * bsum) * r);
+        }
+        store16(dinp + off + c, di);
+    }
+}
+
+// Partial column sums for the LayerNorm parameter gradients over a chunk of rows (colsum_slab's grid and order):
+// part[chunk, c] = sum dout[n,c] * norm[n,c];  part[chunk, C + c] = sum dout[n,c].
+template <class T>
+struct NormRow {  // what one row gives a lane's columns in the norms' parameter gradients: dout, input, statistics
+    Pack<T> dy, x;
+    float m, r;
+};
+
+template <class T>
+__global__ void layernorm_backward_params_partial(float* part, const T* dout, const T* inp, const float* mean,
+                                                  const float* rstd, int rows, int C, int rows_per_chunk) {
+    colsum_slab<T, 2>(part, 2 * C, C, rows, rows_per_chunk,
+                      [&](int n, int c0) {
+                          const long long off = (long long)n * C + c0;
+                          return NormRow<T>{load16_cs(dout + off), load16_cs(inp + off), mean[n], rstd[n]};
+                      },
+                      [](const NormRow<T>& a, float (&acc)[2][Pack<T>::N]) {
+#pragma unroll
+                          for (int j = 0; j < Pack<T>::N; j++) {
+                              const float d = to_f(a.dy.v[j]);
+                              acc[0][j] += d * (to_f(a.x.v[j]) - a.m) * a.r;
+                              acc[1][j] += d;
+                          }
+                      });
 }
 
 // dw or db (C,) += the chunks' partials in order: launched on part for dw (width 2C) and on part + C for db.

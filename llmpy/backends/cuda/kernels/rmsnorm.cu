@@ -72,43 +72,56 @@ __global__ void fused_residual_rmsnorm_forward(T* residual, T* out, float* rstd,
     rmsnorm_row(out + off, rstd, residual + off, w, eps, row, C);
 }
 
-// RMSNorm backward in one pass over dout and inp (norm_acc_*, common.cuh): one warp per row,
-//   dinp += rstd * (u - xh * mean(u * xh)),  xh = x * rstd, u = w * dout,
-// and the chunk's column sums part[chunk, c] = sum dout * xh (dw). Grid: one block per chunk of rows_per_chunk rows;
-// dynamic shared memory C floats per warp.
+// dinp += rstd * (u - xh * mean(u * xh)), xh = x * rstd, u = w * dout. One warp per row.
+// The weight gradient is a column sum (the _weight_ kernels below: deterministic, fixed order).
 template <class T>
-__global__ void rmsnorm_backward(T* dinp, float* part, const T* dout, const T* inp, const T* w, const float* rstd,
-                                 int rows, int C, int rows_per_chunk) {
+__global__ void rmsnorm_backward_dinp(T* dinp, const T* dout, const T* inp, const T* w, const float* rstd, int rows,
+                                      int C) {
     constexpr int N = Pack<T>::N;
-    extern __shared__ float smem[];
-    const int lane = threadIdx.x % 32, wp = threadIdx.x / 32, W = blockDim.x / 32, Q = C / N;
-    float* acc = smem + (long long)wp * C;
-    norm_acc_zero<N>(acc, 1, C);
-    const int lo = blockIdx.x * rows_per_chunk, hi = min(rows, lo + rows_per_chunk);
-    for (int row = lo + wp; row < hi; row += W) {
-        const long long off = (long long)row * C;
-        const float r = rstd[row];
-        float a = 0.0f;
-        for (int c = lane * N; c < C; c += 32 * N) {
-            Pack<T> x = load16(inp + off + c), dy = load16(dout + off + c), pw = load16(w + c);
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const int lane = threadIdx.x % 32;
+    const long long off = (long long)row * C;
+    const float r = rstd[row];
+    float a = 0.0f;
+    for (int c = lane * N; c < C; c += 32 * N) {
+        Pack<T> x = load16(inp + off + c), dy = load16(dout + off + c), pw = load16(w + c);
 #pragma unroll
-            for (int k = 0; k < N; k++) a += to_f(dy.v[k]) * to_f(pw.v[k]) * to_f(x.v[k]) * r;
-        }
-        a = warp_sum(a) / C;
-        for (int c = lane * N; c < C; c += 32 * N) {  // the row again: from L1, just read
-            Pack<T> x = load16(inp + off + c), dy = load16(dout + off + c), pw = load16(w + c),
-                    di = load16(dinp + off + c);
-            const int q = c / N;
-#pragma unroll
-            for (int k = 0; k < N; k++) {
-                const float d = to_f(dy.v[k]), u = d * to_f(pw.v[k]), xh = to_f(x.v[k]) * r;
-                di.v[k] = from_f<T>(to_f(di.v[k]) + (u - xh * a) * r);
-                acc[k * Q + q] += d * xh;
-            }
-            store16(dinp + off + c, di);
-        }
+        for (int k = 0; k < N; k++) a += to_f(dy.v[k]) * to_f(pw.v[k]) * to_f(x.v[k]) * r;
     }
-    norm_acc_flush<N>(part, smem, 1, C);
+    a = warp_sum(a) / C;
+    for (int c = lane * N; c < C; c += 32 * N) {
+        Pack<T> x = load16(inp + off + c), dy = load16(dout + off + c), pw = load16(w + c), di = load16(dinp + off + c);
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            float u = to_f(dy.v[k]) * to_f(pw.v[k]);
+            float xh = to_f(x.v[k]) * r;
+            di.v[k] = from_f<T>(to_f(di.v[k]) + (u - xh * a) * r);
+        }
+        store16(dinp + off + c, di);
+    }
+}
+
+// Partial column sums of the weight gradient over a chunk of rows (colsum_slab's grid and order):
+// part[chunk, c] = sum_n dout[n,c] * inp[n,c] * rstd[n].
+template <class T>
+struct RmsRow {  // what one row gives a lane's columns of the weight gradient
+    Pack<T> dy, x;
+    float r;
+};
+
+template <class T>
+__global__ void rmsnorm_backward_weight_partial(float* part, const T* dout, const T* inp, const float* rstd, int rows,
+                                                int C, int rows_per_chunk) {
+    colsum_slab<T, 1>(part, C, C, rows, rows_per_chunk,
+                      [&](int n, int c0) {
+                          const long long off = (long long)n * C + c0;
+                          return RmsRow<T>{load16_cs(dout + off), load16_cs(inp + off), rstd[n]};
+                      },
+                      [](const RmsRow<T>& a, float (&acc)[1][Pack<T>::N]) {
+#pragma unroll
+                          for (int j = 0; j < Pack<T>::N; j++) acc[0][j] += to_f(a.dy.v[j]) * to_f(a.x.v[j]) * a.r;
+                      });
 }
 
 // dw (C,) += the chunks' partials (nchunks rows of C) summed in chunk order.
