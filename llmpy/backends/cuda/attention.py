@@ -5,8 +5,8 @@ qkv (B, T, 3C)); query head h reads key/value head h // (NH / K) (grouped-query 
 
 `CudnnAttention`: cuDNN's fused flash attention (bf16) through nvidia-cudnn-frontend. q (B, NH, T, hs) and k, v
 (B, K, T, hs) are strided views into the packed qkv rows (cuDNN takes K heads directly and returns dk, dv at K
-heads); forward saves only the softmax statistics (B, NH, T) in fp32; backward is cuDNN's deterministic algorithm (or, opted
-into with --fast-attention, its faster one that accumulates dq with atomics: not bitwise reproducible).
+heads); forward saves only the softmax statistics (B, NH, T) in fp32; backward is cuDNN's deterministic algorithm
+(or, opted into with --fast-attention, its non-deterministic one: faster, not bitwise reproducible).
 
 `FallbackAttention`: our own, for fp32 and when cuDNN is missing: scores materialised as (B, NH, T, T), cuBLASLt
 batched products, softmax kernels from kernels/attention.cu. The softmax (B, NH, T, T) is the saved state. Under

@@ -47,7 +47,7 @@ class CUDABackend:
         self.gemm = Gemm(cp, dtype)
         self.attention_mode = attention  # auto: cuDNN for bf16 when importable, else our fallback
         self.fast_attention = False      # cuDNN's non-deterministic backward (opt-in: --fast-attention)
-        self.attn = {}                   # (B, T, NH, K, hs) -> attention implementation
+        self.attn = {}                   # (B, T, NH, K, hs, fast) -> attention implementation
         self._decode_scores = {}         # (B, NH, maxT) -> attention_decode's fp32 scores (B*NH*maxT)
         self.capturing = False
         self.mmfree = MMFree(self)       # BitLinear, MLGRU, lower bounds (mmfree.py) and their scratch

@@ -97,7 +97,7 @@ __device__ __forceinline__ void adamw_8(T* params, float* master, const T* grads
     }
 }
 
-// fp32 moments (exact: with master weights, the update of every earlier version bit for bit)
+// fp32 moments (the arithmetic of the earlier one-element-a-thread kernel, element for element)
 template <class T>
 __global__ void adamw(T* params, float* master, const T* grads, float* m, float* v, long long n, const float* hp,
                       const float* norm, float weight_decay, long long offset, int vec) {
