@@ -101,7 +101,6 @@ class TrainConfig:
         need(self.device in ("cpu", "cuda", "auto"), "device", "use cpu, cuda or auto")
         need(self.zero in (0, 1, 2), "zero", "use 0, 1 or 2")
         need(self.moments in ("fp32", "bf16"), "moments", "use fp32 or bf16")
-        need(self.moments == "fp32" or self.dtype in (None, "bf16"), "moments", "bf16 moments need --dtype bf16")
         need(self.tokenizer in (None, *TOKENIZERS), "tokenizer", f"use {' or '.join(TOKENIZERS)}")
         if bad:
             raise UserError(f"bad setting: {'; '.join(bad)}")
