@@ -43,7 +43,9 @@ def main(argv=None):
     ap.add_argument("--moments", choices=("fp32", "bf16"), default="fp32", help="llmpy: AdamW's moments' dtype")
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--fast-attention", action="store_true", help="llmpy: cuDNN's non-deterministic attention backward")
-    ap.add_argument("--sides", default="llmpy,torch")
+    ap.add_argument("--tune-gemm", action="store_true", help="llmpy: time cuBLASLt's top algorithms per shape")
+    ap.add_argument("--sides", default="llmpy,torch", help="comma-separated: llmpy, llmpy+tune (llmpy with "
+                    "--tune-gemm), torch; each runs in its own process")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -90,10 +92,15 @@ def report(args, res):
               f"{r['mfu'] * 100:.1f}% |")
     if "plan_gib" in res.get("llmpy", {}):
         print("llmpy memory plan (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in res["llmpy"]["plan_gib"].items()))
-    if "llmpy" in res and "torch" in res:
-        a, b = res["llmpy"], res["torch"]
-        print(f"llmpy / PyTorch: speed {a['tok_s'] / b['tok_s']:.3f}x, peak memory {a['peak_gib'] / b['peak_gib']:.3f}x "
-              f"(device used {a['device_gib'] / b['device_gib']:.3f}x)")
+    for side in ("llmpy", "llmpy+tune"):
+        if side in res and "torch" in res:
+            a, b = res[side], res["torch"]
+            print(f"{side} / PyTorch: speed {a['tok_s'] / b['tok_s']:.3f}x, peak memory "
+                  f"{a['peak_gib'] / b['peak_gib']:.3f}x (device used {a['device_gib'] / b['device_gib']:.3f}x)")
+    for r in res.get("llmpy+tune", {}).get("tuned", []):
+        if r["index"]:
+            print(f"  tuned {r['shape']}: algorithm {r['index']} of {r['candidates']}, {r['first_ms']:.3f} -> "
+                  f"{r['chosen_ms']:.3f} ms")
 
 
 def flops_per_token(cfg, T):
@@ -121,7 +128,7 @@ def measure(args) -> dict:
     rng = np.random.default_rng(0)
     data = [rng.integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32) for _ in range(8)]
     times, extra = [], {}
-    if args.side == "llmpy":
+    if args.side in ("llmpy", "llmpy+tune"):
         import cupy
 
         from llmpy.backends import get_backend
@@ -130,6 +137,7 @@ def measure(args) -> dict:
         from llmpy.train.step import TrainStep
         be = get_backend("cuda", "bf16")
         be.fast_attention = args.fast_attention
+        be.gemm.tune = args.tune_gemm or args.side == "llmpy+tune"
         model = family_of(cfg).model(cfg, be, B, T, recompute=args.recompute,
                                      master_weights=not args.no_master_weights)
         model.init_weights(0)
@@ -153,6 +161,10 @@ def measure(args) -> dict:
             prev = h
         pool = cupy.get_default_memory_pool()
         peak = pool.total_bytes() / 2**30
+        if be.gemm.tune:
+            print(be.gemm.tuning_summary(), file=sys.stderr)
+            extra["tuned"] = [{"shape": k, "candidates": n, "index": i, "first_ms": round(t0, 4),
+                               "chosen_ms": round(t1, 4)} for k, n, i, t0, t1 in be.gemm.tuned]
     else:
         import torch
 

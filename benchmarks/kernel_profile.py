@@ -268,6 +268,7 @@ def _train(args, cfg, be, job):
     from llmpy.train.optim import AdamW
     from llmpy.train.step import TrainStep
     B, T = args.batch, args.seq
+    be.gemm.tune = args.tune_gemm
     model = family_of(cfg).model(cfg, be, B, T, recompute=args.recompute, master_weights=not args.no_master_weights)
     model.init_weights(0)
     opt = AdamW(model, weight_decay=0.1, moments=args.moments)
@@ -421,6 +422,7 @@ def main(argv=None):
     ap.add_argument("--recompute", type=int, default=0, help="train: the family's recompute level")
     ap.add_argument("--no-master-weights", action="store_true", help="train: no fp32 master copy")
     ap.add_argument("--moments", choices=("fp32", "bf16"), default="fp32", help="train: AdamW's moments' dtype")
+    ap.add_argument("--tune-gemm", action="store_true", help="train: time cuBLASLt's top algorithms per shape")
     ap.add_argument("--mode", choices=("eager", "graph", "both"), default="both",
                     help="eager launches or CUDA graph replay (train: TrainStep(graph=...); decode: GRAPH_DECODE)")
     ap.add_argument("--packed", nargs="?", const="yes", default="no", choices=("no", "yes", "both"),

@@ -101,6 +101,12 @@ def _train_parser(sub) -> None:
       "(bf16 only: 4 bytes a parameter less, a faster update) {}".format(dflt("moments")))
     a("--fast-attention", action="store_const", const=True, help="CUDA: cuDNN's non-deterministic attention "
       "backward (faster; runs are then not bitwise reproducible, resumes not bitwise identical)")
+    a("--tune-gemm", action="store_const", const=True, help="CUDA: time cuBLASLt's top 16 algorithms for each "
+      "matrix-product shape on the first step and keep the fastest; the choices go into the checkpoint, so a "
+      "resume is bitwise identical, but a fresh run may choose differently (single GPU)")
+    a("--gemm-algos", metavar="FILE", help="CUDA: replay the matrix-product algorithms a --tune-gemm run chose "
+      "(its checkpoint, or a JSON of its choices): a fresh run bitwise identical to it on the same GPU and cuBLASLt "
+      "(default: none)")
     a("--no-graph", dest="graph", action="store_const", const=False, help="CUDA: run the step eagerly instead of "
       "replaying CUDA graphs")
     a("--zero", type=int, choices=[0, 1, 2], help="data parallel (under `llmpy launch`, mpirun or srun): 0 "

@@ -2,13 +2,15 @@
 # On the GPU machine (device tool, carry .whl): GPU performance round 2 (issues 12 and 14). Stages, in order given:
 #   tests        every single-GPU test (kernels, GPT-2, Llama 3, MatMul-free)
 #   quick        the optimizer/norm/LayerNorm kernel tests and the GPT-2 determinism/resume tests only
+#   tune_tests   the --tune-gemm tests (kernel level; tuned run, resume and replay bitwise)
 #   prof_d12 prof_d48 prof_llama   per-kernel profiles (benchmarks/kernel_profile.py, eager, one step)
 #   graph_d48    the d48 profile of graph-replayed steps after 20 of them (sustained load)
 #   bench_d12 bench_d48 bench_llama   benchmarks/gpu.py, llmpy vs PyTorch side by side
 #   quality      300-step quality runs (benchmarks/quality.py): d12 optimizer variants and seeds vs PyTorch
 # LEAN="--no-master-weights --moments bf16" is the optimizer the d48 and Llama figures use (override with env LEAN);
 # recompute: R12 (default 0), R48 (1), RL (0); LEAN12 the d12 optimizer flags (default LEAN);
-# SIDES=llmpy skips the PyTorch side of the benchmarks. Results: $OUT/summary.txt and $OUT/round2.tgz (the rest).
+# SIDES=llmpy skips the PyTorch side of the benchmarks (SIDES=llmpy,llmpy+tune,torch adds a --tune-gemm side);
+# TUNE=--tune-gemm profiles with tuned products. Results: $OUT/summary.txt and $OUT/round2.tgz (the rest).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 LLMPY_CACHE=/tmp/llmpy-cache
@@ -30,32 +32,37 @@ for st in "$@"; do
       timeout 300 python3 -m pytest -q -rfEs -m gpu tests/test_cuda_model.py >> "$OUT/gpu_quick.log" 2>&1
       grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/gpu_quick.log" | head -30 | tee -a "$OUT/summary.txt"
       echo "quick tests: $(grep -E "passed|failed" "$OUT/gpu_quick.log" | tail -2 | tr '\n' ' ')" | tee -a "$OUT/summary.txt" ;;
+    tune_tests)
+      timeout 300 python3 -m pytest -q -rfEs -m gpu tests/test_cuda_kernels.py tests/test_cuda_model.py \
+        -k "tuned or determinism" > "$OUT/tune_tests.log" 2>&1
+      grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/tune_tests.log" | head -30 | tee -a "$OUT/summary.txt"
+      echo "tune tests: $(tail -1 "$OUT/tune_tests.log")" | tee -a "$OUT/summary.txt" ;;
     prof_d12)
       timeout 300 python3 benchmarks/kernel_profile.py --what train --model d12 --batch 64 --seq 1024 --recompute $R12 \
-        --mode eager --top 45 --json "$OUT/prof_d12.json" > "$OUT/prof_d12.txt" 2>&1; tail -4 "$OUT/prof_d12.txt" ;;
+        ${TUNE:-} --mode eager --top 45 --json "$OUT/prof_d12.json" > "$OUT/prof_d12.txt" 2>&1; tail -4 "$OUT/prof_d12.txt" ;;
     prof_d48)
       timeout 300 python3 benchmarks/kernel_profile.py --what train --model d48 --batch 8 --seq 1024 --recompute $R48 \
-        $LEAN --mode eager --top 45 --json "$OUT/prof_d48.json" > "$OUT/prof_d48.txt" 2>&1; tail -4 "$OUT/prof_d48.txt" ;;
+        $LEAN ${TUNE:-} --mode eager --top 45 --json "$OUT/prof_d48.json" > "$OUT/prof_d48.txt" 2>&1; tail -4 "$OUT/prof_d48.txt" ;;
     graph_d48)  # sustained: 20 graph-replayed warm-up steps, then 10 profiled
       timeout 300 python3 benchmarks/kernel_profile.py --what train --model d48 --batch 8 --seq 1024 --recompute $R48 \
-        $LEAN --mode graph --steps 10 --warmup 20 --top 45 --json "$OUT/graph_d48.json" > "$OUT/graph_d48.txt" 2>&1
+        $LEAN ${TUNE:-} --mode graph --steps 10 --warmup 20 --top 45 --json "$OUT/graph_d48.json" > "$OUT/graph_d48.txt" 2>&1
       tail -3 "$OUT/graph_d48.txt" | tee -a "$OUT/summary.txt" ;;
     prof_llama)
       timeout 300 python3 benchmarks/kernel_profile.py --what train --model llama3.2:1b --batch 8 --seq 2048 \
-        --recompute $RL $LEAN --mode eager --top 45 --json "$OUT/prof_llama.json" > "$OUT/prof_llama.txt" 2>&1
+        --recompute $RL $LEAN ${TUNE:-} --mode eager --top 45 --json "$OUT/prof_llama.json" > "$OUT/prof_llama.txt" 2>&1
       tail -4 "$OUT/prof_llama.txt" ;;
     bench_d12)
       timeout 400 python3 benchmarks/gpu.py --model d12 --batch 64 --seq 1024 --steps 20 --warmup 8 --recompute $R12 \
         $LEAN12 ${SIDES:+--sides $SIDES} --json "$OUT/bench_d12.json" > "$OUT/bench_d12.log" 2>&1
-      tail -8 "$OUT/bench_d12.log" | tee -a "$OUT/summary.txt" ;;
+      tail -30 "$OUT/bench_d12.log" | tee -a "$OUT/summary.txt" ;;
     bench_d48)
       timeout 400 python3 benchmarks/gpu.py --model d48 --batch 8 --seq 1024 --steps 20 --warmup 6 --recompute $R48 \
         $LEAN ${SIDES:+--sides $SIDES} --json "$OUT/bench_d48.json" > "$OUT/bench_d48.log" 2>&1
-      tail -8 "$OUT/bench_d48.log" | tee -a "$OUT/summary.txt" ;;
+      tail -30 "$OUT/bench_d48.log" | tee -a "$OUT/summary.txt" ;;
     bench_llama)
       timeout 400 python3 benchmarks/gpu.py --model llama3.2:1b --batch 8 --seq 2048 --steps 20 --warmup 6 \
         --recompute $RL $LEAN ${SIDES:+--sides $SIDES} --json "$OUT/bench_llama.json" > "$OUT/bench_llama.log" 2>&1
-      tail -8 "$OUT/bench_llama.log" | tee -a "$OUT/summary.txt" ;;
+      tail -30 "$OUT/bench_llama.log" | tee -a "$OUT/summary.txt" ;;
     quality)
       timeout 400 python3 benchmarks/quality.py --model d12 --steps 300 --batch 8 --seq 1024 \
         --variants master,lean,master:7,lean:7,lean:3 --json "$OUT/quality_d12.json" > "$OUT/quality_d12.log" 2>&1

@@ -522,6 +522,34 @@ def _check_quantized(be, M, N, K, x, w, gamma, eps, w_rows=None):
     check(be, sw, [rsw], 1e-6)
 
 
+@pytest.mark.parametrize("accumulate", [False, True], ids=["plain", "accumulate"])
+def test_tuned_gemm(be, accumulate):
+    """--tune-gemm: timing the candidates on the real operands leaves the product what it would be (an accumulating
+    product's output is restored before the chosen algorithm runs once); a second Gemm given the first's pins
+    replays its algorithm bitwise; pins from another cuBLASLt or GPU are refused."""
+    from llmpy.backends.cuda.gemm import Gemm
+    M, N, K = 512, 768, 1024
+    r = rng()
+    x, y, o = r.standard_normal((M, K)), r.standard_normal((N, K)), r.standard_normal((M, N))
+    ref = dev(be, o)  # the heuristic's first algorithm on the same operands
+    be.gemm.mm(ref, dev(be, x), dev(be, y), M, N, K, transy=True, accumulate=accumulate)
+    ref = host(be, ref)
+    tuned, replay = Gemm(be.xp, be.dtype_name), Gemm(be.xp, be.dtype_name)
+    tuned.tune = True
+    outs = []
+    for g in (tuned, replay):
+        if g is replay:
+            g.load_pins(tuned.export_pins())
+        out = dev(be, o)
+        g.mm(out, dev(be, x), dev(be, y), M, N, K, transy=True, accumulate=accumulate)
+        outs.append(host(be, out))
+    assert len(tuned.tuned) == 1 and tuned.tuned[0][1] > 1, "the heuristic offered one algorithm: nothing was timed"
+    assert np.abs(outs[0] - ref).max() < TOL[be.dtype_name] * np.abs(ref).max(), np.abs(outs[0] - ref).max()
+    assert np.array_equal(outs[0], outs[1]), "replayed pins must run the same kernel"
+    with pytest.raises(UserError, match="other kernels"):
+        Gemm(be.xp, be.dtype_name).load_pins({**tuned.export_pins(), "cublaslt": 1})
+
+
 @pytest.mark.parametrize("M,N,K", [(300, 192, 256), (1, 64, 2056), (5, 2816, 1024)])
 def test_int8_gemm_is_exact(be, M, N, K):
     """BitLinear's forward product: cuBLASLt int8 x int8 -> int32 (out = x y^T) equals the integer product, over

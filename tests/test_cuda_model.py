@@ -165,6 +165,28 @@ def test_determinism_graph_and_resume(tmp_path, lean):
     assert all(np.array_equal(pa.compute_bf16[k], pd.compute_bf16[k]) for k in pa.params)
 
 
+def test_tuned_products_replay_bitwise(tmp_path):
+    """--tune-gemm: the algorithm choices go into the checkpoint; a resume, and a fresh run given them
+    (--gemm-algos), replay the same kernels, so both equal the tuned run bitwise; the tuned run stays within bf16
+    noise of the default one."""
+    from llmpy.formats.checkpoint import load_checkpoint
+
+    def metrics(out):
+        ev = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        return [(e["step"], e.get("train_loss"), e.get("val_loss"), e.get("grad_norm")) for e in ev]
+    _run(tmp_path, "t", tune_gemm=True, stop_at=3)
+    res = run(TrainConfig(resume=str(tmp_path / "t"), progress=False, explicit=("resume",)))
+    tuned = metrics(res.out)
+    pins = load_checkpoint(res.out / "checkpoint.safetensors").state["gemm_algos"]
+    assert pins["algos"], "a tuned run must record its choices"
+    replay, rr = _run(tmp_path, "r", gemm_algos=str(res.out / "checkpoint.safetensors"))
+    assert replay == tuned, "a run given the tuned run's choices must equal it bitwise"
+    assert load_checkpoint(rr.out / "checkpoint.safetensors").state["gemm_algos"] == pins
+    plain, _ = _run(tmp_path, "p")
+    for (_, lt, vt, _), (_, lp, vp, _) in zip(tuned, plain):
+        assert abs((lt or vt) - (lp or vp)) < LOSS_TOL["bf16"]
+
+
 def test_out_of_memory_is_a_clear_error():
     from llmpy.config import config_from_name
     with pytest.raises(UserError, match="batch-size|recompute"):

@@ -134,6 +134,70 @@ def test_fast_attention_on_the_cpu_is_refused_before_anything_is_written(shards,
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("flag", [("--tune-gemm",), ("--gemm-algos", "x.json")])
+def test_gemm_algorithm_flags_on_the_cpu_are_refused_before_anything_is_written(shards, tmp_path, capsys, flag):
+    err = one_line_error(capsys, argv(shards, tmp_path / "r", *flag, "--device", "cpu"))
+    assert flag[0] in err and "CUDA" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_gemm_algorithm_choices_are_read_from_a_checkpoint_or_json(shards, tmp_path):
+    """--gemm-algos reads the choices of a tuned run from its checkpoint's header (or a JSON of the same form) and
+    refuses anything else in one line."""
+    from llmpy.train.checkpointing import gemm_pins
+    pins = {"cublaslt": 130100, "gpu": "NVIDIA H200", "algos": {"0,1,768,4096,768": 3}}
+    good = tmp_path / "pins.json"
+    good.write_text(json.dumps(pins))
+    assert gemm_pins(str(good)) == pins
+    res = run(TrainConfig(train_data=shards[0], init=MODEL, batch_size=2, seq_len=16, steps=2, val_every=0,
+                          sample_tokens=0, progress=False, device="cpu", out=str(tmp_path / "cpu")))
+    with pytest.raises(UserError, match="no algorithm choices"):
+        gemm_pins(str(res.out / "checkpoint.safetensors"))  # a CPU run chose no products' algorithms
+    ck = load_checkpoint(res.out / "checkpoint.safetensors")
+    save_checkpoint(tmp_path / "tuned.safetensors", ck.cfg, ck.params, state={**ck.state, "gemm_algos": pins})
+    assert gemm_pins(str(tmp_path / "tuned.safetensors")) == pins
+    bad = tmp_path / "bad.json"
+    for text in ("{", json.dumps({"algos": {"s": -1}}), json.dumps([1])):
+        bad.write_text(text)
+        with pytest.raises(UserError, match="--gemm-algos"):
+            gemm_pins(str(bad))
+    with pytest.raises(UserError, match="no such file"):
+        gemm_pins(str(tmp_path / "missing.json"))
+    (tmp_path / "data.bin").write_bytes(b"\0" * 64)
+    with pytest.raises(UserError):
+        gemm_pins(str(tmp_path / "data.bin"))
+
+
+def test_gemm_algorithm_choice_is_pinned_tuned_or_the_heuristics_first():
+    """cuda/gemm.py's choice logic, without a GPU (the timing is stubbed): a pin wins, tuning runs only when on and
+    not inside a graph capture, every choice is recorded as a pin, a pin the heuristic no longer offers is an error."""
+    from llmpy.backends.cuda.gemm import Gemm
+
+    class Stream:
+        def __init__(self, capturing):
+            self.capturing = capturing
+
+        def is_capturing(self):
+            return self.capturing
+
+    def choose(g, ks, capturing=False):
+        plan = [None] * 4 + [np.arange(6), ks, None]
+        return int(g._choose(plan, None, None, False, Stream(capturing))[0])
+
+    g = Gemm.__new__(Gemm)
+    g.tune, g.pins, g.loaded, g.tuned = False, {}, False, []
+    g._time = lambda cands, *a: 4
+    assert choose(g, "a") == 0 and g.pins == {"a": 0}  # default: the heuristic's first
+    g.tune = True
+    assert choose(g, "b") == 4 and choose(g, "c", capturing=True) == 0
+    assert g.pins == {"a": 0, "b": 4, "c": 0}
+    g.pins["d"] = 2
+    assert choose(g, "d") == 2  # pinned: not timed again
+    g.pins["e"] = 9
+    with pytest.raises(UserError, match="not among the 6"):
+        choose(g, "e")
+
+
 def test_non_finite_weights_are_never_written(shards, tmp_path, monkeypatch):
     """The update of step 2 makes a weight NaN; its loss (computed before the update) is finite, so only the guard
     in the checkpoint writer stops the checkpoint after step 2 from replacing the good one of step 2."""

@@ -11,6 +11,7 @@ refuses, before touching anything, a resume that would do nothing, silently chan
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -143,6 +144,34 @@ def _refuse_pointless(tc: TrainConfig, res: Resume) -> None:
         raise UserError(f"--stop-at {tc.stop_at}: {run} is past that step (it has done {done} steps)")
 
 
+def gemm_pins(path: str) -> dict:
+    """The matrix-product algorithm choices (cuda/gemm.py) kept in a checkpoint of a --tune-gemm run, or in a JSON
+    file of the same form ({"cublaslt": version, "gpu": name, "algos": {shape: index}}). Reads headers only."""
+    from ..formats.checkpoint import FORMAT
+    from ..formats.safetensors import read_safetensors_header
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--gemm-algos {path}: no such file")
+    try:
+        if p.suffix == ".json":
+            pins = json.loads(p.read_text())
+        else:
+            _, meta = read_safetensors_header(p)
+            if meta.get("format") != FORMAT:
+                raise UserError(f"--gemm-algos {path}: not an llmpy training checkpoint")
+            pins = json.loads(meta.get("state", "{}")).get("gemm_algos")
+            if pins is None:
+                raise UserError(f"--gemm-algos {path}: this checkpoint holds no algorithm choices (its run had no "
+                                "--tune-gemm)")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"--gemm-algos {path}: unreadable ({e})") from None
+    ok = (isinstance(pins, dict) and isinstance(pins.get("algos"), dict)
+          and all(isinstance(v, int) and v >= 0 for v in pins["algos"].values()))
+    if not ok:
+        raise UserError(f"--gemm-algos {path}: expected {{\"cublaslt\": .., \"gpu\": .., \"algos\": {{shape: index}}}}")
+    return pins
+
+
 def nonfinite(arrays: dict, prefix: str = "") -> list[str]:
     """Names of the arrays holding NaN or Inf. A float64 sum of float32 values cannot overflow, and NaN/Inf
     propagate through it: one pass, no temporary of the array's size."""
@@ -159,6 +188,8 @@ def save(out: Path, next_step: int, tc: TrainConfig, model, opt, loader, sample_
     be = model.be
     state = {"step": next_step, "adam_t": opt.t, "loader": loader.state(), "world": dist.world,
              "sample_rng": sample_rng.bit_generator.state, "train": dataclasses.asdict(tc)}
+    if getattr(be, "gemm", None) is not None and be.gemm.pinning:
+        state["gemm_algos"] = be.gemm.export_pins()  # the products' algorithms: a resume replays them
     weights = model.params_numpy(comm)
     m = v = None
     if opt.sharded or dist.main:

@@ -62,6 +62,9 @@ class TrainConfig:
     moments: str = "fp32"            # AdamW's m and v: fp32, or bf16 with stochastic rounding (bf16 only)
     graph: bool = True               # CUDA: capture the step as CUDA graphs
     fast_attention: bool = False     # CUDA: cuDNN's non-deterministic attention backward (faster; not reproducible)
+    tune_gemm: bool = False          # CUDA: time cuBLASLt's top algorithms per product shape once; choices kept
+                                     # in the checkpoint (a resume replays them)
+    gemm_algos: str | None = None    # CUDA: replay the choices of a --tune-gemm run (its checkpoint, or a JSON)
     progress: bool = True
     explicit: tuple = ()             # names of the settings given on the command line (they override a resume)
 

@@ -93,6 +93,22 @@ class Trainer:
             be.fast_attention = True
             self.say("note: --fast-attention: cuDNN's non-deterministic attention backward; this run is not "
                      "bitwise reproducible")
+        if tc.tune_gemm:
+            if not hasattr(be, "gemm"):
+                raise UserError("--tune-gemm is for CUDA devices (it times cuBLASLt's algorithms)")
+            if dist.world > 1:
+                raise UserError("--tune-gemm is single-GPU for now (each rank would time its own choices)")
+            be.gemm.tune = True
+        pins = resume.ckpt.state.get("gemm_algos") if resume is not None else None
+        if pins and hasattr(be, "gemm"):
+            try:  # a resume replays the products' algorithms: the same kernels, the same bits
+                be.gemm.load_pins(pins)
+            except UserError as e:
+                self.say(f"note: {e}; resuming with {'tuned' if tc.tune_gemm else 'default'} algorithms")
+        elif tc.gemm_algos and resume is None:
+            if not hasattr(be, "gemm"):
+                raise UserError("--gemm-algos is for CUDA devices (cuBLASLt's algorithm choices)")
+            be.gemm.load_pins(checkpointing.gemm_pins(tc.gemm_algos))
         self.comm = dist.connect(be)
         self.run_dir = RunDir(out)
         self._claim(resume, in_place)
@@ -237,6 +253,8 @@ class Trainer:
                 lr = lr_at(step, lr=tc.lr, schedule=tc.lr_schedule, steps=tc.steps, warmup=tc.warmup_steps,
                            final_frac=tc.final_lr_frac, decay_frac=tc.decay_frac)
                 handle = self.stepper.launch((self.train_loader.next_batch() for _ in range(self.stepper.A)), lr)
+                if step == self.start and tc.tune_gemm:
+                    self.progress.write(self.be.gemm.tuning_summary())
                 self._read_pending()  # the previous step, while the device works on this one
                 self.pending.append((step, lr, handle))
                 dist.progress()

@@ -6,6 +6,13 @@ Our tensors are row-major; cuBLASLt is column-major, where a row-major (r, c) ma
 out^T = op(y)^T op(x)^T, i.e. cuBLASLt's A = y, B = x. Descriptors, layouts and the heuristic's algorithm are
 made once per shape and cached; the workspace is allocated once. Split-K reductions that use atomics
 (REDUCTION_SCHEME_INPLACE) are excluded so every product is deterministic.
+
+Algorithm choice: by default the heuristic's first algorithm (the same on every run: bitwise reproducible). With
+`tune` on (--tune-gemm), the first product of each shape times the heuristic's top TUNE_CANDIDATES algorithms
+on its own operands (an accumulating product's output is saved and restored) and keeps the fastest if it beats the
+first by more than TUNE_MARGIN. Timing can choose differently on another day, so every choice is kept in `pins`
+(shape -> index in the heuristic's list, exported with the cuBLASLt version and GPU): a checkpoint stores them and a
+resume, or a run given them, replays the same kernels bitwise.
 """
 from __future__ import annotations
 
@@ -14,8 +21,15 @@ import numpy as np
 from ...errors import UserError
 
 WORKSPACE_BYTES = 32 << 20
+TUNE_CANDIDATES = 16   # algorithms asked of the heuristic when tuning
+TUNE_MARGIN = 0.02     # a tuned algorithm must beat the heuristic's first by 2% (timing noise keeps the first)
 _R32F, _R16BF, _R8I, _R32I = 0, 14, 3, 10   # cudaDataType_t
 _COMPUTE_32F, _COMPUTE_32I = 68, 72          # cublasComputeType_t
+
+
+def _key_str(key) -> str:
+    """A plan's key as text (pins are saved as JSON): booleans as 0/1, the alignment tuple joined by '/'."""
+    return ",".join("/".join(map(str, v)) if isinstance(v, tuple) else str(int(v)) for v in key)
 
 
 def _align(a) -> int:
@@ -39,6 +53,10 @@ class Gemm:
         self._zero = np.zeros(1, np.float32)
         self._one_i, self._zero_i = np.ones(1, np.int32), np.zeros(1, np.int32)
         self.E = lt.Epilogue
+        self.tune = False  # time the heuristic's top algorithms per shape (opt-in: --tune-gemm)
+        self.pins = {}     # shape key -> index of the chosen algorithm in the heuristic's list (see load_pins)
+        self.loaded = False  # pins came from another run (load_pins): replay them
+        self.tuned = []    # one row per tuned shape: (key, candidates, index, ms of the first, ms of the chosen)
 
     def _set(self, fn, obj, attr, value, dtype):
         buf = np.array([value], dtype=dtype)
@@ -76,15 +94,110 @@ class Gemm:
         for attr, a in zip((P.MIN_ALIGNMENT_A_BYTES, P.MIN_ALIGNMENT_B_BYTES, P.MIN_ALIGNMENT_C_BYTES,
                             P.MIN_ALIGNMENT_D_BYTES), align):  # the heuristic may only pick what our pointers allow
             self._set(lt.matmul_preference_set_attribute, pref, attr, a, np.uint32)
-        res = np.zeros(1, dtype=lt.matmul_heuristic_result_dtype)
+        ks = _key_str(key)
+        n = TUNE_CANDIDATES if self.pinning else 1  # a pinned index always counts in the same list
+        res = np.zeros(n, dtype=lt.matmul_heuristic_result_dtype)
         count = np.zeros(1, np.int32)
-        lt.matmul_algo_get_heuristic(self.handle, desc, la, lb, ld_, ld_, pref, 1, res.ctypes.data, count.ctypes.data)
+        lt.matmul_algo_get_heuristic(self.handle, desc, la, lb, ld_, ld_, pref, n, res.ctypes.data, count.ctypes.data)
         lt.matmul_preference_destroy(pref)
         if count[0] < 1:
             raise RuntimeError(f"cuBLASLt has no algorithm for {key}")
-        plan = (desc, la, lb, ld_, res)
+        plan = [desc, la, lb, ld_, res[:count[0]].copy(), ks, None]  # [6]: the algorithm, once _choose has run
         self._plans[key] = plan
         return plan
+
+    def _choose(self, plan, launch, out, accumulate, stream):
+        """The algorithm for a new plan (see the module docstring): pinned, tuned, or the heuristic's first."""
+        cands, ks = plan[4], plan[5]
+        i = self.pins.get(ks)
+        if i is not None and i >= len(cands):
+            raise UserError(f"the pinned cuBLASLt algorithm {i} for product {ks} is not among the {len(cands)} the "
+                            "heuristic offers now (a different cuBLASLt or GPU); run without the pinned algorithms")
+        if i is None:
+            i = 0
+            capturing = getattr(stream, "is_capturing", lambda: False)()
+            if self.tune and len(cands) > 1 and not capturing:
+                i = self._time(cands, launch, out, accumulate, stream, ks)
+            self.pins[ks] = i
+        plan[6] = cands[i:i + 1].copy()
+        return plan[6]
+
+    def _time(self, cands, launch, out, accumulate, stream, ks) -> int:
+        """Index of the fastest candidate (median of a few launches each, after one warm-up). The products run on
+        the real operands: a plain product rewrites the same output each time; an accumulating one's output is
+        saved first and restored after (the caller then runs the chosen algorithm once, as without tuning)."""
+        cp = self.cupy
+        ws = "workspace_size" if "workspace_size" in cands.dtype.names else "workspaceSize"
+        cp.cuda.Device().synchronize()
+        keep = out.copy() if accumulate else None
+        cp.cuda.Device().synchronize()
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        times = []
+        for j in range(len(cands)):
+            algo = cands[j:j + 1].copy()
+            if int(cands[j]["state"]) != 0 or int(cands[j][ws]) > WORKSPACE_BYTES:
+                times.append(float("inf"))
+                continue
+            try:
+                e0.record(stream)
+                launch(algo)  # warm-up, and the size of one launch
+                e1.record(stream)
+                e1.synchronize()
+                one = cp.cuda.get_elapsed_time(e0, e1)
+                ts = []
+                for _ in range(max(3, min(15, int(2.0 / max(one, 1e-3))))):
+                    e0.record(stream)
+                    launch(algo)
+                    e1.record(stream)
+                    e1.synchronize()
+                    ts.append(cp.cuda.get_elapsed_time(e0, e1))
+                times.append(float(np.median(ts)))
+            except Exception:  # an algorithm the heuristic offers but cannot run here: skip it
+                cp.cuda.Device().synchronize()
+                times.append(float("inf"))
+        if keep is not None:
+            cp.copyto(out, keep)
+            cp.cuda.Device().synchronize()
+            del keep
+            cp.get_default_memory_pool().free_all_blocks()  # the copy must not stay in the pool's peak
+        best = int(np.argmin(times))
+        i = best if times[best] < (1 - TUNE_MARGIN) * times[0] else 0
+        self.tuned.append((ks, len(cands), i, times[0], times[i]))
+        return i
+
+    def tuning_summary(self) -> str:
+        """One line: how many shapes were timed, how many changed algorithm, the first calls' time before/after."""
+        if not self.tuned:
+            return "tune-gemm: no product shape was timed (all pinned or single-candidate)"
+        t0 = sum(r[3] for r in self.tuned)
+        t1 = sum(r[4] for r in self.tuned)
+        moved = sum(r[2] != 0 for r in self.tuned)
+        return (f"tune-gemm: timed {len(self.tuned)} product shapes, {moved} use another algorithm than the "
+                f"heuristic's first; one call of each: {t0:.2f} -> {t1:.2f} ms")
+
+    def load_pins(self, pins: dict) -> None:
+        """Replays the algorithm choices of another run ({"cublaslt": version, "gpu": name, "algos": {shape: index}}):
+        a UserError if they were made with another cuBLASLt or GPU (their indices would name other kernels)."""
+        have = self.pin_source()
+        for k in ("cublaslt", "gpu"):
+            if pins.get(k) != have[k]:
+                raise UserError(f"the pinned cuBLASLt algorithms were chosen with {k} {pins.get(k)!r}, this is "
+                                f"{have[k]!r}: they would name other kernels; drop them (a fresh run without --gemm-algos)")
+        self.pins = {str(k): int(v) for k, v in pins.get("algos", {}).items()}
+        self.loaded = True
+
+    @property
+    def pinning(self) -> bool:
+        """Whether the choices are a run's own (tuned or replayed): then checkpoints keep them."""
+        return self.tune or self.loaded
+
+    def export_pins(self) -> dict:
+        return {**self.pin_source(), "algos": dict(sorted(self.pins.items()))}
+
+    def pin_source(self) -> dict:
+        props = self.cupy.cuda.runtime.getDeviceProperties(self.cupy.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        return {"cublaslt": int(self.lt.get_version()), "gpu": name}
 
     def mm(self, out, x, y, M, N, K, *, transx=False, transy=False, ldx=None, ldy=None, ldo=None,
            bias=None, epilogue="default", aux=None, accumulate=False, batch=1, stride_x=0, stride_y=0,
@@ -106,7 +219,8 @@ class Gemm:
         align = (_align(y), _align(x), _align(out), _align(out))
         key = (transy, transx, N, M, K, ldy, ldx, ldo, int(epi), accumulate, batch, stride_y, stride_x, stride_o,
                align, _R32F if out_fp32 else self.dtype, self.dtype)
-        desc, la, lb, ld_, res = self._plan(key)
+        plan = self._plan(key)
+        desc, la, lb, ld_ = plan[:4]
         D = lt.MatmulDescAttribute
         if bias is not None:
             self._set(lt.matmul_desc_set_attribute, desc, D.BIAS_POINTER, bias.data.ptr, np.int64)
@@ -115,9 +229,12 @@ class Gemm:
             self._set(lt.matmul_desc_set_attribute, desc, D.EPILOGUE_AUX_LD, ldo, np.int64)
         s = stream if stream is not None else self.cupy.cuda.get_current_stream()
         beta = self._one if accumulate else self._zero
-        lt.matmul(self.handle, desc, self._one.ctypes.data, y.data.ptr, la, x.data.ptr, lb, beta.ctypes.data,
-                  out.data.ptr, ld_, out.data.ptr, ld_, res.ctypes.data, self.workspace.data.ptr, WORKSPACE_BYTES,
-                  s.ptr)
+
+        def launch(algo):
+            lt.matmul(self.handle, desc, self._one.ctypes.data, y.data.ptr, la, x.data.ptr, lb, beta.ctypes.data,
+                      out.data.ptr, ld_, out.data.ptr, ld_, algo.ctypes.data, self.workspace.data.ptr,
+                      WORKSPACE_BYTES, s.ptr)
+        launch(plan[6] if plan[6] is not None else self._choose(plan, launch, out, accumulate, s))
 
     def mm_int8(self, out, x, y, M, N, K, stream=None):
         """out (M, N) int32 = x (M, K) int8 @ y (N, K)^T int8 on the int8 tensor cores, int32 accumulation: exact.
@@ -126,8 +243,12 @@ class Gemm:
         lt = self.lt
         align = (_align(y), _align(x), _align(out), _align(out))
         key = (True, False, N, M, K, K, K, N, int(self.E.DEFAULT), False, 1, 0, 0, 0, align, _R32I, _R8I)
-        desc, la, lb, ld_, res = self._plan(key)
+        plan = self._plan(key)
+        desc, la, lb, ld_ = plan[:4]
         s = stream if stream is not None else self.cupy.cuda.get_current_stream()
-        lt.matmul(self.handle, desc, self._one_i.ctypes.data, y.data.ptr, la, x.data.ptr, lb, self._zero_i.ctypes.data,
-                  out.data.ptr, ld_, out.data.ptr, ld_, res.ctypes.data, self.workspace.data.ptr, WORKSPACE_BYTES,
-                  s.ptr)
+
+        def launch(algo):
+            lt.matmul(self.handle, desc, self._one_i.ctypes.data, y.data.ptr, la, x.data.ptr, lb,
+                      self._zero_i.ctypes.data, out.data.ptr, ld_, out.data.ptr, ld_, algo.ctypes.data,
+                      self.workspace.data.ptr, WORKSPACE_BYTES, s.ptr)
+        launch(plan[6] if plan[6] is not None else self._choose(plan, launch, out, False, s))
