@@ -45,7 +45,8 @@ def main(argv=None):
     ap.add_argument("--fast-attention", action="store_true", help="llmpy: cuDNN's non-deterministic attention backward")
     ap.add_argument("--tune-gemm", action="store_true", help="llmpy: time cuBLASLt's top algorithms per shape")
     ap.add_argument("--sides", default="llmpy,torch", help="comma-separated: llmpy, llmpy+tune (llmpy with "
-                    "--tune-gemm), torch; each runs in its own process")
+                    "--tune-gemm), llmpy+dgelu (GELU's backward in the product's epilogue; combinable: "
+                    "llmpy+tune+dgelu), torch; each runs in its own process")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -92,15 +93,16 @@ def report(args, res):
               f"{r['mfu'] * 100:.1f}% |")
     if "plan_gib" in res.get("llmpy", {}):
         print("llmpy memory plan (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in res["llmpy"]["plan_gib"].items()))
-    for side in ("llmpy", "llmpy+tune"):
-        if side in res and "torch" in res:
+    for side in res:
+        if side.startswith("llmpy") and "torch" in res:
             a, b = res[side], res["torch"]
             print(f"{side} / PyTorch: speed {a['tok_s'] / b['tok_s']:.3f}x, peak memory "
                   f"{a['peak_gib'] / b['peak_gib']:.3f}x (device used {a['device_gib'] / b['device_gib']:.3f}x)")
-    for r in res.get("llmpy+tune", {}).get("tuned", []):
+    tuned = [side for side in res if res[side].get("tuned")]
+    for r in res[tuned[0]]["tuned"] if tuned else []:  # the first tuned side's choices (--json: every side's)
         if r["index"]:
-            print(f"  tuned {r['shape']}: algorithm {r['index']} of {r['candidates']}, {r['first_ms']:.3f} -> "
-                  f"{r['chosen_ms']:.3f} ms")
+            print(f"  {tuned[0]} tuned {r['shape']}: algorithm {r['index']} of {r['candidates']}, "
+                  f"{r['first_ms']:.3f} -> {r['chosen_ms']:.3f} ms")
 
 
 def flops_per_token(cfg, T):
@@ -128,7 +130,7 @@ def measure(args) -> dict:
     rng = np.random.default_rng(0)
     data = [rng.integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32) for _ in range(8)]
     times, extra = [], {}
-    if args.side in ("llmpy", "llmpy+tune"):
+    if args.side.startswith("llmpy"):
         import cupy
 
         from llmpy.backends import get_backend
@@ -137,7 +139,8 @@ def measure(args) -> dict:
         from llmpy.train.step import TrainStep
         be = get_backend("cuda", "bf16")
         be.fast_attention = args.fast_attention
-        be.gemm.tune = args.tune_gemm or args.side == "llmpy+tune"
+        be.gemm.tune = args.tune_gemm or "+tune" in args.side
+        be.dgelu_epilogue = "+dgelu" in args.side
         model = family_of(cfg).model(cfg, be, B, T, recompute=args.recompute,
                                      master_weights=not args.no_master_weights)
         model.init_weights(0)

@@ -30,9 +30,10 @@ EOF
 }
 rm -rf "$W"; mkdir -p "$W" "$LINK" "$DATA" "$LOGS"; : > "$BLOG"
 log "== llm.c baseline: $(date -u +%FT%TZ), models '$MODELS', steps $STEPS, T=$T"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1 | tee -a "$SUM"
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1 | tee -a "$SUM"
 [ -f "$SRC/train_gpt2.cu" ] && [ -f "$SRC/Makefile" ] || fail_all "no llm.c at $SRC (carry third_party)"
 [ -f "$FE/include/cudnn_frontend.h" ] || fail_all "no cuDNN frontend headers at $FE/include (carry third_party)"
+[ -f "$ROOT/third_party/VERSIONS.txt" ] && cut -c1-130 "$ROOT/third_party/VERSIONS.txt" | grep -v '^ ' | tee -a "$SUM"
 
 # ---------------------------------------------------------------- toolchain and libraries
 NVCC=$(command -v nvcc || true)
@@ -159,7 +160,7 @@ for m in $MODELS; do
   nvidia-smi -i 0 --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$LOGS/smi_$m.txt" 2>/dev/null &
   smi=$!
   t0=$SECONDS
-  ( cd "$BUILD" && timeout 420 ./train_gpt2cu "${ARGS[@]}" ) > "$LOGS/llmc_$m.log" 2>&1
+  ( cd "$BUILD" && timeout 300 ./train_gpt2cu "${ARGS[@]}" ) > "$LOGS/llmc_$m.log" 2>&1
   rc=$?
   sleep 0.5; kill $smi 2>/dev/null; wait $smi 2>/dev/null
   python3 - "$LOGS/llmc_$m.log" "$LOGS/smi_$m.txt" "$JSON" "$m" $B $T $R $rc $SKIP $((SECONDS - t0)) <<'EOF' | tee -a "$SUM"
@@ -190,6 +191,8 @@ try:
         res["peak_gib"] = round(max(used) / 1024, 2); res["smi_idle_gib"] = round(used[0] / 1024, 2)
 except OSError:
     pass
+if "Fell back to cudaMallocManaged" in text:
+    res["managed_fallback"] = True  # llm.c ran out of device memory and put optimizer state in host memory
 if rc != 0 or not steps:
     res["error"] = f"train_gpt2cu rc {rc}, {len(steps)} steps parsed"
 allr = json.load(open(jsonf)); allr[m] = res; json.dump(allr, open(jsonf, "w"), indent=1)

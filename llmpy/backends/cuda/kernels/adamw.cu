@@ -27,6 +27,14 @@ template <class X> __device__ __forceinline__ X store_as(float x, unsigned int r
 template <> __device__ __forceinline__ float store_as<float>(float x, unsigned int) { return x; }
 template <> __device__ __forceinline__ bf16 store_as<bf16>(float x, unsigned int r) { return round_bf16_bits(x, r); }
 
+// The update's square root and division in their hardware approximations (a couple of ulp, deterministic): the
+// IEEE forms took ~20 more instructions an element, and the kernel is bound by instruction issue as much as by HBM
+__device__ __forceinline__ float sqrt_approx(float x) {
+    float r;
+    asm("sqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
 // v's random bits come from a seed of its own; the weights take the low 16 bits of element_hash(seed, idx) (as every
 // stochastically rounded weight does) and m its high 16 bits, all from the global element index, so a sharded
 // (ZeRO) run rounds exactly as one GPU does
@@ -72,7 +80,7 @@ __device__ __forceinline__ void adamw_8(T* params, float* master, const T* grads
         const float gk = g[k] * scale;
         const float mk = b1 * mi[k] + (1.0f - b1) * gk;
         const float vk = b2 * vi[k] + (1.0f - b2) * gk * gk;
-        p[k] -= lr * ((mk * bc1) / (sqrtf(vk * bc2) + eps) + weight_decay * p[k]);
+        p[k] -= lr * (__fdividef(mk * bc1, sqrt_approx(vk * bc2) + eps) + weight_decay * p[k]);
         const unsigned long long idx = base + k;
         const unsigned int inner = hash_u32((unsigned int)idx ^ ((idx >> 32) == (base >> 32) ? hi0 : hi1));
         const unsigned int r = hash_u32(seed ^ inner);  // == element_hash(seed, idx)
@@ -82,11 +90,7 @@ __device__ __forceinline__ void adamw_8(T* params, float* master, const T* grads
     }
     if (vec && cnt == 8) {
         store8(m + i0, mt); store8(v + i0, vt); store8(params + i0, pt);
-        if (master) {
-#pragma unroll
-            for (int h = 0; h < 8; h += 4) *reinterpret_cast<float4*>(master + i0 + h) =
-                make_float4(p[h], p[h + 1], p[h + 2], p[h + 3]);
-        }
+        if (master) store8(master + i0, p);
     } else {
 #pragma unroll
         for (int k = 0; k < 8; k++) {
