@@ -169,7 +169,7 @@ logf, smif, jsonf, m = sys.argv[1:5]
 B, T, R, rc, skip, wall = map(int, sys.argv[5:11])
 text = open(logf, errors="replace").read()
 # llm.c: printf0("step %4d/%d | loss %7.6f (%+.2fz)| norm %6.4f (%+.2fz)| lr %.2e | %.2f ms | %.1f%% bf16 MFU | %.0f tok/s\n")
-pat = re.compile(r"^step\s+(\d+)/(\d+) \| loss (\S+) .*?\| ([\d.]+) ms \| ([\d.]+)% \w+ MFU \| ([\d.]+) tok/s", re.M)
+pat = re.compile(r"^step\s+(\d+)/(\d+) \| loss (\S+) .*?\| ([\d.]+) ms \| (-?[\d.]+)% \w+ MFU \| ([\d.]+) tok/s", re.M)
 steps = [(int(a), float(l), float(ms), float(mfu), float(ema)) for a, _, l, ms, mfu, ema in pat.findall(text)]
 res = {"B": B, "T": T, "recompute": R, "rc": rc, "wall_s": wall, "steps": len(steps)}
 if steps:

@@ -47,7 +47,6 @@ class CUDABackend:
         self.gemm = Gemm(cp, dtype)
         self.attention_mode = attention  # auto: cuDNN for bf16 when importable, else our fallback
         self.fast_attention = False      # cuDNN's non-deterministic backward (opt-in: --fast-attention)
-        self.dgelu_epilogue = False      # GELU's backward in the product's epilogue (cuBLASLt DGELU), not a kernel
         self.attn = {}                   # (B, T, NH, K, hs, fast) -> attention implementation
         self._decode_scores = {}         # (B, NH, maxT) -> attention_decode's fp32 scores (B*NH*maxT)
         self.capturing = False
@@ -344,9 +343,7 @@ class CUDABackend:
     def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None):
         OC, K = w.shape
         M = inp.size // K
-        if dinp is not None and gelu_pre is not None and self.dgelu_epilogue:  # in the product's epilogue
-            self.gemm.mm(dinp, dout, w, M, K, OC, epilogue="dgelu", aux=gelu_pre)
-        elif dinp is not None:  # dinp = dout @ w, then times gelu'(gelu_pre) in place
+        if dinp is not None:  # dinp = dout @ w, then times gelu'(gelu_pre) in place
             self.gemm.mm(dinp, dout, w, M, K, OC)
             if gelu_pre is not None:
                 n = dinp.size

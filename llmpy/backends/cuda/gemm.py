@@ -203,10 +203,9 @@ class Gemm:
            bias=None, epilogue="default", aux=None, accumulate=False, batch=1, stride_x=0, stride_y=0,
            stride_o=0, stream=None, out_fp32=False):
         """out (M, N) [+]= op(x) @ op(y) (+ bias over N) with an optional epilogue:
-        'gelu': out = gelu(. + bias), aux = the pre-GELU values (M, N). 'dgelu' (GELU's backward): out = (.) *
-        gelu'(aux), aux the pre-GELU values (M, N) (round 1 measured it at 2.2 ms/layer on d12 against 1.2 for a
-        plain product and our GELU-backward kernel, with the heuristic's first algorithm; the backend's
-        dgelu_epilogue switch).
+        'gelu': out = gelu(. + bias), aux = the pre-GELU values (M, N). (cuBLASLt's DGELU epilogue for the
+        backward is slower than a plain product and our GELU-backward kernel: 2.2 against 1.2 ms/layer on d12 in
+        round 1; a d48 step 168.1 -> 181.9 ms even with --tune-gemm's choice, 2026-11-30. Not used.)
         Leading dimensions default to the contiguous ones; batch > 1 runs strided batched products. out_fp32: out
         (and the accumulated C) is fp32 whatever the operands' dtype (bf16 x bf16 -> fp32: BitLinear's backward).
         Integer operands go through mm_int8."""
@@ -215,7 +214,7 @@ class Gemm:
         ldy = ldy or (K if transy else N)
         ldo = ldo or N
         E = self.E
-        epi = {"default": E.DEFAULT, "gelu": E.GELU_AUX, "dgelu": E.DGELU}[epilogue]
+        epi = {"default": E.DEFAULT, "gelu": E.GELU_AUX}[epilogue]
         if bias is not None:
             epi = {E.DEFAULT: E.BIAS, E.GELU_AUX: E.GELU_AUX_BIAS}[epi]
         align = (_align(y), _align(x), _align(out), _align(out))
