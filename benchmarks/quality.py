@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -51,6 +52,8 @@ def run_llmpy(args, init, train_glob, val_glob, out, variant="master") -> tuple[
     h = hashlib.sha256()
     for k in sorted(ck.compute_bf16):
         h.update(ck.compute_bf16[k].tobytes())
+    del ck
+    shutil.rmtree(out)  # a d48 run's checkpoint is ~22 GB: one at a time on the device's disk
     return res.val_losses[-1][1], seconds, h.hexdigest()[:16]
 
 
