@@ -9,6 +9,10 @@
 #      LLMC_BUILD_ONLY=1 (build, no runs), LLMC_SHIM=0 (no CUDA 13 compatibility pre-include).
 # Results in $OUT: llmc_summary.txt, llmc.json ({"d12": {"tok_s", "peak_gib", ...}, ...}), llmc_build.log,
 # llmc_logs.tgz (run logs, nvidia-smi samples). Exits 1 with "LLMC FAILED: ..." when the build or a run fails.
+# Setting up third_party/ (ignored by git; on a machine with the two repositories cloned):
+#   git -C llm.c archive --prefix=llm.c/ f1e2ace651495b74ae22d45d1723443fd00ecd3a | tar x -C third_party
+#   git -C cudnn-frontend archive --prefix=cudnn-frontend-include/ v1.18.0 include | tar x -C third_party
+# (frontend releases after v1.18.0 need nvrtc.h, which this toolkit lacks.)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=$PWD
