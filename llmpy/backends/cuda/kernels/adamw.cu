@@ -28,7 +28,8 @@ template <> __device__ __forceinline__ float store_as<float>(float x, unsigned i
 template <> __device__ __forceinline__ bf16 store_as<bf16>(float x, unsigned int r) { return round_bf16_bits(x, r); }
 
 // The update's square root and division in their hardware approximations (a couple of ulp, deterministic): the
-// IEEE forms took ~20 more instructions an element, and the kernel is bound by instruction issue as much as by HBM
+// IEEE forms cost ~20 more instructions an element, and by its instruction count (~85 an element, ~4 ms of issue on
+// d48) the kernel is near issue-bound as well as HBM-bound (an estimate; the change was not timed on its own)
 __device__ __forceinline__ float sqrt_approx(float x) {
     float r;
     asm("sqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
