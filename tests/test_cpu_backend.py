@@ -60,6 +60,21 @@ def test_matmul_backward_blocked_is_bitwise_the_layer(be, gelu):
     assert np.array_equal(dinp, rdinp) and np.array_equal(dw, rdw) and np.array_equal(db, rdb)
 
 
+def test_matmul_backward_gelu_db_is_the_next_layers_bias_sum(be):
+    """gelu_db (the bias gradient of the product below, summed with the GELU backward) is bitwise the sum that
+    product's own matmul_backward forms from the same dinp."""
+    x, w, dout, pre = r(3, 11, 12), r(48, 12), r(3, 11, 48), r(3, 11, 12) * 2
+    dinp, dw, gdb = np.full((3, 11, 12), np.nan, np.float32), r(48, 12), r(12)
+    rdinp, rdw, rgdb, gdb0 = np.empty_like(dinp), dw.copy(), gdb.copy(), gdb.copy()
+    be.matmul_backward(dinp, dw, None, dout, x, w, gelu_pre=pre, gelu_db=gdb)
+    be.matmul_backward(rdinp, rdw, None, dout, x, w, gelu_pre=pre)
+    be.matmul_backward(None, r(12, 5), rgdb, rdinp, r(3, 11, 5), r(12, 5))  # the layer below's bias sum
+    assert np.array_equal(dinp, rdinp) and np.array_equal(dw, rdw)
+    assert np.array_equal(gdb, rgdb) and not np.array_equal(gdb, gdb0)
+    with pytest.raises(ValueError, match="gelu_pre"):
+        be.matmul_backward(dinp, dw, None, dout, x, w, gelu_db=gdb)
+
+
 def test_classifier_blocked_is_bitwise_the_layer(be):
     N, V = 3 * 11, 37
     logits, t = r(3, 11, 64) * 4, RNG.integers(0, V, (3, 11))

@@ -242,6 +242,34 @@ def test_matmul(be, gelu):
     check(be, db, rdb)
 
 
+def test_gelu_backward_with_bias_sums(be):
+    """matmul_backward(gelu_pre=, gelu_db=): the GELU backward fused with the column sums of its result (the
+    bias gradient of the product below) against NumPy, and bitwise against the two-kernel path (GELU backward,
+    then the product below's own bias sum). Rows not a multiple of the 256-row chunks, 4 chunks and a tail."""
+    r = rng()
+    M, K, OC = 3 * 256 + 40, 136, 64
+    x, w, dout = (rounded(be, r.standard_normal(s) * 0.5) for s in ((M, K), (OC, K), (M, OC)))
+    prex = rounded(be, r.standard_normal((M, K)) * 2)
+    db0 = rounded(be, r.standard_normal(K))
+    be.plan_workspace(_shapes(4, 256, K, 4, bias_widths=(K, OC)))  # 1024 rows of partials
+    dinp, gdb = poison(be, (M, K)), dev(be, db0)
+    be.matmul_backward(dinp, dev(be, np.zeros((OC, K))), None, dev(be, dout), dev(be, x), dev(be, w),
+                       gelu_pre=dev(be, prex), gelu_db=gdb)
+    rdi, rdw = np.empty((M, K)), np.zeros((OC, K))
+    Lr.matmul_backward(rdi, rdw, None, dout, x, w)
+    Lr.gelu_backward(rdi, prex, rdi)
+    check(be, dinp, rdi)
+    check(be, gdb, db0 + rdi.sum(0))
+    # the two-kernel path: the same dinp and the same bias sums, bit for bit
+    dinp2, gdb2 = poison(be, (M, K)), dev(be, db0)
+    be.matmul_backward(dinp2, dev(be, np.zeros((OC, K))), None, dev(be, dout), dev(be, x), dev(be, w),
+                       gelu_pre=dev(be, prex))
+    be.matmul_backward(None, dev(be, np.zeros((K, 8))), gdb2, dinp2, dev(be, np.zeros((M, 8))),
+                       dev(be, np.zeros((K, 8))))
+    assert np.array_equal(host(be, dinp), host(be, dinp2))
+    assert np.array_equal(host(be, gdb), host(be, gdb2))
+
+
 @pytest.mark.parametrize("NH,K", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("impl", ["fallback", "cudnn"])
 def test_attention(be, impl, NH, K):

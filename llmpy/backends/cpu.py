@@ -193,13 +193,18 @@ class CPUBackend:
             Lr.matmul_forward(gelu_pre, inp, w, b)
             self.gelu_forward(out, gelu_pre)
 
-    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None):
-        # gelu_pre given: dinp = (dout @ w) * gelu'(gelu_pre), the GELU backward of the layer below
+    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None):
+        # gelu_pre given: dinp = (dout @ w) * gelu'(gelu_pre), the GELU backward of the layer below; gelu_db: its
+        # bias gradient += the column sums of that dinp (the sums the layer below's matmul_backward would form)
         Lr.matmul_backward(dinp, dw, db, dout, inp, w, scratch=self.ws)
         if gelu_pre is not None:
             d, x = dinp.reshape(-1), gelu_pre.reshape(-1)
             for i in blocks(d.size, BLOCK):
                 Lr.gelu_backward(d[i], x[i], d[i], scratch=self.ws)
+            if gelu_db is not None:
+                Lr.colsum_add(gelu_db, dinp, scratch=self.ws)
+        elif gelu_db is not None:
+            raise ValueError("gelu_db needs gelu_pre")
 
     def bitlinear_forward(self, out, rstd, inp, w, gamma, eps, w_rows=None):
         Lr.bitlinear_forward(out, rstd, inp, w, gamma, eps, w_rows)

@@ -122,10 +122,12 @@ class Backend(Protocol):
         """out (N, OC) = inp (N, K) @ w (OC, K).T + b (OC,) or no bias (b None). With gelu_pre (N, OC): that
         product is saved there and out = gelu(gelu_pre) (tanh GELU)."""
 
-    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None) -> None:
+    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None) -> None:
         """dinp (N, K) = dout (N, OC) @ w (None: not formed); dw (OC, K) += dout.T @ inp; db (OC,) += column sums
         of dout (None: no bias). With gelu_pre: dinp *= gelu'(gelu_pre), the GELU backward of the layer below
-        (gelu_pre then has dinp's shape)."""
+        (gelu_pre then has dinp's shape); with gelu_db (K,) as well: gelu_db += the column sums of that dinp, the
+        bias gradient of the product below (whose own backward then passes db=None): the same sums, formed while
+        dinp is in hand (one read of it fewer on a GPU)."""
 
     def gelu_forward(self, out, inp) -> None:
         """out = gelu(inp) (tanh form), any shape."""

@@ -8,7 +8,7 @@ checks). Optional `scratch` arguments let a caller pass preallocated temporaries
 """
 from .encoder import encoder_forward, encoder_backward
 from .layernorm import layernorm_forward, layernorm_backward
-from .matmul import matmul_forward, matmul_backward
+from .matmul import matmul_forward, matmul_backward, colsum_add
 from .gelu import gelu_forward, gelu_backward
 from .residual import residual_forward, residual_backward
 from .attention import attention_forward, attention_backward, attention_decode
@@ -23,7 +23,7 @@ from .mlgru import mlgru_forward, mlgru_backward, lower_bounds_forward, lower_bo
 
 __all__ = [
     "encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward",
-    "matmul_forward", "matmul_backward", "gelu_forward", "gelu_backward", "residual_forward",
+    "matmul_forward", "matmul_backward", "colsum_add", "gelu_forward", "gelu_backward", "residual_forward",
     "residual_backward", "attention_forward", "attention_backward", "attention_decode", "crossentropy_forward",
     "fused_classifier", "adamw_update", "rmsnorm_forward", "rmsnorm_backward", "rope_forward", "rope_backward",
     "rope_frequencies", "rope_table", "swiglu_forward", "swiglu_backward", "bitlinear_forward", "bitlinear_backward",

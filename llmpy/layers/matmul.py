@@ -22,10 +22,20 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, scratch=None):
     if dinp is not None:
         np.matmul(d2, weight, out=dinp.reshape(-1, K))
     s = buf(scratch, (OC * K + OC + N,), weight.dtype)
-    tmp, vb, ones = s[:OC * K].reshape(OC, K), s[OC * K:OC * K + OC], s[OC * K + OC:]
+    tmp = s[:OC * K].reshape(OC, K)
     np.matmul(d2.T, x2, out=tmp)
     dweight += tmp
     if dbias is not None:
-        ones[...] = 1.0
-        np.matmul(ones, d2, out=vb)            # the column sums of dout, as a GEMV (3x np.add.reduce's speed)
-        dbias += vb
+        colsum_add(dbias, d2, scratch=s[OC * K:])
+
+
+def colsum_add(dbias, x, scratch=None):
+    # dbias (C,) += the column sums of x (..., C), as a GEMV with a vector of ones (3x np.add.reduce's speed);
+    # scratch: C + N elements, N = rows
+    C = dbias.shape[0]
+    x2 = x.reshape(-1, C)
+    s = buf(scratch, (C + x2.shape[0],), x2.dtype)
+    vb, ones = s[:C], s[C:]
+    ones[...] = 1.0
+    np.matmul(ones, x2, out=vb)
+    dbias += vb

@@ -216,9 +216,10 @@ class GPT2(Model):
                 be.layernorm_forward(self._ln2(l), s["ln2_mean"][l], s["ln2_rstd"][l], a["residual2"][l],
                                      p["ln2w"][l], p["ln2b"][l])
             # MLP: dres flows unchanged into fcproj's output (the residual add)
+            # (fc's bias gradient is summed with the GELU backward, while dbt4c is in hand: gelu_db)
             be.matmul_backward(dbt4c, g["fcprojw"][l], g["fcprojb"][l], dres, self._fch_gelu(l), p["fcprojw"][l],
-                               gelu_pre=a["fch"][l])
-            be.matmul_backward(dbtc, g["fcw"][l], g["fcb"][l], dbt4c, self._ln2(l), p["fcw"][l])
+                               gelu_pre=a["fch"][l], gelu_db=g["fcb"][l])
+            be.matmul_backward(dbtc, g["fcw"][l], None, dbt4c, self._ln2(l), p["fcw"][l])
             be.layernorm_backward(dres, g["ln2w"][l], g["ln2b"][l], dbtc, a["residual2"][l], p["ln2w"][l],
                                   s["ln2_mean"][l], s["ln2_rstd"][l])
             # attention

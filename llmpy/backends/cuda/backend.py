@@ -340,12 +340,22 @@ class CUDABackend:
         else:  # out = gelu(inp @ w.T + b), gelu_pre = inp @ w.T + b  (cuBLASLt GELU_AUX_BIAS epilogue)
             self.gemm.mm(out, inp, w, M, OC, K, transy=True, bias=b, epilogue="gelu", aux=gelu_pre)
 
-    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None):
+    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None):
         OC, K = w.shape
         M = inp.size // K
-        if dinp is not None:  # dinp = dout @ w, then times gelu'(gelu_pre) in place
+        if gelu_db is not None and (gelu_pre is None or dinp is None):
+            raise ValueError("gelu_db needs gelu_pre and dinp")
+        if dinp is not None:  # dinp = dout @ w, then times gelu'(gelu_pre) in place (+ its column sums: gelu_db)
             self.gemm.mm(dinp, dout, w, M, K, OC)
-            if gelu_pre is not None:
+            if gelu_db is not None:
+                chunks = cdiv(M, _CHUNK_ROWS)
+                self._check_colsum(chunks, K)
+                self.k["gelu"].gelu_backward_colsum(self._colsum_grid(dinp, K, chunks), (32 * _COLSUM_WARPS,),
+                                                    (self.colsum_part, dinp, gelu_pre, np.int32(M), np.int32(K),
+                                                     np.int32(_CHUNK_ROWS)))
+                self.k["matmul"].colsum_finalize((cdiv(K, 128),), (128,), (gelu_db, self.colsum_part,
+                                                                          np.int32(chunks), np.int32(K), np.int32(K)))
+            elif gelu_pre is not None:
                 n = dinp.size
                 self.k["gelu"].gelu_backward_inplace((cdiv(n // (16 // dinp.itemsize), 256),), (256,),
                                                      (dinp, gelu_pre, np.int64(n)))
