@@ -1,0 +1,284 @@
+"""Candidate versions of three memory-bound kernels against the shipped ones, in isolation on one GPU, at the sizes
+the GPT-2 / Llama benchmarks run them (a kernel is changed in llmpy only after it wins here and in the step).
+
+    python benchmarks/kernel_variants.py [--reps 30] [--json out.json]
+
+1. Classifier (softmax + cross-entropy + dlogits in place; shipped: kernels/classifier.cu, two passes over each
+   row, the second hoping for L2). Candidates: `cls_regs` (each thread keeps its packs of the row in registers:
+   one read of the row, one block of 1024 threads per SM) and `cls_smem` (the row staged in shared memory, 100 KB:
+   one read of the row, two blocks per SM) and `cls_2pass` (the shipped two passes held to 32 registers: two blocks
+   per SM; shipped uses 40, so one). All must give the shipped losses and dlogits bit for bit.
+2. AdamW, bf16 weights and moments (shipped: kernels/adamw.cu). Not candidates but bounds: `adamw_traffic` moves
+   the same bytes with almost no arithmetic (the HBM floor); `adamw_cheaphash` is the shipped kernel with its
+   hash replaced by one multiply (how much of its time the instruction count costs); `adamw_lb6` is the
+   shipped kernel held to 40 registers (75% occupancy instead of 50%).
+3. GELU backward + the bias sum of its result: shipped two kernels (gelu_backward_inplace, colsum_partial) against
+   the fused gelu_backward_colsum (both then colsum_finalize).
+
+Times: CUDA events around `reps` back-to-back launches, after a warm-up, median of 5 such groups; GB/s counts the
+bytes each must move at least (reads + writes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS_SRC = r"""
+struct MaxSum2 { float m, s; };
+__device__ __forceinline__ MaxSum2 combine2(MaxSum2 a, MaxSum2 b) {
+    float m = fmaxf(a.m, b.m);
+    if (m == -INFINITY) return {m, 0.0f};
+    return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+}
+__device__ MaxSum2 block_maxsum2(MaxSum2 v) {
+    __shared__ float bm[32], bs[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    for (int o = 16; o > 0; o >>= 1)
+        v = combine2(v, {__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)});
+    __syncthreads();
+    if (lane == 0) { bm[warp] = v.m; bs[warp] = v.s; }
+    __syncthreads();
+    v = lane < nwarps ? MaxSum2{bm[lane], bs[lane]} : MaxSum2{-INFINITY, 0.0f};
+    for (int o = 16; o > 0; o >>= 1)
+        v = combine2(v, {__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)});
+    return v;
+}
+// the shipped pass-1 step for one pack (same arithmetic, so the same bits)
+template <class T>
+__device__ __forceinline__ void cls_step(MaxSum2& acc, const Pack<T>& p, int i, int V) {
+    constexpr int N = Pack<T>::N;
+    float mx = -INFINITY;
+    bool nan = false;
+#pragma unroll
+    for (int k = 0; k < N; k++)
+        if (i + k < V) { const float v = to_f(p.v[k]); mx = fmaxf(mx, v); nan |= v != v; }
+    const float m = fmaxf(acc.m, mx);
+    if (m == -INFINITY) { if (nan) acc.s = __int_as_float(0x7fc00000); return; }
+    float s = acc.s * __expf(acc.m - m);
+#pragma unroll
+    for (int k = 0; k < N; k++)
+        if (i + k < V) s += __expf(to_f(p.v[k]) - m);
+    acc = {m, s};
+}
+template <class T>
+__device__ __forceinline__ Pack<T> cls_grad(const Pack<T>& p, int i, int V, int tgt, float mx, float inv, float dloss) {
+    constexpr int N = Pack<T>::N;
+    Pack<T> o;
+#pragma unroll
+    for (int k = 0; k < N; k++) {
+        int v = i + k;
+        float g = v < V ? (__expf(to_f(p.v[k]) - mx) * inv - (v == tgt ? 1.0f : 0.0f)) * dloss : 0.0f;
+        o.v[k] = from_f<T>(g);
+    }
+    return o;
+}
+// P packs a thread in registers (Vp <= blockDim * N * P)
+template <class T, int P>
+__global__ void __launch_bounds__(1024, 1) cls_regs(T* logits, float* losses, const int* targets, float dloss, int V, int Vp) {
+    constexpr int N = Pack<T>::N;
+    T* x = logits + (long long)blockIdx.x * Vp;
+    Pack<T> q[P];
+#pragma unroll
+    for (int j = 0; j < P; j++) { const int i = (threadIdx.x + j * blockDim.x) * N; if (i < Vp) q[j] = load16(x + i); }
+    MaxSum2 acc = {-INFINITY, 0.0f};
+#pragma unroll
+    for (int j = 0; j < P; j++) { const int i = (threadIdx.x + j * blockDim.x) * N; if (i < V) cls_step(acc, q[j], i, V); }
+    acc = block_maxsum2(acc);
+    const int tgt = targets[blockIdx.x];
+    const float xt = to_f(x[tgt]);
+    __syncthreads();
+    if (threadIdx.x == 0) losses[blockIdx.x] = acc.m + logf(acc.s) - xt;
+    const float inv = 1.0f / acc.s;
+#pragma unroll
+    for (int j = 0; j < P; j++) {
+        const int i = (threadIdx.x + j * blockDim.x) * N;
+        if (i < Vp) store16(x + i, cls_grad(q[j], i, V, tgt, acc.m, inv, dloss));
+    }
+}
+// the shipped two passes, held to 32 registers so that two blocks of 1024 threads share an SM (shipped: 40)
+template <class T>
+__global__ void __launch_bounds__(1024, 2) cls_2pass(T* logits, float* losses, const int* targets, float dloss, int V, int Vp) {
+    constexpr int N = Pack<T>::N;
+    T* x = logits + (long long)blockIdx.x * Vp;
+    MaxSum2 acc = {-INFINITY, 0.0f};
+    for (int i = threadIdx.x * N; i < V; i += blockDim.x * N) cls_step(acc, load16(x + i), i, V);
+    acc = block_maxsum2(acc);
+    const int tgt = targets[blockIdx.x];
+    const float xt = to_f(x[tgt]);
+    __syncthreads();
+    if (threadIdx.x == 0) losses[blockIdx.x] = acc.m + logf(acc.s) - xt;
+    const float inv = 1.0f / acc.s;
+    for (int i = threadIdx.x * N; i < Vp; i += blockDim.x * N) store16(x + i, cls_grad(load16(x + i), i, V, tgt, acc.m, inv, dloss));
+}
+// the row staged in shared memory (Vp * sizeof(T) bytes of dynamic shared memory)
+template <class T>
+__global__ void __launch_bounds__(1024, 2) cls_smem(T* logits, float* losses, const int* targets, float dloss, int V, int Vp) {
+    constexpr int N = Pack<T>::N;
+    extern __shared__ __align__(16) unsigned char row_sh[];
+    T* sh = reinterpret_cast<T*>(row_sh);
+    T* x = logits + (long long)blockIdx.x * Vp;
+    MaxSum2 acc = {-INFINITY, 0.0f};
+    for (int i = threadIdx.x * N; i < Vp; i += blockDim.x * N) {
+        const Pack<T> p = load16(x + i);
+        *reinterpret_cast<Pack<T>*>(sh + i) = p;
+        if (i < V) cls_step(acc, p, i, V);
+    }
+    acc = block_maxsum2(acc);
+    const int tgt = targets[blockIdx.x];
+    const float xt = to_f(sh[tgt]);
+    if (threadIdx.x == 0) losses[blockIdx.x] = acc.m + logf(acc.s) - xt;
+    const float inv = 1.0f / acc.s;
+    for (int i = threadIdx.x * N; i < Vp; i += blockDim.x * N)
+        store16(x + i, cls_grad(*reinterpret_cast<const Pack<T>*>(sh + i), i, V, tgt, acc.m, inv, dloss));
+}
+// AdamW's bytes (bf16 p, g, m, v read; p, m, v written) with next to no arithmetic: the HBM floor
+__global__ void adamw_traffic(__nv_bfloat16* p, const __nv_bfloat16* g, __nv_bfloat16* m, __nv_bfloat16* v, long long n) {
+    typedef __nv_bfloat16 T;
+    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i + 8 > n) return;
+    Pack<T> a = load16_cs(p + i), b = load16_cs(g + i), c = load16_cs(m + i), d = load16_cs(v + i);
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        const float gk = to_f(b.v[k]);
+        a.v[k] = from_f<T>(to_f(a.v[k]) - 1e-3f * gk);
+        c.v[k] = from_f<T>(to_f(c.v[k]) + gk);
+        d.v[k] = from_f<T>(to_f(d.v[k]) + gk * gk);
+    }
+    store16(p + i, a); store16(m + i, c); store16(v + i, d);
+}
+"""
+
+
+def timed(cp, launch, reps):
+    launch()
+    cp.cuda.Device().synchronize()
+    a, b = cp.cuda.Event(), cp.cuda.Event()
+    out = []
+    for _ in range(5):
+        a.record()
+        for _ in range(reps):
+            launch()
+        b.record()
+        b.synchronize()
+        out.append(cp.cuda.get_elapsed_time(a, b) / reps)
+    return statistics.median(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    from llmpy.backends.cuda.backend import CUDABackend
+    from llmpy.backends.cuda.runtime import KERNELS, cdiv, module
+    import cupy as cp
+    be = CUDABackend("bf16")
+    T = be.act_dtype
+    common = (KERNELS / "common.cuh").read_text().replace("#pragma once", "")
+    adamw_src = (KERNELS / "adamw.cu").read_text().replace('#include "common.cuh"', "")
+    cheap = adamw_src.replace("hash_u32(", "cheap_u32(").replace("adamw_bf16_moments", "adamw_cheaphash") \
+        .replace("__global__ void adamw(", "__global__ void adamw_cheap_f32(")
+    cheap = cheap[:cheap.index("// The global gradient norm")]
+    cheap = "__device__ __forceinline__ unsigned int cheap_u32(unsigned int x) { return x * 0x9e3779b1u; }\n" + cheap
+    bf = "__nv_bfloat16"
+    exprs = [f"cls_regs<{bf}, 7>", f"cls_smem<{bf}>", f"cls_2pass<{bf}>", "adamw_traffic", f"adamw_cheaphash<{bf}>"]
+    cc = cp.cuda.Device().compute_capability
+    mod = cp.RawModule(code=common + VARIANTS_SRC + cheap, options=("-std=c++17", f"-arch=sm_{cc}"),
+                       name_expressions=exprs)
+    fn = {e: mod.get_function(e) for e in exprs}
+    # the shipped AdamW held to 40 registers (6 blocks of 256 threads an SM instead of 4): its own module
+    lb = adamw_src[:adamw_src.index("// The global gradient norm")].replace(
+        "__global__ void adamw_bf16_moments(", "__global__ void __launch_bounds__(256, 6) adamw_lb6(")
+    fn["adamw_lb6"] = cp.RawModule(code=common + lb, options=("-std=c++17", f"-arch=sm_{cc}"),
+                                   name_expressions=[f"adamw_lb6<{bf}>"]).get_function(f"adamw_lb6<{bf}>")
+    res = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "reps": args.reps, "rows": []}
+    rng = np.random.default_rng(0)
+
+    def row(group, name, ms, nbytes, **kw):
+        r = {"group": group, "kernel": name, "ms": round(ms, 4), "GB/s": round(nbytes / ms / 1e6, 1), **kw}
+        res["rows"].append(r)
+        print(f"{group:10s} {name:34s} {ms:8.4f} ms {r['GB/s']:8.1f} GB/s {kw if kw else ''}", flush=True)
+
+    # 1. classifier: one chunk of the d12 LM head (8192 rows of the padded GPT-2 vocabulary)
+    k_cls = module("classifier", "bf16")
+    for rows, V, Vp in ((8192, 50257, 50304),):
+        src = cp.asarray(rng.standard_normal((rows, Vp), dtype=np.float32) * 3).astype(T)
+        tg = cp.asarray(rng.integers(0, V, rows).astype(np.int32))
+        buf, losses = cp.empty_like(src), cp.empty(rows, np.float32)
+        dl = np.float32(1.0 / rows)
+        args_k = lambda: (buf, losses, tg, dl, np.int32(V), np.int32(Vp))  # noqa: E731
+        nbytes = 2 * rows * Vp * 2
+
+        def ref():
+            buf[...] = src
+            k_cls.fused_classifier((rows,), (1024,), args_k() + (np.int32(1),))
+            return cp.asnumpy(buf).view(np.uint16), cp.asnumpy(losses)
+        want = ref()
+        # the dlogits overwrite the logits: every timed launch reads what the last one wrote (same bytes moved)
+        row("classifier", "shipped fused_classifier", timed(cp, lambda: k_cls.fused_classifier(
+            (rows,), (1024,), args_k() + (np.int32(1),)), args.reps), nbytes, rows=rows, Vp=Vp)
+        fs = fn[f"cls_smem<{bf}>"]
+        fs.max_dynamic_shared_size_bytes = Vp * 2
+        for name, launch in ((f"cls_regs<{bf}, 7>", lambda: fn[f"cls_regs<{bf}, 7>"]((rows,), (1024,), args_k())),
+                             (f"cls_2pass<{bf}>", lambda: fn[f"cls_2pass<{bf}>"]((rows,), (1024,), args_k())),
+                             (f"cls_smem<{bf}>", lambda: fs((rows,), (1024,), args_k(), shared_mem=Vp * 2))):
+            buf[...] = src
+            launch()
+            same = bool(np.array_equal(cp.asnumpy(buf).view(np.uint16), want[0])
+                        and np.array_equal(cp.asnumpy(losses), want[1]))
+            row("classifier", name, timed(cp, launch, args.reps), nbytes, rows=rows, Vp=Vp, bitwise_same=same)
+
+    # 2. AdamW: a d48 layer's weights (12 * 1600^2 elements), bf16 weights and moments, no master copy
+    k_adam = module("adamw", "bf16")
+    n = 12 * 1600 * 1600
+    p, g, m, v = (cp.asarray(rng.standard_normal(n, dtype=np.float32) * s).astype(T) for s in (0.02, 1e-3, 1e-4, 1e-7))
+    v = cp.abs(v)
+    hp = cp.asarray(np.array([1e-4, 0.9, 0.95, 1e-8, 10.0, 20.0, 1.0, np.uint32(1234).view(np.float32)],
+                             np.float32))
+    norm = cp.asarray(np.array([0.5], np.float32))
+    grid = (cdiv(n // 8, 256),)
+    aargs = (p, np.uint64(0), g, m, v, np.int64(n), hp, norm, np.float32(0.1), np.int64(0), np.int32(1))
+    nbytes = n * 2 * 7
+    row("adamw", "shipped adamw_bf16_moments", timed(cp, lambda: k_adam.adamw_bf16_moments(grid, (256,), aargs),
+                                                     args.reps), nbytes, n=n)
+    row("adamw", "adamw_cheaphash (bound)", timed(cp, lambda: fn[f"adamw_cheaphash<{bf}>"](grid, (256,), aargs),
+                                                 args.reps), nbytes, n=n)
+    row("adamw", "adamw_lb6 (shipped, 40 registers)", timed(cp, lambda: fn["adamw_lb6"](grid, (256,), aargs),
+                                                          args.reps), nbytes, n=n)
+    row("adamw", "adamw_traffic (HBM floor)", timed(cp, lambda: fn["adamw_traffic"](grid, (256,), (p, g, m, v, np.int64(n))),
+                                                   args.reps), nbytes, n=n)
+
+    # 3. GELU backward + bias sums: d12 (65536 x 3072) and d48 (8192 x 6400) fc activations
+    k_gelu, k_mm = module("gelu", "bf16"), module("matmul", "bf16")
+    for M, C in ((65536, 3072), (8192, 6400)):
+        d = cp.asarray(rng.standard_normal((M, C), dtype=np.float32)).astype(T)
+        x = cp.asarray(rng.standard_normal((M, C), dtype=np.float32)).astype(T)
+        chunks = cdiv(M, 256)
+        part, db = cp.zeros(chunks * C, np.float32), cp.zeros(C, T)
+        cgrid = (cdiv(C // 8, 32), chunks)
+
+        def two():
+            k_gelu.gelu_backward_inplace((cdiv(M * C // 8, 256),), (256,), (d, x, np.int64(M * C)))
+            k_mm.colsum_partial(cgrid, (256,), (part, d, np.int32(M), np.int32(C), np.int32(256)))
+            k_mm.colsum_finalize((cdiv(C, 128),), (128,), (db, part, np.int32(chunks), np.int32(C), np.int32(C)))
+
+        def fused():
+            k_gelu.gelu_backward_colsum(cgrid, (256,), (part, d, x, np.int32(M), np.int32(C), np.int32(256)))
+            k_mm.colsum_finalize((cdiv(C, 128),), (128,), (db, part, np.int32(chunks), np.int32(C), np.int32(C)))
+        for name, f, nb in (("shipped two kernels", two, 3 * M * C * 2), ("gelu_backward_colsum", fused, 3 * M * C * 2)):
+            row("gelu_bwd", name, timed(cp, f, args.reps), nb, M=M, C=C)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
