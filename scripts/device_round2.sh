@@ -8,6 +8,7 @@
 #   bench_d12 bench_d48 bench_llama   benchmarks/gpu.py, llmpy vs PyTorch side by side
 #   quality      300-step quality runs (benchmarks/quality.py): d12 optimizer variants and seeds vs PyTorch
 #   quality_d48  the same at d48: the default optimizer and the lean one vs PyTorch
+#   att_plans    every cuDNN plan of the attention backward, deterministic and not, timed
 #   variants     candidate kernels against the shipped ones, in isolation (benchmarks/kernel_variants.py)
 # LEAN="--no-master-weights --moments bf16" is the optimizer the d48 and Llama figures use (override with env LEAN);
 # recompute: R12 (default 0), R48 (1), RL (0); LEAN12 the d12 optimizer flags (default LEAN);
@@ -76,6 +77,9 @@ for st in "$@"; do
     variants)  # candidate kernels against the shipped ones, in isolation (benchmarks/kernel_variants.py)
       timeout 300 python3 benchmarks/kernel_variants.py --json "$OUT/variants.json" > "$OUT/variants.log" 2>&1
       tail -20 "$OUT/variants.log" | tee -a "$OUT/summary.txt" ;;
+    att_plans)  # every cuDNN plan of the attention backward at the benchmark shapes (benchmarks/attention_plans.py)
+      timeout 300 python3 benchmarks/attention_plans.py --json "$OUT/att_plans.json" > "$OUT/att_plans.log" 2>&1
+      tail -40 "$OUT/att_plans.log" | tee -a "$OUT/summary.txt" ;;
     *) echo "unknown stage $st" ;;
   esac
   echo "[$st: $((SECONDS - t0)) s]" | tee -a "$OUT/summary.txt"

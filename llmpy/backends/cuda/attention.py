@@ -46,7 +46,19 @@ class CudnnAttention:
         stats.set_output(True).set_dim([B, NH, T, 1]).set_stride([NH * T, T, 1, 1]).set_data_type(f32)
         self.fwd = _build(g, cudnn)
         self.fwd_t = (q, k, v, o, stats)
-        # backward
+        self.bwd, self.bwd_t = self.backward_graph(deterministic)
+        _build(self.bwd, cudnn, planned=True)
+        self.workspace = cupy.empty(max(self.fwd.get_workspace_size(), self.bwd.get_workspace_size(), 1),
+                                    dtype=cupy.uint8)
+        self.nbytes = self.workspace.nbytes
+
+    def backward_graph(self, deterministic: bool, heur=None):
+        """The backward's cuDNN graph, planned (its ranked plans listed, none built; heuristic modes `heur`, default
+        A then FALLBACK), and its tensors (q, k, v, o, do, stats, dq, dk, dv). benchmarks/attention_plans.py
+        times every plan of it."""
+        cudnn, B, T, NH, K, hs = self.cudnn, self.B, self.T, self.NH, self.K, self.hs
+        bf16, f32 = cudnn.data_type.BFLOAT16, cudnn.data_type.FLOAT
+        dims, kv_dims = [B, NH, T, hs], [B, K, T, hs]
         g = cudnn.pygraph(io_data_type=bf16, intermediate_data_type=f32, compute_data_type=f32, handle=self.handle)
         q = g.tensor(name="q", dim=dims, stride=self.qkv_strides, data_type=bf16)
         k, v = (g.tensor(name=n, dim=kv_dims, stride=self.qkv_strides, data_type=bf16) for n in "kv")
@@ -58,11 +70,8 @@ class CudnnAttention:
                                      use_deterministic_algorithm=deterministic)
         for t, d in ((dq, dims), (dk, kv_dims), (dv, kv_dims)):
             t.set_output(True).set_dim(d).set_stride(self.qkv_strides).set_data_type(bf16)
-        self.bwd = _build(g, cudnn)
-        self.bwd_t = (q, k, v, o, do, stats, dq, dk, dv)
-        self.workspace = cupy.empty(max(self.fwd.get_workspace_size(), self.bwd.get_workspace_size(), 1),
-                                    dtype=cupy.uint8)
-        self.nbytes = self.workspace.nbytes
+        _plan(g, cudnn, heur)
+        return g, (q, k, v, o, do, stats, dq, dk, dv)
 
     @staticmethod
     def state_shape(B, T, NH):
@@ -94,11 +103,17 @@ class CudnnAttention:
                           dq: dp, dk: dp + ko, dv: dp + vo}, self.workspace.data.ptr, handle=self.handle)
 
 
-def _build(g, cudnn):
+def _plan(g, cudnn, heur=None):
     g.validate()
     g.build_operation_graph()
-    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    g.create_execution_plans(heur or [cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
     g.check_support()
+    return g
+
+
+def _build(g, cudnn, planned=False):
+    if not planned:
+        _plan(g, cudnn)
     g.build_plans()
     return g
 
