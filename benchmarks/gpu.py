@@ -39,6 +39,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30, help="timed steps (median); >= 20")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--recompute", type=int, default=1)
+    ap.add_argument("--recompute-keep", type=int, default=0, help="llmpy: the first N layers keep their activations")
     ap.add_argument("--no-master-weights", action="store_true")
     ap.add_argument("--moments", choices=("fp32", "bf16"), default="fp32", help="llmpy: AdamW's moments' dtype")
     ap.add_argument("--no-graph", action="store_true")
@@ -82,7 +83,8 @@ def _without_sides(argv: list[str]) -> list[str]:
 
 def report(args, res):
     print(f"\n{time.strftime('%Y-%m-%d')}  {args.model} B={args.batch} T={args.seq} bf16, "
-          f"median of {args.steps} steps after {args.warmup} warm-up; llmpy: recompute {args.recompute}, "
+          f"median of {args.steps} steps after {args.warmup} warm-up; llmpy: recompute {args.recompute}"
+          f"{f' (keep {args.recompute_keep})' if args.recompute_keep else ''}, "
           f"{'no ' if args.no_master_weights else ''}fp32 master weights, {args.moments} moments"
           f"{', FAST (non-deterministic) attention backward' if args.fast_attention else ''}")
     print("| | tok/s | step ms | peak GiB (framework) | device used GiB | MFU |")
@@ -139,7 +141,7 @@ def measure(args) -> dict:
         be = get_backend("cuda", "bf16")
         be.fast_attention = args.fast_attention
         be.gemm.tune = args.tune_gemm or args.side == "llmpy+tune"
-        model = family_of(cfg).model(cfg, be, B, T, recompute=args.recompute,
+        model = family_of(cfg).model(cfg, be, B, T, recompute=args.recompute, recompute_keep=args.recompute_keep,
                                      master_weights=not args.no_master_weights)
         model.init_weights(0)
         opt = AdamW(model, weight_decay=0.1, moments=args.moments)

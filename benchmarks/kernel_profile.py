@@ -269,7 +269,8 @@ def _train(args, cfg, be, job):
     from llmpy.train.step import TrainStep
     B, T = args.batch, args.seq
     be.gemm.tune = args.tune_gemm
-    model = family_of(cfg).model(cfg, be, B, T, recompute=args.recompute, master_weights=not args.no_master_weights)
+    model = family_of(cfg).model(cfg, be, B, T, recompute=args.recompute, recompute_keep=args.recompute_keep,
+                                 master_weights=not args.no_master_weights)
     model.init_weights(0)
     opt = AdamW(model, weight_decay=0.1, moments=args.moments)
     graph = job["mode"] == "graph"
@@ -420,6 +421,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8, help="train: micro-batch B")
     ap.add_argument("--seq", type=int, default=2048, help="train: sequence length T")
     ap.add_argument("--recompute", type=int, default=0, help="train: the family's recompute level")
+    ap.add_argument("--recompute-keep", type=int, default=0, help="train: the first N layers keep their activations")
     ap.add_argument("--no-master-weights", action="store_true", help="train: no fp32 master copy")
     ap.add_argument("--moments", choices=("fp32", "bf16"), default="fp32", help="train: AdamW's moments' dtype")
     ap.add_argument("--tune-gemm", action="store_true", help="train: time cuBLASLt's top algorithms per shape")
@@ -446,7 +448,7 @@ def main(argv=None):
     if args.what == "train" and args.packed != "no":
         raise SystemExit("--packed is for --what decode (a packed model does not train)")
     base = ["--model", args.model, "--what", args.what, "--batch", str(args.batch), "--seq", str(args.seq),
-            "--recompute", str(args.recompute), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--recompute", str(args.recompute), "--recompute-keep", str(args.recompute_keep), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--tokens", str(args.tokens), "--warmup-tokens", str(args.warmup_tokens),
             "--name-width", str(args.name_width), "--moments", args.moments] + (
                 ["--trace-dir", args.trace_dir] if args.trace_dir else []) + (

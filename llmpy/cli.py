@@ -95,6 +95,8 @@ def _train_parser(sub) -> None:
     a("--dtype", choices=["fp32", "bf16"], help="default fp32 on the CPU, bf16 on the GPU")
     a("--recompute", type=int, choices=[0, 1, 2], help="trade compute for activation memory (GPT-2: 1 recomputes "
       "GELU, 2 also the LayerNorms, in backward; default 1 on the GPU, 0 on the CPU)")
+    a("--recompute-keep", type=int, metavar="N", help="with --recompute 1 or 2: the first N layers keep what they "
+      "would recompute (memory for speed, in between the levels; the same numbers; default 0)")
     a("--no-master-weights", dest="master_weights", action="store_const", const=False,
       help="bf16: no fp32 master copy; AdamW writes the bf16 weights with stochastic rounding (less memory)")
     a("--moments", choices=["fp32", "bf16"], help="AdamW's two moments: fp32, or bf16 with stochastic rounding "

@@ -11,7 +11,7 @@
 #   att_plans    every cuDNN plan of the attention backward, deterministic and not, timed
 #   variants     candidate kernels against the shipped ones, in isolation (benchmarks/kernel_variants.py)
 # LEAN="--no-master-weights --moments bf16" is the optimizer the d48 and Llama figures use (override with env LEAN);
-# recompute: R12 (default 0), R48 (1), RL (0); LEAN12 the d12 optimizer flags (default LEAN);
+# recompute: R12 (default 0), R48 (1), RL (0), with --recompute-keep K12, K48, KL (0); LEAN12 the d12 optimizer flags (default LEAN);
 # SIDES=llmpy skips the PyTorch side of the benchmarks (SIDES=llmpy,llmpy+tune,torch adds a --tune-gemm side);
 # TUNE=--tune-gemm profiles with tuned products. Results: $OUT/summary.txt and $OUT/round2.tgz (the rest).
 set -u
@@ -20,6 +20,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 LLMPY_CAC
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LEAN=${LEAN:---no-master-weights --moments bf16}
 R48=${R48:-1}; RL=${RL:-0}; R12=${R12:-0}; LEAN12=${LEAN12-$LEAN}
+K12=${K12:-0}; K48=${K48:-0}; KL=${KL:-0}  # --recompute-keep (the first N layers keep their activations)
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee -a "$OUT/summary.txt"
 for st in "$@"; do
   t0=$SECONDS
@@ -41,30 +42,30 @@ for st in "$@"; do
       grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/tune_tests.log" | head -30 | tee -a "$OUT/summary.txt"
       echo "tune tests: $(tail -1 "$OUT/tune_tests.log")" | tee -a "$OUT/summary.txt" ;;
     prof_d12)
-      timeout 300 python3 benchmarks/kernel_profile.py --what train --model d12 --batch 64 --seq 1024 --recompute $R12 \
+      timeout 300 python3 benchmarks/kernel_profile.py --what train --model d12 --batch 64 --seq 1024 --recompute $R12 --recompute-keep $K12 \
         ${TUNE:-} --mode eager --top 45 --json "$OUT/prof_d12.json" > "$OUT/prof_d12.txt" 2>&1; tail -4 "$OUT/prof_d12.txt" ;;
     prof_d48)
-      timeout 300 python3 benchmarks/kernel_profile.py --what train --model d48 --batch 8 --seq 1024 --recompute $R48 \
+      timeout 300 python3 benchmarks/kernel_profile.py --what train --model d48 --batch 8 --seq 1024 --recompute $R48 --recompute-keep $K48 \
         $LEAN ${TUNE:-} --mode eager --top 45 --json "$OUT/prof_d48.json" > "$OUT/prof_d48.txt" 2>&1; tail -4 "$OUT/prof_d48.txt" ;;
     graph_d48)  # sustained: 20 graph-replayed warm-up steps, then 10 profiled
-      timeout 300 python3 benchmarks/kernel_profile.py --what train --model d48 --batch 8 --seq 1024 --recompute $R48 \
+      timeout 300 python3 benchmarks/kernel_profile.py --what train --model d48 --batch 8 --seq 1024 --recompute $R48 --recompute-keep $K48 \
         $LEAN ${TUNE:-} --mode graph --steps 10 --warmup 20 --top 45 --json "$OUT/graph_d48.json" > "$OUT/graph_d48.txt" 2>&1
       tail -3 "$OUT/graph_d48.txt" | tee -a "$OUT/summary.txt" ;;
     prof_llama)
       timeout 300 python3 benchmarks/kernel_profile.py --what train --model llama3.2:1b --batch 8 --seq 2048 \
-        --recompute $RL $LEAN ${TUNE:-} --mode eager --top 45 --json "$OUT/prof_llama.json" > "$OUT/prof_llama.txt" 2>&1
+        --recompute $RL --recompute-keep $KL $LEAN ${TUNE:-} --mode eager --top 45 --json "$OUT/prof_llama.json" > "$OUT/prof_llama.txt" 2>&1
       tail -4 "$OUT/prof_llama.txt" ;;
     bench_d12)
-      timeout 400 python3 benchmarks/gpu.py --model d12 --batch 64 --seq 1024 --steps 20 --warmup 8 --recompute $R12 \
+      timeout 400 python3 benchmarks/gpu.py --model d12 --batch 64 --seq 1024 --steps 20 --warmup 8 --recompute $R12 --recompute-keep $K12 \
         $LEAN12 ${SIDES:+--sides $SIDES} --json "$OUT/bench_d12.json" > "$OUT/bench_d12.log" 2>&1
       tail -30 "$OUT/bench_d12.log" | tee -a "$OUT/summary.txt" ;;
     bench_d48)
-      timeout 400 python3 benchmarks/gpu.py --model d48 --batch 8 --seq 1024 --steps 20 --warmup 6 --recompute $R48 \
+      timeout 400 python3 benchmarks/gpu.py --model d48 --batch 8 --seq 1024 --steps 20 --warmup 6 --recompute $R48 --recompute-keep $K48 \
         $LEAN ${SIDES:+--sides $SIDES} --json "$OUT/bench_d48.json" > "$OUT/bench_d48.log" 2>&1
       tail -30 "$OUT/bench_d48.log" | tee -a "$OUT/summary.txt" ;;
     bench_llama)
       timeout 400 python3 benchmarks/gpu.py --model llama3.2:1b --batch 8 --seq 2048 --steps 20 --warmup 6 \
-        --recompute $RL $LEAN ${SIDES:+--sides $SIDES} --json "$OUT/bench_llama.json" > "$OUT/bench_llama.log" 2>&1
+        --recompute $RL --recompute-keep $KL $LEAN ${SIDES:+--sides $SIDES} --json "$OUT/bench_llama.json" > "$OUT/bench_llama.log" 2>&1
       tail -30 "$OUT/bench_llama.log" | tee -a "$OUT/summary.txt" ;;
     quality)
       timeout 400 python3 benchmarks/quality.py --model d12 --steps 300 --batch 8 --seq 1024 \

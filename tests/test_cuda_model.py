@@ -50,9 +50,9 @@ def relerr(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def model_on(device, dtype, ckpt, recompute=0):
+def model_on(device, dtype, ckpt, recompute=0, recompute_keep=0):
     cfg, params = read_llmc_model(ckpt)
-    m = GPT2(cfg, get_backend(device, dtype), B, T, recompute=recompute)
+    m = GPT2(cfg, get_backend(device, dtype), B, T, recompute=recompute, recompute_keep=recompute_keep)
     m.load_params(params)
     return m
 
@@ -99,12 +99,13 @@ def test_ten_steps_vs_cpu(ckpt, dtype):
     assert diff.max() <= LOSS_TOL[dtype]
 
 
-@pytest.mark.parametrize("recompute", [1, 2])
-def test_recompute_matches(ckpt, recompute):
+@pytest.mark.parametrize("recompute,keep", [(1, 0), (2, 0), (1, 1), (2, 1)])
+def test_recompute_matches(ckpt, recompute, keep):
+    """Recomputing (all layers, or all but the first `keep`) changes memory, not the numbers."""
     (x, y), = batches(1, seed=2)
     out = []
-    for rc in (0, recompute):
-        m = model_on("cuda", "bf16", ckpt, recompute=rc)
+    for rc, k in ((0, 0), (recompute, keep)):
+        m = model_on("cuda", "bf16", ckpt, recompute=rc, recompute_keep=k)
         loss = m.forward(x, y, grad_scale=1 / (B * T))
         m.backward()
         out.append((loss, grads_host(m), m.memory_plan()["activations"]))

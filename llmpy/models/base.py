@@ -109,7 +109,8 @@ class Model:
     """A family's model on a backend, planned for micro-batches of (B, T) tokens.
 
     training: gradients and the backward's activations exist. recompute: a level the family defines (0 keeps
-    every activation). master_weights: keep fp32 master weights when the compute copy is lower precision (else
+    every activation); recompute_keep: the first that many layers keep theirs anyway (as at level 0: more memory,
+    fewer recomputations; rc_rows / rc_slot / rc_redo below). master_weights: keep fp32 master weights when the compute copy is lower precision (else
     AdamW updates the compute weights with stochastic rounding). logits_chunk: rows of logits formed at a time.
     rank/world/zero: data parallelism; zero >= 1 keeps only this rank's shard of the master weights, zero 2 also
     keeps the layers' gradients in two rotating bucket buffers (models/params.py)."""
@@ -121,14 +122,17 @@ class Model:
                                                # argument, state updated in place): replayed as one CUDA graph
 
     def __init__(self, cfg, backend, B: int, T: int, *, training: bool = True, recompute: int = 0,
-                 master_weights: bool = True, logits_chunk: int = 8192, rank: int = 0, world: int = 1,
-                 zero: int = 0, packed: bool = False):
+                 recompute_keep: int = 0, master_weights: bool = True, logits_chunk: int = 8192, rank: int = 0,
+                 world: int = 1, zero: int = 0, packed: bool = False):
         if T > cfg.max_seq_len:
             raise UserError(f"sequence length {T} exceeds the model's maximum {cfg.max_seq_len}")
         if B < 1 or T < 1:
             raise UserError(f"batch size and sequence length must be positive (got B={B}, T={T})")
         if recompute not in self.RECOMPUTE:
             raise UserError(f"--recompute must be one of {', '.join(map(str, self.RECOMPUTE))} (got {recompute})")
+        if recompute_keep < 0 or (recompute_keep and not recompute):
+            raise UserError(f"--recompute-keep must be >= 0 and needs --recompute 1 or 2 (got {recompute_keep} with "
+                            f"--recompute {recompute})")
         if zero not in (0, 1, 2):
             raise UserError(f"--zero must be 0, 1 or 2 (got {zero})")
         from ..config import family_of
@@ -137,7 +141,7 @@ class Model:
                             "weights it was packed from" if self.TERNARY else
                             f"the {family_of(cfg).title} has no packed ternary form")
         self.cfg, self.be, self.B, self.T = cfg, backend, B, T
-        self.training, self.recompute = training, recompute
+        self.training, self.recompute, self.keep = training, recompute, recompute_keep
         self.chunk = min(B * T, max(1, logits_chunk))
         self.rank, self.world, self.zero = rank, world, zero
         # packed: the TERNARY weights live as codes + scales (self.packed, filled by load_params), not as params
@@ -258,6 +262,26 @@ class Model:
             return self.layout.from_flat(flat)
         src = self.master if self.master is not None else self.params
         return self.layout.from_flat(be.to_numpy(src.flat))
+
+    # ---- recomputation: which layers keep an activation that recompute level `level` would redo ------------------
+    def _kept(self) -> int:
+        # keeping all layers but one costs the same slots as keeping all: then none recomputes
+        L = self.cfg.num_layers
+        return self.keep if self.keep < L - 1 else L
+
+    def rc_rows(self, level: int) -> int:
+        """Layer slots of such an activation's buffer: one per layer when kept, else the kept layers' plus one
+        that every recomputing layer shares."""
+        L, k = self.cfg.num_layers, self._kept()
+        return L if self.recompute < level or k >= L else k + 1
+
+    def rc_slot(self, level: int, l: int) -> int:
+        """Layer l's slot in that buffer."""
+        return l if self.recompute < level or l < self._kept() else self._kept()
+
+    def rc_redo(self, level: int, l: int) -> bool:
+        """Whether layer l's backward recomputes it."""
+        return self.recompute >= level and l >= self._kept()
 
     def zero_grad(self) -> None:
         self.be.fill_zero(self.grads.flat)

@@ -124,8 +124,7 @@ class GPT2(Model):
         L, C, NH = cfg.num_layers, cfg.channels, cfg.num_heads
         att_shape, att_kind = be.attention_state(B, T, NH, NH, cfg.head_size)
         # recomputed activations live in one (B, T, .) buffer shared by all layers instead of one per layer
-        Lg = 1 if self.recompute >= 1 else L
-        Lln = 1 if self.recompute >= 2 else L
+        Lg, Lln = self.rc_rows(1), self.rc_rows(2)
         acts = [
             ("encoded", (B, T, C)),
             ("ln1", (Lln, B, T, C)), ("qkv", (L, B, T, 3 * C)), ("atty", (L, B, T, C)),
@@ -147,13 +146,13 @@ class GPT2(Model):
                         bias_widths=(3 * C, C, 4 * C))
 
     def _ln1(self, l):
-        return self.acts["ln1"][0 if self.recompute >= 2 else l]
+        return self.acts["ln1"][self.rc_slot(2, l)]
 
     def _ln2(self, l):
-        return self.acts["ln2"][0 if self.recompute >= 2 else l]
+        return self.acts["ln2"][self.rc_slot(2, l)]
 
     def _fch_gelu(self, l):
-        return self.acts["fch_gelu"][0 if self.recompute >= 1 else l]
+        return self.acts["fch_gelu"][self.rc_slot(1, l)]
 
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, tokens=None, targets=None, grad_scale: float | None = None, *, return_loss: bool = True,
@@ -210,9 +209,9 @@ class GPT2(Model):
             if hooks is not None:
                 hooks.before_layer(l)
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
-            if self.recompute >= 1:
+            if self.rc_redo(1, l):
                 be.gelu_forward(self._fch_gelu(l), a["fch"][l])
-            if self.recompute >= 2:
+            if self.rc_redo(2, l):
                 be.layernorm_forward(self._ln2(l), s["ln2_mean"][l], s["ln2_rstd"][l], a["residual2"][l],
                                      p["ln2w"][l], p["ln2b"][l])
             # MLP: dres flows unchanged into fcproj's output (the residual add)
@@ -225,7 +224,7 @@ class GPT2(Model):
             # attention
             be.matmul_backward(dbtc, g["attprojw"][l], g["attprojb"][l], dres, a["atty"][l], p["attprojw"][l])
             be.attention_backward(dqkv, dbtc, a["qkv"][l], self.saved("att")[l], NH, out=a["atty"][l])
-            if self.recompute >= 2:
+            if self.rc_redo(2, l):
                 be.layernorm_forward(self._ln1(l), s["ln1_mean"][l], s["ln1_rstd"][l], residual, p["ln1w"][l],
                                      p["ln1b"][l])
             be.matmul_backward(dbtc, g["qkvw"][l], g["qkvb"][l], dqkv, self._ln1(l), p["qkvw"][l])

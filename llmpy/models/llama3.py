@@ -157,8 +157,7 @@ class Llama(Model):
         freqs = rope_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_factor, cfg.rope_low_freq_factor,
                                  cfg.rope_high_freq_factor, cfg.rope_original_context)
         self.rope = be.asarray(rope_table(cfg.max_seq_len, freqs))  # (maxT, hs/2, 2) fp32 cos, sin; constant
-        Lg = 1 if self.recompute >= 1 else L
-        Ln = 1 if self.recompute >= 2 else L
+        Lg, Ln = self.rc_rows(1), self.rc_rows(2)
         acts = [
             ("encoded", (B, T, C)),
             ("ln1", (Ln, B, T, C)), ("qkv", (L, B, T, W)), ("atty", (L, B, T, C)),
@@ -185,13 +184,13 @@ class Llama(Model):
         return plan
 
     def _ln1(self, l):
-        return self.acts["ln1"][0 if self.recompute >= 2 else l]
+        return self.acts["ln1"][self.rc_slot(2, l)]
 
     def _ln2(self, l):
-        return self.acts["ln2"][0 if self.recompute >= 2 else l]
+        return self.acts["ln2"][self.rc_slot(2, l)]
 
     def _sw(self, l):
-        return self.acts["sw"][0 if self.recompute >= 1 else l]
+        return self.acts["sw"][self.rc_slot(1, l)]
 
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, tokens=None, targets=None, grad_scale: float | None = None, *, return_loss: bool = True,
@@ -239,9 +238,9 @@ class Llama(Model):
             if hooks is not None:
                 hooks.before_layer(l)
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
-            if self.recompute >= 1:
+            if self.rc_redo(1, l):
                 be.swiglu_forward(self._sw(l), a["fc"][l])
-            if self.recompute >= 2:
+            if self.rc_redo(2, l):
                 be.rmsnorm_forward(self._ln2(l), s["ln2_rstd"][l], a["residual2"][l], p["ln2w"][l], eps)
             # MLP: dres flows unchanged into fcproj's output (the residual add)
             be.matmul_backward(dsw, g["fcprojw"][l], None, dres, self._sw(l), p["fcprojw"][l])
@@ -252,7 +251,7 @@ class Llama(Model):
             be.matmul_backward(dbtc, g["attprojw"][l], None, dres, a["atty"][l], p["attprojw"][l])
             be.attention_backward(dqkv, dbtc, a["qkv"][l], self.saved("att")[l], H, out=a["atty"][l], kv_heads=K)
             be.rope_backward(dqkv, self.rope, H, K)
-            if self.recompute >= 2:
+            if self.rc_redo(2, l):
                 be.rmsnorm_forward(self._ln1(l), s["ln1_rstd"][l], residual, p["ln1w"][l], eps)
             be.matmul_backward(dbtc, g["qkvw"][l], None, dqkv, self._ln1(l), p["qkvw"][l])
             be.rmsnorm_backward(dres, g["ln1w"][l], dbtc, residual, p["ln1w"][l], s["ln1_rstd"][l])

@@ -140,8 +140,7 @@ class MMFree(Model):
     def plan(self):
         cfg, B, T = self.cfg, self.B, self.T
         L, d, I = cfg.num_layers, cfg.channels, cfg.ffn_hidden
-        Lg = 1 if self.recompute >= 1 else L
-        Lf = 1 if self.recompute >= 2 else L
+        Lg, Lf = self.rc_rows(1), self.rc_rows(2)
         acts = [
             ("encoded", (B, T, d)),
             ("ln1", (L, B, T, d)),                                  # u: the input of BL_i, BL_f, BL_g
@@ -168,13 +167,13 @@ class MMFree(Model):
                         linears=((d, d), (2 * I, d), (d, I), (self.Vl, d)))
 
     def _sw(self, l):
-        return self.acts["sw"][0 if self.recompute >= 1 else l]
+        return self.acts["sw"][self.rc_slot(1, l)]
 
     def _fc(self, l):
-        return self.acts["fc"][0 if self.recompute >= 2 else l]
+        return self.acts["fc"][self.rc_slot(2, l)]
 
     def _h(self, l):
-        return self.stats["h"][0 if self.recompute >= 2 else l]
+        return self.stats["h"][self.rc_slot(2, l)]
 
     def _bitlinear(self, out, rstd, x, w, gamma, l=None, w_rows=None):
         """BitLinear `w` (layer l; None: a global weight) from the latent weights, or from the packed codes."""
@@ -272,9 +271,9 @@ class MMFree(Model):
             if hooks is not None:
                 hooks.before_layer(l)
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
-            if self.recompute >= 2:  # the same kernels on the same inputs: bitwise the forward's values
+            if self.rc_redo(2, l):  # the same kernels on the same inputs: bitwise the forward's values
                 self._bitlinear(self._fc(l), s["fc_rstd"][l], a["ln2"][l], "gatew", p["gaten"][l], l)
-            if self.recompute >= 1:
+            if self.rc_redo(1, l):
                 be.swiglu_forward(self._sw(l), self._fc(l))
             # GLU: dres flows unchanged into BL_down's output (the residual add)
             be.fill_zero(dsw)
@@ -289,7 +288,7 @@ class MMFree(Model):
             be.fill_zero(do)
             be.bitlinear_backward(do, g["ow"][l], g["on"][l], dres, a["o"][l], self._latent("ow", l), p["on"][l],
                                   s["o_rstd"][l])
-            if self.recompute >= 2:
+            if self.rc_redo(2, l):
                 be.mlgru_forward(a["o"][l], self._h(l), s["g_rstd"][l], a["ai"][l], a["af"][l], a["ag"][l],
                                  s["lam"][l], p["gnormw"][l], None, cfg.norm_eps)
             be.mlgru_backward(dai, daf, dag, s["dlam"][l], g["gnormw"][l], do, a["ai"][l], a["af"][l], a["ag"][l],

@@ -58,6 +58,8 @@ class TrainConfig:
     zero: int = 0                    # data parallel: 0 all-reduce, 1 shard optimizer state, 2 also gradients
     recompute: int | None = None     # 1: recompute GELU in backward; 2: also the LayerNorms (default: 1 on
                                      # the GPU, 0 on the CPU)
+    recompute_keep: int = 0          # with recompute: the first N layers keep those activations (more memory, less
+                                     # recomputation)
     master_weights: bool = True      # bf16: keep fp32 master weights (off: stochastic rounding into bf16 only)
     moments: str = "fp32"            # AdamW's m and v: fp32, or bf16 with stochastic rounding (bf16 only)
     graph: bool = True               # CUDA: capture the step as CUDA graphs

@@ -145,7 +145,8 @@ class Trainer:
         recompute = tc.recompute if tc.recompute is not None else (1 if device == "cuda" else 0)
         n_params = setup.check_size(cfg, device)
         try:
-            model = family_of(cfg).model(cfg, be, B, T, recompute=recompute, master_weights=tc.master_weights,
+            model = family_of(cfg).model(cfg, be, B, T, recompute=recompute, recompute_keep=tc.recompute_keep,
+                                         master_weights=tc.master_weights,
                                          rank=dist.rank, world=dist.world, zero=tc.zero if dist.world > 1 else 0)
             if params is None:
                 model.init_weights(tc.seed)
@@ -187,7 +188,8 @@ class Trainer:
         if dist.world > 1:
             say(f"data parallel: {dist.world} ranks over NCCL, ZeRO-{model.zero}; memory below is per rank")
         say(f"model: {cfg.describe()} ({n_params / 1e6:.1f}M parameters), {what}")
-        say(f"device: {device} {dtype}, recompute {recompute}; memory plan: "
+        keep = f" (the first {tc.recompute_keep} layers keep theirs)" if tc.recompute_keep else ""
+        say(f"device: {device} {dtype}, recompute {recompute}{keep}; memory plan: "
             + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in plan.items()) + f"; total {_fmt_bytes(sum(plan.values()))}")
         say(f"data: train {train_glob} ({self.train_loader.num_batches_per_epoch} batches/epoch), "
             f"val {val_glob or 'none'}; batch {B}x{T}x{A}x{dist.world} = {self.tokens_per_step} tokens/step")
