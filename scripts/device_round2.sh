@@ -13,7 +13,7 @@
 # LEAN="--no-master-weights --moments bf16" is the optimizer the d48 and Llama figures use (override with env LEAN);
 # recompute: R12 (default 0), R48 (1), RL (0), with --recompute-keep K12, K48, KL (0); LEAN12 the d12 optimizer flags (default LEAN);
 # SIDES=llmpy skips the PyTorch side of the benchmarks (SIDES=llmpy,llmpy+tune,torch adds a --tune-gemm side);
-# TUNE=--tune-gemm profiles with tuned products. Results: $OUT/summary.txt and $OUT/round2.tgz (the rest).
+# TUNE=--tune-gemm profiles with tuned products; TRACE=1 keeps prof_d48's chrome trace. Results: $OUT/summary.txt and $OUT/round2.tgz (the rest).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 LLMPY_CACHE=/tmp/llmpy-cache
@@ -46,7 +46,8 @@ for st in "$@"; do
         ${TUNE:-} --mode eager --top 45 --json "$OUT/prof_d12.json" > "$OUT/prof_d12.txt" 2>&1; tail -4 "$OUT/prof_d12.txt" ;;
     prof_d48)
       timeout 300 python3 benchmarks/kernel_profile.py --what train --model d48 --batch 8 --seq 1024 --recompute $R48 --recompute-keep $K48 \
-        $LEAN ${TUNE:-} --mode eager --top 45 --json "$OUT/prof_d48.json" > "$OUT/prof_d48.txt" 2>&1; tail -4 "$OUT/prof_d48.txt" ;;
+        $LEAN ${TUNE:-} --mode eager --top 45 ${TRACE:+--trace-dir "$OUT/trace_d48"} --json "$OUT/prof_d48.json" \
+        > "$OUT/prof_d48.txt" 2>&1; tail -4 "$OUT/prof_d48.txt" ;;
     graph_d48)  # sustained: 20 graph-replayed warm-up steps, then 10 profiled
       timeout 300 python3 benchmarks/kernel_profile.py --what train --model d48 --batch 8 --seq 1024 --recompute $R48 --recompute-keep $K48 \
         $LEAN ${TUNE:-} --mode graph --steps 10 --warmup 20 --top 45 --json "$OUT/graph_d48.json" > "$OUT/graph_d48.txt" 2>&1
