@@ -3,9 +3,8 @@ the GPT-2 / Llama benchmarks run them (a kernel is changed in llmpy only after i
 
     python benchmarks/kernel_variants.py [--reps 30] [--json out.json]
 
-1. Classifier (softmax + cross-entropy + dlogits in place; kernels/classifier.cu, two passes over each row, the
-   second hoping for L2; as run 1 of 2026-11-30 timed it, 40 registers: one block of 1024 threads an SM. It has
-   since taken cls_2pass's launch bounds, so "shipped" and cls_2pass now time the same code). Candidates: `cls_regs` (each thread keeps its packs of the row in registers:
+1. Classifier (softmax + cross-entropy + dlogits in place; shipped: kernels/classifier.cu, two passes over each
+   row, the second hoping for L2). Candidates: `cls_regs` (each thread keeps its packs of the row in registers:
    one read of the row, one block of 1024 threads per SM) and `cls_smem` (the row staged in shared memory, 100 KB:
    one read of the row, two blocks per SM) and `cls_2pass` (the shipped two passes held to 32 registers: two blocks
    per SM; shipped uses 40, so one). All must give the shipped losses and dlogits bit for bit.
@@ -13,9 +12,8 @@ the GPT-2 / Llama benchmarks run them (a kernel is changed in llmpy only after i
    the same bytes with almost no arithmetic (the HBM floor); `adamw_cheaphash` is the shipped kernel with its
    hash replaced by one multiply (how much of its time the instruction count costs); `adamw_lb6` is the
    shipped kernel held to 40 registers (75% occupancy instead of 50%).
-3. GELU backward + the bias sum of its result: two kernels (gelu_backward_inplace, then colsum) against the fused
-   gelu_backward_colsum (both finish their sums in the kernel: common.cuh's colsum_slab). Run 1 of 2026-11-30 timed
-   the two against colsum's earlier form (a partial kernel, then a finalize kernel).
+3. GELU backward + the bias sum of its result: shipped two kernels (gelu_backward_inplace, colsum_partial) against
+   the fused gelu_backward_colsum (both then colsum_finalize).
 
 Times: CUDA events around `reps` back-to-back launches, after a warm-up, median of 5 such groups; GB/s counts the
 bytes each must move at least (reads + writes).
@@ -267,15 +265,15 @@ def main(argv=None) -> int:
         part, db = cp.zeros(chunks * C, np.float32), cp.zeros(C, T)
         cgrid = (cdiv(C // 8, 32), chunks)
 
-        count = cp.zeros(cgrid[0], np.uint32)
-
         def two():
             k_gelu.gelu_backward_inplace((cdiv(M * C // 8, 256),), (256,), (d, x, np.int64(M * C)))
-            k_mm.colsum(cgrid, (256,), (db, part, count, d, np.int32(M), np.int32(C), np.int32(256)))
+            k_mm.colsum_partial(cgrid, (256,), (part, d, np.int32(M), np.int32(C), np.int32(256)))
+            k_mm.colsum_finalize((cdiv(C, 128),), (128,), (db, part, np.int32(chunks), np.int32(C), np.int32(C)))
 
         def fused():
-            k_gelu.gelu_backward_colsum(cgrid, (256,), (db, part, count, d, x, np.int32(M), np.int32(C), np.int32(256)))
-        for name, f, nb in (("two kernels", two, 3 * M * C * 2), ("gelu_backward_colsum", fused, 3 * M * C * 2)):
+            k_gelu.gelu_backward_colsum(cgrid, (256,), (part, d, x, np.int32(M), np.int32(C), np.int32(256)))
+            k_mm.colsum_finalize((cdiv(C, 128),), (128,), (db, part, np.int32(chunks), np.int32(C), np.int32(C)))
+        for name, f, nb in (("shipped two kernels", two, 3 * M * C * 2), ("gelu_backward_colsum", fused, 3 * M * C * 2)):
             row("gelu_bwd", name, timed(cp, f, args.reps), nb, M=M, C=C)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

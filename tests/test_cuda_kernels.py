@@ -270,20 +270,6 @@ def test_gelu_backward_with_bias_sums(be):
     assert np.array_equal(host(be, gdb), host(be, gdb2))
 
 
-@pytest.mark.parametrize("rows,C", [(3 * 256 + 17, 1600), (40, 264)])
-def test_column_sums_finish_in_the_kernel(be, rows, C):
-    """The bias-gradient column sums: partials per 256-row chunk, added in chunk order by the last block of each
-    column slab (an arrival counter it resets). Against NumPy; the same bits on every launch; counters back to 0."""
-    x = rounded(be, rng().standard_normal((rows, C)))
-    be.plan_workspace(_shapes(4, -(-rows // 4), 64, 4, bias_widths=(C,)))  # room for every chunk's partials
-    xd, outs = dev(be, x), [dev(be, np.zeros(C)) for _ in range(3)]
-    for o in outs:
-        be._colsum_add(o, xd, rows, C)
-    check(be, outs[0], x.sum(0))
-    assert all(np.array_equal(host(be, outs[0]), host(be, o)) for o in outs[1:])
-    assert not be.to_numpy(be.colsum_count).any(), "a slab counter was left set"
-
-
 @pytest.mark.parametrize("NH,K", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("impl", ["fallback", "cudnn"])
 def test_attention(be, impl, NH, K):

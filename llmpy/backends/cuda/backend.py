@@ -168,16 +168,13 @@ class CUDABackend:
         # widest bias
         width = max(2 * C, max(shapes.bias_widths, default=0))
         self.colsum_part = self.zeros(cdiv(N, _CHUNK_ROWS) * width, np.float32)
-        # one arrival counter per column slab (the last block finalizes, then zeroes it: zero between launches)
-        self.colsum_count = self.zeros(cdiv(width // 4, 32), np.uint32)
         self.norm_part = self.zeros(_NORM_BLOCKS, np.float32)
         self.order = self.zeros(N, np.int32)        # encoder backward: positions sorted by token (stable)
         self.seg = self.zeros(N + 1, np.int32)      # segment starts into order, one per distinct token
         self.nseg = self.zeros(1, np.int32)
         self._staging = _Staging(self.cp, N)
         self._ids16 = shapes.vocab <= 65536
-        return (self.colsum_part.nbytes + self.colsum_count.nbytes + self.norm_part.nbytes + 4 * (2 * N + 2)
-                + self.gemm.workspace.nbytes
+        return (self.colsum_part.nbytes + self.norm_part.nbytes + 4 * (2 * N + 2) + self.gemm.workspace.nbytes
                 + (attention.nbytes if attention else 0))
 
     def set_tokens(self, dst, host, *, training=True):
@@ -257,9 +254,13 @@ class CUDABackend:
                                                               np.int32(C)))
         chunks = cdiv(rows, _CHUNK_ROWS)
         self._check_colsum(chunks, 2 * C)
-        k.layernorm_backward_params(self._colsum_grid(inp, C, chunks), (32 * _COLSUM_WARPS,),
-                                    (dw, db, self.colsum_part, self.colsum_count, dout, inp, mean, rstd,
-                                     np.int32(rows), np.int32(C), np.int32(_CHUNK_ROWS)))
+        k.layernorm_backward_params_partial(self._colsum_grid(inp, C, chunks), (32 * _COLSUM_WARPS,),
+                                            (self.colsum_part, dout, inp, mean, rstd, np.int32(rows), np.int32(C),
+                                             np.int32(_CHUNK_ROWS)))
+        k.layernorm_backward_params_finalize((cdiv(C, 128),), (128,), (dw, self.colsum_part, np.int32(chunks),
+                                                                       np.int32(2 * C), np.int32(C)))
+        k.layernorm_backward_params_finalize((cdiv(C, 128),), (128,), (db, self.colsum_part[C:], np.int32(chunks),
+                                                                       np.int32(2 * C), np.int32(C)))
 
     def rmsnorm_forward(self, out, rstd, inp, w, eps: float):
         C = inp.shape[-1]
@@ -281,9 +282,11 @@ class CUDABackend:
         k.rmsnorm_backward_dinp((cdiv(rows, 8),), (256,), (dinp, dout, inp, w, rstd, np.int32(rows), np.int32(C)))
         chunks = cdiv(rows, _CHUNK_ROWS)
         self._check_colsum(chunks, C)
-        k.rmsnorm_backward_weight(self._colsum_grid(inp, C, chunks), (32 * _COLSUM_WARPS,),
-                                  (dw, self.colsum_part, self.colsum_count, dout, inp, rstd, np.int32(rows),
-                                   np.int32(C), np.int32(_CHUNK_ROWS)))
+        k.rmsnorm_backward_weight_partial(self._colsum_grid(inp, C, chunks), (32 * _COLSUM_WARPS,),
+                                          (self.colsum_part, dout, inp, rstd, np.int32(rows), np.int32(C),
+                                           np.int32(_CHUNK_ROWS)))
+        k.rmsnorm_backward_weight_finalize((cdiv(C, 128),), (128,), (dw, self.colsum_part, np.int32(chunks),
+                                                                     np.int32(C)))
 
     def _rope_args(self, x, table, num_heads, kv_heads, pos):
         """(grid, (BT, T, W, R, hs)) of a rope launch on x (B, T, (NH + 2K) hs), checked against table."""
@@ -348,8 +351,10 @@ class CUDABackend:
                 chunks = cdiv(M, _CHUNK_ROWS)
                 self._check_colsum(chunks, K)
                 self.k["gelu"].gelu_backward_colsum(self._colsum_grid(dinp, K, chunks), (32 * _COLSUM_WARPS,),
-                                                    (gelu_db, self.colsum_part, self.colsum_count, dinp, gelu_pre,
-                                                     np.int32(M), np.int32(K), np.int32(_CHUNK_ROWS)))
+                                                    (self.colsum_part, dinp, gelu_pre, np.int32(M), np.int32(K),
+                                                     np.int32(_CHUNK_ROWS)))
+                self.k["matmul"].colsum_finalize((cdiv(K, 128),), (128,), (gelu_db, self.colsum_part,
+                                                                          np.int32(chunks), np.int32(K), np.int32(K)))
             elif gelu_pre is not None:
                 n = dinp.size
                 self.k["gelu"].gelu_backward_inplace((cdiv(n // (16 // dinp.itemsize), 256),), (256,),
@@ -361,19 +366,18 @@ class CUDABackend:
     def _colsum_add(self, out, x, rows, C):
         chunks = cdiv(rows, _CHUNK_ROWS)
         self._check_colsum(chunks, C)
-        self.k["matmul"].colsum(self._colsum_grid(x, C, chunks), (32 * _COLSUM_WARPS,),
-                                (out, self.colsum_part, self.colsum_count, x, np.int32(rows), np.int32(C),
-                                 np.int32(_CHUNK_ROWS)))
+        e = self.k["matmul"]
+        e.colsum_partial(self._colsum_grid(x, C, chunks), (32 * _COLSUM_WARPS,),
+                         (self.colsum_part, x, np.int32(rows), np.int32(C), np.int32(_CHUNK_ROWS)))
+        e.colsum_finalize((cdiv(C, 128),), (128,), (out, self.colsum_part, np.int32(chunks), np.int32(C), np.int32(C)))
 
-    def _colsum_grid(self, x, C, chunks):
+    @staticmethod
+    def _colsum_grid(x, C, chunks):
         """The grid of a colsum_slab kernel (common.cuh) over rows of C elements of x: 16-byte packs of columns."""
         npack = 16 // x.itemsize
         if C % npack or x.data.ptr % 16:
             raise ValueError(f"column sums need rows of a multiple of {npack} elements, 16-byte aligned (got {C})")
-        slabs = cdiv(C // npack, 32)
-        if slabs > self.colsum_count.size:
-            raise ValueError(f"column sums over {C} columns exceed the {self.colsum_count.size} slab counters")
-        return (slabs, chunks)
+        return (cdiv(C // npack, 32), chunks)
 
     def _check_colsum(self, chunks, width):
         # host-side only (nothing on a graph replay): a bias wider than OpShapes.bias_widths would overrun the buffer

@@ -116,23 +116,18 @@ template <> __device__ __forceinline__ bf16 round_param<bf16>(float x, unsigned 
     return stochastic_round_bf16(x, seed, idx);
 }
 
-// Deterministic column sums, in one kernel: K sums per column over one chunk of rows per block, by a block of
-// COLSUM_WARPS warps (grid: (cdiv(C / N, 32), chunks), N = Pack<T>::N, C % N == 0). Lane l owns the N columns from
+// First stage of the deterministic column sums: K sums per column over one chunk of rows, by a block of COLSUM_WARPS
+// warps (grid: (cdiv(C / N, 32), chunks), N = Pack<T>::N, C % N == 0). Lane l owns the N columns from
 // c0 = (blockIdx.x * 32 + l) * N; warp w adds rows lo + w, lo + w + COLSUM_WARPS, ... in order, loading four rows
 // ahead (16-byte loads, many rows in flight: one thread per column and 2-byte loads left HBM mostly idle); then the
 // warps' sums are added in warp order: part[chunk, k * C + c] (row width `width`). load(n, c0) reads what row n
 // contributes to the lane's columns; add(item, acc) adds it to acc[K][N].
-// The last block of a column slab to finish (counted in counters[blockIdx.x], which it sets back to 0 for the next
-// launch) adds the slab's partials over the chunks in chunk order: out[k][c] += sum_chunk part[chunk, k * C + c].
-// Which block does it varies; the order of the sums does not (the same bits as a separate finalize kernel, one
-// launch and its gap fewer: ~390 a step on d48).
 #define COLSUM_WARPS 8
 template <class T, int K, class Load, class Add>
 __device__ __forceinline__ void colsum_slab(float* part, int width, int C, int rows, int rows_per_chunk, Load load,
-                                            Add add, T* const (&out)[K], unsigned int* counters) {
+                                            Add add) {
     constexpr int N = Pack<T>::N, W = COLSUM_WARPS;
     __shared__ float sh[W][K][N * 32];
-    __shared__ bool last;
     const int lane = threadIdx.x % 32, w = threadIdx.x / 32, chunk = blockIdx.y;
     const int c0 = (blockIdx.x * 32 + lane) * N, lo = chunk * rows_per_chunk, hi = min(rows, lo + rows_per_chunk);
     float acc[K][N];
@@ -160,29 +155,10 @@ __device__ __forceinline__ void colsum_slab(float* part, int width, int C, int r
         for (int ww = 0; ww < W; ww++) s += sh[ww][k][j * 32 + l];
         part[(long long)chunk * width + k * C + c] = s;
     }
-    // the partials out before the count (release); the last block reads them from L2 (acquire)
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1u) == gridDim.y - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int e = threadIdx.x; e < K * N * 32; e += blockDim.x) {
-        const int k = e / (N * 32), j = (e / 32) % N, l = e % 32, c = (blockIdx.x * 32 + l) * N + j;
-        if (c >= C) continue;
-        float s = 0.0f;
-#pragma unroll 8
-        for (int ch = 0; ch < (int)gridDim.y; ch++) s += __ldcg(part + (long long)ch * width + k * C + c);
-        T* o = out[0];  // out[k] without indexing the array at run time (that puts it in local memory)
-#pragma unroll
-        for (int kk = 1; kk < K; kk++) if (k == kk) o = out[kk];
-        o[c] = from_f<T>(to_f(o[c]) + s);
-    }
-    if (threadIdx.x == 0) counters[blockIdx.x] = 0u;
 }
 
-// The sum over k = 0..nchunks-1, in order, of part[k, c] (part: one row of `width` fp32 partials per chunk of rows),
-// for the column sums that finalize in a kernel of their own (bitlinear.cu's dgamma, mlgru.cu's parameters).
+// Second stage of the deterministic column sums (bias gradients in matmul.cu, LayerNorm's dw|db in layernorm.cu):
+// sum over k = 0..nchunks-1, in order, of part[k, c]; part holds one row of `width` fp32 partials per chunk of rows.
 __device__ __forceinline__ float colsum_chunks(const float* part, int nchunks, int width, int c) {
     float s = 0.0f;
     for (int k = 0; k < nchunks; k++) s += part[(long long)k * width + c];

@@ -48,15 +48,13 @@ __global__ void gelu_backward_inplace(T* dinp, const T* inp, long long n) {
 
 // gelu_backward_inplace on dinp (rows, C), fused with the column sums of its result (the bias gradient of the
 // product that fed the GELU): one read of dinp fewer than the two kernels. The sums are colsum_partial's, over the
-// same bf16-rounded values in the same order (bitwise the same sums): db += the column sums; grid
-// (cdiv(C / N, 32), chunks), 256 threads (colsum_slab). C % N == 0, 16-byte aligned rows. The load step only loads (so
+// same bf16-rounded values in the same order (bitwise the same partials); grid (cdiv(C / N, 32), chunks), 256
+// threads, then colsum_finalize (matmul.cu). C % N == 0, 16-byte aligned rows. The load step only loads (so
 // colsum_slab keeps four rows of loads in flight); the add step computes, stores and sums.
 template <class T> struct GeluRow { Pack<T> x, d; T* at; };
 template <class T>
-__global__ void gelu_backward_colsum(T* db, float* part, unsigned int* counters, T* dinp, const T* inp, int rows,
-                                     int C, int rows_per_chunk) {
+__global__ void gelu_backward_colsum(float* part, T* dinp, const T* inp, int rows, int C, int rows_per_chunk) {
     constexpr int N = Pack<T>::N;
-    T* const outs[1] = {db};
     colsum_slab<T, 1>(part, C, C, rows, rows_per_chunk,
                       [&](int n, int c0) {
                           const long long i = (long long)n * C + c0;
@@ -69,6 +67,5 @@ __global__ void gelu_backward_colsum(T* db, float* part, unsigned int* counters,
                               acc[0][k] += to_f(r.d.v[k]);
                           }
                           store16(r.at, r.d);
-                      },
-                      outs, counters);
+                      });
 }

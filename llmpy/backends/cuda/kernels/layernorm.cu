@@ -91,8 +91,8 @@ __global__ void layernorm_backward_dinp(T* dinp, const T* dout, const T* inp, co
     }
 }
 
-// The LayerNorm parameter gradients as column sums (colsum_slab's grid and order): dw[c] += sum_n dout[n,c] *
-// norm[n,c], db[c] += sum_n dout[n,c] (partials per chunk in part: dw's at c, db's at C + c).
+// Partial column sums for the LayerNorm parameter gradients over a chunk of rows (colsum_slab's grid and order):
+// part[chunk, c] = sum dout[n,c] * norm[n,c];  part[chunk, C + c] = sum dout[n,c].
 template <class T>
 struct NormRow {  // what one row gives a lane's columns in the norms' parameter gradients: dout, input, statistics
     Pack<T> dy, x;
@@ -100,10 +100,8 @@ struct NormRow {  // what one row gives a lane's columns in the norms' parameter
 };
 
 template <class T>
-__global__ void layernorm_backward_params(T* dw, T* db, float* part, unsigned int* counters, const T* dout,
-                                          const T* inp, const float* mean, const float* rstd, int rows, int C,
-                                          int rows_per_chunk) {
-    T* const outs[2] = {dw, db};
+__global__ void layernorm_backward_params_partial(float* part, const T* dout, const T* inp, const float* mean,
+                                                  const float* rstd, int rows, int C, int rows_per_chunk) {
     colsum_slab<T, 2>(part, 2 * C, C, rows, rows_per_chunk,
                       [&](int n, int c0) {
                           const long long off = (long long)n * C + c0;
@@ -116,6 +114,14 @@ __global__ void layernorm_backward_params(T* dw, T* db, float* part, unsigned in
                               acc[0][j] += d * (to_f(a.x.v[j]) - a.m) * a.r;
                               acc[1][j] += d;
                           }
-                      },
-                      outs, counters);
+                      });
+}
+
+// dw or db (C,) += the chunks' partials in order: launched on part for dw (width 2C) and on part + C for db.
+template <class T>
+__global__ void layernorm_backward_params_finalize(T* out, const float* part, int nchunks, int width, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const float s = colsum_chunks(part, nchunks, width, c);
+    out[c] = from_f<T>(to_f(out[c]) + s);
 }

@@ -102,8 +102,8 @@ __global__ void rmsnorm_backward_dinp(T* dinp, const T* dout, const T* inp, cons
     }
 }
 
-// The weight gradient as column sums (colsum_slab's grid and order): dw[c] += sum_n dout[n,c] * inp[n,c] * rstd[n]
-// (partials per chunk in part).
+// Partial column sums of the weight gradient over a chunk of rows (colsum_slab's grid and order):
+// part[chunk, c] = sum_n dout[n,c] * inp[n,c] * rstd[n].
 template <class T>
 struct RmsRow {  // what one row gives a lane's columns of the weight gradient
     Pack<T> dy, x;
@@ -111,9 +111,8 @@ struct RmsRow {  // what one row gives a lane's columns of the weight gradient
 };
 
 template <class T>
-__global__ void rmsnorm_backward_weight(T* dw, float* part, unsigned int* counters, const T* dout, const T* inp,
-                                        const float* rstd, int rows, int C, int rows_per_chunk) {
-    T* const outs[1] = {dw};
+__global__ void rmsnorm_backward_weight_partial(float* part, const T* dout, const T* inp, const float* rstd, int rows,
+                                                int C, int rows_per_chunk) {
     colsum_slab<T, 1>(part, C, C, rows, rows_per_chunk,
                       [&](int n, int c0) {
                           const long long off = (long long)n * C + c0;
@@ -122,6 +121,14 @@ __global__ void rmsnorm_backward_weight(T* dw, float* part, unsigned int* counte
                       [](const RmsRow<T>& a, float (&acc)[1][Pack<T>::N]) {
 #pragma unroll
                           for (int j = 0; j < Pack<T>::N; j++) acc[0][j] += to_f(a.dy.v[j]) * to_f(a.x.v[j]) * a.r;
-                      },
-                      outs, counters);
+                      });
+}
+
+// dw (C,) += the chunks' partials (nchunks rows of C) summed in chunk order.
+template <class T>
+__global__ void rmsnorm_backward_weight_finalize(T* dw, const float* part, int nchunks, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const float s = colsum_chunks(part, nchunks, C, c);
+    dw[c] = from_f<T>(to_f(dw[c]) + s);
 }
