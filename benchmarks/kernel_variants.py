@@ -16,6 +16,13 @@ the GPT-2 / Llama benchmarks run them (a kernel is changed in llmpy only after i
 3. GELU backward + the bias sum of its result: shipped two kernels (gelu_backward_inplace, colsum_partial) against
    the fused gelu_backward_colsum (both then colsum_finalize).
 
+4. The norms' row kernels (LayerNorm / RMSNorm backward dinp, the fused residual + norm forward), U packs a lane
+   loaded at a time (ROW_U in the kernels; compiled here with U = 2 and 4) against --baseline DIR: the same .cu files
+   of another version (e.g. `git show REV:llmpy/backends/cuda/kernels/layernorm.cu`), one pack at a time. Outputs
+   must agree bit for bit.
+
+    python benchmarks/kernel_variants.py --only norms --baseline build/kernel_baseline
+
 Times: CUDA events around `reps` back-to-back launches, after a warm-up, median of 5 such groups; GB/s counts the
 bytes each must move at least (reads + writes).
 """
@@ -31,6 +38,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 VARIANTS_SRC = r"""
 struct MaxSum2 { float m, s; };
@@ -177,9 +188,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", choices=("classifier", "adamw", "gelu", "norms"), action="append",
+                    help="run only these groups (repeatable; default all, norms only with --baseline)")
+    ap.add_argument("--baseline", help="a folder with layernorm.cu and rmsnorm.cu of another version (group 4)")
     args = ap.parse_args(argv)
+    groups = set(args.only or ("classifier", "adamw", "gelu", "norms"))
     from llmpy.backends.cuda.backend import CUDABackend
-    from llmpy.backends.cuda.runtime import KERNELS, cdiv, module
+    from llmpy.backends.cuda.runtime import KERNELS, module
     import cupy as cp
     be = CUDABackend("bf16")
     T = be.act_dtype
@@ -210,7 +225,7 @@ def main(argv=None) -> int:
 
     # 1. classifier: one chunk of the d12 LM head (8192 rows of the padded GPT-2 vocabulary)
     k_cls = module("classifier", "bf16")
-    for rows, V, Vp in ((8192, 50257, 50304),):
+    for rows, V, Vp in ((8192, 50257, 50304),) if "classifier" in groups else ():
         src = cp.asarray(rng.standard_normal((rows, Vp), dtype=np.float32) * 3).astype(T)
         tg = cp.asarray(rng.integers(0, V, rows).astype(np.int32))
         buf, losses = cp.empty_like(src), cp.empty(rows, np.float32)
@@ -239,7 +254,7 @@ def main(argv=None) -> int:
 
     # 2. AdamW: a d48 layer's weights (12 * 1600^2 elements), bf16 weights and moments, no master copy
     k_adam = module("adamw", "bf16")
-    n = 12 * 1600 * 1600
+    n = 12 * 1600 * 1600 if "adamw" in groups else 8
     p, g, m, v = (cp.asarray(rng.standard_normal(n, dtype=np.float32) * s).astype(T) for s in (0.02, 1e-3, 1e-4, 1e-7))
     v = cp.abs(v)
     hp = cp.asarray(np.array([1e-4, 0.9, 0.95, 1e-8, 10.0, 20.0, 1.0, np.uint32(1234).view(np.float32)],
@@ -248,6 +263,29 @@ def main(argv=None) -> int:
     grid = (cdiv(n // 8, 256),)
     aargs = (p, np.uint64(0), g, m, v, np.int64(n), hp, norm, np.float32(0.1), np.int64(0), np.int32(1))
     nbytes = n * 2 * 7
+    if "adamw" in groups:
+        adamw_rows(row, timed, cp, k_adam, fn, grid, aargs, args, nbytes, n, (p, g, m, v), bf)
+
+    # 3. GELU backward + bias sums: d12 (65536 x 3072) and d48 (8192 x 6400) fc activations
+    k_gelu, k_mm = module("gelu", "bf16"), module("matmul", "bf16")
+    for M, C in ((65536, 3072), (8192, 6400)) if "gelu" in groups else ():
+        d = cp.asarray(rng.standard_normal((M, C), dtype=np.float32)).astype(T)
+        x = cp.asarray(rng.standard_normal((M, C), dtype=np.float32)).astype(T)
+        chunks = cdiv(M, 256)
+        part, db = cp.zeros(chunks * C, np.float32), cp.zeros(C, T)
+        cgrid = (cdiv(C // 8, 32), chunks)
+        gelu_rows(row, timed, cp, k_gelu, k_mm, d, x, part, db, cgrid, chunks, M, C, args)
+
+    # 4. the norms' row kernels against a baseline version of them
+    if "norms" in groups and args.baseline:
+        norm_rows(row, timed, cp, rng, T, common, cc, Path(args.baseline), args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+def adamw_rows(row, timed, cp, k_adam, fn, grid, aargs, args, nbytes, n, pgmv, bf):
+    p, g, m, v = pgmv
     row("adamw", "shipped adamw_bf16_moments", timed(cp, lambda: k_adam.adamw_bf16_moments(grid, (256,), aargs),
                                                      args.reps), nbytes, n=n)
     row("adamw", "adamw_cheaphash (bound)", timed(cp, lambda: fn[f"adamw_cheaphash<{bf}>"](grid, (256,), aargs),
@@ -257,28 +295,66 @@ def main(argv=None) -> int:
     row("adamw", "adamw_traffic (HBM floor)", timed(cp, lambda: fn["adamw_traffic"](grid, (256,), (p, g, m, v, np.int64(n))),
                                                    args.reps), nbytes, n=n)
 
-    # 3. GELU backward + bias sums: d12 (65536 x 3072) and d48 (8192 x 6400) fc activations
-    k_gelu, k_mm = module("gelu", "bf16"), module("matmul", "bf16")
-    for M, C in ((65536, 3072), (8192, 6400)):
-        d = cp.asarray(rng.standard_normal((M, C), dtype=np.float32)).astype(T)
-        x = cp.asarray(rng.standard_normal((M, C), dtype=np.float32)).astype(T)
-        chunks = cdiv(M, 256)
-        part, db = cp.zeros(chunks * C, np.float32), cp.zeros(C, T)
-        cgrid = (cdiv(C // 8, 32), chunks)
 
-        def two():
-            k_gelu.gelu_backward_inplace((cdiv(M * C // 8, 256),), (256,), (d, x, np.int64(M * C)))
-            k_mm.colsum_partial(cgrid, (256,), (part, d, np.int32(M), np.int32(C), np.int32(256)))
-            k_mm.colsum_finalize((cdiv(C, 128),), (128,), (db, part, np.int32(chunks), np.int32(C), np.int32(C)))
 
-        def fused():
-            k_gelu.gelu_backward_colsum(cgrid, (256,), (part, d, x, np.int32(M), np.int32(C), np.int32(256)))
-            k_mm.colsum_finalize((cdiv(C, 128),), (128,), (db, part, np.int32(chunks), np.int32(C), np.int32(C)))
-        for name, f, nb in (("shipped two kernels", two, 3 * M * C * 2), ("gelu_backward_colsum", fused, 3 * M * C * 2)):
-            row("gelu_bwd", name, timed(cp, f, args.reps), nb, M=M, C=C)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
-    return 0
+def gelu_rows(row, timed, cp, k_gelu, k_mm, d, x, part, db, cgrid, chunks, M, C, args):
+    def two():
+        k_gelu.gelu_backward_inplace((cdiv(M * C // 8, 256),), (256,), (d, x, np.int64(M * C)))
+        k_mm.colsum_partial(cgrid, (256,), (part, d, np.int32(M), np.int32(C), np.int32(256)))
+        k_mm.colsum_finalize((cdiv(C, 128),), (128,), (db, part, np.int32(chunks), np.int32(C), np.int32(C)))
+
+    def fused():
+        k_gelu.gelu_backward_colsum(cgrid, (256,), (part, d, x, np.int32(M), np.int32(C), np.int32(256)))
+        k_mm.colsum_finalize((cdiv(C, 128),), (128,), (db, part, np.int32(chunks), np.int32(C), np.int32(C)))
+    for name, f, nb in (("shipped two kernels", two, 3 * M * C * 2), ("gelu_backward_colsum", fused, 3 * M * C * 2)):
+        row("gelu_bwd", name, timed(cp, f, args.reps), nb, M=M, C=C)
+
+
+def norm_rows(row, timed, cp, rng, T, common, cc, base, args):
+    """Baseline (one pack at a time) vs ROW_U = 2 and 4: LayerNorm at d12 and d48 rows, RMSNorm at Llama 1B's."""
+    from llmpy.backends.cuda.runtime import KERNELS
+    bf = "__nv_bfloat16"
+    names = {"layernorm": ["layernorm_backward_dinp", "fused_residual_layernorm_forward"],
+             "rmsnorm": ["rmsnorm_backward_dinp", "fused_residual_rmsnorm_forward"]}
+
+    def compile_(path, opts=()):
+        src = path.read_text().replace('#include "common.cuh"', common)
+        exprs = [f"{k}<{bf}>" for ks in names.values() for k in ks if k in src]
+        mod = cp.RawModule(code=src, options=("-std=c++17", f"-arch=sm_{cc}") + tuple(opts), name_expressions=exprs)
+        return {e.split("<")[0]: mod.get_function(e) for e in exprs}
+    for fam, shapes in (("layernorm", ((65536, 768), (8192, 1600))), ("rmsnorm", ((16384, 2048),))):
+        mods = {"baseline": compile_(base / f"{fam}.cu")}
+        for u in (2, 4):
+            mods[f"ROW_U={u}"] = compile_(KERNELS / f"{fam}.cu", (f"-DROW_U={u}",))
+        for rows, C in shapes:
+            def arr():
+                return cp.asarray(rng.standard_normal((rows, C), dtype=np.float32)).astype(T)
+            x, dy, di0, x2 = arr(), arr(), arr(), arr()
+            w, b = cp.asarray(rng.standard_normal(C, dtype=np.float32)).astype(T), cp.zeros(C, T)
+            mean = cp.asarray(rng.standard_normal(rows, dtype=np.float32) * 0.1)
+            rstd = cp.asarray(rng.random(rows, dtype=np.float32) + 0.5)
+            di, res, out = cp.empty_like(di0), cp.empty_like(x), cp.empty_like(x)
+            grid, blk = (cdiv(rows, 8),), (256,)
+            bwd, fwd = names[fam]
+            if fam == "layernorm":
+                bargs = (di, dy, x, w, mean, rstd, np.int32(rows), np.int32(C))
+                fargs = (res, out, mean, rstd, x, x2, w, b, np.int32(rows), np.int32(C))
+            else:
+                bargs = (di, dy, x, w, rstd, np.int32(rows), np.int32(C))
+                fargs = (res, out, rstd, x, x2, w, np.float32(1e-5), np.int32(rows), np.int32(C))
+            want = None
+            for label, k in mods.items():
+                di[...] = di0
+                k[bwd](grid, blk, bargs)
+                k[fwd](grid, blk, fargs)
+                got = [cp.asnumpy(a).view(np.uint16) for a in (di, res, out)]
+                same = want is None or all(np.array_equal(a, b) for a, b in zip(got, want))
+                want = want if want is not None else got
+                nb = 4 * rows * C * 2  # three reads and a write of (rows, C) either way
+                row(fam, f"{bwd} {label}", timed(cp, lambda: k[bwd](grid, blk, bargs), args.reps), nb, rows=rows,
+                    C=C, bitwise_same=bool(same))
+                row(fam, f"{fwd} {label}", timed(cp, lambda: k[fwd](grid, blk, fargs), args.reps), nb, rows=rows,
+                    C=C)
 
 
 if __name__ == "__main__":

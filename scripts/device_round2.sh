@@ -9,6 +9,7 @@
 #   quality      300-step quality runs (benchmarks/quality.py): d12 optimizer variants and seeds vs PyTorch
 #   quality_d48  the same at d48: the default optimizer and the lean one vs PyTorch
 #   att_plans    every cuDNN plan of the attention backward, deterministic and not, timed
+#   norm_variants  the norms' row kernels vs a baseline version (build/kernel_baseline, carried)
 #   variants     candidate kernels against the shipped ones, in isolation (benchmarks/kernel_variants.py)
 # LEAN="--no-master-weights --moments bf16" is the optimizer the d48 and Llama figures use (override with env LEAN);
 # recompute: R12 (default 0), R48 (1), RL (0), with --recompute-keep K12, K48, KL (0); LEAN12 the d12 optimizer flags (default LEAN);
@@ -79,6 +80,10 @@ for st in "$@"; do
     variants)  # candidate kernels against the shipped ones, in isolation (benchmarks/kernel_variants.py)
       timeout 300 python3 benchmarks/kernel_variants.py --json "$OUT/variants.json" > "$OUT/variants.log" 2>&1
       tail -20 "$OUT/variants.log" | tee -a "$OUT/summary.txt" ;;
+    norm_variants)  # the norms' row kernels against the one-pack-at-a-time versions in build/kernel_baseline (carry it)
+      timeout 300 python3 benchmarks/kernel_variants.py --only norms --baseline build/kernel_baseline \
+        --json "$OUT/norm_variants.json" > "$OUT/norm_variants.log" 2>&1
+      tail -20 "$OUT/norm_variants.log" | tee -a "$OUT/summary.txt" ;;
     att_plans)  # every cuDNN plan of the attention backward at the benchmark shapes (benchmarks/attention_plans.py)
       timeout 300 python3 benchmarks/attention_plans.py --json "$OUT/att_plans.json" > "$OUT/att_plans.log" 2>&1
       tail -40 "$OUT/att_plans.log" | tee -a "$OUT/summary.txt" ;;

@@ -1,31 +1,62 @@
 // LayerNorm forward (optionally fused with the residual add before it) and backward; mean/rstd kept in fp32.
 #include "common.cuh"
 
+// Every loop over a row takes U packs a lane at a time, their loads issued before any is used: one pack at a time
+// left each warp waiting on one load after another (d48's 8192 rows are a single wave of such warps). The sums
+// run over the packs in the same order as one at a time (the same bits).
+#ifndef ROW_U  // (benchmarks/kernel_variants.py compiles other values)
+#define ROW_U 4
+#endif
+
 // One warp per row of C; 16-byte loads; two passes over the row (mean, then variance about the mean, as the
 // NumPy reference). Writes out, mean, rstd. C % Pack<T>::N == 0.
 template <class T>
 __device__ void layernorm_row(T* out, float* mean, float* rstd, const T* x, const T* w, const T* b, int row, int C) {
-    constexpr int N = Pack<T>::N;
+    constexpr int N = Pack<T>::N, U = ROW_U;
     const int lane = threadIdx.x % 32;
     float s = 0.0f;
-    for (int c = lane * N; c < C; c += 32 * N) {
-        Pack<T> p = load16(x + c);
+    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
+        Pack<T> p[U];
 #pragma unroll
-        for (int k = 0; k < N; k++) s += to_f(p.v[k]);
+        for (int u = 0; u < U; u++) if (c0 + 32 * N * u < C) p[u] = load16(x + c0 + 32 * N * u);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (c0 + 32 * N * u >= C) break;
+#pragma unroll
+            for (int k = 0; k < N; k++) s += to_f(p[u].v[k]);
+        }
     }
     const float m = warp_sum(s) / C;
     float v = 0.0f;
-    for (int c = lane * N; c < C; c += 32 * N) {
-        Pack<T> p = load16(x + c);
+    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
+        Pack<T> p[U];
 #pragma unroll
-        for (int k = 0; k < N; k++) { float d = to_f(p.v[k]) - m; v += d * d; }
+        for (int u = 0; u < U; u++) if (c0 + 32 * N * u < C) p[u] = load16(x + c0 + 32 * N * u);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (c0 + 32 * N * u >= C) break;
+#pragma unroll
+            for (int k = 0; k < N; k++) { float d = to_f(p[u].v[k]) - m; v += d * d; }
+        }
     }
     const float r = rsqrtf(warp_sum(v) / C + 1e-5f);
-    for (int c = lane * N; c < C; c += 32 * N) {
-        Pack<T> p = load16(x + c), pw = load16(w + c), pb = load16(b + c), o;
+    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
+        Pack<T> p[U], pw[U], pb[U];
 #pragma unroll
-        for (int k = 0; k < N; k++) o.v[k] = from_f<T>((to_f(p.v[k]) - m) * r * to_f(pw.v[k]) + to_f(pb.v[k]));
-        store16(out + c, o);
+        for (int u = 0; u < U; u++)
+            if (c0 + 32 * N * u < C) {
+                const int c = c0 + 32 * N * u;
+                p[u] = load16(x + c); pw[u] = load16(w + c); pb[u] = load16(b + c);
+            }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (c0 + 32 * N * u >= C) break;
+            Pack<T> o;
+#pragma unroll
+            for (int k = 0; k < N; k++)
+                o.v[k] = from_f<T>((to_f(p[u].v[k]) - m) * r * to_f(pw[u].v[k]) + to_f(pb[u].v[k]));
+            store16(out + c0 + 32 * N * u, o);
+        }
     }
     if (lane == 0) { mean[row] = m; rstd[row] = r; }
 }
@@ -46,13 +77,22 @@ __global__ void fused_residual_layernorm_forward(T* residual, T* out, float* mea
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;
     const long long off = (long long)row * C;
-    for (int c = (threadIdx.x % 32) * N; c < C; c += 32 * N) {
-        Pack<T> a = load16(inp1 + off + c), bb = load16(inp2 + off + c), o;
+    constexpr int U = ROW_U;
+    for (int c0 = (threadIdx.x % 32) * N; c0 < C; c0 += 32 * N * U) {
+        Pack<T> a[U], bb[U];
 #pragma unroll
-        for (int k = 0; k < N; k++) o.v[k] = from_f<T>(to_f(a.v[k]) + to_f(bb.v[k]));
-        store16(residual + off + c, o);
+        for (int u = 0; u < U; u++)
+            if (c0 + 32 * N * u < C) { a[u] = load16(inp1 + off + c0 + 32 * N * u); bb[u] = load16(inp2 + off + c0 + 32 * N * u); }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (c0 + 32 * N * u >= C) break;
+            Pack<T> o;
+#pragma unroll
+            for (int k = 0; k < N; k++) o.v[k] = from_f<T>(to_f(a[u].v[k]) + to_f(bb[u].v[k]));
+            store16(residual + off + c0 + 32 * N * u, o);
+        }
     }
-    __syncwarp();
+    __syncwarp();  // each lane reads back the packs other lanes of its warp stored
     layernorm_row(out + off, mean, rstd, residual + off, w, b, row, C);
 }
 
@@ -67,27 +107,47 @@ __global__ void layernorm_backward_dinp(T* dinp, const T* dout, const T* inp, co
     const int lane = threadIdx.x % 32;
     const long long off = (long long)row * C;
     const float m = mean[row], r = rstd[row];
+    constexpr int U = ROW_U;
     float a = 0.0f, bsum = 0.0f;
-    for (int c = lane * N; c < C; c += 32 * N) {
-        Pack<T> x = load16(inp + off + c), dy = load16(dout + off + c), pw = load16(w + c);
+    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
+        Pack<T> x[U], dy[U];
 #pragma unroll
-        for (int k = 0; k < N; k++) {
-            float dn = to_f(dy.v[k]) * to_f(pw.v[k]);
-            a += dn;
-            bsum += dn * (to_f(x.v[k]) - m) * r;
+        for (int u = 0; u < U; u++)
+            if (c0 + 32 * N * u < C) { x[u] = load16(inp + off + c0 + 32 * N * u); dy[u] = load16(dout + off + c0 + 32 * N * u); }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (c0 + 32 * N * u >= C) break;
+            const Pack<T> pw = load16(w + c0 + 32 * N * u);
+#pragma unroll
+            for (int k = 0; k < N; k++) {
+                float dn = to_f(dy[u].v[k]) * to_f(pw.v[k]);
+                a += dn;
+                bsum += dn * (to_f(x[u].v[k]) - m) * r;
+            }
         }
     }
     a = warp_sum(a) / C;
     bsum = warp_sum(bsum) / C;
-    for (int c = lane * N; c < C; c += 32 * N) {
-        Pack<T> x = load16(inp + off + c), dy = load16(dout + off + c), pw = load16(w + c), di = load16(dinp + off + c);
+    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
+        Pack<T> x[U], dy[U], di[U];
 #pragma unroll
-        for (int k = 0; k < N; k++) {
-            float dn = to_f(dy.v[k]) * to_f(pw.v[k]);
-            float norm = (to_f(x.v[k]) - m) * r;
-            di.v[k] = from_f<T>(to_f(di.v[k]) + (dn - a - norm * bsum) * r);
+        for (int u = 0; u < U; u++)
+            if (c0 + 32 * N * u < C) {
+                const long long i = off + c0 + 32 * N * u;
+                x[u] = load16(inp + i); dy[u] = load16(dout + i); di[u] = load16(dinp + i);
+            }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (c0 + 32 * N * u >= C) break;
+            const Pack<T> pw = load16(w + c0 + 32 * N * u);
+#pragma unroll
+            for (int k = 0; k < N; k++) {
+                float dn = to_f(dy[u].v[k]) * to_f(pw.v[k]);
+                float norm = (to_f(x[u].v[k]) - m) * r;
+                di[u].v[k] = from_f<T>(to_f(di[u].v[k]) + (dn - a - norm * bsum) * r);
+            }
+            store16(dinp + off + c0 + 32 * N * u, di[u]);
         }
-        store16(dinp + off + c, di);
     }
 }
 

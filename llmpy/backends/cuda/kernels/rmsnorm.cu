@@ -2,21 +2,32 @@
 // out = x * rstd * w, rstd = 1/sqrt(mean(x^2) + eps): no mean, no bias (Llama).
 #include "common.cuh"
 
+#ifndef ROW_U  // packs a lane loads before using them (benchmarks/kernel_variants.py compiles other values)
+#define ROW_U 4
+#endif
+
 // One warp per row of C; 16-byte loads; the sum of squares in fp32. Writes out and rstd. C % Pack<T>::N == 0.
 template <class T>
 __device__ void rmsnorm_row(T* out, float* rstd, const T* x, const T* w, float eps, int row, int C) {
     constexpr int N = Pack<T>::N;
     const int lane = threadIdx.x % 32;
+    // U packs loaded before any is used or stored (out may alias x as far as the compiler knows, so a load after a
+    // store waits for it): U loads in flight, not one (few-row calls, decoding, are bound by this latency); the sums
+    // in the same order as one pack at a time
+    constexpr int U = ROW_U;
     float s = 0.0f;
-    for (int c = lane * N; c < C; c += 32 * N) {
-        Pack<T> p = load16(x + c);
+    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
+        Pack<T> p[U];
 #pragma unroll
-        for (int k = 0; k < N; k++) { float v = to_f(p.v[k]); s += v * v; }
+        for (int u = 0; u < U; u++) if (c0 + 32 * N * u < C) p[u] = load16(x + c0 + 32 * N * u);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (c0 + 32 * N * u >= C) break;
+#pragma unroll
+            for (int k = 0; k < N; k++) { float v = to_f(p[u].v[k]); s += v * v; }
+        }
     }
     const float r = rsqrtf(warp_sum(s) / C + eps);
-    // U packs loaded before any is stored: out may alias x as far as the compiler knows, so a load after a store
-    // waits for it; batching keeps U loads in flight (few-row calls, decoding, are bound by this latency)
-    constexpr int U = 4;
     for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
         Pack<T> p[U], pw[U];
 #pragma unroll
@@ -50,7 +61,7 @@ __global__ void fused_residual_rmsnorm_forward(T* residual, T* out, float* rstd,
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;
     const long long off = (long long)row * C;
-    constexpr int U = 4;  // packs in flight before the stores (as in rmsnorm_row)
+    constexpr int U = ROW_U;  // packs in flight before the stores (as in rmsnorm_row)
     for (int c0 = (threadIdx.x % 32) * N; c0 < C; c0 += 32 * N * U) {
         Pack<T> a[U], b[U];
 #pragma unroll
@@ -83,22 +94,42 @@ __global__ void rmsnorm_backward_dinp(T* dinp, const T* dout, const T* inp, cons
     const int lane = threadIdx.x % 32;
     const long long off = (long long)row * C;
     const float r = rstd[row];
+    constexpr int U = ROW_U;  // packs in flight before they are used (as in rmsnorm_row; the same order of sums)
     float a = 0.0f;
-    for (int c = lane * N; c < C; c += 32 * N) {
-        Pack<T> x = load16(inp + off + c), dy = load16(dout + off + c), pw = load16(w + c);
+    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
+        Pack<T> x[U], dy[U];
 #pragma unroll
-        for (int k = 0; k < N; k++) a += to_f(dy.v[k]) * to_f(pw.v[k]) * to_f(x.v[k]) * r;
+        for (int u = 0; u < U; u++)
+            if (c0 + 32 * N * u < C) { x[u] = load16(inp + off + c0 + 32 * N * u); dy[u] = load16(dout + off + c0 + 32 * N * u); }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (c0 + 32 * N * u >= C) break;
+            const Pack<T> pw = load16(w + c0 + 32 * N * u);
+#pragma unroll
+            for (int k = 0; k < N; k++) a += to_f(dy[u].v[k]) * to_f(pw.v[k]) * to_f(x[u].v[k]) * r;
+        }
     }
     a = warp_sum(a) / C;
-    for (int c = lane * N; c < C; c += 32 * N) {
-        Pack<T> x = load16(inp + off + c), dy = load16(dout + off + c), pw = load16(w + c), di = load16(dinp + off + c);
+    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
+        Pack<T> x[U], dy[U], di[U];
 #pragma unroll
-        for (int k = 0; k < N; k++) {
-            float u = to_f(dy.v[k]) * to_f(pw.v[k]);
-            float xh = to_f(x.v[k]) * r;
-            di.v[k] = from_f<T>(to_f(di.v[k]) + (u - xh * a) * r);
+        for (int u = 0; u < U; u++)
+            if (c0 + 32 * N * u < C) {
+                const long long i = off + c0 + 32 * N * u;
+                x[u] = load16(inp + i); dy[u] = load16(dout + i); di[u] = load16(dinp + i);
+            }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (c0 + 32 * N * u >= C) break;
+            const Pack<T> pw = load16(w + c0 + 32 * N * u);
+#pragma unroll
+            for (int k = 0; k < N; k++) {
+                float u_ = to_f(dy[u].v[k]) * to_f(pw.v[k]);
+                float xh = to_f(x[u].v[k]) * r;
+                di[u].v[k] = from_f<T>(to_f(di[u].v[k]) + (u_ - xh * a) * r);
+            }
+            store16(dinp + off + c0 + 32 * N * u, di[u]);
         }
-        store16(dinp + off + c, di);
     }
 }
 
