@@ -16,10 +16,10 @@ the GPT-2 / Llama benchmarks run them (a kernel is changed in llmpy only after i
 3. GELU backward + the bias sum of its result: shipped two kernels (gelu_backward_inplace, colsum_partial) against
    the fused gelu_backward_colsum (both then colsum_finalize).
 
-4. The norms' row kernels (LayerNorm / RMSNorm backward dinp, the fused residual + norm forward), U packs a lane
-   loaded at a time (ROW_U in the kernels; compiled here with U = 2 and 4) against --baseline DIR: the same .cu files
-   of another version (e.g. `git show REV:llmpy/backends/cuda/kernels/layernorm.cu`), one pack at a time. Outputs
-   must agree bit for bit.
+4. The norms' row kernels (LayerNorm / RMSNorm backward dinp, the fused residual + norm forward), shipped plain (one
+   pack a lane loaded at a time) and `_batched` (four), against --baseline DIR: layernorm.cu and rmsnorm.cu of another
+   version (e.g. `git show REV:llmpy/backends/cuda/kernels/layernorm.cu`). Outputs must agree bit for bit. (Run 5 of
+   2026-11-30 compiled the batched code with 2 and 4 packs; this is the form it took.)
 
     python benchmarks/kernel_variants.py --only norms --baseline build/kernel_baseline
 
@@ -311,31 +311,35 @@ def gelu_rows(row, timed, cp, k_gelu, k_mm, d, x, part, db, cgrid, chunks, M, C,
 
 
 def norm_rows(row, timed, cp, rng, T, common, cc, base, args):
-    """Baseline (one pack at a time) vs ROW_U = 2 and 4: LayerNorm at d12 and d48 rows, RMSNorm at Llama 1B's."""
-    from llmpy.backends.cuda.runtime import KERNELS
+    """The shipped norm row kernels, plain (one pack a lane at a time) and `_batched` (four), against --baseline's:
+    LayerNorm at d12's and d48's rows, RMSNorm at Llama 1B's."""
+    from llmpy.backends.cuda.runtime import module
     bf = "__nv_bfloat16"
     names = {"layernorm": ["layernorm_backward_dinp", "fused_residual_layernorm_forward"],
              "rmsnorm": ["rmsnorm_backward_dinp", "fused_residual_rmsnorm_forward"]}
 
-    def compile_(path, opts=()):
+    def baseline(path):
         src = path.read_text().replace('#include "common.cuh"', common)
-        exprs = [f"{k}<{bf}>" for ks in names.values() for k in ks if k in src]
-        mod = cp.RawModule(code=src, options=("-std=c++17", f"-arch=sm_{cc}") + tuple(opts), name_expressions=exprs)
+        exprs = [f"{k}<{bf}>" for k in names[path.stem]]
+        mod = cp.RawModule(code=src, options=("-std=c++17", f"-arch=sm_{cc}"), name_expressions=exprs)
         return {e.split("<")[0]: mod.get_function(e) for e in exprs}
     for fam, shapes in (("layernorm", ((65536, 768), (8192, 1600))), ("rmsnorm", ((16384, 2048),))):
-        mods = {"baseline": compile_(base / f"{fam}.cu")}
-        for u in (2, 4):
-            mods[f"ROW_U={u}"] = compile_(KERNELS / f"{fam}.cu", (f"-DROW_U={u}",))
+        shipped = module(fam, "bf16")
+        bwd, fwd = names[fam]
+        mods = {"baseline": baseline(base / f"{fam}.cu"),
+                "plain": {bwd: getattr(shipped, bwd), fwd: getattr(shipped, fwd)},
+                "batched": {bwd: getattr(shipped, bwd + "_batched"),
+                            fwd: getattr(shipped, fwd + ("_batched" if fam == "layernorm" else ""))}}
         for rows, C in shapes:
             def arr():
                 return cp.asarray(rng.standard_normal((rows, C), dtype=np.float32)).astype(T)
             x, dy, di0, x2 = arr(), arr(), arr(), arr()
             w, b = cp.asarray(rng.standard_normal(C, dtype=np.float32)).astype(T), cp.zeros(C, T)
-            mean = cp.asarray(rng.standard_normal(rows, dtype=np.float32) * 0.1)
-            rstd = cp.asarray(rng.random(rows, dtype=np.float32) + 0.5)
+            mean0 = cp.asarray(rng.standard_normal(rows, dtype=np.float32) * 0.1)
+            rstd0 = cp.asarray(rng.random(rows, dtype=np.float32) + 0.5)
+            mean, rstd = mean0.copy(), rstd0.copy()
             di, res, out = cp.empty_like(di0), cp.empty_like(x), cp.empty_like(x)
             grid, blk = (cdiv(rows, 8),), (256,)
-            bwd, fwd = names[fam]
             if fam == "layernorm":
                 bargs = (di, dy, x, w, mean, rstd, np.int32(rows), np.int32(C))
                 fargs = (res, out, mean, rstd, x, x2, w, b, np.int32(rows), np.int32(C))
@@ -344,10 +348,10 @@ def norm_rows(row, timed, cp, rng, T, common, cc, base, args):
                 fargs = (res, out, rstd, x, x2, w, np.float32(1e-5), np.int32(rows), np.int32(C))
             want = None
             for label, k in mods.items():
-                di[...] = di0
+                di[...], mean[...], rstd[...] = di0, mean0, rstd0  # the forward overwrites the statistics
                 k[bwd](grid, blk, bargs)
                 k[fwd](grid, blk, fargs)
-                got = [cp.asnumpy(a).view(np.uint16) for a in (di, res, out)]
+                got = [cp.asnumpy(a).view(np.uint16) for a in (di, res, out)] + [cp.asnumpy(mean), cp.asnumpy(rstd)]
                 same = want is None or all(np.array_equal(a, b) for a, b in zip(got, want))
                 want = want if want is not None else got
                 nb = 4 * rows * C * 2  # three reads and a write of (rows, C) either way

@@ -160,6 +160,33 @@ def test_rmsnorm_and_fused_residual(be, N, C):
     check(be, dw, rdw)
 
 
+@pytest.mark.parametrize("C", [320, 1600])
+def test_norm_row_kernels_batched_or_not_same_bits(be, C, monkeypatch):
+    """The norms' row kernels come in two forms (one pack a lane in flight, or four: backend.ROWS_BATCHED picks by
+    rows, so the tests above run the batched ones): the same sums in the same order, the same bits."""
+    from llmpy.backends.cuda import backend as B
+    r = rng()
+    N = 300
+    x1, x2, dout, d0 = (dev(be, r.standard_normal((N, C))) for _ in range(4))
+    w, b = dev(be, 1 + 0.1 * r.standard_normal(C)), dev(be, r.standard_normal(C))
+    be.plan_workspace(_shapes(5, 60, C, C // 64, bias_widths=()))
+    got = []
+    for limit in (10**9, 0):  # every call batched, then none
+        monkeypatch.setattr(B, "ROWS_BATCHED", limit)
+        res, out, out2, dinp, dinp2 = (poison(be, (N, C)) for _ in range(5))
+        mean, rstd, rstd2 = (poison(be, N, np.float32) for _ in range(3))
+        be.fused_residual_layernorm_forward(res, out, mean, rstd, x1, x2, w, b)
+        be.layernorm_forward(out2, mean, rstd, res, w, b)
+        be.copy_(dinp, d0)
+        be.layernorm_backward(dinp, dev(be, np.zeros(C)), dev(be, np.zeros(C)), dout, res, w, mean, rstd)
+        be.rmsnorm_forward(out2, rstd2, res, w, 1e-5)
+        be.copy_(dinp2, d0)
+        be.rmsnorm_backward(dinp2, dev(be, np.zeros(C)), dout, res, w, rstd2)
+        got.append([be.to_numpy(a).view(np.uint8) for a in (res, out, out2, mean, rstd, dinp, rstd2, dinp2)])
+    for a, b_ in zip(*got):
+        assert np.array_equal(a, b_)
+
+
 @pytest.mark.parametrize("T,pos", [(16, 0), (16, 16), (1, 23)])
 def test_rope(be, T, pos):
     """In place on q and k of a GQA qkv (NH=8, K=2, hs=64) with Llama 3.1's scaled frequencies (original_context 16

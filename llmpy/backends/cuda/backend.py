@@ -19,6 +19,10 @@ from .mmfree import MMFree
 from .runtime import bf16_dtype, cdiv, import_cupy, module
 
 _NORM_BLOCKS = 264  # grid of the sum-of-squares partials: 2 per SM on an H200; fixed, so the sum's order is fixed
+# the norms' row kernels: rows of at most this many use the `_batched` kernels (4 packs a lane in flight; a wave or
+# two of warps is latency-bound one pack at a time), more rows the plain ones (kernels/layernorm.cu; H200: batched
+# faster at 8192 and 16384 rows, slower at 65536)
+ROWS_BATCHED = 32768
 _CHUNK_ROWS = 256   # rows per partial in the column sums (bias / LayerNorm parameter gradients)
 _COLSUM_WARPS = 8   # warps per block of those partial sums (COLSUM_WARPS in common.cuh)
 _DECODE_THREADS = 256  # block of attention_decode, one per (sequence, query head)
@@ -237,21 +241,23 @@ class CUDABackend:
     def layernorm_forward(self, out, mean, rstd, inp, w, b):
         C = inp.shape[-1]
         rows = inp.size // C
-        self.k["layernorm"].layernorm_forward((cdiv(rows, 8),), (256,), (out, mean, rstd, inp, w, b, np.int32(rows),
-                                                                         np.int32(C)))
+        k = self.k["layernorm"]
+        (k.layernorm_forward_batched if rows <= ROWS_BATCHED else k.layernorm_forward)(
+            (cdiv(rows, 8),), (256,), (out, mean, rstd, inp, w, b, np.int32(rows), np.int32(C)))
 
     def fused_residual_layernorm_forward(self, residual, out, mean, rstd, inp1, inp2, w, b):
         C = inp1.shape[-1]
         rows = inp1.size // C
-        self.k["layernorm"].fused_residual_layernorm_forward(
+        k = self.k["layernorm"]
+        (k.fused_residual_layernorm_forward_batched if rows <= ROWS_BATCHED else k.fused_residual_layernorm_forward)(
             (cdiv(rows, 8),), (256,), (residual, out, mean, rstd, inp1, inp2, w, b, np.int32(rows), np.int32(C)))
 
     def layernorm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd):
         C = inp.shape[-1]
         rows = inp.size // C
         k = self.k["layernorm"]
-        k.layernorm_backward_dinp((cdiv(rows, 8),), (256,), (dinp, dout, inp, w, mean, rstd, np.int32(rows),
-                                                              np.int32(C)))
+        (k.layernorm_backward_dinp_batched if rows <= ROWS_BATCHED else k.layernorm_backward_dinp)(
+            (cdiv(rows, 8),), (256,), (dinp, dout, inp, w, mean, rstd, np.int32(rows), np.int32(C)))
         chunks = cdiv(rows, _CHUNK_ROWS)
         self._check_colsum(chunks, 2 * C)
         k.layernorm_backward_params_partial(self._colsum_grid(inp, C, chunks), (32 * _COLSUM_WARPS,),
@@ -279,7 +285,8 @@ class CUDABackend:
         C = inp.shape[-1]
         rows = inp.size // C
         k = self.k["rmsnorm"]
-        k.rmsnorm_backward_dinp((cdiv(rows, 8),), (256,), (dinp, dout, inp, w, rstd, np.int32(rows), np.int32(C)))
+        (k.rmsnorm_backward_dinp_batched if rows <= ROWS_BATCHED else k.rmsnorm_backward_dinp)(
+            (cdiv(rows, 8),), (256,), (dinp, dout, inp, w, rstd, np.int32(rows), np.int32(C)))
         chunks = cdiv(rows, _CHUNK_ROWS)
         self._check_colsum(chunks, C)
         k.rmsnorm_backward_weight_partial(self._colsum_grid(inp, C, chunks), (32 * _COLSUM_WARPS,),

@@ -1,18 +1,18 @@
 // LayerNorm forward (optionally fused with the residual add before it) and backward; mean/rstd kept in fp32.
 #include "common.cuh"
 
-// Every loop over a row takes U packs a lane at a time, their loads issued before any is used: one pack at a time
-// left each warp waiting on one load after another (d48's 8192 rows are a single wave of such warps). The sums
-// run over the packs in the same order as one at a time (the same bits).
-#ifndef ROW_U  // (benchmarks/kernel_variants.py compiles other values)
-#define ROW_U 4
-#endif
+// Every loop over a row takes U packs a lane at a time, their loads issued before any is used. With U = 1 (one
+// pack at a time) each warp waits on one load after another: fine when the rows are many waves of warps (d12's 65536
+// rows), latency-bound when they are a wave or two (d48's 8192; there U = 4: 41.8 -> 35.3 us for the backward,
+// 39.0 -> 34.9 for the forward, while d12's rows took 99.5 -> 114.5 us: benchmarks/kernel_variants.py, H200). Hence
+// two kernels of each, `name` (U = 1) and `name_batched` (U = 4); the backend picks by rows (backend.py ROWS_BATCHED).
+// The sums run over the packs in the same order either way (the same bits).
 
 // One warp per row of C; 16-byte loads; two passes over the row (mean, then variance about the mean, as the
 // NumPy reference). Writes out, mean, rstd. C % Pack<T>::N == 0.
-template <class T>
+template <class T, int U>
 __device__ void layernorm_row(T* out, float* mean, float* rstd, const T* x, const T* w, const T* b, int row, int C) {
-    constexpr int N = Pack<T>::N, U = ROW_U;
+    constexpr int N = Pack<T>::N;
     const int lane = threadIdx.x % 32;
     float s = 0.0f;
     for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
@@ -61,23 +61,32 @@ __device__ void layernorm_row(T* out, float* mean, float* rstd, const T* x, cons
     if (lane == 0) { mean[row] = m; rstd[row] = r; }
 }
 
+template <class T, int U>
+__device__ void layernorm_forward_body(T* out, float* mean, float* rstd, const T* inp, const T* w, const T* b,
+                                       int rows, int C) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    layernorm_row<T, U>(out + (long long)row * C, mean, rstd, inp + (long long)row * C, w, b, row, C);
+}
 template <class T>
 __global__ void layernorm_forward(T* out, float* mean, float* rstd, const T* inp, const T* w, const T* b, int rows,
                                   int C) {
-    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (row >= rows) return;
-    layernorm_row(out + (long long)row * C, mean, rstd, inp + (long long)row * C, w, b, row, C);
+    layernorm_forward_body<T, 1>(out, mean, rstd, inp, w, b, rows, C);
+}
+template <class T>
+__global__ void layernorm_forward_batched(T* out, float* mean, float* rstd, const T* inp, const T* w, const T* b,
+                                          int rows, int C) {
+    layernorm_forward_body<T, 4>(out, mean, rstd, inp, w, b, rows, C);
 }
 
 // residual = inp1 + inp2 (stored in T), then out = layernorm(residual) reading back the stored (rounded) values.
-template <class T>
-__global__ void fused_residual_layernorm_forward(T* residual, T* out, float* mean, float* rstd, const T* inp1,
-                                                 const T* inp2, const T* w, const T* b, int rows, int C) {
+template <class T, int U>
+__device__ void fused_residual_layernorm_forward_body(T* residual, T* out, float* mean, float* rstd, const T* inp1,
+                                                      const T* inp2, const T* w, const T* b, int rows, int C) {
     constexpr int N = Pack<T>::N;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;
     const long long off = (long long)row * C;
-    constexpr int U = ROW_U;
     for (int c0 = (threadIdx.x % 32) * N; c0 < C; c0 += 32 * N * U) {
         Pack<T> a[U], bb[U];
 #pragma unroll
@@ -93,21 +102,31 @@ __global__ void fused_residual_layernorm_forward(T* residual, T* out, float* mea
         }
     }
     __syncwarp();  // each lane reads back the packs other lanes of its warp stored
-    layernorm_row(out + off, mean, rstd, residual + off, w, b, row, C);
+    layernorm_row<T, U>(out + off, mean, rstd, residual + off, w, b, row, C);
+}
+template <class T>
+__global__ void fused_residual_layernorm_forward(T* residual, T* out, float* mean, float* rstd, const T* inp1,
+                                                 const T* inp2, const T* w, const T* b, int rows, int C) {
+    fused_residual_layernorm_forward_body<T, 1>(residual, out, mean, rstd, inp1, inp2, w, b, rows, C);
+}
+template <class T>
+__global__ void fused_residual_layernorm_forward_batched(T* residual, T* out, float* mean, float* rstd,
+                                                         const T* inp1, const T* inp2, const T* w, const T* b, int rows,
+                                                         int C) {
+    fused_residual_layernorm_forward_body<T, 4>(residual, out, mean, rstd, inp1, inp2, w, b, rows, C);
 }
 
 // dinp += (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) * rstd, dnorm = dout * w. One warp per row.
 // The weight/bias gradients are column sums (the _params_ kernels below: deterministic, fixed order).
-template <class T>
-__global__ void layernorm_backward_dinp(T* dinp, const T* dout, const T* inp, const T* w, const float* mean,
-                                        const float* rstd, int rows, int C) {
+template <class T, int U>
+__device__ void layernorm_backward_dinp_body(T* dinp, const T* dout, const T* inp, const T* w, const float* mean,
+                                             const float* rstd, int rows, int C) {
     constexpr int N = Pack<T>::N;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;
     const int lane = threadIdx.x % 32;
     const long long off = (long long)row * C;
     const float m = mean[row], r = rstd[row];
-    constexpr int U = ROW_U;
     float a = 0.0f, bsum = 0.0f;
     for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
         Pack<T> x[U], dy[U];
@@ -149,6 +168,17 @@ __global__ void layernorm_backward_dinp(T* dinp, const T* dout, const T* inp, co
             store16(dinp + off + c0 + 32 * N * u, di[u]);
         }
     }
+}
+
+template <class T>
+__global__ void layernorm_backward_dinp(T* dinp, const T* dout, const T* inp, const T* w, const float* mean,
+                                        const float* rstd, int rows, int C) {
+    layernorm_backward_dinp_body<T, 1>(dinp, dout, inp, w, mean, rstd, rows, C);
+}
+template <class T>
+__global__ void layernorm_backward_dinp_batched(T* dinp, const T* dout, const T* inp, const T* w, const float* mean,
+                                                const float* rstd, int rows, int C) {
+    layernorm_backward_dinp_body<T, 4>(dinp, dout, inp, w, mean, rstd, rows, C);
 }
 
 // Partial column sums for the LayerNorm parameter gradients over a chunk of rows (colsum_slab's grid and order):
