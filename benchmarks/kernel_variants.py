@@ -44,28 +44,10 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 VARIANTS_SRC = r"""
-struct MaxSum2 { float m, s; };
-__device__ __forceinline__ MaxSum2 combine2(MaxSum2 a, MaxSum2 b) {
-    float m = fmaxf(a.m, b.m);
-    if (m == -INFINITY) return {m, 0.0f};
-    return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
-}
-__device__ MaxSum2 block_maxsum2(MaxSum2 v) {
-    __shared__ float bm[32], bs[32];
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-    for (int o = 16; o > 0; o >>= 1)
-        v = combine2(v, {__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)});
-    __syncthreads();
-    if (lane == 0) { bm[warp] = v.m; bs[warp] = v.s; }
-    __syncthreads();
-    v = lane < nwarps ? MaxSum2{bm[lane], bs[lane]} : MaxSum2{-INFINITY, 0.0f};
-    for (int o = 16; o > 0; o >>= 1)
-        v = combine2(v, {__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)});
-    return v;
-}
+// (MaxSum, combine and block_maxsum come from kernels/classifier.cu, compiled into the same module)
 // the shipped pass-1 step for one pack (same arithmetic, so the same bits)
 template <class T>
-__device__ __forceinline__ void cls_step(MaxSum2& acc, const Pack<T>& p, int i, int V) {
+__device__ __forceinline__ void cls_step(MaxSum& acc, const Pack<T>& p, int i, int V) {
     constexpr int N = Pack<T>::N;
     float mx = -INFINITY;
     bool nan = false;
@@ -79,6 +61,18 @@ __device__ __forceinline__ void cls_step(MaxSum2& acc, const Pack<T>& p, int i, 
     for (int k = 0; k < N; k++)
         if (i + k < V) s += __expf(to_f(p.v[k]) - m);
     acc = {m, s};
+}
+// the block's (max, sum), the row's loss written; the target read before any thread overwrites the row
+template <class T>
+__device__ __forceinline__ MaxSum cls_loss(MaxSum acc, const T* x, const int* targets, float* losses, int& tgt,
+                                           float& inv) {
+    acc = block_maxsum(acc);
+    tgt = targets[blockIdx.x];
+    const float xt = to_f(x[tgt]);
+    __syncthreads();
+    if (threadIdx.x == 0) losses[blockIdx.x] = acc.m + logf(acc.s) - xt;
+    inv = 1.0f / acc.s;
+    return acc;
 }
 template <class T>
 __device__ __forceinline__ Pack<T> cls_grad(const Pack<T>& p, int i, int V, int tgt, float mx, float inv, float dloss) {
@@ -100,15 +94,12 @@ __global__ void __launch_bounds__(1024, 1) cls_regs(T* logits, float* losses, co
     Pack<T> q[P];
 #pragma unroll
     for (int j = 0; j < P; j++) { const int i = (threadIdx.x + j * blockDim.x) * N; if (i < Vp) q[j] = load16(x + i); }
-    MaxSum2 acc = {-INFINITY, 0.0f};
+    MaxSum acc = {-INFINITY, 0.0f};
 #pragma unroll
     for (int j = 0; j < P; j++) { const int i = (threadIdx.x + j * blockDim.x) * N; if (i < V) cls_step(acc, q[j], i, V); }
-    acc = block_maxsum2(acc);
-    const int tgt = targets[blockIdx.x];
-    const float xt = to_f(x[tgt]);
-    __syncthreads();
-    if (threadIdx.x == 0) losses[blockIdx.x] = acc.m + logf(acc.s) - xt;
-    const float inv = 1.0f / acc.s;
+    int tgt;
+    float inv;
+    acc = cls_loss(acc, x, targets, losses, tgt, inv);
 #pragma unroll
     for (int j = 0; j < P; j++) {
         const int i = (threadIdx.x + j * blockDim.x) * N;
@@ -120,14 +111,11 @@ template <class T>
 __global__ void __launch_bounds__(1024, 2) cls_2pass(T* logits, float* losses, const int* targets, float dloss, int V, int Vp) {
     constexpr int N = Pack<T>::N;
     T* x = logits + (long long)blockIdx.x * Vp;
-    MaxSum2 acc = {-INFINITY, 0.0f};
+    MaxSum acc = {-INFINITY, 0.0f};
     for (int i = threadIdx.x * N; i < V; i += blockDim.x * N) cls_step(acc, load16(x + i), i, V);
-    acc = block_maxsum2(acc);
-    const int tgt = targets[blockIdx.x];
-    const float xt = to_f(x[tgt]);
-    __syncthreads();
-    if (threadIdx.x == 0) losses[blockIdx.x] = acc.m + logf(acc.s) - xt;
-    const float inv = 1.0f / acc.s;
+    int tgt;
+    float inv;
+    acc = cls_loss(acc, x, targets, losses, tgt, inv);
     for (int i = threadIdx.x * N; i < Vp; i += blockDim.x * N) store16(x + i, cls_grad(load16(x + i), i, V, tgt, acc.m, inv, dloss));
 }
 // the row staged in shared memory (Vp * sizeof(T) bytes of dynamic shared memory)
@@ -137,13 +125,13 @@ __global__ void __launch_bounds__(1024, 2) cls_smem(T* logits, float* losses, co
     extern __shared__ __align__(16) unsigned char row_sh[];
     T* sh = reinterpret_cast<T*>(row_sh);
     T* x = logits + (long long)blockIdx.x * Vp;
-    MaxSum2 acc = {-INFINITY, 0.0f};
+    MaxSum acc = {-INFINITY, 0.0f};
     for (int i = threadIdx.x * N; i < Vp; i += blockDim.x * N) {
         const Pack<T> p = load16(x + i);
         *reinterpret_cast<Pack<T>*>(sh + i) = p;
         if (i < V) cls_step(acc, p, i, V);
     }
-    acc = block_maxsum2(acc);
+    acc = block_maxsum(acc);
     const int tgt = targets[blockIdx.x];
     const float xt = to_f(sh[tgt]);
     if (threadIdx.x == 0) losses[blockIdx.x] = acc.m + logf(acc.s) - xt;
@@ -204,10 +192,11 @@ def main(argv=None) -> int:
         .replace("__global__ void adamw(", "__global__ void adamw_cheap_f32(")
     cheap = cheap[:cheap.index("// The global gradient norm")]
     cheap = "__device__ __forceinline__ unsigned int cheap_u32(unsigned int x) { return x * 0x9e3779b1u; }\n" + cheap
+    classifier_src = (KERNELS / "classifier.cu").read_text().replace('#include "common.cuh"', "")
     bf = "__nv_bfloat16"
     exprs = [f"cls_regs<{bf}, 7>", f"cls_smem<{bf}>", f"cls_2pass<{bf}>", "adamw_traffic", f"adamw_cheaphash<{bf}>"]
     cc = cp.cuda.Device().compute_capability
-    mod = cp.RawModule(code=common + VARIANTS_SRC + cheap, options=("-std=c++17", f"-arch=sm_{cc}"),
+    mod = cp.RawModule(code=common + classifier_src + VARIANTS_SRC + cheap, options=("-std=c++17", f"-arch=sm_{cc}"),
                        name_expressions=exprs)
     fn = {e: mod.get_function(e) for e in exprs}
     # the shipped AdamW held to 40 registers (6 blocks of 256 threads an SM instead of 4): its own module

@@ -116,6 +116,46 @@ template <> __device__ __forceinline__ bf16 round_param<bf16>(float x, unsigned 
     return stochastic_round_bf16(x, seed, idx);
 }
 
+// K 16-byte packs of one position of K arrays (a row pass's load)
+template <class T, int K> struct Packs { Pack<T> p[K]; };
+template <class T, class... P> __device__ __forceinline__ Packs<T, sizeof...(P)> load_packs(int c, const P*... x) {
+    return {{load16(x + c)...}};
+}
+
+// One pass of a warp over its row of C (the norms' row kernels): use(c, load(c)) for each of the lane's packs c =
+// lane N, lane N + 32 N, ... in that order, U at a time with their loads issued before any is used (U loads in
+// flight instead of one: a warp alone on its row otherwise waits on each in turn). The order of use, and so of any
+// sum, does not depend on U.
+template <class T, int U, class Load, class Use>
+__device__ __forceinline__ void row_pass(int C, Load load, Use use) {
+    constexpr int N = Pack<T>::N;
+    for (int c0 = (threadIdx.x % 32) * N; c0 < C; c0 += 32 * N * U) {
+        decltype(load(0)) q[U];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (c0 + 32 * N * u < C) q[u] = load(c0 + 32 * N * u);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (c0 + 32 * N * u >= C) break;
+            use(c0 + 32 * N * u, q[u]);
+        }
+    }
+}
+
+// residual = inp1 + inp2 over one warp's row of C (stored in T); then the warp syncs, so that its lanes can read
+// back each other's packs
+template <class T, int U>
+__device__ __forceinline__ void residual_add_row(T* residual, const T* inp1, const T* inp2, int C) {
+    row_pass<T, U>(C, [&](int c) { return load_packs<T>(c, inp1, inp2); },
+                   [&](int c, const Packs<T, 2>& q) {
+                       Pack<T> o;
+#pragma unroll
+                       for (int k = 0; k < Pack<T>::N; k++) o.v[k] = from_f<T>(to_f(q.p[0].v[k]) + to_f(q.p[1].v[k]));
+                       store16(residual + c, o);
+                   });
+    __syncwarp();
+}
+
 // First stage of the deterministic column sums: K sums per column over one chunk of rows, by a block of COLSUM_WARPS
 // warps (grid: (cdiv(C / N, 32), chunks), N = Pack<T>::N, C % N == 0). Lane l owns the N columns from
 // c0 = (blockIdx.x * 32 + l) * N; warp w adds rows lo + w, lo + w + COLSUM_WARPS, ... in order, loading four rows

@@ -13,52 +13,25 @@
 template <class T, int U>
 __device__ void layernorm_row(T* out, float* mean, float* rstd, const T* x, const T* w, const T* b, int row, int C) {
     constexpr int N = Pack<T>::N;
-    const int lane = threadIdx.x % 32;
-    float s = 0.0f;
-    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
-        Pack<T> p[U];
+    float s = 0.0f, v = 0.0f;
+    row_pass<T, U>(C, [&](int c) { return load_packs<T>(c, x); }, [&](int, const Packs<T, 1>& q) {
 #pragma unroll
-        for (int u = 0; u < U; u++) if (c0 + 32 * N * u < C) p[u] = load16(x + c0 + 32 * N * u);
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (c0 + 32 * N * u >= C) break;
-#pragma unroll
-            for (int k = 0; k < N; k++) s += to_f(p[u].v[k]);
-        }
-    }
+        for (int k = 0; k < N; k++) s += to_f(q.p[0].v[k]);
+    });
     const float m = warp_sum(s) / C;
-    float v = 0.0f;
-    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
-        Pack<T> p[U];
+    row_pass<T, U>(C, [&](int c) { return load_packs<T>(c, x); }, [&](int, const Packs<T, 1>& q) {
 #pragma unroll
-        for (int u = 0; u < U; u++) if (c0 + 32 * N * u < C) p[u] = load16(x + c0 + 32 * N * u);
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (c0 + 32 * N * u >= C) break;
-#pragma unroll
-            for (int k = 0; k < N; k++) { float d = to_f(p[u].v[k]) - m; v += d * d; }
-        }
-    }
+        for (int k = 0; k < N; k++) { float d = to_f(q.p[0].v[k]) - m; v += d * d; }
+    });
     const float r = rsqrtf(warp_sum(v) / C + 1e-5f);
-    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
-        Pack<T> p[U], pw[U], pb[U];
+    row_pass<T, U>(C, [&](int c) { return load_packs<T>(c, x, w, b); }, [&](int c, const Packs<T, 3>& q) {
+        Pack<T> o;
 #pragma unroll
-        for (int u = 0; u < U; u++)
-            if (c0 + 32 * N * u < C) {
-                const int c = c0 + 32 * N * u;
-                p[u] = load16(x + c); pw[u] = load16(w + c); pb[u] = load16(b + c);
-            }
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (c0 + 32 * N * u >= C) break;
-            Pack<T> o;
-#pragma unroll
-            for (int k = 0; k < N; k++)
-                o.v[k] = from_f<T>((to_f(p[u].v[k]) - m) * r * to_f(pw[u].v[k]) + to_f(pb[u].v[k]));
-            store16(out + c0 + 32 * N * u, o);
-        }
-    }
-    if (lane == 0) { mean[row] = m; rstd[row] = r; }
+        for (int k = 0; k < N; k++)
+            o.v[k] = from_f<T>((to_f(q.p[0].v[k]) - m) * r * to_f(q.p[1].v[k]) + to_f(q.p[2].v[k]));
+        store16(out + c, o);
+    });
+    if (threadIdx.x % 32 == 0) { mean[row] = m; rstd[row] = r; }
 }
 
 template <class T, int U>
@@ -83,25 +56,10 @@ __global__ void layernorm_forward_batched(T* out, float* mean, float* rstd, cons
 template <class T, int U>
 __device__ void fused_residual_layernorm_forward_body(T* residual, T* out, float* mean, float* rstd, const T* inp1,
                                                       const T* inp2, const T* w, const T* b, int rows, int C) {
-    constexpr int N = Pack<T>::N;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;
     const long long off = (long long)row * C;
-    for (int c0 = (threadIdx.x % 32) * N; c0 < C; c0 += 32 * N * U) {
-        Pack<T> a[U], bb[U];
-#pragma unroll
-        for (int u = 0; u < U; u++)
-            if (c0 + 32 * N * u < C) { a[u] = load16(inp1 + off + c0 + 32 * N * u); bb[u] = load16(inp2 + off + c0 + 32 * N * u); }
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (c0 + 32 * N * u >= C) break;
-            Pack<T> o;
-#pragma unroll
-            for (int k = 0; k < N; k++) o.v[k] = from_f<T>(to_f(a[u].v[k]) + to_f(bb[u].v[k]));
-            store16(residual + off + c0 + 32 * N * u, o);
-        }
-    }
-    __syncwarp();  // each lane reads back the packs other lanes of its warp stored
+    residual_add_row<T, U>(residual + off, inp1 + off, inp2 + off, C);
     layernorm_row<T, U>(out + off, mean, rstd, residual + off, w, b, row, C);
 }
 template <class T>
@@ -124,52 +82,33 @@ __device__ void layernorm_backward_dinp_body(T* dinp, const T* dout, const T* in
     constexpr int N = Pack<T>::N;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;
-    const int lane = threadIdx.x % 32;
     const long long off = (long long)row * C;
     const float m = mean[row], r = rstd[row];
     float a = 0.0f, bsum = 0.0f;
-    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
-        Pack<T> x[U], dy[U];
+    row_pass<T, U>(C, [&](int c) { return load_packs<T>(c, inp + off, dout + off); },
+                   [&](int c, const Packs<T, 2>& q) {  // x, dy
+                       const Pack<T> pw = load16(w + c);
 #pragma unroll
-        for (int u = 0; u < U; u++)
-            if (c0 + 32 * N * u < C) { x[u] = load16(inp + off + c0 + 32 * N * u); dy[u] = load16(dout + off + c0 + 32 * N * u); }
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (c0 + 32 * N * u >= C) break;
-            const Pack<T> pw = load16(w + c0 + 32 * N * u);
-#pragma unroll
-            for (int k = 0; k < N; k++) {
-                float dn = to_f(dy[u].v[k]) * to_f(pw.v[k]);
-                a += dn;
-                bsum += dn * (to_f(x[u].v[k]) - m) * r;
-            }
-        }
-    }
+                       for (int k = 0; k < N; k++) {
+                           float dn = to_f(q.p[1].v[k]) * to_f(pw.v[k]);
+                           a += dn;
+                           bsum += dn * (to_f(q.p[0].v[k]) - m) * r;
+                       }
+                   });
     a = warp_sum(a) / C;
     bsum = warp_sum(bsum) / C;
-    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
-        Pack<T> x[U], dy[U], di[U];
+    row_pass<T, U>(C, [&](int c) { return load_packs<T>(c, inp + off, dout + off, (const T*)dinp + off); },
+                   [&](int c, Packs<T, 3> q) {  // x, dy, dinp
+                       const Pack<T> pw = load16(w + c);
 #pragma unroll
-        for (int u = 0; u < U; u++)
-            if (c0 + 32 * N * u < C) {
-                const long long i = off + c0 + 32 * N * u;
-                x[u] = load16(inp + i); dy[u] = load16(dout + i); di[u] = load16(dinp + i);
-            }
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (c0 + 32 * N * u >= C) break;
-            const Pack<T> pw = load16(w + c0 + 32 * N * u);
-#pragma unroll
-            for (int k = 0; k < N; k++) {
-                float dn = to_f(dy[u].v[k]) * to_f(pw.v[k]);
-                float norm = (to_f(x[u].v[k]) - m) * r;
-                di[u].v[k] = from_f<T>(to_f(di[u].v[k]) + (dn - a - norm * bsum) * r);
-            }
-            store16(dinp + off + c0 + 32 * N * u, di[u]);
-        }
-    }
+                       for (int k = 0; k < N; k++) {
+                           float dn = to_f(q.p[1].v[k]) * to_f(pw.v[k]);
+                           float norm = (to_f(q.p[0].v[k]) - m) * r;
+                           q.p[2].v[k] = from_f<T>(to_f(q.p[2].v[k]) + (dn - a - norm * bsum) * r);
+                       }
+                       store16(dinp + off + c, q.p[2]);
+                   });
 }
-
 template <class T>
 __global__ void layernorm_backward_dinp(T* dinp, const T* dout, const T* inp, const T* w, const float* mean,
                                         const float* rstd, int rows, int C) {

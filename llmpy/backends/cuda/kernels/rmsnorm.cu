@@ -7,39 +7,22 @@
 template <class T>
 __device__ void rmsnorm_row(T* out, float* rstd, const T* x, const T* w, float eps, int row, int C) {
     constexpr int N = Pack<T>::N;
-    const int lane = threadIdx.x % 32;
-    // U packs loaded before any is used or stored (out may alias x as far as the compiler knows, so a load after a
-    // store waits for it): U loads in flight, not one (few-row calls, decoding, are bound by this latency); the sums
-    // in the same order as one pack at a time
+    // 4 packs a lane in flight (row_pass; out may alias x as far as the compiler knows, so a load after a store
+    // waits for it): few-row calls, decoding, are bound by this latency
     constexpr int U = 4;
     float s = 0.0f;
-    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
-        Pack<T> p[U];
+    row_pass<T, U>(C, [&](int c) { return load_packs<T>(c, x); }, [&](int, const Packs<T, 1>& q) {
 #pragma unroll
-        for (int u = 0; u < U; u++) if (c0 + 32 * N * u < C) p[u] = load16(x + c0 + 32 * N * u);
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (c0 + 32 * N * u >= C) break;
-#pragma unroll
-            for (int k = 0; k < N; k++) { float v = to_f(p[u].v[k]); s += v * v; }
-        }
-    }
+        for (int k = 0; k < N; k++) { float v = to_f(q.p[0].v[k]); s += v * v; }
+    });
     const float r = rsqrtf(warp_sum(s) / C + eps);
-    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
-        Pack<T> p[U], pw[U];
+    row_pass<T, U>(C, [&](int c) { return load_packs<T>(c, x, w); }, [&](int c, const Packs<T, 2>& q) {
+        Pack<T> o;
 #pragma unroll
-        for (int u = 0; u < U; u++)
-            if (c0 + 32 * N * u < C) { p[u] = load16(x + c0 + 32 * N * u); pw[u] = load16(w + c0 + 32 * N * u); }
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (c0 + 32 * N * u >= C) break;
-            Pack<T> o;
-#pragma unroll
-            for (int k = 0; k < N; k++) o.v[k] = from_f<T>(to_f(p[u].v[k]) * r * to_f(pw[u].v[k]));
-            store16(out + c0 + 32 * N * u, o);
-        }
-    }
-    if (lane == 0) rstd[row] = r;
+        for (int k = 0; k < N; k++) o.v[k] = from_f<T>(to_f(q.p[0].v[k]) * r * to_f(q.p[1].v[k]));
+        store16(out + c, o);
+    });
+    if (threadIdx.x % 32 == 0) rstd[row] = r;
 }
 
 // out, inp (rows, C); rstd (rows,); w (C,). Blocks of 8 warps, one row each.
@@ -54,29 +37,10 @@ __global__ void rmsnorm_forward(T* out, float* rstd, const T* inp, const T* w, f
 template <class T>
 __global__ void fused_residual_rmsnorm_forward(T* residual, T* out, float* rstd, const T* inp1, const T* inp2,
                                                const T* w, float eps, int rows, int C) {
-    constexpr int N = Pack<T>::N;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;
     const long long off = (long long)row * C;
-    constexpr int U = 4;  // packs in flight before the stores (as in rmsnorm_row)
-    for (int c0 = (threadIdx.x % 32) * N; c0 < C; c0 += 32 * N * U) {
-        Pack<T> a[U], b[U];
-#pragma unroll
-        for (int u = 0; u < U; u++)
-            if (c0 + 32 * N * u < C) {
-                a[u] = load16(inp1 + off + c0 + 32 * N * u);
-                b[u] = load16(inp2 + off + c0 + 32 * N * u);
-            }
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (c0 + 32 * N * u >= C) break;
-            Pack<T> o;
-#pragma unroll
-            for (int k = 0; k < N; k++) o.v[k] = from_f<T>(to_f(a[u].v[k]) + to_f(b[u].v[k]));
-            store16(residual + off + c0 + 32 * N * u, o);
-        }
-    }
-    __syncwarp();  // each lane reads back the packs other lanes of its warp stored
+    residual_add_row<T, 4>(residual + off, inp1 + off, inp2 + off, C);  // 4 packs in flight, as in rmsnorm_row
     rmsnorm_row(out + off, rstd, residual + off, w, eps, row, C);
 }
 
@@ -88,45 +52,27 @@ __device__ void rmsnorm_backward_dinp_body(T* dinp, const T* dout, const T* inp,
     constexpr int N = Pack<T>::N;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;
-    const int lane = threadIdx.x % 32;
     const long long off = (long long)row * C;
     const float r = rstd[row];
     float a = 0.0f;
-    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
-        Pack<T> x[U], dy[U];
+    row_pass<T, U>(C, [&](int c) { return load_packs<T>(c, inp + off, dout + off); },
+                   [&](int c, const Packs<T, 2>& q) {  // x, dy
+                       const Pack<T> pw = load16(w + c);
 #pragma unroll
-        for (int u = 0; u < U; u++)
-            if (c0 + 32 * N * u < C) { x[u] = load16(inp + off + c0 + 32 * N * u); dy[u] = load16(dout + off + c0 + 32 * N * u); }
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (c0 + 32 * N * u >= C) break;
-            const Pack<T> pw = load16(w + c0 + 32 * N * u);
-#pragma unroll
-            for (int k = 0; k < N; k++) a += to_f(dy[u].v[k]) * to_f(pw.v[k]) * to_f(x[u].v[k]) * r;
-        }
-    }
+                       for (int k = 0; k < N; k++) a += to_f(q.p[1].v[k]) * to_f(pw.v[k]) * to_f(q.p[0].v[k]) * r;
+                   });
     a = warp_sum(a) / C;
-    for (int c0 = lane * N; c0 < C; c0 += 32 * N * U) {
-        Pack<T> x[U], dy[U], di[U];
+    row_pass<T, U>(C, [&](int c) { return load_packs<T>(c, inp + off, dout + off, (const T*)dinp + off); },
+                   [&](int c, Packs<T, 3> q) {  // x, dy, dinp
+                       const Pack<T> pw = load16(w + c);
 #pragma unroll
-        for (int u = 0; u < U; u++)
-            if (c0 + 32 * N * u < C) {
-                const long long i = off + c0 + 32 * N * u;
-                x[u] = load16(inp + i); dy[u] = load16(dout + i); di[u] = load16(dinp + i);
-            }
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (c0 + 32 * N * u >= C) break;
-            const Pack<T> pw = load16(w + c0 + 32 * N * u);
-#pragma unroll
-            for (int k = 0; k < N; k++) {
-                float u_ = to_f(dy[u].v[k]) * to_f(pw.v[k]);
-                float xh = to_f(x[u].v[k]) * r;
-                di[u].v[k] = from_f<T>(to_f(di[u].v[k]) + (u_ - xh * a) * r);
-            }
-            store16(dinp + off + c0 + 32 * N * u, di[u]);
-        }
-    }
+                       for (int k = 0; k < N; k++) {
+                           float u = to_f(q.p[1].v[k]) * to_f(pw.v[k]);
+                           float xh = to_f(q.p[0].v[k]) * r;
+                           q.p[2].v[k] = from_f<T>(to_f(q.p[2].v[k]) + (u - xh * a) * r);
+                       }
+                       store16(dinp + off + c, q.p[2]);
+                   });
 }
 
 // U packs a lane in flight (as layernorm.cu's kernels: `_batched` U = 4 for rows of a wave or two, 98.6 -> 71.6 us
