@@ -1,21 +1,21 @@
-"""Candidate versions of three memory-bound kernels against the shipped ones, in isolation on one GPU, at the sizes
+"""Candidate versions of memory-bound kernels against the shipped ones, in isolation on one GPU, at the sizes
 the GPT-2 / Llama benchmarks run them (a kernel is changed in llmpy only after it wins here and in the step).
 
     python benchmarks/kernel_variants.py [--reps 30] [--json out.json]
 
 1. Classifier (softmax + cross-entropy + dlogits in place; kernels/classifier.cu, two passes over each row, the
    second hoping for L2; as run 1 of 2026-11-30 timed it, 40 registers: one block of 1024 threads an SM. It has
-   since taken cls_2pass's launch bounds, so "shipped" and cls_2pass now time the same code). Candidates: `cls_regs` (each thread keeps its packs of the row in registers:
-   one read of the row, one block of 1024 threads per SM) and `cls_smem` (the row staged in shared memory, 100 KB:
-   one read of the row, two blocks per SM) and `cls_2pass` (the shipped two passes held to 32 registers: two blocks
-   per SM; shipped uses 40, so one). All must give the shipped losses and dlogits bit for bit.
+   since taken cls_2pass's launch bounds, so "shipped" and cls_2pass now time the same code). Candidates:
+   `cls_regs` (each thread keeps its packs of the row in registers: one read of the row, one block of 1024 threads
+   per SM), `cls_smem` (the row staged in shared memory, 100 KB: one read of the row, two blocks per SM) and
+   `cls_2pass` (the two passes held to 32 registers: two blocks per SM). All must give the shipped losses and
+   dlogits bit for bit.
 2. AdamW, bf16 weights and moments (shipped: kernels/adamw.cu). Not candidates but bounds: `adamw_traffic` moves
    the same bytes with almost no arithmetic (the HBM floor); `adamw_cheaphash` is the shipped kernel with its
    hash replaced by one multiply (how much of its time the instruction count costs); `adamw_lb6` is the
    shipped kernel held to 40 registers (75% occupancy instead of 50%).
 3. GELU backward + the bias sum of its result: shipped two kernels (gelu_backward_inplace, colsum_partial) against
    the fused gelu_backward_colsum (both then colsum_finalize).
-
 4. The norms' row kernels (LayerNorm / RMSNorm backward dinp, the fused residual + norm forward), shipped plain (one
    pack a lane loaded at a time) and `_batched` (four), against --baseline DIR: layernorm.cu and rmsnorm.cu of another
    version (e.g. `git show REV:llmpy/backends/cuda/kernels/layernorm.cu`). Outputs must agree bit for bit. (Run 5 of

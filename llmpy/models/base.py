@@ -110,9 +110,9 @@ class Model:
 
     training: gradients and the backward's activations exist. recompute: a level the family defines (0 keeps
     every activation); recompute_keep: the first that many layers keep theirs anyway (as at level 0: more memory,
-    fewer recomputations; rc_rows / rc_slot / rc_redo below). master_weights: keep fp32 master weights when the compute copy is lower precision (else
-    AdamW updates the compute weights with stochastic rounding). logits_chunk: rows of logits formed at a time.
-    rank/world/zero: data parallelism; zero >= 1 keeps only this rank's shard of the master weights, zero 2 also
+    fewer recomputations; rc_rows / rc_slot / rc_redo below). master_weights: keep fp32 master weights when the
+    compute copy is lower precision (else AdamW updates the compute weights with stochastic rounding).
+    logits_chunk: rows of logits formed at a time. rank/world/zero: data parallelism; zero >= 1 keeps only this rank's shard of the master weights, zero 2 also
     keeps the layers' gradients in two rotating bucket buffers (models/params.py)."""
 
     HEAD_WEIGHT: ClassVar[str] = ""            # the LM head's weight: the embedding's name when tied

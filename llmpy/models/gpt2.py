@@ -123,7 +123,7 @@ class GPT2(Model):
         cfg, be, B, T = self.cfg, self.be, self.B, self.T
         L, C, NH = cfg.num_layers, cfg.channels, cfg.num_heads
         att_shape, att_kind = be.attention_state(B, T, NH, NH, cfg.head_size)
-        # recomputed activations live in one (B, T, .) buffer shared by all layers instead of one per layer
+        # a recomputed activation lives in one (B, T, .) slot shared by the recomputing layers (rc_rows)
         Lg, Lln = self.rc_rows(1), self.rc_rows(2)
         acts = [
             ("encoded", (B, T, C)),

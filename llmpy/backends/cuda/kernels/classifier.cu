@@ -30,8 +30,8 @@ __device__ MaxSum block_maxsum(MaxSum v) {
 // 0.614 ms for 8192 x 50304 in isolation (benchmarks/kernel_variants.py), but ~636 us a call in the d12 step
 // before and after (eager profiles, H200, 2026-11-30): no gain there
 template <class T>
-__global__ void __launch_bounds__(1024, 2) fused_classifier(T* logits, float* losses, const int* targets, float dloss, int V, int Vp,
-                                 int write_dlogits) {
+__global__ void __launch_bounds__(1024, 2) fused_classifier(T* logits, float* losses, const int* targets, float dloss,
+                                                            int V, int Vp, int write_dlogits) {
     constexpr int N = Pack<T>::N;
     const long long row = blockIdx.x;
     T* x = logits + row * Vp;
