@@ -10,6 +10,7 @@
 #   quality_d48  the same at d48: the default optimizer and the lean one vs PyTorch
 #   att_plans    every cuDNN plan of the attention backward, deterministic and not, timed
 #   norm_variants  the norms' row kernels vs a baseline version (build/kernel_baseline, carried)
+#   quality_d48_seed  the default optimizer at d48 with seed QSEED (7), llmpy only: the seed spread
 #   variants     candidate kernels against the shipped ones, in isolation (benchmarks/kernel_variants.py)
 # LEAN="--no-master-weights --moments bf16" is the optimizer the d48 and Llama figures use (override with env LEAN);
 # recompute: R12 (default 0), R48 (1), RL (0), with --recompute-keep K12, K48, KL (0); LEAN12 the d12 optimizer flags (default LEAN);
@@ -77,6 +78,10 @@ for st in "$@"; do
       timeout 560 python3 benchmarks/quality.py --model d48 --steps 300 --batch 8 --seq 1024 \
         --variants master,lean --json "$OUT/quality_d48.json" > "$OUT/quality_d48.log" 2>&1
       tail -8 "$OUT/quality_d48.log" | tee -a "$OUT/summary.txt" ;;
+    quality_d48_seed)  # the default optimizer at d48 with another seed (QSEED, default 7): its seed spread, no PyTorch
+      timeout 400 python3 benchmarks/quality.py --model d48 --steps 300 --batch 8 --seq 1024 \
+        --variants master:${QSEED:-7} --no-torch --json "$OUT/quality_d48_seed.json" > "$OUT/quality_d48_seed.log" 2>&1
+      tail -8 "$OUT/quality_d48_seed.log" | tee -a "$OUT/summary.txt" ;;
     variants)  # candidate kernels against the shipped ones, in isolation (benchmarks/kernel_variants.py)
       timeout 300 python3 benchmarks/kernel_variants.py --json "$OUT/variants.json" > "$OUT/variants.log" 2>&1
       tail -20 "$OUT/variants.log" | tee -a "$OUT/summary.txt" ;;
