@@ -173,16 +173,16 @@ def test_norm_row_kernels_batched_or_not_same_bits(be, C, monkeypatch):
     got = []
     for limit in (10**9, 0):  # every call batched, then none
         monkeypatch.setattr(B, "ROWS_BATCHED", limit)
-        res, out, out2, dinp, dinp2 = (poison(be, (N, C)) for _ in range(5))
+        res, out, out2, out3, dinp, dinp2 = (poison(be, (N, C)) for _ in range(6))
         mean, rstd, rstd2 = (poison(be, N, np.float32) for _ in range(3))
         be.fused_residual_layernorm_forward(res, out, mean, rstd, x1, x2, w, b)
         be.layernorm_forward(out2, mean, rstd, res, w, b)
         be.copy_(dinp, d0)
         be.layernorm_backward(dinp, dev(be, np.zeros(C)), dev(be, np.zeros(C)), dout, res, w, mean, rstd)
-        be.rmsnorm_forward(out2, rstd2, res, w, 1e-5)
+        be.rmsnorm_forward(out3, rstd2, res, w, 1e-5)
         be.copy_(dinp2, d0)
         be.rmsnorm_backward(dinp2, dev(be, np.zeros(C)), dout, res, w, rstd2)
-        got.append([be.to_numpy(a).view(np.uint8) for a in (res, out, out2, mean, rstd, dinp, rstd2, dinp2)])
+        got.append([be.to_numpy(a).view(np.uint8) for a in (res, out, out2, mean, rstd, dinp, out3, rstd2, dinp2)])
     for a, b_ in zip(*got):
         assert np.array_equal(a, b_)
 

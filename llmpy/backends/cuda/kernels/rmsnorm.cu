@@ -2,7 +2,6 @@
 // out = x * rstd * w, rstd = 1/sqrt(mean(x^2) + eps): no mean, no bias (Llama).
 #include "common.cuh"
 
-
 // One warp per row of C; 16-byte loads; the sum of squares in fp32. Writes out and rstd. C % Pack<T>::N == 0.
 template <class T>
 __device__ void rmsnorm_row(T* out, float* rstd, const T* x, const T* w, float eps, int row, int C) {
