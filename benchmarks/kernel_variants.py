@@ -290,11 +290,13 @@ def gelu_rows(row, timed, cp, k_gelu, k_mm, d, x, part, db, cgrid, chunks, M, C,
     def two():
         k_gelu.gelu_backward_inplace((cdiv(M * C // 8, 256),), (256,), (d, x, np.int64(M * C)))
         k_mm.colsum_partial(cgrid, (256,), (part, d, np.int32(M), np.int32(C), np.int32(256)))
-        k_mm.colsum_finalize((cdiv(C, 128),), (128,), (db, part, np.int32(chunks), np.int32(C), np.int32(C)))
+        k_mm.colsum_finalize((cdiv(C, 128),), (128,), (db, part, np.int32(chunks), np.int32(C), np.int32(C),
+                                                       np.int32(1)))
 
     def fused():
         k_gelu.gelu_backward_colsum(cgrid, (256,), (part, d, x, np.int32(M), np.int32(C), np.int32(256)))
-        k_mm.colsum_finalize((cdiv(C, 128),), (128,), (db, part, np.int32(chunks), np.int32(C), np.int32(C)))
+        k_mm.colsum_finalize((cdiv(C, 128),), (128,), (db, part, np.int32(chunks), np.int32(C), np.int32(C),
+                                                       np.int32(1)))
     for name, f, nb in (("shipped two kernels", two, 3 * M * C * 2), ("gelu_backward_colsum", fused, 3 * M * C * 2)):
         row("gelu_bwd", name, timed(cp, f, args.reps), nb, M=M, C=C)
 

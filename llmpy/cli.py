@@ -105,7 +105,8 @@ def _train_parser(sub) -> None:
       "backward (faster; runs are then not bitwise reproducible, resumes not bitwise identical)")
     a("--tune-gemm", action="store_const", const=True, help="CUDA: time cuBLASLt's top 16 algorithms for each "
       "matrix-product shape on the first step and keep the fastest; the choices go into the checkpoint, so a "
-      "resume is bitwise identical, but a fresh run may choose differently (single GPU)")
+      "resume is bitwise identical, but a fresh run may choose differently (several GPUs: all take rank 0's "
+      "choices)")
     a("--gemm-algos", metavar="FILE", help="CUDA: replay the matrix-product algorithms a --tune-gemm run chose "
       "(its checkpoint, or a JSON of its choices): a fresh run bitwise identical to it on the same GPU and cuBLASLt "
       "(default: none)")

@@ -29,7 +29,7 @@ for st in "$@"; do
   case $st in
     tests)
       timeout 420 python3 -m pytest -q -rfEs -m gpu tests/test_cuda_kernels.py tests/test_cuda_model.py \
-        tests/test_cuda_llama.py tests/test_cuda_mmfree.py > "$OUT/gpu_tests.log" 2>&1
+        tests/test_cuda_llama.py tests/test_cuda_mmfree.py tests/test_cuda_fresh_grads.py > "$OUT/gpu_tests.log" 2>&1
       grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20 | tee -a "$OUT/summary.txt"
       echo "tests: $(tail -1 "$OUT/gpu_tests.log")" | tee -a "$OUT/summary.txt" ;;
     quick)

@@ -7,22 +7,21 @@ in another order; in bf16, activations of 8 significant bits), and each flip mov
 At these sizes even fp32 sees a few per step, so the gradient tolerances are looser than Llama's; the exact
 comparison of the math is tests/test_mmfree_torch.py's (float64). The weights are made bf16-representable so that
 the CPU and a bf16 GPU model quantize the same weights."""
-import json
+from functools import partial
 
 import numpy as np
 import pytest
 
+from cuda_common import (decode_on_both, forward_backward, loaded_model, one_step_vs_cpu, random_batches, relerr,
+                         reproducible_runs, resumed_run, run_shards, ten_steps_vs_cpu, vocab_cut_grads)
+
 from llmpy.backends import get_backend
 from llmpy.config import config_from_name
-from llmpy.data.shards import write_shard
 from llmpy.formats.bf16 import bf16_bits_to_fp32, fp32_to_bf16_bits
 from llmpy.formats.ternary import read_ternary, write_ternary
 from llmpy.models.base import inference_model
 from llmpy.models.decode import decoder, generate
 from llmpy.models.mmfree import MMFree
-from llmpy.train import TrainConfig, run
-from llmpy.train.optim import AdamW
-from llmpy.train.step import TrainStep
 
 pytestmark = pytest.mark.gpu
 CFG = config_from_name("mmfree:l3d256i512v50257t128")  # padded vocabulary (50304 rows): the head's w_rows
@@ -43,44 +42,15 @@ def params():
     return p
 
 
-def batches(n, seed=0):
-    r = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        w = r.integers(0, CFG.vocab_size, (B, T + 1)).astype(np.int32)
-        out.append((np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])))
-    return out
-
-
-def relerr(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def model_on(device, dtype, params, **kw):
-    m = MMFree(CFG, get_backend(device, dtype), B, T, **kw)
-    m.load_params(params)
-    return m
+batches = partial(random_batches, CFG.vocab_size, B, T)  # batches(n, seed=0)
+model_on = partial(loaded_model, MMFree, CFG, B, T)  # model_on(device, dtype, params, **kw)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_loss_and_every_gradient_vs_cpu(params, dtype):
-    (x, y), = batches(1)
-    cpu, gpu = model_on("cpu", "fp32", params), model_on("cuda", dtype, params)
-    lc = cpu.forward(x, y, grad_scale=1 / (B * T))
-    cpu.backward()
-    lg = gpu.forward(x, y, grad_scale=1 / (B * T))
-    gpu.backward()
-    print(f"\n{dtype}: loss cpu {lc:.6f} gpu {lg:.6f}")
-    assert abs(lg - lc) <= (1e-5 if dtype == "fp32" else 1e-2) * lc
-    V = CFG.vocab_size
+    cpu, gpu = one_step_vs_cpu(partial(model_on, params=params), dtype, batches(1)[0])
     worst = {}
-    for name in cpu.params.shapes:
-        gc = np.asarray(cpu.grads[name], np.float64)
-        gg = np.asarray(gpu.be.to_numpy(gpu.grads[name]), np.float64)
-        if name in ("wte", "lm_head"):
-            assert np.all(gg[V:] == 0), "padded vocabulary rows must get no gradient"
-            gc, gg = gc[:V], gg[:V]
+    for name, gg, gc in vocab_cut_grads(cpu, gpu, CFG.vocab_size):
         worst[name] = relerr(gg, gc)
         print(f"  grad {name:12s} rel err {worst[name]:.2e}")
     assert max(worst.values()) < GRAD_TOL[dtype], worst
@@ -93,8 +63,7 @@ def test_recompute_levels_give_bitwise_the_same_gradients(params):
     out = []
     for rc in (0, 1, 2):
         m = model_on("cuda", "bf16", params, recompute=rc)
-        loss = m.forward(x, y, grad_scale=1 / (B * T))
-        m.backward()
+        loss = forward_backward(m, x, y)
         out.append((loss, {n: m.be.to_numpy(m.grads[n]) for n in m.params.shapes}, m.memory_plan()["activations"]))
     (l0, g0, a0), *rest = out
     for rc, (loss, g, a) in enumerate(rest, 1):
@@ -107,17 +76,8 @@ def test_recompute_levels_give_bitwise_the_same_gradients(params):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_ten_steps_vs_cpu(params, dtype):
-    data = batches(2, seed=1) * 5
-    losses = {}
-    for dev, dt in (("cpu", "fp32"), ("cuda", dtype)):
-        m = model_on(dev, dt, params, recompute=0 if dev == "cpu" else 1)
-        st = TrainStep(m, AdamW(m, weight_decay=0.1), 1, grad_clip=1.0)
-        losses[dev] = [st.run([b], 1e-3)[0] for b in data]
-    diff = np.abs(np.array(losses["cuda"]) - np.array(losses["cpu"]))
-    print(f"\n{dtype}: cpu {np.round(losses['cpu'], 5)}\n      gpu {np.round(losses['cuda'], 5)}\n"
-          f"      max |diff| {diff.max():.2e}")
-    assert losses["cpu"][-1] < losses["cpu"][0]
-    assert diff.max() <= 0.03  # free-running quantized training drifts (measured 7.5e-3 fp32, 1.4e-2 bf16)
+    # free-running quantized training drifts (measured 7.5e-3 fp32, 1.4e-2 bf16)
+    ten_steps_vs_cpu(partial(model_on, params=params), dtype, batches(2, seed=1) * 5, 0.03, cuda_recompute=1)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -127,21 +87,15 @@ def test_decoding_matches_the_full_forward_and_the_cpu(params, dtype):
     norms' rounding), and are close to the CPU's (flips apart)."""
     n = 12
     toks = np.random.default_rng(4).integers(0, CFG.vocab_size, (1, n)).astype(np.int32)
-    out = {}
-    for dev, dt in (("cpu", "fp32"), ("cuda", dtype)):
-        m = decoder(CFG, params, get_backend(dev, dt))
-        st = m.new_decode_state(n)
-        steps = [m.decode_step(toks[:, :5], st)] + [m.decode_step(toks[:, i:i + 1], st) for i in range(5, n)]
-        out[dev] = np.concatenate(steps)
-        if dev == "cuda":
-            full = inference_model(CFG, params, m.be, 1, n)
-            full.forward(toks)
-            ref = m.be.to_numpy(full.acts["logits"]).astype(np.float32)[4:, :CFG.vocab_size]
-            err = relerr(out[dev], ref)
-            print(f"\n{dtype}: decode vs the GPU's full forward rel err {err:.2e}")
-            assert err < 1e-6
-            assert len(generate(m, [1, 2, 3], 6, rng=np.random.default_rng(0), temperature=0)) == 6
-    err = relerr(out["cuda"], out["cpu"])
+    cpu, gpu, m = decode_on_both(CFG, params, dtype, toks)
+    full = inference_model(CFG, params, m.be, 1, n)
+    full.forward(toks)
+    ref = m.be.to_numpy(full.acts["logits"]).astype(np.float32)[4:, :CFG.vocab_size]
+    err = relerr(gpu, ref)
+    print(f"\n{dtype}: decode vs the GPU's full forward rel err {err:.2e}")
+    assert err < 1e-6
+    assert len(generate(m, [1, 2, 3], 6, rng=np.random.default_rng(0), temperature=0)) == 6
+    err = relerr(gpu, cpu)
     print(f"{dtype}: decode vs the CPU rel err {err:.2e}")
     assert err < (2e-2 if dtype == "fp32" else 1.5e-1)
 
@@ -172,28 +126,8 @@ def test_packed_model_matches_the_latent_one_on_the_gpu(params, dtype, tmp_path)
 
 
 def test_determinism_graph_and_resume(tmp_path):
-    r = np.random.default_rng(0)
-    phrases = [r.integers(0, 50257, 9) for _ in range(30)]
-    stream = np.concatenate([phrases[i] for i in r.integers(0, 30, 4000)])
-    write_shard(tmp_path / "tr_000.bin", stream[:30000])
-    write_shard(tmp_path / "va_000.bin", stream[30000:])
-
-    def go(name, **kw):
-        base = dict(init="mmfree:l2d128i256t64", train_data=str(tmp_path / "tr_*.bin"),
-                    val_data=str(tmp_path / "va_*.bin"), batch_size=8, seq_len=64, steps=8, val_every=4,
-                    val_batches=2, sample_tokens=0, progress=False, device="cuda", dtype="bf16", grad_accum=2,
-                    out=str(tmp_path / name), checkpoint_every=0)
-        base.update(kw)
-        res = run(TrainConfig(**base))
-        ev = [json.loads(line) for line in open(res.out / "metrics.jsonl")]
-        return [(e["step"], e.get("train_loss"), e.get("val_loss"), e.get("grad_norm")) for e in ev]
-
-    a, b, c = go("a"), go("b"), go("c", graph=False)
-    assert a == b, "two runs with the same seed must be bitwise identical"
-    assert a == c, "graph replay and eager execution must be bitwise identical"
+    init, shards = "mmfree:l2d128i256t64", run_shards(tmp_path)
+    a, _ = reproducible_runs(init, shards, tmp_path)
     train = [e[1] for e in a if e[1] is not None]
     assert train[-1] < train[0]
-    go("d", stop_at=3)
-    res = run(TrainConfig(resume=str(tmp_path / "d"), progress=False, explicit=("resume",)))
-    d = [json.loads(line) for line in open(res.out / "metrics.jsonl")]
-    assert [(e["step"], e.get("train_loss"), e.get("val_loss"), e.get("grad_norm")) for e in d] == a
+    assert resumed_run(init, shards, tmp_path)[0] == a

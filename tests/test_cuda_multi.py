@@ -1,6 +1,6 @@
 """Data parallel on 2 GPUs (`llmpy launch`): DP, ZeRO-1 and ZeRO-2 runs of 20 steps against a 1-GPU run with the
 same global batch (gradient accumulation), for GPT-2, Llama 3 and the MatMul-free LM; per-rank memory falls with the ZeRO stage; resume
-of a ZeRO run.
+of a ZeRO run; --tune-gemm's choices shared by the ranks and replayed.
 Needs 2 GPUs (the device's nvidia-h200-x2 kind); skipped elsewhere."""
 import json
 import os
@@ -99,6 +99,25 @@ def test_resume_is_bitwise_with_two_ranks(data, tmp_path, zero, init):
     resumed = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
     key = [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in full]
     assert [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in resumed] == key
+
+
+@needs2
+@pytest.mark.parametrize("zero", [0, 2])
+def test_tuned_products_agree_across_ranks_and_replay(data, tmp_path, zero):
+    """--tune-gemm with 2 ranks: every rank runs rank 0's choices from the first step, so a fresh 2-rank run given
+    the tuned run's checkpoint (--gemm-algos) equals it bitwise; the tuned run learns as the untuned one does."""
+    from llmpy.formats.checkpoint import load_checkpoint
+    z = ("--zero", str(zero))
+    tuned, out = train(data, tmp_path / "t", nproc=2, extra=z + ("--tune-gemm",))
+    assert "tune-gemm: timed" in out
+    pins = load_checkpoint(tmp_path / "t" / "checkpoint.safetensors").state["gemm_algos"]["algos"]  # rank 0's
+    assert pins, "a tuned run must record its choices"
+    ck = tmp_path / "t" / "checkpoint.safetensors"
+    replay, _ = train(data, tmp_path / "r", nproc=2, extra=z + ("--gemm-algos", str(ck)))
+    key = [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in tuned]
+    assert [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in replay] == key
+    plain, _ = train(data, tmp_path / "p", nproc=2, extra=z)
+    assert abs(losses(plain)[-1] - losses(tuned)[-1]) < 0.05
 
 
 @needs2

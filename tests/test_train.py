@@ -178,13 +178,14 @@ def test_cli_train_eval_sample_convert(shards, tmp_path, capsys):
 
 
 def test_grad_accumulation_equals_the_larger_batch():
-    """2 micro-batches of B=2 (fed from one reused loader buffer, as the trainer does) = one batch of B=4."""
+    """2 and 4 micro-batches of B=2 and B=1 (fed from one reused loader buffer, as the trainer does) = one batch of
+    B=4, over two steps (the second step's gradients start from zero again: a first micro-batch's fresh_grads)."""
     from llmpy.train.step import TrainStep
     cfg = config_from_name("l2h2c32t16")
     rng = np.random.default_rng(3)
     w = rng.integers(0, cfg.vocab_size, (4, 17)).astype(np.int32)
     out = []
-    for B, A in ((4, 1), (2, 2)):
+    for B, A in ((4, 1), (2, 2), (1, 4)):
         model = GPT2(cfg, get_backend("cpu"), B, 16)
         model.init_weights(0)
         p0 = model.params_numpy()
@@ -195,12 +196,14 @@ def test_grad_accumulation_equals_the_larger_batch():
             for i in range(A):  # one buffer, overwritten per micro-batch
                 buf[...] = w[i * B:(i + 1) * B]
                 yield buf[:, :-1], buf[:, 1:]
+        step.run(batches(), 1e-3)
         loss, norm = step.run(batches(), 1e-3)
         out.append((loss, norm, model.params_numpy()))
-    (l1, n1, p1), (l2, n2, p2) = out
-    assert abs(l1 - l2) < 1e-6 * l1 and abs(n1 - n2) < 1e-5 * n1
-    for k in p1:  # the updates agree (1e-3 of their size: Adam amplifies the key bias's rounding-noise gradient)
-        assert np.linalg.norm(p1[k] - p2[k]) <= 1e-3 * np.linalg.norm(p1[k] - p0[k]), k
+    (l1, n1, p1) = out[0]
+    for l2, n2, p2 in out[1:]:
+        assert abs(l1 - l2) < 1e-6 * l1 and abs(n1 - n2) < 1e-5 * n1
+        for k in p1:  # the updates agree (1e-3 of their size: Adam amplifies the key bias's rounding-noise gradient)
+            assert np.linalg.norm(p1[k] - p2[k]) <= 1e-3 * np.linalg.norm(p1[k] - p0[k]), k
 
 
 # ---- logs you can believe (issue 11) ----------------------------------------------------------------------------

@@ -60,8 +60,19 @@ class Backend(Protocol):
     def fill_zero(self, x) -> None:
         """x = 0 (contiguous)."""
 
+    def release_cache(self) -> None:
+        """Hands scratch memory no array holds any more back to the device (a GPU's pool would keep it, counted
+        in the process's peak memory)."""
+
     def add_inplace(self, a, b) -> None:
         """a += b, elementwise, same size."""
+
+    def fresh_grads(self, flat) -> None:
+        """The parameter gradients in flat count as zero from here (a training step's first micro-batch). The CPU
+        zeroes them; a GPU skips the memset and lets the first op that writes each gradient overwrite it."""
+
+    def settle_grads(self, x=None) -> None:
+        """Every gradient in x (default: all) that still counts as zero but was never written is zeroed now."""
 
     def set_tokens(self, dst, host, *, training: bool = True) -> None:
         """dst (B, T) int32 = host token ids, asynchronously; training: also what encoder_backward needs."""

@@ -111,10 +111,11 @@ class GradReducer:
 
     def _reduce(self, b: int) -> None:
         be, m, comm = self.be, self.model, self.comm
+        full = m.grads.bucket(b)
+        be.settle_grads(full)  # a gradient of the bucket no op wrote (none in our models) is zero before it is summed
         ev = be.event()
         ev.record(be.stream)
         self.side.wait_event(ev)
-        full = m.grads.bucket(b)
         with be.on(self.side):
             if m.zero == 0:
                 comm.all_reduce(full, self.side)

@@ -233,7 +233,7 @@ class Model:
         host = self.layout.to_flat(params)  # the weights in our layout, fp32
         # uploaded a piece at a time: a whole fp32 copy on the device (6.2 GB for GPT-2 d48) would stay in the
         # memory pool's cache after the load, counted in the process's peak memory for the rest of the run
-        piece = 1 << 26
+        piece, dev = 1 << 26, None
         for i in range(0, host.size, piece):
             dev = be.asarray(host[i:i + piece], np.float32)
             be.load_f32(self.params.flat[i:i + piece], dev)
@@ -244,6 +244,8 @@ class Model:
                     a, b = max(g0, i), min(g0 + s, i + dev.size)
                     if a < b:
                         be.copy_(self.master.flat[l0 + a - g0:l0 + b - g0], dev[a - i:b - i])
+        dev = None
+        be.release_cache()  # the pieces too: they stayed cached when nothing else happened to free them
 
     def params_numpy(self, comm=None) -> dict[str, np.ndarray]:
         """The weights as fp32 host arrays (from the master copy when there is one; a sharded master is gathered

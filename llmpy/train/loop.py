@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,9 +97,7 @@ class Trainer:
         if tc.tune_gemm:
             if not hasattr(be, "gemm"):
                 raise UserError("--tune-gemm is for CUDA devices (it times cuBLASLt's algorithms)")
-            if dist.world > 1:
-                raise UserError("--tune-gemm is single-GPU for now (each rank would time its own choices)")
-            be.gemm.tune = True
+            be.gemm.tune = True  # with several ranks they agree on rank 0's choices before the first step
         pins = resume.ckpt.state.get("gemm_algos") if resume is not None else None
         if pins and hasattr(be, "gemm"):
             try:  # a resume replays the products' algorithms: the same kernels, the same bits
@@ -244,6 +243,8 @@ class Trainer:
         self.t_start = time.perf_counter()
         self.pending = []  # the launched step whose result is not read yet: [(step, lr, handle)]
         self.prev_ready = 0.0  # when the previous step's result existed (train/step.py)
+        if tc.tune_gemm and dist.world > 1 and not self.be.gemm.loaded:
+            self._tune_together()
         try:
             for step in range(self.start, self.last):
                 if tc.val_every and step % tc.val_every == 0:
@@ -268,6 +269,27 @@ class Trainer:
             self._read_pending()
         finally:
             self.progress.close()
+
+    def _tune_together(self) -> None:
+        """--tune-gemm on several ranks: each times the products on one throwaway forward and backward (token 0s, no
+        update, the gradients zeroed after), then every rank takes rank 0's choices (an NCCL sum of rank 0's indices
+        and the others' zeros). So all ranks run the same kernels from the first step, and the checkpoint's choices
+        replay the run bitwise, as on one GPU."""
+        m, be, comm = self.model, self.be, self.comm
+        x = np.zeros((m.B, m.T), np.int32)
+        m.forward(x, x, grad_scale=1.0 / (m.B * m.T), return_loss=False)
+        m.backward()
+        m.zero_grad()
+        keys = sorted(be.gemm.pins)
+        mine = np.array([len(keys), zlib.crc32("\n".join(keys).encode())], np.float64)
+        check = be.asarray(mine)
+        comm.all_reduce(check)
+        if not np.array_equal(be.to_numpy(check), mine * comm.world):
+            raise UserError("--tune-gemm: the ranks planned different matrix products (their models or libraries "
+                            "differ); run without --tune-gemm")
+        idx = be.asarray(np.array([be.gemm.pins[k] if self.dist.main else 0 for k in keys], np.float64))
+        comm.all_reduce(idx)
+        be.gemm.adopt(dict(zip(keys, be.to_numpy(idx).astype(np.int64).tolist())))
 
     def _read_pending(self) -> None:
         """Reads the pending step's loss and norm (the next step may already be running) and logs it with its own

@@ -27,18 +27,30 @@ class TrainStep:
         self.loss_out = self.be.zeros(1, self.be.acc_dtype)
         self.use_graph = graph and self.be.name == "cuda"
         self.reducer = GradReducer(self) if self.comm else None
-        self._micro_fns = {False: lambda: self._micro(False), True: lambda: self._micro(True)}
+        # the step's micro-batches: (first, last) -> the function that runs one (a CUDA graph from the second step)
+        self._micro_fns = {k: (lambda k=k: self._micro(*k)) for k in self._variants()}
         self._update_fn = self._update
         self.steps_run = 0
 
-    def _micro(self, last: bool):
+    def _variants(self) -> list[tuple[bool, bool]]:
+        """(first, last) of the step's micro-batches, each kind once."""
+        return [(True, True)] if self.A == 1 else [(True, False)] + [(False, False)] * (self.A > 2) + [(False, True)]
+
+    def _micro(self, first: bool, last: bool):
         m = self.model
+        # the first micro-batch writes the gradients instead of adding to zeros (ZeRO-2 zeroes its rotating buffers
+        # layer by layer as before)
+        fresh = first and m.zero != 2
+        if fresh:
+            self.be.fresh_grads(m.grads.flat)
         m.forward(grad_scale=self.scale, return_loss=False)
         self.be.loss_accumulate(m.loss_acc, m.stats["losses"], self.scale)
         # data parallel: reduce the gradients of the step's last micro-batch (ZeRO-2: of every micro-batch,
         # into the rank's shard, since its gradient buffers only hold two layers)
         reduce = self.reducer is not None and (last or m.zero == 2)
         m.backward(self.reducer if reduce else None)
+        if fresh:
+            self.be.settle_grads()
 
     def _update(self):
         m, be = self.model, self.be
@@ -47,8 +59,8 @@ class TrainStep:
         self.opt.apply()
         be.copy_(self.loss_out, m.loss_acc)
         be.fill_zero(m.loss_acc)
-        m.zero_grad()
-        if m.zero == 2:
+        if m.zero == 2:  # (the other layouts' gradients count as zero at the next step's first micro-batch)
+            m.zero_grad()
             be.fill_zero(self.opt.gshard.flat)
 
     def launch(self, batches, lr: float):
@@ -58,15 +70,14 @@ class TrainStep:
         the loss or the norm is not finite."""
         t0 = time.perf_counter()
         if self.use_graph and self.steps_run == 1:
-            variants = (True,) if self.A == 1 else (False, True)
-            self._micro_fns = {k: self.be.capture(lambda k=k: self._micro(k)) for k in variants}
+            self._micro_fns = {k: self.be.capture(lambda k=k: self._micro(*k)) for k in self._variants()}
             self._update_fn = self.be.capture(self._update)
         self.opt.set_step(lr, self.grad_clip)
         n = 0  # batches may be a generator over one loader buffer: consume each before drawing the next
         for x, y in batches:
             self.model.set_batch(x, y)
             n += 1
-            self._micro_fns[n == self.A]()
+            self._micro_fns[(n == 1, n == self.A)]()
         if n != self.A:
             raise ValueError(f"expected {self.A} micro-batches, got {n}")
         self._update_fn()

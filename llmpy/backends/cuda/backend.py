@@ -54,6 +54,7 @@ class CUDABackend:
         self.attn = {}                   # (B, T, NH, K, hs, fast) -> attention implementation
         self._decode_scores = {}         # (B, NH, maxT) -> attention_decode's fp32 scores (B*NH*maxT)
         self.capturing = False
+        self.fresh = []                  # byte ranges of parameter gradients that count as zero (fresh_grads)
         self.mmfree = MMFree(self)       # BitLinear, MLGRU, lower bounds (mmfree.py) and their scratch
 
     # ---- memory ---------------------------------------------------------------------------------------------
@@ -100,9 +101,59 @@ class CUDABackend:
     def fill_zero(self, x):
         self.cp.cuda.runtime.memsetAsync(x.data.ptr, 0, x.nbytes, self.cp.cuda.get_current_stream().ptr)
 
+    def release_cache(self):
+        self.stream.synchronize()  # the copies out of the freed blocks have run
+        self.cp.get_default_memory_pool().free_all_blocks()
+
     def add_inplace(self, a, b):
         n = a.size
         self.k["residual"].add_inplace((cdiv(n, 256),), (256,), (a, b, np.int64(n)))
+
+    # ---- parameter gradients that count as zero ---------------------------------------------------------------
+    def fresh_grads(self, flat) -> None:
+        """The parameter gradients in flat count as zero from here, without a memset (3.1 GB on GPT-2 d48): the
+        first op to write each one overwrites it (a product with beta 0, a column sum stored instead of added);
+        settle_grads zeroes what no op wrote. The choice is made as the ops are issued, so a CUDA graph keeps it."""
+        self.fresh = [_span(flat)]
+
+    def settle_grads(self, x=None) -> None:
+        """Zeroes the parts of x (default: all) that still count as zero but were never written; they no longer
+        count as such after."""
+        lo, hi = _span(x) if x is not None else (0, 1 << 64)
+        for a, b in self._cut(lo, hi):
+            self.cp.cuda.runtime.memsetAsync(a, 0, b - a, self.cp.cuda.get_current_stream().ptr)
+
+    def _first_write(self, x) -> bool:
+        """Whether the gradient x, about to be written, counts as zero as a whole: then the op overwrites it. A
+        part of it that counts as zero while the rest does not is zeroed first (then the op accumulates)."""
+        if not self.fresh or x is None:
+            return False
+        lo, hi = _span(x)
+        whole = x.flags.c_contiguous and any(a <= lo and hi <= b for a, b in self.fresh)
+        cut = self._cut(lo, hi)
+        if not whole:
+            for a, b in cut:
+                self.cp.cuda.runtime.memsetAsync(a, 0, b - a, self.cp.cuda.get_current_stream().ptr)
+        return whole
+
+    def _zero_if_fresh(self, *grads) -> None:
+        """For ops that only accumulate (scatters, the MatMul-free kernels): their gradients are zeroed for real if
+        they count as zero."""
+        for g in grads:
+            if self._first_write(g):
+                self.fill_zero(g)
+
+    def _cut(self, lo, hi) -> list:
+        """Removes [lo, hi) from the ranges that count as zero; returns the pieces removed."""
+        keep, cut = [], []
+        for a, b in self.fresh:
+            if b <= lo or hi <= a:
+                keep.append((a, b))
+                continue
+            cut.append((max(a, lo), min(b, hi)))
+            keep += [r for r in ((a, lo), (hi, b)) if r[0] < r[1]]
+        self.fresh = keep
+        return cut
 
     def side_stream(self):
         """A second stream (communication overlapping backward) and the event helpers to order the two."""
@@ -233,6 +284,7 @@ class CUDABackend:
     def encoder_backward(self, dwte, dwpe, dout, tokens):
         B, T, C = dout.shape
         k = self.k["encoder"]
+        self._zero_if_fresh(dwte, dwpe)  # scatters: they add into a zeroed table
         if dwpe is not None:
             k.encoder_backward_wpe((cdiv(T * C, 256),), (256,), (dwpe, dout, np.int32(B), np.int32(T), np.int32(C)))
         k.encoder_backward_wte((B * T,), (min(1024, _round32(C)),), (dwte, dout, tokens, self.order, self.seg,
@@ -263,10 +315,9 @@ class CUDABackend:
         k.layernorm_backward_params_partial(self._colsum_grid(inp, C, chunks), (32 * _COLSUM_WARPS,),
                                             (self.colsum_part, dout, inp, mean, rstd, np.int32(rows), np.int32(C),
                                              np.int32(_CHUNK_ROWS)))
-        k.layernorm_backward_params_finalize((cdiv(C, 128),), (128,), (dw, self.colsum_part, np.int32(chunks),
-                                                                       np.int32(2 * C), np.int32(C)))
-        k.layernorm_backward_params_finalize((cdiv(C, 128),), (128,), (db, self.colsum_part[C:], np.int32(chunks),
-                                                                       np.int32(2 * C), np.int32(C)))
+        add = int(not self._first_write(dw)) | int(not self._first_write(db)) << 1
+        k.layernorm_backward_params_finalize((cdiv(2 * C, 128),), (128,),
+                                             (dw, db, self.colsum_part, np.int32(chunks), np.int32(C), np.int32(add)))
 
     def rmsnorm_forward(self, out, rstd, inp, w, eps: float):
         C = inp.shape[-1]
@@ -293,7 +344,7 @@ class CUDABackend:
                                           (self.colsum_part, dout, inp, rstd, np.int32(rows), np.int32(C),
                                            np.int32(_CHUNK_ROWS)))
         k.rmsnorm_backward_weight_finalize((cdiv(C, 128),), (128,), (dw, self.colsum_part, np.int32(chunks),
-                                                                     np.int32(C)))
+                                                                     np.int32(C), np.int32(not self._first_write(dw))))
 
     def _rope_args(self, x, table, num_heads, kv_heads, pos):
         """(grid, (BT, T, W, R, hs)) of a rope launch on x (B, T, (NH + 2K) hs), checked against table."""
@@ -361,12 +412,14 @@ class CUDABackend:
                                                     (self.colsum_part, dinp, gelu_pre, np.int32(M), np.int32(K),
                                                      np.int32(_CHUNK_ROWS)))
                 self.k["matmul"].colsum_finalize((cdiv(K, 128),), (128,), (gelu_db, self.colsum_part,
-                                                                          np.int32(chunks), np.int32(K), np.int32(K)))
+                                                                          np.int32(chunks), np.int32(K), np.int32(K),
+                                                                          np.int32(not self._first_write(gelu_db))))
             elif gelu_pre is not None:
                 n = dinp.size
                 self.k["gelu"].gelu_backward_inplace((cdiv(n // (16 // dinp.itemsize), 256),), (256,),
                                                      (dinp, gelu_pre, np.int64(n)))
-        self.gemm.mm(dw, dout, inp, OC, K, M, transx=True, accumulate=True)  # dw += dout^T @ inp
+        # dw += dout^T @ inp (=, beta 0, when dw counts as zero)
+        self.gemm.mm(dw, dout, inp, OC, K, M, transx=True, accumulate=not self._first_write(dw))
         if db is not None:
             self._colsum_add(db, dout, M, OC)
 
@@ -376,7 +429,8 @@ class CUDABackend:
         e = self.k["matmul"]
         e.colsum_partial(self._colsum_grid(x, C, chunks), (32 * _COLSUM_WARPS,),
                          (self.colsum_part, x, np.int32(rows), np.int32(C), np.int32(_CHUNK_ROWS)))
-        e.colsum_finalize((cdiv(C, 128),), (128,), (out, self.colsum_part, np.int32(chunks), np.int32(C), np.int32(C)))
+        e.colsum_finalize((cdiv(C, 128),), (128,), (out, self.colsum_part, np.int32(chunks), np.int32(C), np.int32(C),
+                                                     np.int32(not self._first_write(out))))
 
     @staticmethod
     def _colsum_grid(x, C, chunks):
@@ -397,6 +451,7 @@ class CUDABackend:
         self.mmfree.bitlinear_forward(out, rstd, inp, w, gamma, eps, w_rows)
 
     def bitlinear_backward(self, dinp, dw, dgamma, dout, inp, w, gamma, rstd, w_rows=None):
+        self._zero_if_fresh(dw, dgamma)
         self.mmfree.bitlinear_backward(dinp, dw, dgamma, dout, inp, w, gamma, rstd, w_rows)
 
     def bitlinear_packed_forward(self, out, rstd, inp, codes, scale, K, packing, gamma, eps):
@@ -412,12 +467,14 @@ class CUDABackend:
         self.mmfree.mlgru_forward(o, h, rstd, ai, af, ag, lam, gamma, h0, eps)
 
     def mlgru_backward(self, dai, daf, dag, dlam, dgamma, do, ai, af, ag, lam, gamma, h, rstd):
+        self._zero_if_fresh(dlam, dgamma)
         self.mmfree.mlgru_backward(dai, daf, dag, dlam, dgamma, do, ai, af, ag, lam, gamma, h, rstd)
 
     def lower_bounds_forward(self, lam, P):
         self.mmfree.lower_bounds_forward(lam, P)
 
     def lower_bounds_backward(self, dP, dlam, P):
+        self._zero_if_fresh(dP)
         self.mmfree.lower_bounds_backward(dP, dlam, P)
 
     def gelu_forward(self, out, inp):
@@ -563,6 +620,16 @@ class _Readback:
     def result(self) -> list[np.ndarray]:
         self.event.synchronize()
         return [h.copy() for h in self.host]
+
+
+def _span(a) -> tuple[int, int]:
+    """[first byte, one past the last) that array view a can touch (a strided view: the range enclosing it)."""
+    lo = hi = a.data.ptr
+    for n, st in zip(a.shape, a.strides):
+        if n == 0:
+            return lo, lo
+        lo, hi = (lo + (n - 1) * st, hi) if st < 0 else (lo, hi + (n - 1) * st)
+    return lo, hi + a.itemsize
 
 
 def _round32(n: int) -> int:

@@ -186,6 +186,20 @@ class Gemm:
         self.pins = {str(k): int(v) for k, v in pins.get("algos", {}).items()}
         self.loaded = True
 
+    def adopt(self, choices: dict) -> None:
+        """Takes another rank's choices ({shape: index}) for the products already planned here: with data
+        parallelism every rank then runs rank 0's kernels (train/loop.py agrees on them before the first step)."""
+        for plan in self._plans.values():
+            ks = plan[5]
+            if plan[6] is not None and ks in choices:
+                i = int(choices[ks])
+                if not 0 <= i < len(plan[4]):
+                    raise UserError(f"rank 0 chose cuBLASLt algorithm {i} for product {ks}, which this rank's "
+                                    f"heuristic does not offer ({len(plan[4])} candidates): the GPUs or libraries "
+                                    "differ between ranks")
+                plan[6] = plan[4][i:i + 1].copy()
+                self.pins[ks] = i
+
     @property
     def pinning(self) -> bool:
         """Whether the choices are a run's own (tuned or replayed): then checkpoints keep them."""

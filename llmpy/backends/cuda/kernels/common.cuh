@@ -100,20 +100,10 @@ __device__ __forceinline__ bf16 round_bf16_bits(float x, unsigned int r) {
     if ((up & 0x7f800000u) == 0x7f800000u) up = bits;
     return __ushort_as_bfloat16((unsigned short)(up >> 16));
 }
-// The hash of element idx under step seed: hash_u32(seed ^ hash_u32(lo32(idx) ^ hash_u32(hi32(idx)))); its low 16
-// bits round the weights (callers that round more values per element take other bits or seeds of the same inner hash)
+// The random bits of element idx under step seed: hash_u32(lo32(idx) ^ hash_u32(seed ^ hash_u32(hi32(idx)))), one
+// full hash an element once the key (all but the outer hash) is hoisted, as AdamW does; its low 16 bits round a weight
 __device__ __forceinline__ unsigned int element_hash(unsigned int seed, unsigned long long idx) {
-    return hash_u32(seed ^ hash_u32((unsigned int)idx ^ hash_u32((unsigned int)(idx >> 32))));
-}
-__device__ __forceinline__ bf16 stochastic_round_bf16(float x, unsigned int seed, unsigned long long idx) {
-    return round_bf16_bits(x, element_hash(seed, idx) & 0xffffu);
-}
-template <class T> __device__ __forceinline__ T round_param(float x, unsigned int seed, unsigned long long idx);
-template <> __device__ __forceinline__ float round_param<float>(float x, unsigned int, unsigned long long) {
-    return x;
-}
-template <> __device__ __forceinline__ bf16 round_param<bf16>(float x, unsigned int seed, unsigned long long idx) {
-    return stochastic_round_bf16(x, seed, idx);
+    return hash_u32((unsigned int)idx ^ hash_u32(seed ^ hash_u32((unsigned int)(idx >> 32))));
 }
 
 // K 16-byte packs of one position of K arrays (a row pass's load)

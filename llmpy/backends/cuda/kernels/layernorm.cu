@@ -146,11 +146,13 @@ __global__ void layernorm_backward_params_partial(float* part, const T* dout, co
                       });
 }
 
-// dw or db (C,) += the chunks' partials in order: launched on part for dw (width 2C) and on part + C for db.
+// dw and db (C,) += the chunks' partials in order, one launch for both: column c < C of part (width 2C) is dw[c],
+// column C + c is db[c]. add: bit 0 dw accumulates (else it is overwritten), bit 1 db.
 template <class T>
-__global__ void layernorm_backward_params_finalize(T* out, const float* part, int nchunks, int width, int C) {
+__global__ void layernorm_backward_params_finalize(T* dw, T* db, const float* part, int nchunks, int C, int add) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    const float s = colsum_chunks(part, nchunks, width, c);
-    out[c] = from_f<T>(to_f(out[c]) + s);
+    if (c >= 2 * C) return;
+    const float s = colsum_chunks(part, nchunks, 2 * C, c);
+    T* out = c < C ? dw + c : db + (c - C);
+    *out = from_f<T>((add >> (c < C ? 0 : 1)) & 1 ? to_f(*out) + s : s);
 }

@@ -15,9 +15,9 @@ __global__ void colsum_partial(float* part, const T* x, int rows, int C, int row
 
 // out[c] += sum_k part[k, c] for k = 0..nchunks-1 (in order); `width` columns per chunk row of part.
 template <class T>
-__global__ void colsum_finalize(T* out, const float* part, int nchunks, int width, int C) {
+__global__ void colsum_finalize(T* out, const float* part, int nchunks, int width, int C, int add) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     const float s = colsum_chunks(part, nchunks, width, c);
-    out[c] = from_f<T>(to_f(out[c]) + s);
+    out[c] = from_f<T>(add ? to_f(out[c]) + s : s);
 }

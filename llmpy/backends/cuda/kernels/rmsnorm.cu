@@ -111,9 +111,9 @@ __global__ void rmsnorm_backward_weight_partial(float* part, const T* dout, cons
 
 // dw (C,) += the chunks' partials (nchunks rows of C) summed in chunk order.
 template <class T>
-__global__ void rmsnorm_backward_weight_finalize(T* dw, const float* part, int nchunks, int C) {
+__global__ void rmsnorm_backward_weight_finalize(T* dw, const float* part, int nchunks, int C, int add) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     const float s = colsum_chunks(part, nchunks, C, c);
-    dw[c] = from_f<T>(to_f(dw[c]) + s);
+    dw[c] = from_f<T>(add ? to_f(dw[c]) + s : s);
 }
