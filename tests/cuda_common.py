@@ -7,8 +7,9 @@ import json
 
 import numpy as np
 
+from family_runs import phrase_shards
+
 from llmpy.backends import get_backend
-from llmpy.data.shards import write_shard
 from llmpy.models.decode import decoder
 from llmpy.train import TrainConfig, run
 from llmpy.train.optim import AdamW
@@ -99,12 +100,7 @@ def decode_on_both(cfg, params, dtype, toks):
 
 def run_shards(d):
     """(train glob, val glob) in folder d: 4000 random picks of 30 nine-token phrases (GPT-2's vocabulary)."""
-    r = np.random.default_rng(0)
-    phrases = [r.integers(0, 50257, 9) for _ in range(30)]
-    stream = np.concatenate([phrases[i] for i in r.integers(0, 30, 4000)])
-    write_shard(d / "tr_000.bin", stream[:30000])
-    write_shard(d / "va_000.bin", stream[30000:])
-    return str(d / "tr_*.bin"), str(d / "va_*.bin")
+    return phrase_shards(d, 50257, 0, phrases=30, length=9, picks=4000, split=30000)
 
 
 def metrics(out):

@@ -11,13 +11,15 @@ from llmpy.formats.checkpoint import load_checkpoint
 from llmpy.train import TrainConfig, run
 
 
-def phrase_shards(d, vocab: int = 256, seed: int = 3) -> tuple[str, str]:
-    """(train glob, val glob) of shards in folder d: 1500 random picks of 12 five-token phrases."""
+def phrase_shards(d, vocab: int = 256, seed: int = 3, *, phrases: int = 12, length: int = 5, picks: int = 1500,
+                  split: int = 6000) -> tuple[str, str]:
+    """(train glob, val glob) of shards in folder d: `picks` random picks of `phrases` phrases of `length` tokens
+    below vocab, the first `split` tokens for training."""
     r = np.random.default_rng(seed)
-    phrases = [r.integers(0, vocab, 5) for _ in range(12)]
-    stream = np.concatenate([phrases[i] for i in r.integers(0, 12, 1500)])
-    write_shard(d / "tr_000.bin", stream[:6000])
-    write_shard(d / "va_000.bin", stream[6000:])
+    table = [r.integers(0, vocab, length) for _ in range(phrases)]
+    stream = np.concatenate([table[i] for i in r.integers(0, phrases, picks)])
+    write_shard(d / "tr_000.bin", stream[:split])
+    write_shard(d / "va_000.bin", stream[split:])
     return str(d / "tr_*.bin"), str(d / "va_*.bin")
 
 

@@ -6,11 +6,12 @@ import json
 import numpy as np
 import pytest
 
+from family_runs import phrase_shards
+
 from llmpy import config as registry
 from llmpy.backends import get_backend
 from llmpy.cli import main
 from llmpy.config import config_from_name, family_of
-from llmpy.data.shards import write_shard
 from llmpy.errors import UserError
 from llmpy.formats.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from llmpy.formats.safetensors import load_safetensors, save_safetensors
@@ -26,13 +27,7 @@ def toy(monkeypatch):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fam")
-    r = np.random.default_rng(3)
-    phrases = [r.integers(0, 500, 5) for _ in range(12)]
-    stream = np.concatenate([phrases[i] for i in r.integers(0, 12, 1200)])
-    write_shard(d / "tr_000.bin", stream[:5000])
-    write_shard(d / "va_000.bin", stream[5000:])
-    return str(d / "tr_*.bin"), str(d / "va_*.bin")
+    return phrase_shards(tmp_path_factory.mktemp("fam"), 500, 3, picks=1200, split=5000)
 
 
 def test_names_resolve_through_the_registry():

@@ -1,10 +1,11 @@
 """One optimizer step, the same on every backend: grad_accum micro-batches (forward with the fused classifier,
 the loss summed on the device, backward), then the gradient norm and AdamW, then the step's bookkeeping.
 
-On CUDA the micro-step and the update are each captured once as a CUDA graph and replayed: a step then costs
-the host a token upload per micro-batch and a few graph launches. The first step runs eagerly (it compiles the
-kernels and makes the cuBLASLt/cuDNN plans, which cannot happen during capture); the graphs replay exactly the
-same kernels, so graph and eager runs give bitwise identical results.
+On CUDA each kind of micro-batch (the first, which writes the gradients instead of adding to them; a middle one;
+the last, which also reduces them over ranks) and the update are captured once as CUDA graphs and replayed: a
+step then costs the host a token upload per micro-batch and a few graph launches. The first step runs eagerly (it
+compiles the kernels and makes the cuBLASLt/cuDNN plans, which cannot happen during capture); the graphs replay
+exactly the same kernels, so graph and eager runs give bitwise identical results.
 """
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ __global__ void colsum_partial(float* part, const T* x, int rows, int C, int row
                       });
 }
 
-// out[c] += sum_k part[k, c] for k = 0..nchunks-1 (in order); `width` columns per chunk row of part.
+// out[c] += sum_k part[k, c] for k = 0..nchunks-1 (in order); `width` columns per chunk row of part. add 0: out[c]
+// = the sum (a gradient that counts as zero: backend.fresh_grads)
 template <class T>
 __global__ void colsum_finalize(T* out, const float* part, int nchunks, int width, int C, int add) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;

@@ -109,7 +109,7 @@ __global__ void rmsnorm_backward_weight_partial(float* part, const T* dout, cons
                       });
 }
 
-// dw (C,) += the chunks' partials (nchunks rows of C) summed in chunk order.
+// dw (C,) += the chunks' partials (nchunks rows of C) summed in chunk order (add 0: dw = the sum).
 template <class T>
 __global__ void rmsnorm_backward_weight_finalize(T* dw, const float* part, int nchunks, int C, int add) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
