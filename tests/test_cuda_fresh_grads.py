@@ -6,6 +6,8 @@ then a second micro-batch accumulates on top. Marked gpu: skipped where there is
 import numpy as np
 import pytest
 
+from cuda_common import random_batches
+
 from llmpy.backends import get_backend
 from llmpy.config import config_from_name, family_of
 
@@ -18,11 +20,6 @@ def _grads(m):
     return np.asarray(m.be.to_numpy(m.grads.flat), np.float64)
 
 
-def _batch(seed, vocab):
-    w = np.random.default_rng(seed).integers(0, vocab, (B, T + 1)).astype(np.int32)
-    return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
-
-
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("recompute", [0, 1])
 def test_first_micro_batch_overwrites_every_gradient(name, recompute):
@@ -30,7 +27,7 @@ def test_first_micro_batch_overwrites_every_gradient(name, recompute):
     m = family_of(cfg).model(cfg, get_backend("cuda", "bf16"), B, T, recompute=recompute)
     m.init_weights(1)
     be, flat = m.be, m.grads.flat
-    (x1, y1), (x2, y2) = _batch(1, cfg.vocab_size), _batch(2, cfg.vocab_size)
+    (x1, y1), (x2, y2) = (random_batches(cfg.vocab_size, B, T, 1, seed=s)[0] for s in (1, 2))
 
     def micro(x, y):
         m.forward(x, y, grad_scale=1 / (2 * B * T), return_loss=False)

@@ -110,9 +110,8 @@ def test_tuned_products_agree_across_ranks_and_replay(data, tmp_path, zero):
     z = ("--zero", str(zero))
     tuned, out = train(data, tmp_path / "t", nproc=2, extra=z + ("--tune-gemm",))
     assert "tune-gemm: timed" in out
-    pins = load_checkpoint(tmp_path / "t" / "checkpoint.safetensors").state["gemm_algos"]["algos"]  # rank 0's
-    assert pins, "a tuned run must record its choices"
     ck = tmp_path / "t" / "checkpoint.safetensors"
+    assert load_checkpoint(ck).state["gemm_algos"]["algos"], "a tuned run must record (rank 0's) choices"
     replay, _ = train(data, tmp_path / "r", nproc=2, extra=z + ("--gemm-algos", str(ck)))
     key = [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in tuned]
     assert [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in replay] == key

@@ -120,8 +120,7 @@ class CUDABackend:
         """Zeroes the parts of x (default: all) that still count as zero but were never written; they no longer
         count as such after."""
         lo, hi = _span(x) if x is not None else (0, 1 << 64)
-        for a, b in self._cut(lo, hi):
-            self.cp.cuda.runtime.memsetAsync(a, 0, b - a, self.cp.cuda.get_current_stream().ptr)
+        self._zero_bytes(self._cut(lo, hi))
 
     def _first_write(self, x) -> bool:
         """Whether the gradient x, about to be written, counts as zero as a whole: then the op overwrites it. A
@@ -132,8 +131,7 @@ class CUDABackend:
         whole = x.flags.c_contiguous and any(a <= lo and hi <= b for a, b in self.fresh)
         cut = self._cut(lo, hi)
         if not whole:
-            for a, b in cut:
-                self.cp.cuda.runtime.memsetAsync(a, 0, b - a, self.cp.cuda.get_current_stream().ptr)
+            self._zero_bytes(cut)
         return whole
 
     def _zero_if_fresh(self, *grads) -> None:
@@ -142,6 +140,10 @@ class CUDABackend:
         for g in grads:
             if self._first_write(g):
                 self.fill_zero(g)
+
+    def _zero_bytes(self, ranges) -> None:
+        for a, b in ranges:
+            self.cp.cuda.runtime.memsetAsync(a, 0, b - a, self.cp.cuda.get_current_stream().ptr)
 
     def _cut(self, lo, hi) -> list:
         """Removes [lo, hi) from the ranges that count as zero; returns the pieces removed."""
