@@ -14,8 +14,10 @@ the GPT-2 / Llama benchmarks run them (a kernel is changed in llmpy only after i
    the same bytes with almost no arithmetic (the HBM floor); `adamw_cheaphash` is the shipped kernel with its
    hash replaced by one multiply (how much of its time the instruction count costs); `adamw_lb6` is the
    shipped kernel held to 40 registers (75% occupancy instead of 50%).
-3. GELU backward + the bias sum of its result: shipped two kernels (gelu_backward_inplace, colsum_partial) against
-   the fused gelu_backward_colsum (both then colsum_finalize).
+3. Recompute fused into the backward: GELU forward + gelu_backward_colsum against gelu_backward_colsum writing the
+   GELU output itself (`gelu_redo`, d12 and d48 fc sizes); SwiGLU forward + backward against the backward with
+   `redo` (Llama 1B). (A fifth group, cuBLASLt's BGRADB epilogue against the product and our column sums, was
+   run once, 2026-11-30, and removed with the epilogue: NOTES.md, GPU round 6.)
 4. The norms' row kernels (LayerNorm / RMSNorm backward dinp, the fused residual + norm forward), shipped plain (one
    pack a lane loaded at a time) and `_batched` (four), against --baseline DIR: layernorm.cu and rmsnorm.cu of another
    version (e.g. `git show REV:llmpy/backends/cuda/kernels/layernorm.cu`). Outputs must agree bit for bit. (Run 5 of
@@ -176,11 +178,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", choices=("classifier", "adamw", "gelu", "norms"), action="append",
+    ap.add_argument("--only", choices=("classifier", "adamw", "gelu", "swiglu", "norms"), action="append",
                     help="run only these groups (repeatable; default all, norms only with --baseline)")
     ap.add_argument("--baseline", help="a folder with layernorm.cu and rmsnorm.cu of another version (group 4)")
     args = ap.parse_args(argv)
-    groups = set(args.only or ("classifier", "adamw", "gelu", "norms"))
+    groups = set(args.only or ("classifier", "adamw", "gelu", "swiglu", "norms"))
     from llmpy.backends.cuda.backend import CUDABackend
     from llmpy.backends.cuda.runtime import KERNELS, module
     import cupy as cp
@@ -265,6 +267,9 @@ def main(argv=None) -> int:
         cgrid = (cdiv(C // 8, 32), chunks)
         gelu_rows(row, timed, cp, k_gelu, k_mm, d, x, part, db, cgrid, chunks, M, C, args)
 
+    if "swiglu" in groups:
+        swiglu_rows(row, timed, cp, rng, T, args)
+
     # 4. the norms' row kernels against a baseline version of them
     if "norms" in groups and args.baseline:
         norm_rows(row, timed, cp, rng, T, common, cc, Path(args.baseline), args)
@@ -287,18 +292,47 @@ def adamw_rows(row, timed, cp, k_adam, fn, grid, aargs, args, nbytes, n, pgmv, b
 
 
 def gelu_rows(row, timed, cp, k_gelu, k_mm, d, x, part, db, cgrid, chunks, M, C, args):
-    def two():
-        k_gelu.gelu_backward_inplace((cdiv(M * C // 8, 256),), (256,), (d, x, np.int64(M * C)))
-        k_mm.colsum_partial(cgrid, (256,), (part, d, np.int32(M), np.int32(C), np.int32(256)))
+    """Recompute 1's GELU: the forward kernel then the backward (with its bias sums), as shipped until
+    2026-11-30, against the backward writing the recomputed output itself (one read of x fewer)."""
+    g = cp.empty_like(x)
+
+    def fin():
         k_mm.colsum_finalize((cdiv(C, 128),), (128,), (db, part, np.int32(chunks), np.int32(C), np.int32(C),
                                                        np.int32(1)))
 
+    def two():
+        k_gelu.gelu_forward((cdiv(M * C // 8, 256),), (256,), (g, x, np.int64(M * C)))
+        k_gelu.gelu_backward_colsum(cgrid, (256,), (part, d, x, np.uint64(0), np.int32(M), np.int32(C),
+                                                    np.int32(256)))
+        fin()
+
     def fused():
-        k_gelu.gelu_backward_colsum(cgrid, (256,), (part, d, x, np.int32(M), np.int32(C), np.int32(256)))
-        k_mm.colsum_finalize((cdiv(C, 128),), (128,), (db, part, np.int32(chunks), np.int32(C), np.int32(C),
-                                                       np.int32(1)))
-    for name, f, nb in (("shipped two kernels", two, 3 * M * C * 2), ("gelu_backward_colsum", fused, 3 * M * C * 2)):
-        row("gelu_bwd", name, timed(cp, f, args.reps), nb, M=M, C=C)
+        k_gelu.gelu_backward_colsum(cgrid, (256,), (part, d, x, g, np.int32(M), np.int32(C), np.int32(256)))
+        fin()
+    for name, f, nb in (("gelu_forward + backward_colsum", two, 5 * M * C * 2),
+                        ("backward_colsum redo", fused, 4 * M * C * 2)):
+        row("gelu_redo", name, timed(cp, f, args.reps), nb, M=M, C=C)
+
+
+def swiglu_rows(row, timed, cp, rng, T, args):
+    """Recompute 1's SwiGLU on Llama 3.2 1B's MLP (B*T = 16384 rows, F = 8192): forward then backward against the
+    backward writing the recomputed output itself."""
+    from llmpy.backends.cuda.runtime import module
+    k = module("swiglu", "bf16")
+    N, F = 16384, 8192
+    x = cp.asarray(rng.standard_normal((N, 2 * F), dtype=np.float32)).astype(T)
+    dy = cp.asarray(rng.standard_normal((N, F), dtype=np.float32)).astype(T)
+    dx, out = cp.empty_like(x), cp.empty_like(dy)
+    n, grid = np.int64(N * F), (cdiv(N * F // 8, 256),)
+
+    def two():
+        k.swiglu_forward(grid, (256,), (out, x, n, np.int32(F)))
+        k.swiglu_backward(grid, (256,), (dx, x, dy, np.uint64(0), n, np.int32(F)))
+
+    def fused():
+        k.swiglu_backward(grid, (256,), (dx, x, dy, out, n, np.int32(F)))
+    for name, f, nb in (("swiglu forward + backward", two, 9 * N * F * 2), ("backward redo", fused, 6 * N * F * 2)):
+        row("swiglu_redo", name, timed(cp, f, args.reps), nb, N=N, F=F)
 
 
 def norm_rows(row, timed, cp, rng, T, common, cc, base, args):

@@ -12,10 +12,11 @@
 #   norm_variants  the norms' row kernels vs a baseline version (build/kernel_baseline, carried)
 #   quality_d48_seed  the default optimizer at d48 with seed QSEED (7), llmpy only: the seed spread
 #   variants     candidate kernels against the shipped ones, in isolation (benchmarks/kernel_variants.py)
+#   gemm_search  cuBLASLt's enumerated algorithm configurations against its heuristic's (benchmarks/gemm_search.py)
 # LEAN="--no-master-weights --moments bf16" is the optimizer the d48 and Llama figures use (override with env LEAN);
 # recompute: R12 (default 0), R48 (1), RL (0), with --recompute-keep K12, K48, KL (0); LEAN12 the d12 optimizer flags (default LEAN);
 # SIDES=llmpy skips the PyTorch side of the benchmarks (SIDES=llmpy,llmpy+tune,torch adds a --tune-gemm side);
-# TUNE=--tune-gemm profiles with tuned products; TRACE=1 keeps prof_d48's chrome trace. Results: $OUT/summary.txt and $OUT/round2.tgz (the rest).
+# VONLY="gelu swiglu" limits the variants stage to those groups; TUNE=--tune-gemm profiles with tuned products; TRACE=1 keeps prof_d48's chrome trace. Results: $OUT/summary.txt and $OUT/round2.tgz (the rest).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 LLMPY_CACHE=/tmp/llmpy-cache
@@ -83,12 +84,16 @@ for st in "$@"; do
         --variants master:${QSEED:-7} --no-torch --json "$OUT/quality_d48_seed.json" > "$OUT/quality_d48_seed.log" 2>&1
       tail -8 "$OUT/quality_d48_seed.log" | tee -a "$OUT/summary.txt" ;;
     variants)  # candidate kernels against the shipped ones, in isolation (benchmarks/kernel_variants.py)
-      timeout 300 python3 benchmarks/kernel_variants.py --json "$OUT/variants.json" > "$OUT/variants.log" 2>&1
+      timeout 300 python3 benchmarks/kernel_variants.py $(for g in ${VONLY:-}; do echo --only $g; done) \
+        --json "$OUT/variants.json" > "$OUT/variants.log" 2>&1
       tail -20 "$OUT/variants.log" | tee -a "$OUT/summary.txt" ;;
     norm_variants)  # the norms' row kernels against the one-pack-at-a-time versions in build/kernel_baseline (carry it)
       timeout 300 python3 benchmarks/kernel_variants.py --only norms --baseline build/kernel_baseline \
         --json "$OUT/norm_variants.json" > "$OUT/norm_variants.log" 2>&1
       tail -20 "$OUT/norm_variants.log" | tee -a "$OUT/summary.txt" ;;
+    gemm_search)  # cuBLASLt's enumerated algorithm configurations against its heuristic's (benchmarks/gemm_search.py)
+      timeout 300 python3 benchmarks/gemm_search.py --json "$OUT/gemm_search.json" > "$OUT/gemm_search.log" 2>&1
+      grep -E "^==|best enumerated|heuristic 0|enumerated" "$OUT/gemm_search.log" | tee -a "$OUT/summary.txt" ;;
     att_plans)  # every cuDNN plan of the attention backward at the benchmark shapes (benchmarks/attention_plans.py)
       timeout 300 python3 benchmarks/attention_plans.py --json "$OUT/att_plans.json" > "$OUT/att_plans.log" 2>&1
       tail -40 "$OUT/att_plans.log" | tee -a "$OUT/summary.txt" ;;

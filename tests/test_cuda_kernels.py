@@ -233,6 +233,11 @@ def test_swiglu(be):
     Lr.swiglu_backward(rdi, x, dout)
     check(be, dinp[:, :F], rdi[:, :F])  # up and gate halves separately: a swapped half shows
     check(be, dinp[:, F:], rdi[:, F:])
+    # redo (recompute fused into the backward): the forward's output bit for bit, and the same dinp
+    dinp2, redo = poison(be, (N, 2 * F)), poison(be, (N, F))
+    be.swiglu_backward(dinp2, xd, dev(be, dout), redo=redo)
+    assert np.array_equal(host(be, redo), host(be, out))
+    assert np.array_equal(host(be, dinp2), host(be, dinp))
     with pytest.raises(UserError, match="divisible"):
         be.swiglu_forward(poison(be, (4, 6)), dev(be, np.ones((4, 12))))
 
@@ -295,6 +300,21 @@ def test_gelu_backward_with_bias_sums(be):
                        dev(be, np.zeros((K, 8))))
     assert np.array_equal(host(be, dinp), host(be, dinp2))
     assert np.array_equal(host(be, gdb), host(be, gdb2))
+    # gelu_redo (recompute 1): inp = gelu(gelu_pre) written by the same kernel, gelu_forward's bits, before the
+    # weight gradient reads it; dinp and the bias sums unchanged
+    pred, dout_d, w_d = dev(be, prex), dev(be, dout), dev(be, w)
+    dinp3, gdb3, g3, dw3 = poison(be, (M, K)), dev(be, db0), poison(be, (M, K)), dev(be, np.zeros((OC, K)))
+    be.matmul_backward(dinp3, dw3, None, dout_d, g3, w_d, gelu_pre=pred, gelu_db=gdb3, gelu_redo=True)
+    g_ref, dw_ref = poison(be, (M, K)), dev(be, np.zeros((OC, K)))
+    be.gelu_forward(g_ref, pred)
+    be.matmul_backward(None, dw_ref, None, dout_d, g_ref, w_d)
+    assert np.array_equal(host(be, g3), host(be, g_ref))
+    assert np.array_equal(host(be, dinp3), host(be, dinp))
+    assert np.array_equal(host(be, gdb3), host(be, gdb))
+    assert np.array_equal(host(be, dw3), host(be, dw_ref))
+    g_np = np.empty((M, K))
+    Lr.gelu_forward(g_np, prex)
+    check(be, dw3, dout.T @ g_np)
 
 
 @pytest.mark.parametrize("NH,K", [(4, 4), (8, 2)])

@@ -188,7 +188,9 @@ class CPUBackend:
         for i in blocks(o.shape[0], self._rows(F)):
             Lr.swiglu_forward(o[i], x[i], scratch=self.ws)
 
-    def swiglu_backward(self, dinp, inp, dout):
+    def swiglu_backward(self, dinp, inp, dout, redo=None):
+        if redo is not None:
+            self.swiglu_forward(redo, inp)
         F = dout.shape[-1]
         dx, x, dy = dinp.reshape(-1, 2 * F), inp.reshape(-1, 2 * F), dout.reshape(-1, F)
         for i in blocks(dy.shape[0], self._rows(F)):
@@ -202,9 +204,14 @@ class CPUBackend:
             Lr.matmul_forward(gelu_pre, inp, w, b)
             self.gelu_forward(out, gelu_pre)
 
-    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None):
+    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None, gelu_redo=False):
         # gelu_pre given: dinp = (dout @ w) * gelu'(gelu_pre), the GELU backward of the layer below; gelu_db: its
-        # bias gradient += the column sums of that dinp (the sums the layer below's matmul_backward would form)
+        # bias gradient += the column sums of that dinp (the sums the layer below's matmul_backward would form);
+        # gelu_redo: inp = gelu(gelu_pre) is formed first (the recompute; the GPU fuses it into the GELU backward)
+        if gelu_redo:
+            if gelu_pre is None or inp is None:
+                raise ValueError("gelu_redo needs gelu_pre and inp")
+            self.gelu_forward(inp, gelu_pre)
         Lr.matmul_backward(dinp, dw, db, dout, inp, w, scratch=self.ws)
         if gelu_pre is not None:
             d, x = dinp.reshape(-1), gelu_pre.reshape(-1)

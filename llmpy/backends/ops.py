@@ -133,12 +133,14 @@ class Backend(Protocol):
         """out (N, OC) = inp (N, K) @ w (OC, K).T + b (OC,) or no bias (b None). With gelu_pre (N, OC): that
         product is saved there and out = gelu(gelu_pre) (tanh GELU)."""
 
-    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None) -> None:
-        """dinp (N, K) = dout (N, OC) @ w (None: not formed); dw (OC, K) += dout.T @ inp; db (OC,) += column sums
-        of dout (None: no bias). With gelu_pre: dinp *= gelu'(gelu_pre), the GELU backward of the layer below
-        (gelu_pre then has dinp's shape); with gelu_db (K,) as well: gelu_db += the column sums of that dinp, the
-        bias gradient of the product below (whose own backward then passes db=None): the same sums, formed while
-        dinp is in hand (one read of it fewer on a GPU)."""
+    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None, gelu_redo=False) -> None:
+        """dinp (N, K) = dout (N, OC) @ w (None: not formed); dw (OC, K) += dout.T @ inp (None: not formed, inp
+        unused); db (OC,) += column sums of dout (None: no bias). With gelu_pre: dinp *= gelu'(gelu_pre), the GELU
+        backward of the layer below (gelu_pre then has dinp's shape); with gelu_db (K,) as well: gelu_db += the
+        column sums of that dinp, the bias gradient of the product below (whose own backward then passes
+        db=None): the same sums, formed while dinp is in hand (one read of it fewer on a GPU). gelu_redo: inp =
+        gelu(gelu_pre) is not formed yet (recompute): it is written before dw needs it (on a GPU by the GELU
+        backward's kernel, from the gelu_pre it reads anyway)."""
 
     def gelu_forward(self, out, inp) -> None:
         """out = gelu(inp) (tanh form), any shape."""
@@ -162,8 +164,9 @@ class Backend(Protocol):
     def swiglu_forward(self, out, inp) -> None:
         """out (N, F) = up * silu(gate), inp (N, 2F) = [up | gate]."""
 
-    def swiglu_backward(self, dinp, inp, dout) -> None:
-        """dinp (N, 2F) = the gradient of swiglu_forward at inp given dout (N, F) (overwritten)."""
+    def swiglu_backward(self, dinp, inp, dout, redo=None) -> None:
+        """dinp (N, 2F) = the gradient of swiglu_forward at inp given dout (N, F) (overwritten). redo (N, F): also
+        receives swiglu_forward(inp) (recompute; on a GPU from the inp this kernel reads anyway)."""
 
     def bitlinear_forward(self, out, rstd, inp, w, gamma, eps: float, w_rows: int | None = None) -> None:
         """The MatMul-free LM's ternary linear layer (layers/bitlinear.py): out (N, OC) from inp (N, K), w (OC, K),

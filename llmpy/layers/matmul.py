@@ -13,18 +13,20 @@ def matmul_forward(out, inp, weight, bias=None):
 
 
 def matmul_backward(dinp, dweight, dbias, dout, inp, weight, scratch=None):
-    # dinp (..., K) overwritten (None: not needed); dweight (OC, K) +=; dbias (OC,) += (None: no bias)
+    # dinp (..., K) overwritten (None: not needed); dweight (OC, K) += (None: not needed, inp unused); dbias (OC,)
+    # += (None: no bias)
     # scratch: OC*K + OC + N elements, N = rows (the product is formed there, then added: NumPy's matmul has
     # no beta=1)
     OC, K = weight.shape
-    d2, x2 = dout.reshape(-1, OC), inp.reshape(-1, K)
+    d2 = dout.reshape(-1, OC)
     N = d2.shape[0]
     if dinp is not None:
         np.matmul(d2, weight, out=dinp.reshape(-1, K))
     s = buf(scratch, (OC * K + OC + N,), weight.dtype)
-    tmp = s[:OC * K].reshape(OC, K)
-    np.matmul(d2.T, x2, out=tmp)
-    dweight += tmp
+    if dweight is not None:
+        tmp = s[:OC * K].reshape(OC, K)
+        np.matmul(d2.T, inp.reshape(-1, K), out=tmp)
+        dweight += tmp
     if dbias is not None:
         colsum_add(dbias, d2, scratch=s[OC * K:])
 

@@ -209,15 +209,14 @@ class GPT2(Model):
             if hooks is not None:
                 hooks.before_layer(l)
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
-            if self.rc_redo(1, l):
-                be.gelu_forward(self._fch_gelu(l), a["fch"][l])
             if self.rc_redo(2, l):
                 be.layernorm_forward(self._ln2(l), s["ln2_mean"][l], s["ln2_rstd"][l], a["residual2"][l],
                                      p["ln2w"][l], p["ln2b"][l])
             # MLP: dres flows unchanged into fcproj's output (the residual add)
-            # (fc's bias gradient is summed with the GELU backward, while dbt4c is in hand: gelu_db)
+            # (fc's bias gradient is summed with the GELU backward, while dbt4c is in hand: gelu_db; recompute 1
+            # reforms the GELU output there too, before fcproj's weight gradient reads it: gelu_redo)
             be.matmul_backward(dbt4c, g["fcprojw"][l], g["fcprojb"][l], dres, self._fch_gelu(l), p["fcprojw"][l],
-                               gelu_pre=a["fch"][l], gelu_db=g["fcb"][l])
+                               gelu_pre=a["fch"][l], gelu_db=g["fcb"][l], gelu_redo=self.rc_redo(1, l))
             be.matmul_backward(dbtc, g["fcw"][l], None, dbt4c, self._ln2(l), p["fcw"][l])
             be.layernorm_backward(dres, g["ln2w"][l], g["ln2b"][l], dbtc, a["residual2"][l], p["ln2w"][l],
                                   s["ln2_mean"][l], s["ln2_rstd"][l])

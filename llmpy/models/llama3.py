@@ -238,13 +238,16 @@ class Llama(Model):
             if hooks is not None:
                 hooks.before_layer(l)
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
-            if self.rc_redo(1, l):
-                be.swiglu_forward(self._sw(l), a["fc"][l])
             if self.rc_redo(2, l):
                 be.rmsnorm_forward(self._ln2(l), s["ln2_rstd"][l], a["residual2"][l], p["ln2w"][l], eps)
             # MLP: dres flows unchanged into fcproj's output (the residual add)
-            be.matmul_backward(dsw, g["fcprojw"][l], None, dres, self._sw(l), p["fcprojw"][l])
-            be.swiglu_backward(dfc, a["fc"][l], dsw)
+            if self.rc_redo(1, l):  # the SwiGLU backward reforms its output too; fcproj's dw waits for it
+                be.matmul_backward(dsw, None, None, dres, None, p["fcprojw"][l])
+                be.swiglu_backward(dfc, a["fc"][l], dsw, redo=self._sw(l))
+                be.matmul_backward(None, g["fcprojw"][l], None, dres, self._sw(l), p["fcprojw"][l])
+            else:
+                be.matmul_backward(dsw, g["fcprojw"][l], None, dres, self._sw(l), p["fcprojw"][l])
+                be.swiglu_backward(dfc, a["fc"][l], dsw)
             be.matmul_backward(dbtc, g["fcw"][l], None, dfc, self._ln2(l), p["fcw"][l])
             be.rmsnorm_backward(dres, g["ln2w"][l], dbtc, a["residual2"][l], p["ln2w"][l], s["ln2_rstd"][l])
             # attention

@@ -385,12 +385,15 @@ class CUDABackend:
         n, grid = self._swiglu_sizes(inp, F)
         self.k["swiglu"].swiglu_forward(grid, (256,), (out, inp, n, np.int32(F)))
 
-    def swiglu_backward(self, dinp, inp, dout):
+    def swiglu_backward(self, dinp, inp, dout, redo=None):
         F = dout.shape[-1]
         if inp.shape[-1] != 2 * F or inp.size != 2 * dout.size or dinp.size != inp.size:
             raise ValueError(f"swiglu: inp {inp.shape}, dinp {dinp.shape} are not [up | gate] of dout {dout.shape}")
+        if redo is not None and redo.size != dout.size:
+            raise ValueError(f"swiglu: redo {redo.shape} is not the shape of dout {dout.shape}")
         n, grid = self._swiglu_sizes(inp, F)
-        self.k["swiglu"].swiglu_backward(grid, (256,), (dinp, inp, dout, n, np.int32(F)))
+        redo = redo if redo is not None else np.uint64(0)  # null: no recompute
+        self.k["swiglu"].swiglu_backward(grid, (256,), (dinp, inp, dout, redo, n, np.int32(F)))
 
     def matmul_forward(self, out, inp, w, b, gelu_pre=None):
         OC, K = w.shape
@@ -400,28 +403,36 @@ class CUDABackend:
         else:  # out = gelu(inp @ w.T + b), gelu_pre = inp @ w.T + b  (cuBLASLt GELU_AUX_BIAS epilogue)
             self.gemm.mm(out, inp, w, M, OC, K, transy=True, bias=b, epilogue="gelu", aux=gelu_pre)
 
-    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None):
+    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None, gelu_redo=False):
         OC, K = w.shape
-        M = inp.size // K
+        M = dout.size // OC
         if gelu_db is not None and (gelu_pre is None or dinp is None):
             raise ValueError("gelu_db needs gelu_pre and dinp")
+        if gelu_redo and (gelu_pre is None or inp is None):
+            raise ValueError("gelu_redo needs gelu_pre and inp")
         if dinp is not None:  # dinp = dout @ w, then times gelu'(gelu_pre) in place (+ its column sums: gelu_db)
             self.gemm.mm(dinp, dout, w, M, K, OC)
             if gelu_db is not None:
                 chunks = cdiv(M, _CHUNK_ROWS)
                 self._check_colsum(chunks, K)
+                redo = inp if gelu_redo else np.uint64(0)  # the recomputed GELU output, written by the same kernel
                 self.k["gelu"].gelu_backward_colsum(self._colsum_grid(dinp, K, chunks), (32 * _COLSUM_WARPS,),
-                                                    (self.colsum_part, dinp, gelu_pre, np.int32(M), np.int32(K),
+                                                    (self.colsum_part, dinp, gelu_pre, redo, np.int32(M), np.int32(K),
                                                      np.int32(_CHUNK_ROWS)))
                 self.k["matmul"].colsum_finalize((cdiv(K, 128),), (128,), (gelu_db, self.colsum_part,
                                                                           np.int32(chunks), np.int32(K), np.int32(K),
                                                                           np.int32(not self._first_write(gelu_db))))
+                gelu_redo = False  # inp written above
             elif gelu_pre is not None:
                 n = dinp.size
                 self.k["gelu"].gelu_backward_inplace((cdiv(n // (16 // dinp.itemsize), 256),), (256,),
                                                      (dinp, gelu_pre, np.int64(n)))
-        # dw += dout^T @ inp (=, beta 0, when dw counts as zero)
-        self.gemm.mm(dw, dout, inp, OC, K, M, transx=True, accumulate=not self._first_write(dw))
+        if gelu_redo:
+            self.gelu_forward(inp, gelu_pre)
+        # dw += dout^T @ inp (=, beta 0, when dw counts as zero). (cuBLASLt's BGRADB epilogue, the bias gradient
+        # formed by this product, was slower than the product and our column sums on an H200, 2026-11-30: NOTES.md)
+        if dw is not None:
+            self.gemm.mm(dw, dout, inp, OC, K, M, transx=True, accumulate=not self._first_write(dw))
         if db is not None:
             self._colsum_add(db, dout, M, OC)
 

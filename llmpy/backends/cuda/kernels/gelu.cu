@@ -51,16 +51,26 @@ __global__ void gelu_backward_inplace(T* dinp, const T* inp, long long n) {
 // same bf16-rounded values in the same order (bitwise the same partials); grid (cdiv(C / N, 32), chunks), 256
 // threads, then colsum_finalize (matmul.cu). C % N == 0, 16-byte aligned rows. The load step only loads (so
 // colsum_slab keeps four rows of loads in flight); the add step computes, stores and sums.
-template <class T> struct GeluRow { Pack<T> x, d; T* at; };
+// redo (rows, C) or null: also writes gelu(inp) there, gelu_forward's values (recompute 1 reforms the GELU output
+// for the weight gradient of the product it fed; here from the inp already loaded: one read of inp fewer).
+template <class T> struct GeluRow { Pack<T> x, d; T* at; T* redo_at; };
 template <class T>
-__global__ void gelu_backward_colsum(float* part, T* dinp, const T* inp, int rows, int C, int rows_per_chunk) {
+__global__ void gelu_backward_colsum(float* part, T* dinp, const T* inp, T* redo, int rows, int C,
+                                     int rows_per_chunk) {
     constexpr int N = Pack<T>::N;
     colsum_slab<T, 1>(part, C, C, rows, rows_per_chunk,
                       [&](int n, int c0) {
                           const long long i = (long long)n * C + c0;
-                          return GeluRow<T>{load16_cs(inp + i), load16(dinp + i), dinp + i};
+                          return GeluRow<T>{load16_cs(inp + i), load16(dinp + i), dinp + i,
+                                            redo ? redo + i : nullptr};
                       },
                       [](GeluRow<T> r, float (&acc)[1][N]) {
+                          if (r.redo_at) {
+                              Pack<T> o;
+#pragma unroll
+                              for (int k = 0; k < N; k++) o.v[k] = from_f<T>(gelu(to_f(r.x.v[k])));
+                              store16(r.redo_at, o);
+                          }
 #pragma unroll
                           for (int k = 0; k < N; k++) {
                               r.d.v[k] = from_f<T>(gelu_grad(to_f(r.x.v[k])) * to_f(r.d.v[k]));

@@ -20,13 +20,24 @@ __global__ void swiglu_forward(T* out, const T* inp, long long n, int F) {
 }
 
 // dinp (N, 2F) overwritten: with s = sigmoid(gate), dup = dout * gate * s, dgate = dout * up * s (1 + gate (1 - s)).
+// redo (N, F) or null: also writes swiglu_forward's out there, the same values (recompute 1 reforms the SwiGLU output
+// for the weight gradient of the down projection; here from the up and gate already loaded: one read of inp fewer).
 template <class T>
-__global__ void swiglu_backward(T* dinp, const T* inp, const T* dout, long long n, int F) {
+__global__ void swiglu_backward(T* dinp, const T* inp, const T* dout, T* redo, long long n, int F) {
     constexpr int N = Pack<T>::N;
     long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * N;
     if (i >= n) return;
     const long long row = i / F, f = i % F, off = row * 2 * F + f;
     Pack<T> u = load16(inp + off), g = load16(inp + off + F), dy = load16(dout + i), du, dg;
+    if (redo) {
+        Pack<T> o;
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            const float a = to_f(g.v[k]);
+            o.v[k] = from_f<T>(to_f(u.v[k]) * (a / (1.0f + expf(-a))));
+        }
+        store16(redo + i, o);
+    }
 #pragma unroll
     for (int k = 0; k < N; k++) {
         const float a = to_f(g.v[k]), b = to_f(u.v[k]), d = to_f(dy.v[k]);
