@@ -63,6 +63,9 @@ def main(argv=None):
             print(f"{side} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}", file=sys.stderr)
             continue
         res[side] = json.loads(line[-1][7:])
+        r = res[side]  # at once, so a run cut short still shows the sides it measured
+        print(f"{side}: {r['tok_s']:,.0f} tok/s, {r['step_ms']:.1f} ms a step, peak {r['peak_gib']:.2f} GiB",
+              flush=True)
     report(args, res)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": res}, indent=1))
