@@ -10,18 +10,11 @@ made once per shape and cached; the workspace is allocated once. Split-K reducti
 Algorithm choice: by default the heuristic's first algorithm (the same on every run: bitwise reproducible). With
 `tune` on (--tune-gemm), the first product of each shape times the heuristic's top TUNE_CANDIDATES algorithms
 on its own operands (an accumulating product's output is saved and restored) and keeps the fastest if it beats the
-first by more than TUNE_MARGIN. A product that overwrites its output (beta 0) also times the configurations
-cuBLASLt's capabilities allow for the heuristic's own algorithm ids beyond the ones it lists (`_enumerate`: other
-tiles, stage counts, custom options and cluster shapes; no split-K). In isolation on an H200 the best of these beat
-the heuristic's first by 1.05-1.12x on four of five GPT-2 shapes (benchmarks/gemm_search.py, NOTES.md). A chosen
-configuration must give the heuristic's first's values on sampled outputs, and the same bits on two launches.
-Timing can choose differently on another day, so every choice is kept in `pins` (shape -> index: the heuristic's
-list, then the enumerated list, both the same for a cuBLASLt version, GPU and shape; exported with the version
-and GPU): a checkpoint stores them and a resume, or a run given them, replays the same kernels bitwise.
+first by more than TUNE_MARGIN. Timing can choose differently on another day, so every choice is kept in `pins`
+(shape -> index in the heuristic's list, exported with the cuBLASLt version and GPU): a checkpoint stores them and a
+resume, or a run given them, replays the same kernels bitwise.
 """
 from __future__ import annotations
-
-import time
 
 import numpy as np
 
@@ -30,9 +23,6 @@ from ...errors import UserError
 WORKSPACE_BYTES = 32 << 20
 TUNE_CANDIDATES = 16   # algorithms asked of the heuristic when tuning
 TUNE_MARGIN = 0.02     # a tuned algorithm must beat the heuristic's first by 2% (timing noise keeps the first)
-ENUM_MAX = 512         # enumerated configurations per shape at most (the list's order is fixed: indices pin them)
-ENUM_SECONDS = 3.0     # the quick pass stops taking enumerated configurations after this long on one shape
-TUNE_FINALISTS = 6     # candidates timed again, longer, after the first quick pass over all
 _R32F, _R16BF, _R8I, _R32I = 0, 14, 3, 10   # cudaDataType_t
 _COMPUTE_32F, _COMPUTE_32I = 68, 72          # cublasComputeType_t
 
@@ -112,8 +102,7 @@ class Gemm:
         lt.matmul_preference_destroy(pref)
         if count[0] < 1:
             raise RuntimeError(f"cuBLASLt has no algorithm for {key}")
-        # [6]: the algorithm, once _choose has run; [7]: every candidate when tuned or pinned past the heuristic's
-        plan = [desc, la, lb, ld_, res[:count[0]].copy(), ks, None, None, key]
+        plan = [desc, la, lb, ld_, res[:count[0]].copy(), ks, None]  # [6]: the algorithm, once _choose has run
         self._plans[key] = plan
         return plan
 
@@ -121,195 +110,60 @@ class Gemm:
         """The algorithm for a new plan (see the module docstring): pinned, tuned, or the heuristic's first."""
         cands, ks = plan[4], plan[5]
         i = self.pins.get(ks)
+        if i is not None and i >= len(cands):
+            raise UserError(f"the pinned cuBLASLt algorithm {i} for product {ks} is not among the {len(cands)} the "
+                            "heuristic offers now (a different cuBLASLt or GPU); run without the pinned algorithms")
         if i is None:
             i = 0
             capturing = getattr(stream, "is_capturing", lambda: False)()
-            if self.tune and not capturing:
-                every = self._candidates(plan)
-                if len(every) > 1:
-                    i = self._time(every, len(cands), launch, out, accumulate, stream, ks)
+            if self.tune and len(cands) > 1 and not capturing:
+                i = self._time(cands, launch, out, accumulate, stream, ks)
             self.pins[ks] = i
-        plan[6] = self._pick(plan, i)
+        plan[6] = cands[i:i + 1].copy()
         return plan[6]
 
-    def _pick(self, plan, i):
-        """Candidate i of the plan (the heuristic's list, then the enumerated configurations) as an algorithm."""
-        every = self._candidates(plan) if i >= len(plan[4]) else plan[4]
-        if not 0 <= i < len(every):
-            raise UserError(f"the pinned cuBLASLt algorithm {i} for product {plan[5]} is not among the {len(every)} "
-                            "this cuBLASLt and GPU offer (another version or GPU); run without the pinned algorithms")
-        return every[i:i + 1].copy()
-
-    def _candidates(self, plan):
-        """The heuristic's list, then (beta-0 floating-point products) the enumerated configurations: one array of
-        algorithms (a heuristic result starts with its algorithm: its first bytes are one)."""
-        if plan[7] is None:
-            cands, key = plan[4], plan[8]
-            algos = np.zeros(len(cands), self.lt.matmul_algo_dtype)
-            algos.view(np.uint8).reshape(len(cands), -1)[:] = \
-                cands.view(np.uint8).reshape(len(cands), -1)[:, :algos.itemsize]
-            accumulate, dtype_ab = key[9], key[16]
-            extra = self._enumerate(plan) if not accumulate and dtype_ab != _R8I else algos[:0]
-            plan[7] = np.concatenate([algos, extra])
-        return plan[7]
-
-    def _enumerate(self, plan):
-        """Configurations of the heuristic's algorithm ids that it did not list: for each id, every tile, stage count
-        and custom option its capabilities report, with each cluster shape, swizzle and inner shape the heuristic
-        used with that id (and cluster shape 0: automatic), split-K off; kept if cublasLtMatmulAlgoCheck accepts
-        it within our workspace. A fixed order (the same list on every run of this cuBLASLt, GPU and shape), at
-        most ENUM_MAX."""
-        lt = self.lt
-        desc, la, lb, ld_, cands = plan[:5]
-        C, CAP = lt.MatmulAlgoConfigAttribute, lt.MatmulAlgoCapAttribute
-        dt_d, dt_ab = plan[8][15], plan[8][16]
-
-        def attr_buf(get_dtype, attr, value=0):
-            return np.array([value], np.dtype(get_dtype(int(attr))))
-
-        def cfg_get(a, attr):
-            buf = attr_buf(lt.get_matmul_algo_config_attribute_dtype, attr)
-            lt.matmul_algo_config_get_attribute(a.ctypes.data, int(attr), buf.ctypes.data, buf.itemsize, 0)
-            return int(buf[0])
-
-        def cfg_set(a, attr, v):
-            buf = attr_buf(lt.get_matmul_algo_config_attribute_dtype, attr, v)
-            lt.matmul_algo_config_set_attribute(a.ctypes.data, int(attr), buf.ctypes.data, buf.itemsize)
-
-        def cap_list(a, attr):
-            size = np.zeros(1, np.uint64)
-            lt.matmul_algo_cap_get_attribute(a.ctypes.data, int(attr), 0, 0, size.ctypes.data)
-            buf = np.zeros(int(size[0]) // 4, np.uint32)
-            if buf.size:
-                lt.matmul_algo_cap_get_attribute(a.ctypes.data, int(attr), buf.ctypes.data, buf.nbytes,
-                                                 size.ctypes.data)
-            return [int(v) for v in buf] or [0]
-
-        seen, used = set(), {}
-        for j in range(len(cands)):
-            a = cands[j:j + 1].copy()
-            c = tuple(cfg_get(a, k) for k in (C.ID, C.TILE_ID, C.STAGES_ID, C.CUSTOM_OPTION, C.CLUSTER_SHAPE_ID,
-                                               C.CTA_SWIZZLING, C.INNER_SHAPE_ID))
-            seen.add(c)
-            u = used.setdefault(c[0], (set(), set(), set()))
-            u[0].add(c[4])
-            u[1].add(c[5])
-            u[2].add(c[6])
-        ws = "workspace_size" if "workspace_size" in cands.dtype.names else "workspaceSize"
-        out = []
-        chk = np.zeros(1, lt.matmul_heuristic_result_dtype)
-        for aid in sorted(used):
-            clusters, swizzles, inner = (sorted(x) for x in used[aid])
-            base = np.zeros(1, lt.matmul_algo_dtype)
-            try:
-                lt.matmul_algo_init(self.handle, _COMPUTE_32F, _R32F, dt_ab, dt_ab, dt_d, dt_d, aid, base.ctypes.data)
-                tiles, stages = cap_list(base, CAP.TILE_IDS), cap_list(base, CAP.STAGES_IDS)
-                buf = attr_buf(lt.get_matmul_algo_cap_attribute_dtype, CAP.CUSTOM_OPTION_MAX)
-                lt.matmul_algo_cap_get_attribute(base.ctypes.data, int(CAP.CUSTOM_OPTION_MAX), buf.ctypes.data,
-                                                 buf.itemsize, 0)
-                customs = range(int(buf[0]) + 1)
-            except Exception:  # an id this cuBLASLt cannot describe: the heuristic's own entries remain
-                continue
-            for tile in tiles:
-                for stage in stages:
-                    for co in customs:
-                        for cl in sorted(set(clusters) | {0}):
-                            for sw in swizzles:
-                                for ish in inner:
-                                    if (aid, tile, stage, co, cl, sw, ish) in seen or len(out) >= ENUM_MAX:
-                                        continue
-                                    a = base.copy()
-                                    try:
-                                        for attr, v in ((C.TILE_ID, tile), (C.STAGES_ID, stage), (C.SPLITK_NUM, 1),
-                                                        (C.CUSTOM_OPTION, co), (C.CLUSTER_SHAPE_ID, cl),
-                                                        (C.CTA_SWIZZLING, sw), (C.INNER_SHAPE_ID, ish)):
-                                            cfg_set(a, attr, v)
-                                        lt.matmul_algo_check(self.handle, desc, la, lb, ld_, ld_, a.ctypes.data,
-                                                             chk.ctypes.data)
-                                    except Exception:  # not a valid configuration for this product
-                                        continue
-                                    if int(chk[0][ws]) <= WORKSPACE_BYTES:
-                                        out.append(a[0])
-        return np.array(out, lt.matmul_algo_dtype)
-
-    def _time(self, cands, n_heur, launch, out, accumulate, stream, ks) -> int:
-        """Index of the fastest candidate. The products run on the real operands: a plain product rewrites the same
-        output each time; an accumulating one's output is saved first and restored after (the caller then runs the
-        chosen algorithm once, as without tuning). Every candidate is timed quickly (the best of two launches after
-        a warm-up; enumerated ones only in the first ENUM_SECONDS of this pass), then the TUNE_FINALISTS fastest
-        and the first again, longer (the median of a few launches); a winner that is not the heuristic's own must
-        give the first's values on sampled outputs (bf16 rounding) and the same bits twice, else the next one is
-        tried."""
+    def _time(self, cands, launch, out, accumulate, stream, ks) -> int:
+        """Index of the fastest candidate (median of a few launches each, after one warm-up). The products run on
+        the real operands: a plain product rewrites the same output each time; an accumulating one's output is
+        saved first and restored after (the caller then runs the chosen algorithm once, as without tuning)."""
         cp = self.cupy
+        ws = "workspace_size" if "workspace_size" in cands.dtype.names else "workspaceSize"
         cp.cuda.Device().synchronize()
         keep = out.copy() if accumulate else None
         cp.cuda.Device().synchronize()
         e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-
-        def one(algo):
-            e0.record(stream)
-            launch(algo)
-            e1.record(stream)
-            e1.synchronize()
-            return cp.cuda.get_elapsed_time(e0, e1)
-
-        def quick(j):
-            try:
-                one(cands[j:j + 1].copy())  # warm-up
-                return min(one(cands[j:j + 1].copy()) for _ in range(2))
-            except Exception:  # an algorithm offered but unable to run here: skip it
-                cp.cuda.Device().synchronize()
-                return float("inf")
-
-        def careful(j, n1):
+        times = []
+        for j in range(len(cands)):
             algo = cands[j:j + 1].copy()
-            return float(np.median([one(algo) for _ in range(max(3, min(15, int(2.0 / max(n1, 1e-3)))))]))
-        first = quick(0)
-        if first == float("inf"):
-            return 0
-        t0, fast = time.perf_counter(), []
-        for j in range(1, len(cands)):  # the heuristic's all; the enumerated ones while time is left (LM heads)
-            if j >= n_heur and time.perf_counter() - t0 > ENUM_SECONDS:
-                break
-            fast.append((quick(j), j))
-        finalists = [j for t, j in sorted(fast) if t < float("inf")][:TUNE_FINALISTS]
-        times = {j: careful(j, first) for j in [0] + finalists}
-        order = sorted(finalists, key=lambda j: times[j])
-        i = 0
-        sample = None
-        for j in order:
-            if times[j] >= (1 - TUNE_MARGIN) * times[0]:
-                break
-            if j < n_heur:
-                i = j
-                break
-            if sample is None:  # the heuristic's first's values, sampled (beta 0 here: launches overwrite)
-                launch(cands[0:1].copy())
-                sample = self._sample(out)
-            got = []
-            for _ in range(2):  # twice: the same bits both times (no configuration that reduces in another order)
-                launch(cands[j:j + 1].copy())
-                got.append(self._sample(out))
-            if bool(cp.array_equal(got[0], got[1])) and \
-                    float(cp.linalg.norm(got[0] - sample)) <= 1e-2 * float(cp.linalg.norm(sample)) + 1e-30:
-                i = j
-                break
+            if int(cands[j]["state"]) != 0 or int(cands[j][ws]) > WORKSPACE_BYTES:
+                times.append(float("inf"))
+                continue
+            try:
+                e0.record(stream)
+                launch(algo)  # warm-up, and the size of one launch
+                e1.record(stream)
+                e1.synchronize()
+                one = cp.cuda.get_elapsed_time(e0, e1)
+                ts = []
+                for _ in range(max(3, min(15, int(2.0 / max(one, 1e-3))))):
+                    e0.record(stream)
+                    launch(algo)
+                    e1.record(stream)
+                    e1.synchronize()
+                    ts.append(cp.cuda.get_elapsed_time(e0, e1))
+                times.append(float(np.median(ts)))
+            except Exception:  # an algorithm the heuristic offers but cannot run here: skip it
+                cp.cuda.Device().synchronize()
+                times.append(float("inf"))
         if keep is not None:
             cp.copyto(out, keep)
             cp.cuda.Device().synchronize()
             del keep
             cp.get_default_memory_pool().free_all_blocks()  # the copy must not stay in the pool's peak
+        best = int(np.argmin(times))
+        i = best if times[best] < (1 - TUNE_MARGIN) * times[0] else 0
         self.tuned.append((ks, len(cands), i, times[0], times[i]))
         return i
-
-    def _sample(self, out):
-        """About 65536 elements of out spread over all of it (every tile's), as fp32."""
-        cp = self.cupy
-        flat = out.reshape(-1)
-        x = flat[::max(1, flat.size // 65536)].copy()
-        if x.dtype.itemsize == 2:  # bf16: its bits are the upper half of an fp32's
-            return (x.view(cp.uint16).astype(cp.uint32) << 16).view(cp.float32)
-        return x.astype(cp.float32)
 
     def tuning_summary(self) -> str:
         """One line: how many shapes were timed, how many changed algorithm, the first calls' time before/after."""
@@ -339,11 +193,11 @@ class Gemm:
             ks = plan[5]
             if plan[6] is not None and ks in choices:
                 i = int(choices[ks])
-                try:
-                    plan[6] = self._pick(plan, i)
-                except UserError:
+                if not 0 <= i < len(plan[4]):
                     raise UserError(f"rank 0 chose cuBLASLt algorithm {i} for product {ks}, which this rank's "
-                                    "cuBLASLt does not offer: the GPUs or libraries differ between ranks") from None
+                                    f"heuristic does not offer ({len(plan[4])} candidates): the GPUs or libraries "
+                                    "differ between ranks")
+                plan[6] = plan[4][i:i + 1].copy()
                 self.pins[ks] = i
 
     @property
