@@ -16,8 +16,8 @@ the GPT-2 / Llama benchmarks run them (a kernel is changed in llmpy only after i
    shipped kernel held to 40 registers (75% occupancy instead of 50%).
 3. Recompute fused into the backward: GELU forward + gelu_backward_colsum against gelu_backward_colsum writing the
    GELU output itself (`gelu_redo`, d12 and d48 fc sizes); SwiGLU forward + backward against the backward with
-   `redo` (Llama 1B). (A fifth group, cuBLASLt's BGRADB epilogue against the product and our column sums, was
-   run once, 2026-11-30, and removed with the epilogue: NOTES.md, GPU round 6.)
+   `redo` (Llama 1B). (A fifth group, cuBLASLt's BGRADB epilogue against the product and our column sums, ran
+   once, 2026-11-30, and was dropped with the epilogue, never committed: NOTES.md, GPU round 6.)
 4. The norms' row kernels (LayerNorm / RMSNorm backward dinp, the fused residual + norm forward), shipped plain (one
    pack a lane loaded at a time) and `_batched` (four), against --baseline DIR: layernorm.cu and rmsnorm.cu of another
    version (e.g. `git show REV:llmpy/backends/cuda/kernels/layernorm.cu`). Outputs must agree bit for bit. (Run 5 of

@@ -410,6 +410,8 @@ class CUDABackend:
             raise ValueError("gelu_db needs gelu_pre and dinp")
         if gelu_redo and (gelu_pre is None or inp is None):
             raise ValueError("gelu_redo needs gelu_pre and inp")
+        if gelu_redo and gelu_db is None:  # no fused kernel on this path: the recompute runs first
+            self.gelu_forward(inp, gelu_pre)
         if dinp is not None:  # dinp = dout @ w, then times gelu'(gelu_pre) in place (+ its column sums: gelu_db)
             self.gemm.mm(dinp, dout, w, M, K, OC)
             if gelu_db is not None:
@@ -422,13 +424,10 @@ class CUDABackend:
                 self.k["matmul"].colsum_finalize((cdiv(K, 128),), (128,), (gelu_db, self.colsum_part,
                                                                           np.int32(chunks), np.int32(K), np.int32(K),
                                                                           np.int32(not self._first_write(gelu_db))))
-                gelu_redo = False  # inp written above
             elif gelu_pre is not None:
                 n = dinp.size
                 self.k["gelu"].gelu_backward_inplace((cdiv(n // (16 // dinp.itemsize), 256),), (256,),
                                                      (dinp, gelu_pre, np.int64(n)))
-        if gelu_redo:
-            self.gelu_forward(inp, gelu_pre)
         # dw += dout^T @ inp (=, beta 0, when dw counts as zero). (cuBLASLt's BGRADB epilogue, the bias gradient
         # formed by this product, was slower than the product and our column sums on an H200, 2026-11-30: NOTES.md)
         if dw is not None:
