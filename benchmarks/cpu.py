@@ -153,7 +153,8 @@ def profile(args) -> None:
         return w
     for name in ("encoder_forward", "encoder_backward", "layernorm_forward", "fused_residual_layernorm_forward",
                  "layernorm_backward", "matmul_forward", "matmul_backward", "attention_forward",
-                 "attention_backward", "fused_classifier", "gelu_forward", "grad_sumsq", "adamw", "fill_zero"):
+                 "attention_backward", "fused_classifier", "gelu_forward", "grad_sumsq", "adamw", "fill_zero",
+                 "fresh_grads", "settle_grads"):
         setattr(be, name, wrap(name, getattr(be, name)))
     np.matmul = timed_matmul
     model = GPT2(cfg, be, B, T)
@@ -166,9 +167,10 @@ def profile(args) -> None:
             tot.clear()
             total = 0.0
         t0 = time.perf_counter()
-        model.zero_grad()
+        be.fresh_grads(model.grads.flat)  # the gradients count as zero, as in the trainer's step (train/step.py)
         model.forward(x[:, :-1], x[:, 1:], grad_scale=1.0 / (B * T))
         model.backward()
+        be.settle_grads()
         opt.step(1e-4, grad_clip=1.0)
         total += time.perf_counter() - t0
     np.matmul = matmul
@@ -199,9 +201,10 @@ def serve(args) -> None:
 
         def step(i):
             b = batches[i % 4]
-            model.zero_grad()
+            model.be.fresh_grads(model.grads.flat)  # the gradients count as zero, as in the trainer's step
             model.forward(b[:, :-1], b[:, 1:], grad_scale=1.0 / (B * T))
             model.backward()
+            model.be.settle_grads()
             opt.step(1e-4, grad_clip=1.0)
     else:
         import torch

@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import layers as Lr
 from ..errors import UserError
+from .fresh import FreshGrads
 from .ops import OpShapes
 
 _DTYPES = {"fp32": np.float32, "fp64": np.float64}
@@ -35,7 +36,7 @@ def blocks(n: int, size: int) -> tuple[slice, ...]:
     return tuple(slice(i, min(i + size, n)) for i in range(0, n, size))
 
 
-class CPUBackend:
+class CPUBackend(FreshGrads):
     name = "cpu"
     xp = np
 
@@ -48,6 +49,8 @@ class CPUBackend:
         self.ws = None
         self.capturing = False
         self.stream = _InOrder()
+        self.fresh = []          # byte ranges of parameter gradients that count as zero (backends/fresh.py)
+        self._fresh_flat = None  # the gradient buffer they lie in (settle_grads zeroes parts of it)
 
     # ---- memory ---------------------------------------------------------------------------------------------
     def zeros(self, n, dtype):
@@ -89,11 +92,22 @@ class CPUBackend:
     def release_cache(self) -> None:
         pass  # NumPy frees on its own
 
+    # ---- parameter gradients that count as zero (backends/fresh.py): the products overwrite them, the rest
+    # (norm sums, scatters, the MatMul-free ops) zero theirs first and add
     def fresh_grads(self, flat) -> None:
-        flat[...] = 0  # the reference zeroes them: every op then accumulates, as always
+        self._fresh_flat = flat.reshape(-1)
+        super().fresh_grads(flat)
 
-    def settle_grads(self, x=None) -> None:
-        pass
+    @staticmethod
+    def _ptr(a) -> int:
+        return a.__array_interface__["data"][0]
+
+    def _zero_bytes(self, ranges) -> None:
+        if not ranges:
+            return
+        raw, base = self._fresh_flat.view(np.uint8), self._ptr(self._fresh_flat)
+        for a, b in ranges:
+            raw[a - base:b - base] = 0
 
     def on(self, stream):
         return stream  # a context manager that does nothing: everything runs in order
@@ -131,6 +145,7 @@ class CPUBackend:
         Lr.encoder_forward(out, tokens, wte, wpe)
 
     def encoder_backward(self, dwte, dwpe, dout, tokens):
+        self._zero_if_fresh(dwte, dwpe)  # a scatter: it adds
         Lr.encoder_backward(dwte, dwpe, dout, tokens)
 
     def layernorm_forward(self, out, mean, rstd, inp, w, b):
@@ -152,6 +167,7 @@ class CPUBackend:
         C = inp.shape[-1]
         dx, dy, x = dinp.reshape(-1, C), dout.reshape(-1, C), inp.reshape(-1, C)
         m, r = mean.reshape(-1), rstd.reshape(-1)
+        self._zero_if_fresh(dw, db)
         for i in blocks(x.shape[0], self._rows(C)):  # dw, db accumulate block by block, in order
             Lr.layernorm_backward(dx[i], dw, db, dy[i], x[i], w, m[i], r[i], scratch=self.ws)
 
@@ -173,6 +189,7 @@ class CPUBackend:
     def rmsnorm_backward(self, dinp, dw, dout, inp, w, rstd):
         C = inp.shape[-1]
         dx, dy, x, r = dinp.reshape(-1, C), dout.reshape(-1, C), inp.reshape(-1, C), rstd.reshape(-1)
+        self._zero_if_fresh(dw)
         for i in blocks(x.shape[0], self._rows(C)):  # dw accumulates block by block, in order
             Lr.rmsnorm_backward(dx[i], dw, dy[i], x[i], w, r[i], scratch=self.ws)
 
@@ -212,13 +229,19 @@ class CPUBackend:
             if gelu_pre is None or inp is None:
                 raise ValueError("gelu_redo needs gelu_pre and inp")
             self.gelu_forward(inp, gelu_pre)
-        Lr.matmul_backward(dinp, dw, db, dout, inp, w, scratch=self.ws)
+        # a first write overwrites dw and db (no scratch product, no add); one counting as zero while the other does
+        # not (never in our models) is zeroed for real and both add
+        first = self._first_write(dw)
+        if db is not None and self._first_write(db) != first:
+            self.fill_zero(dw if first else db)
+            first = False
+        Lr.matmul_backward(dinp, dw, db, dout, inp, w, scratch=self.ws, accumulate=not first)
         if gelu_pre is not None:
             d, x = dinp.reshape(-1), gelu_pre.reshape(-1)
             for i in blocks(d.size, BLOCK):
                 Lr.gelu_backward(d[i], x[i], d[i], scratch=self.ws)
             if gelu_db is not None:
-                Lr.colsum_add(gelu_db, dinp, scratch=self.ws)
+                Lr.colsum_add(gelu_db, dinp, scratch=self.ws, accumulate=not self._first_write(gelu_db))
         elif gelu_db is not None:
             raise ValueError("gelu_db needs gelu_pre")
 
@@ -226,6 +249,7 @@ class CPUBackend:
         Lr.bitlinear_forward(out, rstd, inp, w, gamma, eps, w_rows)
 
     def bitlinear_backward(self, dinp, dw, dgamma, dout, inp, w, gamma, rstd, w_rows=None):
+        self._zero_if_fresh(dw, dgamma)
         Lr.bitlinear_backward(dinp, dw, dgamma, dout, inp, w, gamma, rstd, w_rows)
 
     def bitlinear_packed_forward(self, out, rstd, inp, codes, scale, K, packing, gamma, eps):
@@ -244,12 +268,14 @@ class CPUBackend:
         Lr.mlgru_forward(o, h, rstd, ai, af, ag, lam, gamma, h0=h0, eps=eps)
 
     def mlgru_backward(self, dai, daf, dag, dlam, dgamma, do, ai, af, ag, lam, gamma, h, rstd):
+        self._zero_if_fresh(dlam, dgamma)
         Lr.mlgru_backward(dai, daf, dag, dlam, dgamma, do, ai, af, ag, lam, gamma, h, rstd)
 
     def lower_bounds_forward(self, lam, P):
         Lr.lower_bounds_forward(lam, P)
 
     def lower_bounds_backward(self, dP, dlam, P):
+        self._zero_if_fresh(dP)
         Lr.lower_bounds_backward(dP, dlam, P)
 
     def attention_forward(self, out, state, qkv, num_heads, kv_heads=None):

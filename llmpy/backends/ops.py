@@ -68,8 +68,8 @@ class Backend(Protocol):
         """a += b, elementwise, same size."""
 
     def fresh_grads(self, flat) -> None:
-        """The parameter gradients in flat count as zero from here (a training step's first micro-batch). The CPU
-        zeroes them; a GPU skips the memset and lets the first op that writes each gradient overwrite it."""
+        """The parameter gradients in flat count as zero from here (a training step's first micro-batch), without
+        a memset: the first op that writes each gradient overwrites it (backends/fresh.py)."""
 
     def settle_grads(self, x=None) -> None:
         """Every gradient in x (default: all) that still counts as zero but was never written is zeroed now."""

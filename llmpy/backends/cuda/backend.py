@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from ...errors import UserError
+from ..fresh import FreshGrads
 from ..ops import OpShapes
 from .gemm import Gemm
 from .mmfree import MMFree
@@ -30,7 +31,7 @@ _FAMILIES = ("encoder", "layernorm", "rmsnorm", "matmul", "gelu", "swiglu", "rop
              "classifier", "adamw", "cast")
 
 
-class CUDABackend:
+class CUDABackend(FreshGrads):
     name = "cuda"
 
     def __init__(self, dtype: str = "bf16", attention: str = "auto", device_id: int | None = None):
@@ -109,53 +110,14 @@ class CUDABackend:
         n = a.size
         self.k["residual"].add_inplace((cdiv(n, 256),), (256,), (a, b, np.int64(n)))
 
-    # ---- parameter gradients that count as zero ---------------------------------------------------------------
-    def fresh_grads(self, flat) -> None:
-        """The parameter gradients in flat count as zero from here, without a memset (3.1 GB on GPT-2 d48): the
-        first op to write each one overwrites it (a product with beta 0, a column sum stored instead of added);
-        settle_grads zeroes what no op wrote. The choice is made as the ops are issued, so a CUDA graph keeps it."""
-        self.fresh = [_span(flat)]
-
-    def settle_grads(self, x=None) -> None:
-        """Zeroes the parts of x (default: all) that still count as zero but were never written; they no longer
-        count as such after."""
-        lo, hi = _span(x) if x is not None else (0, 1 << 64)
-        self._zero_bytes(self._cut(lo, hi))
-
-    def _first_write(self, x) -> bool:
-        """Whether the gradient x, about to be written, counts as zero as a whole: then the op overwrites it. A
-        part of it that counts as zero while the rest does not is zeroed first (then the op accumulates)."""
-        if not self.fresh or x is None:
-            return False
-        lo, hi = _span(x)
-        whole = x.flags.c_contiguous and any(a <= lo and hi <= b for a, b in self.fresh)
-        cut = self._cut(lo, hi)
-        if not whole:
-            self._zero_bytes(cut)
-        return whole
-
-    def _zero_if_fresh(self, *grads) -> None:
-        """For ops that only accumulate (scatters, the MatMul-free kernels): their gradients are zeroed for real if
-        they count as zero."""
-        for g in grads:
-            if self._first_write(g):
-                self.fill_zero(g)
+    # ---- parameter gradients that count as zero (backends/fresh.py) ------------------------------------------
+    @staticmethod
+    def _ptr(a) -> int:
+        return a.data.ptr
 
     def _zero_bytes(self, ranges) -> None:
         for a, b in ranges:
             self.cp.cuda.runtime.memsetAsync(a, 0, b - a, self.cp.cuda.get_current_stream().ptr)
-
-    def _cut(self, lo, hi) -> list:
-        """Removes [lo, hi) from the ranges that count as zero; returns the pieces removed."""
-        keep, cut = [], []
-        for a, b in self.fresh:
-            if b <= lo or hi <= a:
-                keep.append((a, b))
-                continue
-            cut.append((max(a, lo), min(b, hi)))
-            keep += [r for r in ((a, lo), (hi, b)) if r[0] < r[1]]
-        self.fresh = keep
-        return cut
 
     def side_stream(self):
         """A second stream (communication overlapping backward) and the event helpers to order the two."""
@@ -632,16 +594,6 @@ class _Readback:
     def result(self) -> list[np.ndarray]:
         self.event.synchronize()
         return [h.copy() for h in self.host]
-
-
-def _span(a) -> tuple[int, int]:
-    """[first byte, one past the last) that array view a can touch (a strided view: the range enclosing it)."""
-    lo = hi = a.data.ptr
-    for n, st in zip(a.shape, a.strides):
-        if n == 0:
-            return lo, lo
-        lo, hi = (lo + (n - 1) * st, hi) if st < 0 else (lo, hi + (n - 1) * st)
-    return lo, hi + a.itemsize
 
 
 def _round32(n: int) -> int:
