@@ -409,58 +409,6 @@ def test_fused_classifier(be):
     assert np.isnan(got[[3, 5, 6]]).all() and np.isfinite(np.delete(got, [3, 5, 6])).all()
 
 
-@pytest.mark.parametrize("V,Vp", [(50257, 50304), (128000, 128256)])
-def test_fused_classifier_wide_rows(be, V, Vp):
-    """Rows as wide as GPT-2's and Llama 3's vocabularies: the staged kernel splits a row over a cluster of C blocks
-    when it does not fit one block's shared memory (bf16: C 1 and 4; fp32: 2 and 8). Against the NumPy reference;
-    NaN logits anywhere (a whole segment of NaN, one NaN in the last segment) make the row's loss NaN."""
-    r = rng()
-    N = 12
-    C, S = be._classifier_split(Vp, np.dtype(be.act_dtype).itemsize)
-    logits = rounded(be, r.standard_normal((N, Vp)) * 3)
-    t = r.integers(0, V, N).astype(np.int32)
-    t[0], t[1] = 0, V - 1  # the first and the last real column
-    dl = dev(be, logits)
-    losses = poison(be, N, np.float32)
-    be.fused_classifier(losses, dl, be.asarray(t), V, dloss=1.0 / N)
-    rl, d = np.empty(N), logits[:, :V].copy()
-    Lr.fused_classifier(rl, d, t, dloss=1.0 / N)
-    check(be, losses, rl, 1e-5)
-    got = host(be, dl)
-    assert np.all(got[:, V:] == 0), "the padded columns must get no gradient"
-    check(be, dl[:, :V], d)
-    bad = logits.copy()
-    bad[2, :S] = np.nan            # a whole first segment (C > 1) or row (C = 1) of NaN, the target elsewhere
-    t[2] = V - 1
-    bad[4, V - 3] = np.nan         # one NaN in the last segment
-    lb = poison(be, N, np.float32)
-    be.fused_classifier(lb, dev(be, bad), be.asarray(t), V, dloss=1.0 / N)
-    got = host(be, lb)
-    assert np.isnan(got[[2, 4]]).all() and np.isfinite(np.delete(got, [2, 4])).all(), (C, S)
-
-
-@pytest.mark.parametrize("Vp", [1024, 50304])
-def test_fused_classifier_staged_same_bits(be, Vp):
-    """With one block a row (C = 1) the staged kernel visits each thread's packs in the two-pass kernel's order:
-    the same losses and dlogits bit for bit."""
-    if be._classifier_split(Vp, np.dtype(be.act_dtype).itemsize)[0] != 1:
-        pytest.skip("fp32 rows of 50304 take a cluster of 2")
-    r = rng()
-    N, V = 32, Vp - 47
-    logits = rounded(be, r.standard_normal((N, Vp)) * 3 + np.where(np.arange(N)[:, None] % 5 == 0, 40.0, 0.0))
-    t = be.asarray(r.integers(0, V, N).astype(np.int32))
-    out = []
-    for staged in (True, False):
-        be.classifier_staged = staged
-        try:
-            dl, ls = dev(be, logits), poison(be, N, np.float32)
-            be.fused_classifier(ls, dl, t, V, dloss=1.0 / N)
-        finally:
-            be.classifier_staged = True
-        out.append((be.to_numpy(ls), be.to_numpy(dl)))
-    assert np.array_equal(out[0][0], out[1][0]) and np.array_equal(out[0][1].view(np.uint8), out[1][1].view(np.uint8))
-
-
 def test_adamw_and_norm(be):
     r = rng()
     be.plan_workspace(_shapes(2, 32, 64, 2))  # the norm's partial sums live in the workspace
@@ -503,49 +451,6 @@ def test_adamw_and_norm(be):
     be.xp.cuda.runtime.memset(norm.data.ptr, 0xFF, norm.nbytes)
     be.adamw(pd, master, gd, md, vd, hp, norm, wd, 0)
     assert np.array_equal(host(be, md), before)
-
-
-@pytest.mark.parametrize("moments", ["fp32", "bf16"])
-@pytest.mark.parametrize("with_master", [False, True])
-def test_adamw_runs_one_launch_same_bits(be, moments, with_master):
-    """adamw_runs (every run of the flat buffers in one launch) gives the bits of adamw launched once per run:
-    runs of a few elements, of several blocks, unaligned (element-wise path) and aligned, with and without weight
-    decay, with local offsets (l0) unlike the global ones (g0) as under ZeRO; the elements between runs untouched."""
-    if moments == "bf16" and be.dtype_name != "bf16":
-        pytest.skip("bf16 moments need a bf16 backend")
-    if with_master and be.dtype_name != "bf16":
-        pytest.skip("master weights are for a bf16 backend")
-    r = rng()
-    runs = [(0, 0, 3, 0.0), (8, 5, 5000, 0.1), (5016, 5007, 17, 0.0), (5040, 5032, 70_001, 0.1), (75_043, 75_040, 1, 0.1)]
-    n_p, n_l = 75_100, 75_100
-    mdt = np.float32 if moments == "fp32" else be.param_dtype
-    hp = be.asarray(np.array([1e-2, 0.9, 0.95, 1e-8, 10.0, 20.0, 1.0, np.uint32(99).view(np.float32)], np.float32))
-    norm = be.asarray(np.array([2.0], np.float32))  # above the clip: the update is scaled
-    init = [r.standard_normal(n) * s for n, s in ((n_p, 1.0), (n_l, 0.1), (n_l, 0.01))] + [r.random(n_l) * 1e-3]
-    masters = r.standard_normal(n_l).astype(np.float32)
-
-    def fresh():
-        p, g = dev(be, init[0]), dev(be, init[1])
-        m, v = (be.asarray(np.asarray(a, np.float32).astype(mdt)) for a in init[2:])
-        master = be.asarray(masters) if with_master else None
-        return p, master, g, m, v
-
-    a = fresh()
-    be.adamw_runs(*a, hp, norm, runs)
-    b = fresh()
-    p, master, g, m, v = b
-    for g0, l0, n, wd in runs:
-        be.adamw(p[g0:g0 + n], None if master is None else master[l0:l0 + n], g[l0:l0 + n], m[l0:l0 + n],
-                 v[l0:l0 + n], hp, norm, wd, g0)
-    for x, y, name in zip(a, b, ("p", "master", "g", "m", "v")):
-        if x is None:
-            continue
-        x, y = np.asarray(be.to_numpy(x)).astype(np.float32), np.asarray(be.to_numpy(y)).astype(np.float32)
-        assert np.array_equal(x, y), f"{name} differs from a launch per run"
-    before = np.asarray(be.to_numpy(fresh()[0])).astype(np.float32)
-    after = np.asarray(be.to_numpy(a[0])).astype(np.float32)
-    assert np.array_equal(after[3:8], before[3:8]) and np.array_equal(after[75_044:], before[75_044:])
-    assert not np.array_equal(after[8:5008], before[8:5008]), "the runs must be updated"
 
 
 def test_adamw_bf16_moments_and_vector_paths(be):

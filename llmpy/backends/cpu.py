@@ -341,13 +341,6 @@ class CPUBackend(FreshGrads):
                          bc1=bc1, bc2=bc2, weight_decay=weight_decay, scale=scale)
 
 
-    def adamw_runs(self, p, master, g, m, v, hp, norm, runs):
-        """adamw over every run (g0, l0, n, weight_decay): p[g0:g0+n] with master/g/m/v[l0:l0+n], offset g0."""
-        for g0, l0, n, wd in runs:
-            self.adamw(p[g0:g0 + n], None if master is None else master[l0:l0 + n], g[l0:l0 + n], m[l0:l0 + n],
-                       v[l0:l0 + n], hp, norm, wd, g0)
-
-
 class _InOrder:
     """The CPU runs every op in program order: its streams and events are no-ops with the CUDA ones' methods."""
 

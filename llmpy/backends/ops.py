@@ -247,7 +247,3 @@ class Backend(Protocol):
         hp (8,) = [lr, beta1, beta2, eps, 1/(1-beta1^t), 1/(1-beta2^t), grad_clip, seed]; norm[0] the global
         gradient norm (clips when above grad_clip; non-finite: no update); offset: p's position in the whole
         parameter buffer (seeds the rounding)."""
-
-    def adamw_runs(self, p, master, g, m, v, hp, norm, runs) -> None:
-        """adamw over every run (g0, l0, n, weight_decay) of flat buffers: p[g0:g0+n] (offset g0) with
-        master/g/m/v[l0:l0+n]. CUDA: one launch, the same bits as a launch per run."""

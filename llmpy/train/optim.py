@@ -83,9 +83,10 @@ class AdamW:
             be.norm_from_sumsq(self.norm, self.sumsq, guard)
         master = model.master.flat if model.master is not None else None
         p, m, v = model.params.flat, self.m.flat, self.v.flat
-        runs = [(g0, l0, n, self.weight_decay if (decayed or self.decay_all) else 0.0)
-                for g0, l0, n, decayed in self.runs]
-        be.adamw_runs(p, master, grads, m, v, self.hp, self.norm, runs)
+        for g0, l0, n, decayed in self.runs:
+            wd = self.weight_decay if (decayed or self.decay_all) else 0.0
+            be.adamw(p[g0:g0 + n], None if master is None else master[l0:l0 + n], grads[l0:l0 + n],
+                     m[l0:l0 + n], v[l0:l0 + n], self.hp, self.norm, wd, g0)
         if self.sharded:  # every rank gets the others' updated slices of the compute weights
             layout = model.layout
             for b, (g0, _, s) in enumerate(layout.shard(model.rank)):

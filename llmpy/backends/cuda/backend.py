@@ -499,37 +499,11 @@ class CUDABackend(FreshGrads):
             shared_mem=4 * hs * (1 + groups))
 
     def fused_classifier(self, losses, logits, targets, vocab_size, dloss=None):
-        """losses[r] = cross-entropy of row r of logits (rows, Vp) against targets[r]; with dloss, the rows become
-        dloss * (softmax - onehot) (0 on the padding). Training takes the staged kernel (a row read from HBM once,
-        split over a cluster of C blocks when it does not fit one block's shared memory); evaluation, rows too wide
-        for a cluster of 8, and `classifier_staged = False` take the two-pass kernel."""
         Vp = logits.shape[-1]
         rows = logits.size // Vp
-        k = self.k["classifier"]
-        args = (logits, losses, targets, np.float32(dloss or 0.0), np.int32(vocab_size), np.int32(Vp))
-        split = self._classifier_split(Vp, logits.itemsize) if dloss is not None and self.classifier_staged else None
-        if split is None:
-            k.fused_classifier((rows,), (1024,), args + (np.int32(dloss is not None),))
-            return
-        C, S = split
-        fn = getattr(k, f"classifier_staged_c{C}")
-        smem = S * logits.itemsize
-        if fn.max_dynamic_shared_size_bytes < smem:
-            fn.max_dynamic_shared_size_bytes = smem  # the opt-in above 48 KB
-        fn((rows * C,), (1024,), args + (np.int32(S),), shared_mem=smem)
-
-    classifier_staged = True
-    _STAGED_SMEM = 110 * 1024  # a segment's bytes at most: two 1024-thread blocks share an SM's 228 KB
-
-    def _classifier_split(self, Vp: int, itemsize: int):
-        """(C, S): the fewest blocks C in {1, 2, 4, 8} whose segments of S columns (whole 16-byte packs) fit
-        _STAGED_SMEM; None when even 8 do not (the two-pass kernel then)."""
-        n = 16 // itemsize
-        for C in (1, 2, 4, 8):
-            S = cdiv(cdiv(Vp, C), n) * n
-            if S * itemsize <= self._STAGED_SMEM:
-                return C, S
-        return None
+        self.k["classifier"].fused_classifier((rows,), (1024,), (logits, losses, targets,
+                                                                 np.float32(dloss or 0.0), np.int32(vocab_size),
+                                                                 np.int32(Vp), np.int32(dloss is not None)))
 
     def loss_accumulate(self, acc, losses, scale):
         self.k["classifier"].loss_accumulate((1,), (1024,), (acc, losses, np.int32(losses.size), np.float32(scale)))
@@ -562,40 +536,6 @@ class CUDABackend(FreshGrads):
         fn = self.k["adamw"].adamw_bf16_moments if bf16_moments else self.k["adamw"].adamw
         fn((cdiv(n, 8 * 256),), (256,), (p, master if master is not None else np.uint64(0), g, m, v, np.int64(n), hp,
                                          norm, np.float32(weight_decay), np.int64(offset), np.int32(vec)))
-
-    def adamw_runs(self, p, master, g, m, v, hp, norm, runs):
-        """AdamW over every run (g0, l0, n, weight_decay) of the flat buffers in one launch: p[g0:g0+n] with
-        master/g/m/v[l0:l0+n], offset g0; the same bits as adamw on each run (chunks of 2048 elements, kernels/
-        adamw.cu). The runs' table is uploaded on the first call (so that call must not be under graph capture)
-        and kept for the same runs and buffers."""
-        bf16_moments = m.dtype != np.float32
-        if v.dtype != m.dtype:
-            raise ValueError("AdamW's moments must share a dtype")
-        key = (tuple(runs), p.data.ptr, g.data.ptr, m.data.ptr, v.data.ptr, 0 if master is None else master.data.ptr)
-        tables = self.__dict__.setdefault("_adamw_tables", {})
-        if key not in tables:
-            if self.capturing:
-                raise RuntimeError("adamw_runs: the first call for a set of runs must run outside graph capture")
-            rows, b0 = [], 0
-            for g0, l0, n, wd in runs:
-                ptrs = [p.data.ptr + g0 * p.itemsize] + [a.data.ptr + l0 * a.itemsize for a in (g, m, v)] + \
-                    ([] if master is None else [master.data.ptr + l0 * 4])
-                vec = int(all(x % 16 == 0 for x in ptrs))
-                rows.append([g0, l0, n, b0, vec, int(np.float32(wd).view(np.int32))])
-                b0 += cdiv(n, 8 * 256)
-            table = self.xp.empty((len(rows), 6), np.int64)
-            self.upload(table, np.array(rows, np.int64))
-            tables[key] = (table, b0)
-        table, chunks = tables[key]
-        if chunks == 0:
-            return
-        fn = self.k["adamw"].adamw_runs_bf16_moments if bf16_moments else self.k["adamw"].adamw_runs
-        # a grid that is resident at once (blocks of 256 threads an SM by registers, at most 8) walks the chunks
-        per_sm = max(1, min(8, 65536 // (max(fn.num_regs, 1) * 256)))
-        sms = self.cp.cuda.Device().attributes["MultiProcessorCount"]
-        grid = min(chunks, per_sm * sms)
-        fn((grid,), (256,), (p, master if master is not None else np.uint64(0), g, m, v, table, np.int32(len(runs)),
-                             np.int64(chunks), hp, norm))
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------------
     def capture(self, fn):

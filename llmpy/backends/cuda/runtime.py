@@ -47,8 +47,7 @@ def _source(name: str) -> str:
     return src.replace('#include "common.cuh"', common.replace("#pragma once", ""))
 
 
-# a kernel's name, with or without cluster dims and launch bounds
-_GLOBAL = r"__global__ void (?:__cluster_dims__\([^)]*\)\s*)?(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\("
+_GLOBAL = r"__global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\("  # a kernel's name, launch bounds or not
 
 
 def kernel_names(src: str) -> tuple[list[str], list[str]]:

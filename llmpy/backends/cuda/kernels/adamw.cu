@@ -50,8 +50,8 @@ __device__ __forceinline__ unsigned int v_bits(unsigned int r) { return ((r ^ (r
 template <class T, class M>
 __device__ __forceinline__ void adamw_8(T* params, float* master, const T* grads, M* m, M* v, long long n,
                                         const float* hp, const float* norm, float weight_decay, long long offset,
-                                        int vec, long long block) {
-    const long long i0 = (block * blockDim.x + threadIdx.x) * 8;
+                                        int vec) {
+    const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (i0 >= n) return;
     const float gn = *norm;
     if (!isfinite(gn)) return;
@@ -108,45 +108,14 @@ __device__ __forceinline__ void adamw_8(T* params, float* master, const T* grads
 template <class T>
 __global__ void adamw(T* params, float* master, const T* grads, float* m, float* v, long long n, const float* hp,
                       const float* norm, float weight_decay, long long offset, int vec) {
-    adamw_8<T, float>(params, master, grads, m, v, n, hp, norm, weight_decay, offset, vec, blockIdx.x);
+    adamw_8<T, float>(params, master, grads, m, v, n, hp, norm, weight_decay, offset, vec);
 }
 
 // bf16 moments, stochastically rounded (--moments bf16)
 template <class T>
 __global__ void adamw_bf16_moments(T* params, float* master, const T* grads, bf16* m, bf16* v, long long n,
                                    const float* hp, const float* norm, float weight_decay, long long offset, int vec) {
-    adamw_8<T, bf16>(params, master, grads, m, v, n, hp, norm, weight_decay, offset, vec, blockIdx.x);
-}
-
-// Every run of the flat buffers in one launch (a launch per run cost d48 98 launches, each with its ragged last
-// wave). runs: nruns rows of 6 int64, [g0, l0, n, first chunk, vec, weight decay as float bits], in order: run r
-// updates params[g0, g0 + n) and master/grads/m/v[l0, l0 + n), in chunks of blockDim * 8 elements numbered from its
-// first chunk to the next run's. A fixed grid walks the chunks (block b takes b, b + grid, ...), so the run index
-// only moves forward: no search. Chunk j of a run is what block j of adamw's own launch over the run updates, with
-// the same offset (g0): the same arithmetic and random bits as a launch per run.
-template <class T, class M>
-__device__ __forceinline__ void adamw_runs_8(T* params, float* master, const T* grads, M* m, M* v,
-                                             const long long* runs, int nruns, long long chunks, const float* hp,
-                                             const float* norm) {
-    int r = 0;
-    for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
-        while (r + 1 < nruns && runs[6 * (r + 1) + 3] <= c) r++;
-        const long long* q = runs + 6 * r;
-        const long long g0 = q[0], l0 = q[1];
-        adamw_8<T, M>(params + g0, master ? master + l0 : nullptr, grads + l0, m + l0, v + l0, q[2], hp, norm,
-                      __int_as_float((int)q[5]), g0, (int)q[4], c - q[3]);
-    }
-}
-template <class T>
-__global__ void adamw_runs(T* params, float* master, const T* grads, float* m, float* v, const long long* runs,
-                           int nruns, long long chunks, const float* hp, const float* norm) {
-    adamw_runs_8<T, float>(params, master, grads, m, v, runs, nruns, chunks, hp, norm);
-}
-template <class T>
-__global__ void adamw_runs_bf16_moments(T* params, float* master, const T* grads, bf16* m, bf16* v,
-                                        const long long* runs, int nruns, long long chunks, const float* hp,
-                                        const float* norm) {
-    adamw_runs_8<T, bf16>(params, master, grads, m, v, runs, nruns, chunks, hp, norm);
+    adamw_8<T, bf16>(params, master, grads, m, v, n, hp, norm, weight_decay, offset, vec);
 }
 
 // The global gradient norm that clips the update. Sum of squares: thread t of the fixed grid adds the 16-byte packs
