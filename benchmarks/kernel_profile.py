@@ -163,6 +163,21 @@ def aggregate(events: list[dict], units: int, width: int) -> dict:
            "other_ms": sum(r["ms_per_unit"] for r in rows if not r["kernel"]),
            "other_calls": sum(r["calls_per_unit"] for r in rows if not r["kernel"]), "rows": rows}
     res["idle_ms"] = max(span - res["kernel_busy_ms"], 0.0)
+    # the idle time before each kernel (since the latest end of any earlier kernel), split by whether a memset ran
+    # in between (cuBLASLt's 4-byte flag before each of its cooperative nvjet products)
+    gaps = {"after_memset": [0, 0.0], "other": [0, 0.0]}
+    for u in per_unit:
+        prev_end, memset = None, False
+        for e in sorted(u, key=lambda e: e["start"]):
+            if e["kind"] == "memset":
+                memset = True
+            elif e["kind"] == "kernel":
+                if prev_end is not None:
+                    g = gaps["after_memset" if memset else "other"]
+                    g[0] += 1
+                    g[1] += max(0.0, e["start"] - prev_end)
+                prev_end, memset = max(prev_end or e["end"], e["end"]), False
+    res["gaps"] = {k: {"count_per_unit": c / n, "ms_per_unit": us / 1e3 / n} for k, (c, us) in gaps.items()}
     if note:
         res["note"] = note
     # short names that coincide for different kernels: number them
@@ -405,6 +420,10 @@ def report(args, results: list[dict], notes: list[str]) -> None:
               + f"; kernel time sum {r['kernel_sum_ms']:.3f} ms, busy {busy:.3f} ms; span first kernel start to last "
               f"kernel end {span:.3f} ms: idle gaps {r['idle_ms']:.3f} ms ({100 * r['idle_ms'] / span if span else 0:.1f}%"
               f" of the span); memcpy/memset {r['other_calls']:g} per {u}, {r['other_ms']:.3f} ms")
+        gp = r.get("gaps")
+        if gp:
+            print("gaps before kernels: " + "; ".join(
+                f"{k.replace('_', ' ')} {v['count_per_unit']:g} kernels, {v['ms_per_unit']:.3f} ms" for k, v in gp.items()))
         m2m = r.get("marker_to_marker_ms")
         print(f"marker to marker (the whole {u} on the device clock, host included) "
               + (f"{m2m:.3f} ms" if m2m is not None else "n/a") + f"; host time of the call {r['host_ms']:.3f} ms")

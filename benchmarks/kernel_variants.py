@@ -3,13 +3,13 @@ the GPT-2 / Llama benchmarks run them (a kernel is changed in llmpy only after i
 
     python benchmarks/kernel_variants.py [--reps 30] [--json out.json]
 
-1. Classifier (softmax + cross-entropy + dlogits in place; kernels/classifier.cu, two passes over each row, the
-   second hoping for L2; as run 1 of 2026-11-30 timed it, 40 registers: one block of 1024 threads an SM. It has
-   since taken cls_2pass's launch bounds, so "shipped" and cls_2pass now time the same code). Candidates:
-   `cls_regs` (each thread keeps its packs of the row in registers: one read of the row, one block of 1024 threads
-   per SM), `cls_smem` (the row staged in shared memory, 100 KB: one read of the row, two blocks per SM) and
-   `cls_2pass` (the two passes held to 32 registers: two blocks per SM). All must give the shipped losses and
-   dlogits bit for bit.
+1. Classifier (softmax + cross-entropy + dlogits in place; kernels/classifier.cu: two passes over each row, the
+   second hoping for L2) at the d12 and Llama 3 LM head chunks (8192 rows of 50304 and of 128256 columns), with
+   blocks of 1024, 512 and 256 threads (a row a block either way). Candidates: `cls_batched<P>` (P packs a thread
+   loaded before any is used; the same bits as the shipped kernel at the same block size) and a probe with pass 2's
+   exponentials in half precision (whether the special-function units bound it). Earlier candidates, all measured
+   no faster (NOTES.md, rounds 4 and 7): the row kept in registers, staged in shared memory with plain loads, and
+   staged with cp.async over a cluster of blocks.
 2. AdamW, bf16 weights and moments (shipped: kernels/adamw.cu). Not candidates but bounds: `adamw_traffic` moves
    the same bytes with almost no arithmetic (the HBM floor); `adamw_cheaphash` is the shipped kernel with its
    hash replaced by one multiply (how much of its time the instruction count costs); `adamw_lb6` is the
@@ -46,6 +46,7 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 VARIANTS_SRC = r"""
+#include <cuda_fp16.h>
 // (MaxSum, combine and block_maxsum come from kernels/classifier.cu, compiled into the same module)
 // the shipped pass-1 step for one pack (same arithmetic, so the same bits)
 template <class T>
@@ -88,29 +89,38 @@ __device__ __forceinline__ Pack<T> cls_grad(const Pack<T>& p, int i, int V, int 
     }
     return o;
 }
-// P packs a thread in registers (Vp <= blockDim * N * P)
+// the shipped two passes with P packs a thread loaded before any is used (P loads in flight instead of one); each
+// thread visits the shipped kernel's packs in the same order: the same bits at the same block size
 template <class T, int P>
-__global__ void __launch_bounds__(1024, 1) cls_regs(T* logits, float* losses, const int* targets, float dloss, int V, int Vp) {
+__global__ void __launch_bounds__(1024) cls_batched(T* logits, float* losses, const int* targets, float dloss, int V, int Vp) {
     constexpr int N = Pack<T>::N;
     T* x = logits + (long long)blockIdx.x * Vp;
-    Pack<T> q[P];
-#pragma unroll
-    for (int j = 0; j < P; j++) { const int i = (threadIdx.x + j * blockDim.x) * N; if (i < Vp) q[j] = load16(x + i); }
+    const int stride = blockDim.x * N;
     MaxSum acc = {-INFINITY, 0.0f};
+    for (int i0 = threadIdx.x * N; i0 < V; i0 += P * stride) {
+        Pack<T> q[P];
 #pragma unroll
-    for (int j = 0; j < P; j++) { const int i = (threadIdx.x + j * blockDim.x) * N; if (i < V) cls_step(acc, q[j], i, V); }
+        for (int j = 0; j < P; j++) if (i0 + j * stride < V) q[j] = load16(x + i0 + j * stride);
+#pragma unroll
+        for (int j = 0; j < P; j++) if (i0 + j * stride < V) cls_step(acc, q[j], i0 + j * stride, V);
+    }
     int tgt;
     float inv;
     acc = cls_loss(acc, x, targets, losses, tgt, inv);
+    for (int i0 = threadIdx.x * N; i0 < Vp; i0 += P * stride) {
+        Pack<T> q[P];
 #pragma unroll
-    for (int j = 0; j < P; j++) {
-        const int i = (threadIdx.x + j * blockDim.x) * N;
-        if (i < Vp) store16(x + i, cls_grad(q[j], i, V, tgt, acc.m, inv, dloss));
+        for (int j = 0; j < P; j++) if (i0 + j * stride < Vp) q[j] = load16(x + i0 + j * stride);
+#pragma unroll
+        for (int j = 0; j < P; j++)
+            if (i0 + j * stride < Vp) store16(x + i0 + j * stride, cls_grad(q[j], i0 + j * stride, V, tgt, acc.m, inv, dloss));
     }
 }
-// the shipped two passes, held to 32 registers so that two blocks of 1024 threads share an SM (shipped: 40)
+// a probe, not a candidate: the shipped kernel with pass 2's exponentials two at a time in half precision
+// (ex2.approx.f16x2: half the special-function work of that pass, less exact); if it is no faster, the
+// special-function units do not bound the kernel
 template <class T>
-__global__ void __launch_bounds__(1024, 2) cls_2pass(T* logits, float* losses, const int* targets, float dloss, int V, int Vp) {
+__global__ void __launch_bounds__(1024, 2) cls_probe_f16exp(T* logits, float* losses, const int* targets, float dloss, int V, int Vp) {
     constexpr int N = Pack<T>::N;
     T* x = logits + (long long)blockIdx.x * Vp;
     MaxSum acc = {-INFINITY, 0.0f};
@@ -118,28 +128,23 @@ __global__ void __launch_bounds__(1024, 2) cls_2pass(T* logits, float* losses, c
     int tgt;
     float inv;
     acc = cls_loss(acc, x, targets, losses, tgt, inv);
-    for (int i = threadIdx.x * N; i < Vp; i += blockDim.x * N) store16(x + i, cls_grad(load16(x + i), i, V, tgt, acc.m, inv, dloss));
-}
-// the row staged in shared memory (Vp * sizeof(T) bytes of dynamic shared memory)
-template <class T>
-__global__ void __launch_bounds__(1024, 2) cls_smem(T* logits, float* losses, const int* targets, float dloss, int V, int Vp) {
-    constexpr int N = Pack<T>::N;
-    extern __shared__ __align__(16) unsigned char row_sh[];
-    T* sh = reinterpret_cast<T*>(row_sh);
-    T* x = logits + (long long)blockIdx.x * Vp;
-    MaxSum acc = {-INFINITY, 0.0f};
     for (int i = threadIdx.x * N; i < Vp; i += blockDim.x * N) {
-        const Pack<T> p = load16(x + i);
-        *reinterpret_cast<Pack<T>*>(sh + i) = p;
-        if (i < V) cls_step(acc, p, i, V);
+        Pack<T> p = load16(x + i), o;
+#pragma unroll
+        for (int k = 0; k < N; k += 2) {
+            __half2 h = __floats2half2_rn((to_f(p.v[k]) - acc.m) * 1.4426950f, (to_f(p.v[k + 1]) - acc.m) * 1.4426950f);
+            unsigned u = *reinterpret_cast<unsigned*>(&h), e;
+            asm("ex2.approx.f16x2 %0, %1;" : "=r"(e) : "r"(u));
+            const float2 f = __half22float2(*reinterpret_cast<__half2*>(&e));
+            const float ek[2] = {f.x, f.y};
+#pragma unroll
+            for (int h2 = 0; h2 < 2; h2++) {
+                const int v = i + k + h2;
+                o.v[k + h2] = from_f<T>(v < V ? (ek[h2] * inv - (v == tgt ? 1.0f : 0.0f)) * dloss : 0.0f);
+            }
+        }
+        store16(x + i, o);
     }
-    acc = block_maxsum(acc);
-    const int tgt = targets[blockIdx.x];
-    const float xt = to_f(sh[tgt]);
-    if (threadIdx.x == 0) losses[blockIdx.x] = acc.m + logf(acc.s) - xt;
-    const float inv = 1.0f / acc.s;
-    for (int i = threadIdx.x * N; i < Vp; i += blockDim.x * N)
-        store16(x + i, cls_grad(*reinterpret_cast<const Pack<T>*>(sh + i), i, V, tgt, acc.m, inv, dloss));
 }
 // AdamW's bytes (bf16 p, g, m, v read; p, m, v written) with next to no arithmetic: the HBM floor
 __global__ void adamw_traffic(__nv_bfloat16* p, const __nv_bfloat16* g, __nv_bfloat16* m, __nv_bfloat16* v, long long n) {
@@ -196,7 +201,7 @@ def main(argv=None) -> int:
     cheap = "__device__ __forceinline__ unsigned int cheap_u32(unsigned int x) { return x * 0x9e3779b1u; }\n" + cheap
     classifier_src = (KERNELS / "classifier.cu").read_text().replace('#include "common.cuh"', "")
     bf = "__nv_bfloat16"
-    exprs = [f"cls_regs<{bf}, 7>", f"cls_smem<{bf}>", f"cls_2pass<{bf}>", "adamw_traffic", f"adamw_cheaphash<{bf}>"]
+    exprs = [f"cls_batched<{bf}, 2>", f"cls_batched<{bf}, 4>", f"cls_probe_f16exp<{bf}>", "adamw_traffic", f"adamw_cheaphash<{bf}>"]
     cc = cp.cuda.Device().compute_capability
     mod = cp.RawModule(code=common + classifier_src + VARIANTS_SRC + cheap, options=("-std=c++17", f"-arch=sm_{cc}"),
                        name_expressions=exprs)
@@ -214,34 +219,36 @@ def main(argv=None) -> int:
         res["rows"].append(r)
         print(f"{group:10s} {name:34s} {ms:8.4f} ms {r['GB/s']:8.1f} GB/s {kw if kw else ''}", flush=True)
 
-    # 1. classifier: one chunk of the d12 LM head (8192 rows of the padded GPT-2 vocabulary)
+    # 1. classifier: one chunk of the d12 LM head (8192 rows of the padded GPT-2 vocabulary) and of Llama 3's
     k_cls = module("classifier", "bf16")
-    for rows, V, Vp in ((8192, 50257, 50304),) if "classifier" in groups else ():
+    for rows, V, Vp in ((8192, 50257, 50304), (8192, 128256, 128256)) if "classifier" in groups else ():
         src = cp.asarray(rng.standard_normal((rows, Vp), dtype=np.float32) * 3).astype(T)
         tg = cp.asarray(rng.integers(0, V, rows).astype(np.int32))
         buf, losses = cp.empty_like(src), cp.empty(rows, np.float32)
         dl = np.float32(1.0 / rows)
         args_k = lambda: (buf, losses, tg, dl, np.int32(V), np.int32(Vp))  # noqa: E731
         nbytes = 2 * rows * Vp * 2
-
-        def ref():
+        for threads in (1024, 512, 256):
+            def shipped(threads=threads):
+                k_cls.fused_classifier((rows,), (threads,), args_k() + (np.int32(1),))
             buf[...] = src
-            k_cls.fused_classifier((rows,), (1024,), args_k() + (np.int32(1),))
-            return cp.asnumpy(buf).view(np.uint16), cp.asnumpy(losses)
-        want = ref()
-        # the dlogits overwrite the logits: every timed launch reads what the last one wrote (same bytes moved)
-        row("classifier", "shipped fused_classifier", timed(cp, lambda: k_cls.fused_classifier(
-            (rows,), (1024,), args_k() + (np.int32(1),)), args.reps), nbytes, rows=rows, Vp=Vp)
-        fs = fn[f"cls_smem<{bf}>"]
-        fs.max_dynamic_shared_size_bytes = Vp * 2
-        for name, launch in ((f"cls_regs<{bf}, 7>", lambda: fn[f"cls_regs<{bf}, 7>"]((rows,), (1024,), args_k())),
-                             (f"cls_2pass<{bf}>", lambda: fn[f"cls_2pass<{bf}>"]((rows,), (1024,), args_k())),
-                             (f"cls_smem<{bf}>", lambda: fs((rows,), (1024,), args_k(), shared_mem=Vp * 2))):
-            buf[...] = src
-            launch()
-            same = bool(np.array_equal(cp.asnumpy(buf).view(np.uint16), want[0])
-                        and np.array_equal(cp.asnumpy(losses), want[1]))
-            row("classifier", name, timed(cp, launch, args.reps), nbytes, rows=rows, Vp=Vp, bitwise_same=same)
+            shipped()
+            want = cp.asnumpy(buf).view(np.uint16), cp.asnumpy(losses)
+            # the dlogits overwrite the logits: every timed launch reads what the last one wrote (same bytes moved)
+            row("classifier", f"shipped fused_classifier, {threads} threads", timed(cp, shipped, args.reps), nbytes,
+                rows=rows, Vp=Vp)
+            cands = [(f"cls_batched<{P}>, {threads} threads",
+                      lambda P=P, threads=threads: fn[f"cls_batched<{bf}, {P}>"]((rows,), (threads,), args_k()))
+                     for P in (2, 4)]
+            if threads == 1024:
+                cands.append(("probe: pass 2's exps in f16x2", lambda: fn[f"cls_probe_f16exp<{bf}>"](
+                    (rows,), (1024,), args_k())))
+            for name, launch in cands:
+                buf[...] = src
+                launch()
+                same = bool(np.array_equal(cp.asnumpy(buf).view(np.uint16), want[0])
+                            and np.array_equal(cp.asnumpy(losses), want[1]))
+                row("classifier", name, timed(cp, launch, args.reps), nbytes, rows=rows, Vp=Vp, bitwise_same=same)
 
     # 2. AdamW: a d48 layer's weights (12 * 1600^2 elements), bf16 weights and moments, no master copy
     k_adam = module("adamw", "bf16")
