@@ -50,8 +50,8 @@ def memsets_to_kernels(graph: int, func: int, max_bytes: int = MAX_BYTES) -> int
         kp.sharedMemBytes = 0
         kp.kernelParams = ctypes.addressof(ptrs)  # the driver copies the values now
         k = _ok(cu.cuGraphAddKernelNode(g, deps, len(deps), kp))
-        if outs:  # before the memset node goes: the graph stays correct if a call fails midway
-            _ok(cu.cuGraphAddDependencies(g, [k] * len(outs), outs, None, len(outs)))
         _ok(cu.cuGraphDestroyNode(node))  # and its edges
+        if outs:
+            _ok(cu.cuGraphAddDependencies(g, [k] * len(outs), outs, None, len(outs)))
         replaced += 1
     return replaced
