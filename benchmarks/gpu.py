@@ -46,8 +46,7 @@ def main(argv=None):
     ap.add_argument("--fast-attention", action="store_true", help="llmpy: cuDNN's non-deterministic attention backward")
     ap.add_argument("--tune-gemm", action="store_true", help="llmpy: time cuBLASLt's top algorithms per shape")
     ap.add_argument("--sides", default="llmpy,torch", help="comma-separated: llmpy, llmpy+tune (llmpy with "
-                    "--tune-gemm), torch; each runs in its own process; an llmpy side with the suffix "
-                    ":keep-memsets leaves cuBLASLt's memset nodes in the captured graph")
+                    "--tune-gemm), torch; each runs in its own process")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -135,7 +134,7 @@ def measure(args) -> dict:
     rng = np.random.default_rng(0)
     data = [rng.integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32) for _ in range(8)]
     times, extra = [], {}
-    if args.side.startswith("llmpy"):
+    if args.side in ("llmpy", "llmpy+tune"):
         import cupy
 
         from llmpy.backends import get_backend
@@ -144,9 +143,7 @@ def measure(args) -> dict:
         from llmpy.train.step import TrainStep
         be = get_backend("cuda", "bf16")
         be.fast_attention = args.fast_attention
-        be.gemm.tune = args.tune_gemm or args.side.startswith("llmpy+tune")
-        if args.side.endswith(":keep-memsets"):  # the captured graph keeps cuBLASLt's memset nodes (an A/B side)
-            be.graph_memsets = "keep"
+        be.gemm.tune = args.tune_gemm or args.side == "llmpy+tune"
         model = family_of(cfg).model(cfg, be, B, T, recompute=args.recompute, recompute_keep=args.recompute_keep,
                                      master_weights=not args.no_master_weights)
         model.init_weights(0)
@@ -170,7 +167,6 @@ def measure(args) -> dict:
             prev = h
         pool = cupy.get_default_memory_pool()
         peak = pool.total_bytes() / 2**30
-        extra["memsets_replaced"] = be.memsets_replaced
         if be.gemm.tune:
             print(be.gemm.tuning_summary(), file=sys.stderr)
             extra["tuned"] = [{"shape": k, "candidates": n, "index": i, "first_ms": round(t0, 4),

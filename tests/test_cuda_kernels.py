@@ -242,44 +242,6 @@ def test_swiglu(be):
         be.swiglu_forward(poison(be, (4, 6)), dev(be, np.ones((4, 12))))
 
 
-def test_captured_small_memsets_become_kernel_nodes(be):
-    """capture turns memset nodes of at most 256 bytes into kernel nodes doing the same stores (graphs.py); a
-    larger memset stays a memset node; the replay writes exactly what eager execution writes, in order."""
-    rt, sp = be.cp.cuda.runtime, be.stream.ptr
-    x = be.xp.zeros(4096, np.uint8)
-
-    def f():
-        rt.memsetAsync(x.data.ptr, 7, 4, sp)
-        rt.memsetAsync(x.data.ptr + 64, 9, 256, sp)
-        rt.memsetAsync(x.data.ptr + 1024, 5, 1000, sp)
-        rt.memsetAsync(x.data.ptr + 2, 3, 1, sp)  # after the first: overwrites one of its bytes
-    n0 = be.memsets_replaced
-    run = be.capture(f)
-    assert be.memsets_replaced - n0 == 3
-    run()
-    be.synchronize()
-    want = np.zeros(4096, np.uint8)
-    want[:4], want[64:320], want[1024:2024], want[2] = 7, 9, 5, 3
-    assert np.array_equal(be.to_numpy(x), want)
-
-
-def test_captured_product_replays_the_eager_bits(be):
-    """A product large enough for cuBLASLt's cooperative kernels (bf16: a 4-byte memset node before each) gives
-    the same bits replayed from a graph, its memsets turned into kernels, as eagerly."""
-    r = rng()
-    M, K, OC = 4096, 1024, 2048
-    x, w, b = (dev(be, r.standard_normal(s) * 0.5) for s in ((M, K), (OC, K), (OC,)))
-    eager, graphed = poison(be, (M, OC)), poison(be, (M, OC))
-    be.matmul_forward(eager, x, w, b)
-    n0 = be.memsets_replaced
-    run = be.capture(lambda: be.matmul_forward(graphed, x, w, b))
-    if be.dtype_name == "bf16":
-        assert be.memsets_replaced > n0, "expected cuBLASLt's memset before a cooperative bf16 product"
-    run()
-    be.synchronize()
-    assert np.array_equal(be.to_numpy(eager).view(np.uint8), be.to_numpy(graphed).view(np.uint8))
-
-
 @pytest.mark.parametrize("gelu", [False, True])
 def test_matmul(be, gelu):
     r = rng()

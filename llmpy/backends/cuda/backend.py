@@ -538,55 +538,19 @@ class CUDABackend(FreshGrads):
                                          norm, np.float32(weight_decay), np.int64(offset), np.int32(vec)))
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------------
-    graph_memsets = "kernel"  # "keep": leave captured memset nodes as they are (graphs.py says why not)
-    memsets_replaced = 0      # small memset nodes turned into kernel nodes so far (all captures)
-
     def capture(self, fn):
-        """Records fn's launches into a CUDA graph (nothing runs now); returns a function that replays it. Before
-        the graph is instantiated its small memset nodes (cuBLASLt's) become kernel nodes (graphs.py)."""
-        rt, s = self.cp.cuda.runtime, self.stream
+        """Records fn's launches into a CUDA graph (nothing runs now); returns a function that replays it."""
+        s = self.stream
         self.capturing = True
         try:
             s.begin_capture()
             try:
                 fn()
             finally:
-                graph = rt.streamEndCapture(s.ptr)
+                graph = s.end_capture()
         finally:
             self.capturing = False
-        try:
-            if self.graph_memsets == "kernel":
-                self.memsets_replaced += self._memsets_to_kernels(graph)
-            exe = _GraphExec(rt, rt.graphInstantiate(graph))
-        finally:
-            rt.graphDestroy(graph)
-        return lambda: exe.launch(s.ptr)
-
-    def _memsets_to_kernels(self, graph) -> int:
-        try:
-            from .graphs import memsets_to_kernels
-            return memsets_to_kernels(graph, self.k["cast"].graph_memset.ptr)
-        except ImportError:  # no cuda-bindings: the graph keeps its memset nodes (correct, a little slower)
-            if not getattr(CUDABackend, "_warned_bindings", False):
-                CUDABackend._warned_bindings = True
-                print("note: cuda-bindings is not installed; captured graphs keep cuBLASLt's memset nodes",
-                      file=sys.stderr)
-            return 0
-
-
-class _GraphExec:
-    """An instantiated CUDA graph (cudaGraphExec_t), destroyed with this object."""
-    def __init__(self, rt, exe):
-        self.rt, self.exe = rt, exe
-
-    def launch(self, stream_ptr):
-        self.rt.graphLaunch(self.exe, stream_ptr)
-
-    def __del__(self):
-        try:
-            self.rt.graphExecDestroy(self.exe)
-        except Exception:  # interpreter shutdown: the context may be gone already
-            pass
+        return lambda: graph.launch(stream=s)
 
 
 class _Slot:
