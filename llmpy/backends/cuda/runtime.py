@@ -8,7 +8,6 @@ architecture.
 from __future__ import annotations
 
 import functools
-import os
 import re
 from pathlib import Path
 
@@ -69,17 +68,10 @@ def module(name: str, dtype: str):
     return _Kernels(mod, dtype, templated, plain)
 
 
-# Our kernels ask for the largest shared-memory carveout (percent of the SM's 256 KB L1/shared array; a hint): the
-# cuBLASLt and cuDNN kernels between them run with nearly all of it as shared memory, and an SM whose split must
-# change between two kernels drains first. LLMPY_SMEM_CARVEOUT=default leaves the driver's choice (an A/B switch).
 class _Kernels:
     def __init__(self, mod, dtype, templated, plain):
         self._fns = {k: mod.get_function(f"{k}<{CTYPE[dtype]}>") for k in templated}
         self._fns.update({k: mod.get_function(k) for k in plain})
-        carveout = os.environ.get("LLMPY_SMEM_CARVEOUT", "100")
-        if carveout != "default":
-            for f in self._fns.values():
-                f.preferred_shared_memory_carveout = int(carveout)
 
     def __getattr__(self, name):
         try:
