@@ -165,19 +165,27 @@ def aggregate(events: list[dict], units: int, width: int) -> dict:
     res["idle_ms"] = max(span - res["kernel_busy_ms"], 0.0)
     # the idle time before each kernel (since the latest end of any earlier kernel), split by whether a memset ran
     # in between (cuBLASLt's 4-byte flag before each of its cooperative nvjet products)
+    # and by the pair (the kernel that ended last before it, the kernel): which transitions leave the GPU idle
     gaps = {"after_memset": [0, 0.0], "other": [0, 0.0]}
+    pairs = defaultdict(lambda: [0, 0.0])
     for u in per_unit:
-        prev_end, memset = None, False
+        prev_end, prev_name, memset = None, None, False
         for e in sorted(u, key=lambda e: e["start"]):
             if e["kind"] == "memset":
                 memset = True
             elif e["kind"] == "kernel":
+                name = short_name(e["name"], 40)
                 if prev_end is not None:
-                    g = gaps["after_memset" if memset else "other"]
-                    g[0] += 1
-                    g[1] += max(0.0, e["start"] - prev_end)
-                prev_end, memset = max(prev_end or e["end"], e["end"]), False
+                    g = max(0.0, e["start"] - prev_end)
+                    for acc in (gaps["after_memset" if memset else "other"], pairs[(prev_name, name)]):
+                        acc[0] += 1
+                        acc[1] += g
+                if prev_end is None or e["end"] >= prev_end:
+                    prev_end, prev_name = e["end"], name
+                memset = False
     res["gaps"] = {k: {"count_per_unit": c / n, "ms_per_unit": us / 1e3 / n} for k, (c, us) in gaps.items()}
+    res["gap_pairs"] = [{"before": a, "kernel": b, "count_per_unit": c / n, "ms_per_unit": us / 1e3 / n}
+                        for (a, b), (c, us) in sorted(pairs.items(), key=lambda kv: -kv[1][1])[:12]]
     if note:
         res["note"] = note
     # short names that coincide for different kernels: number them
@@ -424,6 +432,10 @@ def report(args, results: list[dict], notes: list[str]) -> None:
         if gp:
             print("gaps before kernels: " + "; ".join(
                 f"{k.replace('_', ' ')} {v['count_per_unit']:g} kernels, {v['ms_per_unit']:.3f} ms" for k, v in gp.items()))
+            print("largest idle transitions (the kernel that ended last -> the next kernel: count, ms per "
+                  f"{u}, mean us): " + "; ".join(
+                      f"{x['before']} -> {x['kernel']}: {x['count_per_unit']:g}, {x['ms_per_unit']:.3f}, "
+                      f"{1e3 * x['ms_per_unit'] / x['count_per_unit']:.1f}" for x in r.get("gap_pairs", [])[:8]))
         m2m = r.get("marker_to_marker_ms")
         print(f"marker to marker (the whole {u} on the device clock, host included) "
               + (f"{m2m:.3f} ms" if m2m is not None else "n/a") + f"; host time of the call {r['host_ms']:.3f} ms")

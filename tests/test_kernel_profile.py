@@ -25,3 +25,14 @@ def test_gaps_count_from_the_latest_end_of_overlapping_kernels():
               ev("kernel", "c", 33, 40), ev("kernel", MARKER, 50, 51)]
     r = aggregate(events, 1, 60)
     assert abs(r["gaps"]["other"]["ms_per_unit"] - 0.003) < 1e-12
+
+
+def test_gap_pairs_name_the_idle_transitions():
+    # x -> y twice with 3 µs each, y -> x once with 1 µs
+    events = [ev("kernel", MARKER, -2, -1), ev("kernel", "x", 0, 5), ev("kernel", "y", 8, 10),
+              ev("kernel", "x", 11, 15), ev("kernel", "y", 18, 20), ev("kernel", MARKER, 30, 31)]
+    r = aggregate(events, 1, 60)
+    top = r["gap_pairs"][0]
+    assert (top["before"], top["kernel"], top["count_per_unit"]) == ("x", "y", 2)
+    assert abs(top["ms_per_unit"] - 0.006) < 1e-12
+    assert (r["gap_pairs"][1]["before"], r["gap_pairs"][1]["kernel"]) == ("y", "x")
