@@ -16,7 +16,9 @@
 # LEAN="--no-master-weights --moments bf16" is the optimizer the d48 and Llama figures use (override with env LEAN);
 # recompute: R12 (default 0), R48 (1), RL (0), with --recompute-keep K12, K48, KL (0); LEAN12 the d12 optimizer flags (default LEAN);
 # SIDES=llmpy skips the PyTorch side of the benchmarks (SIDES=llmpy,llmpy+tune,torch adds a --tune-gemm side);
-# VONLY="gelu swiglu" limits the variants stage to those groups; TUNE=--tune-gemm profiles with tuned products; TRACE=1 keeps prof_d48's chrome trace. Results: $OUT/summary.txt and $OUT/round2.tgz (the rest).
+# VONLY="gelu swiglu" limits the variants stage to those groups; TUNE=--tune-gemm profiles with tuned products; TRACE=1 keeps prof_d48's chrome trace. Results: $OUT/summary.txt and $OUT/round2.tgz (the rest,
+# with smi.csv: nvidia-smi's SM clock and power every 500 ms; summary.txt ends with their medians per stage and
+# benchmark side).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 LLMPY_CACHE=/tmp/llmpy-cache
@@ -25,8 +27,14 @@ LEAN=${LEAN:---no-master-weights --moments bf16}
 R48=${R48:-1}; RL=${RL:-0}; R12=${R12:-0}; LEAN12=${LEAN12-$LEAN}
 K12=${K12:-0}; K48=${K48:-0}; KL=${KL:-0}  # --recompute-keep (the first N layers keep their activations)
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee -a "$OUT/summary.txt"
+# power and clocks every 500 ms through every stage (is a step power-bound?); stages.txt says when each ran
+nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu,utilization.gpu \
+  --format=csv,noheader -lms 500 > "$OUT/smi.csv" 2>&1 &
+SMI_PID=$!
+export LLMPY_STAGES_FILE="$OUT/stages.txt"  # benchmarks/gpu.py adds its sides' start and end
 for st in "$@"; do
   t0=$SECONDS
+  echo "$(date +%H:%M:%S) start $st" >> "$OUT/stages.txt"
   case $st in
     tests)
       timeout 420 python3 -m pytest -q -rfEs -m gpu tests/test_cuda_kernels.py tests/test_cuda_model.py \
@@ -100,6 +108,31 @@ for st in "$@"; do
     *) echo "unknown stage $st" ;;
   esac
   echo "[$st: $((SECONDS - t0)) s]" | tee -a "$OUT/summary.txt"
+  echo "$(date +%H:%M:%S) end $st" >> "$OUT/stages.txt"
 done
+kill $SMI_PID 2>/dev/null
+# the SM clock and power each stage ran at (medians of the samples with the GPU busy)
+python3 - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
+import csv, statistics, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+try:
+    rows = [r for r in csv.reader(open(out / "smi.csv")) if len(r) >= 8]
+    stages = [l.split() for l in open(out / "stages.txt")]
+except OSError:
+    sys.exit()
+starts, spans = {}, []  # "HH:MM:SS start|end NAME" lines, stages and (from gpu.py) benchmark sides
+for t, what, name in (l for l in stages if len(l) == 3):
+    if what == "start":
+        starts[name] = t
+    elif name in starts:
+        spans.append((starts.pop(name), t, name))
+for t0, t1, name in spans:
+    sel = [r for r in rows if t0 <= r[0].split()[-1][:8] <= t1 and r[1].strip() == "0" and int(r[7].split()[0]) > 50]
+    if sel:
+        mhz = statistics.median(float(r[2].split()[0]) for r in sel)
+        w = statistics.median(float(r[4].split()[0]) for r in sel)
+        print(f"[{name}: GPU 0 busy samples {len(sel)}, median SM clock {mhz:.0f} MHz, power {w:.0f} W of {rows[0][5].strip()}]")
+PY
 # the device tool brings back only a few files: everything in one archive besides the summary
 tar czf /tmp/round2.tgz -C "$OUT" --exclude=summary.txt . && find "$OUT" -type f ! -name summary.txt -delete && mv /tmp/round2.tgz "$OUT/"
