@@ -54,17 +54,12 @@ def main(argv=None):
         print("RESULT " + json.dumps(measure(args)), flush=True)
         return
     res = {}
-    stages = os.environ.get("LLMPY_STAGES_FILE")  # "HH:MM:SS start|end NAME" lines (scripts/device_round2.sh)
     for side in args.sides.split(","):
         cmd = [sys.executable, __file__, "--side", side] + _without_sides(argv or sys.argv[1:])
-        if stages:
-            with open(stages, "a") as f:
-                f.write(f"{time.strftime('%H:%M:%S')} start {args.model}:{side}\n")
+        _mark("start", f"{args.model}:{side}")
         p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(ROOT)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])))
-        if stages:
-            with open(stages, "a") as f:
-                f.write(f"{time.strftime('%H:%M:%S')} end {args.model}:{side}\n")
+        _mark("end", f"{args.model}:{side}")
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
         if p.returncode or not line:
             print(f"{side} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}", file=sys.stderr)
@@ -76,6 +71,15 @@ def main(argv=None):
     report(args, res)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": res}, indent=1))
+
+
+def _mark(what: str, name: str) -> None:
+    """Appends "HH:MM:SS start|end NAME" to $LLMPY_STAGES_FILE if set (scripts/device_round2.sh matches them with
+    nvidia-smi's power and clock samples)."""
+    path = os.environ.get("LLMPY_STAGES_FILE")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {what} {name}\n")
 
 
 def _without_sides(argv: list[str]) -> list[str]:

@@ -127,11 +127,16 @@ for t, what, name in (l for l in stages if len(l) == 3):
         starts[name] = t
     elif name in starts:
         spans.append((starts.pop(name), t, name))
+def sample(r):  # (time, GPU index, SM MHz, watts, utilization %) or None where a field is not a number
+    try:
+        return r[0].split()[-1][:8], r[1].strip(), float(r[2].split()[0]), float(r[4].split()[0]), float(r[7].split()[0])
+    except (ValueError, IndexError):
+        return None
+samples = [x for x in map(sample, rows) if x]
 for t0, t1, name in spans:
-    sel = [r for r in rows if t0 <= r[0].split()[-1][:8] <= t1 and r[1].strip() == "0" and int(r[7].split()[0]) > 50]
+    sel = [x for x in samples if t0 <= x[0] <= t1 and x[1] == "0" and x[4] > 50]
     if sel:
-        mhz = statistics.median(float(r[2].split()[0]) for r in sel)
-        w = statistics.median(float(r[4].split()[0]) for r in sel)
+        mhz, w = statistics.median(x[2] for x in sel), statistics.median(x[3] for x in sel)
         print(f"[{name}: GPU 0 busy samples {len(sel)}, median SM clock {mhz:.0f} MHz, power {w:.0f} W of {rows[0][5].strip()}]")
 PY
 # the device tool brings back only a few files: everything in one archive besides the summary
