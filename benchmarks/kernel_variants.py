@@ -25,6 +25,13 @@ the GPT-2 / Llama benchmarks run them (a kernel is changed in llmpy only after i
 
     python benchmarks/kernel_variants.py --only norms --baseline build/kernel_baseline
 
+5. LayerNorm's backward in one pass (`norm_fused`: layernorm_backward_onepass and its finalize kernels) against
+   the separate kernels (the dinp kernel, the parameter sums' partials and finalize, and the bias-gradient column
+   sums of the updated dinp), through the backend's own calls, each sequence replayed from a CUDA graph (several
+   launches a sequence: host time must not count), at d12's and d48's rows; outputs against the separate kernels'
+   (other orders of sums: within bf16 rounding). (Measured once and dropped, 2026-11-30: the same one pass for
+   Llama 1B's RMSNorm, 0.1063 vs 0.1033 ms, and with four rows a thread, slower everywhere: NOTES.md round 8.)
+
 Times: CUDA events around `reps` back-to-back launches, after a warm-up, median of 5 such groups; GB/s counts the
 bytes each must move at least (reads + writes).
 """
@@ -183,11 +190,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", choices=("classifier", "adamw", "gelu", "swiglu", "norms"), action="append",
+    ap.add_argument("--only", choices=("classifier", "adamw", "gelu", "swiglu", "norms", "norm_fused"),
+                    action="append",
                     help="run only these groups (repeatable; default all, norms only with --baseline)")
     ap.add_argument("--baseline", help="a folder with layernorm.cu and rmsnorm.cu of another version (group 4)")
     args = ap.parse_args(argv)
-    groups = set(args.only or ("classifier", "adamw", "gelu", "swiglu", "norms"))
+    groups = set(args.only or ("classifier", "adamw", "gelu", "swiglu", "norms", "norm_fused"))
     from llmpy.backends.cuda.backend import CUDABackend
     from llmpy.backends.cuda.runtime import KERNELS, module
     import cupy as cp
@@ -280,9 +288,68 @@ def main(argv=None) -> int:
     # 4. the norms' row kernels against a baseline version of them
     if "norms" in groups and args.baseline:
         norm_rows(row, timed, cp, rng, T, common, cc, Path(args.baseline), args)
+    if "norm_fused" in groups:
+        norm_fused_rows(row, cp, be, rng, args)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0
+
+
+def graph_timed(cp, be, launch, reps):
+    """timed(), but the reps launches replayed from one CUDA graph (captured on the backend's stream)."""
+    replay = be.capture(lambda: [launch() for _ in range(reps)])
+    replay()
+    cp.cuda.Device().synchronize()
+    a, b = cp.cuda.Event(), cp.cuda.Event()
+    out = []
+    for _ in range(5):
+        a.record(be.stream)
+        replay()
+        b.record(be.stream)
+        b.synchronize()
+        out.append(cp.cuda.get_elapsed_time(a, b) / reps)
+    return statistics.median(out)
+
+
+def norm_fused_rows(row, cp, be, rng, args):
+    from llmpy.backends.ops import OpShapes
+    T = be.act_dtype
+    plan = be._ln_onepass
+    for rows, C in ((65536, 768), (8192, 1600)):
+        be.plan_workspace(OpShapes(B=rows // 1024, T=1024, channels=C, heads=0, kv_heads=0, head_size=0, vocab=8,
+                                   logits=128, linears=((C, C),), bias_widths=(3 * C, C, 4 * C)))
+
+        def arr(*shape, scale=1.0):
+            return cp.asarray(rng.standard_normal(shape, dtype=np.float32) * scale).astype(T)
+        x, dout, d0, w, lin = arr(rows, C), arr(rows, C), arr(rows, C), arr(C), arr(C, C, scale=0.02)
+        mean = cp.asarray(rng.standard_normal(rows, dtype=np.float32) * 0.1)
+        rstd = cp.asarray(rng.random(rows, dtype=np.float32) + 0.5)
+        dinp, dw, db, bias = cp.empty_like(d0), arr(C), arr(C), arr(C)
+
+        def separate():
+            be._ln_onepass = lambda *a: None
+            try:
+                be.layernorm_backward(dinp, dw, db, dout, x, w, mean, rstd)
+                be._colsum_add(bias, dinp, rows, C)
+            finally:
+                del be._ln_onepass
+
+        def onepass():
+            sums = be.layernorm_backward(dinp, dw, db, dout, x, w, mean, rstd, dinp_sums=True)
+            be.matmul_backward(None, None, bias, dinp, None, lin, db_sums=sums)
+        cands = (("separate kernels", separate), ("one pass", onepass))
+        outs = []
+        for name, fn in cands:
+            dinp[...], dw[...], db[...], bias[...] = d0, 0, 0, 0
+            fn()
+            cp.cuda.Device().synchronize()
+            outs.append([cp.asnumpy(a).astype(np.float32) for a in (dinp, dw, db, bias)])
+        nb = 4 * rows * C * 2  # x, dout, dinp read, dinp written: what one pass must move
+        for (name, fn), o in zip(cands, outs):
+            err = max(float(np.linalg.norm(u - v) / np.linalg.norm(u)) for u, v in zip(outs[0], o)
+                      if np.linalg.norm(u) > 0)
+            row("norm_fused", f"layernorm {name}", graph_timed(cp, be, fn, args.reps), nb, rows=rows, C=C,
+                rel_err_vs_separate=round(err, 6), plan=plan(rows, C, 2))
 
 
 def adamw_rows(row, timed, cp, k_adam, fn, grid, aargs, args, nbytes, n, pgmv, bf):

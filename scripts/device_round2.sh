@@ -13,6 +13,7 @@
 #   quality_d48_seed  the default optimizer at d48 with seed QSEED (7), llmpy only: the seed spread
 #   variants     candidate kernels against the shipped ones, in isolation (benchmarks/kernel_variants.py)
 #   gemm_search  cuBLASLt's enumerated algorithm configurations against its heuristic's (benchmarks/gemm_search.py)
+#   gemm_sustained  d48's products timed as the tuner does and back-to-back at the power limit (benchmarks/gemm_sustained.py)
 # LEAN="--no-master-weights --moments bf16" is the optimizer the d48 and Llama figures use (override with env LEAN);
 # recompute: R12 (default 0), R48 (1), RL (0), with --recompute-keep K12, K48, KL (0); LEAN12 the d12 optimizer flags (default LEAN);
 # SIDES=llmpy skips the PyTorch side of the benchmarks (SIDES=llmpy,llmpy+tune,torch adds a --tune-gemm side);
@@ -102,6 +103,9 @@ for st in "$@"; do
     gemm_search)  # cuBLASLt's enumerated algorithm configurations against its heuristic's (benchmarks/gemm_search.py)
       timeout 300 python3 benchmarks/gemm_search.py --json "$OUT/gemm_search.json" > "$OUT/gemm_search.log" 2>&1
       grep -E "^==|best enumerated|heuristic 0|enumerated" "$OUT/gemm_search.log" | tee -a "$OUT/summary.txt" ;;
+    gemm_sustained)  # d48's products: the tuner's burst timing vs back-to-back at the power limit (benchmarks/gemm_sustained.py)
+      timeout 300 python3 benchmarks/gemm_sustained.py --json "$OUT/gemm_sustained.json" > "$OUT/gemm_sustained.log" 2>&1
+      grep -vE "^    " "$OUT/gemm_sustained.log" | tail -20 | tee -a "$OUT/summary.txt" ;;
     att_plans)  # every cuDNN plan of the attention backward at the benchmark shapes (benchmarks/attention_plans.py)
       timeout 300 python3 benchmarks/attention_plans.py --json "$OUT/att_plans.json" > "$OUT/att_plans.log" 2>&1
       tail -40 "$OUT/att_plans.log" | tee -a "$OUT/summary.txt" ;;

@@ -187,6 +187,51 @@ def test_norm_row_kernels_batched_or_not_same_bits(be, C, monkeypatch):
         assert np.array_equal(a, b_)
 
 
+@pytest.mark.parametrize("B,T,C", [(5, 60, 320), (150, 60, 1600), (7, 10, 768)])
+def test_layernorm_backward_onepass_and_dinp_sums(be, B, T, C):
+    """LayerNorm's backward in one pass (common.cuh norm_backward_onepass; test_layernorm_and_fused_residual ran it
+    too) and the separate kernels (dinp kernel, then column sums) against NumPy. 320 channels: 40 packs a row, six
+    row groups a block; 9000 rows: blocks of 64 rows, the last block short; 768: d12's width. Besides dinp, dw, db:
+    the column sums of the updated dinp (dinp_sums) taken by matmul_backward's db_sums, as a first write and
+    accumulating, and a stale handle refused. The one pass twice: the same bits."""
+    r, N = rng(), B * T
+    x, dout, d0 = (rounded(be, r.standard_normal((N, C))) for _ in range(3))
+    w = rounded(be, 1 + 0.1 * r.standard_normal(C))
+    mean = be.asarray(0.1 * r.standard_normal(N), np.float32)
+    rstd = be.asarray(0.5 + r.random(N), np.float32)
+    be.plan_workspace(_shapes(B, T, C, C // 64, bias_widths=()))
+    lin = dev(be, 0.02 * r.standard_normal((C, C)))  # a product whose output gradient is the updated dinp
+    rd, rdw, rdb = d0.copy(), np.zeros(C), np.zeros(C)
+    Lr.layernorm_backward(rd, rdw, rdb, dout, x, w, host(be, mean), host(be, rstd))
+    runs = []
+    for onepass in (True, False, True):
+        if not onepass:
+            be._ln_onepass = lambda *a: None  # an instance attribute over the method: the separate kernels
+        assert (be._ln_onepass(N, C, 2) is not None) == onepass
+        dinp, dw, db = dev(be, d0), dev(be, np.zeros(C)), dev(be, np.zeros(C))
+        sums = be.layernorm_backward(dinp, dw, db, dev(be, dout), dev(be, x), dev(be, w), mean, rstd, dinp_sums=True)
+        bias = dev(be, np.full(C, 0.5))
+        be.matmul_backward(None, None, bias, dinp, None, lin, db_sums=sums)  # accumulates: bias += sums
+        fresh = poison(be, C)
+        be.fresh_grads(fresh)  # counts as zero: the first write overwrites it (the NaNs must go)
+        be.matmul_backward(None, None, fresh, dinp, None, lin, db_sums=sums)
+        be.fresh = []
+        check(be, dinp, rd)
+        check(be, dw, rdw)
+        check(be, db, rdb)
+        stored = host(be, dinp)  # the sums are over the stored (rounded) dinp
+        check(be, bias, 0.5 + stored.sum(0))
+        check(be, fresh, stored.sum(0))
+        runs.append([be.to_numpy(a).view(np.uint8) for a in (dinp, dw, db, bias, fresh)])
+        with pytest.raises(ValueError, match="db_sums"):  # a handle a later call replaced
+            be.layernorm_backward(dinp, dw, db, dev(be, dout), dev(be, x), dev(be, w), mean, rstd, dinp_sums=True)
+            be.matmul_backward(None, None, bias, dinp, None, lin, db_sums=sums)
+        if not onepass:
+            del be._ln_onepass  # the one-pass kernel again
+    for a, b_ in zip(runs[0], runs[2]):
+        assert np.array_equal(a, b_)
+
+
 @pytest.mark.parametrize("T,pos", [(16, 0), (16, 16), (1, 23)])
 def test_rope(be, T, pos):
     """In place on q and k of a GQA qkv (NH=8, K=2, hs=64) with Llama 3.1's scaled frequencies (original_context 16
@@ -598,19 +643,22 @@ def _check_quantized(be, M, N, K, x, w, gamma, eps, w_rows=None):
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["plain", "accumulate"])
-def test_tuned_gemm(be, accumulate):
+@pytest.mark.parametrize("mode", ["burst", "sustained"])
+def test_tuned_gemm(be, accumulate, mode):
     """--tune-gemm: timing the candidates on the real operands leaves the product what it would be (an accumulating
     product's output is restored before the chosen algorithm runs once); a second Gemm given the first's pins
-    replays its algorithm bitwise; pins from another cuBLASLt or GPU are refused."""
+    replays its algorithm bitwise; pins from another cuBLASLt or GPU are refused. Both timing modes: a few
+    separate launches (burst), and back to back at the power limit (sustained: a product long enough that it is
+    not skipped as launch-bound)."""
     from llmpy.backends.cuda.gemm import Gemm
-    M, N, K = 512, 768, 1024
+    M, N, K = (512, 768, 1024) if mode == "burst" else (2048, 3072, 4096)
     r = rng()
     x, y, o = r.standard_normal((M, K)), r.standard_normal((N, K)), r.standard_normal((M, N))
     ref = dev(be, o)  # the heuristic's first algorithm on the same operands
     be.gemm.mm(ref, dev(be, x), dev(be, y), M, N, K, transy=True, accumulate=accumulate)
     ref = host(be, ref)
     tuned, replay = Gemm(be.xp, be.dtype_name), Gemm(be.xp, be.dtype_name)
-    tuned.tune = True
+    tuned.tune, tuned.tune_mode = True, mode
     outs = []
     for g in (tuned, replay):
         if g is replay:
@@ -619,6 +667,7 @@ def test_tuned_gemm(be, accumulate):
         g.mm(out, dev(be, x), dev(be, y), M, N, K, transy=True, accumulate=accumulate)
         outs.append(host(be, out))
     assert len(tuned.tuned) == 1 and tuned.tuned[0][1] > 1, "the heuristic offered one algorithm: nothing was timed"
+    assert tuned.sustained_timed == (mode == "sustained")
     assert np.abs(outs[0] - ref).max() < TOL[be.dtype_name] * np.abs(ref).max(), np.abs(outs[0] - ref).max()
     assert np.array_equal(outs[0], outs[1]), "replayed pins must run the same kernel"
     with pytest.raises(UserError, match="other kernels"):

@@ -22,7 +22,7 @@ import numpy as np
 from .. import layers as Lr
 from ..errors import UserError
 from .fresh import FreshGrads
-from .ops import OpShapes
+from .ops import DinpSums, OpShapes, take_sums
 
 _DTYPES = {"fp32": np.float32, "fp64": np.float64}
 BLOCK = 1 << 15          # elements per operand in one block of an elementwise chain (128 KB in fp32)
@@ -163,13 +163,20 @@ class CPUBackend(FreshGrads):
             Lr.residual_forward(res[i], x1[i], x2[i])
             Lr.layernorm_forward(o[i], m[i], r[i], res[i], w, b)
 
-    def layernorm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd):
+    def layernorm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd, dinp_sums=False):
         C = inp.shape[-1]
         dx, dy, x = dinp.reshape(-1, C), dout.reshape(-1, C), inp.reshape(-1, C)
         m, r = mean.reshape(-1), rstd.reshape(-1)
         self._zero_if_fresh(dw, db)
         for i in blocks(x.shape[0], self._rows(C)):  # dw, db accumulate block by block, in order
             Lr.layernorm_backward(dx[i], dw, db, dy[i], x[i], w, m[i], r[i], scratch=self.ws)
+        if not dinp_sums:
+            return None
+        # the sums colsum_add would form over dinp later (the same GEMV), so db gets the same bits either way
+        self._sums_serial = getattr(self, "_sums_serial", 0) + 1
+        sums = np.empty(C, dinp.dtype)
+        Lr.colsum_add(sums, dinp, scratch=self.ws, accumulate=False)
+        return DinpSums(self._sums_serial, C, sums)
 
     def rmsnorm_forward(self, out, rstd, inp, w, eps):
         C = inp.shape[-1]
@@ -221,7 +228,8 @@ class CPUBackend(FreshGrads):
             Lr.matmul_forward(gelu_pre, inp, w, b)
             self.gelu_forward(out, gelu_pre)
 
-    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None, gelu_redo=False):
+    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None, gelu_redo=False,
+                        db_sums=None):
         # gelu_pre given: dinp = (dout @ w) * gelu'(gelu_pre), the GELU backward of the layer below; gelu_db: its
         # bias gradient += the column sums of that dinp (the sums the layer below's matmul_backward would form);
         # gelu_redo: inp = gelu(gelu_pre) is formed first (the recompute; the GPU fuses it into the GELU backward)
@@ -231,6 +239,15 @@ class CPUBackend(FreshGrads):
             self.gelu_forward(inp, gelu_pre)
         # a first write overwrites dw and db (no scratch product, no add); one counting as zero while the other does
         # not (never in our models) is zeroed for real and both add
+        if db_sums is not None:  # db from a norm backward's sums over this dout (layernorm_backward(dinp_sums=))
+            if db is None:
+                raise ValueError("db_sums needs db")
+            sums = take_sums(db_sums, getattr(self, "_sums_serial", 0), db.shape[0]).data
+            if self._first_write(db):
+                db[...] = sums
+            else:
+                db += sums
+            db = None
         first = self._first_write(dw)
         if db is not None and self._first_write(db) != first:
             self.fill_zero(dw if first else db)

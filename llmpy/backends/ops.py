@@ -29,6 +29,24 @@ class OpShapes:
     bias_widths: tuple[int, ...] = ()       # OC of every matmul with a bias (its gradient is a column sum)
 
 
+@dataclass(frozen=True)
+class DinpSums:
+    """What layernorm_backward(dinp_sums=True) returns: the column sums of its dinp, held by the backend until the
+    next matmul_backward(db_sums=) takes them (the CPU: the array; the GPU: a row of partials per chunk of rows,
+    `data` their count). `serial` names the call that formed them: a later dinp_sums call reuses the storage, and
+    taking an older handle is an error."""
+    serial: int
+    C: int
+    data: Any
+
+
+def take_sums(h: DinpSums, serial: int, C: int) -> DinpSums:
+    """h if it is the backend's live handle (serial) for C columns; else a ValueError (a model bug)."""
+    if not isinstance(h, DinpSums) or h.serial != serial or h.C != C:
+        raise ValueError(f"db_sums: {h!r} is not the live column sums of a {C}-wide layernorm_backward(dinp_sums=True)")
+    return h
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: str            # "cpu" | "cuda"
@@ -126,21 +144,27 @@ class Backend(Protocol):
     def fused_residual_layernorm_forward(self, residual, out, mean, rstd, inp1, inp2, w, b) -> None:
         """residual (N, C) = inp1 + inp2; then layernorm_forward(out, mean, rstd, residual, w, b)."""
 
-    def layernorm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd) -> None:
-        """dinp (N, C) +=, dw, db (C,) += the LayerNorm's gradients given dout (N, C) and the saved stats."""
+    def layernorm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd, dinp_sums=False):
+        """dinp (N, C) +=, dw, db (C,) += the LayerNorm's gradients given dout (N, C) and the saved stats. With
+        dinp_sums: also the column sums of the updated dinp, returned as a handle for the next
+        matmul_backward(db_sums=) (dinp is then the residual stream's gradient, and its sums the bias gradient of
+        the product that wrote that stream); on a GPU formed in the same pass over the rows. One handle is live at
+        a time: the next dinp_sums call replaces it."""
 
     def matmul_forward(self, out, inp, w, b, gelu_pre=None) -> None:
         """out (N, OC) = inp (N, K) @ w (OC, K).T + b (OC,) or no bias (b None). With gelu_pre (N, OC): that
         product is saved there and out = gelu(gelu_pre) (tanh GELU)."""
 
-    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None, gelu_redo=False) -> None:
+    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None, gelu_redo=False,
+                        db_sums=None) -> None:
         """dinp (N, K) = dout (N, OC) @ w (None: not formed); dw (OC, K) += dout.T @ inp (None: not formed, inp
         unused); db (OC,) += column sums of dout (None: no bias). With gelu_pre: dinp *= gelu'(gelu_pre), the GELU
         backward of the layer below (gelu_pre then has dinp's shape); with gelu_db (K,) as well: gelu_db += the
         column sums of that dinp, the bias gradient of the product below (whose own backward then passes
         db=None): the same sums, formed while dinp is in hand (one read of it fewer on a GPU). gelu_redo: inp =
         gelu(gelu_pre) is not formed yet (recompute): it is written before dw needs it (on a GPU by the GELU
-        backward's kernel, from the gelu_pre it reads anyway)."""
+        backward's kernel, from the gelu_pre it reads anyway). db_sums: the handle that
+        layernorm_backward(dinp_sums=True) returned over this dout: db takes those sums instead of summing dout."""
 
     def gelu_forward(self, out, inp) -> None:
         """out = gelu(inp) (tanh form), any shape."""

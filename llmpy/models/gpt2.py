@@ -203,8 +203,11 @@ class GPT2(Model):
         L, NH = cfg.num_layers, cfg.num_heads
         dres, dbtc, dbt4c, dqkv = a["dresidual"], a["dbtc"], a["dbt4c"], a["dqkv"]
         be.fill_zero(dres)
-        be.layernorm_backward(dres, g["lnfw"], g["lnfb"], dbtc, a["residual3"][L - 1], p["lnfw"],
-                              s["lnf_mean"], s["lnf_rstd"])
+        # each norm backward also sums the residual gradient it updates: the bias gradient of the product whose
+        # output that stream is (fcproj below the final / first norm, attproj below the second), taken by that
+        # product's matmul_backward (db_sums; one pass over the rows on a GPU)
+        sums = be.layernorm_backward(dres, g["lnfw"], g["lnfb"], dbtc, a["residual3"][L - 1], p["lnfw"],
+                                     s["lnf_mean"], s["lnf_rstd"], dinp_sums=True)
         for l in reversed(range(L)):
             if hooks is not None:
                 hooks.before_layer(l)
@@ -216,19 +219,21 @@ class GPT2(Model):
             # (fc's bias gradient is summed with the GELU backward, while dbt4c is in hand: gelu_db; recompute 1
             # reforms the GELU output there too, before fcproj's weight gradient reads it: gelu_redo)
             be.matmul_backward(dbt4c, g["fcprojw"][l], g["fcprojb"][l], dres, self._fch_gelu(l), p["fcprojw"][l],
-                               gelu_pre=a["fch"][l], gelu_db=g["fcb"][l], gelu_redo=self.rc_redo(1, l))
+                               gelu_pre=a["fch"][l], gelu_db=g["fcb"][l], gelu_redo=self.rc_redo(1, l),
+                               db_sums=sums)
             be.matmul_backward(dbtc, g["fcw"][l], None, dbt4c, self._ln2(l), p["fcw"][l])
-            be.layernorm_backward(dres, g["ln2w"][l], g["ln2b"][l], dbtc, a["residual2"][l], p["ln2w"][l],
-                                  s["ln2_mean"][l], s["ln2_rstd"][l])
+            sums = be.layernorm_backward(dres, g["ln2w"][l], g["ln2b"][l], dbtc, a["residual2"][l], p["ln2w"][l],
+                                         s["ln2_mean"][l], s["ln2_rstd"][l], dinp_sums=True)
             # attention
-            be.matmul_backward(dbtc, g["attprojw"][l], g["attprojb"][l], dres, a["atty"][l], p["attprojw"][l])
+            be.matmul_backward(dbtc, g["attprojw"][l], g["attprojb"][l], dres, a["atty"][l], p["attprojw"][l],
+                               db_sums=sums)
             be.attention_backward(dqkv, dbtc, a["qkv"][l], self.saved("att")[l], NH, out=a["atty"][l])
             if self.rc_redo(2, l):
                 be.layernorm_forward(self._ln1(l), s["ln1_mean"][l], s["ln1_rstd"][l], residual, p["ln1w"][l],
                                      p["ln1b"][l])
             be.matmul_backward(dbtc, g["qkvw"][l], g["qkvb"][l], dqkv, self._ln1(l), p["qkvw"][l])
-            be.layernorm_backward(dres, g["ln1w"][l], g["ln1b"][l], dbtc, residual, p["ln1w"][l],
-                                  s["ln1_mean"][l], s["ln1_rstd"][l])
+            sums = be.layernorm_backward(dres, g["ln1w"][l], g["ln1b"][l], dbtc, residual, p["ln1w"][l],
+                                         s["ln1_mean"][l], s["ln1_rstd"][l], dinp_sums=l > 0)
             if hooks is not None:
                 hooks.after_layer(l)
         be.encoder_backward(g["wte"], g["wpe"], dres, self.tokens)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ...errors import UserError
 from ..fresh import FreshGrads
-from ..ops import OpShapes
+from ..ops import DinpSums, OpShapes, take_sums
 from .gemm import Gemm
 from .mmfree import MMFree
 from .runtime import bf16_dtype, cdiv, import_cupy, module
@@ -25,6 +25,10 @@ _NORM_BLOCKS = 264  # grid of the sum-of-squares partials: 2 per SM on an H200; 
 # faster at 8192 and 16384 rows, slower at 65536)
 ROWS_BATCHED = 32768
 _CHUNK_ROWS = 256   # rows per partial in the column sums (bias / LayerNorm parameter gradients)
+# LayerNorm's one-pass backward (common.cuh norm_backward_onepass): about this many blocks (a fixed grid for a given
+# row count: the sums' order depends on the rows only), each over a multiple of _NORM_SUB rows
+_NORM_FUSED_BLOCKS = 264
+_NORM_SUB = 32
 _COLSUM_WARPS = 8   # warps per block of those partial sums (COLSUM_WARPS in common.cuh)
 _DECODE_THREADS = 256  # block of attention_decode, one per (sequence, query head)
 _FAMILIES = ("encoder", "layernorm", "rmsnorm", "matmul", "gelu", "swiglu", "rope", "residual", "attention",
@@ -186,14 +190,17 @@ class CUDABackend(FreshGrads):
         # column-sum partials, one row per chunk of rows: LayerNorm's dw|db (2C wide; RMSNorm's dw: C) or the
         # widest bias
         width = max(2 * C, max(shapes.bias_widths, default=0))
-        self.colsum_part = self.zeros(cdiv(N, _CHUNK_ROWS) * width, np.float32)
+        self.colsum_part = self.zeros(max(cdiv(N, _CHUNK_ROWS) * width, _NORM_FUSED_BLOCKS * 2 * C), np.float32)
+        # the column sums of a norm backward's dinp, kept for the next matmul_backward(db_sums=) (DinpSums)
+        self.sum_part = self.zeros(max(cdiv(N, _CHUNK_ROWS), _NORM_FUSED_BLOCKS) * C, np.float32)
+        self._sums_serial = 0
         self.norm_part = self.zeros(_NORM_BLOCKS, np.float32)
         self.order = self.zeros(N, np.int32)        # encoder backward: positions sorted by token (stable)
         self.seg = self.zeros(N + 1, np.int32)      # segment starts into order, one per distinct token
         self.nseg = self.zeros(1, np.int32)
         self._staging = _Staging(self.cp, N)
         self._ids16 = shapes.vocab <= 65536
-        return (self.colsum_part.nbytes + self.norm_part.nbytes + 4 * (2 * N + 2) + self.gemm.workspace.nbytes
+        return (self.colsum_part.nbytes + self.sum_part.nbytes + self.norm_part.nbytes + 4 * (2 * N + 2) + self.gemm.workspace.nbytes
                 + (attention.nbytes if attention else 0))
 
     def set_tokens(self, dst, host, *, training=True):
@@ -268,10 +275,41 @@ class CUDABackend(FreshGrads):
         (k.fused_residual_layernorm_forward_batched if rows <= ROWS_BATCHED else k.fused_residual_layernorm_forward)(
             (cdiv(rows, 8),), (256,), (residual, out, mean, rstd, inp1, inp2, w, b, np.int32(rows), np.int32(C)))
 
-    def layernorm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd):
+    def _ln_onepass(self, rows, C, itemsize):
+        """(blocks, threads, rows a block) of LayerNorm's one-pass backward over (rows, C), or None where it does
+        not apply (rows wider than 256 packs, or partials beyond the planned workspace): then the dinp kernel and
+        the column-sum kernels run apart. Threads: G groups of P = C / N packs (G > 1 for rows of at most 128
+        packs), so that a block has ~256 threads. (RMSNorm keeps its separate kernels: one pass was slower there,
+        0.1063 vs 0.1033 ms on Llama 1B's rows, H200 2026-11-30.)"""
+        P = C // (16 // itemsize)
+        if P > 256 or rows < 1:
+            return None
+        G = min(32, 256 // P)
+        R = _NORM_SUB * cdiv(rows, _NORM_SUB * _NORM_FUSED_BLOCKS)
+        nb = cdiv(rows, R)
+        if nb * 2 * C > self.colsum_part.size or nb * C > self.sum_part.size:
+            return None
+        return nb, cdiv(G * P, 32) * 32, R
+
+    def _new_sums(self, chunks, C):
+        self._sums_serial += 1
+        return DinpSums(self._sums_serial, C, chunks)
+
+    def layernorm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd, dinp_sums=False):
         C = inp.shape[-1]
         rows = inp.size // C
         k = self.k["layernorm"]
+        add = int(not self._first_write(dw)) | int(not self._first_write(db)) << 1
+        plan = self._ln_onepass(rows, C, inp.itemsize)
+        if plan is not None:  # one pass: dinp, dw | db's partials and (dinp_sums) the updated dinp's
+            nb, threads, R = plan
+            k.layernorm_backward_onepass(
+                (nb,), (threads,), (dinp, self.colsum_part, self.sum_part if dinp_sums else np.uint64(0), dout, inp,
+                                    w, mean, rstd, np.int32(rows), np.int32(C), np.int32(R)))
+            k.layernorm_backward_params_finalize8((cdiv(2 * C, 32),), (32, 8), (dw, db, self.colsum_part,
+                                                                               np.int32(nb), np.int32(C),
+                                                                               np.int32(add)))
+            return self._new_sums(nb, C) if dinp_sums else None
         (k.layernorm_backward_dinp_batched if rows <= ROWS_BATCHED else k.layernorm_backward_dinp)(
             (cdiv(rows, 8),), (256,), (dinp, dout, inp, w, mean, rstd, np.int32(rows), np.int32(C)))
         chunks = cdiv(rows, _CHUNK_ROWS)
@@ -279,9 +317,15 @@ class CUDABackend(FreshGrads):
         k.layernorm_backward_params_partial(self._colsum_grid(inp, C, chunks), (32 * _COLSUM_WARPS,),
                                             (self.colsum_part, dout, inp, mean, rstd, np.int32(rows), np.int32(C),
                                              np.int32(_CHUNK_ROWS)))
-        add = int(not self._first_write(dw)) | int(not self._first_write(db)) << 1
         k.layernorm_backward_params_finalize((cdiv(2 * C, 128),), (128,),
                                              (dw, db, self.colsum_part, np.int32(chunks), np.int32(C), np.int32(add)))
+        if not dinp_sums:
+            return None
+        if chunks * C > self.sum_part.size:
+            raise ValueError(f"dinp_sums: {chunks} x {C} partials exceed the planned workspace ({self.sum_part.size})")
+        self.k["matmul"].colsum_partial(self._colsum_grid(dinp, C, chunks), (32 * _COLSUM_WARPS,),
+                                        (self.sum_part, dinp, np.int32(rows), np.int32(C), np.int32(_CHUNK_ROWS)))
+        return self._new_sums(chunks, C)
 
     def rmsnorm_forward(self, out, rstd, inp, w, eps: float):
         C = inp.shape[-1]
@@ -365,9 +409,12 @@ class CUDABackend(FreshGrads):
         else:  # out = gelu(inp @ w.T + b), gelu_pre = inp @ w.T + b  (cuBLASLt GELU_AUX_BIAS epilogue)
             self.gemm.mm(out, inp, w, M, OC, K, transy=True, bias=b, epilogue="gelu", aux=gelu_pre)
 
-    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None, gelu_redo=False):
+    def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None, gelu_redo=False,
+                        db_sums=None):
         OC, K = w.shape
         M = dout.size // OC
+        if db_sums is not None and db is None:
+            raise ValueError("db_sums needs db")
         if gelu_db is not None and (gelu_pre is None or dinp is None):
             raise ValueError("gelu_db needs gelu_pre and dinp")
         if gelu_redo and (gelu_pre is None or inp is None):
@@ -394,7 +441,12 @@ class CUDABackend(FreshGrads):
         # formed by this product, was slower than the product and our column sums on an H200, 2026-11-30: NOTES.md)
         if dw is not None:
             self.gemm.mm(dw, dout, inp, OC, K, M, transx=True, accumulate=not self._first_write(dw))
-        if db is not None:
+        if db_sums is not None:  # the partials a norm backward formed over this dout (layernorm_backward)
+            nb = take_sums(db_sums, self._sums_serial, OC).data
+            self.k["matmul"].colsum_finalize8((cdiv(OC, 32),), (32, 8), (db, self.sum_part, np.int32(nb),
+                                                                        np.int32(OC), np.int32(OC),
+                                                                        np.int32(not self._first_write(db))))
+        elif db is not None:
             self._colsum_add(db, dout, M, OC)
 
     def _colsum_add(self, out, x, rows, C):

@@ -75,17 +75,17 @@ __global__ void fused_residual_layernorm_forward_batched(T* residual, T* out, fl
 }
 
 // dinp += (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) * rstd, dnorm = dout * w. One warp per row.
-// The weight/bias gradients are column sums (the _params_ kernels below: deterministic, fixed order).
+// The weight/bias gradients are column sums (the _params_ kernels below: deterministic, fixed order), or all in one
+// pass: layernorm_backward_onepass.
+
+// A row's two means (mean(dnorm), mean(dnorm * norm)), summed by one warp: every lane gets them. Both backward
+// kernels take them from here, so their dinp agree bit for bit.
 template <class T, int U>
-__device__ void layernorm_backward_dinp_body(T* dinp, const T* dout, const T* inp, const T* w, const float* mean,
-                                             const float* rstd, int rows, int C) {
+__device__ __forceinline__ float2 layernorm_backward_means(const T* dout, const T* inp, const T* w, float m, float r,
+                                                           int C) {
     constexpr int N = Pack<T>::N;
-    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (row >= rows) return;
-    const long long off = (long long)row * C;
-    const float m = mean[row], r = rstd[row];
     float a = 0.0f, bsum = 0.0f;
-    row_pass<T, U>(C, [&](int c) { return load_packs<T>(c, inp + off, dout + off); },
+    row_pass<T, U>(C, [&](int c) { return load_packs<T>(c, inp, dout); },
                    [&](int c, const Packs<T, 2>& q) {  // x, dy
                        const Pack<T> pw = load16(w + c);
 #pragma unroll
@@ -95,17 +95,30 @@ __device__ void layernorm_backward_dinp_body(T* dinp, const T* dout, const T* in
                            bsum += dn * (to_f(q.p[0].v[k]) - m) * r;
                        }
                    });
-    a = warp_sum(a) / C;
-    bsum = warp_sum(bsum) / C;
+    return make_float2(warp_sum(a) / C, warp_sum(bsum) / C);
+}
+// the increment of one element of dinp given the row's mean, rstd and means
+__device__ __forceinline__ float layernorm_dinp(float x, float dy, float w, float m, float r, float a, float bsum) {
+    const float dn = dy * w, norm = (x - m) * r;
+    return (dn - a - norm * bsum) * r;
+}
+
+template <class T, int U>
+__device__ void layernorm_backward_dinp_body(T* dinp, const T* dout, const T* inp, const T* w, const float* mean,
+                                             const float* rstd, int rows, int C) {
+    constexpr int N = Pack<T>::N;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const long long off = (long long)row * C;
+    const float m = mean[row], r = rstd[row];
+    const float2 ab = layernorm_backward_means<T, U>(dout + off, inp + off, w, m, r, C);
     row_pass<T, U>(C, [&](int c) { return load_packs<T>(c, inp + off, dout + off, (const T*)dinp + off); },
                    [&](int c, Packs<T, 3> q) {  // x, dy, dinp
                        const Pack<T> pw = load16(w + c);
 #pragma unroll
-                       for (int k = 0; k < N; k++) {
-                           float dn = to_f(q.p[1].v[k]) * to_f(pw.v[k]);
-                           float norm = (to_f(q.p[0].v[k]) - m) * r;
-                           q.p[2].v[k] = from_f<T>(to_f(q.p[2].v[k]) + (dn - a - norm * bsum) * r);
-                       }
+                       for (int k = 0; k < N; k++)
+                           q.p[2].v[k] = from_f<T>(to_f(q.p[2].v[k]) + layernorm_dinp(to_f(q.p[0].v[k]),
+                               to_f(q.p[1].v[k]), to_f(pw.v[k]), m, r, ab.x, ab.y));
                        store16(dinp + off + c, q.p[2]);
                    });
 }
@@ -153,6 +166,39 @@ __global__ void layernorm_backward_params_finalize(T* dw, T* db, const float* pa
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= 2 * C) return;
     const float s = colsum_chunks(part, nchunks, 2 * C, c);
+    T* out = c < C ? dw + c : db + (c - C);
+    *out = from_f<T>((add >> (c < C ? 0 : 1)) & 1 ? to_f(*out) + s : s);
+}
+
+// dinp, and the partials of dw | db (part, 2C wide) and of the updated dinp (sum_part, C wide; null: not formed),
+// in one read of each row (common.cuh norm_backward_onepass). The row means are summed in another order than the
+// dinp kernel's, so dinp takes other bits than the separate kernels give. Two rows a thread (128 registers); four
+// were slower (held to 128 registers they spill; H200, 2026-11-30: d12 0.2235 vs 0.1797 ms, d48 0.0678 vs 0.0606).
+template <class T>
+__global__ void layernorm_backward_onepass(T* dinp, float* part, float* sum_part, const T* dout, const T* inp,
+                                           const T* w, const float* mean, const float* rstd, int rows, int C,
+                                           int rows_per_block) {
+    norm_backward_onepass<T, 2, 2>(
+        dinp, part, sum_part, dout, inp, w, rows, C, rows_per_block,
+        [&](int n) { return make_float2(mean[n], rstd[n]); },
+        [](const float2& mr, float x, float dy, float w) {  // the row's dnorm and dnorm * norm
+            const float dn = dy * w;
+            return make_float2(dn, dn * (x - mr.x) * mr.y);
+        },
+        [](const float2& mr, const float2& ab, float x, float dy, float w, float (&a)[2]) {
+            a[0] = dy * (x - mr.x) * mr.y;  // dw, db: as layernorm_backward_params_partial
+            a[1] = dy;
+            return layernorm_dinp(x, dy, w, mr.x, mr.y, ab.x, ab.y);
+        });
+}
+
+// layernorm_backward_params_finalize for the one-pass kernel's ~264 chunks (colsum_chunks8: block (32, 8), grid
+// cdiv(2C, 32))
+template <class T>
+__global__ void layernorm_backward_params_finalize8(T* dw, T* db, const float* part, int nchunks, int C, int add) {
+    const int c = blockIdx.x * 32 + threadIdx.x;
+    const float s = colsum_chunks8(part, nchunks, 2 * C, c);
+    if (threadIdx.y != 0 || c >= 2 * C) return;
     T* out = c < C ? dw + c : db + (c - C);
     *out = from_f<T>((add >> (c < C ? 0 : 1)) & 1 ? to_f(*out) + s : s);
 }

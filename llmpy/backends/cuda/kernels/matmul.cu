@@ -22,3 +22,13 @@ __global__ void colsum_finalize(T* out, const float* part, int nchunks, int widt
     const float s = colsum_chunks(part, nchunks, width, c);
     out[c] = from_f<T>(add ? to_f(out[c]) + s : s);
 }
+
+// colsum_finalize for many chunks (colsum_chunks8: block (32, 8), grid cdiv(C, 32)); the bias gradients whose
+// partials a fused norm backward formed (sum_part)
+template <class T>
+__global__ void colsum_finalize8(T* out, const float* part, int nchunks, int width, int C, int add) {
+    const int c = blockIdx.x * 32 + threadIdx.x;
+    const float s = colsum_chunks8(part, nchunks, width, c);
+    if (threadIdx.y != 0 || c >= C) return;
+    out[c] = from_f<T>(add ? to_f(out[c]) + s : s);
+}
