@@ -11,6 +11,13 @@ it needs, not by its time at full clock; the two rankings may differ. For each p
 and reports, per shape, the burst choice, the sustained choice and what the step would gain (calls a step x the
 sustained time difference). An exploration: nothing in llmpy changes unless it pays in the step.
 
+Ran once (2026-11-30, docs/device/round8_2026-11-30/run2): the sustained choices sum 121.10 ms against 122.31 for
+the burst choices (-1.2 ms a step; 6 of 15 shapes chose otherwise). Caveat of this version: the first candidate's
+first window follows a second of idle and a burst, so it may run cooler than the rest (most sustained choices
+were candidate 0). A tuner mode built on it (candidates timed back to back, rounds rotated, after 0.1 s of heat)
+then measured in the step against the burst tuner, one run each: -1.6 ms (166.3 vs 167.9) and +0.5 ms (163.1
+vs 162.6): no gain beyond the runs' noise, and ~45 s more tuning; not kept (NOTES.md, round 8).
+
     python benchmarks/gemm_sustained.py [--window 0.15] [--json out.json]
 """
 from __future__ import annotations

@@ -104,8 +104,7 @@ def _train_parser(sub) -> None:
     a("--fast-attention", action="store_const", const=True, help="CUDA: cuDNN's non-deterministic attention "
       "backward (faster; runs are then not bitwise reproducible, resumes not bitwise identical)")
     a("--tune-gemm", action="store_const", const=True, help="CUDA: time cuBLASLt's top 16 algorithms for each "
-      "matrix-product shape on the first step (back to back, at the GPU's power limit, as training runs them) and "
-      "keep the fastest; the choices go into the checkpoint, so a "
+      "matrix-product shape on the first step and keep the fastest; the choices go into the checkpoint, so a "
       "resume is bitwise identical, but a fresh run may choose differently (several GPUs: all take rank 0's "
       "choices)")
     a("--gemm-algos", metavar="FILE", help="CUDA: replay the matrix-product algorithms a --tune-gemm run chose "

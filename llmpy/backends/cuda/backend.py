@@ -200,8 +200,8 @@ class CUDABackend(FreshGrads):
         self.nseg = self.zeros(1, np.int32)
         self._staging = _Staging(self.cp, N)
         self._ids16 = shapes.vocab <= 65536
-        return (self.colsum_part.nbytes + self.sum_part.nbytes + self.norm_part.nbytes + 4 * (2 * N + 2) + self.gemm.workspace.nbytes
-                + (attention.nbytes if attention else 0))
+        return (self.colsum_part.nbytes + self.sum_part.nbytes + self.norm_part.nbytes + 4 * (2 * N + 2)
+                + self.gemm.workspace.nbytes + (attention.nbytes if attention else 0))
 
     def set_tokens(self, dst, host, *, training=True):
         """Uploads (B, T) token ids asynchronously (through pinned staging buffers, so the host can prepare the

@@ -10,8 +10,7 @@ made once per shape and cached; the workspace is allocated once. Split-K reducti
 Algorithm choice: by default the heuristic's first algorithm (the same on every run: bitwise reproducible). With
 `tune` on (--tune-gemm), the first product of each shape times the heuristic's top TUNE_CANDIDATES algorithms
 on its own operands (an accumulating product's output is saved and restored) and keeps the fastest if it beats the
-first by more than TUNE_MARGIN. "Fastest" as a training step sees it: back to back at the GPU's power limit
-(tune_mode "sustained"), where a product's time follows its energy, not its time at full clock. Timing can choose differently on another day, so every choice is kept in `pins`
+first by more than TUNE_MARGIN. Timing can choose differently on another day, so every choice is kept in `pins`
 (shape -> index in the heuristic's list, exported with the cuBLASLt version and GPU): a checkpoint stores them and a
 resume, or a run given them, replays the same kernels bitwise.
 """
@@ -24,12 +23,6 @@ from ...errors import UserError
 WORKSPACE_BYTES = 32 << 20
 TUNE_CANDIDATES = 16   # algorithms asked of the heuristic when tuning
 TUNE_MARGIN = 0.02     # a tuned algorithm must beat the heuristic's first by 2% (timing noise keeps the first)
-# tune_mode "sustained": each candidate timed back to back at the GPU's power limit (a training step runs there:
-# an H200 at ~690 of 700 W, its SM clock well below the clock a few separate launches see), its time set by the
-# energy it spends; seconds a candidate settles, then is timed, in each of TUNE_ROUNDS rounds (order rotated,
-# median taken), after TUNE_HEAT seconds of the first candidate. Products under TUNE_MIN_MS a call keep the burst
-# timing (launch-bound back to back, and too short to matter for power).
-TUNE_SETTLE, TUNE_WINDOW, TUNE_ROUNDS, TUNE_HEAT, TUNE_MIN_MS = 0.02, 0.05, 3, 0.1, 0.02
 _R32F, _R16BF, _R8I, _R32I = 0, 14, 3, 10   # cudaDataType_t
 _COMPUTE_32F, _COMPUTE_32I = 68, 72          # cublasComputeType_t
 
@@ -61,8 +54,6 @@ class Gemm:
         self._one_i, self._zero_i = np.ones(1, np.int32), np.zeros(1, np.int32)
         self.E = lt.Epilogue
         self.tune = False  # time the heuristic's top algorithms per shape (opt-in: --tune-gemm)
-        self.tune_mode = "sustained"  # or "burst": a few separate launches a candidate (TUNE_SETTLE above)
-        self.sustained_timed = 0  # shapes timed at the power limit (tests)
         self.pins = {}     # shape key -> index of the chosen algorithm in the heuristic's list (see load_pins)
         self.loaded = False  # pins came from another run (load_pins): replay them
         self.tuned = []    # one row per tuned shape: (key, candidates, index, ms of the first, ms of the chosen)
@@ -164,9 +155,6 @@ class Gemm:
             except Exception:  # an algorithm the heuristic offers but cannot run here: skip it
                 cp.cuda.Device().synchronize()
                 times.append(float("inf"))
-        ok = [j for j, t in enumerate(times) if t != float("inf")]
-        if self.tune_mode == "sustained" and len(ok) > 1 and min(times[j] for j in ok) >= TUNE_MIN_MS:
-            times = self._time_sustained(cands, launch, stream, ok, times)
         if keep is not None:
             cp.copyto(out, keep)
             cp.cuda.Device().synchronize()
@@ -176,31 +164,6 @@ class Gemm:
         i = best if times[best] < (1 - TUNE_MARGIN) * times[0] else 0
         self.tuned.append((ks, len(cands), i, times[0], times[i]))
         return i
-
-    def _time_sustained(self, cands, launch, stream, ok, burst):
-        """Per candidate in ok: the median over TUNE_ROUNDS rounds of its time a launch back to back (launch counts
-        from its burst time), the GPU held at its power limit throughout; inf for the others."""
-        cp = self.cupy
-        self.sustained_timed += 1
-        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-        algos = {j: cands[j:j + 1].copy() for j in ok}
-
-        def run(j, seconds):
-            for _ in range(max(1, int(seconds / (burst[j] * 1e-3)))):
-                launch(algos[j])
-        run(ok[0], TUNE_HEAT)
-        ts = {j: [] for j in ok}
-        for r in range(TUNE_ROUNDS):
-            for j in ok[r % len(ok):] + ok[:r % len(ok)]:
-                run(j, TUNE_SETTLE)
-                n = max(1, int(TUNE_WINDOW / (burst[j] * 1e-3)))
-                e0.record(stream)
-                for _ in range(n):
-                    launch(algos[j])
-                e1.record(stream)
-                e1.synchronize()
-                ts[j].append(cp.cuda.get_elapsed_time(e0, e1) / n)
-        return [float(np.median(ts[j])) if j in ts else float("inf") for j in range(len(cands))]
 
     def tuning_summary(self) -> str:
         """One line: how many shapes were timed, how many changed algorithm, the first calls' time before/after."""

@@ -170,6 +170,123 @@ __global__ void layernorm_backward_params_finalize(T* dw, T* db, const float* pa
     *out = from_f<T>((add >> (c < C ? 0 : 1)) & 1 ? to_f(*out) + s : s);
 }
 
+// The backward in one pass: dinp += the norm's input gradient and, while the rows are in registers, the partial
+// column sums of the K parameter gradients and, when sum_part is not null, of the updated dinp (the bias gradient
+// of the product that wrote this residual stream). Each row of x, dout and dinp is read once (the separate kernels
+// read each twice). Block b owns rows [b R, (b + 1) R) (R = rows_per_block); thread t = g P + p (P = C / N packs a
+// row, G = blockDim / P groups) owns pack p of its group's RB rows of each sub-chunk (S = G RB rows), loading x,
+// dout and dinp of all RB rows at once; then
+//   1. rowpart(mr, x, dy, w) -> a pack element's terms of the row's two sums, added over the pack (element order)
+//      into red[row][p];
+//   2. one warp per row adds red[row][0..P-1] (lane-strided, then warp_sum) -> st[row] (the sums / C);
+//   3. elem(mr, ab, x, dy, w, acc) -> the element's dinp increment and parameter terms, from the registers.
+// mr = stat(row): (mean, rstd) from the forward. Then the groups' sums are added in order g = 0..G-1: part[b, k C +
+// c], sum_part[b, c]. A fixed grid for a given row count (the host's), so a fixed order: deterministic.
+// Host: G P <= 256, G <= 32 (red: RB x 256 float2, st: RB x 32). (Written over K and the three functions so that
+// RMSNorm could take it too; there it was slower than its separate kernels: backend.py _ln_onepass.)
+template <class T, int K, int RB, class Stat, class RowPart, class Elem>
+__device__ __forceinline__ void norm_backward_onepass(T* dinp, float* part, float* sum_part, const T* dout,
+                                                      const T* inp, const T* w, int rows, int C, int rows_per_block,
+                                                      Stat stat, RowPart rowpart, Elem elem) {
+    constexpr int N = Pack<T>::N, A = K + 1;
+    __shared__ float2 red[RB * 256];
+    __shared__ float2 st[RB * 32];
+    __shared__ float gred[A * N * 128];
+    const int P = C / N, G = blockDim.x / P, S = G * RB, t = threadIdx.x, g = t / P, p = t % P, c0 = p * N;
+    const int lane = t % 32, warp = t / 32, nw = blockDim.x / 32;
+    const int lo = blockIdx.x * rows_per_block, hi = min(rows, lo + rows_per_block);
+    const bool active = g < G, sums = sum_part != nullptr;
+    float acc[A][N];
+#pragma unroll
+    for (int k = 0; k < A; k++)
+#pragma unroll
+        for (int j = 0; j < N; j++) acc[k][j] = 0.0f;
+    Pack<T> pw;
+    if (active) pw = load16(w + c0);
+    for (int s0 = lo; s0 < hi; s0 += S) {
+        const int r0 = s0 + g * RB;  // this thread's first row
+        Packs<T, 3> q[RB];
+        float2 mr[RB];
+        if (active) {
+#pragma unroll
+            for (int i = 0; i < RB; i++)
+                if (r0 + i < hi) {
+                    const long long off = (long long)(r0 + i) * C + c0;
+                    q[i] = load_packs<T>(0, inp + off, dout + off, (const T*)dinp + off);
+                    mr[i] = stat(r0 + i);
+                }
+#pragma unroll
+            for (int i = 0; i < RB; i++)
+                if (r0 + i < hi) {
+                    float2 s = make_float2(0.0f, 0.0f);
+#pragma unroll
+                    for (int j = 0; j < N; j++) {
+                        const float2 e = rowpart(mr[i], to_f(q[i].p[0].v[j]), to_f(q[i].p[1].v[j]), to_f(pw.v[j]));
+                        s.x += e.x;
+                        s.y += e.y;
+                    }
+                    red[(g * RB + i) * P + p] = s;
+                }
+        }
+        __syncthreads();
+        const int ns = min(S, hi - s0);
+        for (int i = warp; i < ns; i += nw) {
+            float sx = 0.0f, sy = 0.0f;
+            for (int pp = lane; pp < P; pp += 32) {
+                const float2 v = red[i * P + pp];
+                sx += v.x;
+                sy += v.y;
+            }
+            sx = warp_sum(sx);
+            sy = warp_sum(sy);
+            if (lane == 0) st[i] = make_float2(sx / C, sy / C);
+        }
+        __syncthreads();
+        if (active) {
+#pragma unroll
+            for (int i = 0; i < RB; i++)
+                if (r0 + i < hi) {
+                    const float2 ab = st[g * RB + i];
+                    Pack<T> d = q[i].p[2];
+#pragma unroll
+                    for (int j = 0; j < N; j++) {
+                        float a[K];
+                        const float inc = elem(mr[i], ab, to_f(q[i].p[0].v[j]), to_f(q[i].p[1].v[j]), to_f(pw.v[j]), a);
+#pragma unroll
+                        for (int k = 0; k < K; k++) acc[k][j] += a[k];
+                        d.v[j] = from_f<T>(to_f(d.v[j]) + inc);
+                        acc[K][j] += to_f(d.v[j]);
+                    }
+                    store16(dinp + (long long)(r0 + i) * C + c0, d);
+                }
+        }
+        // no barrier here: the next sub-chunk writes red only after this one's step 2 ended (the barrier above),
+        // and st only after the next step-1 barrier, which every thread reaches after its step 3
+    }
+    for (int gg = 1; gg < G; gg++) {  // groups in order (G > 1 only when P <= 128: gred holds A N 128 floats)
+        if (g == gg)
+#pragma unroll
+            for (int k = 0; k < A; k++)
+#pragma unroll
+                for (int j = 0; j < N; j++) gred[(k * N + j) * P + p] = acc[k][j];
+        __syncthreads();
+        if (g == 0)
+#pragma unroll
+            for (int k = 0; k < A; k++)
+#pragma unroll
+                for (int j = 0; j < N; j++) acc[k][j] += gred[(k * N + j) * P + p];
+        __syncthreads();
+    }
+    if (g != 0) return;
+#pragma unroll
+    for (int k = 0; k < K; k++)
+#pragma unroll
+        for (int j = 0; j < N; j++) part[(long long)blockIdx.x * K * C + k * C + c0 + j] = acc[k][j];
+    if (sums)
+#pragma unroll
+        for (int j = 0; j < N; j++) sum_part[(long long)blockIdx.x * C + c0 + j] = acc[K][j];
+}
+
 // dinp, and the partials of dw | db (part, 2C wide) and of the updated dinp (sum_part, C wide; null: not formed),
 // in one read of each row (common.cuh norm_backward_onepass). The row means are summed in another order than the
 // dinp kernel's, so dinp takes other bits than the separate kernels give. Two rows a thread (128 registers); four

@@ -24,7 +24,7 @@ __global__ void colsum_finalize(T* out, const float* part, int nchunks, int widt
 }
 
 // colsum_finalize for many chunks (colsum_chunks8: block (32, 8), grid cdiv(C, 32)); the bias gradients whose
-// partials a fused norm backward formed (sum_part)
+// partials LayerNorm's one-pass backward formed (sum_part)
 template <class T>
 __global__ void colsum_finalize8(T* out, const float* part, int nchunks, int width, int C, int add) {
     const int c = blockIdx.x * 32 + threadIdx.x;
