@@ -50,6 +50,7 @@ class CPUBackend(FreshGrads):
         self.capturing = False
         self.stream = _InOrder()
         self.fresh = []          # byte ranges of parameter gradients that count as zero (backends/fresh.py)
+        self._sums_serial = 0    # the live layernorm_backward(dinp_sums=) handle (ops.DinpSums)
         self._fresh_flat = None  # the gradient buffer they lie in (settle_grads zeroes parts of it)
 
     # ---- memory ---------------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ class CPUBackend(FreshGrads):
         if not dinp_sums:
             return None
         # the sums colsum_add would form over dinp later (the same GEMV), so db gets the same bits either way
-        self._sums_serial = getattr(self, "_sums_serial", 0) + 1
+        self._sums_serial += 1
         sums = np.empty(C, dinp.dtype)
         Lr.colsum_add(sums, dinp, scratch=self.ws, accumulate=False)
         return DinpSums(self._sums_serial, C, sums)
@@ -242,7 +243,7 @@ class CPUBackend(FreshGrads):
         if db_sums is not None:  # db from a norm backward's sums over this dout (layernorm_backward(dinp_sums=))
             if db is None:
                 raise ValueError("db_sums needs db")
-            sums = take_sums(db_sums, getattr(self, "_sums_serial", 0), db.shape[0]).data
+            sums = take_sums(db_sums, self._sums_serial, db.shape[0]).data
             if self._first_write(db):
                 db[...] = sums
             else:

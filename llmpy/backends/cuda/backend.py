@@ -25,10 +25,10 @@ _NORM_BLOCKS = 264  # grid of the sum-of-squares partials: 2 per SM on an H200; 
 # faster at 8192 and 16384 rows, slower at 65536)
 ROWS_BATCHED = 32768
 _CHUNK_ROWS = 256   # rows per partial in the column sums (bias / LayerNorm parameter gradients)
-# LayerNorm's one-pass backward (common.cuh norm_backward_onepass): about this many blocks (a fixed grid for a given
-# row count: the sums' order depends on the rows only), each over a multiple of _NORM_SUB rows
-_NORM_FUSED_BLOCKS = 264
-_NORM_SUB = 32
+# LayerNorm's one-pass backward (layernorm.cu norm_backward_onepass): about this many blocks (a fixed grid for a
+# given row count: the sums' order depends on the rows only), each over a multiple of _LN_ONEPASS_ROWS rows
+_LN_ONEPASS_BLOCKS = 264
+_LN_ONEPASS_ROWS = 32
 _COLSUM_WARPS = 8   # warps per block of those partial sums (COLSUM_WARPS in common.cuh)
 _DECODE_THREADS = 256  # block of attention_decode, one per (sequence, query head)
 _FAMILIES = ("encoder", "layernorm", "rmsnorm", "matmul", "gelu", "swiglu", "rope", "residual", "attention",
@@ -190,9 +190,9 @@ class CUDABackend(FreshGrads):
         # column-sum partials, one row per chunk of rows: LayerNorm's dw|db (2C wide; RMSNorm's dw: C) or the
         # widest bias
         width = max(2 * C, max(shapes.bias_widths, default=0))
-        self.colsum_part = self.zeros(max(cdiv(N, _CHUNK_ROWS) * width, _NORM_FUSED_BLOCKS * 2 * C), np.float32)
+        self.colsum_part = self.zeros(max(cdiv(N, _CHUNK_ROWS) * width, _LN_ONEPASS_BLOCKS * 2 * C), np.float32)
         # the column sums of a norm backward's dinp, kept for the next matmul_backward(db_sums=) (DinpSums)
-        self.sum_part = self.zeros(max(cdiv(N, _CHUNK_ROWS), _NORM_FUSED_BLOCKS) * C, np.float32)
+        self.sum_part = self.zeros(max(cdiv(N, _CHUNK_ROWS), _LN_ONEPASS_BLOCKS) * C, np.float32)
         self._sums_serial = 0
         self.norm_part = self.zeros(_NORM_BLOCKS, np.float32)
         self.order = self.zeros(N, np.int32)        # encoder backward: positions sorted by token (stable)
@@ -285,7 +285,7 @@ class CUDABackend(FreshGrads):
         if P > 256 or rows < 1:
             return None
         G = min(32, 256 // P)
-        R = _NORM_SUB * cdiv(rows, _NORM_SUB * _NORM_FUSED_BLOCKS)
+        R = _LN_ONEPASS_ROWS * cdiv(rows, _LN_ONEPASS_ROWS * _LN_ONEPASS_BLOCKS)
         nb = cdiv(rows, R)
         if nb * 2 * C > self.colsum_part.size or nb * C > self.sum_part.size:
             return None

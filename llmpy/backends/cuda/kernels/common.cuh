@@ -195,9 +195,10 @@ __device__ __forceinline__ float colsum_chunks(const float* part, int nchunks, i
     return s;
 }
 
-// The partials' second stage with 8 threads a column (LayerNorm's one-pass backward's ~264 chunks: one thread a column
-// walking every chunk waits on each load in turn): block (32, 8) sums columns blockIdx.x * 32 + threadIdx.x, thread
-// y the chunks y, y + 8, ... in order, then the 8 in order y = 0..7. Returns the sum to threadIdx.y == 0 (others: 0).
+// The partials' second stage with 8 threads a column (the ~264 chunks of LayerNorm's one-pass backward: one thread
+// a column walking every chunk waits on each load in turn): block (32, 8) sums columns blockIdx.x * 32 +
+// threadIdx.x, thread y the chunks y, y + 8, ... in order, then the 8 in order y = 0..7. Returns the sum to
+// threadIdx.y == 0 (others: 0).
 __device__ __forceinline__ float colsum_chunks8(const float* part, int nchunks, int width, int c) {
     __shared__ float sh[8][32];
     float s = 0.0f;

@@ -78,8 +78,8 @@ __global__ void fused_residual_layernorm_forward_batched(T* residual, T* out, fl
 // The weight/bias gradients are column sums (the _params_ kernels below: deterministic, fixed order), or all in one
 // pass: layernorm_backward_onepass.
 
-// A row's two means (mean(dnorm), mean(dnorm * norm)), summed by one warp: every lane gets them. Both backward
-// kernels take them from here, so their dinp agree bit for bit.
+// A row's two means (mean(dnorm), mean(dnorm * norm)), summed by one warp (every lane gets them): the dinp
+// kernels' first pass
 template <class T, int U>
 __device__ __forceinline__ float2 layernorm_backward_means(const T* dout, const T* inp, const T* w, float m, float r,
                                                            int C) {
@@ -97,7 +97,7 @@ __device__ __forceinline__ float2 layernorm_backward_means(const T* dout, const 
                    });
     return make_float2(warp_sum(a) / C, warp_sum(bsum) / C);
 }
-// the increment of one element of dinp given the row's mean, rstd and means
+// the increment of one element of dinp given the row's mean, rstd and means (every backward kernel's formula)
 __device__ __forceinline__ float layernorm_dinp(float x, float dy, float w, float m, float r, float a, float bsum) {
     const float dn = dy * w, norm = (x - m) * r;
     return (dn - a - norm * bsum) * r;
@@ -251,7 +251,8 @@ __device__ __forceinline__ void norm_backward_onepass(T* dinp, float* part, floa
 #pragma unroll
                     for (int j = 0; j < N; j++) {
                         float a[K];
-                        const float inc = elem(mr[i], ab, to_f(q[i].p[0].v[j]), to_f(q[i].p[1].v[j]), to_f(pw.v[j]), a);
+                        const float inc = elem(mr[i], ab, to_f(q[i].p[0].v[j]), to_f(q[i].p[1].v[j]),
+                                               to_f(pw.v[j]), a);
 #pragma unroll
                         for (int k = 0; k < K; k++) acc[k][j] += a[k];
                         d.v[j] = from_f<T>(to_f(d.v[j]) + inc);
@@ -288,7 +289,7 @@ __device__ __forceinline__ void norm_backward_onepass(T* dinp, float* part, floa
 }
 
 // dinp, and the partials of dw | db (part, 2C wide) and of the updated dinp (sum_part, C wide; null: not formed),
-// in one read of each row (common.cuh norm_backward_onepass). The row means are summed in another order than the
+// in one read of each row (norm_backward_onepass above). The row means are summed in another order than the
 // dinp kernel's, so dinp takes other bits than the separate kernels give. Two rows a thread (128 registers); four
 // were slower (held to 128 registers they spill; H200, 2026-11-30: d12 0.2235 vs 0.1797 ms, d48 0.0678 vs 0.0606).
 template <class T>
