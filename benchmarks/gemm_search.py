@@ -35,6 +35,20 @@ CFG_ATTRS = ("ID", "TILE_ID", "STAGES_ID", "SPLITK_NUM", "REDUCTION_SCHEME", "CT
              "INNER_SHAPE_ID", "CLUSTER_SHAPE_ID")
 
 
+def planned_product(cp, g, rng, bf, M, N, K, tx, ty, epi, has_bias):
+    """Random bf16 operands of one product shape (as Gemm.mm takes them) and the Gemm plan its first call made:
+    (x, y, out, bias, aux, plan); plan[4] holds the heuristic's candidates (g.loaded: its whole list). The caller
+    keeps bias and aux alive: the plan's descriptor points at them."""
+    x = cp.asarray(rng.standard_normal((K, M) if tx else (M, K), dtype=np.float32)).astype(bf)
+    y = cp.asarray(rng.standard_normal((N, K) if ty else (K, N), dtype=np.float32)).astype(bf)
+    out = cp.empty((M, N), bf)
+    bias = cp.zeros(N, bf) if has_bias else None
+    aux = cp.empty((M, N), bf) if epi == "gelu" else None
+    before = set(g._plans)
+    g.mm(out, x, y, M, N, K, transx=tx, transy=ty, bias=bias, epilogue=epi, aux=aux)
+    return x, y, out, bias, aux, g._plans[(set(g._plans) - before).pop()]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", choices=sorted(SHAPES), action="append")
@@ -86,15 +100,8 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     for group in args.shapes or ["d48", "d12"]:
         for name, M, N, K, tx, ty, epi, has_bias in SHAPES[group]:
-            x = cp.asarray(rng.standard_normal((K, M) if tx else (M, K), dtype=np.float32)).astype(bf)
-            y = cp.asarray(rng.standard_normal((N, K) if ty else (K, N), dtype=np.float32)).astype(bf)
-            out = cp.empty((M, N), bf)
-            bias = cp.zeros(N, bf) if has_bias else None
-            aux = cp.empty((M, N), bf) if epi == "gelu" else None
-            before = set(g._plans)
-            g.mm(out, x, y, M, N, K, transx=tx, transy=ty, bias=bias, epilogue=epi, aux=aux)
-            key = (set(g._plans) - before).pop()
-            desc, la, lb, ld_, cands = g._plans[key][:5]
+            x, y, out, bias, aux, plan = planned_product(cp, g, rng, bf, M, N, K, tx, ty, epi, has_bias)
+            desc, la, lb, ld_, cands = plan[:5]
 
             def run(algo, ws=WORKSPACE_BYTES):
                 lt.matmul(g.handle, desc, g._one.ctypes.data, y.data.ptr, la, x.data.ptr, lb, g._zero.ctypes.data,

@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import cupy as cp
 
+    from benchmarks.gemm_search import planned_product
     from llmpy.backends.cuda.gemm import Gemm
     from llmpy.backends.cuda.runtime import bf16_dtype
     g = Gemm(cp, "bf16")
@@ -74,15 +75,7 @@ def main(argv=None) -> int:
     for name, calls, M, N, K, tx, ty, epi, has_bias in SHAPES:
         if args.only and name not in args.only:
             continue
-        x = cp.asarray(rng.standard_normal((K, M) if tx else (M, K), dtype=np.float32)).astype(bf)
-        y = cp.asarray(rng.standard_normal((N, K) if ty else (K, N), dtype=np.float32)).astype(bf)
-        out = cp.empty((M, N), bf)
-        bias = cp.zeros(N, bf) if has_bias else None
-        aux = cp.empty((M, N), bf) if epi == "gelu" else None
-        before = set(g._plans)
-        g.mm(out, x, y, M, N, K, transx=tx, transy=ty, bias=bias, epilogue=epi, aux=aux)
-        key = (set(g._plans) - before).pop()
-        plan = g._plans[key]
+        x, y, out, bias, aux, plan = planned_product(cp, g, rng, bf, M, N, K, tx, ty, epi, has_bias)
         cands = plan[4]
         keep = plan[6]
 
