@@ -14,11 +14,14 @@ memory); warm-up steps are dropped and the median step time of the rest is repor
 device memory in use by the process at its peak as the framework reports it (llmpy: CuPy's pool plus the
 cuBLASLt/cuDNN workspaces inside it; PyTorch: max_memory_reserved), and the device-wide used memory (NVML's
 view, context included) for both. MFU: the family's flops_per_token (GPT-2: llm.c's 6N + 6LCT; Llama 3:
-torchtitan's 6N + 12 L H d T) at 989 TFLOP/s.
+torchtitan's 6N + 12 L H d T) at 989 TFLOP/s. Energy: the GPU's energy counter (NVML, read through the driver's
+libnvidia-ml with ctypes; GPU index 0, the one both sides use) over the timed steps, in joules a step: at the
+power limit (an H200's 700 W, which every side of these benchmarks reaches) a step's time follows its energy.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -113,6 +116,9 @@ def report(args, res):
             a, b = res[side], res["torch"]
             print(f"{side} / PyTorch: speed {a['tok_s'] / b['tok_s']:.3f}x, peak memory "
                   f"{a['peak_gib'] / b['peak_gib']:.3f}x (device used {a['device_gib'] / b['device_gib']:.3f}x)")
+    for side, r in res.items():
+        if r.get("joules_per_step") is not None:
+            print(f"{side}: {r['joules_per_step']:.1f} J a step (GPU 0's energy counter over the timed steps)")
     tuned = [side for side in res if res[side].get("tuned")]
     for r in res[tuned[0]]["tuned"] if tuned else []:  # the first tuned side's choices (--json: every side's)
         if r["index"]:
@@ -122,6 +128,31 @@ def report(args, res):
 
 def flops_per_token(cfg, T):
     return cfg.flops_per_token(T)
+
+
+class EnergyCounter:
+    """NVML's total energy counter of GPU 0 (millijoules since the driver loaded), through ctypes (no Python NVML
+    package needed); mj() is None where the library or the counter is missing."""
+
+    def __init__(self):
+        self.lib, self.dev = None, ctypes.c_void_p()
+        try:
+            lib = ctypes.CDLL("libnvidia-ml.so.1")
+            if lib.nvmlInit_v2() == 0 and lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(self.dev)) == 0:
+                self.lib = lib
+        except (OSError, AttributeError):
+            pass
+
+    def mj(self):
+        if self.lib is None:
+            return None
+        v = ctypes.c_ulonglong()
+        return v.value if self.lib.nvmlDeviceGetTotalEnergyConsumption(self.dev, ctypes.byref(v)) == 0 else None
+
+
+def joules_per_step(e0, e1, steps):
+    """Joules a step between two readings of EnergyCounter.mj() over `steps` steps (None if either is missing)."""
+    return None if e0 is None or e1 is None or steps < 1 else round((e1 - e0) / 1e3 / steps, 2)
 
 
 def device_used_gib():
@@ -145,6 +176,7 @@ def measure(args) -> dict:
     rng = np.random.default_rng(0)
     data = [rng.integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32) for _ in range(8)]
     times, extra = [], {}
+    energy, e0, e1 = EnergyCounter(), None, None
     if args.side in ("llmpy", "llmpy+tune"):
         import cupy
 
@@ -175,7 +207,10 @@ def measure(args) -> dict:
                 now = time.perf_counter()
                 times.append(now - t_prev)
                 t_prev = now
+                if len(times) == args.warmup:  # the timed steps start here
+                    e0 = energy.mj()
             prev = h
+        e1 = energy.mj()
         pool = cupy.get_default_memory_pool()
         peak = pool.total_bytes() / 2**30
         if be.gemm.tune:
@@ -200,6 +235,8 @@ def measure(args) -> dict:
         for i in range(args.warmup + args.steps):
             b = td[i % len(td)]
             torch.cuda.synchronize()
+            if i == args.warmup:  # the timed steps start here
+                e0 = energy.mj()
             t0 = time.perf_counter()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = fwd(b[:, :-1], b[:, 1:])
@@ -209,11 +246,13 @@ def measure(args) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.item()
             times.append(time.perf_counter() - t0)
+        e1 = energy.mj()
         peak = torch.cuda.max_memory_reserved() / 2**30
     step = statistics.median(times[args.warmup:])
     tok_s = B * T / step
     return {"tok_s": tok_s, "step_ms": step * 1e3, "peak_gib": peak, "device_gib": device_used_gib(),
-            "mfu": tok_s * flops_per_token(cfg, T) / PEAK_FLOPS, **extra}
+            "mfu": tok_s * flops_per_token(cfg, T) / PEAK_FLOPS, "joules_per_step": joules_per_step(e0, e1, args.steps),
+            **extra}
 
 
 if __name__ == "__main__":
