@@ -75,6 +75,33 @@ def test_matmul_backward_gelu_db_is_the_next_layers_bias_sum(be):
         be.matmul_backward(dinp, dw, None, dout, x, w, gelu_db=gdb)
 
 
+def test_layernorm_dinp_sums_are_the_next_products_bias_sum(be):
+    """layernorm_backward(dinp_sums=True) hands the column sums of its updated dinp to the product below
+    (matmul_backward(db_sums=)): bitwise the sum that product's own matmul_backward forms from dinp, accumulating
+    and as a first write; a handle a later call replaced, or one of another width, is refused."""
+    x, dout, w, mean, rstd = r(3, 11, 12), r(3, 11, 12), r(12), r(33), np.abs(r(33)) + 0.5
+    dinp, dw, db = r(3, 11, 12), r(12), r(12)
+    lin, inp = r(12, 5), r(3, 11, 5)  # the product below: out (3, 11, 12) = inp @ lin.T
+    sums = be.layernorm_backward(dinp, dw, db, dout, x, w, mean, rstd, dinp_sums=True)
+    bias0 = r(12)
+    got, want = bias0.copy(), bias0.copy()
+    be.matmul_backward(None, None, got, dinp, None, lin, db_sums=sums)
+    be.matmul_backward(None, r(12, 5), want, dinp, inp, lin)
+    assert np.array_equal(got, want) and not np.array_equal(got, bias0)
+    fresh, ref = np.full(12, np.nan, np.float32), np.full(12, np.nan, np.float32)
+    be.fresh_grads(fresh)
+    be.matmul_backward(None, None, fresh, dinp, None, lin, db_sums=sums)
+    be.fresh_grads(ref)
+    be.matmul_backward(None, None, ref, dinp, None, lin)
+    be.fresh = []
+    assert np.array_equal(fresh, ref) and not np.isnan(fresh).any()
+    later = be.layernorm_backward(dinp, dw, db, dout, x, w, mean, rstd, dinp_sums=True)
+    with pytest.raises(ValueError, match="db_sums"):
+        be.matmul_backward(None, None, got, dinp, None, lin, db_sums=sums)
+    with pytest.raises(ValueError, match="db_sums"):
+        be.matmul_backward(None, None, r(5), inp, None, r(5, 12), db_sums=later)
+
+
 def test_classifier_blocked_is_bitwise_the_layer(be):
     N, V = 3 * 11, 37
     logits, t = r(3, 11, 64) * 4, RNG.integers(0, V, (3, 11))
