@@ -49,7 +49,8 @@ def main(argv=None):
     ap.add_argument("--fast-attention", action="store_true", help="llmpy: cuDNN's non-deterministic attention backward")
     ap.add_argument("--tune-gemm", action="store_true", help="llmpy: time cuBLASLt's top algorithms per shape")
     ap.add_argument("--sides", default="llmpy,torch", help="comma-separated: llmpy, llmpy+tune (llmpy with "
-                    "--tune-gemm), torch; each runs in its own process")
+                    "--tune-gemm), llmpy+fast and llmpy+tune+fast (with --fast-attention), torch; each runs in its "
+                    "own process")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -57,6 +58,9 @@ def main(argv=None):
         print("RESULT " + json.dumps(measure(args)), flush=True)
         return
     res = {}
+    for side in args.sides.split(","):  # all checked before the first side runs
+        if side != "torch" and (side.split("+")[0] != "llmpy" or not set(side.split("+")[1:]) <= {"tune", "fast"}):
+            raise SystemExit(f"unknown side {side!r}: llmpy[+tune][+fast] or torch")
     for side in args.sides.split(","):
         cmd = [sys.executable, __file__, "--side", side] + _without_sides(argv or sys.argv[1:])
         _mark("start", f"{args.model}:{side}")
@@ -177,7 +181,8 @@ def measure(args) -> dict:
     data = [rng.integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32) for _ in range(8)]
     times, extra = [], {}
     energy, e0, e1 = EnergyCounter(), None, None
-    if args.side in ("llmpy", "llmpy+tune"):
+    if args.side.startswith("llmpy"):
+        flags = set(args.side.split("+")[1:])
         import cupy
 
         from llmpy.backends import get_backend
@@ -185,8 +190,8 @@ def measure(args) -> dict:
         from llmpy.train.optim import AdamW
         from llmpy.train.step import TrainStep
         be = get_backend("cuda", "bf16")
-        be.fast_attention = args.fast_attention
-        be.gemm.tune = args.tune_gemm or args.side == "llmpy+tune"
+        be.fast_attention = args.fast_attention or "fast" in flags
+        be.gemm.tune = args.tune_gemm or "tune" in flags
         model = family_of(cfg).model(cfg, be, B, T, recompute=args.recompute, recompute_keep=args.recompute_keep,
                                      master_weights=not args.no_master_weights)
         model.init_weights(0)

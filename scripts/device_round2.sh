@@ -16,7 +16,8 @@
 #   gemm_sustained  d48's products timed as the tuner does and back-to-back at the power limit (benchmarks/gemm_sustained.py)
 # LEAN="--no-master-weights --moments bf16" is the optimizer the d48 and Llama figures use (override with env LEAN);
 # recompute: R12 (default 0), R48 (1), RL (0), with --recompute-keep K12, K48, KL (0); LEAN12 the d12 optimizer flags (default LEAN);
-# SIDES=llmpy skips the PyTorch side of the benchmarks (SIDES=llmpy,llmpy+tune,torch adds a --tune-gemm side);
+# SIDES=llmpy skips the PyTorch side of the benchmarks (SIDES=llmpy,llmpy+tune,torch adds a --tune-gemm side; +fast:
+# --fast-attention, e.g. llmpy+tune+fast);
 # VONLY="gelu swiglu" limits the variants stage to those groups; TUNE=--tune-gemm profiles with tuned products; TRACE=1 keeps prof_d48's chrome trace. Results: $OUT/summary.txt and $OUT/round2.tgz (the rest,
 # with smi.csv: nvidia-smi's SM clock and power every 500 ms; summary.txt ends with their medians per stage and
 # benchmark side).

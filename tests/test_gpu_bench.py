@@ -17,3 +17,11 @@ def test_energy_counter_without_the_library_reads_none(monkeypatch):
         raise OSError(f"{name}: cannot open shared object file")
     monkeypatch.setattr(ctypes, "CDLL", missing)
     assert EnergyCounter().mj() is None
+
+
+def test_unknown_side_is_refused_before_any_side_runs():
+    import pytest
+
+    from benchmarks.gpu import main
+    with pytest.raises(SystemExit, match="unknown side 'llmpy\\+turbo'"):
+        main(["--sides", "llmpy+tune,llmpy+turbo"])
