@@ -122,7 +122,8 @@ def report(args, res):
                   f"{a['peak_gib'] / b['peak_gib']:.3f}x (device used {a['device_gib'] / b['device_gib']:.3f}x)")
     for side, r in res.items():
         if r.get("joules_per_step") is not None:
-            print(f"{side}: {r['joules_per_step']:.1f} J a step (GPU 0's energy counter over the timed steps)")
+            print(f"{side}: {r['joules_per_step']:.1f} J a step, {r['watts']:.0f} W mean over the timed steps "
+                  f"({r['mean_step_ms']:.1f} ms a step on average; GPU 0's energy counter)")
     tuned = [side for side in res if res[side].get("tuned")]
     for r in res[tuned[0]]["tuned"] if tuned else []:  # the first tuned side's choices (--json: every side's)
         if r["index"]:
@@ -154,6 +155,11 @@ class EnergyCounter:
         return v.value if self.lib.nvmlDeviceGetTotalEnergyConsumption(self.dev, ctypes.byref(v)) == 0 else None
 
 
+def watts(e0, e1, seconds):
+    """Mean power between two readings of EnergyCounter.mj() `seconds` apart (None if either is missing)."""
+    return None if e0 is None or e1 is None or seconds <= 0 else round((e1 - e0) / 1e3 / seconds, 1)
+
+
 def joules_per_step(e0, e1, steps):
     """Joules a step between two readings of EnergyCounter.mj() over `steps` steps (None if either is missing)."""
     return None if e0 is None or e1 is None or steps < 1 else round((e1 - e0) / 1e3 / steps, 2)
@@ -180,7 +186,7 @@ def measure(args) -> dict:
     rng = np.random.default_rng(0)
     data = [rng.integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32) for _ in range(8)]
     times, extra = [], {}
-    energy, e0, e1 = EnergyCounter(), None, None
+    energy, e0, e1, w0, w1 = EnergyCounter(), None, None, None, None
     if args.side.startswith("llmpy"):
         flags = set(args.side.split("+")[1:])
         import cupy
@@ -213,9 +219,9 @@ def measure(args) -> dict:
                 times.append(now - t_prev)
                 t_prev = now
                 if len(times) == args.warmup:  # the timed steps start here
-                    e0 = energy.mj()
+                    e0, w0 = energy.mj(), time.perf_counter()
             prev = h
-        e1 = energy.mj()
+        e1, w1 = energy.mj(), time.perf_counter()
         pool = cupy.get_default_memory_pool()
         peak = pool.total_bytes() / 2**30
         if be.gemm.tune:
@@ -241,7 +247,7 @@ def measure(args) -> dict:
             b = td[i % len(td)]
             torch.cuda.synchronize()
             if i == args.warmup:  # the timed steps start here
-                e0 = energy.mj()
+                e0, w0 = energy.mj(), time.perf_counter()
             t0 = time.perf_counter()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = fwd(b[:, :-1], b[:, 1:])
@@ -251,12 +257,13 @@ def measure(args) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.item()
             times.append(time.perf_counter() - t0)
-        e1 = energy.mj()
+        e1, w1 = energy.mj(), time.perf_counter()
         peak = torch.cuda.max_memory_reserved() / 2**30
     step = statistics.median(times[args.warmup:])
     tok_s = B * T / step
     return {"tok_s": tok_s, "step_ms": step * 1e3, "peak_gib": peak, "device_gib": device_used_gib(),
             "mfu": tok_s * flops_per_token(cfg, T) / PEAK_FLOPS, "joules_per_step": joules_per_step(e0, e1, args.steps),
+            "mean_step_ms": (w1 - w0) / args.steps * 1e3, "watts": watts(e0, e1, w1 - w0),
             **extra}
 
 

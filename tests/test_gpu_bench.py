@@ -1,5 +1,5 @@
 """benchmarks/gpu.py's energy accounting (no GPU needed: the counter's readings are given)."""
-from benchmarks.gpu import EnergyCounter, joules_per_step
+from benchmarks.gpu import EnergyCounter, joules_per_step, watts
 
 
 def test_joules_per_step_from_two_readings():
@@ -8,6 +8,12 @@ def test_joules_per_step_from_two_readings():
     assert joules_per_step(None, 5_000, 2) is None  # no counter: no figure, never a made-up one
     assert joules_per_step(1_000, None, 2) is None
     assert joules_per_step(1_000, 5_000, 0) is None
+
+
+def test_mean_watts_from_two_readings():
+    assert watts(1_000, 70_000, 0.1) == 690.0  # 69 J in 100 ms
+    assert watts(None, 70_000, 0.1) is None
+    assert watts(1_000, 70_000, 0.0) is None
 
 
 def test_energy_counter_without_the_library_reads_none(monkeypatch):
