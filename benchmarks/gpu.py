@@ -124,6 +124,11 @@ def report(args, res):
         if r.get("joules_per_step") is not None:
             print(f"{side}: {r['joules_per_step']:.1f} J a step, {r['watts']:.0f} W mean over the timed steps "
                   f"({r['mean_step_ms']:.1f} ms a step on average; GPU 0's energy counter)")
+        if r.get("power"):
+            p = r["power"]
+            print(f"  {side} power per counter update (~{p['update_ms']} ms, {p['intervals']} of them): "
+                  f"p5 {p['p5']:.0f}, p25 {p['p25']:.0f}, median {p['p50']:.0f}, p75 {p['p75']:.0f}, p95 {p['p95']:.0f} W; "
+                  f"{p['below_600w'] * 100:.1f}% of the time below 600 W")
     tuned = [side for side in res if res[side].get("tuned")]
     for r in res[tuned[0]]["tuned"] if tuned else []:  # the first tuned side's choices (--json: every side's)
         if r["index"]:
@@ -153,6 +158,53 @@ class EnergyCounter:
             return None
         v = ctypes.c_ulonglong()
         return v.value if self.lib.nvmlDeviceGetTotalEnergyConsumption(self.dev, ctypes.byref(v)) == 0 else None
+
+
+class PowerTrace:
+    """Polls an EnergyCounter from a thread (every `period` s) between start() and stop(), keeping (time, mJ) each
+    time the counter moves: how the power varies within the timed steps, at the counter's own update rate."""
+
+    def __init__(self, counter, period=0.002):
+        import threading
+        self.counter, self.period, self.points = counter, period, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        if self.counter.mj() is not None:
+            self._thread.start()
+        return self
+
+    def _run(self):
+        last = None
+        while not self._stop.is_set():
+            v = self.counter.mj()
+            if v is not None and v != last:
+                self.points.append((time.perf_counter(), v))
+                last = v
+            time.sleep(self.period)
+
+    def stop(self):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        return power_profile(self.points)
+
+
+def power_profile(points):
+    """From (seconds, mJ) readings taken when the counter moved: the counter's median update interval and the
+    power over each interval (percentiles, and the share of the time below 600 W). None with under 3 points."""
+    if len(points) < 3:
+        return None
+    import numpy as np
+    t, e = np.array(points, dtype=np.float64).T
+    dt, de = np.diff(t), np.diff(e) / 1e3
+    w = de / dt
+    order = np.argsort(w)
+    cum = np.cumsum(dt[order]) / dt.sum()  # time-weighted percentiles
+    pct = {f"p{q}": round(float(w[order][np.searchsorted(cum, q / 100)]), 1) for q in (5, 25, 50, 75, 95)}
+    return {"update_ms": round(float(np.median(dt)) * 1e3, 2), "intervals": int(dt.size), **pct,
+            "below_600w": round(float(dt[w < 600].sum() / dt.sum()), 3)}
 
 
 def watts(e0, e1, seconds):
@@ -187,6 +239,7 @@ def measure(args) -> dict:
     data = [rng.integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32) for _ in range(8)]
     times, extra = [], {}
     energy, e0, e1, w0, w1 = EnergyCounter(), None, None, None, None
+    trace = PowerTrace(energy)  # started with the timed steps
     if args.side.startswith("llmpy"):
         flags = set(args.side.split("+")[1:])
         import cupy
@@ -219,9 +272,10 @@ def measure(args) -> dict:
                 times.append(now - t_prev)
                 t_prev = now
                 if len(times) == args.warmup:  # the timed steps start here
-                    e0, w0 = energy.mj(), time.perf_counter()
+                    e0, w0, trace = energy.mj(), time.perf_counter(), PowerTrace(energy).start()
             prev = h
         e1, w1 = energy.mj(), time.perf_counter()
+        extra["power"] = trace.stop()
         pool = cupy.get_default_memory_pool()
         peak = pool.total_bytes() / 2**30
         if be.gemm.tune:
@@ -247,7 +301,7 @@ def measure(args) -> dict:
             b = td[i % len(td)]
             torch.cuda.synchronize()
             if i == args.warmup:  # the timed steps start here
-                e0, w0 = energy.mj(), time.perf_counter()
+                e0, w0, trace = energy.mj(), time.perf_counter(), PowerTrace(energy).start()
             t0 = time.perf_counter()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = fwd(b[:, :-1], b[:, 1:])
@@ -258,6 +312,7 @@ def measure(args) -> dict:
             loss.item()
             times.append(time.perf_counter() - t0)
         e1, w1 = energy.mj(), time.perf_counter()
+        extra["power"] = trace.stop()
         peak = torch.cuda.max_memory_reserved() / 2**30
     step = statistics.median(times[args.warmup:])
     tok_s = B * T / step

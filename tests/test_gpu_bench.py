@@ -31,3 +31,38 @@ def test_unknown_side_is_refused_before_any_side_runs():
     from benchmarks.gpu import main
     with pytest.raises(SystemExit, match="unknown side 'llmpy\\+turbo'"):
         main(["--sides", "llmpy+tune,llmpy+turbo"])
+
+
+def test_power_profile_weights_each_interval_by_its_time():
+    from benchmarks.gpu import power_profile
+    # 10 ms at 700 W, then 30 ms at 300 W, then 10 ms at 700 W (counter in mJ)
+    pts = [(0.00, 0), (0.01, 7_000), (0.04, 16_000), (0.05, 23_000)]
+    p = power_profile(pts)
+    assert p["intervals"] == 3 and p["update_ms"] == 10.0
+    assert p["p50"] == 300.0 and p["p5"] == 300.0 and p["p95"] == 700.0
+    assert p["below_600w"] == 0.6
+    assert power_profile(pts[:2]) is None
+
+
+def test_power_trace_without_a_counter_reports_nothing():
+    from benchmarks.gpu import PowerTrace
+
+    class NoCounter:
+        def mj(self):
+            return None
+    assert PowerTrace(NoCounter()).start().stop() is None
+
+
+def test_power_trace_follows_a_moving_counter():
+    import time
+
+    from benchmarks.gpu import PowerTrace
+
+    class Kilowatt:  # 1 mJ a microsecond: 1,000 W
+        def mj(self):
+            return int(time.perf_counter() * 1e6)
+    tr = PowerTrace(Kilowatt(), period=0.001).start()
+    time.sleep(0.05)
+    p = tr.stop()
+    assert p is not None and p["intervals"] >= 5
+    assert 800 < p["p50"] < 1250 and p["below_600w"] < 0.5
