@@ -15,8 +15,11 @@ device memory in use by the process at its peak as the framework reports it (llm
 cuBLASLt/cuDNN workspaces inside it; PyTorch: max_memory_reserved), and the device-wide used memory (NVML's
 view, context included) for both. MFU: the family's flops_per_token (GPT-2: llm.c's 6N + 6LCT; Llama 3:
 torchtitan's 6N + 12 L H d T) at 989 TFLOP/s. Energy: the GPU's energy counter (NVML, read through the driver's
-libnvidia-ml with ctypes; GPU index 0, the one both sides use) over the timed steps, in joules a step: at the
-power limit (an H200's 700 W, which every side of these benchmarks reaches) a step's time follows its energy.
+libnvidia-ml with ctypes; GPU index 0, the one both sides use) over the timed steps: joules a step and the mean
+power. The counter moves only every ~100 ms on an H200, so a thread polls it and the mean power is taken between its
+first and last move inside the window (readings at the window's ends are up to one update stale: +-3% over 20 d48
+steps). Every side of these benchmarks runs at the power limit (an H200's 700 W), where a step's time is its energy
+over the mean power the GPU holds.
 """
 from __future__ import annotations
 
@@ -123,12 +126,13 @@ def report(args, res):
     for side, r in res.items():
         if r.get("joules_per_step") is not None:
             print(f"{side}: {r['joules_per_step']:.1f} J a step, {r['watts']:.0f} W mean over the timed steps "
-                  f"({r['mean_step_ms']:.1f} ms a step on average; GPU 0's energy counter)")
+                  f"({r['mean_step_ms']:.1f} ms a step on average; GPU 0's energy counter read at the window's ends, "
+                  f"each reading up to one update stale)")
         if r.get("power"):
             p = r["power"]
-            print(f"  {side} power per counter update (~{p['update_ms']} ms, {p['intervals']} of them): "
-                  f"p5 {p['p5']:.0f}, p25 {p['p25']:.0f}, median {p['p50']:.0f}, p75 {p['p75']:.0f}, p95 {p['p95']:.0f} W; "
-                  f"{p['below_600w'] * 100:.1f}% of the time below 600 W")
+            print(f"  {side}: {p['watts']:.0f} W mean between the counter's first and last update in the window "
+                  f"({p['span_s']:.2f} s; it updates every ~{p['update_ms']:.0f} ms) = "
+                  f"{p['watts'] * r['mean_step_ms'] / 1e3:.1f} J a step at the mean step")
     tuned = [side for side in res if res[side].get("tuned")]
     for r in res[tuned[0]]["tuned"] if tuned else []:  # the first tuned side's choices (--json: every side's)
         if r["index"]:
@@ -192,19 +196,16 @@ class PowerTrace:
 
 
 def power_profile(points):
-    """From (seconds, mJ) readings taken when the counter moved: the counter's median update interval and the
-    power over each interval (percentiles, and the share of the time below 600 W). None with under 3 points."""
+    """From (seconds, mJ) readings taken when the counter moved: its median update interval and the mean power
+    between its first and last move in the window. The counter moves only every ~100 ms on an H200, so a reading at
+    an arbitrary moment is up to one update stale; between two moves it is exact (to the polling period). Single
+    updates are not reported: their energy and their time do not line up that well. None with under 3 points."""
     if len(points) < 3:
         return None
-    import numpy as np
-    t, e = np.array(points, dtype=np.float64).T
-    dt, de = np.diff(t), np.diff(e) / 1e3
-    w = de / dt
-    order = np.argsort(w)
-    cum = np.cumsum(dt[order]) / dt.sum()  # time-weighted percentiles
-    pct = {f"p{q}": round(float(w[order][np.searchsorted(cum, q / 100)]), 1) for q in (5, 25, 50, 75, 95)}
-    return {"update_ms": round(float(np.median(dt)) * 1e3, 2), "intervals": int(dt.size), **pct,
-            "below_600w": round(float(dt[w < 600].sum() / dt.sum()), 3)}
+    (t0, e0), (t1, e1) = points[0], points[-1]
+    dt = sorted(b[0] - a[0] for a, b in zip(points, points[1:]))
+    return {"update_ms": round(dt[len(dt) // 2] * 1e3, 2), "span_s": round(t1 - t0, 3),
+            "watts": round((e1 - e0) / 1e3 / (t1 - t0), 1)}
 
 
 def watts(e0, e1, seconds):
