@@ -7,7 +7,9 @@ the GPT-2 / Llama benchmarks run them (a kernel is changed in llmpy only after i
    second hoping for L2) at the d12 and Llama 3 LM head chunks (8192 rows of 50304 and of 128256 columns), with
    blocks of 1024, 512 and 256 threads (a row a block either way). Candidates: `cls_batched<P>` (P packs a thread
    loaded before any is used; the same bits as the shipped kernel at the same block size) and a probe with pass 2's
-   exponentials in half precision (whether the special-function units bound it). Earlier candidates, all measured
+   exponentials in half precision (whether the special-function units bound it), and two floors: the shipped memory
+   pattern with a max for all its arithmetic, and the same bytes read and written once by a flat grid (where the
+   row structure does not count). Earlier candidates, all measured
    no faster (NOTES.md, rounds 4 and 7): the row kept in registers, staged in shared memory with plain loads, and
    staged with cp.async over a cluster of blocks.
 2. AdamW, bf16 weights and moments (shipped: kernels/adamw.cu). Not candidates but bounds: `adamw_traffic` moves
@@ -153,6 +155,38 @@ __global__ void __launch_bounds__(1024, 2) cls_probe_f16exp(T* logits, float* lo
         store16(x + i, o);
     }
 }
+// probes, not candidates, for the classifier's floor: (a) the shipped kernel's memory pattern (a row a block: pass 1
+// reads the row, a block reduction, pass 2 reads it again and writes it) with a max for all its arithmetic;
+// (b) the same bytes with no row structure: every 16-byte pack read once and written back once, a flat grid
+template <class T>
+__global__ void __launch_bounds__(1024, 2) cls_probe_bytes(T* logits, float* losses, const int* targets, float dloss, int V, int Vp) {
+    constexpr int N = Pack<T>::N;
+    T* x = logits + (long long)blockIdx.x * Vp;
+    MaxSum acc = {-INFINITY, 1.0f};
+    for (int i = threadIdx.x * N; i < V; i += blockDim.x * N) {
+        Pack<T> p = load16(x + i);
+#pragma unroll
+        for (int k = 0; k < N; k++) acc.m = fmaxf(acc.m, to_f(p.v[k]));
+    }
+    acc = block_maxsum(acc);
+    if (threadIdx.x == 0) losses[blockIdx.x] = acc.m + (float)targets[blockIdx.x];
+    for (int i = threadIdx.x * N; i < Vp; i += blockDim.x * N) {
+        Pack<T> p = load16(x + i);
+#pragma unroll
+        for (int k = 0; k < N; k++) p.v[k] = from_f<T>((to_f(p.v[k]) - acc.m) * dloss);
+        store16(x + i, p);
+    }
+}
+template <class T>
+__global__ void inplace_stream(T* x, long long packs, float a) {
+    constexpr int N = Pack<T>::N;
+    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < packs; j += (long long)gridDim.x * blockDim.x) {
+        Pack<T> p = load16(x + j * N);
+#pragma unroll
+        for (int k = 0; k < N; k++) p.v[k] = from_f<T>(to_f(p.v[k]) * a);
+        store16(x + j * N, p);
+    }
+}
 // AdamW's bytes (bf16 p, g, m, v read; p, m, v written) with next to no arithmetic: the HBM floor
 __global__ void adamw_traffic(__nv_bfloat16* p, const __nv_bfloat16* g, __nv_bfloat16* m, __nv_bfloat16* v, long long n) {
     typedef __nv_bfloat16 T;
@@ -209,7 +243,8 @@ def main(argv=None) -> int:
     cheap = "__device__ __forceinline__ unsigned int cheap_u32(unsigned int x) { return x * 0x9e3779b1u; }\n" + cheap
     classifier_src = (KERNELS / "classifier.cu").read_text().replace('#include "common.cuh"', "")
     bf = "__nv_bfloat16"
-    exprs = [f"cls_batched<{bf}, 2>", f"cls_batched<{bf}, 4>", f"cls_probe_f16exp<{bf}>", "adamw_traffic", f"adamw_cheaphash<{bf}>"]
+    exprs = [f"cls_batched<{bf}, 2>", f"cls_batched<{bf}, 4>", f"cls_probe_f16exp<{bf}>", f"cls_probe_bytes<{bf}>",
+             f"inplace_stream<{bf}>", "adamw_traffic", f"adamw_cheaphash<{bf}>"]
     cc = cp.cuda.Device().compute_capability
     mod = cp.RawModule(code=common + classifier_src + VARIANTS_SRC + cheap, options=("-std=c++17", f"-arch=sm_{cc}"),
                        name_expressions=exprs)
@@ -251,6 +286,12 @@ def main(argv=None) -> int:
             if threads == 1024:
                 cands.append(("probe: pass 2's exps in f16x2", lambda: fn[f"cls_probe_f16exp<{bf}>"](
                     (rows,), (1024,), args_k())))
+                cands.append(("probe: the same bytes, a max only", lambda: fn[f"cls_probe_bytes<{bf}>"](
+                    (rows,), (1024,), args_k())))
+                packs = rows * Vp // 8
+                for blocks in (132 * 8, 132 * 64, cdiv(packs, 256)):  # resident grids and one thread a pack
+                    cands.append((f"probe: flat read + write, {blocks} x 256", lambda blocks=blocks, packs=packs: fn[
+                        f"inplace_stream<{bf}>"]((blocks,), (256,), (buf, np.int64(packs), np.float32(1.0)))))
             for name, launch in cands:
                 buf[...] = src
                 launch()
