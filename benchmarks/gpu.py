@@ -166,7 +166,7 @@ class EnergyCounter:
 
 class PowerTrace:
     """Polls an EnergyCounter from a thread (every `period` s) between start() and stop(), keeping (time, mJ) each
-    time the counter moves: how the power varies within the timed steps, at the counter's own update rate."""
+    time the counter moves; stop() returns power_profile of them."""
 
     def __init__(self, counter, period=0.002):
         import threading
@@ -319,7 +319,8 @@ def measure(args) -> dict:
     tok_s = B * T / step
     return {"tok_s": tok_s, "step_ms": step * 1e3, "peak_gib": peak, "device_gib": device_used_gib(),
             "mfu": tok_s * flops_per_token(cfg, T) / PEAK_FLOPS, "joules_per_step": joules_per_step(e0, e1, args.steps),
-            "mean_step_ms": (w1 - w0) / args.steps * 1e3, "watts": watts(e0, e1, w1 - w0),
+            "mean_step_ms": None if w0 is None else (w1 - w0) / args.steps * 1e3,
+            "watts": None if w0 is None else watts(e0, e1, w1 - w0),
             **extra}
 
 
