@@ -288,8 +288,8 @@ def main(argv=None) -> int:
                     (rows,), (1024,), args_k())))
                 cands.append(("probe: the same bytes, a max only", lambda: fn[f"cls_probe_bytes<{bf}>"](
                     (rows,), (1024,), args_k())))
-                packs = rows * Vp // 8
-                for blocks in (132 * 8, 132 * 64, cdiv(packs, 256)):  # resident grids and one thread a pack
+                packs, sms = rows * Vp // 8, cp.cuda.Device().attributes["MultiProcessorCount"]
+                for blocks in (sms * 8, sms * 64, cdiv(packs, 256)):  # resident grids and one thread a pack
                     cands.append((f"probe: flat read + write, {blocks} x 256", lambda blocks=blocks, packs=packs: fn[
                         f"inplace_stream<{bf}>"]((blocks,), (256,), (buf, np.int64(packs), np.float32(1.0)))))
             for name, launch in cands:
