@@ -62,8 +62,7 @@ def main(argv=None):
         return
     res = {}
     for side in args.sides.split(","):  # all checked before the first side runs
-        if side != "torch" and (side.split("+")[0] != "llmpy" or not set(side.split("+")[1:]) <= {"tune", "fast"}):
-            raise SystemExit(f"unknown side {side!r}: llmpy[+tune][+fast] or torch")
+        side_flags(side)
     for side in args.sides.split(","):
         cmd = [sys.executable, __file__, "--side", side] + _without_sides(argv or sys.argv[1:])
         _mark("start", f"{args.model}:{side}")
@@ -81,6 +80,16 @@ def main(argv=None):
     report(args, res)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": res}, indent=1))
+
+
+def side_flags(side: str) -> set[str] | None:
+    """A side's name -> its llmpy flags ("llmpy+tune+fast" -> {"tune", "fast"}), None for torch; exits on others."""
+    if side == "torch":
+        return None
+    base, *flags = side.split("+")
+    if base != "llmpy" or not set(flags) <= {"tune", "fast"}:
+        raise SystemExit(f"unknown side {side!r}: llmpy[+tune][+fast] or torch")
+    return set(flags)
 
 
 def _mark(what: str, name: str) -> None:
@@ -241,8 +250,8 @@ def measure(args) -> dict:
     times, extra = [], {}
     energy, e0, e1, w0, w1 = EnergyCounter(), None, None, None, None
     trace = PowerTrace(energy)  # started with the timed steps
-    if args.side.startswith("llmpy"):
-        flags = set(args.side.split("+")[1:])
+    flags = side_flags(args.side)
+    if flags is not None:
         import cupy
 
         from llmpy.backends import get_backend
