@@ -93,8 +93,8 @@ def side_flags(side: str) -> set[str] | None:
 
 
 def _mark(what: str, name: str) -> None:
-    """Appends "HH:MM:SS start|end NAME" to $LLMPY_STAGES_FILE if set (scripts/device_round2.sh matches them with
-    nvidia-smi's power and clock samples)."""
+    """Appends "HH:MM:SS start|end NAME" to $LLMPY_STAGES_FILE if set, so that a caller sampling nvidia-smi's power
+    and clocks can tell which side each sample belongs to."""
     path = os.environ.get("LLMPY_STAGES_FILE")
     if path:
         with open(path, "a") as f:

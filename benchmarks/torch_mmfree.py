@@ -5,7 +5,7 @@ Benchmarks only; never imported by llmpy, never copied into this repository.
 
 The reference code is read from an ignored folder: $LLMPY_MMFREE_REF, default build/ref/mmfreelm (e.g. `git archive`
 of the upstream repository's mmfreelm/). It needs torch, triton, transformers and einops. It does not run on
-Triton 3.x as published (`tl.math.round` is gone, their issue #38): we run a temporary copy in which that call is
+Triton 3.x as published (`tl.math.round` is gone there): we run a temporary copy in which that call is
 `tl.extra.cuda.libdevice.round` (the same rounding, half away from zero), the only change."""
 import os
 import shutil

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # lets tests import the PyTorch oracle from benchmarks/
+if str(ROOT) not in sys.path:  # lets tests import the PyTorch oracles from benchmarks/ and the probes from dev/
     sys.path.insert(0, str(ROOT))
 
 

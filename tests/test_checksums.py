@@ -128,6 +128,7 @@ def test_generic_files_and_names_filter(tmp_path):
         save_safetensors(p, {}, {"llmpy.crc32": "{}"})
 
 
+@pytest.mark.slow
 def test_resume_of_a_damaged_checkpoint_stops_and_touches_nothing(tmp_path, capsys):
     rng = np.random.default_rng(0)
     write_shard(tmp_path / "tr_000.bin", rng.integers(0, 50257, 3000))

@@ -1,4 +1,4 @@
-"""The command line (issue 11): bad input is a one-line error, never a traceback, a silent acceptance or a wrong
+"""The command line: bad input is a one-line error, never a traceback, a silent acceptance or a wrong
 answer; every option states its default; eval repeats training's validation; sample takes run folders, top-p,
 several samples and lengths past the context; --total-batch-size; the tiny-corpus warning."""
 import argparse

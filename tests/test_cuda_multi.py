@@ -1,7 +1,7 @@
 """Data parallel on 2 GPUs (`llmpy launch`): DP, ZeRO-1 and ZeRO-2 runs of 20 steps against a 1-GPU run with the
 same global batch (gradient accumulation), for GPT-2, Llama 3 and the MatMul-free LM; per-rank memory falls with the ZeRO stage; resume
 of a ZeRO run; --tune-gemm's choices shared by the ranks and replayed.
-Needs 2 GPUs (the device's nvidia-h200-x2 kind); skipped elsewhere."""
+Needs 2 GPUs of one host; skipped elsewhere."""
 import json
 import os
 import re

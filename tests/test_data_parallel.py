@@ -158,6 +158,7 @@ def loop_config(shards, out, **kw):
                        out=str(out), **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [0, 1, 2])
 def test_training_loop_on_two_thread_ranks(shards, tmp_path, zero):
     """Every collective of the loop (evaluation, sampling, checkpoints with ZeRO shards, the stop decision, resume)

@@ -323,6 +323,7 @@ while True:
     (0, signal.SIGSTOP, "rank 0's watchdog sent nothing for"),
     (0, signal.SIGKILL, "rank 0's watchdog connection dropped (rank 0 died?)"),
 ])
+@pytest.mark.slow
 def test_watchdog_dead_or_frozen_process(sub, sig, expect):
     """One rank is a real process that is frozen (SIGSTOP: no heartbeats, connection open) or killed."""
     rk = Ranks(3, timeout=0.6, ranks=[r for r in range(3) if r != sub])
@@ -352,6 +353,7 @@ def test_watchdog_dead_or_frozen_process(sub, sig, expect):
     assert took < (0.5 if sig == signal.SIGKILL else 0.6 + 1.0)
 
 
+@pytest.mark.slow
 def test_watchdog_clean_stop_aborts_nobody():
     rk = Ranks(3, timeout=0.4).start()
     try:

@@ -293,6 +293,7 @@ def oracle_score(model, task, records, enc, T=None):
     return sums, accs[0] / len(records), accs[1] / len(records)
 
 
+@pytest.mark.slow
 def test_our_scores_match_pytorch_on_every_task(hf_gpt2, server):
     from llmpy.formats.checkpoint import load_weights
     models, folders = hf_gpt2
@@ -484,6 +485,7 @@ def test_cuda_training_scores_what_eval_of_its_checkpoint_scores(tmp_path, monke
 
 
 # ---- during training (train/loop.py) ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_training_logs_task_accuracy_that_eval_reproduces(server, tmp_path, capsys):
     """--eval-tasks/--eval-every: accuracy before steps 0, 2 and after the last in metrics.jsonl (and the progress
     lines, and the plot's second panel); the last one is the saved checkpoint's, as `llmpy eval --tasks` scores it."""
@@ -511,6 +513,7 @@ def test_training_logs_task_accuracy_that_eval_reproduces(server, tmp_path, caps
         assert f"{got[(3, task)]['acc']:.4f}" in row and f"{got[(3, task)]['acc_norm']:.4f}" in row, (row, got)
 
 
+@pytest.mark.slow
 def test_training_evals_are_shared_out_over_data_parallel_ranks(server, tmp_path):
     """Each rank scores every world-th example and the counts are summed: two thread ranks log what one process
     accumulating two micro-batches logs (the same examples in all, the same weights up to fp32 rounding)."""

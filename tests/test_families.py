@@ -70,6 +70,7 @@ def test_unknown_family_is_a_one_line_cli_error(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "mamba9" in err[0]
 
 
+@pytest.mark.slow
 def test_a_family_added_as_files_trains_resumes_and_samples(toy, shards, tmp_path):
     kw = dict(init="toy:l2c16", train_data=shards[0], val_data=shards[1], batch_size=4, seq_len=16, steps=8,
               val_every=4, val_batches=2, sample_tokens=5, checkpoint_every=0, device="cpu", progress=False, lr=1e-2,

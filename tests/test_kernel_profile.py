@@ -1,5 +1,5 @@
-"""benchmarks/kernel_profile.py's aggregation of a device timeline (no GPU: synthetic events, times in µs)."""
-from benchmarks.kernel_profile import MARKER, aggregate
+"""dev/kernel_profile.py's aggregation of a device timeline (no GPU: synthetic events, times in µs)."""
+from dev.kernel_profile import MARKER, aggregate
 
 
 def ev(kind, name, start, end):

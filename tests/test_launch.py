@@ -203,6 +203,7 @@ def test_the_cause_is_named_not_the_watchdog_exit(child, tmp_path, capfd):
     assert "llmpy launch: rank 1 exited with code 3; stopping the other" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_watchdog_exit_code_is_named(child, tmp_path, capfd):
     code = launch(parse(["--nproc-per-node", "3", "--", "fail", str(tmp_path), str(EXIT_CODE)]), program=child)
     assert code == EXIT_CODE
@@ -218,6 +219,7 @@ def _start_driver(child, tmp_path, mode):
                             stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("to_group", [True, False])
 def test_ctrl_c_reaches_each_child_once(to_group, child, tmp_path):
     """Ctrl-C in a terminal signals the launcher's whole process group; scancel or a supervisor may signal only
@@ -298,6 +300,7 @@ def _free_port_pair() -> int:
     pytest.skip("no two consecutive free ports")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rdzv", ["tcp", "file"])
 def test_end_to_end_rendezvous_and_watchdog(rdzv, tmp_path, capfd):
     prog = tmp_path / "rank.py"

@@ -22,8 +22,9 @@ def tok(tmp_path_factory):
         return llama3.get_tokenizer()
 
 
+@pytest.mark.slow
 def test_tokenizer_golden_vectors_and_special_tokens(tok):
-    assert tok.encode("This is a test sentence.") == [2028, 374, 264, 1296, 11914, 13]  # the spec's vector
+    assert tok.encode("This is a test sentence.") == [2028, 374, 264, 1296, 11914, 13]  # docs/llama3.md's example
     assert tok.vocab_size == 128256
     assert (tok.doc, tok.eot) == (128000, 128001)
     s = tok.special
@@ -98,6 +99,7 @@ def test_prepare_with_llama3s_tokenizer(tok, tmp_path, monkeypatch):
     assert toks[7] == 128000 and tok.decode(toks[8:]) == "Another document, longer than the first one by far."
 
 
+@pytest.mark.slow
 def test_train_and_sample_a_llama_on_llama3_shards(tok, tmp_path, capsys):
     """A Llama with Llama 3's vocabulary trains on uint32 shards made by `prepare --tokenizer llama3`, and its
     samples are decoded with that tokenizer (chosen from the vocabulary)."""

@@ -16,7 +16,7 @@ SMALL = "mmfree:l2d64v200t24"
 
 
 def test_published_configs_have_the_published_sizes():
-    # the spec's table: 374.1M, 1.365B, 2.702B (vocab 32000, untied, ternary head with its norm)
+    # docs/mmfree.md's table: 374.1M, 1.365B, 2.702B (vocab 32000, untied, ternary head with its norm)
     sizes = {"mmfree:370m": 374_108_160, "mmfree:1.3b": 1_364_779_008, "mmfree:2.7b": 2_702_357_504}
     for name, n in sizes.items():
         assert config_from_name(name).num_params() == n, name

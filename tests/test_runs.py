@@ -1,4 +1,4 @@
-"""The run folder (issue 11): nothing after the last step stops the final save, nothing non-finite is saved, one run
+"""The run folder: nothing after the last step stops the final save, nothing non-finite is saved, one run
 per folder (a lock), resume means what it says (into another folder, extending, refusing pointless resumes,
 touching nothing when it refuses), orphaned temporary files, config.json, --keep, the exit status of a graceful
 stop."""
@@ -82,6 +82,7 @@ def one_line_error(capsys, args):
     ("l2h2c32t64", dict(sample_every=2, sample_tokens=100)),   # --sample-every with --sample-tokens > context
     ("l2h2c32t32v512", dict(sample_tokens=8)),                 # no end-of-text token (50256) in the vocabulary
 ])
+@pytest.mark.slow
 def test_samples_fit_the_context_and_never_stop_the_final_save(shards, tmp_path, capsys, init, kw):
     res = run(cfg(shards, tmp_path / "r", init=init, **kw))
     out = capsys.readouterr().out
@@ -225,6 +226,7 @@ def test_divergence_without_a_checkpoint_says_there_is_none(shards, tmp_path):
 
 # ---- 3. --resume A --out B ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_into_another_folder_copies_the_run_and_leaves_both_folders_alone(shards, tmp_path, capsys):
     full = run(cfg(shards, tmp_path / "full", steps=7))
     run(cfg(shards, tmp_path / "a", steps=7, stop_at=3))
@@ -321,6 +323,7 @@ def test_extending_a_finished_run_is_explicit_and_shows_the_new_schedule(shards,
     assert train == list(range(9))
 
 
+@pytest.mark.slow
 def test_resume_from_the_checkpoint_file_is_resume_from_its_folder(shards, tmp_path):
     full = run(cfg(shards, tmp_path / "full", steps=7))
     run(cfg(shards, tmp_path / "part", steps=7, stop_at=3))
@@ -357,6 +360,7 @@ def test_orphaned_temporary_files_are_removed_and_only_ours(shards, tmp_path, ca
     (lambda st: st["train"].update(lr=-0.1), "--lr -0.1"), (lambda st: st["train"].update(lr="fast"), "lr is"),
     (lambda st: st["train"].pop("steps"), "train.steps"), (lambda st: st.update(world=0), "world"),
 ])
+@pytest.mark.slow
 def test_a_bad_training_state_is_an_error_and_changes_nothing(shards, tmp_path, capsys, change, msg):
     out = tmp_path / "r"
     run(cfg(shards, out, steps=6, stop_at=2))
@@ -379,6 +383,7 @@ def test_non_finite_values_in_a_checkpoint_are_reported_as_damage(shards, tmp_pa
     assert "damaged" in one_line_error(capsys, ["train", "--resume", str(out)])
 
 
+@pytest.mark.slow
 def test_a_damaged_metrics_log_never_blocks_a_resume(shards, tmp_path, capsys):
     full = run(cfg(shards, tmp_path / "full", steps=6))
     out = tmp_path / "r"
@@ -393,6 +398,7 @@ def test_a_damaged_metrics_log_never_blocks_a_resume(shards, tmp_path, capsys):
 
 # ---- 10. the exit status of a graceful stop ---------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_exit_128_plus_it(shards, tmp_path, sig, code):
     out = tmp_path / "r"
@@ -431,6 +437,7 @@ def test_config_json_records_every_setting(shards, tmp_path):
     assert set(TrainConfig.__dataclass_fields__) - set(c["train"]) == {"explicit"}
 
 
+@pytest.mark.slow
 def test_keep_keeps_the_last_n_checkpoints_and_an_earlier_one_resumes(shards, tmp_path, capsys):
     out = tmp_path / "r"
     full = run(cfg(shards, out, steps=7, checkpoint_every=2, keep=3))

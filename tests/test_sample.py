@@ -65,7 +65,7 @@ def test_generate_is_seeded_and_checks_the_vocabulary():
 def test_generation_past_the_context_slides_the_window():
     """Past maxT the last maxT-1 tokens are fed again into a fresh state: the tokens before that point are those of
     a plain generation, the one after it is what a fresh decoder makes of those maxT-1 tokens, and any length
-    works (issue 11: generation longer than the context failed)."""
+    works (generation longer than the context once failed)."""
     p = GPT2(CFG, get_backend("cpu"), 1, 4, training=False)
     p.init_weights(1)
     model = decoder(CFG, p.params_numpy(), get_backend("cpu"))

@@ -1,5 +1,5 @@
 """`kill -USR1` on a training process writes every thread's Python stack to $LLMPY_STACKS (how a hung data-parallel
-rank is located, see README "Many GPUs")."""
+rank is located, see docs/multi-gpu.md)."""
 import os
 import signal
 import subprocess
@@ -7,10 +7,12 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from llmpy.data.shards import write_shard
 
 
+@pytest.mark.slow
 def test_sigusr1_writes_the_training_stack(tmp_path):
     write_shard(tmp_path / "tr_000.bin", np.random.default_rng(0).integers(0, 50257, 20000).astype(np.uint16))
     stacks = tmp_path / "stacks"

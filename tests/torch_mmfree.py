@@ -1,5 +1,5 @@
 """A PyTorch re-implementation of the MatMul-free LM as the reference code computes it (ridgerchu/matmulfreellm,
-`modeling_hgrn_bit.py`, `layers/hgrn_bit.py`, `ops/fusedbitnet.py`; formulas in ../shared/specs/matmulfree.md), for
+`modeling_hgrn_bit.py`, `layers/hgrn_bit.py`, `ops/fusedbitnet.py`; formulas in docs/mmfree.md), for
 tests only: fp32, autograd through the straight-through estimator (x + (q(x) - x).detach()), the recurrence a plain
 loop. Parameters carry the HF checkpoint's key names, so a state dict of a released model loads as it is."""
 import torch

@@ -11,7 +11,7 @@ contiguous, as every tensor of the memory plan is.
 
 Everything here runs on one thread except the BLAS calls (OpenBLAS uses all cores). A second Python thread for the
 elementwise work does not pay: after each GEMM, OpenBLAS's idle worker spins for ~0.1 s and takes the other core
-(see docs/cpu-performance.md).
+(see docs/performance.md).
 """
 from __future__ import annotations
 

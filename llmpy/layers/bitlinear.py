@@ -1,4 +1,4 @@
-"""BitLinear (the MatMul-free LM's ternary linear layer, ../shared/specs/matmulfree.md): an RMSNorm inside, per-token
+"""BitLinear (the MatMul-free LM's ternary linear layer, docs/mmfree.md): an RMSNorm inside, per-token
 int8 activations, one ternary weight matrix with one scale, and the straight-through backward of the reference.
 
 Forward, x (M, K), W (N, K), gamma (K,):

@@ -1,4 +1,4 @@
-"""The MatMul-free LM's token mixer, MLGRU (../shared/specs/matmulfree.md), around its three input projections:
+"""The MatMul-free LM's token mixer, MLGRU (docs/mmfree.md), around its three input projections:
 
   f = sigmoid(a_f), raised by the layer's lower bound lam: f = lam + (1 - lam) f   (lam = 0 in layer 0)
   c = silu(a_i) (1 - f);  h_t = f_t h_{t-1} + c_t  (h_0 = the state: zeros, or a decoder's)

@@ -1,5 +1,5 @@
 """Llama 3 (Meta 2024; llama-models `models/llama3/model.py`): its config, parameter spec, activation plan, forward
-and backward, written once over a backend's declared ops (backends/ops.py). Formulas: ../shared/specs/llama3.md.
+and backward, written once over a backend's declared ops (backends/ops.py). Formulas: docs/llama3.md.
 
 Token embedding without a position table; pre-RMSNorm blocks; attention with RoPE (Llama 3.1's frequency scaling
 a config field) and grouped-query attention (K key/value heads shared by NH/K query heads each, never repeated in
@@ -113,7 +113,7 @@ def spec(cfg: LlamaConfig) -> list[ParamSpec]:
     ]
 
 
-# name -> (dim, layers, heads, KV heads, FFN, context, RoPE factor, tied) (llama-models sku_list; spec table)
+# name -> (dim, layers, heads, KV heads, FFN, context, RoPE factor, tied) (llama-models sku_list; docs/llama3.md)
 _PUBLISHED = {
     ("llama3", "8b"): (4096, 32, 32, 8, 14336, 8192, 1.0, False),
     ("llama3.1", "8b"): (4096, 32, 32, 8, 14336, 131072, 8.0, False),

@@ -1,6 +1,6 @@
 """The MatMul-free LM (Zhu et al. 2024, HGRN-Bit; ridgerchu/matmulfreellm `modeling_hgrn_bit.py`): its config,
-parameter spec, activation plan, forward and backward over a backend's declared ops. Formulas:
-../shared/specs/matmulfree.md; the layers: layers/bitlinear.py and layers/mlgru.py.
+parameter spec, activation plan, forward and backward over a backend's declared ops. Formulas: docs/mmfree.md;
+the layers: layers/bitlinear.py and layers/mlgru.py.
 
 Every dense product is a BitLinear (an RMSNorm inside, int8 activations, ternary weights with one scale per matrix):
 the token mixer's i, f, g, o projections, the GLU's fused d -> 2I gate/up projection and its down projection, and
@@ -107,7 +107,7 @@ def spec(cfg: MMFreeConfig) -> list[ParamSpec]:
     ]
 
 
-_PUBLISHED = {"370m": (1024, 24), "1.3b": (2048, 24), "2.7b": (2560, 32)}  # name -> (d, L); spec table
+_PUBLISHED = {"370m": (1024, 24), "1.3b": (2048, 24), "2.7b": (2560, 32)}  # name -> (d, L); docs/mmfree.md
 _SMALL = re.compile(r"l(\d+)d(\d+)(?:i(\d+))?(?:v(\d+))?(?:t(\d+))?")
 
 

@@ -54,7 +54,7 @@ class CudnnAttention:
 
     def backward_graph(self, deterministic: bool, heur=None):
         """The backward's cuDNN graph, planned (its ranked plans listed, none built; heuristic modes `heur`, default
-        A then FALLBACK), and its tensors (q, k, v, o, do, stats, dq, dk, dv). benchmarks/attention_plans.py
+        A then FALLBACK), and its tensors (q, k, v, o, do, stats, dq, dk, dv). dev/attention_plans.py
         times every plan of it."""
         cudnn, B, T, NH, K, hs = self.cudnn, self.B, self.T, self.NH, self.K, self.hs
         bf16, f32 = cudnn.data_type.BFLOAT16, cudnn.data_type.FLOAT

@@ -218,8 +218,9 @@ class Gemm:
            stride_o=0, stream=None, out_fp32=False):
         """out (M, N) [+]= op(x) @ op(y) (+ bias over N) with an optional epilogue:
         'gelu': out = gelu(. + bias), aux = the pre-GELU values (M, N). (cuBLASLt's DGELU epilogue for the
-        backward is slower than a plain product and our GELU-backward kernel: 2.2 against 1.2 ms/layer on d12 in
-        round 1; a d48 step 168.1 -> 181.9 ms even with --tune-gemm's choice, 2026-11-30. Not used.)
+        backward is slower than a plain product and our GELU-backward kernel: 2.2 against 1.2 ms/layer on d12,
+        2026-11-28; a d48 step 168.1 -> 181.9 ms even with --tune-gemm's choice, 2026-11-30, H200. Not used;
+        docs/performance.md.)
         Leading dimensions default to the contiguous ones; batch > 1 runs strided batched products. out_fp32: out
         (and the accumulated C) is fp32 whatever the operands' dtype (bf16 x bf16 -> fp32: BitLinear's backward).
         Integer operands go through mm_int8."""

@@ -1,4 +1,4 @@
-"""llm.c's Llama 3 model file (its llama3 branch's layout, ../shared/specs/llama3.md), with the float fields kept as
+"""llm.c's Llama 3 model file (its llama3 branch's layout; docs/llama3.md), with the float fields kept as
 floats (llm.c master's writer rounds them into the int header: 1.3 -> 1).
 
 int32[256]: [0] magic 20240803, [1] version (3 fp32, 5 bf16), [2] block size (maxT), [3] vocab, [4] layers,

@@ -308,9 +308,10 @@ __device__ __forceinline__ void code_table(unsigned char* smem, bool b3) {
 // the quantizing, each next one while the current row is summed), then its lanes stride over the row's code bytes
 // (adjacent lanes, adjacent bytes and q_x words: no bank conflicts). Block (0, 0) writes rstd, block (0, y)
 // sx[y rows ...].
-// Measured on an H200 (1.3B, batch 1; NOTES.md): the time of a call was (blocks / resident blocks) x one block's
-// chain of dependent loads, so the staging (one trip to L2, not three), the launch bounds (48 registers, no spills:
-// 5 resident blocks an SM where 124 registers allowed 2), the grid cap and the row copies all shorten it.
+// Measured on an H200 (1.3B, batch 1, 2026-11-29; docs/performance.md): the time of a call was (blocks / resident
+// blocks) x one block's chain of dependent loads, so the staging (one trip to L2, not three), the launch bounds (48
+// registers, no spills: 5 resident blocks an SM where 124 registers allowed 2), the grid cap and the row copies all
+// shorten it.
 #define PACKED_DECODE_ARGS                                                                                   \
     T *out0, T *out1, T *out2, float *rstd, float *sx, const T *inp, const T *gamma0, const T *gamma1,         \
         const T *gamma2, float eps, const unsigned char *codes0, const unsigned char *codes1,                  \

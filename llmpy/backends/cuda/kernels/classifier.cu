@@ -27,7 +27,7 @@ __device__ MaxSum block_maxsum(MaxSum v) {
 // One block of 1024 threads per row of logits (rows, Vp). losses[row] = logsumexp(x[:V]) - x[target]. With
 // write_dlogits, logits[row] becomes dloss * (softmax(x[:V]) - onehot(target)) and 0 on the padding. Held to 32
 // registers so two rows share an SM (at 40 one block per SM waited alone at its barrier): the same bits; 0.774 ->
-// 0.614 ms for 8192 x 50304 in isolation (benchmarks/kernel_variants.py), but ~636 us a call in the d12 step
+// 0.614 ms for 8192 x 50304 in isolation (dev/kernel_variants.py), but ~636 us a call in the d12 step
 // before and after (eager profiles, H200, 2026-11-30): no gain there
 template <class T>
 __global__ void __launch_bounds__(1024, 2) fused_classifier(T* logits, float* losses, const int* targets, float dloss,

@@ -4,7 +4,7 @@
 // Every loop over a row takes U packs a lane at a time, their loads issued before any is used. With U = 1 (one
 // pack at a time) each warp waits on one load after another: fine when the rows are many waves of warps (d12's 65536
 // rows), latency-bound when they are a wave or two (d48's 8192; there U = 4: 41.8 -> 35.3 us for the backward,
-// 39.0 -> 34.9 for the forward, while d12's rows took 99.5 -> 114.5 us: benchmarks/kernel_variants.py, H200). Hence
+// 39.0 -> 34.9 for the forward, while d12's rows took 99.5 -> 114.5 us: dev/kernel_variants.py, H200). Hence
 // two kernels of each, `name` (U = 1) and `name_batched` (U = 4); the backend picks by rows (backend.py ROWS_BATCHED).
 // The sums run over the packs in the same order either way (the same bits).
 

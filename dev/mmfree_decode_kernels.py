@@ -1,0 +1,94 @@
+"""Per-shape time of the packed BitLinear decode kernel (batch 1), each shape's calls recorded back to back in one
+CUDA graph, so a call's time includes the graph's gap between kernels as a decode token's graph does. Shapes: those
+of one MatMul-free layer (i, f, g, o: d x d; the GLU's gate/up: 2I x d; down: d x I) and the LM head (V x d), and
+i/f/g as one launch (bitlinear_packed_forward3) next to three single calls. Prints a table and the per-token sum
+(24 layers' worth) that it predicts for the BitLinears.
+
+    python dev/mmfree_decode_kernels.py [--model mmfree:1.3b] [--packing base3] [--calls 48]
+
+Absolute times only mean anything on the GPU, with its date. Measured 2026-11-29 on one H200 (1.3B, base3): the grid
+capped at the resident blocks 18.26 us a gate/up call vs 23.74 uncapped, i, f, g in one launch 12.08 us vs 19.69 for
+three calls: both adopted (docs/performance.md)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mmfree:1.3b")
+    ap.add_argument("--packing", default="base3", choices=["base3", "2bit"])
+    ap.add_argument("--calls", type=int, default=48, help="calls per graph")
+    ap.add_argument("--replays", type=int, default=20)
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    import cupy as cp
+    import numpy as np
+
+    from llmpy.backends import get_backend
+    from llmpy.config import config_from_name
+
+    cfg = config_from_name(args.model)
+    d, I, V, L = cfg.channels, cfg.ffn_hidden, cfg.vocab_size, cfg.num_layers
+    be = get_backend("cuda", "bf16")
+    per = {"base3": 5, "2bit": 4}[args.packing]
+    rng = np.random.default_rng(0)
+    T = be.act_dtype
+
+    def bl(N, K):
+        nb = -(-K // per)
+        codes = be.asarray(rng.integers(0, 243 if per == 5 else 256, (N, nb)).astype(np.uint8))
+        x = be.asarray(rng.standard_normal((1, K)).astype(np.float32).astype(T))
+        g = be.asarray((1 + 0.1 * rng.standard_normal(K)).astype(np.float32).astype(T))
+        out, rstd = be.zeros(N, T).reshape(1, N), be.zeros(1, np.float32)
+        return dict(out=out, rstd=rstd, x=x, codes=codes, g=g, K=K)
+
+    def one(b):
+        return lambda: be.bitlinear_packed_forward(b["out"], b["rstd"], b["x"], b["codes"], 0.5, b["K"], args.packing,
+                                                   b["g"], cfg.norm_eps)
+
+    def timed(fn):
+        fn()  # sizes scratch, compiles
+        graph = be.capture(lambda: [fn() for _ in range(args.calls)])
+        graph()
+        cp.cuda.runtime.deviceSynchronize()
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record(be.stream)
+        for _ in range(args.replays):
+            graph()
+        b.record(be.stream)
+        b.synchronize()
+        return cp.cuda.get_elapsed_time(a, b) * 1e3 / (args.replays * args.calls)  # us per call
+
+    shapes = [("i/f/g/o", d, d, 4 * L), ("gate/up", 2 * I, d, L), ("down", d, I, L), ("head", V, d, 1)]
+    print(f"{args.model} {args.packing}, {time.strftime('%Y-%m-%d')}, {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
+    print(f"{'BitLinear':<10} {'N':>6} {'K':>6} {'us/call':>8} {'calls/token':>11} {'us/token':>9}")
+    from llmpy.backends.cuda import mmfree as M
+    capped = M._DECODE_BLOCKS_PER_SM
+    total = 0.0
+    for name, N, K, n in shapes:
+        b = bl(N, K)
+        M._DECODE_BLOCKS_PER_SM = 10 ** 6  # one warp an output, N / 8 blocks (the grid as before the cap)
+        flat = timed(one(b))
+        M._DECODE_BLOCKS_PER_SM = capped
+        us = timed(one(b))
+        total += us * n
+        print(f"{name:<10} {N:>6} {K:>6} {us:>8.2f} {n:>11} {us * n:>9.1f}   (grid uncapped: {flat:.2f} us)")
+    print(f"BitLinears per token: {total / 1e3:.3f} ms")
+    if hasattr(be, "bitlinear_packed_forward3"):
+        bs = [bl(d, d) for _ in range(3)]
+        three = timed(lambda: [one(b)() for b in bs])  # us per three calls
+        fused = timed(lambda: be.bitlinear_packed_forward3(
+            [b["out"] for b in bs], bs[0]["rstd"], bs[0]["x"], [b["codes"] for b in bs], [0.5, 0.6, 0.7], d,
+            args.packing, [b["g"] for b in bs], cfg.norm_eps))
+        print(f"i, f, g: three calls {three:.2f} us, one launch {fused:.2f} us ({three / fused:.2f}x); per token "
+              f"-{(three - fused) * L / 1e3:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
