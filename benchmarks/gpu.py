@@ -52,8 +52,9 @@ def main(argv=None):
     ap.add_argument("--fast-attention", action="store_true", help="llmpy: cuDNN's non-deterministic attention backward")
     ap.add_argument("--tune-gemm", action="store_true", help="llmpy: time cuBLASLt's top algorithms per shape")
     ap.add_argument("--sides", default="llmpy,torch", help="comma-separated: llmpy, llmpy+tune (llmpy with "
-                    "--tune-gemm), llmpy+fast and llmpy+tune+fast (with --fast-attention), torch; each runs in its "
-                    "own process")
+                    "--tune-gemm), llmpy+fast (with --fast-attention), llmpy+fp8 (--dtype fp8) and their "
+                    "combinations; torch, torch+float8 and torch+float8rw (torchao's float8 training of the blocks' "
+                    "Linears, tensorwise and rowwise scaling); each runs in its own process")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -82,13 +83,17 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": res}, indent=1))
 
 
+TORCH_SIDES = {"torch": None, "torch+float8": "tensorwise", "torch+float8rw": "rowwise"}  # -> torchao's recipe
+
+
 def side_flags(side: str) -> set[str] | None:
-    """A side's name -> its llmpy flags ("llmpy+tune+fast" -> {"tune", "fast"}), None for torch; exits on others."""
-    if side == "torch":
+    """A side's name -> its llmpy flags ("llmpy+tune+fast" -> {"tune", "fast"}), None for a torch side; exits on
+    others."""
+    if side in TORCH_SIDES:
         return None
     base, *flags = side.split("+")
-    if base != "llmpy" or not set(flags) <= {"tune", "fast"}:
-        raise SystemExit(f"unknown side {side!r}: llmpy[+tune][+fast] or torch")
+    if base != "llmpy" or not set(flags) <= {"tune", "fast", "fp8"}:
+        raise SystemExit(f"unknown side {side!r}: llmpy[+tune][+fast][+fp8], torch, torch+float8 or torch+float8rw")
     return set(flags)
 
 
@@ -115,7 +120,8 @@ def _without_sides(argv: list[str]) -> list[str]:
 
 
 def report(args, res):
-    print(f"\n{time.strftime('%Y-%m-%d')}  {args.model} B={args.batch} T={args.seq} bf16, "
+    print(f"\n{time.strftime('%Y-%m-%d')}  {args.model} B={args.batch} T={args.seq} bf16 (+fp8/float8 sides: the "
+          f"blocks' products on FP8), "
           f"median of {args.steps} steps after {args.warmup} warm-up; llmpy: recompute {args.recompute}"
           f"{f' (keep {args.recompute_keep})' if args.recompute_keep else ''}, "
           f"{'no ' if args.no_master_weights else ''}fp32 master weights, {args.moments} moments"
@@ -128,9 +134,9 @@ def report(args, res):
     if "plan_gib" in res.get("llmpy", {}):
         print("llmpy memory plan (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in res["llmpy"]["plan_gib"].items()))
     for side in res:
-        if side.startswith("llmpy") and "torch" in res:
-            a, b = res[side], res["torch"]
-            print(f"{side} / PyTorch: speed {a['tok_s'] / b['tok_s']:.3f}x, peak memory "
+        for base in (t for t in TORCH_SIDES if t in res and side.startswith("llmpy")):
+            a, b = res[side], res[base]
+            print(f"{side} / {base}: speed {a['tok_s'] / b['tok_s']:.3f}x, peak memory "
                   f"{a['peak_gib'] / b['peak_gib']:.3f}x (device used {a['device_gib'] / b['device_gib']:.3f}x)")
     for side, r in res.items():
         if r.get("joules_per_step") is not None:
@@ -258,7 +264,7 @@ def measure(args) -> dict:
         from llmpy.config import family_of
         from llmpy.train.optim import AdamW
         from llmpy.train.step import TrainStep
-        be = get_backend("cuda", "bf16")
+        be = get_backend("cuda", "fp8" if "fp8" in flags else "bf16")
         be.fast_attention = args.fast_attention or "fast" in flags
         be.gemm.tune = args.tune_gemm or "tune" in flags
         model = family_of(cfg).model(cfg, be, B, T, recompute=args.recompute, recompute_keep=args.recompute_keep,
@@ -304,6 +310,11 @@ def measure(args) -> dict:
         else:
             from benchmarks.nanogpt import NanoGPT as Baseline
         model = Baseline(cfg).cuda()
+        recipe = TORCH_SIDES[args.side]
+        if recipe is not None:  # torchao's float8 training on the blocks' Linears (not the LM head)
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+            convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                                       module_filter_fn=lambda mod, fqn: fqn not in ("lm_head", "out"))
         opt = model.optimizer(1e-4)
         fwd = torch.compile(model) if getattr(sys.modules[Baseline.__module__], "COMPILE", True) else model
         td = [torch.tensor(b, dtype=torch.long, device="cuda") for b in data]

@@ -10,8 +10,16 @@ batches of the val split) and their relative difference; exits 1 if it exceeds -
 
 --variants runs llmpy once per optimizer variant: `master` (fp32 master weights and fp32 moments, the default),
 `nomaster` (bf16 weights with stochastic rounding, fp32 moments), `lean` (that, and bf16 moments with stochastic
-rounding); `:SEED` sets the run's seed, which only changes the random rounding bits: the spread between seeds of one
-variant is the noise against which the variants are compared. The tolerance applies to the first variant.
+rounding), `fp8` (--dtype fp8: the blocks' products on FP8 operands, the default optimizer); `:SEED` sets the run's
+seed, which only changes the random rounding bits: the spread between seeds of one variant is the noise against
+which the variants are compared. The tolerance applies to the first variant.
+
+    python benchmarks/quality.py --model d12 --init-per-seed --val-every 50 --no-torch \
+        --variants master:1,master:2,master:3,fp8:1,fp8:2,fp8:3
+
+--init-per-seed draws each run's initial weights from its seed (any family's model name, e.g. a Llama config),
+so the seeds' spread includes the initialization; --val-every N logs the val loss every N steps, and the report
+says at each evaluation whether every run of a variant lies within the first variant's seeds' [min, max].
 """
 from __future__ import annotations
 
@@ -33,20 +41,25 @@ def settings(args) -> dict:
 
 
 VARIANTS = {"master": dict(master_weights=True, moments="fp32"), "nomaster": dict(master_weights=False, moments="fp32"),
-            "lean": dict(master_weights=False, moments="bf16")}
+            "lean": dict(master_weights=False, moments="bf16"), "fp8": dict(master_weights=True, moments="fp32",
+                                                                             dtype="fp8")}
 
 
-def run_llmpy(args, init, train_glob, val_glob, out, variant="master") -> tuple[float, float, str]:
-    """(final val loss, seconds, a digest of the final compute weights: runs that differ must differ there)"""
+def run_llmpy(args, init, train_glob, val_glob, out, variant="master") -> tuple[float, float, str, list]:
+    """(final val loss, seconds, a digest of the final compute weights: runs that differ must differ there, the val
+    curve [(step, loss)])"""
     import hashlib
 
     from llmpy.formats.checkpoint import load_checkpoint
     from llmpy.train import TrainConfig, run
     name, _, seed = variant.partition(":")
+    kw = dict(VARIANTS[name])
+    dtype = kw.pop("dtype", "bf16")
     t0 = time.perf_counter()
-    res = run(TrainConfig(init=str(init), train_data=train_glob, val_data=val_glob, val_every=0, sample_tokens=0,
-                          progress=False, device="cuda", dtype="bf16", out=str(out), checkpoint_every=0,
-                          seed=int(seed or 1337), **VARIANTS[name], **settings(args)))
+    res = run(TrainConfig(init=args.model if args.init_per_seed else str(init), train_data=train_glob,
+                          val_data=val_glob, val_every=args.val_every, sample_tokens=0, progress=False,
+                          device="cuda", dtype=dtype, out=str(out), checkpoint_every=0, seed=int(seed or 1337),
+                          **kw, **settings(args)))
     seconds = time.perf_counter() - t0
     ck = load_checkpoint(Path(out) / "checkpoint.safetensors")
     h = hashlib.sha256()
@@ -54,7 +67,7 @@ def run_llmpy(args, init, train_glob, val_glob, out, variant="master") -> tuple[
         h.update(ck.compute_bf16[k].tobytes())
     del ck
     shutil.rmtree(out)  # a d48 run's checkpoint is ~22 GB: one at a time on the device's disk
-    return res.val_losses[-1][1], seconds, h.hexdigest()[:16]
+    return res.val_losses[-1][1], seconds, h.hexdigest()[:16], [(int(a), float(b)) for a, b in res.val_losses]
 
 
 def run_torch(args, init, train_glob, val_glob) -> tuple[float, float]:
@@ -103,10 +116,11 @@ def compare(args) -> dict:
     train_glob, val_glob = prepare_shakespeare()
     with tempfile.TemporaryDirectory() as d:
         init = Path(d) / "init.bin"
-        m = GPT2(config_from_name(args.model), get_backend("cpu"), 1, 1, training=False)
-        m.init_weights(1337)
-        write_llmc_model(init, m.cfg, m.params_numpy())
-        del m
+        if not args.init_per_seed:  # one llm.c init for every run and for PyTorch
+            m = GPT2(config_from_name(args.model), get_backend("cpu"), 1, 1, training=False)
+            m.init_weights(1337)
+            write_llmc_model(init, m.cfg, m.params_numpy())
+            del m
         runs = {}
         for i, variant in enumerate(args.variants.split(",")):
             runs[variant] = run_llmpy(args, init, train_glob, val_glob, Path(d) / f"run{i}", variant)
@@ -114,11 +128,30 @@ def compare(args) -> dict:
                   f"{runs[variant][2]}", flush=True)
         ref, t_ref = run_torch(args, init, train_glob, val_glob) if not args.no_torch else (None, 0.0)
     first = next(iter(runs))
-    ours, t_ours, _ = runs[first]
+    ours, t_ours, _, _ = runs[first]
     rel = (ours - ref) / ref if ref is not None else 0.0
     return {"llmpy_val_loss": ours, "torch_val_loss": ref, "relative_difference": rel, "llmpy_s": t_ours,
             "torch_s": t_ref, "settings": settings(args), "model": args.model,
-            "variants": {k: {"val_loss": v, "s": t, "weights_sha256": w} for k, (v, t, w) in runs.items()}}
+            "variants": {k: {"val_loss": v, "s": t, "weights_sha256": w, "curve": c}
+                         for k, (v, t, w, c) in runs.items()}}
+
+
+def spread_report(variants: dict) -> list[str]:
+    """Per evaluation: the first variant's seeds' [min, max] and whether each other variant's runs lie inside."""
+    by = {}
+    for k, v in variants.items():
+        by.setdefault(k.partition(":")[0], []).append(dict(v["curve"]))
+    base, *others = list(by)
+    lines = []
+    for step in sorted(by[base][0]):
+        lo, hi = min(c[step] for c in by[base]), max(c[step] for c in by[base])
+        parts = [f"step {step}: {base} [{lo:.4f}, {hi:.4f}]"]
+        for o in others:
+            vals = [c[step] for c in by[o] if step in c]
+            inside = all(lo <= x <= hi for x in vals)
+            parts.append(f"{o} " + ", ".join(f"{x:.4f}" for x in vals) + (" inside" if inside else " OUTSIDE"))
+        lines.append("; ".join(parts))
+    return lines
 
 
 def parser():
@@ -131,7 +164,10 @@ def parser():
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--val-batches", type=int, default=9)
     ap.add_argument("--tolerance", type=float, default=0.02)
-    ap.add_argument("--variants", default="master", help="llmpy optimizer variants: master, nomaster, lean[:SEED]")
+    ap.add_argument("--variants", default="master", help="llmpy variants: master, nomaster, lean, fp8[:SEED]")
+    ap.add_argument("--init-per-seed", action="store_true", help="initial weights from each run's seed (--model "
+                    "any family's name; no PyTorch run)")
+    ap.add_argument("--val-every", type=int, default=0, help="val loss every N steps (the curves; 0: at the end)")
     ap.add_argument("--no-torch", action="store_true", help="llmpy variants only")
     ap.add_argument("--json", help="write the result here too")
     return ap
@@ -139,7 +175,11 @@ def parser():
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.init_per_seed:
+        args.no_torch = True
     r = compare(args)
+    if args.val_every:
+        print("\n".join(spread_report(r["variants"])))
     for k, v in r["variants"].items():
         print(f"{args.model}, {args.steps} steps of {args.batch}x{args.seq}, bf16: val loss llmpy {k} "
               f"{v['val_loss']:.4f} ({v['s']:.1f} s)")

@@ -92,7 +92,8 @@ def _train_parser(sub) -> None:
     a("--extend", action="store_const", const=True, help="with --resume: allow --steps beyond the run's planned "
       "steps, stretching its lr schedule (a warning shows the new schedule)")
     a("--device", choices=["cpu", "cuda", "auto"], help=f"{dflt('device')}: cuda when a GPU is present")
-    a("--dtype", choices=["fp32", "bf16"], help="default fp32 on the CPU, bf16 on the GPU")
+    a("--dtype", choices=["fp32", "bf16", "fp8"], help="default fp32 on the CPU, bf16 on the GPU; fp8: the "
+      "blocks' matrix products on FP8 tensor cores (Hopper; the CPU emulates it), bf16 elsewhere")
     a("--recompute", type=int, choices=[0, 1, 2], help="trade compute for activation memory (GPT-2: 1 recomputes "
       "GELU, 2 also the LayerNorms, in backward; default 1 on the GPU, 0 on the CPU)")
     a("--recompute-keep", type=int, metavar="N", help="with --recompute 1 or 2: the first N layers keep what they "

@@ -65,6 +65,11 @@ class FakeComm:
         x[...] = self._collective("all_reduce", x, lambda v: self._sum(v, slice(None), op))
         return x
 
+    def all_max(self, x: np.ndarray) -> np.ndarray:
+        """x = the elementwise max of every rank's x, in place."""
+        x[...] = self._collective("all_max", x, lambda v: np.maximum.reduce([np.asarray(a) for a in v]))
+        return x
+
     def reduce_scatter(self, x: np.ndarray, out: np.ndarray, op: str = "avg") -> np.ndarray:
         """out = this rank's shard (x.size // world elements) of the reduction of every rank's flat x."""
         L = out.size

@@ -23,10 +23,12 @@ def resolve_device(device: str) -> str:
 
 
 def get_backend(device: str = "cpu", dtype: str = "fp32", device_id: int | None = None):
-    """device_id: which GPU (data parallelism: the process's local rank)."""
+    """device_id: which GPU (data parallelism: the process's local rank). dtype "fp8": the GPU's bf16 backend (the
+    CPU's fp32 one) whose registered block products run on FP8 operands (backends/fp8.py; the CPU emulates them)."""
     device = resolve_device(device)
+    fp8 = dtype == "fp8"
     if device == "cpu":
         from .cpu import CPUBackend
-        return CPUBackend(dtype)
+        return CPUBackend("fp32" if fp8 else dtype, fp8=fp8)
     from .cuda import CUDABackend  # deferred: keeps CuPy off the CPU path
-    return CUDABackend(dtype, device_id=device_id)
+    return CUDABackend("bf16" if fp8 else dtype, device_id=device_id, fp8=fp8)

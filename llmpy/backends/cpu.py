@@ -40,10 +40,12 @@ class CPUBackend(FreshGrads):
     name = "cpu"
     xp = np
 
-    def __init__(self, dtype: str = "fp32"):
+    def __init__(self, dtype: str = "fp32", fp8: bool = False):
         if dtype not in _DTYPES:
             raise UserError(f"the cpu device supports --dtype fp32 only (got {dtype})")
         self.dtype_name = dtype
+        self.fp8_enabled = fp8   # --dtype fp8: registered products emulate the FP8 recipe (backends/fp8.py)
+        self.fp8 = None          # the registered products (fp8_register)
         self.act_dtype = self.param_dtype = self.stat_dtype = np.dtype(_DTYPES[dtype])
         self.acc_dtype = np.dtype(np.float64)         # loss sums and the gradient norm
         self.ws = None
@@ -221,9 +223,38 @@ class CPUBackend(FreshGrads):
         for i in blocks(dy.shape[0], self._rows(F)):
             Lr.swiglu_backward(dx[i], x[i], dy[i], scratch=self.ws)
 
+    # ---- FP8 products (--dtype fp8; backends/fp8.py) ---------------------------------------------------------
+    def fp8_register(self, weights, rows: int) -> int:
+        from .fp8 import CpuFp8
+        if not self.fp8_enabled:
+            raise ValueError("fp8_register: this backend was not made for --dtype fp8")
+        self.fp8 = CpuFp8(self, weights)
+        return sum(w.size for w in self.fp8.weights) + self.fp8.hist.nbytes
+
+    def fp8_begin_step(self) -> None:
+        self.fp8.begin_step()
+
+    def fp8_end_step(self) -> None:
+        self.fp8.end_step()
+
+    def fp8_quantize_weights(self) -> None:
+        self.fp8.quantize_weights()
+
+    def fp8_state(self) -> dict:
+        return self.fp8.state()
+
+    def fp8_load_state(self, state: dict) -> None:
+        self.fp8.load_state(state)
+
+    def _fp8_slot(self, w):
+        return None if self.fp8 is None else self.fp8.slot(w)
+
     def matmul_forward(self, out, inp, w, b, gelu_pre=None):
         # gelu_pre given: gelu_pre = inp @ w.T + b is saved and out = gelu(gelu_pre)
-        if gelu_pre is None:
+        i = self._fp8_slot(w)
+        if i is not None:
+            self.fp8.forward(out, inp, b, gelu_pre, i)
+        elif gelu_pre is None:
             Lr.matmul_forward(out, inp, w, b)
         else:
             Lr.matmul_forward(gelu_pre, inp, w, b)
@@ -253,7 +284,13 @@ class CPUBackend(FreshGrads):
         if db is not None and self._first_write(db) != first:
             self.fill_zero(dw if first else db)
             first = False
-        Lr.matmul_backward(dinp, dw, db, dout, inp, w, scratch=self.ws, accumulate=not first)
+        i = self._fp8_slot(w)
+        if i is None:
+            Lr.matmul_backward(dinp, dw, db, dout, inp, w, scratch=self.ws, accumulate=not first)
+        else:
+            self.fp8.backward(dinp, dw, dout, inp, i, first)
+            if db is not None:
+                Lr.colsum_add(db, dout, scratch=self.ws, accumulate=not first)
         if gelu_pre is not None:
             d, x = dinp.reshape(-1), gelu_pre.reshape(-1)
             for i in blocks(d.size, BLOCK):

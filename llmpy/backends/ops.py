@@ -153,7 +153,8 @@ class Backend(Protocol):
 
     def matmul_forward(self, out, inp, w, b, gelu_pre=None) -> None:
         """out (N, OC) = inp (N, K) @ w (OC, K).T + b (OC,) or no bias (b None). With gelu_pre (N, OC): that
-        product is saved there and out = gelu(gelu_pre) (tanh GELU)."""
+        product is saved there and out = gelu(gelu_pre) (tanh GELU). A w registered with fp8_register: the product
+        runs on FP8 operands (layers/fp8.py), here and in matmul_backward."""
 
     def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None, gelu_redo=False,
                         db_sums=None) -> None:
@@ -257,6 +258,28 @@ class Backend(Protocol):
 
     def mean_loss(self, losses) -> float:
         """The mean of losses (N,), read back to the host."""
+
+    # ---- FP8 products (--dtype fp8: layers/fp8.py the recipe, backends/fp8.py the bookkeeping) -----------------
+    def fp8_register(self, weights, rows: int) -> int:
+        """Plans FP8 products for these weights (the (OC, K) views of a model's block products, one per product)
+        run on `rows` (B*T) rows: their scale state (`self.fp8`: hist, pending, scale, overflows), FP8 weight copies
+        and scratch; returns the bytes. Only on a backend made for --dtype fp8 (its `fp8_enabled`)."""
+
+    def fp8_begin_step(self) -> None:
+        """Before a training step's first micro-batch: the step's activation and gradient amax and the clamp count
+        start at zero (the first step of a fresh run scales each operand by its own amax)."""
+
+    def fp8_end_step(self) -> None:
+        """After AdamW: the step's amax into each operand's history, new scales, the new weights quantized."""
+
+    def fp8_quantize_weights(self) -> None:
+        """The registered weights' FP8 copies from the current weights (after loading them)."""
+
+    def fp8_state(self) -> dict:
+        """The scale state as host arrays: fp8_amax_history (P, 3, H), fp8_scale (P, 3) (a checkpoint's)."""
+
+    def fp8_load_state(self, state: dict) -> None:
+        """Restores fp8_state's arrays and quantizes the weights with them (a resume)."""
 
     # ---- optimizer -----------------------------------------------------------------------------------------
     def grad_sumsq(self, out, flat) -> None:

@@ -47,6 +47,10 @@ class NcclComm:
         """x = sum over ranks of x, in place."""
         self.comm.allReduce(x.data.ptr, x.data.ptr, x.size, self._type(x), self.nccl.NCCL_SUM, self._s(stream))
 
+    def all_max(self, x, stream=None):
+        """x = the elementwise max over ranks of x, in place (exact: the same on every rank)."""
+        self.comm.allReduce(x.data.ptr, x.data.ptr, x.size, self._type(x), self.nccl.NCCL_MAX, self._s(stream))
+
     def reduce_scatter(self, send, recv, stream=None):
         """recv = this rank's 1/world slice of the sum over ranks of send."""
         if send.size != recv.size * self.world:

@@ -166,6 +166,17 @@ class Model:
         self.acts = FlatBuffer(backend, acts + (grads if training else []), backend.act_dtype)
         self.stats = FlatBuffer(backend, stats + [("losses", (B, T))], backend.stat_dtype)
         self.workspace_bytes = backend.plan_workspace(self.op_shapes())
+        # --dtype fp8: the block products (spec tensors marked fp8, one per layer) run on FP8 operands; their
+        # scale state and FP8 weight copies are planned here, once
+        self.fp8_products, self.fp8_bytes = 0, 0
+        if training and getattr(backend, "fp8_enabled", False):
+            names = [s.name for s in self.specs if s.fp8]
+            if not names:
+                raise UserError(f"--dtype fp8: the {family_of(cfg).title} has no FP8 path (GPT-2 and Llama 3 have "
+                                "one); use --dtype bf16")
+            weights = [self.params[n][l] for l in range(cfg.num_layers) for n in names]
+            self.fp8_bytes = backend.fp8_register(weights, B * T)
+            self.fp8_products = len(weights)
         self.tokens = backend.zeros(B * T, np.int32).reshape(B, T)
         self.targets = backend.zeros(B * T, np.int32).reshape(B, T)
         self.loss_acc = backend.zeros(1, backend.acc_dtype)  # sum over a step's micro-batches (device side)
@@ -205,6 +216,8 @@ class Model:
             plan["gradients"] = self.grads.nbytes()
         plan["activations"] = self.acts.nbytes() + self.stats.nbytes()
         plan["workspace"] = self.workspace_bytes
+        if self.fp8_bytes:
+            plan["fp8 weights and scratch"] = self.fp8_bytes
         return plan
 
     def saved(self, name: str):

@@ -103,12 +103,12 @@ def spec(cfg: LlamaConfig) -> list[ParamSpec]:
         layer("ln1w", (C,), "input_layernorm.weight", init="ones"),
         layer("qkvw", ((H + 2 * K) * d, C), ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
                                              "self_attn.v_proj.weight"),
-              hf_rows=(H * d, K * d, K * d), decay=True, init="normal", std=std),
-        layer("attprojw", (C, C), "self_attn.o_proj.weight", decay=True, init="normal", std=res),
+              hf_rows=(H * d, K * d, K * d), decay=True, init="normal", std=std, fp8=True),
+        layer("attprojw", (C, C), "self_attn.o_proj.weight", decay=True, init="normal", std=res, fp8=True),
         layer("ln2w", (C,), "post_attention_layernorm.weight", init="ones"),
         layer("fcw", (2 * F, C), ("mlp.up_proj.weight", "mlp.gate_proj.weight"), hf_rows=(F, F), decay=True,
-              init="normal", std=std),
-        layer("fcprojw", (C, F), "mlp.down_proj.weight", decay=True, init="normal", std=res),
+              init="normal", std=std, fp8=True),
+        layer("fcprojw", (C, F), "mlp.down_proj.weight", decay=True, init="normal", std=res, fp8=True),
         ParamSpec("lnfw", (C,), init="ones", hf="model.norm.weight"),
     ]
 

@@ -41,6 +41,8 @@ class ParamSpec:
                                              # tensors that this one concatenates along its first axis
     hf_rows: tuple[int, ...] = ()  # with several keys: the rows each contributes
     hf_transposed: bool = False    # HF stores the transpose (GPT-2's Conv1D layers)
+    fp8: bool = False              # a block product's weight (OC, K) per layer: its products run on FP8 operands
+                                   # under --dtype fp8 (backends/fp8.py)
 
     def __post_init__(self):
         if self.init not in INITS:

@@ -190,6 +190,8 @@ def save(out: Path, next_step: int, tc: TrainConfig, model, opt, loader, sample_
              "sample_rng": sample_rng.bit_generator.state, "train": dataclasses.asdict(tc)}
     if getattr(be, "gemm", None) is not None and be.gemm.pinning:
         state["gemm_algos"] = be.gemm.export_pins()  # the products' algorithms: a resume replays them
+    if getattr(model, "fp8_products", 0):  # --dtype fp8: the scales' amax histories (fp32 values, exact in JSON)
+        state["fp8"] = {k: v.tolist() for k, v in be.fp8_state().items()}
     weights = model.params_numpy(comm)
     m = v = None
     if opt.sharded or dist.main:
@@ -257,6 +259,11 @@ def restore(res: Resume, model, opt, loader, sample_rng, dist) -> int:
     if ckpt.compute_bf16 is not None:  # the compute copy was stochastically rounded: exact bits
         for name in model.params.shapes:
             be.copy_(model.params[name], be.asarray(ckpt.compute_bf16[name].view(be.param_dtype)))
+    if getattr(model, "fp8_products", 0) and "fp8" in st:  # else (a run without --dtype fp8): scales calibrated anew
+        try:
+            be.fp8_load_state({k: np.asarray(v, np.float32) for k, v in st["fp8"].items()})
+        except (TypeError, ValueError, KeyError) as e:
+            raise UserError(f"{res.path}: its FP8 scale state is damaged ({e})") from None
     opt.t = st["adam_t"]
     loader.load_state(st["loader"])
     sample_rng.bit_generator.state = st["sample_rng"]

@@ -54,7 +54,7 @@ class TrainConfig:
     resume: str | None = None
     extend: bool = False             # resume: allow --steps beyond the run's planned steps (stretches the schedule)
     device: str = "auto"
-    dtype: str | None = None         # fp32 on the CPU, bf16 on the GPU
+    dtype: str | None = None         # fp32 on the CPU, bf16 on the GPU; fp8: FP8 block products (bf16 elsewhere)
     zero: int = 0                    # data parallel: 0 all-reduce, 1 shard optimizer state, 2 also gradients
     recompute: int | None = None     # 1: recompute GELU in backward; 2: also the LayerNorms (default: 1 on
                                      # the GPU, 0 on the CPU)
@@ -102,7 +102,7 @@ class TrainConfig:
         for name in ("final_lr_frac", "decay_frac"):
             need(0 <= getattr(self, name) <= 1, name, "must be in [0, 1]")
         need(self.lr_schedule in SCHEDULES, "lr_schedule", f"choose from {', '.join(SCHEDULES)}")
-        need(self.dtype in (None, "fp32", "bf16"), "dtype", "use fp32 or bf16")
+        need(self.dtype in (None, "fp32", "bf16", "fp8"), "dtype", "use fp32, bf16 or fp8")
         need(self.device in ("cpu", "cuda", "auto"), "device", "use cpu, cuda or auto")
         need(self.zero in (0, 1, 2), "zero", "use 0, 1 or 2")
         need(self.moments in ("fp32", "bf16"), "moments", "use fp32 or bf16")

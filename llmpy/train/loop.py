@@ -74,8 +74,9 @@ class Trainer:
         dist = dist if dist is not None else Dist.start(tc)
         device = "cuda" if dist.world > 1 and tc.device == "auto" else resolve_device(tc.device)
         dtype = tc.dtype or ("bf16" if device == "cuda" else "fp32")
-        if device == "cpu" and dtype != "fp32":
-            raise UserError("--dtype bf16 needs --device cuda (the CPU reference runs in fp32)")
+        if device == "cpu" and dtype == "bf16":
+            raise UserError("--dtype bf16 needs --device cuda (the CPU reference runs in fp32; --dtype fp8 is "
+                            "emulated there)")
         out = Path(tc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
         in_place = resume is not None and checkpointing.continues_in_place(out, resume)
         if resume is not None:
@@ -305,9 +306,22 @@ class Trainer:
                             f"update was not applied and nothing was saved; {self._last_good()}. Try a lower --lr "
                             "or --grad-clip 1")
         tps = self.progress.step(step, loss, norm, lr, seconds)
-        self.log.write({"step": step, "train_loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps})
+        record = {"step": step, "train_loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps}
+        if handle.fp8_clamped is not None:
+            record["fp8_clamped"] = handle.fp8_clamped
+            self._fp8_overflow(step, handle.fp8_clamped)
+        self.log.write(record)
         self.result.train_losses.append(loss)
         self.result.steps_done = step + 1
+
+    def _fp8_overflow(self, step: int, clamped: int) -> None:
+        """--dtype fp8: values beyond an FP8 format's range were clamped in this step (the delayed scales lag a
+        tensor that grew). Said on its first step, and again when it goes on for 10 and 100 steps in a row."""
+        self._fp8_streak = getattr(self, "_fp8_streak", 0) + 1 if clamped else 0
+        if self._fp8_streak in (1, 10, 100):
+            more = "" if self._fp8_streak == 1 else f" ({self._fp8_streak} steps in a row: the scales do not keep up; " \
+                "if the loss suffers, resume with --dtype bf16)"
+            self.progress.write(f"step {step}: fp8: {clamped:,} values clamped to their format's largest{more}")
 
     def _pause(self, fn, *a) -> None:
         """Evaluation, sampling, saving: after the pending step, off the step clock."""

@@ -32,6 +32,11 @@ class TrainStep:
         self._micro_fns = {k: (lambda k=k: self._micro(*k)) for k in self._variants()}
         self._update_fn = self._update
         self.steps_run = 0
+        # --dtype fp8: the model registered FP8 products; their weights' FP8 copies are made now (a fresh run: each
+        # scaled by its own amax) and after every update
+        self.fp8 = getattr(model, "fp8_products", 0) > 0
+        if self.fp8:
+            self.be.fp8_quantize_weights()
 
     def _variants(self) -> list[tuple[bool, bool]]:
         """(first, last) of the step's micro-batches, each kind once."""
@@ -42,6 +47,8 @@ class TrainStep:
         # the first micro-batch writes the gradients instead of adding to zeros (ZeRO-2 zeroes its rotating buffers
         # layer by layer as before)
         fresh = first and m.zero != 2
+        if first and self.fp8:
+            self.be.fp8_begin_step()  # the step's amax and clamp count start at zero
         if fresh:
             self.be.fresh_grads(m.grads.flat)
         m.forward(grad_scale=self.scale, return_loss=False)
@@ -58,6 +65,10 @@ class TrainStep:
         if self.comm is not None:
             self.comm.all_reduce(m.loss_acc)  # the step's mean loss over all ranks (1/world is in the scale)
         self.opt.apply()
+        if self.fp8:  # the step's amax (the largest over the ranks) into the scales; the new weights quantized
+            if self.comm is not None:
+                self.comm.all_max(be.fp8.pending)
+            be.fp8_end_step()
         be.copy_(self.loss_out, m.loss_acc)
         be.fill_zero(m.loss_acc)
         if m.zero == 2:  # (the other layouts' gradients count as zero at the next step's first micro-batch)
@@ -83,7 +94,8 @@ class TrainStep:
             raise ValueError(f"expected {self.A} micro-batches, got {n}")
         self._update_fn()
         self.steps_run += 1
-        return _StepResult(self.be.async_read(self.loss_out, self.opt.norm), t0,
+        extra = (self.be.fp8.overflows,) if self.fp8 else ()
+        return _StepResult(self.be.async_read(self.loss_out, self.opt.norm, *extra), t0,
                            asynchronous=self.be.name == "cuda")
 
     def run(self, batches, lr: float) -> tuple[float, float]:
@@ -99,9 +111,12 @@ class _StepResult:
     def __init__(self, readback, started: float, asynchronous: bool):
         self._rb, self.started, self._async = readback, started, asynchronous
         self.ready = None if asynchronous else time.perf_counter()
+        self.fp8_clamped = None  # --dtype fp8: FP8 operand values clamped to their format's largest in the step
 
     def result(self) -> tuple[float, float]:
-        loss, norm = self._rb.result()
+        loss, norm, *extra = self._rb.result()
         if self._async:
             self.ready = time.perf_counter()
+        if extra:
+            self.fp8_clamped = int(np.asarray(extra[0])[0])
         return float(np.asarray(loss)[0]), float(np.asarray(norm)[0])

@@ -32,13 +32,13 @@ _LN_ONEPASS_ROWS = 32
 _COLSUM_WARPS = 8   # warps per block of those partial sums (COLSUM_WARPS in common.cuh)
 _DECODE_THREADS = 256  # block of attention_decode, one per (sequence, query head)
 _FAMILIES = ("encoder", "layernorm", "rmsnorm", "matmul", "gelu", "swiglu", "rope", "residual", "attention",
-             "classifier", "adamw", "cast")
+             "classifier", "adamw", "cast")  # (fp8 and the MatMul-free kernels load with their ops)
 
 
 class CUDABackend(FreshGrads):
     name = "cuda"
 
-    def __init__(self, dtype: str = "bf16", attention: str = "auto", device_id: int | None = None):
+    def __init__(self, dtype: str = "bf16", attention: str = "auto", device_id: int | None = None, fp8: bool = False):
         cp = import_cupy()
         if device_id is not None:
             if device_id >= cp.cuda.runtime.getDeviceCount():
@@ -61,6 +61,13 @@ class CUDABackend(FreshGrads):
         self.capturing = False
         self.fresh = []                  # byte ranges of parameter gradients that count as zero (fresh_grads)
         self.mmfree = MMFree(self)       # BitLinear, MLGRU, lower bounds (mmfree.py) and their scratch
+        self.fp8_enabled = fp8           # --dtype fp8: registered products on FP8 tensor cores (fp8.py)
+        self.fp8 = None
+        if fp8:
+            cc = int(cp.cuda.Device().compute_capability)  # "90" on Hopper
+            if dtype != "bf16" or cc < 89:
+                raise UserError(f"--dtype fp8 needs FP8 tensor cores (compute capability 8.9 or later: Ada, Hopper "
+                                f"and newer); this GPU is sm_{cc}: use --dtype bf16")
 
     # ---- memory ---------------------------------------------------------------------------------------------
     def zeros(self, n, dtype):
@@ -401,10 +408,39 @@ class CUDABackend(FreshGrads):
         redo = redo if redo is not None else np.uint64(0)  # null: no recompute
         self.k["swiglu"].swiglu_backward(grid, (256,), (dinp, inp, dout, redo, n, np.int32(F)))
 
+    # ---- FP8 products (--dtype fp8; fp8.py) -----------------------------------------------------------------
+    def fp8_register(self, weights, rows: int) -> int:
+        from .fp8 import CudaFp8
+        if not self.fp8_enabled:
+            raise ValueError("fp8_register: this backend was not made for --dtype fp8")
+        self.fp8 = CudaFp8(self, weights, rows)
+        return self.fp8.nbytes
+
+    def fp8_begin_step(self) -> None:
+        self.fp8.begin_step()
+
+    def fp8_end_step(self) -> None:
+        self.fp8.end_step()
+
+    def fp8_quantize_weights(self) -> None:
+        self.fp8.quantize_weights()
+
+    def fp8_state(self) -> dict:
+        return self.fp8.state()
+
+    def fp8_load_state(self, state: dict) -> None:
+        self.fp8.load_state(state)
+
+    def _fp8_slot(self, w):
+        return None if self.fp8 is None else self.fp8.slot(w)
+
     def matmul_forward(self, out, inp, w, b, gelu_pre=None):
         OC, K = w.shape
         M = inp.size // K
-        if gelu_pre is None:
+        i = self._fp8_slot(w)
+        if i is not None:
+            self.fp8.forward(out, inp, b, gelu_pre, i)
+        elif gelu_pre is None:
             self.gemm.mm(out, inp, w, M, OC, K, transy=True, bias=b)
         else:  # out = gelu(inp @ w.T + b), gelu_pre = inp @ w.T + b  (cuBLASLt GELU_AUX_BIAS epilogue)
             self.gemm.mm(out, inp, w, M, OC, K, transy=True, bias=b, epilogue="gelu", aux=gelu_pre)
@@ -421,8 +457,12 @@ class CUDABackend(FreshGrads):
             raise ValueError("gelu_redo needs gelu_pre and inp")
         if gelu_redo and gelu_db is None:  # no fused kernel on this path: the recompute runs first
             self.gelu_forward(inp, gelu_pre)
+        i = self._fp8_slot(w)
         if dinp is not None:  # dinp = dout @ w, then times gelu'(gelu_pre) in place (+ its column sums: gelu_db)
-            self.gemm.mm(dinp, dout, w, M, K, OC)
+            if i is None:
+                self.gemm.mm(dinp, dout, w, M, K, OC)
+            else:
+                self.fp8.backward_dinp(dinp, dout, i)
             if gelu_db is not None:
                 chunks = cdiv(M, _CHUNK_ROWS)
                 self._check_colsum(chunks, K)
@@ -440,8 +480,10 @@ class CUDABackend(FreshGrads):
         # dw += dout^T @ inp (=, beta 0, when dw counts as zero). (cuBLASLt's BGRADB epilogue, the bias gradient
         # formed by this product, was slower than the product and our column sums: d48's qkv 0.2088 vs 0.1905 ms on
         # an H200, 2026-11-30; docs/performance.md)
-        if dw is not None:
+        if dw is not None and i is None:
             self.gemm.mm(dw, dout, inp, OC, K, M, transx=True, accumulate=not self._first_write(dw))
+        elif dw is not None:
+            self.fp8.backward_dw(dw, dout, inp, i, accumulate=not self._first_write(dw))
         if db_sums is not None:  # the partials a norm backward formed over this dout (layernorm_backward)
             nb = take_sums(db_sums, self._sums_serial, OC).data
             self.k["matmul"].colsum_finalize8((cdiv(OC, 32),), (32, 8), (db, self.sum_part, np.int32(nb),

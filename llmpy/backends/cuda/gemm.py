@@ -24,6 +24,7 @@ WORKSPACE_BYTES = 32 << 20
 TUNE_CANDIDATES = 16   # algorithms asked of the heuristic when tuning
 TUNE_MARGIN = 0.02     # a tuned algorithm must beat the heuristic's first by 2% (timing noise keeps the first)
 _R32F, _R16BF, _R8I, _R32I = 0, 14, 3, 10   # cudaDataType_t
+_R8F_E4M3, _R8F_E5M2 = 28, 29
 _COMPUTE_32F, _COMPUTE_32I = 68, 72          # cublasComputeType_t
 
 
@@ -70,12 +71,16 @@ class Gemm:
         (transa, transb, m, n, k, lda, ldb, ldd, epi, accumulate, batch, sa, sb, sd, align, dtype_d, dtype_ab) = key
         D = lt.MatmulDescAttribute
         integer = dtype_ab == _R8I  # int8 x int8 -> int32: int32 accumulation, int32 alpha and beta
+        fp8 = isinstance(dtype_ab, tuple)  # (A's type, B's type): FP8 operands, fp32 accumulation, bf16 out
+        type_a, type_b = dtype_ab if fp8 else (dtype_ab, dtype_ab)
         desc = lt.matmul_desc_create(_COMPUTE_32I, _R32I) if integer else lt.matmul_desc_create(_COMPUTE_32F, _R32F)
         self._set(lt.matmul_desc_set_attribute, desc, D.TRANSA, int(transa), np.int32)
         self._set(lt.matmul_desc_set_attribute, desc, D.TRANSB, int(transb), np.int32)
         self._set(lt.matmul_desc_set_attribute, desc, D.EPILOGUE, int(epi), np.uint32)
+        if fp8 and epi != int(self.E.DEFAULT):  # the bias (and GELU's aux) in the output's type
+            self._set(lt.matmul_desc_set_attribute, desc, D.BIAS_DATA_TYPE, dtype_d, np.int32)
 
-        def layout(rows, cols, ld, stride, dtype=dtype_ab):
+        def layout(rows, cols, ld, stride, dtype=type_b):
             lay = lt.matrix_layout_create(dtype, rows, cols, ld)
             if batch > 1:
                 L = lt.MatrixLayoutAttribute
@@ -83,7 +88,7 @@ class Gemm:
                 self._set(lt.matrix_layout_set_attribute, lay, L.STRIDED_BATCH_OFFSET, stride, np.int64)
             return lay
 
-        la = layout(k if transa else m, m if transa else k, lda, sa)
+        la = layout(k if transa else m, m if transa else k, lda, sa, type_a)
         lb = layout(n if transb else k, k if transb else n, ldb, sb)
         ld_ = layout(m, n, ldd, sd, dtype_d)
         pref = lt.matmul_preference_create()
@@ -243,6 +248,41 @@ class Gemm:
         if aux is not None:
             self._set(lt.matmul_desc_set_attribute, desc, D.EPILOGUE_AUX_POINTER, aux.data.ptr, np.int64)
             self._set(lt.matmul_desc_set_attribute, desc, D.EPILOGUE_AUX_LD, ldo, np.int64)
+        s = stream if stream is not None else self.cupy.cuda.get_current_stream()
+        beta = self._one if accumulate else self._zero
+
+        def launch(algo):
+            lt.matmul(self.handle, desc, self._one.ctypes.data, y.data.ptr, la, x.data.ptr, lb, beta.ctypes.data,
+                      out.data.ptr, ld_, out.data.ptr, ld_, algo.ctypes.data, self.workspace.data.ptr,
+                      WORKSPACE_BYTES, s.ptr)
+        launch(plan[6] if plan[6] is not None else self._choose(plan, launch, out, accumulate, s))
+
+    def mm_fp8(self, out, x, y, M, N, K, x_inv, y_inv, *, x_e5m2=False, y_e5m2=False, bias=None, gelu_aux=None,
+               accumulate=False, stream=None):
+        """out (M, N) bf16 [+]= (x (M, K) @ y (N, K)^T) * x_inv * y_inv (+ bias (N,), bf16) on the FP8 tensor cores,
+        fp32 accumulation. x, y: FP8 bytes (e4m3, or e5m2 where said; never both e5m2), both K-contiguous: the "TN"
+        form Hopper's FP8 products take. x_inv, y_inv: one-element fp32 device arrays, the operands' dequantizing
+        factors (1 / scale), read when the product runs (a CUDA graph replays the new scales). gelu_aux (M, N):
+        out = gelu(. + bias) with the pre-GELU values saved there (cuBLASLt's GELU_AUX_BIAS epilogue). M, N, K and
+        the pointers must be multiples of 16."""
+        lt = self.lt
+        E = self.E
+        epi = E.DEFAULT if gelu_aux is None else E.GELU_AUX
+        if bias is not None:
+            epi = {E.DEFAULT: E.BIAS, E.GELU_AUX: E.GELU_AUX_BIAS}[epi]
+        types = (_R8F_E5M2 if y_e5m2 else _R8F_E4M3, _R8F_E5M2 if x_e5m2 else _R8F_E4M3)
+        align = (_align(y), _align(x), _align(out), _align(out))
+        key = (True, False, N, M, K, K, K, N, int(epi), accumulate, 1, 0, 0, 0, align, self.dtype, types)
+        plan = self._plan(key)
+        desc, la, lb, ld_ = plan[:4]
+        D = lt.MatmulDescAttribute
+        self._set(lt.matmul_desc_set_attribute, desc, D.A_SCALE_POINTER, y_inv.data.ptr, np.int64)
+        self._set(lt.matmul_desc_set_attribute, desc, D.B_SCALE_POINTER, x_inv.data.ptr, np.int64)
+        if bias is not None:
+            self._set(lt.matmul_desc_set_attribute, desc, D.BIAS_POINTER, bias.data.ptr, np.int64)
+        if gelu_aux is not None:
+            self._set(lt.matmul_desc_set_attribute, desc, D.EPILOGUE_AUX_POINTER, gelu_aux.data.ptr, np.int64)
+            self._set(lt.matmul_desc_set_attribute, desc, D.EPILOGUE_AUX_LD, N, np.int64)
         s = stream if stream is not None else self.cupy.cuda.get_current_stream()
         beta = self._one if accumulate else self._zero
 

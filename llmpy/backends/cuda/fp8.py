@@ -1,0 +1,149 @@
+"""--dtype fp8 on the GPU: the registered block products on Hopper's FP8 tensor cores (cuBLASLt, fp32 accumulation,
+bf16 out) with the quantizing kernels of kernels/fp8.cu; the recipe is layers/fp8.py's, the bookkeeping
+backends/fp8.py's.
+
+cuBLASLt's FP8 products take both operands K-contiguous, so each product needs its operands in two layouts:
+forward  out (N, OC) = Xq (N, K) . Wq (OC, K)^T
+dX       dX (N, K)   = Dq (N, OC) . WqT (K, OC)^T
+dW       dW (OC, K) (+)= DqT (OC, N) . XqT (K, N)^T
+The weights' two copies (Wq, WqT) are made once per step, after AdamW; X and dY are quantized where a product
+reads them, into two scratch buffers (A: Xq, then Dq and DqT; B: XqT).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import UserError
+from ...layers import fp8 as F
+from ..fp8 import Fp8Products
+from .runtime import cdiv, module
+
+_THREADS = 256
+
+
+class CudaFp8(Fp8Products):
+    def __init__(self, be, weights, rows: int):
+        super().__init__(be, weights)
+        cp = be.cp
+        P = len(self.weights)
+        self.inv = be.zeros(P * 3, np.float32).reshape(P, 3)
+        self.inv[...] = 1.0
+        self._cal = be.zeros(1, np.float32)  # a calibrating quantization's own amax
+        bad = [w.shape for w in self.weights if w.shape[0] % 16 or w.shape[1] % 16]
+        if rows % 16 or bad:
+            raise UserError(f"--dtype fp8 needs B*T and every block product's sizes divisible by 16 (B*T = {rows}"
+                            + (f"; weights {bad[0]}" if bad else "") + ")")
+        self.k = module("fp8", be.dtype_name)
+        self._blocks = 4 * cp.cuda.Device().attributes["MultiProcessorCount"]  # the grid of the grid-stride kernels
+        self._gelu_epilogue = {}  # (M, OC, K) -> whether cuBLASLt has an FP8 GELU_AUX_BIAS product for it
+        sizes = [int(np.prod(w.shape)) for w in self.weights]
+        self._wbuf = cp.zeros(2 * sum(sizes) + 16 * len(sizes), dtype=cp.uint8)  # Wq and WqT of every weight
+        self.wq, self.wqT, o = [], [], 0
+        for w, n in zip(self.weights, sizes):
+            self.wq.append(self._wbuf[o:o + n].reshape(w.shape))
+            self.wqT.append(self._wbuf[o + n:o + 2 * n].reshape(w.shape[::-1]))
+            o += 2 * n
+        widest = max(max(w.shape) for w in self.weights)
+        self.buf_a = cp.zeros(rows * widest, dtype=cp.uint8)
+        self.buf_b = cp.zeros(rows * max(w.shape[1] for w in self.weights), dtype=cp.uint8)
+        self.nbytes = self._wbuf.nbytes + self.buf_a.nbytes + self.buf_b.nbytes + 4 * self.hist.size
+
+    # ---- one scalar of the state as a one-element array (a kernel argument, a cuBLASLt scale pointer) ----------
+    def _at(self, a, i: int, role: int):
+        k = 3 * i + role
+        return a.reshape(-1)[k:k + 1]
+
+    def _launch_grid(self, n: int) -> tuple[int]:
+        return (max(1, min(cdiv(n // 8, _THREADS), self._blocks)),)
+
+    def _calibrate(self, x, n: int, i: int, role: int) -> None:
+        """The calibrating step: the operand's scale from its own amax (pending takes the amax too)."""
+        self.be.fill_zero(self._cal)
+        self.k.fp8_amax(self._launch_grid(n), (_THREADS,), (self._cal, x, np.int64(n)))
+        self.k.fp8_calibrate((1,), (1,), (self._at(self.scale, i, role), self._at(self.inv, i, role),
+                                          self._at(self.pending, i, role), self._cal, np.int32(role == F.D)))
+
+    def quantize(self, q, x, i: int, role: int, count: bool = True) -> None:
+        """q (x.size bytes) = x quantized as product i's operand `role`."""
+        n = x.size
+        if self.calibrate:
+            self._calibrate(x, n, i, role)
+        clamped = self.overflows if count else np.uint64(0)
+        self.k.fp8_quantize(self._launch_grid(n), (_THREADS,), (q, x, np.int64(n), self._at(self.scale, i, role),
+                                                                 self._at(self.pending, i, role), clamped,
+                                                                 np.int32(role == F.D)))
+
+    def quantize_t(self, qT, x, rows: int, cols: int, i: int, role: int) -> None:
+        """qT (cols, rows) = x (rows, cols) quantized and transposed (scale already set: not calibrated again)."""
+        self.k.fp8_quantize_t((cdiv(cols, 64), cdiv(rows, 64)), (_THREADS,),
+                              (qT, x, np.int32(rows), np.int32(cols), self._at(self.scale, i, role),
+                               self._at(self.pending, i, role), np.int32(role == F.D)))
+
+    # ---- the step's bookkeeping -----------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        n = self.pending.shape[0]
+        self.k.fp8_begin((cdiv(n, _THREADS),), (_THREADS,), (self.pending, self.overflows, np.int32(n)))
+
+    def end_step(self) -> None:
+        n = self.hist.shape[0] * 3
+        self.k.fp8_fold((cdiv(n, _THREADS),), (_THREADS,), (self.hist, self.pending, self.scale, self.inv,
+                                                             np.int32(n), np.int32(F.HISTORY)))
+        self.calibrate = False
+        self.quantize_weights()
+
+    def quantize_weights(self) -> None:
+        for i, w in enumerate(self.weights):
+            OC, K = w.shape
+            self.quantize(self.wq[i], w, i, F.W)
+            self.quantize_t(self.wqT[i], w, OC, K, i, F.W)
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)  # the scales, then the weights quantized with them
+        host = np.asarray(self.be.to_numpy(self.scale), np.float32)
+        self.be.upload(self.inv, (1.0 / host).astype(np.float32))
+
+    # ---- the products ---------------------------------------------------------------------------------------
+    def forward(self, out, inp, b, gelu_pre, i: int) -> None:
+        be, w = self.be, self.weights[i]
+        OC, K = w.shape
+        M = inp.size // K
+        xq = self.buf_a[:M * K]
+        self.quantize(xq, inp, i, F.X)
+        x_inv, w_inv = self._at(self.inv, i, F.X), self._at(self.inv, i, F.W)
+        if gelu_pre is None:
+            be.gemm.mm_fp8(out, xq, self.wq[i], M, OC, K, x_inv, w_inv, bias=b)
+            return
+        key = (M, OC, K)
+        if self._gelu_epilogue.get(key, True):
+            try:  # out = gelu(. + b), the pre-GELU values saved (cuBLASLt's epilogue)
+                be.gemm.mm_fp8(out, xq, self.wq[i], M, OC, K, x_inv, w_inv, bias=b, gelu_aux=gelu_pre)
+                self._gelu_epilogue[key] = True
+                return
+            except Exception:  # no FP8 algorithm with that epilogue (known at planning, on the eager first step)
+                if be.capturing:
+                    raise
+                self._gelu_epilogue[key] = False
+        be.gemm.mm_fp8(gelu_pre, xq, self.wq[i], M, OC, K, x_inv, w_inv, bias=b)  # the product, then our GELU
+        be.gelu_forward(out, gelu_pre)
+
+    def backward_dinp(self, dinp, dout, i: int) -> None:
+        """dinp (M, K) = dout (M, OC) @ W, dout quantized (e5m2) into buffer A."""
+        OC, K = self.weights[i].shape
+        M = dout.size // OC
+        dq = self.buf_a[:M * OC]
+        self.quantize(dq, dout, i, F.D)
+        self.be.gemm.mm_fp8(dinp, dq, self.wqT[i], M, K, OC, self._at(self.inv, i, F.D),
+                            self._at(self.inv, i, F.W), x_e5m2=True)
+
+    def backward_dw(self, dw, dout, inp, i: int, accumulate: bool) -> None:
+        """dw (OC, K) (+)= dout^T @ inp, both quantized transposed (DqT into buffer A, XqT into buffer B)."""
+        OC, K = self.weights[i].shape
+        M = dout.size // OC
+        dqT, xqT = self.buf_a[:OC * M], self.buf_b[:K * M]
+        if self.calibrate:  # as the CPU's emulation does (and the same scales the forward and dinp took)
+            self._calibrate(dout, M * OC, i, F.D)
+            self._calibrate(inp, M * K, i, F.X)
+        self.quantize_t(dqT, dout, M, OC, i, F.D)
+        self.quantize_t(xqT, inp, M, K, i, F.X)
+        self.be.gemm.mm_fp8(dw, dqT, xqT, OC, K, M, self._at(self.inv, i, F.D), self._at(self.inv, i, F.X),
+                            x_e5m2=True, accumulate=accumulate)

@@ -1,0 +1,159 @@
+// FP8 operands of the block products (--dtype fp8; the recipe and its NumPy twin: layers/fp8.py). Quantizing is
+// q = sat(round(x * s)) with a power-of-two scale s, so the product x * s is exact and the CPU's casts (ml_dtypes)
+// give the same bytes: cvt.rn.satfinite rounds to nearest even and clamps to the format's largest finite value.
+// Every quantizing kernel also takes the tensor's amax (max |x|, NaN ignored) into its pending slot: atomicMax on
+// the bits of non-negative floats, which order like the floats, so the result does not depend on the order.
+#include "common.cuh"
+
+// two fp32 values -> two fp8 bytes (lo in the low byte); e4m3 (max 448) or e5m2 (max 57344). Needs sm_89+.
+__device__ __forceinline__ unsigned int fp8x2(float lo, float hi, int e5m2) {
+    unsigned short r;
+    if (e5m2) asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    else asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ float fp8_max(int e5m2) { return e5m2 ? 57344.0f : 448.0f; }
+
+// 8 consecutive elements as fp32 (16-byte aligned: one bf16 pack or two fp32 packs)
+__device__ __forceinline__ void load8(float (&v)[8], const bf16* p) {
+    const Pack<bf16> a = load16(p);
+#pragma unroll
+    for (int k = 0; k < 8; k++) v[k] = to_f(a.v[k]);
+}
+__device__ __forceinline__ void load8(float (&v)[8], const float* p) { load_f32<8>(v, p); }
+
+__device__ __forceinline__ void record_amax(float* amax, float m) {
+    m = warp_max(m);
+    if (threadIdx.x % 32 == 0) atomicMax(reinterpret_cast<unsigned int*>(amax), __float_as_uint(m));
+}
+
+// q (n bytes) = the fp8 of x (n elements, n % 8 == 0) under *scale; *amax = max(*amax, max|x|); *clamped += the
+// elements whose |x * s| exceeded the format's largest (clamped may be null). Grid-stride, 8 elements a thread.
+template <class T>
+__global__ void fp8_quantize(unsigned char* __restrict__ q, const T* __restrict__ x, long long n,
+                             const float* __restrict__ scale, float* __restrict__ amax, int* __restrict__ clamped,
+                             int e5m2) {
+    const float s = *scale, fmax = fp8_max(e5m2);
+    float m = 0.0f;
+    int over = 0;
+    for (long long i = (blockIdx.x * (long long)blockDim.x + threadIdx.x) * 8; i < n;
+         i += (long long)gridDim.x * blockDim.x * 8) {
+        float v[8];
+        load8(v, x + i);
+        unsigned int w[2] = {0u, 0u};
+#pragma unroll
+        for (int k = 0; k < 8; k += 2) {
+            m = fmaxf(m, fmaxf(fabsf(v[k]), fabsf(v[k + 1])));
+            const float a = v[k] * s, b = v[k + 1] * s;
+            over += (fabsf(a) > fmax) + (fabsf(b) > fmax);
+            w[k / 4] |= fp8x2(a, b, e5m2) << (16 * ((k / 2) % 2));
+        }
+        *reinterpret_cast<uint2*>(q + i) = make_uint2(w[0], w[1]);
+    }
+    record_amax(amax, m);
+    if (clamped != nullptr) {
+        for (int o = 16; o > 0; o >>= 1) over += __shfl_xor_sync(0xffffffffu, over, o);
+        if (threadIdx.x % 32 == 0 && over) atomicAdd(clamped, over);
+    }
+}
+
+// qT (cols, rows) = the fp8 of x (rows, cols) transposed (the K-major operand cuBLASLt's FP8 products need for a
+// weight gradient or an input gradient), under *scale; *amax as above. rows and cols are multiples of 16. A block
+// of 256 threads moves a 64 x 64 tile through shared memory: 16-byte loads of rows, 8-byte stores of columns.
+#define FP8_TILE 64
+template <class T>
+__global__ void fp8_quantize_t(unsigned char* __restrict__ qT, const T* __restrict__ x, int rows, int cols,
+                               const float* __restrict__ scale, float* __restrict__ amax, int e5m2) {
+    __shared__ float tile[FP8_TILE][FP8_TILE + 1];
+    const float s = *scale;
+    const int r0 = blockIdx.y * FP8_TILE, c0 = blockIdx.x * FP8_TILE;
+    float m = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 2; j++) {  // 64 rows x 8 packs of 8 columns: two packs a thread
+        const int p = threadIdx.x + 256 * j, r = p / 8, c = (p % 8) * 8;
+        if (r0 + r < rows && c0 + c < cols) {
+            float v[8];
+            load8(v, x + (long long)(r0 + r) * cols + c0 + c);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                m = fmaxf(m, fabsf(v[k]));
+                tile[r][c + k] = v[k] * s;
+            }
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < 2; j++) {  // 64 columns x 8 runs of 8 rows: two runs a thread
+        const int p = threadIdx.x + 256 * j, c = p / 8, r = (p % 8) * 8;
+        if (c0 + c < cols && r0 + r < rows) {
+            unsigned int w[2] = {0u, 0u};
+#pragma unroll
+            for (int k = 0; k < 8; k += 2)
+                w[k / 4] |= fp8x2(tile[r + k][c], tile[r + k + 1][c], e5m2) << (16 * ((k / 2) % 2));
+            *reinterpret_cast<uint2*>(qT + (long long)(c0 + c) * rows + r0 + r) = make_uint2(w[0], w[1]);
+        }
+    }
+    record_amax(amax, m);
+}
+
+// *out = max(*out, max|x|) over n elements (n % 8 == 0): the calibrating step's own amax of a tensor
+template <class T>
+__global__ void fp8_amax(float* __restrict__ out, const T* __restrict__ x, long long n) {
+    float m = 0.0f;
+    for (long long i = (blockIdx.x * (long long)blockDim.x + threadIdx.x) * 8; i < n;
+         i += (long long)gridDim.x * blockDim.x * 8) {
+        float v[8];
+        load8(v, x + i);
+#pragma unroll
+        for (int k = 0; k < 8; k++) m = fmaxf(m, fabsf(v[k]));
+    }
+    record_amax(out, m);
+}
+
+// 2^floor(log2(fmax / a)) from the exponents and mantissas (layers/fp8.py scale_from_amax); `previous` unless a is
+// finite and > 0
+__device__ __forceinline__ float scale_from_amax(float a, float fmax, float previous) {
+    if (!(a > 0.0f) || isinf(a)) return previous;
+    int ea, ef;
+    const float ma = frexpf(a, &ea), mf = frexpf(fmax, &ef);
+    int e = ef - ea - (mf < ma ? 1 : 0);
+    e = max(-100, min(100, e));
+    return ldexpf(1.0f, e);
+}
+
+// The calibrating step (no history yet): one operand's scale from its own amax a (then pending = max(pending, a))
+__global__ void fp8_calibrate(float* scale, float* inv, float* pending, const float* a, int e5m2) {
+    const float s = scale_from_amax(*a, fp8_max(e5m2), *scale);
+    *scale = s;
+    *inv = 1.0f / s;
+    *pending = fmaxf(*pending, *a);
+}
+
+// Before a step's first micro-batch: the activations' and gradients' pending amax (roles 0 and 2 of P products)
+// and the clamp count start at zero (the weights' amax, taken when they were quantized after the last update, stays)
+__global__ void fp8_begin(float* pending, int* clamped, int P) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i == 0) *clamped = 0;
+    if (i < P) {
+        pending[3 * i] = 0.0f;
+        pending[3 * i + 2] = 0.0f;
+    }
+}
+
+// After a step: each of the n = P * 3 operands' history (H newest first) takes its pending amax (non-finite: 0),
+// its scale comes from the history's max (all zero: unchanged), pending returns to 0. Role = index % 3 (X, W, D).
+__global__ void fp8_fold(float* __restrict__ hist, float* __restrict__ pending, float* __restrict__ scale,
+                         float* __restrict__ inv, int n, int H) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float* h = hist + (long long)i * H;
+    for (int k = H - 1; k > 0; k--) h[k] = h[k - 1];
+    const float p = pending[i];
+    h[0] = isfinite(p) ? p : 0.0f;
+    float top = 0.0f;
+    for (int k = 0; k < H; k++) top = fmaxf(top, h[k]);
+    const float s = scale_from_amax(top, fp8_max(i % 3 == 2), scale[i]);
+    scale[i] = s;
+    inv[i] = 1.0f / s;
+    pending[i] = 0.0f;
+}

@@ -1,0 +1,215 @@
+"""--dtype fp8 on the GPU against the CPU's emulation of the same recipe (layers/fp8.py): the quantizing kernels
+bit for bit, the scale updates bit for bit, cuBLASLt's FP8 products, whole GPT-2 and Llama steps, and whole runs
+(determinism, graph == eager, resume, recompute). Marked gpu: skipped where there is none (CI)."""
+from functools import partial
+
+import numpy as np
+import pytest
+
+from cuda_common import forward_backward, random_batches, relerr, reproducible_runs, resumed_run, run_shards
+
+from llmpy.backends import get_backend
+from llmpy.layers import fp8 as F
+from llmpy.models.gpt2 import GPT2, GPT2Config
+from llmpy.models.llama3 import Llama, LlamaConfig
+from llmpy.train.optim import AdamW
+from llmpy.train.step import TrainStep
+
+pytestmark = pytest.mark.gpu
+GCFG = GPT2Config(max_seq_len=128, vocab_size=50257, padded_vocab_size=50304, num_layers=4, num_heads=4, channels=256)
+LCFG = LlamaConfig(max_seq_len=128, vocab_size=50257, padded_vocab_size=50304, num_layers=4, num_heads=8,
+                   num_kv_heads=2, channels=256, ffn_hidden=512, tied=True, rope_theta=10000.0)
+B, T = 4, 128
+
+
+def _cp():
+    import cupy
+    return cupy
+
+
+def _k(dtype):
+    from llmpy.backends.cuda.runtime import module
+    return module("fp8", dtype)
+
+
+def _host_input(rng, shape, dtype):
+    """Random values (some beyond the FP8 range at the test's scales, a NaN), exactly representable in dtype:
+    (the device array, its fp32 host values)."""
+    import ml_dtypes
+    x = (rng.standard_normal(shape) * 3.0).astype(np.float32)
+    x.reshape(-1)[:5] = [1e4, -3e5, 0.0, np.nan, 1e-30]
+    host = x.astype(ml_dtypes.bfloat16).astype(np.float32) if dtype == "bf16" else x
+    dev = _cp().asarray(host.astype(ml_dtypes.bfloat16) if dtype == "bf16" else host)
+    return dev, host
+
+
+def _bytes_equal(got, want):
+    """FP8 bytes equal, NaN codes compared as NaN (the sign of a NaN may differ)."""
+    g, w = np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8)
+    nan = (w & 0x7F) == 0x7F
+    return np.array_equal(g[~nan], w[~nan]) and np.all((g[nan] & 0x7F) == 0x7F)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("role", [F.X, F.D])
+def test_quantize_kernels_are_the_numpy_recipe_bit_for_bit(dtype, role):
+    cp, k = _cp(), _k(dtype)
+    rng = np.random.default_rng(role)
+    rows, cols = 80, 144  # multiples of 16, not of the 64 x 64 tile
+    x, host = _host_input(rng, (rows, cols), dtype)
+    s = 2.0 ** (7 if role == F.X else 12)
+    scale = cp.asarray(np.array([s], np.float32))
+    want = np.empty(host.shape, F.formats()[role])
+    clamped_want = F.quantize(want, host, s, role)
+    q = cp.full(rows * cols, 0xAB, cp.uint8)  # poisoned
+    amax, clamped = cp.zeros(1, cp.float32), cp.zeros(1, cp.int32)
+    k.fp8_quantize((7,), (256,), (q, x, np.int64(rows * cols), scale, amax, clamped, np.int32(role == F.D)))
+    assert _bytes_equal(cp.asnumpy(q), want.reshape(-1))
+    assert float(amax.get()[0]) == F.amax(host) and int(clamped.get()[0]) == clamped_want
+    qT = cp.full(rows * cols, 0xAB, cp.uint8)
+    amax[...] = 0
+    k.fp8_quantize_t(((cols + 63) // 64, (rows + 63) // 64), (256,),
+                     (qT, x, np.int32(rows), np.int32(cols), scale, amax, np.int32(role == F.D)))
+    assert _bytes_equal(cp.asnumpy(qT), np.ascontiguousarray(want.T).reshape(-1))
+    assert float(amax.get()[0]) == F.amax(host)
+
+
+def test_scale_updates_are_the_numpy_recipe_bit_for_bit():
+    cp, k = _cp(), _k("bf16")
+    rng = np.random.default_rng(2)
+    P = 7
+    hist = np.zeros((P, 3, F.HISTORY), np.float32)
+    scale = np.ones((P, 3), np.float32)
+    dh, ds, dinv = cp.asarray(hist), cp.asarray(scale), cp.ones((P, 3), cp.float32)
+    for step in range(F.HISTORY + 5):
+        pending = np.exp(rng.uniform(-20, 20, (P, 3))).astype(np.float32)
+        pending[0, 1], pending[1, 2], pending[2, 0] = np.inf, np.nan, 0.0
+        dp = cp.asarray(pending)
+        F.fold(hist, pending, scale)
+        k.fp8_fold((1,), (256,), (dh, dp, ds, dinv, np.int32(P * 3), np.int32(F.HISTORY)))
+        assert np.array_equal(cp.asnumpy(dh), hist) and np.array_equal(cp.asnumpy(ds), scale), step
+        assert np.array_equal(cp.asnumpy(dinv), 1.0 / scale) and not cp.asnumpy(dp).any()
+    for a in list(np.exp(rng.uniform(-40, 40, 50)).astype(np.float32)) + [0.0, np.inf, np.nan]:
+        for role in (F.X, F.D):
+            s, inv, pend = cp.asarray([3.0], cp.float32), cp.zeros(1, cp.float32), cp.zeros(1, cp.float32)
+            k.fp8_calibrate((1,), (1,), (s, inv, pend, cp.asarray([a], cp.float32), np.int32(role == F.D)))
+            assert float(s.get()[0]) == F.scale_from_amax(float(a), role, 3.0)
+
+
+@pytest.mark.parametrize("epilogue", ["none", "bias", "gelu", "accumulate", "e5m2"])
+def test_fp8_products_vs_numpy(epilogue):
+    """cuBLASLt's FP8 product (fp32 accumulation, bf16 out) against the same quantized operands multiplied in
+    NumPy; the bf16 output's rounding bounds the error."""
+    import ml_dtypes
+    cp = _cp()
+    be = get_backend("cuda", "bf16")
+    rng = np.random.default_rng(4)
+    M, N, K = 256, 384, 512
+    fx = ml_dtypes.float8_e5m2 if epilogue == "e5m2" else ml_dtypes.float8_e4m3fn
+    xq = (rng.standard_normal((M, K)) * 40).astype(fx)
+    yq = (rng.standard_normal((N, K)) * 40).astype(ml_dtypes.float8_e4m3fn)
+    xi, yi = 2.0 ** -6, 2.0 ** -9
+    ref = (xq.astype(np.float64) @ yq.astype(np.float64).T) * xi * yi
+    bias = (rng.standard_normal(N) * 0.5).astype(np.float32)
+    out = cp.asarray(np.full((M, N), 3.0, np.float32).astype(ml_dtypes.bfloat16))
+    kw = {}
+    if epilogue in ("bias", "gelu"):
+        kw["bias"] = cp.asarray(bias.astype(ml_dtypes.bfloat16))
+        ref = ref + bias.astype(ml_dtypes.bfloat16).astype(np.float64)
+    aux = None
+    if epilogue == "gelu":
+        aux = cp.zeros((M, N), dtype=ml_dtypes.bfloat16)
+        kw["gelu_aux"] = aux
+    be.gemm.mm_fp8(out, cp.asarray(xq.view(np.uint8)), cp.asarray(yq.view(np.uint8)), M, N, K,
+                   cp.asarray([xi], cp.float32), cp.asarray([yi], cp.float32), x_e5m2=epilogue == "e5m2",
+                   accumulate=epilogue == "accumulate", **kw)
+    got = cp.asnumpy(out).astype(np.float64)
+    if epilogue == "accumulate":
+        ref = ref + 3.0
+    if epilogue == "gelu":
+        pre = ref
+        ref = 0.5 * pre * (1 + np.tanh(np.sqrt(2 / np.pi) * (pre + 0.044715 * pre ** 3)))
+        assert relerr(cp.asnumpy(aux).astype(np.float64), pre) < 5e-3
+    e = relerr(got, ref)
+    print(f"\n  {epilogue}: rel err {e:.2e}")
+    assert e < 5e-3
+
+
+def _model(cls, cfg, device, dtype, params, recompute=0):
+    m = cls(cfg, get_backend(device, dtype), B, T, recompute=recompute)
+    m.load_params(params)
+    return m
+
+
+def _params(cls, cfg):
+    m = cls(cfg, get_backend("cpu"), 1, 8, training=False)
+    m.init_weights(3)
+    return m.params_numpy()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fp8_step_vs_the_cpu_emulation(family):
+    """The first step of a fresh run (each operand scaled by its own amax) on both backends: the GPU's bf16
+    activations quantize to nearly the same FP8 operands as the CPU's fp32 ones."""
+    cls, cfg = (GPT2, GCFG) if family == "gpt2" else (Llama, LCFG)
+    params = _params(cls, cfg)
+    (x, y), = random_batches(cfg.vocab_size, B, T, 1, seed=5)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        m = _model(cls, cfg, dev, "fp8", params)
+        m.be.fp8_quantize_weights()
+        m.be.fp8_begin_step()
+        loss = forward_backward(m, x, y)
+        grads = {n: np.asarray(m.be.to_numpy(m.grads[n]), np.float64) for n in m.params.shapes}
+        out[dev] = (loss, grads, np.asarray(m.be.to_numpy(m.be.fp8.scale)))
+    (lc, gc, sc), (lg, gg, sg) = out["cpu"], out["cuda"]
+    print(f"\n{family}: loss cpu {lc:.6f} gpu {lg:.6f}")
+    assert abs(lg - lc) <= 1e-2 * lc
+    assert np.mean(sc == sg) > 0.9  # the scales (powers of two from each operand's amax) mostly agree exactly
+    for name in gc:
+        v = cfg.vocab_size if name in ("wte", "lm_head") else None
+        e = relerr(gg[name][:v], gc[name][:v])
+        print(f"  grad {name:9s} rel err {e:.2e}")
+        assert e < 6e-2, name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fp8_ten_steps_vs_the_cpu_emulation(family):
+    cls, cfg = (GPT2, GCFG) if family == "gpt2" else (Llama, LCFG)
+    params = _params(cls, cfg)
+    data = random_batches(cfg.vocab_size, B, T, 2, seed=1) * 5
+    losses = {}
+    for dev in ("cpu", "cuda"):
+        m = _model(cls, cfg, dev, "fp8", params)
+        st = TrainStep(m, AdamW(m, weight_decay=0.1), 1, grad_clip=1.0)
+        losses[dev] = [st.run([b], 1e-3)[0] for b in data]
+    diff = np.abs(np.array(losses["cuda"]) - np.array(losses["cpu"]))
+    print(f"\n{family}: cpu {np.round(losses['cpu'], 4)}\n  gpu {np.round(losses['cuda'], 4)}")
+    assert losses["cpu"][-1] < losses["cpu"][0] and diff.max() < 5e-2
+
+
+def test_fp8_recompute_changes_memory_not_numbers():
+    params = _params(GPT2, GCFG)
+    (x, y), = random_batches(GCFG.vocab_size, B, T, 1, seed=2)
+    res = []
+    for rc in (0, 1, 2):
+        m = _model(GPT2, GCFG, "cuda", "fp8", params, recompute=rc)
+        m.be.fp8_quantize_weights()
+        m.be.fp8_begin_step()
+        loss = forward_backward(m, x, y)
+        res.append((loss, np.asarray(m.be.to_numpy(m.grads.flat))))
+    assert all(r[0] == res[0][0] and np.array_equal(r[1], res[0][1]) for r in res[1:])
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return run_shards(tmp_path_factory.mktemp("fp8_runs"))
+
+
+@pytest.mark.parametrize("init", ["l2h2c128t64", "llama3:l2d128h4k2f256t64-tied"])
+def test_fp8_runs_are_bitwise_reproducible_graph_equals_eager_and_resume(init, shards, tmp_path):
+    a, ra = reproducible_runs(init, shards, tmp_path, dtype="fp8")
+    losses = [e[1] for e in a if e[1] is not None]
+    assert losses[-1] < losses[0]
+    b, _ = resumed_run(init, shards, tmp_path, dtype="fp8")
+    assert [e for e in a if e[0] > 3] == [e for e in b if e[0] > 3]
