@@ -66,12 +66,20 @@ def test_quantize_kernels_are_the_numpy_recipe_bit_for_bit(dtype, role):
     k.fp8_quantize((7,), (256,), (q, x, np.int64(rows * cols), scale, amax, clamped, np.int32(role == F.D)))
     assert _bytes_equal(cp.asnumpy(q), want.reshape(-1))
     assert float(amax.get()[0]) == F.amax(host) and int(clamped.get()[0]) == clamped_want
-    qT = cp.full(rows * cols, 0xAB, cp.uint8)
-    amax[...] = 0
-    k.fp8_quantize_t(((cols + 63) // 64, (rows + 63) // 64), (256,),
-                     (qT, x, np.int32(rows), np.int32(cols), scale, amax, np.int32(role == F.D)))
-    assert _bytes_equal(cp.asnumpy(qT), np.ascontiguousarray(want.T).reshape(-1))
-    assert float(amax.get()[0]) == F.amax(host)
+    for both in (False, True):  # the transposed copy alone, and with the row-major one from the same read
+        qT, q2 = cp.full(rows * cols, 0xAB, cp.uint8), cp.full(rows * cols, 0xAB, cp.uint8)
+        amax[...] = 0
+        clamped[...] = 0
+        null = np.uint64(0)
+        k.fp8_quantize_t(((cols + 63) // 64, (rows + 63) // 64), (256,),
+                         (qT, q2 if both else null, x, np.int32(rows), np.int32(cols), scale, amax,
+                          clamped if both else null, np.int32(role == F.D)))
+        assert _bytes_equal(cp.asnumpy(qT), np.ascontiguousarray(want.T).reshape(-1))
+        assert float(amax.get()[0]) == F.amax(host)
+        if both:
+            assert _bytes_equal(cp.asnumpy(q2), want.reshape(-1)) and int(clamped.get()[0]) == clamped_want
+        else:
+            assert np.all(cp.asnumpy(q2) == 0xAB) and int(clamped.get()[0]) == 0
 
 
 def test_scale_updates_are_the_numpy_recipe_bit_for_bit():

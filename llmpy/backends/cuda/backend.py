@@ -462,7 +462,7 @@ class CUDABackend(FreshGrads):
             if i is None:
                 self.gemm.mm(dinp, dout, w, M, K, OC)
             else:
-                self.fp8.backward_dinp(dinp, dout, i)
+                self.fp8.backward_dinp(dinp, dout, i, dw_follows=dw is not None)
             if gelu_db is not None:
                 chunks = cdiv(M, _CHUNK_ROWS)
                 self._check_colsum(chunks, K)

@@ -6,8 +6,9 @@ cuBLASLt's FP8 products take both operands K-contiguous, so each product needs i
 forward  out (N, OC) = Xq (N, K) . Wq (OC, K)^T
 dX       dX (N, K)   = Dq (N, OC) . WqT (K, OC)^T
 dW       dW (OC, K) (+)= DqT (OC, N) . XqT (K, N)^T
-The weights' two copies (Wq, WqT) are made once per step, after AdamW; X and dY are quantized where a product
-reads them, into two scratch buffers (A: Xq, then Dq and DqT; B: XqT).
+The weights' two copies (Wq, WqT) are made once per step, after AdamW, from one read; X and dY are quantized where
+a product reads them, into scratch buffers: A holds Xq in the forward, DqT in the backward; B holds XqT; C holds
+Dq (written with DqT from one read of dY).
 """
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ class CudaFp8(Fp8Products):
         widest = max(max(w.shape) for w in self.weights)
         self.buf_a = cp.zeros(rows * widest, dtype=cp.uint8)
         self.buf_b = cp.zeros(rows * max(w.shape[1] for w in self.weights), dtype=cp.uint8)
-        self.nbytes = self._wbuf.nbytes + self.buf_a.nbytes + self.buf_b.nbytes + 4 * self.hist.size
+        self.buf_c = cp.zeros(rows * max(w.shape[0] for w in self.weights), dtype=cp.uint8)
+        self.nbytes = (self._wbuf.nbytes + self.buf_a.nbytes + self.buf_b.nbytes + self.buf_c.nbytes
+                       + 4 * self.hist.size)
 
     # ---- one scalar of the state as a one-element array (a kernel argument, a cuBLASLt scale pointer) ----------
     def _at(self, a, i: int, role: int):
@@ -73,11 +76,14 @@ class CudaFp8(Fp8Products):
                                                                  self._at(self.pending, i, role), clamped,
                                                                  np.int32(role == F.D)))
 
-    def quantize_t(self, qT, x, rows: int, cols: int, i: int, role: int) -> None:
-        """qT (cols, rows) = x (rows, cols) quantized and transposed (scale already set: not calibrated again)."""
+    def quantize_t(self, qT, x, rows: int, cols: int, i: int, role: int, q=None) -> None:
+        """qT (cols, rows) = x (rows, cols) quantized and transposed (scale already set: not calibrated again); q:
+        also x quantized in its own layout, from the same read (its clamped values counted)."""
+        null = np.uint64(0)
         self.k.fp8_quantize_t((cdiv(cols, 64), cdiv(rows, 64)), (_THREADS,),
-                              (qT, x, np.int32(rows), np.int32(cols), self._at(self.scale, i, role),
-                               self._at(self.pending, i, role), np.int32(role == F.D)))
+                              (qT, null if q is None else q, x, np.int32(rows), np.int32(cols),
+                               self._at(self.scale, i, role), self._at(self.pending, i, role),
+                               null if q is None else self.overflows, np.int32(role == F.D)))
 
     # ---- the step's bookkeeping -----------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -92,10 +98,11 @@ class CudaFp8(Fp8Products):
         self.quantize_weights()
 
     def quantize_weights(self) -> None:
-        for i, w in enumerate(self.weights):
+        for i, w in enumerate(self.weights):  # Wq and WqT from one read of W
             OC, K = w.shape
-            self.quantize(self.wq[i], w, i, F.W)
-            self.quantize_t(self.wqT[i], w, OC, K, i, F.W)
+            if self.calibrate:
+                self._calibrate(w, OC * K, i, F.W)
+            self.quantize_t(self.wqT[i], w, OC, K, i, F.W, q=self.wq[i])
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)  # the scales, then the weights quantized with them
@@ -126,24 +133,34 @@ class CudaFp8(Fp8Products):
         be.gemm.mm_fp8(gelu_pre, xq, self.wq[i], M, OC, K, x_inv, w_inv, bias=b)  # the product, then our GELU
         be.gelu_forward(out, gelu_pre)
 
-    def backward_dinp(self, dinp, dout, i: int) -> None:
-        """dinp (M, K) = dout (M, OC) @ W, dout quantized (e5m2) into buffer A."""
+    def backward_dinp(self, dinp, dout, i: int, dw_follows: bool) -> None:
+        """dinp (M, K) = dout (M, OC) @ W. dout is quantized (e5m2) once: Dq into buffer C, and with dw_follows
+        DqT too (buffer A, from the same read), for the backward_dw that comes next."""
         OC, K = self.weights[i].shape
         M = dout.size // OC
-        dq = self.buf_a[:M * OC]
-        self.quantize(dq, dout, i, F.D)
+        if self.calibrate:
+            self._calibrate(dout, M * OC, i, F.D)
+        dq = self.buf_c[:M * OC]
+        if dw_follows:
+            self.quantize_t(self.buf_a[:OC * M], dout, M, OC, i, F.D, q=dq)
+        else:
+            self.quantize(dq, dout, i, F.D)
+        self._dqT_of = (i, dout.data.ptr) if dw_follows else None
         self.be.gemm.mm_fp8(dinp, dq, self.wqT[i], M, K, OC, self._at(self.inv, i, F.D),
                             self._at(self.inv, i, F.W), x_e5m2=True)
 
     def backward_dw(self, dw, dout, inp, i: int, accumulate: bool) -> None:
-        """dw (OC, K) (+)= dout^T @ inp, both quantized transposed (DqT into buffer A, XqT into buffer B)."""
+        """dw (OC, K) (+)= dout^T @ inp: DqT (buffer A; quantized here unless backward_dinp did) and XqT (B)."""
         OC, K = self.weights[i].shape
         M = dout.size // OC
         dqT, xqT = self.buf_a[:OC * M], self.buf_b[:K * M]
-        if self.calibrate:  # as the CPU's emulation does (and the same scales the forward and dinp took)
-            self._calibrate(dout, M * OC, i, F.D)
+        if getattr(self, "_dqT_of", None) != (i, dout.data.ptr):
+            if self.calibrate:
+                self._calibrate(dout, M * OC, i, F.D)
+            self.quantize_t(dqT, dout, M, OC, i, F.D)
+        self._dqT_of = None
+        if self.calibrate:  # as the CPU's emulation does (the scale the forward took for the same inp)
             self._calibrate(inp, M * K, i, F.X)
-        self.quantize_t(dqT, dout, M, OC, i, F.D)
         self.quantize_t(xqT, inp, M, K, i, F.X)
         self.be.gemm.mm_fp8(dw, dqT, xqT, OC, K, M, self._at(self.inv, i, F.D), self._at(self.inv, i, F.X),
                             x_e5m2=True, accumulate=accumulate)

@@ -58,28 +58,45 @@ __global__ void fp8_quantize(unsigned char* __restrict__ q, const T* __restrict_
 }
 
 // qT (cols, rows) = the fp8 of x (rows, cols) transposed (the K-major operand cuBLASLt's FP8 products need for a
-// weight gradient or an input gradient), under *scale; *amax as above. rows and cols are multiples of 16. A block
-// of 256 threads moves a 64 x 64 tile through shared memory: 16-byte loads of rows, 8-byte stores of columns.
+// weight gradient or an input gradient), under *scale; *amax as above; q (may be null): the same bytes in x's own
+// layout too, from the same read (then *clamped, may be null, counts as fp8_quantize does). rows and cols are
+// multiples of 16. A block of 256 threads moves a 64 x 64 tile through shared memory: 16-byte loads of rows,
+// 8-byte stores of columns (and of rows, for q).
 #define FP8_TILE 64
 template <class T>
-__global__ void fp8_quantize_t(unsigned char* __restrict__ qT, const T* __restrict__ x, int rows, int cols,
-                               const float* __restrict__ scale, float* __restrict__ amax, int e5m2) {
+__global__ void fp8_quantize_t(unsigned char* __restrict__ qT, unsigned char* __restrict__ q,
+                               const T* __restrict__ x, int rows, int cols, const float* __restrict__ scale,
+                               float* __restrict__ amax, int* __restrict__ clamped, int e5m2) {
     __shared__ float tile[FP8_TILE][FP8_TILE + 1];
-    const float s = *scale;
+    const float s = *scale, fmax = fp8_max(e5m2);
     const int r0 = blockIdx.y * FP8_TILE, c0 = blockIdx.x * FP8_TILE;
     float m = 0.0f;
+    int over = 0;
 #pragma unroll
     for (int j = 0; j < 2; j++) {  // 64 rows x 8 packs of 8 columns: two packs a thread
         const int p = threadIdx.x + 256 * j, r = p / 8, c = (p % 8) * 8;
         if (r0 + r < rows && c0 + c < cols) {
             float v[8];
-            load8(v, x + (long long)(r0 + r) * cols + c0 + c);
+            const long long at = (long long)(r0 + r) * cols + c0 + c;
+            load8(v, x + at);
 #pragma unroll
             for (int k = 0; k < 8; k++) {
                 m = fmaxf(m, fabsf(v[k]));
-                tile[r][c + k] = v[k] * s;
+                v[k] *= s;
+                tile[r][c + k] = v[k];
+                over += fabsf(v[k]) > fmax;
+            }
+            if (q != nullptr) {
+                unsigned int w[2] = {0u, 0u};
+#pragma unroll
+                for (int k = 0; k < 8; k += 2) w[k / 4] |= fp8x2(v[k], v[k + 1], e5m2) << (16 * ((k / 2) % 2));
+                *reinterpret_cast<uint2*>(q + at) = make_uint2(w[0], w[1]);
             }
         }
+    }
+    if (clamped != nullptr) {
+        for (int o = 16; o > 0; o >>= 1) over += __shfl_xor_sync(0xffffffffu, over, o);
+        if (threadIdx.x % 32 == 0 && over) atomicAdd(clamped, over);
     }
     __syncthreads();
 #pragma unroll
