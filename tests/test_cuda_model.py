@@ -1,5 +1,5 @@
 """The whole model on the GPU against the CPU reference from the same llm.c checkpoint; determinism, graphs,
-resume, recompute, out-of-memory. Marked gpu: skipped where there is none (CI)."""
+resume, recompute, out-of-memory; every family's generation past the context. Marked gpu: skipped where there is none (CI)."""
 from functools import partial
 
 import numpy as np
@@ -7,6 +7,7 @@ import pytest
 
 from cuda_common import (decode_on_both, forward_backward, loaded_model, one_step_vs_cpu, random_batches, relerr,
                          reproducible_runs, resume_run, resumed_run, run_shards, ten_steps_vs_cpu, train_run)
+from decoding import TINY, stepwise_greedy, tiny
 
 from llmpy.backends import get_backend
 from llmpy.models.gpt2 import GPT2Config, spec
@@ -129,6 +130,24 @@ def test_tuned_products_replay_bitwise(tmp_path):
     plain, _ = _run(tmp_path, "p")
     for (_, lt, vt, _), (_, lp, vp, _) in zip(tuned, plain):
         assert abs((lt or vt) - (lp or vp)) < LOSS_TOL["bf16"]
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_generation_past_the_context_on_the_gpu(name, tmp_path):
+    """Every family's prefills on the GPU (attention_forward and kv_cache_write, the recurrent and packed paths, a
+    bf16 embedding under fp32) give, in fp32, the greedy tokens of decoding steps on the same GPU: past the context
+    and from a prompt longer than it; bf16 runs the same way."""
+    from llmpy.models.decode import decoder, generate
+    cfg, p = tiny(name, tmp_path)
+    maxT = cfg.max_seq_len
+    long = list(np.random.default_rng(1).integers(0, cfg.vocab_size, 2 * maxT + 3))
+    for dtype in ("fp32", "bf16"):
+        dec = decoder(cfg, p, get_backend("cuda", dtype))
+        for prompt in ([5, 6, 7], long):
+            got = generate(dec, prompt, 3 * maxT, rng=np.random.default_rng(0), temperature=0)
+            assert len(got) == 3 * maxT and all(0 <= t < cfg.vocab_size for t in got)
+            if dtype == "fp32":
+                assert got == stepwise_greedy(dec, prompt, 3 * maxT), prompt
 
 
 def test_out_of_memory_is_a_clear_error():

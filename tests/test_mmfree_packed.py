@@ -77,6 +77,53 @@ def test_packed_model_gives_the_latent_models_logits_and_tokens(tmp_path, packin
     assert toks[0] == toks[1]
 
 
+@pytest.mark.parametrize("packing", ["base3", "2bit"])
+@pytest.mark.parametrize("K", [5, 63, 128])
+def test_a_few_rows_run_from_the_codes_bit_for_bit(packing, K):
+    """bitlinear_packed_forward: up to CODE_ROWS rows from the codes' tables (code_products), more rows by unpacking;
+    both give bitlinear_forward's bits from the latent weights."""
+    from llmpy.layers.bitlinear import CODE_ROWS, bitlinear_forward, bitlinear_packed_forward
+    r = np.random.default_rng(K)
+    w = r.standard_normal((24, K)).astype(np.float32)
+    qw, sw = quantize_weight(w)
+    codes, gamma = pack(qw, packing), (1 + 0.1 * r.standard_normal(K)).astype(np.float32)
+    for M in (1, 3, CODE_ROWS, CODE_ROWS + 1, 16):
+        x = r.standard_normal((M, K)).astype(np.float32)
+        want, got = np.empty((M, 24), np.float32), np.full((M, 24), np.nan, np.float32)
+        r1, r2 = np.empty(M, np.float32), np.empty(M, np.float32)
+        bitlinear_forward(want, r1, x, w, gamma)
+        bitlinear_packed_forward(got, r2, x, codes, np.float32(sw), K, packing, gamma)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(r2, r1)
+
+
+def test_the_cpu_decoder_holds_the_embedding_in_bf16_and_never_unpacks_the_head(tmp_path, monkeypatch):
+    """A packed model on the CPU keeps its embedding as bf16 (as the file and the GPU do: half the fp32 bytes) and
+    decodes with the latent model's logits bit for bit, prefill and steps, without unpacking any codes."""
+    import ml_dtypes
+
+    import llmpy.layers.bitlinear as bl
+    cfg, p = trained_like(6)
+    write_ternary(tmp_path / "t.safetensors", cfg, p)
+    _, q = read_ternary(tmp_path / "t.safetensors")
+    p["wte"] = bf16_bits_to_fp32(fp32_to_bf16_bits(p["wte"]))
+    be = get_backend("cpu")
+    latent, packed = decoder(cfg, p, be), decoder(cfg, q, be)
+    assert packed.bf16["wte"].dtype == ml_dtypes.bfloat16 and "wte" not in packed.params.shapes
+    np.testing.assert_array_equal(packed.bf16["wte"].astype(np.float32), q["wte"])
+    assert packed.memory_plan()["parameters"] == packed.params.nbytes() + 2 * q["wte"].size
+    toks = np.random.default_rng(1).integers(0, cfg.vocab_size, 40)
+    a, b = latent.new_decode_state(64), packed.new_decode_state(64)
+    np.testing.assert_array_equal(packed.decode_step(toks[None, :8], b), latent.decode_step(toks[None, :8], a))
+
+    def refuse(*args, **kw):
+        raise AssertionError("codes unpacked while decoding")
+
+    monkeypatch.setattr(bl, "unpack_codes", refuse)
+    for t in toks[8:]:
+        np.testing.assert_array_equal(packed.decode_step(np.array([[t]]), b), latent.decode_step(np.array([[t]]), a))
+
+
 def test_sizes(tmp_path):
     """Our packed file and its packed_size estimate agree; at the released shapes the file is under 1/10 of the
     fp32 model (base 3, bf16 embedding included)."""

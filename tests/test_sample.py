@@ -1,7 +1,9 @@
 """Generation: decoding one position at a time through the model's own forward with a KV cache, against the
-full-sequence forward; the sampler's distribution; seeding and context checks."""
+full-sequence forward; the sampler's distribution; seeding and context checks; prefills (a window in one forward)
+against decoding steps, and generation past the context, for every family."""
 import numpy as np
 import pytest
+from decoding import TINY, stepwise_greedy, tiny
 
 from llmpy.backends import get_backend
 from llmpy.errors import UserError
@@ -102,3 +104,96 @@ def test_top_p_keeps_the_nucleus_and_settings_are_checked():
             generate(model, [1], 2, rng=np.random.default_rng(0), **kw)
     with pytest.raises(UserError, match="new tokens"):
         generate(model, [1], -5, rng=np.random.default_rng(0))
+
+
+# ---- prefill: a window in one forward -------------------------------------------------------------------------
+def state_arrays(state, n):
+    """What a decoding state holds after n positions: the caches' first n positions, or the recurrent states."""
+    return [state.k[..., :n, :], state.v[..., :n, :]] if hasattr(state, "k") else [state.h]
+
+
+def rel(a, b):
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_a_prefill_leaves_what_decoding_steps_leave(name, tmp_path):
+    """A window fed in one forward (plain, or padded to a longer prefill plan) gives the logits and the state that
+    feeding it one position at a time gives, and the steps after it agree."""
+    cfg, p = tiny(name, tmp_path)
+    dec = decoder(cfg, p, get_backend("cpu"))
+    toks = np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 11)).astype(np.int32)
+    steps = dec.new_decode_state(cfg.max_seq_len)
+    want = [dec.decode_step(toks[:, i:i + 1], steps) for i in range(11)][-1]
+    for plan in (None, cfg.max_seq_len - 1):
+        state = dec.new_decode_state(cfg.max_seq_len)
+        got = dec.decode_step(toks, state, prefill_len=plan)
+        assert dec.prefill_model(plan or 11).T == (plan or 11) and state.pos == 11 and state.span == 1
+        assert rel(got, want) < 1e-5, plan
+        for a, b in zip(state_arrays(state, 11), state_arrays(steps, 11), strict=True):
+            assert rel(a, b) < 1e-5
+    for t in (5, 9, 2):  # decoding goes on alike from either state
+        assert rel(dec.decode_step(np.array([[t]]), state), dec.decode_step(np.array([[t]]), steps)) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_generation_gives_the_tokens_of_decoding_steps_past_the_context(name, tmp_path):
+    """Greedy fp32 generation with prefills gives the tokens of one decoding step at a time: inside the context,
+    past it (attention models slide their window, a recurrent model goes on with its state) and from a prompt longer
+    than the context; the same again after other calls have planned other prefills."""
+    cfg, p = tiny(name, tmp_path)
+    dec = decoder(cfg, p, get_backend("cpu"))
+    maxT = cfg.max_seq_len
+    for prompt in ([5, 6, 7], list(np.random.default_rng(1).integers(0, cfg.vocab_size, 2 * maxT + 3))):
+        want = stepwise_greedy(dec, prompt, 3 * maxT)
+        assert generate(dec, prompt, 3 * maxT, rng=np.random.default_rng(0), temperature=0) == want
+    assert generate(dec, [5, 6, 7], 3 * maxT, rng=np.random.default_rng(0), temperature=0) == \
+        stepwise_greedy(dec, [5, 6, 7], 3 * maxT)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3", "mmfree"])
+def test_a_token_past_the_context_costs_at_most_one_window_forward(name, tmp_path, monkeypatch):
+    """Each new token past the context is one forward: a decoding step, or (attention models, every other token) a
+    prefill of the last maxT-1 tokens through one plan; a recurrent model prefills only its prompt."""
+    cfg, p = tiny(name, tmp_path)
+    dec = decoder(cfg, p, get_backend("cpu"))
+    maxT, seen = cfg.max_seq_len, []
+    forward = type(dec).forward
+
+    def spy(self, *a, **kw):
+        seen.append(self.T)
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(type(dec), "forward", spy)
+    n = 4 * maxT
+    generate(dec, [1, 2, 3], n, rng=np.random.default_rng(0))
+    prefills = [t for t in seen if t > 1]
+    assert len(seen) == n  # the prompt's prefill, then one forward for each token drawn but the last
+    if name == "mmfree":
+        assert prefills == [3]
+    else:
+        assert set(prefills) == {maxT - 1} and len(prefills) > n // 3
+
+
+def test_the_prefill_model_shares_the_decoders_weights(tmp_path):
+    """load_params (the trainer's samples reload the decoder) reaches the prefill model too."""
+    cfg, p = tiny("gpt2", tmp_path)
+    dec = decoder(cfg, p, get_backend("cpu"))
+    toks = np.array([[3, 1, 4, 1, 5, 9]])
+    dec.decode_step(toks, dec.new_decode_state(8))
+    q = {k: v * 1.5 for k, v in p.items()}
+    dec.load_params(q)
+    fresh = decoder(cfg, q, get_backend("cpu"))
+    np.testing.assert_array_equal(dec.decode_step(toks, dec.new_decode_state(8)),
+                                  fresh.decode_step(toks, fresh.new_decode_state(8)))
+    assert dec.prefill_model(6).params is dec.params
+
+
+def test_a_recurrent_state_has_no_capacity_to_overrun(tmp_path):
+    cfg, p = tiny("mmfree", tmp_path)
+    dec = decoder(cfg, p, get_backend("cpu"))
+    state = dec.new_decode_state(4)
+    dec.decode_step(np.arange(cfg.max_seq_len)[None], state)
+    for t in range(2 * cfg.max_seq_len):
+        dec.decode_step(np.array([[t]]), state)
+    assert state.pos == 3 * cfg.max_seq_len

@@ -61,6 +61,7 @@ def parse(prefix: str, name: str) -> ToyConfig:
 class Position:
     capacity: int
     pos: int = 0
+    span: int = 1
 
 
 class Toy(Model):
@@ -91,7 +92,7 @@ class Toy(Model):
             be.matmul_forward(a["out"], a["h"][l], p["w2"][l], p["b2"][l])
             be.fused_residual_layernorm_forward(a["x"][l + 1], a["lnf"], s["fmean"], s["frstd"], a["x"][l],
                                                 a["out"], p["lnfw"], p["lnfb"])
-        return self.lm_head(a["lnf"], a["dln"] if self.training else None, grad_scale, return_loss)
+        return self.lm_head(a["lnf"], a["dln"] if self.training else None, grad_scale, return_loss, state)
 
     def backward(self, hooks=None):
         be, a, s, p, g, L = self.be, self.acts, self.stats, self.params, self.grads, self.cfg.num_layers

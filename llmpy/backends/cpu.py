@@ -136,7 +136,8 @@ class CPUBackend(FreshGrads):
             B * NH * T * T + B * NH * T,             # attention backward (forward needs less)
             2 * N,                                   # classifier
         )
-        self.ws = np.empty(need, self.act_dtype)
+        if self.ws is None or self.ws.size < need:  # grown, never shrunk: models planned on one backend share it
+            self.ws = np.empty(need, self.act_dtype)
         return need * self.act_dtype.itemsize
 
     def _rows(self, C):
@@ -344,6 +345,9 @@ class CPUBackend(FreshGrads):
 
     def attention_decode(self, out, qkv, k_cache, v_cache, pos, num_heads, kv_heads=None):
         Lr.attention_decode(out, qkv, k_cache, v_cache, pos, num_heads, kv_heads)
+
+    def kv_cache_write(self, k_cache, v_cache, qkv, pos, num_heads, kv_heads=None):
+        Lr.kv_cache_write(k_cache, v_cache, qkv, pos, num_heads, kv_heads)
 
     def fused_classifier(self, losses, logits, targets, vocab_size, dloss=None):
         lg = logits[..., :vocab_size].reshape(-1, vocab_size)

@@ -132,7 +132,7 @@ class Backend(Protocol):
     # ---- layers --------------------------------------------------------------------------------------------
     def encoder_forward(self, out, tokens, wte, wpe) -> None:
         """out (B, T, C) = wte[tokens] + wpe[:T]; tokens (B, T) int32, wte (Vp, C), wpe (>= T, C) or None (no
-        position table: out = wte[tokens])."""
+        position table: out = wte[tokens]). wte in the parameter dtype, or bf16 (a packed model's embedding)."""
 
     def encoder_backward(self, dwte, dwpe, dout, tokens) -> None:
         """dwte (Vp, C) += scatter of dout (B, T, C) by tokens; dwpe (maxT, C)[:T] += sum over B of dout (None: no
@@ -248,6 +248,11 @@ class Backend(Protocol):
         """One new position per sequence with a KV cache (inference): qkv (B, 1, (NH + 2K) hs) holds the new
         token's q, k, v; k and v go into k_cache, v_cache (B, K, maxT, hs) at `pos`; out (B, 1, C) = the attention
         of q over positions 0..pos."""
+
+    def kv_cache_write(self, k_cache, v_cache, qkv, pos: int, num_heads: int, kv_heads: int | None = None) -> None:
+        """The keys and values of n positions (a decoding prefill) into the caches: qkv (B, n, (NH + 2K) hs) = [q |
+        k | v], a view of the first n positions of a larger tensor (strided when B > 1); k_cache, v_cache (B, K,
+        capacity, hs) at positions pos..pos+n-1."""
 
     def fused_classifier(self, losses, logits, targets, vocab_size: int, dloss=None) -> None:
         """losses (N,) = cross-entropy of logits (N, Vl)[:, :vocab_size] against targets (N,); with dloss (the

@@ -11,7 +11,7 @@ from .layernorm import layernorm_forward, layernorm_backward
 from .matmul import matmul_forward, matmul_backward, colsum_add
 from .gelu import gelu_forward, gelu_backward
 from .residual import residual_forward, residual_backward
-from .attention import attention_forward, attention_backward, attention_decode
+from .attention import attention_forward, attention_backward, attention_decode, kv_cache_write
 from .classifier import crossentropy_forward, fused_classifier
 from .adamw import adamw_update
 from .rmsnorm import rmsnorm_forward, rmsnorm_backward
@@ -24,10 +24,10 @@ from .mlgru import mlgru_forward, mlgru_backward, lower_bounds_forward, lower_bo
 __all__ = [
     "encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward",
     "matmul_forward", "matmul_backward", "colsum_add", "gelu_forward", "gelu_backward", "residual_forward",
-    "residual_backward", "attention_forward", "attention_backward", "attention_decode", "crossentropy_forward",
-    "fused_classifier", "adamw_update", "rmsnorm_forward", "rmsnorm_backward", "rope_forward", "rope_backward",
-    "rope_frequencies", "rope_table", "swiglu_forward", "swiglu_backward", "bitlinear_forward", "bitlinear_backward",
-    "bitlinear_packed_forward", "unpack_codes",
+    "residual_backward", "attention_forward", "attention_backward", "attention_decode", "kv_cache_write",
+    "crossentropy_forward", "fused_classifier", "adamw_update", "rmsnorm_forward", "rmsnorm_backward",
+    "rope_forward", "rope_backward", "rope_frequencies", "rope_table", "swiglu_forward", "swiglu_backward",
+    "bitlinear_forward", "bitlinear_backward", "bitlinear_packed_forward", "unpack_codes",
     "quantize_activations", "quantize_weight", "round_half_away", "mlgru_forward", "mlgru_backward",
     "lower_bounds_forward", "lower_bounds_backward",
 ]

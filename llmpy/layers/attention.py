@@ -114,3 +114,12 @@ def attention_decode(out, qkv, k_cache, v_cache, pos, num_heads, kv_heads=None):
     att /= att.sum(axis=-1, keepdims=True)
     heads = out.reshape(B, 1, num_heads, hs).swapaxes(1, 2) if K == num_heads else out.reshape(B, K, -1, hs)
     np.matmul(att, v_cache[:, :, :pos + 1], out=heads)
+
+
+def kv_cache_write(k_cache, v_cache, qkv, pos, num_heads, kv_heads=None):
+    # A decoding prefill's keys and values: qkv (B, n, (NH + 2K) hs) -> k_cache, v_cache (B, K, maxT, hs) at
+    # positions pos..pos+n-1.
+    _, k, v = split_heads(qkv, num_heads, kv_heads)           # (B, K, n, hs) each
+    n = qkv.shape[1]
+    k_cache[:, :, pos:pos + n] = k
+    v_cache[:, :, pos:pos + n] = v

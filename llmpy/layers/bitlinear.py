@@ -7,7 +7,8 @@ Forward, x (M, K), W (N, K), gamma (K,):
   s_w = 1 / max(mean |W|, 1e-5);            q_w = clamp(round(W s_w), -1, 1)      (round half to even)
   out = (q_x q_w^T) / (s_x s_w): an exact integer product, then one rescale per output.
 Packed (inference, formats/ternary.py): q_w as codes, 5 per byte (base 3) or 4 per byte (2 bits), and s_w stored;
-bitlinear_packed_forward unpacks a block of rows at a time and gives the latent forward's result bit for bit.
+bitlinear_packed_forward gives the latent forward's result bit for bit: for a few rows (decoding) straight from the
+codes (code_products), else unpacking a block of q_w's rows at a time.
 Backward (straight-through: both roundings count as identity, the scales as constants; no clip mask):
   dyq = dout Wq (Wq = q_w / s_w); dW = dout^T yq (yq = q_x / s_x, recomputed); dgamma = sum_rows dyq xh (xh = x rstd);
   dx = rstd (gamma dyq - xh mean_k(xh gamma dyq)).
@@ -49,6 +50,8 @@ def _code_tables():
 
 
 CODES = _code_tables()
+TRITS = {k: v.T.astype(np.float32) for k, v in CODES.items()}  # (per byte, 256): the trits of every byte value
+CODE_ROWS = 4  # bitlinear_packed_forward of up to this many rows runs from the codes (code_products)
 
 
 def unpack_codes(codes, K, packing):
@@ -86,6 +89,23 @@ def bitlinear_backward(dinp, dweight, dgamma, dout, inp, weight, gamma, rstd, w_
     dinp.reshape(-1, K)[...] += r * (u - xh * (xh * u).mean(axis=-1, keepdims=True))
 
 
+def code_products(qx, codes, packing):
+    """qx (M, K) @ q_w.T (M, N) straight from q_w's codes uint8 (N, nb): for each row of qx, the dot products of
+    its values under each code byte's columns with the trits of all 256 byte values form a table (nb, 256); an
+    output is the sum of its bytes' entries. Every term is an integer of at most 128 K < 2^24, so the fp32 sums are
+    exact, as the unpacked product's are: the same bits. It reads the codes once a row and unpacks nothing."""
+    N, nb = codes.shape
+    per, (M, K) = PER_BYTE[packing], qx.shape
+    x = np.zeros((M, nb * per), qx.dtype)
+    x[:, :K] = qx
+    tables = x.reshape(M, nb, per) @ TRITS[packing].astype(qx.dtype)    # (M, nb, 256)
+    index = codes + (256 * np.arange(nb, dtype=np.intp))                # (N, nb): entries of the flat table
+    out = np.empty((M, N), qx.dtype)
+    for m in range(M):  # (einsum: 3x np.sum over short rows)
+        np.einsum("ij->i", np.take(tables[m].reshape(-1), index), out=out[m])
+    return out
+
+
 def bitlinear_packed_forward(out, rstd, inp, codes, scale, K, packing, gamma, eps=EPS, block=2048):
     # out (..., N); rstd (...); inp (..., K); codes uint8 (N, ceil(K / per_byte)); scale s_w (a float32); gamma (K,)
     x = inp.reshape(-1, K)
@@ -94,6 +114,9 @@ def bitlinear_packed_forward(out, rstd, inp, codes, scale, K, packing, gamma, ep
     qx, sx = quantize_activations(y)
     o = out.reshape(-1, codes.shape[0])
     den = sx * out.dtype.type(scale)
+    if x.shape[0] <= CODE_ROWS:
+        o[...] = code_products(qx, codes, packing) / den
+        return
     for r0 in range(0, codes.shape[0], block):  # a block of rows of q_w at a time: the scratch stays small
         qw = unpack_codes(codes[r0:r0 + block], K, packing).astype(out.dtype)
         o[:, r0:r0 + block] = (qx @ qw.T) / den

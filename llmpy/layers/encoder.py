@@ -3,11 +3,15 @@ import numpy as np
 
 
 def encoder_forward(out, tokens, wte, wpe):
-    # out (B,T,C); tokens (B,T) int; wte (Vp,C); wpe (maxT,C), or None for a model without a position table
+    # out (B,T,C); tokens (B,T) int; wte (Vp,C), out's dtype or bf16 (a packed model's table: rows widened, exactly);
+    # wpe (maxT,C), or None for a model without a position table
     T = tokens.shape[1]
     # ids are checked where they enter (data/loader.py); mode="clip" lets take write straight into out ("raise"
     # copies)
-    np.take(wte, tokens, axis=0, out=out, mode="clip")
+    if wte.dtype == out.dtype:
+        np.take(wte, tokens, axis=0, out=out, mode="clip")
+    else:
+        out[...] = np.take(wte, tokens, axis=0, mode="clip")
     if wpe is not None:
         out += wpe[:T]
 

@@ -73,6 +73,11 @@ def inference_model(cfg, params: dict, backend, B: int, T: int):
     return model
 
 
+def _bf16():
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def pad_vocab(v: int, multiple: int = 128) -> int:
     return ((v + multiple - 1) // multiple) * multiple
 
@@ -123,7 +128,7 @@ class Model:
 
     def __init__(self, cfg, backend, B: int, T: int, *, training: bool = True, recompute: int = 0,
                  recompute_keep: int = 0, master_weights: bool = True, logits_chunk: int = 8192, rank: int = 0,
-                 world: int = 1, zero: int = 0, packed: bool = False):
+                 world: int = 1, zero: int = 0, packed: bool = False, weights_of: "Model | None" = None):
         if T > cfg.max_seq_len:
             raise UserError(f"sequence length {T} exceeds the model's maximum {cfg.max_seq_len}")
         if B < 1 or T < 1:
@@ -144,12 +149,21 @@ class Model:
         self.training, self.recompute, self.keep = training, recompute, recompute_keep
         self.chunk = min(B * T, max(1, logits_chunk))
         self.rank, self.world, self.zero = rank, world, zero
-        # packed: the TERNARY weights live as codes + scales (self.packed, filled by load_params), not as params
-        self.packed: dict[str, tuple] = {}
+        # packed: the TERNARY weights live as codes + scales (self.packed, filled by load_params), not as params,
+        # and the token embedding in bf16 as the packed file stores it (self.bf16; the GPU's parameter dtype)
+        spec = family_of(cfg).spec(cfg)
         self.is_packed = packed
-        self.specs = [s for s in family_of(cfg).spec(cfg) if not (packed and s.name in self.TERNARY)]
+        bf16 = [s for s in spec if packed and s.vocab_rows is not None and s.name not in self.TERNARY]
+        self.specs = [s for s in spec if not (packed and s.name in self.TERNARY) and s not in bf16]
         self.layout = ParamLayout(self.specs, world)
-        self.params = ParamBuffer(backend, self.layout, backend.param_dtype)
+        if weights_of is not None:  # another inference model's weights, shared (a decoder's prefill model)
+            if training or weights_of.cfg != cfg or weights_of.is_packed != packed or weights_of.be is not backend:
+                raise ValueError("weights_of: an inference model of the same config, packing and backend")
+            self.params, self.packed, self.bf16 = weights_of.params, weights_of.packed, weights_of.bf16
+        else:
+            self.params = ParamBuffer(backend, self.layout, backend.param_dtype)
+            self.packed: dict[str, tuple] = {}
+            self.bf16 = {s.name: backend.zeros(math.prod(s.shape), _bf16()).reshape(s.shape) for s in bf16}
         # fp32 master weights when the compute copy is lower precision (AdamW updates these); ZeRO shards them
         self.master = None
         if training and master_weights and np.dtype(backend.param_dtype) != np.float32:
@@ -181,6 +195,7 @@ class Model:
         self.targets = backend.zeros(B * T, np.int32).reshape(B, T)
         self.loss_acc = backend.zeros(1, backend.acc_dtype)  # sum over a step's micro-batches (device side)
         self.has_targets = False
+        self._prefill = None  # decoding: the model that feeds a window in one forward (prefill_model)
 
     # ---- what a family provides -----------------------------------------------------------------------------
     def plan(self) -> tuple[list, list, list]:
@@ -194,6 +209,9 @@ class Model:
 
     def forward(self, tokens=None, targets=None, grad_scale: float | None = None, *, return_loss: bool = True,
                 state=None) -> float | None:
+        """The loss with targets, else the logits (lm_head). state: decoding (no training, B = 1 for T > 1); with
+        T = 1 one new token at position state.pos, with T > 1 a prefill: the first state.span tokens from position 0
+        into a fresh state (the rest of the T planned are padding), the logits of the last of them only."""
         raise NotImplementedError
 
     def backward(self, hooks=None) -> None:
@@ -201,13 +219,14 @@ class Model:
 
     def new_decode_state(self, length: int):
         """The state decoding carries from one position to the next (a KV cache, a recurrent state), for sequences
-        of up to `length` tokens (<= max_seq_len; its `capacity`)."""
+        of up to `length` tokens (<= max_seq_len; its `capacity`: a cache's positions, unbounded for a state that
+        does not grow)."""
         raise NotImplementedError
 
     # ---- memory plan ----------------------------------------------------------------------------------------
     def memory_plan(self) -> dict[str, int]:
         """Bytes per category on this rank (printed at start; the step allocates nothing beyond these)."""
-        plan = {"parameters": self.params.nbytes()}
+        plan = {"parameters": self.params.nbytes() + sum(int(e.nbytes) for e in self.bf16.values())}
         if self.packed:
             plan["packed ternary weights"] = sum(int(c.nbytes) + s.nbytes for c, s, _, _ in self.packed.values())
         if self.master is not None:
@@ -233,16 +252,25 @@ class Model:
     def load_params(self, params: dict[str, np.ndarray]) -> None:
         """fp32 host weights -> the compute copy (rounded to nearest) and the master copy or this rank's shard; a
         packed model takes its TERNARY weights as formats.ternary.PackedTernary (codes and scales uploaded as
-        they are)."""
+        they are) and its embedding rounded to bf16 (exact for a packed file's)."""
         be = self.be
         self._decode_graph = None  # a recorded decode step may point at buffers replaced here
         if self.is_packed:
             missing = [k for k in self.TERNARY if not hasattr(params.get(k), "codes")]
             if missing:
                 raise UserError(f"a packed model needs packed ternary weights; {', '.join(missing)} are not")
-            self.packed = {k: (be.asarray(params[k].codes), np.atleast_1d(params[k].scale).astype(np.float32),
-                               params[k].K, params[k].packing) for k in self.TERNARY}
-            params = {k: v for k, v in params.items() if k not in self.TERNARY}
+            # in place: a prefill model sharing these weights sees the new ones
+            self.packed.clear()
+            self.packed.update({k: (be.asarray(params[k].codes), np.atleast_1d(params[k].scale).astype(np.float32),
+                                    params[k].K, params[k].packing) for k in self.TERNARY})
+            from ..formats.bf16 import fp32_to_bf16_bits
+            for k, dst in self.bf16.items():
+                src = np.ascontiguousarray(params[k], np.float32) if k in params else None
+                if src is None or src.shape != dst.shape:
+                    raise UserError(f"a packed model's {k} is {'missing' if src is None else src.shape}, want "
+                                    f"{dst.shape}")
+                be.upload(dst, fp32_to_bf16_bits(src).view(dst.dtype))
+            params = {k: v for k, v in params.items() if k not in self.TERNARY and k not in self.bf16}
         host = self.layout.to_flat(params)  # the weights in our layout, fp32
         # uploaded a piece at a time: a whole fp32 copy on the device (6.2 GB for GPT-2 d48) would stay in the
         # memory pool's cache after the load, counted in the process's peak memory for the rest of the run
@@ -309,19 +337,22 @@ class Model:
         self.has_targets = targets is not None
 
     # ---- LM head and loss -----------------------------------------------------------------------------------
-    def lm_head(self, x, dx, grad_scale: float | None, return_loss: bool) -> float | None:
+    def lm_head(self, x, dx, grad_scale: float | None, return_loss: bool, state=None) -> float | None:
         """logits = x (B, T, C) @ W[:Vl].T, W = params[HEAD_WEIGHT] (the embedding when tied), a chunk of rows at
         a time. With targets: the per-token losses (stats "losses"); with grad_scale (= d total loss / d each
         token's loss) each chunk's backward runs at once (dx rows =, W's gradient +=), so only one chunk of logits
         is ever held; returns the mean loss (None when not read back). Without targets: the logits of all rows
-        (which must fit one chunk) are left in acts["logits"] and None is returned."""
+        (which must fit one chunk) are left in acts["logits"] and None is returned; a decoding prefill (state, T >
+        1) forms only those of the last position it feeds (row 0 of acts["logits"])."""
         be, a, s = self.be, self.acts, self.stats
         N, C, R = self.B * self.T, x.shape[-1], self.chunk
         xf = x.reshape(N, C)
         if not self.has_targets:
-            if N > R:
-                raise UserError(f"logits of {N} rows need logits_chunk >= {N} (it is {R})")
-            self.head_forward(a["logits"], xf, slice(0, N))
+            rows = slice(0, N) if state is None or self.T == 1 else slice(state.span - 1, state.span)
+            n = rows.stop - rows.start
+            if n > R:
+                raise UserError(f"logits of {n} rows need logits_chunk >= {n} (it is {R})")
+            self.head_forward(a["logits"][:n], xf[rows], rows)
             return None
         losses, targets = s["losses"].reshape(N), self.targets.reshape(N)
         for r0 in range(0, N, R):
@@ -344,26 +375,52 @@ class Model:
         self.be.matmul_backward(dx, self.grads[w][:self.Vl], None, dlogits, x, self.params[w][:self.Vl])
 
     # ---- decoding -------------------------------------------------------------------------------------------
-    def decode_step(self, tokens, state) -> np.ndarray:
-        """Feeds tokens (B, n) at positions state.pos.. one position at a time (the model is planned for
-        (B, 1) and no training) and returns the fp32 logits (B, V) that follow the last."""
+    def decode_step(self, tokens, state, *, prefill_len: int | None = None) -> np.ndarray:
+        """Feeds tokens (B, n) at positions state.pos.. (the model is planned for (B, 1) and no training) and
+        returns the fp32 logits (B, V) that follow the last. Several tokens into a fresh state (pos 0, B = 1) are a
+        prefill: one forward of prefill_model(prefill_len or n), the tokens padded after to its length (so that
+        windows of different lengths share one plan); else one position at a time."""
         toks = np.asarray(tokens, dtype=np.int32).reshape(self.B, -1)
+        n = toks.shape[1]
         if self.training or self.T != 1:
             raise ValueError("decode_step needs a model made with T=1 and training=False")
-        if toks.shape[1] == 0:
+        if n == 0:
             raise UserError("nothing to decode: the prompt is empty")
-        if state.pos + toks.shape[1] > state.capacity:
-            raise UserError(f"the sequence would reach {state.pos + toks.shape[1]} tokens, past the "
+        if state.pos + n > state.capacity:
+            raise UserError(f"the sequence would reach {state.pos + n} tokens, past the "
                             f"{state.capacity} this decoding state holds (the model's context is "
                             f"{self.cfg.max_seq_len}): use a shorter prompt or fewer new tokens")
-        for t in range(toks.shape[1]):
-            if self.GRAPH_DECODE:
-                self._decode_replay(np.ascontiguousarray(toks[:, t:t + 1]), state)
-            else:
-                self.forward(np.ascontiguousarray(toks[:, t:t + 1]), state=state)
-            state.pos += 1
-        logits = self.be.to_numpy(self.acts["logits"][:self.B, :self.cfg.vocab_size])
-        return np.array(logits, np.float32)  # a copy: the next step overwrites the buffer (a view on the CPU)
+        V = self.cfg.vocab_size
+        if n > 1 and state.pos == 0 and self.B == 1:
+            model = self.prefill_model(max(n, prefill_len or n))
+            padded = np.zeros((1, model.T), np.int32)
+            padded[:, :n] = toks
+            state.span = n
+            try:
+                model.forward(padded, state=state)
+            finally:
+                state.span = 1
+            state.pos = n
+            logits = model.acts["logits"][:1, :V]
+        else:
+            for t in range(n):
+                if self.GRAPH_DECODE:
+                    self._decode_replay(np.ascontiguousarray(toks[:, t:t + 1]), state)
+                else:
+                    self.forward(np.ascontiguousarray(toks[:, t:t + 1]), state=state)
+                state.pos += 1
+            logits = self.acts["logits"][:self.B, :V]
+        return np.array(self.be.to_numpy(logits), np.float32)  # a copy: the next step overwrites the buffer
+
+    def prefill_model(self, T: int) -> "Model":
+        """The model (B = 1, T, no training) that feeds a decoding window in one forward, sharing this model's
+        weights; planned on first use and again when another T is asked for (its logits: one row)."""
+        if self._prefill is None or self._prefill.T != T:
+            from ..config import family_of
+            self._prefill = None  # its memory goes before the new plan takes its own
+            self._prefill = family_of(self.cfg).model(self.cfg, self.be, 1, T, training=False,
+                                                      packed=self.is_packed, logits_chunk=1, weights_of=self)
+        return self._prefill
 
     def _decode_replay(self, tokens, state) -> None:
         """One decode step as a CUDA graph of the whole forward, recorded for `state` on its first step (which runs

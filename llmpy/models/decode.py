@@ -1,9 +1,10 @@
-"""Text generation through a family's own forward, one position at a time with state: a KV cache for attention
-families (each new token costs one position; llm.c recomputes the whole sequence for every token).
+"""Text generation through a family's own forward with state: a KV cache for attention families (each new token
+costs one position; llm.c recomputes the whole sequence for every token), a recurrent state for the MatMul-free LM.
 
 `decoder(cfg, params, backend)` makes a family's model for decoding (B = 1, T = 1, no training); `generate` feeds it
-the prompt and draws new tokens with `sample_token` (temperature, top-k, top-p), sliding its window past the
-model's context.
+the prompt in one forward (a prefill) and draws new tokens one at a time with `sample_token` (temperature, top-k,
+top-p). Past the model's context an attention model's window slides, each window prefilled in one forward; a
+recurrent state does not grow, so a recurrent model just goes on.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from ..errors import UserError
 
 @dataclass
 class KVCache:
-    """Every layer's keys and values so far: k, v (L, B, KV heads, capacity, hs); positions < pos are filled."""
+    """Every layer's keys and values so far: k, v (L, B, KV heads, capacity, hs); positions < pos are filled. span:
+    the positions pos..pos+span-1 the forward in progress feeds (1 a step; a prefill: its window's tokens)."""
     k: Any
     v: Any
     pos: int = 0
+    span: int = 1
 
     @property
     def capacity(self) -> int:
@@ -36,19 +39,22 @@ class KVCache:
 
 @dataclass
 class RecurrentState:
-    """Every layer's recurrent state h (L, B, d) in fp32 (the stat dtype), after positions < pos; a recurrent model
-    has no cache to fill, so capacity only bounds the decoding window as the context bounds an attention model's."""
+    """Every layer's recurrent state h (L, B, d) in fp32 (the stat dtype), after positions < pos; span as a
+    KVCache's. It is the same size at any length, so its capacity has no bound: decoding goes on past the model's
+    context, which bounds only the prompt read (its last max_seq_len tokens, fed in one prefill)."""
     h: Any
-    capacity: int
     pos: int = 0
+    span: int = 1
+    capacity: float = math.inf
 
     @classmethod
-    def allocate(cls, backend, shape: tuple[int, ...], capacity: int) -> "RecurrentState":
-        return cls(backend.zeros(int(np.prod(shape)), backend.stat_dtype).reshape(shape), capacity)
+    def allocate(cls, backend, shape: tuple[int, ...]) -> "RecurrentState":
+        return cls(backend.zeros(int(np.prod(shape)), backend.stat_dtype).reshape(shape))
 
 
 def decoder(cfg, params: dict[str, np.ndarray], backend):
-    """cfg's family model on `backend`, planned for decoding one sequence (B = 1, T = 1), holding `params`."""
+    """cfg's family model on `backend`, planned for decoding one sequence (B = 1, T = 1), holding `params`; it plans
+    a prefill model sharing its weights when a window is first fed (Model.prefill_model)."""
     from .base import inference_model
     return inference_model(cfg, params, backend, 1, 1)
 
@@ -91,9 +97,10 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, rng: np.random.Ge
              stop_at: int | None = None, on_token=None) -> list[int]:
     """The new tokens (not the prompt) that `model` (from `decoder`) continues `prompt` with, drawn one at a time.
     Stops early after drawing `stop_at` (e.g. the end-of-text token) when given. `on_token(id)` hears each token as
-    it is drawn (streaming). Past the model's context the window slides: the last maxT-1 tokens are fed again into
-    a fresh state, so every token sees at least maxT-1 before it (a prompt longer than the context is read from
-    its last maxT tokens)."""
+    it is drawn (streaming). A prompt longer than the model's context is read from its last maxT tokens, in one
+    forward (a prefill). Past the context an attention model's window slides: its state is filled again from the
+    last maxT-1 tokens, in one forward, so every token sees at least maxT-1 before it; a recurrent state has no
+    bound, and decoding goes on with it."""
     cfg = model.cfg
     maxT = cfg.max_seq_len
     check_sampling(temperature, top_k, top_p)
@@ -104,7 +111,12 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, rng: np.random.Ge
     seq = list(prompt)
     window = seq[-maxT:]
     state = model.new_decode_state(min(len(window) + max_new_tokens, maxT))
-    logits = model.decode_step(np.array([window]), state)[0]
+    slides = len(window) + max_new_tokens - 1 > state.capacity  # the tokens fed overrun the state
+    slid = max(1, maxT - 1)
+    # every window of a call through one prefill plan (the prompt padded to the slid windows' length), so that the
+    # same call gives the same bits whatever ran before
+    plan = max(len(window), slid) if slides else None
+    logits = model.decode_step(np.array([window]), state, prefill_len=plan)[0]
     out = []
     for i in range(max_new_tokens):
         t = sample_token(logits, rng, temperature, top_k, top_p)
@@ -116,9 +128,9 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, rng: np.random.Ge
             break
         if i + 1 == max_new_tokens:
             break
-        if state.pos < maxT:
+        if state.pos < state.capacity:
             logits = model.decode_step(np.array([[t]]), state)[0]
-        else:  # the context is full: slide the window
-            state = model.new_decode_state(maxT)
-            logits = model.decode_step(np.array([seq[-max(1, maxT - 1):]]), state)[0]
+        else:  # the context is full: slide the window, filling the same cache again from position 0
+            state.pos = 0
+            logits = model.decode_step(np.array([seq[-slid:]]), state, prefill_len=plan)[0]
     return out

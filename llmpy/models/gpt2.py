@@ -166,8 +166,9 @@ class GPT2(Model):
         (None while a CUDA graph is being captured: nothing runs then); with grad_scale (= d total loss / d
         each token's loss, e.g. 1/(B*T*grad_accum)) the LM head also leaves dlnf in dbtc for backward. Without
         targets only the logits are computed (in the `logits` activation) and None is returned.
-        return_loss=False skips reading the loss back (on a GPU that read waits for the device). state: decoding
-        (T = 1): the tokens sit at position state.pos and attend over state's KV cache."""
+        return_loss=False skips reading the loss back (on a GPU that read waits for the device). state: decoding;
+        T = 1: the token sits at position state.pos and attends over state's KV cache; T > 1: a prefill from
+        position 0 (base.Model.forward), whose first state.span positions' keys and values fill the cache."""
         be, cfg, a, s, p = self.be, self.cfg, self.acts, self.stats, self.params
         L, NH = cfg.num_layers, cfg.num_heads
         if tokens is not None:
@@ -179,8 +180,10 @@ class GPT2(Model):
         for l in range(L):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
             be.matmul_forward(a["qkv"][l], self._ln1(l), p["qkvw"][l], p["qkvb"][l])
-            if state is None:
+            if state is None or self.T > 1:
                 be.attention_forward(a["atty"][l], self.saved("att")[l], a["qkv"][l], NH)
+                if state is not None:  # a prefill: its keys and values fill the cache from position 0
+                    be.kv_cache_write(state.k[l], state.v[l], a["qkv"][l][:, :state.span], 0, NH)
             else:
                 be.attention_decode(a["atty"][l], a["qkv"][l], state.k[l], state.v[l], pos, NH)
             be.matmul_forward(a["proj"], a["atty"][l], p["attprojw"][l], p["attprojb"][l])
@@ -195,7 +198,7 @@ class GPT2(Model):
             else:
                 be.fused_residual_layernorm_forward(a["residual3"][l], a["lnf"], s["lnf_mean"], s["lnf_rstd"],
                                                     a["residual2"][l], a["proj"], p["lnfw"], p["lnfb"])
-        return self.lm_head(a["lnf"], a["dbtc"] if self.training else None, grad_scale, return_loss)
+        return self.lm_head(a["lnf"], a["dbtc"] if self.training else None, grad_scale, return_loss, state)
 
     # ---- backward -------------------------------------------------------------------------------------------
     def backward(self, hooks=None) -> None:

@@ -196,7 +196,8 @@ class Llama(Model):
     def forward(self, tokens=None, targets=None, grad_scale: float | None = None, *, return_loss: bool = True,
                 state: KVCache | None = None) -> float | None:
         """As GPT-2's forward (models/gpt2.py): the mean loss with targets (and the LM head's backward with
-        grad_scale), else the logits; state: decoding at position state.pos over its KV cache."""
+        grad_scale), else the logits; state: decoding at position state.pos over its KV cache, or a prefill of it
+        (T > 1)."""
         be, cfg, a, s, p = self.be, self.cfg, self.acts, self.stats, self.params
         L, H, K, eps = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.norm_eps
         if tokens is not None:
@@ -208,8 +209,10 @@ class Llama(Model):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
             be.matmul_forward(a["qkv"][l], self._ln1(l), p["qkvw"][l], None)
             be.rope_forward(a["qkv"][l], self.rope, H, K, pos)
-            if state is None:
+            if state is None or self.T > 1:
                 be.attention_forward(a["atty"][l], self.saved("att")[l], a["qkv"][l], H, K)
+                if state is not None:  # a prefill: its keys and values fill the cache from position 0
+                    be.kv_cache_write(state.k[l], state.v[l], a["qkv"][l][:, :state.span], 0, H, K)
             else:
                 be.attention_decode(a["atty"][l], a["qkv"][l], state.k[l], state.v[l], pos, H, K)
             be.matmul_forward(a["proj"], a["atty"][l], p["attprojw"][l], None)
@@ -224,7 +227,7 @@ class Llama(Model):
             else:
                 be.fused_residual_rmsnorm_forward(a["residual3"][l], a["lnf"], s["lnf_rstd"], a["residual2"][l],
                                                   a["proj"], p["lnfw"], eps)
-        return self.lm_head(a["lnf"], a["dbtc"] if self.training else None, grad_scale, return_loss)
+        return self.lm_head(a["lnf"], a["dbtc"] if self.training else None, grad_scale, return_loss, state)
 
     # ---- backward -------------------------------------------------------------------------------------------
     def backward(self, hooks=None) -> None:

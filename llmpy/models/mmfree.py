@@ -197,13 +197,14 @@ class MMFree(Model):
     def forward(self, tokens=None, targets=None, grad_scale: float | None = None, *, return_loss: bool = True,
                 state: RecurrentState | None = None) -> float | None:
         """As GPT-2's forward (models/gpt2.py): the mean loss with targets (and the LM head's backward with
-        grad_scale), else the logits; state: decoding from its recurrent states, which are advanced."""
+        grad_scale), else the logits; state: decoding from its recurrent states, which are advanced (T > 1: a
+        prefill of state.span tokens, the rest padding)."""
         be, cfg, a, s, p = self.be, self.cfg, self.acts, self.stats, self.params
         L, eps = cfg.num_layers, cfg.norm_eps
         if tokens is not None:
             self.set_batch(tokens, targets)
         be.lower_bounds_forward(s["lam"], p["lower_bounds"])
-        be.encoder_forward(a["encoded"], self.tokens, p["wte"], None)
+        be.encoder_forward(a["encoded"], self.tokens, self.bf16["wte"] if self.is_packed else p["wte"], None)
         be.rmsnorm_forward(a["ln1"][0], s["ln1_rstd"][0], a["encoded"], p["ln1w"][0], eps)
         for l in range(L):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
@@ -223,8 +224,8 @@ class MMFree(Model):
             be.mlgru_forward(a["o"][l], state.h[l].reshape(self.B, 1, -1) if step else self._h(l), s["g_rstd"][l],
                              a["ai"][l], a["af"][l], a["ag"][l], s["lam"][l], p["gnormw"][l],
                              None if state is None else state.h[l], eps)
-            if state is not None and not step:  # the new state: the last position's
-                be.copy_(state.h[l], self._h(l)[:, self.T - 1])
+            if state is not None and not step:  # the new state: the last position fed's
+                be.copy_(state.h[l], self._h(l)[:, state.span - 1])
             self._bitlinear(a["proj"], s["o_rstd"][l], a["o"][l], "ow", p["on"][l], l)
             be.fused_residual_rmsnorm_forward(a["residual2"][l], a["ln2"][l], s["ln2_rstd"][l], residual,
                                               a["proj"], p["ln2w"][l], eps)
@@ -242,7 +243,7 @@ class MMFree(Model):
             else:
                 be.fused_residual_rmsnorm_forward(a["residual3"][l], a["lnf"], s["lnf_rstd"], a["residual2"][l],
                                                   a["proj"], p["lnfw"], eps)
-        return self.lm_head(a["lnf"], a["dbtc"] if self.training else None, grad_scale, return_loss)
+        return self.lm_head(a["lnf"], a["dbtc"] if self.training else None, grad_scale, return_loss, state)
 
     # the ternary LM head (its own inner norm) for base.Model.lm_head's chunks of rows; the weight scale averages
     # over the real vocabulary rows only (the padding rows are zero)
@@ -308,9 +309,9 @@ class MMFree(Model):
 
     # ---- decoding -------------------------------------------------------------------------------------------
     def new_decode_state(self, length: int) -> RecurrentState:
-        """Every layer's recurrent state (L, B, d), fp32: the same size at any length."""
+        """Every layer's recurrent state (L, B, d), fp32: the same size at any length (no capacity to bound)."""
         cfg = self.cfg
-        return RecurrentState.allocate(self.be, (cfg.num_layers, self.B, cfg.channels), min(length, cfg.max_seq_len))
+        return RecurrentState.allocate(self.be, (cfg.num_layers, self.B, cfg.channels))
 
 
 FAMILY = Family(name="mmfree", title="MatMul-free LM", config=MMFreeConfig, model=MMFree, spec=spec,

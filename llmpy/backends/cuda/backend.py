@@ -254,10 +254,25 @@ class CUDABackend(FreshGrads):
     # ---- layers ---------------------------------------------------------------------------------------------
     def encoder_forward(self, out, tokens, wte, wpe):
         B, T, C = out.shape
+        if wte.dtype != out.dtype:  # a packed model's bf16 embedding under --dtype fp32 (untested on a GPU)
+            self._encoder_forward_bf16(out, tokens, wte, wpe)
+            return
         n = B * T * C // (16 // out.itemsize)
         wpe = wpe if wpe is not None else np.uint64(0)  # null: no position table
         self.k["encoder"].encoder_forward((cdiv(n, 256),), (256,), (out, tokens, wte, wpe, np.int32(B * T),
                                                                      np.int32(T), np.int32(C)))
+
+    def _encoder_forward_bf16(self, out, tokens, wte, wpe):
+        """out (B, T, C) fp32 = wte[tokens] (+ wpe[:T]) for a bf16 wte, with CuPy's integer ops: a bf16 is the high
+        half of an fp32, so the rows widen exactly."""
+        cp = self.cp
+        if wte.dtype.itemsize != 2 or out.dtype != np.float32:
+            raise TypeError(f"encoder_forward: wte {wte.dtype} into out {out.dtype}")
+        B, T, C = out.shape
+        rows = cp.take(wte.view(cp.uint16), tokens.reshape(-1), axis=0)          # (B*T, C) bf16 bits
+        cp.copyto(out.reshape(B * T, C), (rows.astype(cp.uint32) << 16).view(cp.float32))
+        if wpe is not None:
+            out += wpe[:T]
 
     def encoder_backward(self, dwte, dwpe, dout, tokens):
         B, T, C = dout.shape
@@ -592,6 +607,22 @@ class CUDABackend(FreshGrads):
                                             np.int32(K), np.int32(maxT), np.int32(hs), np.int32(pos),
                                             np.float32(1 / math.sqrt(hs))),
             shared_mem=4 * hs * (1 + groups))
+
+    def kv_cache_write(self, k_cache, v_cache, qkv, pos: int, num_heads: int, kv_heads: int | None = None) -> None:
+        """A decoding prefill's keys and values, qkv (B, n, (NH + 2K) hs) (a strided view), into the caches (B, K,
+        capacity, hs) at pos..pos+n-1: CuPy strided copies of the bits (integers: CuPy has no bf16 arithmetic).
+        Untested on a GPU."""
+        B, K, cap, hs = k_cache.shape
+        NH, n = num_heads, qkv.shape[1]
+        if (K != (kv_heads or NH) or NH % K or v_cache.shape != k_cache.shape or qkv.shape != (B, n, (NH + 2 * K) * hs)
+                or not 0 <= pos <= cap - n or qkv.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype):
+            raise ValueError(f"kv_cache_write: qkv {qkv.shape} {qkv.dtype}, caches {k_cache.shape} {v_cache.shape}, "
+                             f"pos {pos}, num_heads {num_heads}, kv_heads {kv_heads}")
+        bits = np.dtype(f"u{k_cache.itemsize}")
+        x = qkv.view(bits)
+        for cache, first in ((k_cache, NH), (v_cache, NH + K)):
+            part = x[:, :, first * hs:(first + K) * hs].reshape(B, n, K, hs).transpose(0, 2, 1, 3)
+            cache.view(bits)[:, :, pos:pos + n] = part
 
     def fused_classifier(self, losses, logits, targets, vocab_size, dloss=None):
         Vp = logits.shape[-1]
