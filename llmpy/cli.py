@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
+import warnings
 
 from .errors import UserError
+from .paths import reason
 
 
 def _model_names() -> str:
@@ -137,7 +141,7 @@ def _cmd_train(args) -> int:
         if not glob.glob(settings["train_data"]):
             raise UserError(f"--recipe {args.recipe}: no token shards match {settings['train_data']}; prepare them "
                             f"first (`{prepare}`) or give --train-data")
-    tc = TrainConfig(**settings, explicit=tuple(settings))
+    tc = TrainConfig(**settings, explicit=tuple(given))  # the recipe's settings are not the command line's
     res = run(tc)
     return 128 + res.signal if res.signal else 0
 
@@ -145,30 +149,39 @@ def _cmd_train(args) -> int:
 def _cmd_prepare(args) -> int:
     from .data.fineweb import DATASETS, prepare_fineweb
     from .data.prepare import SHARD_TOKENS, VAL_FRACTION, prepare, prepare_shakespeare
-    fineweb = len(args.inputs) == 1 and args.inputs[0] in DATASETS and not os.path.exists(args.inputs[0])
+    fineweb = len(args.inputs) == 1 and args.inputs[0] in DATASETS and not os.path.lexists(args.inputs[0])
     only_fineweb = [f for f, v in (("--sample", args.sample), ("--tokens", args.tokens), ("--workers", args.workers))
                     if v is not None]
+    shard_tokens = SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens
     if fineweb:
         if args.val_tokens is not None or args.val_fraction is not None:
             raise UserError("--val-tokens and --val-fraction are for text files: FineWeb's val split is its first "
                             "shard (--shard-tokens)")
         train, val = prepare_fineweb(args.inputs[0], args.sample or "10BT", args.out, tokens=args.tokens,
                                      tokenizer=args.tokenizer, workers=args.workers,
-                                     shard_tokens=args.shard_tokens or SHARD_TOKENS, name=args.name)
+                                     shard_tokens=shard_tokens, name=args.name)
         print(f"  --train-data '{train}'\n  --val-data '{val}'")
         return 0
     if only_fineweb:
         raise UserError(f"{', '.join(only_fineweb)}: only for `llmpy prepare fineweb-edu` or `fineweb`")
     if not args.inputs:
+        mine = [f for f, v in (("--name", args.name), ("--val-tokens", args.val_tokens),
+                               ("--val-fraction", args.val_fraction), ("--shard-tokens", args.shard_tokens))
+                if v is not None]
+        if mine:
+            raise UserError(f"{', '.join(mine)}: only for your own text files (the Shakespeare corpus is prepared one "
+                            "way: its name, split and one shard each are fixed)")
         train, val = prepare_shakespeare(args.out, tokenizer=args.tokenizer)
         print(f"Shakespeare corpus ready:\n  --train-data '{train}'\n  --val-data '{val}'")
         return 0
-    if not args.out:
+    if args.out is None:
         raise UserError("--out DIR is needed when preparing your own text files")
-    name = args.name or "data"
+    if args.val_tokens is not None and args.val_fraction is not None:
+        raise UserError("--val-tokens and --val-fraction both size the val split: give one of them")
+    name = "data" if args.name is None else args.name
     train, val = prepare(args.inputs, args.out, name, val_tokens=args.val_tokens,
                          val_fraction=VAL_FRACTION if args.val_fraction is None else args.val_fraction,
-                         shard_tokens=args.shard_tokens or SHARD_TOKENS, tokenizer=args.tokenizer)
+                         shard_tokens=shard_tokens, tokenizer=args.tokenizer)
     print(f"  --train-data '{os.path.join(args.out, name + '_train_*.bin')}'")
     if val:
         print(f"  --val-data '{os.path.join(args.out, name + '_val_*.bin')}'")
@@ -215,10 +228,13 @@ def _backend(args):
 
 
 def _tokenizer_arg(s: str) -> str:
-    """--tokenizer: a known name or an existing path (the file is read when the tokenizer is needed)."""
-    if s in ("gpt2", "llama3") or os.path.exists(s):
-        return s
-    raise argparse.ArgumentTypeError(f"{s!r} is neither gpt2, llama3 nor an existing tokenizer file or folder")
+    """--tokenizer: a known name, a tokenizer file or a folder holding one (the file is read when the tokenizer is
+    needed); the same rule as a run's settings (data/tokenizers: tokenizer_problem)."""
+    from .data.tokenizers import tokenizer_problem
+    problem = tokenizer_problem(s)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return s
 
 
 def _cmd_sample(args) -> int:
@@ -373,7 +389,7 @@ def _cmd_tokenizer(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    ap = argparse.ArgumentParser(prog="llmpy", description="Language models trained from scratch in Python "
+    ap = _Parser(prog="llmpy", description="Language models trained from scratch in Python "
                                  "(GPT-2; llm.c's formats).")
     ap.add_argument("--version", action="version", version=f"llmpy {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
@@ -478,35 +494,158 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", metavar="IDS", help="print the text of token ids separated by spaces or commas "
                    "(default: none)")
     p.set_defaults(func=_cmd_tokenizer, parser=p)
+    for parser in (ap, *_subparsers(ap).values()):
+        _check_values(parser)
     return ap
+
+
+# ---- where the command line enters: one-line errors, numbers that fit, no empty values ------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`error: argument --lr: ...`, exit status 2) instead of the usage block and
+    `llmpy train: error: ...`; subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+INT64 = 2**63
+_TEXTS = {"prompt", "encode", "decode"}  # values that may be empty (an empty prompt is the start of a document)
+
+
+def _int(s: str) -> int:
+    """An integer flag: a plain integer that fits in 64 bits (what NumPy, the GPU and the seeds take)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if not -INT64 <= v < INT64:
+        raise argparse.ArgumentTypeError(f"{s} is beyond a 64-bit integer's range")
+    return v
+
+
+def _nonempty(convert):
+    def value(s: str):
+        if s == "":
+            raise argparse.ArgumentTypeError("an empty value (an empty path would mean the current folder, an empty "
+                                             "name nothing); give one")
+        return convert(s)
+    value.__name__ = getattr(convert, "__name__", "value")
+    return value
+
+
+def _check_values(parser: argparse.ArgumentParser) -> None:
+    """Every integer option parses with _int; every other option and argument that takes a value refuses an empty
+    one, but the texts (_TEXTS)."""
+    for act in parser._actions:
+        if act.nargs in (0, argparse.REMAINDER, argparse.PARSER) or isinstance(act, argparse._SubParsersAction):
+            continue
+        if act.type is int:
+            act.type = _int
+        elif act.dest not in _TEXTS:
+            act.type = _nonempty(act.type or str)
+
+
+def _subparsers(ap: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return {name: p for act in ap._actions if isinstance(act, argparse._SubParsersAction)
+            for name, p in act.choices.items()}
+
+
+def _join_negative_numbers(ap: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--lr -inf` becomes `--lr=-inf`: argparse reads a word that starts with '-' and is no plain negative integer or
+    decimal (-inf, -nan, -1e-3) as an option, and would answer "expected one argument"; joined, the value reaches
+    its validation. Options of the command (the first word naming one) that take one value, up to a `--`."""
+    subs = _subparsers(ap)
+    cmd = next((i for i, a in enumerate(argv) if a in subs), None)
+    if cmd is None:
+        return argv
+    options = subs[argv[cmd]]._option_string_actions
+    out, i = list(argv[:cmd + 1]), cmd + 1
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            return out + argv[i:]
+        act = options.get(a)
+        if act is not None and act.nargs is None and i + 1 < len(argv) and argv[i + 1].startswith("-") \
+                and _is_number(argv[i + 1]):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+class _Interrupts:
+    """Ctrl-C from main's first line on, imports and set-up included: remembers that it came, so that an import it cut
+    short (some fail with an ImportError of their own then) still reads as the interrupt it was. Installed only over
+    Python's default handler (a process started with SIGINT ignored keeps ignoring it)."""
+
+    def __enter__(self):
+        self.seen, self._old = False, None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (ours and the libraries') as one line `warning: ...`, without Python's file and source line."""
+    text = " ".join(str(message).split())
+    print(f"warning: {text}", file=sys.stderr if file is None else file, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    if args.command is None:
-        ap.print_help()
-        return 0
-    multi = args.command == "train" and _ranks() > 1
-    if multi or (args.command == "train" and os.environ.get("LLMPY_STACKS")):
-        _stack_dumps_on_usr1()
-    try:
-        code = args.func(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code = 130
-    except OSError as e:  # disk full, permission denied, ...: one line, the file and the reason
-        where = f" {e.filename}" if e.filename else ""
-        print(f"error:{where} {e.strerror or e}", file=sys.stderr)
-        code = 2
-    except MemoryError as e:  # CuPy's out-of-memory error is one too
-        print(f"error: out of memory ({e or 'the allocation failed'}): use a smaller model, batch or --seq-len",
-              file=sys.stderr)
-        code = 2
+    multi, command = False, argv[0] if argv else ""
+    with _Interrupts() as sigint, warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            ap = build_parser()
+            args = ap.parse_args(_join_negative_numbers(ap, argv))
+            if args.command is None:
+                ap.print_help()
+                return 0
+            command = args.command
+            multi = args.command == "train" and _ranks() > 1
+            if multi or (args.command == "train" and os.environ.get("LLMPY_STACKS")):
+                _stack_dumps_on_usr1()
+            code = args.func(args)
+        except UserError as e:
+            print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+            code = 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            code = 130
+        except OSError as e:  # disk full, permission denied, ... where no reader or writer named it: one sentence
+            where = f" on {e.filename}" if e.filename else ""
+            print(f"error: llmpy {command} stopped{where}: {reason(e)}", file=sys.stderr)
+            code = 2
+        except MemoryError as e:  # CuPy's out-of-memory error is one too
+            print(f"error: out of memory ({e or 'the allocation failed'}): use a smaller model, batch or --seq-len",
+                  file=sys.stderr)
+            code = 2
+        except BaseException:
+            if not sigint.seen:  # a bug: its traceback is what a report needs
+                raise
+            print("interrupted", file=sys.stderr)  # an import cut short by Ctrl-C failed its own way
+            code = 130
     if multi:
         # A rank of a data-parallel run leaves without running destructors, on success and on error alike:
         # tearing down NCCL, CUDA graphs and cuDNN handles at interpreter exit was seen to hang a rank forever

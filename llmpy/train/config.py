@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from ..errors import UserError
-from ..data.tokenizers import TOKENIZERS
+from ..data.tokenizers import tokenizer_problem
 from .optim import SCHEDULES
 
 # The embedded default (`llmpy train` with no arguments): a small GPT-2 on Shakespeare, ~5 minutes on 2 cores.
@@ -106,7 +106,11 @@ class TrainConfig:
         need(self.device in ("cpu", "cuda", "auto"), "device", "use cpu, cuda or auto")
         need(self.zero in (0, 1, 2), "zero", "use 0, 1 or 2")
         need(self.moments in ("fp32", "bf16"), "moments", "use fp32 or bf16")
-        need(self.tokenizer in (None, *TOKENIZERS), "tokenizer", f"use {' or '.join(TOKENIZERS)}")
+        if self.tokenizer is not None:
+            problem = tokenizer_problem(self.tokenizer)
+            need(problem is None, "tokenizer", problem or "")
+        if self.extend and not self.resume:
+            bad.append("--extend without --resume (it stretches the schedule of a resumed run)")
         if bad:
             raise UserError(f"bad setting: {'; '.join(bad)}")
 
@@ -127,6 +131,13 @@ def _check_types(tc: TrainConfig) -> None:
         if not ok:
             want = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
             raise UserError(f"bad setting: {f.name.replace('_', '-')} is {v!r}, not {want}")
+        if isinstance(v, int) and not isinstance(v, bool) and not -INT64 <= v < INT64:
+            raise UserError(f"bad setting: --{f.name.replace('_', '-')} {v} is beyond a 64-bit integer's range")
+        if v == "" and f.name != "eval_tasks":  # an empty path is the current folder, an empty name nothing
+            raise UserError(f"bad setting: --{f.name.replace('_', '-')} is empty")
+
+
+INT64 = 2**63  # every integer setting lies in -INT64..INT64-1: what NumPy, the GPU kernels and seeds take
 
 
 def _fp32_finite(x: float) -> bool:

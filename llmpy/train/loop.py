@@ -69,13 +69,22 @@ class Trainer:
     def __init__(self, tc: TrainConfig, dist: Dist | None = None):
         resume = None
         if tc.resume:
-            tc, resume = checkpointing.open_resume(tc)  # reads only; refuses a resume that means nothing
+            try:
+                tc, resume = checkpointing.open_resume(tc)  # reads only; refuses a resume that means nothing
+            except UserError:
+                folder = Path(tc.resume) if Path(tc.resume).is_dir() else Path(tc.resume).parent
+                if tc.out is None or Path(tc.out).resolve() == folder.resolve():  # a run continued in place
+                    freed = RunDir.sweep(folder)  # a finished run is never claimed again: its kill's leftovers
+                    if freed:
+                        print(f"removed temporary files of interrupted writes from {folder} ({_fmt_bytes(freed)})")
+                raise
         tc.check()
         dist = dist if dist is not None else Dist.start(tc)
         device = "cuda" if dist.world > 1 and tc.device == "auto" else resolve_device(tc.device)
         dtype = tc.dtype or ("bf16" if device == "cuda" else "fp32")
         if device == "cpu" and dtype != "fp32":
             raise UserError("--dtype bf16 needs --device cuda (the CPU reference runs in fp32)")
+        setup.check_flags(tc, dtype)
         out = Path(tc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
         in_place = resume is not None and checkpointing.continues_in_place(out, resume)
         if resume is not None:
@@ -160,6 +169,8 @@ class Trainer:
         self.stepper = TrainStep(model, opt, A, grad_clip=tc.grad_clip, graph=tc.graph, comm=self.comm)
 
         train_glob, val_glob = setup.data_globs(tc, dist, cfg)
+        for note in setup.idle_flags(tc, device, dist.world, val_glob):
+            say(note)
         self.train_loader = DataLoader(train_glob, B, T, rank=dist.rank, world=dist.world, shuffle=tc.shuffle,
                                        seed=tc.seed, vocab_size=cfg.vocab_size)
         self.val_loader = DataLoader(val_glob, B, T, vocab_size=cfg.vocab_size) if val_glob else None
