@@ -208,17 +208,25 @@ def _load_any(path: str, *, finite: bool = True, packed_ok: bool = False):
 
 
 def _run_settings(path: str) -> dict | None:
-    """The training settings saved in an llmpy training checkpoint (None for other weight files)."""
+    """The training settings saved in an llmpy training checkpoint (None for other weight files); settings that
+    are not what the trainer writes (checked as a resume checks them) are a one-line error."""
     import json
 
     from .formats.checkpoint import FORMAT
     from .formats.safetensors import read_safetensors_header
+    from .train.config import TrainConfig
     try:
         _, meta = read_safetensors_header(_weights_path(path))
         train = json.loads(meta.get("state", "{}")).get("train") if meta.get("format") == FORMAT else None
     except (UserError, ValueError, AttributeError, OSError, RecursionError):
         return None
-    return train if isinstance(train, dict) else None
+    if not isinstance(train, dict):
+        return None
+    try:
+        TrainConfig(**{k: v for k, v in train.items() if k in TrainConfig.__dataclass_fields__}).check(files=False)
+    except (UserError, TypeError) as e:
+        raise UserError(f"{_weights_path(path)}: the training settings in its metadata are damaged ({e})") from None
+    return train
 
 
 def _backend(args):

@@ -123,7 +123,7 @@ def make_dir(path: str | os.PathLike, what: str = "folder") -> Path:
     """Creates the folder `path` (and its parents) unless it is one; a one-line UserError naming it and the cause
     when that cannot be done (it is a file, a FIFO, a dangling link; no permission, no space, ...)."""
     p = Path(path)
-    if p.is_dir():
+    if os.path.isdir(p):
         return p
     if os.path.lexists(p):
         problem = path_problem(p)

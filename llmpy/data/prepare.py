@@ -27,7 +27,7 @@ def _input_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     found: dict[Path, Path] = {}
     for inp in inputs:
         p = Path(inp).expanduser()
-        if p.is_dir():
+        if os.path.isdir(p):
             files = [f for f in p.rglob("*.txt") if f.is_file()]
         elif (problem := file_problem(p)) is None:
             files = [p]

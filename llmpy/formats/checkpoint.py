@@ -138,7 +138,7 @@ def load_weights(path: str | os.PathLike, *, packed_ok: bool = False) -> tuple[o
     recognized kind that is damaged is reported by its reader (truncated, bad header, ...). A packed ternary
     model (formats/ternary.py) loads only with packed_ok (inference), its ternary weights as PackedTernary."""
     p = Path(path)
-    if not p.exists():
+    if not os.path.exists(p):  # Path.exists raises on a name too long
         from .hub import fetch_model, hub_repo
         repo = None if os.path.lexists(p) else hub_repo(str(path))  # a dangling link is no Hub name
         if repo is None:

@@ -59,7 +59,8 @@ class ModelConfig:
             v, kind = getattr(self, f.name), type(f.default)
             number = isinstance(v, (int, float)) and not isinstance(v, bool)
             if kind is bool and not isinstance(v, bool) or kind in (int, float) and not number:
-                raise UserError(f"model config: {f.name} is {v!r}, not {kind.__name__ if kind is not float else 'a number'}")
+                want = "a number" if kind is float else kind.__name__
+                raise UserError(f"model config: {f.name} is {v!r}, not {want}")
             if kind is int and not isinstance(v, int):
                 raise UserError(f"model config: {f.name} is {v!r}, not an integer")
             if kind is int and v < 1:

@@ -55,7 +55,7 @@ def open_resume(tc: TrainConfig) -> tuple[TrainConfig, Resume]:
         raise UserError("--init and --resume exclude each other: a resumed run continues from its checkpoint's "
                         "weights (to start from a checkpoint's weights, use --init alone)")
     path = Path(tc.resume)
-    folder = path.is_dir()
+    folder = os.path.isdir(path)
     path = path / CHECKPOINT if folder else path
     problem = file_problem(path)
     if problem is not None:

@@ -70,8 +70,10 @@ class TrainConfig:
     progress: bool = True
     explicit: tuple = ()             # names of the settings given on the command line (they override a resume)
 
-    def check(self) -> None:
-        """UserError listing every bad setting, whether given as a flag or read from a resumed run."""
+    def check(self, *, files: bool = True) -> None:
+        """UserError listing every bad setting, whether given as a flag or read from a resumed run; files=False
+        leaves out the settings that name files (task files, a tokenizer's), for reading a finished run's
+        settings."""
         _check_types(self)
         bad = []
 
@@ -86,7 +88,7 @@ class TrainConfig:
         need(self.stop_at is None or self.stop_at >= 0, "stop_at", "must be >= 0")
         need(self.total_batch_size is None or self.total_batch_size >= 1, "total_batch_size", "must be >= 1")
         need(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "must be >= 1")
-        if self.eval_tasks:  # "" (--eval-tasks none): off
+        if self.eval_tasks and files:  # "" (--eval-tasks none): off
             from ..evals import check_tasks
             try:
                 check_tasks(self.eval_tasks)
@@ -106,7 +108,7 @@ class TrainConfig:
         need(self.device in ("cpu", "cuda", "auto"), "device", "use cpu, cuda or auto")
         need(self.zero in (0, 1, 2), "zero", "use 0, 1 or 2")
         need(self.moments in ("fp32", "bf16"), "moments", "use fp32 or bf16")
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and files:
             problem = tokenizer_problem(self.tokenizer)
             need(problem is None, "tokenizer", problem or "")
         if self.extend and not self.resume:

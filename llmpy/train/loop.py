@@ -72,7 +72,7 @@ class Trainer:
             try:
                 tc, resume = checkpointing.open_resume(tc)  # reads only; refuses a resume that means nothing
             except UserError:
-                folder = Path(tc.resume) if Path(tc.resume).is_dir() else Path(tc.resume).parent
+                folder = Path(tc.resume) if os.path.isdir(tc.resume) else Path(tc.resume).parent
                 if tc.out is None or Path(tc.out).resolve() == folder.resolve():  # a run continued in place
                     freed = RunDir.sweep(folder)  # a finished run is never claimed again: its kill's leftovers
                     if freed:
@@ -440,9 +440,9 @@ class Trainer:
 
 def _check_target(out: Path, resume, in_place: bool) -> None:
     """A new run needs a folder without a run in it; a run resumed into another folder needs a new or empty one."""
-    if resume is None and (out / CHECKPOINT).exists():
+    if resume is None and os.path.exists(out / CHECKPOINT):
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
-    if resume is not None and not in_place and out.is_dir():
+    if resume is not None and not in_place and os.path.isdir(out):
         held = sorted(p.name for p in out.iterdir() if p.name != LOCK)
         if held:
             raise UserError(f"--out {out} holds {', '.join(held[:3])}: a run resumed from {resume.src} into another "

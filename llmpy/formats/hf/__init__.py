@@ -69,7 +69,8 @@ def setting(cj: Path, d: dict, key: str, kind: type, default=_REQUIRED, *, least
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if ok and (v > above if above is not None else v >= least):
         return float(v)
-    raise UserError(f"{cj}: {key} is {v!r}, want a finite number {f'> {above:g}' if above is not None else f'>= {least:g}'}")
+    bound = f"> {above:g}" if above is not None else f">= {least:g}"
+    raise UserError(f"{cj}: {key} is {v!r}, want a finite number {bound}")
 
 
 def _codec(family: str):
