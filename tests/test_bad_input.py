@@ -32,6 +32,7 @@ from llmpy.formats.ternary import write_ternary
 from llmpy.train import TrainConfig, run
 
 ROOT = Path(__file__).resolve().parents[1]
+SMALL = "l1h2c16t16v256"  # for the run folders whose weights nothing reads: small checkpoints, quick saves
 BIG = str(10**30)
 DEEP = "[" * 100_000 + "]" * 100_000
 
@@ -55,6 +56,9 @@ def files(tmp_path_factory):
     r = np.random.default_rng(0)
     write_shard(d / "tr_000.bin", r.integers(0, 50257, 4000))
     write_shard(d / "va_000.bin", r.integers(0, 50257, 1000))
+    write_shard(d / "sm_000.bin", r.integers(0, 256, 2000))
+    run(TrainConfig(init=SMALL, train_data=str(d / "sm_*.bin"), batch_size=1, seq_len=8, steps=6, stop_at=1,
+                    val_every=0, sample_tokens=0, progress=False, device="cpu", out=str(d / "stopped")))
     run(TrainConfig(init="l2h2c32t32", train_data=str(d / "tr_*.bin"), val_data=str(d / "va_*.bin"), batch_size=2,
                     seq_len=8, steps=2, val_every=0, val_batches=2, sample_tokens=0, progress=False, device="cpu",
                     out=str(d / "run")))
@@ -340,9 +344,9 @@ def test_a_gpt2_folder_without_config_json_is_refused_not_guessed(files, tmp_pat
 
 
 def _resume_state(files, tmp_path, change) -> Path:
+    """A copy of a run stopped after step 1 of 6, its training state changed."""
     out = tmp_path / "r"
-    run(TrainConfig(init="l2h2c32t32", train_data=str(files / "tr_*.bin"), batch_size=1, seq_len=8, steps=6,
-                    stop_at=1, val_every=0, sample_tokens=0, progress=False, device="cpu", out=str(out)))
+    shutil.copytree(files / "stopped", out)
     ck = load_checkpoint(out / "checkpoint.safetensors")
     change(ck.state)
     save_checkpoint(out / "checkpoint.safetensors", ck.cfg, ck.params, adam_m=ck.adam_m, adam_v=ck.adam_v,
@@ -481,7 +485,7 @@ def test_a_kill_during_keep_rotation_leaves_no_temporary_file_behind(files, tmp_
     nothing, leaving its temporary name in the folder for good."""
     import llmpy.formats.checkpoint as ckpt
     out = tmp_path / "r"
-    argv = ["train", "--init", "l2h2c32t32", "--train-data", str(files / "tr_*.bin"), "-b", "1", "-t", "8",
+    argv = ["train", "--init", SMALL, "--train-data", str(files / "sm_*.bin"), "-b", "1", "-t", "8",
             "--steps", "6", "--val-every", "0", "--sample-tokens", "0", "--device", "cpu", "--no-progress",
             "--checkpoint-every", "2", "--keep", "3", "--out", str(out)]
     real, calls = ckpt.save_checkpoint, []
@@ -506,7 +510,7 @@ def test_a_refused_resume_still_removes_what_a_kill_left(files, tmp_path, capsys
     """A run killed while writing loss.png after its last checkpoint is finished: no run claims its folder again,
     so the resume that is refused removes the temporary file."""
     out = tmp_path / "r"
-    run(TrainConfig(init="l2h2c32t32", train_data=str(files / "tr_*.bin"), batch_size=1, seq_len=8, steps=2,
+    run(TrainConfig(init=SMALL, train_data=str(files / "sm_*.bin"), batch_size=1, seq_len=8, steps=2,
                     val_every=0, sample_tokens=0, progress=False, device="cpu", out=str(out)))
     (out / ".loss.png.k2j4h5g6.tmp").write_bytes(b"half a png")
     (out / ".notes.txt.k2j4h5g6.tmp").write_bytes(b"not ours")

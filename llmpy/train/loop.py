@@ -169,8 +169,6 @@ class Trainer:
         self.stepper = TrainStep(model, opt, A, grad_clip=tc.grad_clip, graph=tc.graph, comm=self.comm)
 
         train_glob, val_glob = setup.data_globs(tc, dist, cfg)
-        for note in setup.idle_flags(tc, device, dist.world, val_glob):
-            say(note)
         self.train_loader = DataLoader(train_glob, B, T, rank=dist.rank, world=dist.world, shuffle=tc.shuffle,
                                        seed=tc.seed, vocab_size=cfg.vocab_size)
         self.val_loader = DataLoader(val_glob, B, T, vocab_size=cfg.vocab_size) if val_glob else None
@@ -210,8 +208,8 @@ class Trainer:
         source = None if resume is None or in_place else resume.src / "metrics.jsonl"
         self.log = (MetricsLog(out / "metrics.jsonl", keep_before=self.start, source=source) if dist.main
                     else _NullLog())
-        for line in setup.warnings(tc, resume, self.start, A, self.train_loader.num_batches_per_epoch,
-                                   getattr(self.log, "damaged", 0)):
+        for line in setup.idle_flags(tc, device, dist.world, val_glob) + setup.warnings(
+                tc, resume, self.start, A, self.train_loader.num_batches_per_epoch, getattr(self.log, "damaged", 0)):
             say(line)
         if dist.main:
             self.run_dir.write_config({

@@ -67,7 +67,7 @@ class RunDir:
         freed. Nothing is created: a folder without a lock file is no run folder."""
         import fcntl
         folder = RunDir(path)
-        if not (folder.path / LOCK).is_file():
+        if not os.path.isfile(folder.path / LOCK):
             return 0
         try:
             fd = os.open(folder.path / LOCK, os.O_RDWR)

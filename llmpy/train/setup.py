@@ -51,7 +51,7 @@ def idle_flags(tc: TrainConfig, device: str, world: int, val_glob: str | None) -
     """One-line notes for flags given on the command line that do nothing where the run is, saying what happens
     instead."""
     given, notes = set(tc.explicit), []
-    if val_glob is None and given & {"val_every", "val_batches"}:
+    if val_glob is None and ("val_every" in given and tc.val_every or "val_batches" in given):  # asked for
         notes.append("note: no validation data (--val-data): --val-every and --val-batches do nothing; the run "
                      "logs no val loss")
     if "zero" in given and tc.zero and world == 1:

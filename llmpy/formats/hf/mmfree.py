@@ -57,8 +57,8 @@ def config(file: Path, t: dict[str, np.ndarray]) -> MMFreeConfig:
         raise UserError(f"{cj}: vocab_size {V} and hidden_size {C} but the embedding is "
                         f"{' x '.join(map(str, t['model.embeddings.weight'].shape))}")
     inter = setting(cj, d, "intermediate_size", int, None)
+    ratio = setting(cj, d, "hidden_ratio", float, 4, above=0)
     if inter is None:  # the reference's rule from hidden_ratio (default 4)
-        ratio = setting(cj, d, "hidden_ratio", float, 4, above=0)
         inter = 256 * -(-int(C * ratio * 2 / 3) // 256)
     eps = setting(cj, d, "rms_norm_eps", float, 1e-6, above=0)
     maxT = setting(cj, d, "max_position_embeddings", int, 2048)
