@@ -139,6 +139,13 @@ def test_integer_flags_past_64_bits_are_one_line_errors(files, tmp_path, capsys,
     assert not (tmp_path / "r").exists()
 
 
+def test_a_process_count_past_any_machine_is_a_one_line_error(capsys, monkeypatch):
+    """Refused before any download or process starts (launch's --nproc-per-node has the same bound; a test that
+    launched a million processes on a regression is not written)."""
+    monkeypatch.setenv("LLMPY_OFFLINE", "1")
+    assert "--workers must be 1..1024" in one_line_error(capsys, ["prepare", "fineweb", "--workers", "1000000"])
+
+
 def test_a_batch_past_any_memory_is_a_one_line_error(files, tmp_path, capsys):
     """2**62 sequences fit in 64 bits; the activations' size does not (NumPy: "maximum allowed dimension")."""
     err = one_line_error(capsys, ["train", "--init", "l2h2c32t32", "--train-data", str(files / "tr_*.bin"),

@@ -44,6 +44,7 @@ DATASETS = {"fineweb-edu": ("HuggingFaceFW/fineweb-edu", "edu_fineweb"),
 SAMPLES = ("10BT", "100BT")
 REVISION = "main"
 STAMP_VERSION = 1
+MAX_PROCESSES = 1024  # --workers: more processes than any machine runs usefully would only exhaust its memory
 TASK_DOCS, TASK_CHARS = 512, 1 << 23  # documents sent to a worker at once: at most this many, or this much text
 _INSTALL = "pyarrow is needed to read FineWeb's parquet files: pip install pyarrow (or pip install 'llmpy[data]')"
 
@@ -81,8 +82,8 @@ def prepare_fineweb(dataset: str = "fineweb-edu", sample: str = "10BT", out_dir:
         raise UserError(f"--tokens {tokens} fills only the val shard (the first {shard_tokens} tokens): ask for more "
                         "tokens or a smaller --shard-tokens")
     workers = (os.cpu_count() or 1) if workers is None else workers
-    if workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
+    if not 1 <= workers <= MAX_PROCESSES:
+        raise UserError(f"--workers must be 1..{MAX_PROCESSES} processes, got {workers}")
     repo, stem = DATASETS[dataset]
     name = stem if name is None else name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
