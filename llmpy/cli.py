@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
+from . import cmdline
 from .errors import UserError
+from .paths import reason
 
 
 def _model_names() -> str:
@@ -138,7 +141,7 @@ def _cmd_train(args) -> int:
         if not glob.glob(settings["train_data"]):
             raise UserError(f"--recipe {args.recipe}: no token shards match {settings['train_data']}; prepare them "
                             f"first (`{prepare}`) or give --train-data")
-    tc = TrainConfig(**settings, explicit=tuple(settings))
+    tc = TrainConfig(**settings, explicit=tuple(given))  # the recipe's settings are not the command line's
     res = run(tc)
     return 128 + res.signal if res.signal else 0
 
@@ -146,30 +149,39 @@ def _cmd_train(args) -> int:
 def _cmd_prepare(args) -> int:
     from .data.fineweb import DATASETS, prepare_fineweb
     from .data.prepare import SHARD_TOKENS, VAL_FRACTION, prepare, prepare_shakespeare
-    fineweb = len(args.inputs) == 1 and args.inputs[0] in DATASETS and not os.path.exists(args.inputs[0])
+    fineweb = len(args.inputs) == 1 and args.inputs[0] in DATASETS and not os.path.lexists(args.inputs[0])
     only_fineweb = [f for f, v in (("--sample", args.sample), ("--tokens", args.tokens), ("--workers", args.workers))
                     if v is not None]
+    shard_tokens = SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens
     if fineweb:
         if args.val_tokens is not None or args.val_fraction is not None:
             raise UserError("--val-tokens and --val-fraction are for text files: FineWeb's val split is its first "
                             "shard (--shard-tokens)")
         train, val = prepare_fineweb(args.inputs[0], args.sample or "10BT", args.out, tokens=args.tokens,
                                      tokenizer=args.tokenizer, workers=args.workers,
-                                     shard_tokens=args.shard_tokens or SHARD_TOKENS, name=args.name)
+                                     shard_tokens=shard_tokens, name=args.name)
         print(f"  --train-data '{train}'\n  --val-data '{val}'")
         return 0
     if only_fineweb:
         raise UserError(f"{', '.join(only_fineweb)}: only for `llmpy prepare fineweb-edu` or `fineweb`")
     if not args.inputs:
+        mine = [f for f, v in (("--name", args.name), ("--val-tokens", args.val_tokens),
+                               ("--val-fraction", args.val_fraction), ("--shard-tokens", args.shard_tokens))
+                if v is not None]
+        if mine:
+            raise UserError(f"{', '.join(mine)}: only for your own text files (the Shakespeare corpus is prepared one "
+                            "way: its name, split and one shard each are fixed)")
         train, val = prepare_shakespeare(args.out, tokenizer=args.tokenizer)
         print(f"Shakespeare corpus ready:\n  --train-data '{train}'\n  --val-data '{val}'")
         return 0
-    if not args.out:
+    if args.out is None:
         raise UserError("--out DIR is needed when preparing your own text files")
-    name = args.name or "data"
+    if args.val_tokens is not None and args.val_fraction is not None:
+        raise UserError("--val-tokens and --val-fraction both size the val split: give one of them")
+    name = "data" if args.name is None else args.name
     train, val = prepare(args.inputs, args.out, name, val_tokens=args.val_tokens,
                          val_fraction=VAL_FRACTION if args.val_fraction is None else args.val_fraction,
-                         shard_tokens=args.shard_tokens or SHARD_TOKENS, tokenizer=args.tokenizer)
+                         shard_tokens=shard_tokens, tokenizer=args.tokenizer)
     print(f"  --train-data '{os.path.join(args.out, name + '_train_*.bin')}'")
     if val:
         print(f"  --val-data '{os.path.join(args.out, name + '_val_*.bin')}'")
@@ -196,17 +208,25 @@ def _load_any(path: str, *, finite: bool = True, packed_ok: bool = False):
 
 
 def _run_settings(path: str) -> dict | None:
-    """The training settings saved in an llmpy training checkpoint (None for other weight files)."""
+    """The training settings saved in an llmpy training checkpoint (None for other weight files); settings that
+    are not what the trainer writes (checked as a resume checks them) are a one-line error."""
     import json
 
     from .formats.checkpoint import FORMAT
     from .formats.safetensors import read_safetensors_header
+    from .train.config import TrainConfig
     try:
         _, meta = read_safetensors_header(_weights_path(path))
         train = json.loads(meta.get("state", "{}")).get("train") if meta.get("format") == FORMAT else None
     except (UserError, ValueError, AttributeError, OSError, RecursionError):
         return None
-    return train if isinstance(train, dict) else None
+    if not isinstance(train, dict):
+        return None
+    try:
+        TrainConfig(**{k: v for k, v in train.items() if k in TrainConfig.__dataclass_fields__}).check(files=False)
+    except (UserError, TypeError) as e:
+        raise UserError(f"{_weights_path(path)}: the training settings in its metadata are damaged ({e})") from None
+    return train
 
 
 def _backend(args):
@@ -216,10 +236,13 @@ def _backend(args):
 
 
 def _tokenizer_arg(s: str) -> str:
-    """--tokenizer: a known name or an existing path (the file is read when the tokenizer is needed)."""
-    if s in ("gpt2", "llama3") or os.path.exists(s):
-        return s
-    raise argparse.ArgumentTypeError(f"{s!r} is neither gpt2, llama3 nor an existing tokenizer file or folder")
+    """--tokenizer: a known name, a tokenizer file or a folder holding one (the file is read when the tokenizer is
+    needed); the same rule as a run's settings (data/tokenizers: tokenizer_problem)."""
+    from .data.tokenizers import tokenizer_problem
+    problem = tokenizer_problem(s)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return s
 
 
 def _cmd_sample(args) -> int:
@@ -374,7 +397,7 @@ def _cmd_tokenizer(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    ap = argparse.ArgumentParser(prog="llmpy", description="Language models trained from scratch in Python "
+    ap = cmdline.Parser(prog="llmpy", description="Language models trained from scratch in Python "
                                  "(GPT-2; llm.c's formats).")
     ap.add_argument("--version", action="version", version=f"llmpy {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
@@ -479,35 +502,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", metavar="IDS", help="print the text of token ids separated by spaces or commas "
                    "(default: none)")
     p.set_defaults(func=_cmd_tokenizer, parser=p)
+    for parser in (ap, *cmdline.subparsers(ap).values()):
+        cmdline.check_values(parser)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    if args.command is None:
-        ap.print_help()
-        return 0
-    multi = args.command == "train" and _ranks() > 1
-    if multi or (args.command == "train" and os.environ.get("LLMPY_STACKS")):
-        _stack_dumps_on_usr1()
-    try:
-        code = args.func(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code = 130
-    except OSError as e:  # disk full, permission denied, ...: one line, the file and the reason
-        where = f" {e.filename}" if e.filename else ""
-        print(f"error:{where} {e.strerror or e}", file=sys.stderr)
-        code = 2
-    except MemoryError as e:  # CuPy's out-of-memory error is one too
-        print(f"error: out of memory ({e or 'the allocation failed'}): use a smaller model, batch or --seq-len",
-              file=sys.stderr)
-        code = 2
+    multi, command = False, argv[0] if argv else ""
+    with cmdline.Interrupts() as sigint, warnings.catch_warnings():
+        warnings.showwarning = cmdline.one_line_warning
+        try:
+            ap = build_parser()
+            args = ap.parse_args(cmdline.join_negative_numbers(ap, argv))
+            if args.command is None:
+                ap.print_help()
+                return 0
+            command = args.command
+            multi = args.command == "train" and _ranks() > 1
+            if multi or (args.command == "train" and os.environ.get("LLMPY_STACKS")):
+                _stack_dumps_on_usr1()
+            code = args.func(args)
+        except UserError as e:
+            print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+            code = 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            code = 130
+        except OSError as e:  # disk full, permission denied, ... where no reader or writer named it: one sentence
+            where = f" on {e.filename}" if e.filename else ""
+            print(f"error: llmpy {command} stopped{where}: {reason(e)}", file=sys.stderr)
+            code = 2
+        except MemoryError as e:  # CuPy's out-of-memory error is one too
+            print(f"error: out of memory ({e or 'the allocation failed'}): use a smaller model, batch or --seq-len",
+                  file=sys.stderr)
+            code = 2
+        except BaseException:
+            if not sigint.seen:  # a bug: its traceback is what a report needs
+                raise
+            print("interrupted", file=sys.stderr)  # an import cut short by Ctrl-C failed its own way
+            code = 130
     if multi:
         # A rank of a data-parallel run leaves without running destructors, on success and on error alike:
         # tearing down NCCL, CUDA graphs and cuDNN handles at interpreter exit was seen to hang a rank forever

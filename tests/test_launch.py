@@ -102,7 +102,7 @@ def wait_files(folder, names, limit=5.0):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--nproc-per-node", "0", "--", "train"], "--nproc-per-node must be >= 1"),
+    (["--nproc-per-node", "0", "--", "train"], "--nproc-per-node must be 1..1024"),
     (["--nnodes", "0", "--", "train"], "--nnodes must be >= 1"),
     (["--nnodes", "2", "--node-rank", "2", "--master-addr", "10.0.0.1", "--", "train"],
      r"--node-rank must be in 0\.\.1"),

@@ -1,7 +1,12 @@
 """Llama 3's data path: its tokenizer (fetched once per test session with pip download, sha256-checked; golden
-vectors), llm.c's uint32 shards (magic 20240801, version 7) beside the uint16 ones, and prepare with it."""
+vectors; token for token Meta's own tokenizer.py, long runs of one character class included), llm.c's uint32 shards
+(magic 20240801, version 7) beside the uint16 ones, and prepare with it."""
 import json
+import random
 import struct
+import subprocess
+import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -40,6 +45,87 @@ def test_tokenizer_golden_vectors_and_special_tokens(tok):
     assert tok.decode(tok.encode(long)) == long
     with pytest.raises(UserError, match="outside"):
         tok.decode([128256])
+
+
+@pytest.fixture(scope="module")
+def meta(tmp_path_factory):
+    """Meta's own tokenizer: llama_models/llama3/tokenizer.py of llama-models==0.3.0 (it needs only tiktoken and the
+    package's tokenizer_utils.py), read from the wheel that pip downloads, over the wheel's tokenizer.model."""
+    from llmpy.data.tokenizers import llama3
+    d = tmp_path_factory.mktemp("llama-models")
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                        f"{llama3.PACKAGE}=={llama3.VERSION}", "-d", str(d)], capture_output=True, text=True)
+    if r.returncode != 0 or not (d / llama3.WHEEL).exists():
+        pytest.skip(f"pip download {llama3.PACKAGE}=={llama3.VERSION} failed (offline?)")
+    with zipfile.ZipFile(d / llama3.WHEEL) as z:
+        for name in ("llama_models/__init__.py", "llama_models/tokenizer_utils.py", "llama_models/llama3/__init__.py",
+                     "llama_models/llama3/tokenizer.py", llama3.MEMBER):
+            z.extract(name, d / "src")
+    sys.path.insert(0, str(d / "src"))
+    try:
+        from llama_models.llama3.tokenizer import Tokenizer
+        yield Tokenizer(d / "src" / llama3.MEMBER)
+    finally:
+        sys.path.remove(str(d / "src"))
+        for name in [m for m in sys.modules if m == "llama_models" or m.startswith("llama_models.")]:
+            del sys.modules[name]
+
+
+@pytest.mark.slow
+def test_long_runs_are_split_before_bpe_token_for_token_as_metas_tokenizer(tok, meta):
+    """Meta encodes no piece with a run of more than 25,000 whitespace or non-whitespace characters (and none longer
+    than 400,000 characters): such runs are cut before BPE, which changes their tokens."""
+    long_space = " " * 30_000 + "x"
+    ours, theirs = tok.encode(long_space), meta.encode(long_space, bos=False, eos=False)
+    assert ours == theirs and len(ours) == 237
+    assert len(tok._enc.encode_ordinary(long_space)) == 236  # BPE over the whole run: one token fewer
+    r = random.Random(0)
+    texts = ["x" + "\n" * 25_001 + "y", "1" * 26_000, ("ab " * 10 + "z" * 25_000) * 3, "q" * 399_990 + "r" * 30_000,
+             "\u00a0" * 26_000 + "a", "\u3000" * 50_001, "Naïve café " * 40_000, "", "a" * 25_000]
+    for _ in range(10):
+        texts.append("".join(r.choice(["a", " ", "\n", "\u2003", "é", "12", ". "]) *
+                             r.choice([1, 3, 24_999, 25_000, 25_001, 50_001]) for _ in range(r.randrange(1, 10))))
+    want = [meta.encode(t, bos=False, eos=False) for t in texts]
+    assert [tok.encode(t) for t in texts] == want
+    assert tok.encode_batch(texts) == want
+
+
+def _metas_split(s: str, most: int):
+    """Meta's _split_whitespaces_or_nonwhitespaces (llama_models/llama3/tokenizer.py of llama-models 0.3.0), as
+    written there: the oracle of `pieces` without downloading anything."""
+    current_slice_len = 0
+    current_slice_is_space = s[0].isspace() if len(s) > 0 else False
+    slice_start = 0
+    for i in range(len(s)):
+        is_now_space = s[i].isspace()
+        if current_slice_is_space ^ is_now_space:
+            current_slice_len = 1
+            current_slice_is_space = is_now_space
+        else:
+            current_slice_len += 1
+            if current_slice_len > most:
+                yield s[slice_start:i]
+                slice_start = i
+                current_slice_len = 1
+    yield s[slice_start:]
+
+
+def test_pieces_are_metas_cuts(monkeypatch):
+    """`pieces` (NumPy over the code points) cuts where Meta's loop over the characters cuts, at any run length and
+    chunk size; its whitespace is str.isspace's, code point for code point."""
+    from llmpy.data.tokenizers import llama3
+    assert tuple(c for c in range(0x110000) if chr(c).isspace()) == llama3.SPACES
+    r = random.Random(0)
+    for most, chunk in ((3, 10), (5, 17), (25_000, 400_000)):
+        monkeypatch.setattr(llama3, "MAX_RUN", most)
+        monkeypatch.setattr(llama3, "MAX_CHARS", chunk)
+        for _ in range(400 if most < 100 else 3):
+            parts = [r.choice(["a", " ", "\n", "\u3000", "x\u00a0", "é"]) *
+                     r.choice([1, 2, most - 1, most, most + 1, 2 * most, 2 * most + 1, 3 * most + 2])
+                     for _ in range(r.randrange(0, 40 if most < 100 else 12))]
+            text = "".join(parts)
+            want = [p for i in range(0, len(text), chunk) for p in _metas_split(text[i:i + chunk], most)]
+            assert list(llama3.pieces(text)) == want, text
 
 
 def test_a_damaged_tokenizer_file_is_refused(tmp_path, monkeypatch):

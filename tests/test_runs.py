@@ -162,7 +162,7 @@ def test_gemm_algorithm_choices_are_read_from_a_checkpoint_or_json(shards, tmp_p
         bad.write_text(text)
         with pytest.raises(UserError, match="--gemm-algos"):
             gemm_pins(str(bad))
-    with pytest.raises(UserError, match="no such file"):
+    with pytest.raises(UserError, match="does not exist"):
         gemm_pins(str(tmp_path / "missing.json"))
     (tmp_path / "data.bin").write_bytes(b"\0" * 64)
     with pytest.raises(UserError):

@@ -57,7 +57,10 @@ class CPUBackend(FreshGrads):
 
     # ---- memory ---------------------------------------------------------------------------------------------
     def zeros(self, n, dtype):
-        return np.zeros(n, dtype)
+        try:
+            return np.zeros(n, dtype)
+        except ValueError:  # a size past what NumPy can index: no memory holds it either
+            raise MemoryError(f"{int(n):,} elements of {np.dtype(dtype).name}") from None
 
     def to_numpy(self, x) -> np.ndarray:
         return np.asarray(x)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..formats import hub
 from ..formats.atomic import atomic_write_bytes
-from ..paths import cache_dir
+from ..paths import cache_dir, make_dir
 from .prepare import SHARD_TOKENS
 from .shards import MAX_SHARD_TOKENS, SHARD32_MAGIC, SHARD32_VERSION, SHARD_MAGIC, SHARD_VERSION, write_shard
 
@@ -44,6 +44,7 @@ DATASETS = {"fineweb-edu": ("HuggingFaceFW/fineweb-edu", "edu_fineweb"),
 SAMPLES = ("10BT", "100BT")
 REVISION = "main"
 STAMP_VERSION = 1
+MAX_PROCESSES = 1024  # --workers: more processes than any machine runs usefully would only exhaust its memory
 TASK_DOCS, TASK_CHARS = 512, 1 << 23  # documents sent to a worker at once: at most this many, or this much text
 _INSTALL = "pyarrow is needed to read FineWeb's parquet files: pip install pyarrow (or pip install 'llmpy[data]')"
 
@@ -81,10 +82,10 @@ def prepare_fineweb(dataset: str = "fineweb-edu", sample: str = "10BT", out_dir:
         raise UserError(f"--tokens {tokens} fills only the val shard (the first {shard_tokens} tokens): ask for more "
                         "tokens or a smaller --shard-tokens")
     workers = (os.cpu_count() or 1) if workers is None else workers
-    if workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
+    if not 1 <= workers <= MAX_PROCESSES:
+        raise UserError(f"--workers must be 1..{MAX_PROCESSES} processes, got {workers}")
     repo, stem = DATASETS[dataset]
-    name = name or stem
+    name = stem if name is None else name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise UserError(f"bad dataset name {name!r}: use letters, digits, '.', '_' or '-'")
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(dataset, sample, tokenizer)
@@ -108,7 +109,7 @@ def prepare_fineweb(dataset: str = "fineweb-edu", sample: str = "10BT", out_dir:
     if _stamped(stamp_path, want, out):
         print(f"{name}: the shards in {out} are ready (delete {stamp_path.name} to make them again)")
         return globs
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "output folder")
     stamp_path.unlink(missing_ok=True)
 
     used: list[str] = []

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..formats.atomic import atomic_write_bytes
-from ..paths import cache_dir
+from ..paths import cache_dir, file_problem, read_input
 from .shards import MAX_SHARD_TOKENS, SHARD32_MAGIC, SHARD32_VERSION, SHARD_MAGIC, SHARD_VERSION, write_shard
 
 VAL_FRACTION = 0.05        # of the tokens, when no --val-tokens
@@ -27,12 +27,12 @@ def _input_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     found: dict[Path, Path] = {}
     for inp in inputs:
         p = Path(inp).expanduser()
-        if p.is_dir():
+        if os.path.isdir(p):
             files = [f for f in p.rglob("*.txt") if f.is_file()]
-        elif p.is_file():
+        elif (problem := file_problem(p)) is None:
             files = [p]
         else:
-            raise UserError(f"input {inp} does not exist")
+            raise UserError(f"input {inp} {problem}")
         for f in files:
             found.setdefault(f.resolve(), f)  # the same file named twice is one document
     return sorted(found.values(), key=str)
@@ -40,9 +40,7 @@ def _input_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_bytes().decode("utf-8-sig")
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}")
+        return read_input(path, "text file").decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8 first")
 

@@ -15,6 +15,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ..errors import UserError
+from ..paths import open_input, reason
 from ..formats.atomic import atomic_write_bytes
 
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1        # uint16 token ids
@@ -46,12 +47,12 @@ def write_shard(path: str | os.PathLike, tokens: ArrayLike, *, wide: bool = Fals
 
 def _header(path: str | os.PathLike) -> tuple[int, np.dtype]:
     """(token count, id dtype) of a shard after checking its header and size (reads 1 KiB)."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+    with open_input(path, "token shard") as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(HEADER_BYTES)
-    except OSError as e:
-        raise UserError(f"cannot read token shard {path}: {e.strerror}")
+        except OSError as e:
+            raise UserError(f"cannot read token shard {path}: {reason(e)}") from None
     if size < HEADER_BYTES:
         raise UserError(f"{path} is not a token shard: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
     magic, version, ntok = (int(x) for x in np.frombuffer(head, dtype="<i4", count=3))

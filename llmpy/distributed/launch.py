@@ -25,6 +25,7 @@ from .env import (DEFAULT_PORT, DEFAULT_TIMEOUT, ENV_JOB_ID, ENV_LOCAL_RANK, ENV
 from ..errors import UserError
 
 POLL_S = 0.05
+MAX_PROCESSES = 1024  # processes on one node: far past any node's GPUs; more would only exhaust its memory
 
 
 def add_launch_parser(subparsers) -> argparse.ArgumentParser:
@@ -62,8 +63,8 @@ def _plan(args) -> tuple[list[str], dict[str, str], list[str]]:
     if cmd[:1] == ["--"]:
         cmd = cmd[1:]
     n, m, r = args.nproc_per_node, args.nnodes, args.node_rank
-    if n < 1:
-        raise UserError(f"--nproc-per-node must be >= 1, got {n}")
+    if not 1 <= n <= MAX_PROCESSES:
+        raise UserError(f"--nproc-per-node must be 1..{MAX_PROCESSES} (one process per GPU), got {n}")
     if m < 1:
         raise UserError(f"--nnodes must be >= 1, got {m}")
     if not 0 <= r < m:

@@ -40,6 +40,7 @@ Parquet files are read with pyarrow (imported only for those tasks: `pip install
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import urllib.error
@@ -51,7 +52,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..formats import hub
 from ..formats.atomic import fsync_dir
-from ..paths import cache_dir
+from ..paths import cache_dir, check_file, file_problem, open_input, reason
 
 GITHUB_RAW = "https://raw.githubusercontent.com"
 
@@ -141,7 +142,7 @@ def _label(v, n: int, what: str) -> int:
 def _records_jsonl(path: Path, one: Callable[[dict], Example]) -> list[Example]:
     out = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with io.TextIOWrapper(open_input(path, "task file"), encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -152,10 +153,14 @@ def _records_jsonl(path: Path, one: Callable[[dict], Example]) -> list[Example]:
                     out.append(one(rec))
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}, line {n}: not JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise UserError(f"{path}, line {n}: not a task record (JSON nested too deeply)") from None
                 except _Bad as e:
                     raise UserError(f"{path}, line {n}: {e}") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"cannot read the task file {path}: {reason(e)}") from None
     return out
 
 
@@ -164,6 +169,7 @@ def _records_parquet(path: Path, one: Callable[[dict], Example]) -> list[Example
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"reading {path.name} needs the pyarrow package: pip install pyarrow") from None
+    check_file(path, "task file")
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:  # noqa: BLE001 -- pyarrow raises its own types for a file that is not parquet
@@ -268,9 +274,9 @@ def check_tasks(names: str | list[str]) -> list[str]:
     A name ending in .jsonl is a local file in HellaSwag's format; it must exist."""
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     names = [n for n in names if n]
-    missing = [n for n in names if _is_file_task(n) and not Path(n).is_file()]
+    missing = [(n, problem) for n in names if _is_file_task(n) and (problem := file_problem(n))]
     if missing:
-        raise UserError(f"task file {missing[0]} does not exist (a .jsonl task is a local file in HellaSwag's "
+        raise UserError(f"task file {missing[0][0]} {missing[0][1]} (a .jsonl task is a local file in HellaSwag's "
                         "format: ctx, endings, label a line)")
     unknown = [n for n in names if n not in TASKS and not _is_file_task(n)]
     if unknown or not names:
@@ -283,7 +289,11 @@ def check_tasks(names: str | list[str]) -> list[str]:
 def load_task(name: str, *, progress: bool = True) -> list[Example]:
     """The examples of task `name`, its file downloaded into the cache first if it is not there."""
     t = task(check_tasks([name])[0])
-    return t.parse(task_file(name, progress=progress))
+    path = task_file(name, progress=progress)
+    examples = t.parse(path)
+    if not examples:  # scored, it would read as accuracy 0.0
+        raise UserError(f"{path} holds no examples: a task needs at least one")
+    return examples
 
 
 def task_file(name: str, *, progress: bool = True) -> Path:

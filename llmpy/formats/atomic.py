@@ -12,18 +12,20 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from ..errors import UserError
+from ..paths import folder_problem, make_dir, reason
 
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], None]) -> None:
     """Create or replace `path` with what `write_fn(f)` writes to the binary file object `f`."""
     path = Path(path)
     folder = path.parent
-    if not folder.is_dir():
-        raise UserError(f"cannot write {path}: folder {folder} does not exist")
+    problem = folder_problem(folder)
+    if problem is not None:
+        raise UserError(f"cannot write {path}: {folder} {problem}")
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        raise UserError(f"cannot write {path}: {reason(e)}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
@@ -40,14 +42,14 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], None]) 
         except FileNotFoundError:
             pass
         if isinstance(e, OSError) and not isinstance(e, UserError):
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from e
+            raise UserError(f"cannot write {path}: {reason(e)}") from e
         raise
     fsync_dir(folder)
 
 
 def atomic_write_bytes(path: str | os.PathLike, *chunks) -> None:
     """`atomic_write` for data already in memory (bytes, memoryviews, contiguous arrays); creates the folder."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    make_dir(Path(path).parent)
 
     def write(f):
         for chunk in chunks:

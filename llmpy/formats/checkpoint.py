@@ -18,6 +18,7 @@ import numpy as np
 
 from ..config import DEFAULT_FAMILY, FAMILIES, config_from_dict, family_of
 from ..errors import UserError
+from ..paths import open_input, path_problem, reason
 from . import check_params
 from .hf import is_hf_model, read_hf_model
 from .llmc import is_llmc_model, read_llmc_model
@@ -60,11 +61,12 @@ def save_checkpoint(path: str | os.PathLike, cfg, params: dict[str, np.ndarray],
         if a.shape != shape or a.dtype != np.uint16:
             raise UserError(f"{where}: bf16 copy of {name} must be uint16 {shape}, got {a.dtype} {a.shape}")
         tensors[f"{COMPUTE}.{name}"] = a
-    try:
-        state_json = json.dumps(state or {})
+    try:  # allow_nan=False: a NaN/Inf setting is never written back (JSON has no such numbers)
+        state_json = json.dumps(state or {}, allow_nan=False)
+        config_json = json.dumps(cfg.to_dict(), allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: the training state is not JSON-serializable ({e})") from None
-    meta = {"format": FORMAT, "version": VERSION, "family": type(cfg).family, "config": json.dumps(cfg.to_dict()),
+        raise UserError(f"{where}: the training state or config is not JSON-serializable ({e})") from None
+    meta = {"format": FORMAT, "version": VERSION, "family": type(cfg).family, "config": config_json,
             "state": state_json}
     save_safetensors(path, tensors, meta)
 
@@ -136,11 +138,11 @@ def load_weights(path: str | os.PathLike, *, packed_ok: bool = False) -> tuple[o
     recognized kind that is damaged is reported by its reader (truncated, bad header, ...). A packed ternary
     model (formats/ternary.py) loads only with packed_ok (inference), its ternary weights as PackedTernary."""
     p = Path(path)
-    if not p.exists():
+    if not os.path.exists(p):  # Path.exists raises on a name too long
         from .hub import fetch_model, hub_repo
-        repo = hub_repo(str(path))
+        repo = None if os.path.lexists(p) else hub_repo(str(path))  # a dangling link is no Hub name
         if repo is None:
-            raise UserError(f"{path} not found")
+            raise UserError(f"{path} {path_problem(p)}")
         p = fetch_model(*repo)
     if p.is_dir() or p.name.endswith(".index.json"):
         return read_hf_model(p)
@@ -172,9 +174,9 @@ def _sniff(p: Path) -> str | None:
     """"llmc" if the file starts with an llm.c magic, "safetensors" if its JSON header seems to start at byte 8."""
     if is_llmc_model(p):
         return "llmc"
-    try:
-        with open(p, "rb") as f:
+    with open_input(p) as f:
+        try:
             head = f.read(9)
-    except OSError as e:
-        raise UserError(f"cannot read {p}: {e.strerror or e}") from None
+        except OSError as e:
+            raise UserError(f"cannot read {p}: {reason(e)}") from None
     return "safetensors" if len(head) == 9 and head[8:] == b"{" else None

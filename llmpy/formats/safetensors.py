@@ -31,6 +31,7 @@ from typing import BinaryIO, Iterable
 import numpy as np
 
 from ..errors import UserError
+from ..paths import open_input
 from . import crc32
 from .atomic import atomic_write
 from .bf16 import bf16_bits_to_fp32
@@ -164,14 +165,7 @@ def load_safetensors(path: str | os.PathLike, *, bf16_as_fp32: bool = True, name
 
 
 def _open(path: str | os.PathLike) -> BinaryIO:
-    try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        raise UserError(f"{path} not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a folder, not a safetensors file") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    return open_input(path)
 
 
 def _read_header(f: BinaryIO, path: Path):

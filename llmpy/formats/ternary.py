@@ -29,6 +29,10 @@ FORMAT = "llmpy-ternary"
 VERSION = 1
 _POW3 = 3 ** np.arange(5, dtype=np.int32)
 INVALID = {k: (v == 2).any(axis=1) for k, v in CODES.items()}  # bytes that are no packing's codes
+# the scales quantize_weight can give: s_w = 1 / max(mean |w|, 1e-5) is at most 1e5; at least 1e-3 is a mean |w| of
+# 1000, far past any trained latent weight (they start at 0.02); outside this range a file is damaged, and its
+# products overflow into garbage text
+SCALES = (1e-3, 1e5)
 
 
 @dataclass
@@ -97,7 +101,8 @@ def write_ternary(path: str | os.PathLike, cfg, params: dict[str, np.ndarray], p
             bf16[name] = fp32_to_bf16_bits(a)
         else:
             tensors[name] = a
-    meta = {"format": FORMAT, "version": str(VERSION), "family": fam.name, "config": json.dumps(cfg.to_dict()),
+    meta = {"format": FORMAT, "version": str(VERSION), "family": fam.name,
+            "config": json.dumps(cfg.to_dict(), allow_nan=False),
             "packing": packing}
     save_safetensors(path, tensors, meta, bf16=bf16)
     n = sum(t.nbytes for t in tensors.values()) + sum(t.nbytes for t in bf16.values())
@@ -135,6 +140,8 @@ def read_ternary(path: str | os.PathLike):
         cfg = config_from_dict(meta["family"], json.loads(meta["config"]))
     except (KeyError, ValueError, RecursionError):
         raise UserError(f"{path}: missing or bad config in the metadata") from None
+    except UserError as e:
+        raise UserError(f"{path}: bad config in the metadata ({e})") from None
     fam, packing = family_of(cfg), meta["packing"]
     ternary = getattr(fam.model, "TERNARY", ())
     out = {}
@@ -153,6 +160,11 @@ def read_ternary(path: str | os.PathLike):
                                 f"({s.shape[0] if s.per_layer else 1},)")
             if not np.all(np.isfinite(scale) & (scale > 0)):
                 raise UserError(f"{path}: {s.name}.scale holds a non-finite or non-positive scale")
+            if not np.all((scale >= SCALES[0]) & (scale <= SCALES[1])):
+                bad = scale[(scale < SCALES[0]) | (scale > SCALES[1])].flat[0]
+                raise UserError(f"{path}: {s.name}.scale holds {bad:g}, outside the {SCALES[0]:g}..{SCALES[1]:g} that "
+                                "quantizing a weight gives (1 / mean |w|, with mean |w| floored at 1e-5): the file is "
+                                "damaged")
             if np.bincount(codes.reshape(-1), minlength=256)[INVALID[packing]].any():
                 raise UserError(f"{path}: {s.name}.codes holds bytes that are not {packing} ternary codes")
             if rows is not None and rows < N:  # the vocabulary padding rows: zero codes

@@ -33,6 +33,9 @@ class Family:
     names: str                                  # the config names `parse` takes, for help and errors
 
 
+MAX_SIZE = 2**31 - 1  # the largest size of a config (context, vocabulary, width, layers, heads): kernels index int32
+
+
 class ModelConfig:
     """Base of every family's config, a frozen dataclass whose fields all have defaults and include max_seq_len
     (maxT: the longest sequence), vocab_size (V: real tokens) and padded_vocab_size (Vp: embedding rows, a
@@ -48,19 +51,46 @@ class ModelConfig:
         """One line for people: the family and its sizes."""
         raise NotImplementedError
 
+    def check_fields(self) -> None:
+        """Each field has its default's type: an int (not a bool) in 1..MAX_SIZE, a finite float (an int will do),
+        a bool. Every family's __post_init__ starts with it: a config from a name, a checkpoint or a config.json
+        holds no size past what an int32 indexes and no NaN/Inf that would be written back into a file."""
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), type(f.default)
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if kind is bool and not isinstance(v, bool) or kind in (int, float) and not number:
+                want = "a number" if kind is float else kind.__name__
+                raise UserError(f"model config: {f.name} is {v!r}, not {want}")
+            if kind is int and not isinstance(v, int):
+                raise UserError(f"model config: {f.name} is {v!r}, not an integer")
+            if kind is int and v < 1:
+                raise UserError(f"model config has a non-positive size: {f.name} = {v}")
+            if kind is int and v > MAX_SIZE:
+                raise UserError(f"model config: {f.name} = {v} is larger than any model llmpy can hold "
+                                f"(at most {MAX_SIZE:,})")
+            if kind is float and not math.isfinite(v):
+                raise UserError(f"model config: {f.name} is {v}, not a finite number")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict):
-        """From to_dict's output (checkpoint metadata); each value converted to its field's default's type."""
+        """From to_dict's output (checkpoint metadata): every field, of its type (check_fields); ints stand for
+        floats."""
+        if not isinstance(d, dict):
+            raise UserError(f"model config is {type(d).__name__}, not a JSON object")
         fields = dataclasses.fields(cls)
         missing = [f.name for f in fields if f.name not in d]
         if missing:
             raise UserError(f"model config is missing {', '.join(missing)}")
+
+        def value(f):
+            v = d[f.name]
+            return float(v) if type(f.default) is float and type(v) is int else v
         try:
-            return cls(**{f.name: type(f.default)(d[f.name]) for f in fields})
-        except (TypeError, ValueError) as e:
+            return cls(**{f.name: value(f) for f in fields})
+        except (TypeError, ValueError, OverflowError) as e:
             raise UserError(f"bad model config {d}: {e}") from None
 
 

@@ -37,6 +37,7 @@ class GPT2Config(ModelConfig):
     channels: int = 768             # C
 
     def __post_init__(self):
+        self.check_fields()
         if min(self.max_seq_len, self.vocab_size, self.num_layers, self.num_heads, self.channels) < 1:
             raise UserError(f"model config has a non-positive size: {self}")
         if self.channels % self.num_heads:

@@ -45,6 +45,7 @@ class LlamaConfig(ModelConfig):
     tied: bool = False                      # LM head = the token embedding (3.2 1B and 3B)
 
     def __post_init__(self):
+        self.check_fields()
         sizes = (self.max_seq_len, self.vocab_size, self.num_layers, self.channels, self.num_heads,
                  self.num_kv_heads, self.ffn_hidden)
         if min(sizes) < 1:

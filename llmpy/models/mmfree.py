@@ -44,6 +44,7 @@ class MMFreeConfig(ModelConfig):
     norm_eps: float = 1e-6                  # every RMSNorm, the ones inside BitLinear and the gate norm too
 
     def __post_init__(self):
+        self.check_fields()
         if min(self.max_seq_len, self.vocab_size, self.num_layers, self.channels, self.ffn_hidden) < 1:
             raise UserError(f"model config has a non-positive size: {self}")
         if self.padded_vocab_size < self.vocab_size:

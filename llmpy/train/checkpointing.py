@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..paths import check_file, file_problem, read_input
 from .config import TrainConfig
 
 CHECKPOINT = "checkpoint.safetensors"
+INT64_MAX = 2**63 - 1
 KEPT = re.compile(r"checkpoint-(\d+)\.safetensors")
 ONCE = ("stop_at", "progress", "extend")  # per-invocation settings, not part of the run
 
@@ -53,9 +55,12 @@ def open_resume(tc: TrainConfig) -> tuple[TrainConfig, Resume]:
         raise UserError("--init and --resume exclude each other: a resumed run continues from its checkpoint's "
                         "weights (to start from a checkpoint's weights, use --init alone)")
     path = Path(tc.resume)
-    path = path / CHECKPOINT if path.is_dir() else path
-    if not path.is_file():
-        raise UserError(f"--resume {tc.resume}: no {CHECKPOINT} there")
+    folder = os.path.isdir(path)
+    path = path / CHECKPOINT if folder else path
+    problem = file_problem(path)
+    if problem is not None:
+        raise UserError(f"--resume {tc.resume}: " + (f"no {CHECKPOINT} there ({path} {problem})" if folder
+                                                     else f"{path} {problem}"))
     ckpt = load_checkpoint(path)
     if "train" not in ckpt.state:
         raise UserError(f"{path} holds weights only (no training state): use --init {path} instead")
@@ -83,18 +88,19 @@ def continues_in_place(out: Path, res: Resume) -> bool:
 
 
 def _check_state(st: dict, path: Path) -> int:
-    """The step a checkpoint's state resumes at, after checking every field the resume uses."""
+    """The step a checkpoint's state resumes at, after checking every field the resume uses, and that they agree
+    with each other as the trainer writes them: a value that is not is damage, whatever else it would mean."""
     def bad(what: str) -> UserError:
-        return UserError(f"{path}: bad training state in its metadata: {what}")
+        return UserError(f"{path}: the training state in its metadata is damaged: {what}")
 
-    def count(key: str, least: int) -> int:
-        v = st.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < least:
-            raise bad(f"{key} is {v!r}, want an integer >= {least}")
+    def count(d: dict, key: str, least: int, where: str = "") -> int:
+        v = d.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or not least <= v <= INT64_MAX:
+            raise bad(f"{where}{key} is {v!r}, want an integer in {least}..{INT64_MAX}")
         return v
-    step = count("step", 0)
-    count("adam_t", 0)
-    count("world", 1)
+    step = count(st, "step", 0)
+    adam_t = count(st, "adam_t", 0)
+    world = count(st, "world", 1)
     for key in ("loader", "sample_rng", "train"):
         if not isinstance(st.get(key), dict):
             raise bad(f"{key} is {st.get(key)!r}, want an object")
@@ -102,9 +108,23 @@ def _check_state(st: dict, path: Path) -> int:
         np.random.default_rng(0).bit_generator.state = st["sample_rng"]
     except (TypeError, ValueError, KeyError) as e:
         raise bad(f"sample_rng is not a generator state ({e})") from None
-    steps = st["train"].get("steps")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise bad(f"train.steps is {steps!r}, want an integer >= 0")
+    steps = count(st["train"], "steps", 0, "train.")
+    if step > steps:
+        raise bad(f"step {step} is past the run's {steps} planned steps (a checkpoint is written after a step of "
+                  "its plan)")
+    if adam_t != step:
+        raise bad(f"adam_t {adam_t} differs from step {step} (the optimizer updates once a step)")
+    ld = st["loader"]
+    for key, least in (("epoch", 0), ("shard_pos", 0), ("sample_pos", 0), ("B", 1), ("T", 1), ("rank", 0),
+                       ("seed", 0)):
+        count(ld, key, least, "loader.")
+    if count(ld, "world", 1, "loader.") != world:
+        raise bad(f"loader.world {ld['world']} differs from world {world}")
+    if not isinstance(ld.get("shuffle"), bool):
+        raise bad(f"loader.shuffle is {ld.get('shuffle')!r}, want true or false")
+    files = ld.get("files")
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) and f for f in files):
+        raise bad(f"loader.files is {files!r}, want the list of the shards' names")
     return step
 
 
@@ -149,12 +169,10 @@ def gemm_pins(path: str) -> dict:
     file of the same form ({"cublaslt": version, "gpu": name, "algos": {shape: index}}). Reads headers only."""
     from ..formats.checkpoint import FORMAT
     from ..formats.safetensors import read_safetensors_header
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--gemm-algos {path}: no such file")
+    p = check_file(path, "--gemm-algos")
     try:
         if p.suffix == ".json":
-            pins = json.loads(p.read_text())
+            pins = json.loads(read_input(p, "--gemm-algos"))
         else:
             _, meta = read_safetensors_header(p)
             if meta.get("format") != FORMAT:
@@ -165,6 +183,8 @@ def gemm_pins(path: str) -> dict:
                                 "--tune-gemm)")
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"--gemm-algos {path}: unreadable ({e})") from None
+    except RecursionError:
+        raise UserError(f"--gemm-algos {path}: unreadable (JSON nested too deeply)") from None
     ok = (isinstance(pins, dict) and isinstance(pins.get("algos"), dict)
           and all(isinstance(v, int) and v >= 0 for v in pins["algos"].values()))
     if not ok:
@@ -233,11 +253,14 @@ def kept(out: Path) -> list[Path]:
 def _link(src: Path, dst: Path) -> None:
     """dst becomes another name of src's file (a copy where the filesystem has no hard links), atomically."""
     from ..formats.atomic import atomic_write
+    if dst.exists() and os.path.samefile(src, dst):  # a kill between this link and the save that follows it
+        return
     tmp = dst.with_name(f".{dst.name}.{os.getpid() % 10**8:08d}.tmp")  # a name the run folder's cleanup knows
     try:
         tmp.unlink(missing_ok=True)
         os.link(src, tmp)
         os.replace(tmp, dst)
+        tmp.unlink(missing_ok=True)  # rename(2) does nothing, leaving tmp, when both name one file already
     except OSError:
         tmp.unlink(missing_ok=True)
         with open(src, "rb") as f:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from ..errors import UserError
-from ..data.tokenizers import TOKENIZERS
+from ..data.tokenizers import tokenizer_problem
 from .optim import SCHEDULES
 
 # The embedded default (`llmpy train` with no arguments): a small GPT-2 on Shakespeare, ~5 minutes on 2 cores.
@@ -70,8 +70,10 @@ class TrainConfig:
     progress: bool = True
     explicit: tuple = ()             # names of the settings given on the command line (they override a resume)
 
-    def check(self) -> None:
-        """UserError listing every bad setting, whether given as a flag or read from a resumed run."""
+    def check(self, *, files: bool = True) -> None:
+        """UserError listing every bad setting, whether given as a flag or read from a resumed run; files=False
+        leaves out the settings that name files (task files, a tokenizer's), for reading a finished run's
+        settings."""
         _check_types(self)
         bad = []
 
@@ -86,7 +88,7 @@ class TrainConfig:
         need(self.stop_at is None or self.stop_at >= 0, "stop_at", "must be >= 0")
         need(self.total_batch_size is None or self.total_batch_size >= 1, "total_batch_size", "must be >= 1")
         need(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "must be >= 1")
-        if self.eval_tasks:  # "" (--eval-tasks none): off
+        if self.eval_tasks and files:  # "" (--eval-tasks none): off
             from ..evals import check_tasks
             try:
                 check_tasks(self.eval_tasks)
@@ -106,7 +108,11 @@ class TrainConfig:
         need(self.device in ("cpu", "cuda", "auto"), "device", "use cpu, cuda or auto")
         need(self.zero in (0, 1, 2), "zero", "use 0, 1 or 2")
         need(self.moments in ("fp32", "bf16"), "moments", "use fp32 or bf16")
-        need(self.tokenizer in (None, *TOKENIZERS), "tokenizer", f"use {' or '.join(TOKENIZERS)}")
+        if self.tokenizer is not None and files:
+            problem = tokenizer_problem(self.tokenizer)
+            need(problem is None, "tokenizer", problem or "")
+        if self.extend and not self.resume:
+            bad.append("--extend without --resume (it stretches the schedule of a resumed run)")
         if bad:
             raise UserError(f"bad setting: {'; '.join(bad)}")
 
@@ -127,6 +133,13 @@ def _check_types(tc: TrainConfig) -> None:
         if not ok:
             want = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
             raise UserError(f"bad setting: {f.name.replace('_', '-')} is {v!r}, not {want}")
+        if isinstance(v, int) and not isinstance(v, bool) and not -INT64 <= v < INT64:
+            raise UserError(f"bad setting: --{f.name.replace('_', '-')} {v} is beyond a 64-bit integer's range")
+        if v == "" and f.name != "eval_tasks":  # an empty path is the current folder, an empty name nothing
+            raise UserError(f"bad setting: --{f.name.replace('_', '-')} is empty")
+
+
+INT64 = 2**63  # every integer setting lies in -INT64..INT64-1: what NumPy, the GPU kernels and seeds take
 
 
 def _fp32_finite(x: float) -> bool:

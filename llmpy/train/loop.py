@@ -69,7 +69,15 @@ class Trainer:
     def __init__(self, tc: TrainConfig, dist: Dist | None = None):
         resume = None
         if tc.resume:
-            tc, resume = checkpointing.open_resume(tc)  # reads only; refuses a resume that means nothing
+            try:
+                tc, resume = checkpointing.open_resume(tc)  # reads only; refuses a resume that means nothing
+            except UserError:
+                folder = Path(tc.resume) if os.path.isdir(tc.resume) else Path(tc.resume).parent
+                if tc.out is None or Path(tc.out).resolve() == folder.resolve():  # a run continued in place
+                    freed = RunDir.sweep(folder)  # a finished run is never claimed again: its kill's leftovers
+                    if freed:
+                        print(f"removed temporary files of interrupted writes from {folder} ({_fmt_bytes(freed)})")
+                raise
         tc.check()
         dist = dist if dist is not None else Dist.start(tc)
         device = "cuda" if dist.world > 1 and tc.device == "auto" else resolve_device(tc.device)
@@ -77,6 +85,7 @@ class Trainer:
         if device == "cpu" and dtype == "bf16":
             raise UserError("--dtype bf16 needs --device cuda (the CPU reference runs in fp32; --dtype fp8 is "
                             "emulated there)")
+        setup.check_flags(tc, "fp32" if device == "cpu" else dtype)  # (the weights' dtype: fp8 runs bf16 ones)
         out = Path(tc.out or time.strftime("runs/%Y%m%d-%H%M%S"))
         in_place = resume is not None and checkpointing.continues_in_place(out, resume)
         if resume is not None:
@@ -200,8 +209,8 @@ class Trainer:
         source = None if resume is None or in_place else resume.src / "metrics.jsonl"
         self.log = (MetricsLog(out / "metrics.jsonl", keep_before=self.start, source=source) if dist.main
                     else _NullLog())
-        for line in setup.warnings(tc, resume, self.start, A, self.train_loader.num_batches_per_epoch,
-                                   getattr(self.log, "damaged", 0)):
+        for line in setup.idle_flags(tc, device, dist.world, val_glob) + setup.warnings(
+                tc, resume, self.start, A, self.train_loader.num_batches_per_epoch, getattr(self.log, "damaged", 0)):
             say(line)
         if dist.main:
             self.run_dir.write_config({
@@ -443,9 +452,9 @@ class Trainer:
 
 def _check_target(out: Path, resume, in_place: bool) -> None:
     """A new run needs a folder without a run in it; a run resumed into another folder needs a new or empty one."""
-    if resume is None and (out / CHECKPOINT).exists():
+    if resume is None and os.path.exists(out / CHECKPOINT):
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
-    if resume is not None and not in_place and out.is_dir():
+    if resume is not None and not in_place and os.path.isdir(out):
         held = sorted(p.name for p in out.iterdir() if p.name != LOCK)
         if held:
             raise UserError(f"--out {out} holds {', '.join(held[:3])}: a run resumed from {resume.src} into another "

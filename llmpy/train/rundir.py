@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..formats.atomic import atomic_write_bytes
+from ..paths import make_dir, reason
 
 LOCK = ".llmpy.lock"
 CONFIG = "config.json"
@@ -35,16 +36,11 @@ class RunDir:
         """Creates and locks the folder; returns how many orphaned temporary bytes it removed."""
         missing = []
         p = self.path
-        while not p.exists() and p != p.parent:
+        while not os.path.lexists(p) and p != p.parent:
             missing.append(p)
             p = p.parent
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create the run folder {self.path}: {e.strerror or e}") from None
+        make_dir(self.path, "run folder")
         self.made = missing[::-1]
-        if not self.path.is_dir():
-            raise UserError(f"--out {self.path} is not a folder")
         self._lock()
         return self._remove_orphans()
 
@@ -55,7 +51,7 @@ class RunDir:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             self.abandon()
-            raise UserError(f"cannot lock the run folder {self.path}: {e.strerror or e}") from None
+            raise UserError(f"cannot lock the run folder {self.path}: {reason(e)}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -63,6 +59,27 @@ class RunDir:
             raise UserError(f"{self.path} is in use by another llmpy run (it holds {lock}): wait for it to end or "
                             "choose another --out") from None
         self._fd = fd
+
+    @staticmethod
+    def sweep(path: Path) -> int:
+        """Removes the orphaned temporary files of a run folder that no run holds (a resume refused on it, such as
+        one of a finished run, still cleans up after the kill that interrupted its last writes); returns the bytes
+        freed. Nothing is created: a folder without a lock file is no run folder."""
+        import fcntl
+        folder = RunDir(path)
+        if not os.path.isfile(folder.path / LOCK):
+            return 0
+        try:
+            fd = os.open(folder.path / LOCK, os.O_RDWR)
+        except OSError:
+            return 0
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return folder._remove_orphans()
+        except OSError:  # in use by a run (it cleans up itself), or not ours to clean
+            return 0
+        finally:
+            os.close(fd)
 
     def _remove_orphans(self) -> int:
         """Temporary files of atomic writes that a kill interrupted (only our names, only under our lock)."""
@@ -79,7 +96,8 @@ class RunDir:
 
     def write_config(self, settings: dict) -> None:
         """config.json: every setting of the run, for people (resume reads the checkpoint, not this)."""
-        atomic_write_bytes(self.path / CONFIG, (json.dumps(settings, indent=2, default=str) + "\n").encode())
+        text = json.dumps(settings, indent=2, default=str, allow_nan=False)  # settings are checked finite
+        atomic_write_bytes(self.path / CONFIG, (text + "\n").encode())
 
     def release(self) -> None:
         if self._fd is not None:

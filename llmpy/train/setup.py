@@ -7,6 +7,7 @@ import os
 
 from ..config import config_from_name, family_of
 from ..errors import UserError
+from ..paths import path_problem
 from .checkpointing import nonfinite
 from .config import DEFAULT_MODEL, TrainConfig
 from .optim import lr_at
@@ -19,15 +20,48 @@ def load_init(tc: TrainConfig):
     from ..formats.checkpoint import load_weights
     from ..formats.hub import hub_repo
     name = tc.init or DEFAULT_MODEL
-    if os.path.exists(name) or hub_repo(name):  # a Hub name (gpt2, hf:owner/name) is fetched into the cache
+    # a path that exists (or is a dangling link: load_weights says so), or a Hub name (gpt2, hf:owner/name), fetched
+    # into the cache
+    if os.path.lexists(name) or hub_repo(name):
         cfg, params = load_weights(name)
         bad = nonfinite(params)
         if bad:
             raise UserError(f"--init {name}: the weights hold NaN/Inf ({', '.join(bad[:3])})")
         return cfg, params, f"weights from {name}"
     if os.sep in name or name.endswith((".bin", ".safetensors")):
-        raise UserError(f"--init {name}: no such file")
+        raise UserError(f"--init {name}: {name} {path_problem(name)}")
     return config_from_name(name), None, f"{name}, fresh init (seed {tc.seed})"
+
+
+def check_flags(tc: TrainConfig, dtype: str) -> None:
+    """Flags given on the command line (tc.explicit) that could do nothing with the others: one-line errors
+    rather than a run that silently ignores them (a resumed run's own settings are not checked again)."""
+    given = set(tc.explicit)
+    if "master_weights" in given and not tc.master_weights and dtype == "fp32":
+        raise UserError("--no-master-weights is for bf16 training (--dtype bf16, a CUDA device): fp32 weights are "
+                        "their own master copy")
+    for flag in ("eval_every", "eval_limit"):
+        if flag in given and not tc.eval_tasks:
+            raise UserError(f"--{flag.replace('_', '-')} goes with --eval-tasks (no tasks are scored in this run)")
+    if "sample_every" in given and tc.sample_every and not tc.sample_tokens:
+        raise UserError("--sample-every goes with --sample-tokens N > 0 (samples of 0 tokens are not printed)")
+
+
+def idle_flags(tc: TrainConfig, device: str, world: int, val_glob: str | None) -> list[str]:
+    """One-line notes for flags given on the command line that do nothing where the run is, saying what happens
+    instead."""
+    given, notes = set(tc.explicit), []
+    if val_glob is None and ("val_every" in given and tc.val_every or "val_batches" in given):  # asked for
+        notes.append("note: no validation data (--val-data): --val-every and --val-batches do nothing; the run "
+                     "logs no val loss")
+    if "zero" in given and tc.zero and world == 1:
+        notes.append(f"note: --zero {tc.zero} shards over data-parallel ranks; a single process trains as --zero 0")
+    if "graph" in given and not tc.graph and device != "cuda":
+        notes.append("note: --no-graph is for CUDA devices; the CPU replays no graphs")
+    if "tokenizer" in given and tc.train_data is not None and not tc.sample_tokens and not tc.eval_tasks:
+        notes.append("note: --tokenizer is for the Shakespeare shards, samples and task scoring; this run has none of "
+                     "them")
+    return notes
 
 
 def grad_accum(tc: TrainConfig, world: int) -> int:

@@ -78,6 +78,8 @@ class CUDABackend(FreshGrads):
             need = int(n) * np.dtype(dtype).itemsize
             raise UserError(f"out of GPU memory allocating {need / 2**30:.2f} GiB ({free / 2**30:.1f} of "
                             f"{total / 2**30:.1f} GiB free): use a smaller --batch-size or --recompute 2") from None
+        except (ValueError, OverflowError):  # a size past what an array can index: no memory holds it either
+            raise MemoryError(f"{int(n):,} elements of {np.dtype(dtype).name}") from None
 
     def to_numpy(self, x) -> np.ndarray:
         # Copy a strided view to a contiguous one ourselves: CuPy's get() would do it inside `with stream:`,

@@ -5,10 +5,28 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 from ...errors import UserError
 
 TOKENIZERS = ("gpt2", "llama3")
+CHOICES = "gpt2, llama3, a tokenizer.json or tokenizer.model file, or a folder holding one"
+
+
+def tokenizer_problem(name: str) -> str | None:
+    """Why `name` is not a tokenizer that --tokenizer takes (CHOICES, the same for every command and for a resumed
+    run's settings), in words; None when it is one. Reads nothing but the file system's entries."""
+    from ...paths import file_problem, path_problem
+    from .files import FILES, tokenizer_file
+    if name in TOKENIZERS:
+        return None
+    problem = path_problem(name) if name else "is empty"
+    if problem is None and os.path.isdir(name):
+        problem = None if tokenizer_file(name) else f"holds neither {' nor '.join(FILES)}"
+    elif problem is None:
+        problem = file_problem(name) or (None if name.endswith((".json", ".model")) else
+                                         "is not a tokenizer.json or tokenizer.model file")
+    return None if problem is None else f"{name!r} {problem} (choose {CHOICES})"
 
 
 def tokenizer_for(vocab_size: int, name: str | None = None) -> str:
@@ -37,8 +55,7 @@ def get_tokenizer(name: str = "gpt2"):
         from .llama3 import get_tokenizer as llama3
         return llama3()
     from .files import FileTokenizer, tokenizer_file
-    f = tokenizer_file(name) if os.path.exists(name) else None
-    if f is None:
-        raise UserError(f"unknown tokenizer {name!r}: choose from {', '.join(TOKENIZERS)}, or give a "
-                        "tokenizer.json / tokenizer.model file or a folder holding one")
-    return FileTokenizer(f)
+    problem = tokenizer_problem(name)
+    if problem is not None:
+        raise UserError(f"tokenizer {problem}")
+    return FileTokenizer(tokenizer_file(name) if os.path.isdir(name) else Path(name))

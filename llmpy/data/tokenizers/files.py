@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UserError
+from ...paths import read_input
 
 FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -29,9 +30,11 @@ def tokenizer_file(path: str | Path) -> Path | None:
 
 
 def _json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        d = json.loads(read_input(path).decode("utf-8"))
+    except (UserError, ValueError, UnicodeDecodeError, RecursionError):
         return {}
     return d if isinstance(d, dict) else {}
 

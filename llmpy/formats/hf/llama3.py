@@ -8,6 +8,7 @@ current transformers writes them (`rope_parameters`); both are read, the Hub's s
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from ...errors import UserError
 from ...models.base import pad_vocab
 from ...models.llama3 import LlamaConfig
-from . import config_json_beside
+from . import config_json_beside, setting
 
 TITLE = "Llama 3"
 # config.json settings that change the math; other values are not the Llama 3 we compute
@@ -23,17 +24,21 @@ _MUST = {"hidden_act": ("silu",), "attention_bias": (False,), "mlp_bias": (False
          "pretraining_tp": (1,)}
 
 
+_KEY = re.compile(r"^model\.(?:embed_tokens\.|layers\.\d+\.(?:self_attn|input_layernorm|post_attention_layernorm)\.)")
+
+
 def detect(keys) -> bool:
-    keys = set(keys)
-    return "model.embed_tokens.weight" in keys and any(k.startswith("model.layers.0.self_attn.") for k in keys)
+    """Any of Llama's keys (the token embedding, a layer's attention or its norms): a file missing some of them is
+    still recognized, and then reported by the tensor it lacks."""
+    return any(_KEY.match(k) for k in keys)
 
 
 def clean(file: Path, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The parameter tensors: RoPE buffers dropped; a head equal to the embedding dropped (tied)."""
     t = {k: a for k, a in raw.items() if not k.endswith("rotary_emb.inv_freq")}
-    head = t.get("lm_head.weight")
-    if head is not None and head.shape == t["model.embed_tokens.weight"].shape and \
-            np.array_equal(head, t["model.embed_tokens.weight"]) and _config_json(file).get("tie_word_embeddings"):
+    head, emb = t.get("lm_head.weight"), t.get("model.embed_tokens.weight")
+    if head is not None and emb is not None and head.shape == emb.shape and np.array_equal(head, emb) and \
+            _config_json(file).get("tie_word_embeddings"):
         del t["lm_head.weight"]
     return t
 
@@ -43,26 +48,26 @@ def _config_json(file: Path) -> dict:
 
 
 def _rope(cj: Path, d: dict) -> dict:
-    """{theta, factor, low, high, original} from either spelling."""
+    """{theta, factor, low, high, original} from either spelling, each value checked."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise UserError(f"{cj}: {key} is {d[key]!r}, want an object (or null)")
     p = d.get("rope_parameters")
-    if isinstance(p, dict):
-        theta, scaling = p.get("rope_theta", d.get("rope_theta")), p
+    if p is not None:
+        theta, scaling, where = p.get("rope_theta", d.get("rope_theta")), p, "rope_parameters."
     else:
-        theta, scaling = d.get("rope_theta"), d.get("rope_scaling")
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-        raise UserError(f"{cj}: missing or bad rope_theta")
-    out = {"rope_theta": float(theta)}
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        theta, scaling, where = d.get("rope_theta"), d.get("rope_scaling") or {}, "rope_scaling."
+    out = {"rope_theta": setting(cj, {"rope_theta": theta}, "rope_theta", float, above=0)}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind in ("default", None) or not scaling:
         return out
     if kind != "llama3":
         raise UserError(f"{cj}: RoPE scaling of type {kind!r} is not supported (llama3 or none)")
-    try:
-        out |= {"rope_factor": float(scaling["factor"]), "rope_low_freq_factor": float(scaling["low_freq_factor"]),
-                "rope_high_freq_factor": float(scaling["high_freq_factor"]),
-                "rope_original_context": int(scaling["original_max_position_embeddings"])}
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{cj}: incomplete llama3 RoPE scaling ({e})") from None
+    named = {where + k: v for k, v in scaling.items()}
+    out |= {"rope_factor": setting(cj, named, where + "factor", float, least=1),
+            "rope_low_freq_factor": setting(cj, named, where + "low_freq_factor", float, above=0),
+            "rope_high_freq_factor": setting(cj, named, where + "high_freq_factor", float, above=0),
+            "rope_original_context": setting(cj, named, where + "original_max_position_embeddings", int)}
     return out
 
 
@@ -72,22 +77,24 @@ def config(file: Path, t: dict[str, np.ndarray]) -> LlamaConfig:
     for k, allowed in _MUST.items():
         if k in d and d[k] not in allowed:
             raise UserError(f"{cj}: {k}={d[k]!r} is not supported (want {' or '.join(map(repr, allowed))})")
-    ints = {k: d.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                  "vocab_size", "max_position_embeddings")}
-    missing = [k for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool)]
-    if missing:
-        raise UserError(f"{cj}: missing or non-integer {', '.join(missing)}")
+    ints = {k: setting(cj, d, k, int) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                 "num_attention_heads", "vocab_size", "max_position_embeddings")}
     C, H = ints["hidden_size"], ints["num_attention_heads"]
-    K = d.get("num_key_value_heads") or H
-    if d.get("head_dim") not in (None, C // H):
-        raise UserError(f"{cj}: head_dim {d['head_dim']} is not hidden_size / num_attention_heads ({C // H})")
-    V, (Ve, Ce) = ints["vocab_size"], t["model.embed_tokens.weight"].shape
+    K = setting(cj, d, "num_key_value_heads", int, H)
+    head_dim = setting(cj, d, "head_dim", int, None)
+    if head_dim not in (None, C // H) or C % H:
+        raise UserError(f"{cj}: hidden_size {C} is not head_dim x num_attention_heads ({head_dim or C / H:g} x {H})")
+    V = ints["vocab_size"]
+    if "model.embed_tokens.weight" not in t:
+        raise UserError(f"{file} is missing the tensor model.embed_tokens.weight")
+    Ve, Ce = t["model.embed_tokens.weight"].shape
     if (Ve, Ce) != (V, C):
         raise UserError(f"{cj}: vocab_size {V} and hidden_size {C} but the embedding is {Ve} x {Ce}")
     try:
         return LlamaConfig(max_seq_len=ints["max_position_embeddings"], vocab_size=V, padded_vocab_size=pad_vocab(V),
-                           num_layers=ints["num_hidden_layers"], channels=C, num_heads=H, num_kv_heads=int(K),
-                           ffn_hidden=ints["intermediate_size"], norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+                           num_layers=ints["num_hidden_layers"], channels=C, num_heads=H, num_kv_heads=K,
+                           ffn_hidden=ints["intermediate_size"], norm_eps=setting(cj, d, "rms_norm_eps", float, 1e-5,
+                                                                                  above=0),
                            tied="lm_head.weight" not in t, **_rope(cj, d))
     except UserError as e:
         raise UserError(f"{cj}: {e}") from None

@@ -8,6 +8,7 @@ activation. The released checkpoints are bf16 latent weights; they load as float
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from ...errors import UserError
 from ...models.base import pad_vocab
 from ...models.mmfree import MMFreeConfig
-from . import config_json_beside
+from . import config_json_beside, setting
 
 TITLE = "MatMul-free LM (hgrn_bit)"
 # config.json settings that change the math: anything else is not the model we compute
@@ -23,9 +24,13 @@ _MUST = {"model_type": ("hgrn_bit",), "use_short_conv": (False,), "expand_ratio"
          "use_lower_bound": (True,), "hidden_act": ("swish", "silu"), "tie_word_embeddings": (False,)}
 
 
+_KEY = re.compile(r"^model\.(?:embeddings\.|layers\.\d+\.(?:attn|attn_norm|mlp_norm)\.)")
+
+
 def detect(keys) -> bool:
-    keys = set(keys)
-    return "model.embeddings.weight" in keys and any(k.startswith("model.layers.0.attn.i_proj") for k in keys)
+    """Any of the reference's keys (the embeddings, a layer's MLGRU or its norms): a file missing some of them is
+    still recognized, and then reported by the tensor it lacks."""
+    return any(_KEY.match(k) for k in keys)
 
 
 def clean(file: Path, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -44,25 +49,22 @@ def config(file: Path, t: dict[str, np.ndarray]) -> MMFreeConfig:
             raise UserError(f"{cj}: {k}={d[k]!r} is not supported (want {' or '.join(map(repr, allowed))})")
     if "lm_head.weight" not in t:
         raise UserError(f"{file} is missing the tensor lm_head.weight (the MatMul-free head is untied and ternary)")
-    ints = {k: d.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
-    missing = [k for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool)]
-    if missing:
-        raise UserError(f"{cj}: missing or non-integer {', '.join(missing)}")
+    if "model.embeddings.weight" not in t:
+        raise UserError(f"{file} is missing the tensor model.embeddings.weight")
+    ints = {k: setting(cj, d, k, int) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
     C, V = ints["hidden_size"], ints["vocab_size"]
     if t["model.embeddings.weight"].shape != (V, C):
         raise UserError(f"{cj}: vocab_size {V} and hidden_size {C} but the embedding is "
                         f"{' x '.join(map(str, t['model.embeddings.weight'].shape))}")
-    inter = d.get("intermediate_size")
+    inter = setting(cj, d, "intermediate_size", int, None)
+    ratio = setting(cj, d, "hidden_ratio", float, 4, above=0)
     if inter is None:  # the reference's rule from hidden_ratio (default 4)
-        ratio = d.get("hidden_ratio") or 4
         inter = 256 * -(-int(C * ratio * 2 / 3) // 256)
-    eps = d.get("rms_norm_eps", 1e-6)
-    maxT = d.get("max_position_embeddings", 2048)
-    if not isinstance(inter, int) or not isinstance(maxT, int) or not isinstance(eps, (int, float)):
-        raise UserError(f"{cj}: intermediate_size, max_position_embeddings and rms_norm_eps must be numbers")
+    eps = setting(cj, d, "rms_norm_eps", float, 1e-6, above=0)
+    maxT = setting(cj, d, "max_position_embeddings", int, 2048)
     try:
         return MMFreeConfig(max_seq_len=maxT, vocab_size=V, padded_vocab_size=pad_vocab(V),
-                            num_layers=ints["num_hidden_layers"], channels=C, ffn_hidden=inter, norm_eps=float(eps))
+                            num_layers=ints["num_hidden_layers"], channels=C, ffn_hidden=inter, norm_eps=eps)
     except UserError as e:
         raise UserError(f"{cj}: {e}") from None
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from ...config import family_of
 from ...errors import UserError
+from ...paths import open_input
 from .. import check_params
 from ..atomic import atomic_write
 from ..bf16 import bf16_bits_to_fp32, fp32_to_bf16_bits
@@ -37,9 +38,9 @@ def _codec(family: str):
 def is_llmc_model(path: str | os.PathLike) -> bool:
     """True if `path` is a readable file starting with one of llm.c's model magics (the rest is not checked)."""
     try:
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             head = f.read(4)
-    except OSError:
+    except (UserError, OSError):
         return False
     return len(head) == 4 and int.from_bytes(head, "little", signed=True) in CODECS
 
@@ -47,13 +48,7 @@ def is_llmc_model(path: str | os.PathLike) -> bool:
 def read_llmc_model(path: str | os.PathLike):
     """Read an llm.c model file: (config, params). bf16 files are converted to float32. The returned tensors are
     views into one contiguous float32 buffer, in the family's spec order."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise UserError(f"{path} not found") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    with f:
+    with open_input(path) as f:
         size = os.fstat(f.fileno()).st_size
         if size < HEADER_BYTES:
             what = "is empty" if size == 0 else f"is too short ({size} bytes)"
