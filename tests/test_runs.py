@@ -200,8 +200,8 @@ def test_gemm_algorithm_choice_is_pinned_tuned_or_the_heuristics_first():
 
 
 def test_non_finite_weights_are_never_written(shards, tmp_path, monkeypatch):
-    """The update of step 2 makes a weight NaN; its loss (computed before the update) is finite, so only the guard
-    in the checkpoint writer stops the checkpoint after step 2 from replacing the good one of step 2."""
+    """The update of step 3 makes a weight NaN; its loss (computed before the update) is finite, so only the guard
+    in the checkpoint writer stops the checkpoint after step 3 from replacing the good one after step 2."""
     orig = AdamW.apply
 
     def poisoned(self):
@@ -259,6 +259,33 @@ def test_a_second_run_on_the_same_folder_stops_with_one_line(shards, tmp_path, c
     fcntl.flock(os.open(out / LOCK, os.O_RDWR), fcntl.LOCK_EX | fcntl.LOCK_NB)  # and the run let go of it
 
 
+def test_a_new_run_never_replaces_an_earlier_runs_files_unless_told(shards, tmp_path, capsys):
+    """An --out holding an earlier run's files (here a diverged run's metrics and settings, no checkpoint; then a
+    finished run with a kept checkpoint) is refused in one line, touching nothing; --overwrite starts over there,
+    the earlier run's files gone; it does not go with --resume."""
+    out = tmp_path / "r"
+    with pytest.raises(UserError, match="diverged"):
+        run(cfg(shards, out, lr=1e38, grad_clip=0.0, warmup_steps=0, checkpoint_every=0, val_every=0))
+    assert {"metrics.jsonl", "config.json"} <= {p.name for p in out.iterdir()}
+    before = snapshot(out)
+    err = one_line_error(capsys, argv(shards, out, "--steps", "2"))
+    assert "holds files of an earlier run" in err and "--overwrite" in err
+    assert snapshot(out) == before
+    assert main(argv(shards, out, "--steps", "4", "--checkpoint-every", "2", "--keep", "2", "--overwrite")) == 0
+    assert "checkpoint-000002.safetensors" in {p.name for p in out.iterdir()}
+    before = snapshot(out)
+    assert "--overwrite" in one_line_error(capsys, argv(shards, out, "--steps", "1"))
+    assert snapshot(out) == before
+    assert "drop --overwrite" in one_line_error(capsys, ["train", "--resume", str(out), "--overwrite"])
+    assert snapshot(out) == before
+    capsys.readouterr()
+    assert main(argv(shards, out, "--steps", "1", "--overwrite", "--sample-tokens", "0")) == 0
+    assert "--overwrite: removed the earlier run's" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK) == ["checkpoint.safetensors", "config.json",
+                                                                        "loss.png", "metrics.jsonl"]
+    assert [e["step"] for e in events(out) if "train_loss" in e] == [1]
+
+
 def test_the_lock_works_with_data_parallel_ranks(shards, tmp_path):
     """Rank 0 alone takes the folder; when it cannot, every rank stops (none waits for it forever)."""
     from test_data_parallel import ThreadDist, on_threads
@@ -304,10 +331,11 @@ def test_pointless_or_schedule_changing_resumes_are_refused_and_touch_nothing(sh
     for more, msg in cases:
         assert msg in one_line_error(capsys, ["train", "--resume", str(out), *more])
         assert snapshot(out) == before
-    run(cfg(shards, tmp_path / "s", steps=6, stop_at=2))
+    run(cfg(shards, tmp_path / "s", steps=6, stop_at=3))
     stopped = snapshot(tmp_path / "s")
-    for more, msg in ((["--steps", "5"], "shorten"), (["--stop-at", "1"], "past that step"),
-                      (["--steps", "3"], "done 3 steps already"), (["--extend"], "--extend needs --steps")):
+    for more, msg in ((["--steps", "5"], "shorten"), (["--stop-at", "1"], "has done 3 steps already"),
+                      (["--stop-at", "3"], "has done 3 steps already"), (["--steps", "3"], "done 3 steps already"),
+                      (["--extend"], "--extend needs --steps")):
         assert msg in one_line_error(capsys, ["train", "--resume", str(tmp_path / "s"), *more])
         assert snapshot(tmp_path / "s") == stopped
 
@@ -320,7 +348,7 @@ def test_extending_a_finished_run_is_explicit_and_shows_the_new_schedule(shards,
     said = capsys.readouterr().out
     assert "warning: --extend: the run was planned for 6 steps" in said and "now spans 9" in said
     train = [e["step"] for e in events(out) if "train_loss" in e]
-    assert train == list(range(9))
+    assert train == list(range(1, 10))
 
 
 @pytest.mark.slow
@@ -329,6 +357,19 @@ def test_resume_from_the_checkpoint_file_is_resume_from_its_folder(shards, tmp_p
     run(cfg(shards, tmp_path / "part", steps=7, stop_at=3))
     res = run(resume(tmp_path / "part" / "checkpoint.safetensors"))
     assert res.out == tmp_path / "part" and losses(res.out) == losses(full.out)
+
+
+def test_a_log_numbered_before_steps_done_is_renumbered_on_resume(shards, tmp_path):
+    """Earlier versions logged the n-th step's train loss at step n-1 (the checkpoint's "step" was already the
+    steps done). A run stopped by one resumes bitwise, and its log comes out numbered as a fresh run's is."""
+    full = run(cfg(shards, tmp_path / "full", steps=6))
+    out = tmp_path / "old"
+    run(cfg(shards, out, steps=6, stop_at=4))
+    old = [dict(e, step=e["step"] - 1) if "train_loss" in e else e for e in events(out)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in old))
+    assert [e["step"] for e in old if "train_loss" in e] == [0, 1, 2, 3]
+    run(resume(out))
+    assert losses(out) == losses(full.out)
 
 
 # ---- 7. orphaned temporary files ------------------------------------------------------------------------------
@@ -416,13 +457,13 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_exit_128_plus_it(sh
         p.kill()
     assert p.returncode == code, err
     step = load_checkpoint(out / "checkpoint.safetensors").state["step"]
-    assert step >= 3 and f"stopped after step {step - 1}" in rest
+    assert step >= 3 and f"stopped after {step} of 100000 steps" in rest
     # and it resumes bitwise: the same losses as a run that was never interrupted
     assert main(["train", "--resume", str(out), "--stop-at", str(step + 1), "--no-progress"]) == 0
     ref = tmp_path / "ref"
     assert main(argv(shards, ref, "--steps", "100000", "--val-every", "0", "--sample-tokens", "0", "--stop-at",
                      str(step + 1))) == 0
-    assert losses(out) == losses(ref) and len(losses(ref)) == step + 2
+    assert losses(out) == losses(ref) and [s for s, _, _ in losses(ref)] == list(range(1, step + 2))
 
 
 # ---- 12. config.json, --keep, weights-only export -----------------------------------------------------------------

@@ -82,11 +82,12 @@ def warnings(tc: TrainConfig, resume, start: int, A: int, batches_per_epoch: int
     if resume is not None and tc.steps > resume.planned:
         kw = {"lr": tc.lr, "schedule": tc.lr_schedule, "warmup": tc.warmup_steps, "final_frac": tc.final_lr_frac,
               "decay_frac": tc.decay_frac}
+        # step n (numbered from 1, as everywhere a person reads them) runs at lr_at(n - 1)
         old, new = lr_at(resume.planned - 1, steps=resume.planned, **kw), lr_at(start, steps=tc.steps, **kw)
         lines.append(f"warning: --extend: the run was planned for {resume.planned} steps (its lr was {old:.3g} at "
-                     f"step {resume.planned - 1}); its {tc.lr_schedule} schedule now spans {tc.steps}: lr "
-                     f"{new:.3g} at step {start}, {lr_at(tc.steps - 1, steps=tc.steps, **kw):.3g} at step "
-                     f"{tc.steps - 1}. The result is not bitwise an uninterrupted {tc.steps}-step run")
+                     f"step {resume.planned}); its {tc.lr_schedule} schedule now spans {tc.steps}: lr "
+                     f"{new:.3g} at step {start + 1}, {lr_at(tc.steps - 1, steps=tc.steps, **kw):.3g} at step "
+                     f"{tc.steps}. The result is not bitwise an uninterrupted {tc.steps}-step run")
     if damaged:
         lines.append(f"warning: {damaged} damaged line(s) of metrics.jsonl could not be read and were dropped")
     epochs = tc.steps * A / batches_per_epoch
