@@ -13,6 +13,8 @@ import sys
 
 from .errors import UserError
 
+SAMPLE_TOKENS = 256  # `llmpy sample`'s most new tokens by default (fewer when the model's context is shorter)
+
 
 def _model_names() -> str:
     """What --init takes, from the family registry."""
@@ -246,7 +248,10 @@ def _cmd_sample(args) -> int:
     if not args.prompt and tok.doc >= cfg.vocab_size:
         print(f"note: starting from token 0 (the model's vocabulary of {cfg.vocab_size} has no document token "
               f"{tok.doc})", file=sys.stderr)
-    n = 256 if args.max_new_tokens is None else args.max_new_tokens
+    n = args.max_new_tokens
+    if n is None:  # what fits the context after the prompt (the CPU-sized models have 128 tokens), at most 256
+        room = cfg.max_seq_len - len(prompt)
+        n = min(SAMPLE_TOKENS, room if room > 0 else cfg.max_seq_len)
     rng = np.random.default_rng(args.seed)
     model = decoder(cfg, params, _backend(args))
     pending, ctx = [], []
@@ -381,8 +386,9 @@ def _cmd_tokenizer(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    ap = argparse.ArgumentParser(prog="llmpy", description="Language models trained from scratch in Python "
-                                 "(GPT-2; llm.c's formats).")
+    ap = argparse.ArgumentParser(prog="llmpy", description="Language models trained from scratch in Python: GPT-2, "
+                                 "Llama 3 and the MatMul-free LM, hand-written forward and backward passes in NumPy "
+                                 "on the CPU and CUDA kernels on NVIDIA GPUs; llm.c's and Hugging Face's files.")
     ap.add_argument("--version", action="version", version=f"llmpy {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -419,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or HF file or folder (required)")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--max-new-tokens", "-n", type=int, help="tokens to generate; past the model's context the "
-                   "window slides (default 256)")
+                   f"window slides (default: what fits the model's context after the prompt, at most {SAMPLE_TOKENS})")
     p.add_argument("--num-samples", type=int, default=1, help="samples to draw, one after another "
                    "(default %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default %(default)s)")
@@ -432,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=_tokenizer_arg, help="gpt2, llama3, or a tokenizer.json / tokenizer.model "
                    "file or folder (default: the checkpoint folder's own tokenizer file when it has one, else by the "
                    "model's vocabulary: Llama 3's 128,256 tokens: llama3, else gpt2)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="(default %(default)s)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="(default %(default)s: cuda "
+                   "when a GPU is present)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default fp32 on the CPU, bf16 on the GPU")
     p.set_defaults(func=_cmd_sample)
 

@@ -197,3 +197,32 @@ def test_convert_never_replaces_an_output_and_never_guesses_its_format(trained, 
     assert "--overwrite" in one_line_error(capsys, ["tokenizer", "--llmc-out", str(tok)])
     assert tok.read_bytes() == b"mine"
     assert main(["tokenizer", "--llmc-out", str(tok), "--overwrite"]) == 0 and tok.stat().st_size > 100
+
+
+def test_defaults_fit_the_model_and_the_machine(trained, capsys, monkeypatch):
+    """sample's default length fits the model's context after the prompt (the CPU-sized models have 128 tokens,
+    not 256); sample, train and eval all default to --device auto; the help speaks of the three families."""
+    import llmpy.models.decode as decode
+    asked = []
+    real = decode.generate
+
+    def spy(model, prompt, n, **kw):
+        asked.append((len(prompt), n))
+        return real(model, prompt, n, **kw)
+    monkeypatch.setattr(decode, "generate", spy)
+    run_dir = str(trained[0].out)  # maxT 32
+    assert main(["sample", "--checkpoint", run_dir, "--prompt", "Hello there", "--temperature", "0"]) == 0
+    assert main(["sample", "--checkpoint", run_dir, "--temperature", "0"]) == 0
+    assert main(["sample", "--checkpoint", run_dir, "--prompt", "a " * 40, "--temperature", "0"]) == 0
+    assert main(["sample", "--checkpoint", run_dir, "-n", "50", "--temperature", "0"]) == 0
+    assert asked == [(2, 30), (1, 31), (41, 32), (1, 50)]  # "a " * 40 is 41 tokens: longer than the context
+    from llmpy.cli import SAMPLE_TOKENS
+    assert SAMPLE_TOKENS == 256
+    for name, p in subparsers().items():
+        dev = [a for a in p._actions if a.dest == "device"]
+        if name in ("train", "sample", "eval"):
+            assert dev[0].default in ("auto", None) and "cuda when a GPU is present" in dev[0].help, name
+    from llmpy.train import TrainConfig
+    assert TrainConfig().device == "auto"
+    text = build_parser().description
+    assert all(f in text for f in ("GPT-2", "Llama 3", "MatMul-free"))
