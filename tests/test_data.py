@@ -121,7 +121,8 @@ def test_prepare_never_replaces_shards_it_did_not_make(corpus_dir, capsys):
     from llmpy.cli import main
     root, stream = corpus_dir
     out = root / "data"
-    argv = ["prepare", str(root / "d"), str(root / "e.txt"), "--out", str(out), "--name", "mydata", "--val-tokens", "10"]
+    argv = ["prepare", str(root / "d"), str(root / "e.txt"), "--out", str(out), "--name", "mydata",
+            "--val-tokens", "10"]
     assert main(argv) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()

@@ -518,3 +518,42 @@ def test_a_failed_start_leaves_no_run_folder(shards, tmp_path, capsys):
         out = tmp_path / "new" / "nested"
         one_line_error(capsys, argv(shards, out, *more))
         assert not (tmp_path / "new").exists()
+
+
+# ---- 16. errors that say how to get unstuck -----------------------------------------------------------------------
+
+def test_errors_name_the_fix(shards, tmp_path, capsys):
+    """A val split smaller than one batch names `llmpy prepare --val-tokens` and -b/-t; --resume of a folder that
+    does not exist, or holds no checkpoint, says which; nothing is written."""
+    small = tmp_path / "small_val_000000.bin"
+    write_shard(small, np.arange(20))
+    err = one_line_error(capsys, argv(shards, tmp_path / "r", "--val-data", str(small)))
+    assert "val split" in err and "--val-tokens 33" in err and "-b/-t" in err
+    assert not (tmp_path / "r").exists()
+    err = one_line_error(capsys, ["train", "--resume", str(tmp_path / "missing")])
+    assert "no such folder or file" in err and not (tmp_path / "missing").exists()
+    (tmp_path / "empty").mkdir()
+    assert "holds no checkpoint.safetensors" in one_line_error(capsys, ["train", "--resume", str(tmp_path / "empty")])
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_a_plan_too_long_for_the_cpu_is_said_once_with_its_size(shards, tmp_path, capsys, monkeypatch):
+    """A GPU-sized plan on the CPU is said once before the first step, with its size and the time it needs at
+    least; small plans are not even measured."""
+    from llmpy.config import config_from_name
+    from llmpy.train import setup
+    monkeypatch.setattr(setup, "cpu_matmul_flops", lambda: pytest.fail("a small plan was measured"))
+    run(cfg(shards, tmp_path / "small", steps=2))
+    assert "reasonable time" not in capsys.readouterr().out
+    monkeypatch.setattr(setup, "cpu_matmul_flops", lambda: 1e11)  # a laptop's 100 GFLOP/s
+    line = setup.cpu_plan_warning(config_from_name("d12"), 1024, 8 * 1024, 2000, 124_475_904)
+    assert line.startswith("warning: this plan will not finish in reasonable time on the CPU: 2,000 steps x 8,192 "
+                           "tokens of a 124.5M-parameter model")
+    assert "at least 37 hours" in line and "--device cuda" in line
+    assert setup.cpu_plan_warning(config_from_name("d12"), 1024, 8 * 1024, 20, 124_475_904) is None  # 22 minutes
+    monkeypatch.setattr(setup, "MIN_CPU_FLOPS", 0.0)
+    monkeypatch.setattr(setup, "cpu_matmul_flops", lambda: 1e3)  # as slow as that, this tiny run is such a plan
+    res = run(cfg(shards, tmp_path / "slow", steps=3, val_every=1))
+    out = capsys.readouterr().out
+    assert out.count("will not finish in reasonable time") == 1 and "3 steps x 32 tokens" in out
+    assert out.index("reasonable time") < out.index("step 1/3") and res.steps_done == 3

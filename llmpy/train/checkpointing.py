@@ -54,9 +54,12 @@ def open_resume(tc: TrainConfig) -> tuple[TrainConfig, Resume]:
         raise UserError("--init and --resume exclude each other: a resumed run continues from its checkpoint's "
                         "weights (to start from a checkpoint's weights, use --init alone)")
     path = Path(tc.resume)
+    if not path.exists():
+        raise UserError(f"--resume {tc.resume}: no such folder or file (give a run folder, or a checkpoint in one)")
     path = path / CHECKPOINT if path.is_dir() else path
     if not path.is_file():
-        raise UserError(f"--resume {tc.resume}: no {CHECKPOINT} there")
+        raise UserError(f"--resume {tc.resume}: the folder holds no {CHECKPOINT} (not a run folder, or its run "
+                        "stopped before its first checkpoint)")
     ckpt = load_checkpoint(path)
     if "train" not in ckpt.state:
         raise UserError(f"{path} holds weights only (no training state): use --init {path} instead")
@@ -181,9 +184,9 @@ def nonfinite(arrays: dict, prefix: str = "") -> list[str]:
 
 def save(out: Path, done: int, tc: TrainConfig, model, opt, loader, sample_rng, dist, comm, *,
          prev_step: int | None = None, last_good: str = "") -> None:
-    """Writes the state after `done` steps (from which step done+1 starts). Collective under data parallelism: a sharded master is
-    gathered; each rank writes its optimizer shard (named by step) before rank 0 replaces the checkpoint, which
-    then names that step. prev_step: the step of the checkpoint now in `out` (kept as a copy when tc.keep > 1).
+    """Writes the state after `done` steps (from which step done+1 starts). Collective under data parallelism: a
+    sharded master is gathered; each rank writes its optimizer shard (named by the steps done) before rank 0
+    replaces the checkpoint, which then names them. prev_step: the step of the checkpoint now in `out` (kept as a copy when tc.keep > 1).
     Refuses (on every rank) to write weights or moments that are not finite; last_good says what is on disk."""
     from ..formats.checkpoint import save_checkpoint
     be = model.be

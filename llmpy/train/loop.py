@@ -173,7 +173,7 @@ class Trainer:
         train_glob, val_glob = setup.data_globs(tc, dist, cfg)
         self.train_loader = DataLoader(train_glob, B, T, rank=dist.rank, world=dist.world, shuffle=tc.shuffle,
                                        seed=tc.seed, vocab_size=cfg.vocab_size)
-        self.val_loader = DataLoader(val_glob, B, T, vocab_size=cfg.vocab_size) if val_glob else None
+        self.val_loader = DataLoader(val_glob, B, T, vocab_size=cfg.vocab_size, val=True) if val_glob else None
         self.val_batches = min(tc.val_batches, self.val_loader.num_batches_per_epoch) if self.val_loader else 0
         self.sample_rng = np.random.default_rng([tc.seed, 1])
         self.start, self.saved_step, self.saved_path = 0, None, None
@@ -215,6 +215,10 @@ class Trainer:
         for line in setup.warnings(tc, resume, self.start, A, self.train_loader.num_batches_per_epoch,
                                    getattr(self.log, "damaged", 0)):
             say(line)
+        if device == "cpu" and dist.main:
+            line = setup.cpu_plan_warning(cfg, T, self.tokens_per_step, self.last - self.start, n_params)
+            if line:
+                say(line, flush=True)
         if dist.main:
             self.run_dir.write_config({
                 "train": {k: v for k, v in dataclasses.asdict(tc).items() if k != "explicit"},

@@ -15,9 +15,9 @@ PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16 (llm.c's MFU convention)
 class Progress:
     def __init__(self, *, start: int, last: int, steps: int, show: bool, lines: bool, tokens_per_step: int,
                  flops_per_token: float | None = None, world: int = 1):
-        """start, last: the steps done when this invocation begins and when it will end, of `steps` planned. show: this process prints (rank 0).
-        flops_per_token: the model's training FLOPs per token (GPU runs print MFU), world: GPUs sharing the
-        tokens."""
+        """start, last: the steps done when this invocation begins and when it will end, of `steps` planned.
+        show: this process prints (rank 0). flops_per_token: the model's training FLOPs per token (GPU runs print
+        MFU), world: GPUs sharing the tokens."""
         self.steps, self.show, self.lines = steps, show, lines
         self.tokens_per_step, self.flops, self.world = tokens_per_step, flops_per_token, world
         self.timed: list[tuple[int, float]] = []  # (step number, seconds)

@@ -12,6 +12,8 @@ from .config import DEFAULT_MODEL, TrainConfig
 from .optim import lr_at
 
 EPOCHS_WARNING = 10  # a run reading its training data more often than this is warned about
+CPU_PLAN_WARNING_S = 12 * 3600  # a CPU plan that needs at least this long is said to be one
+MIN_CPU_FLOPS = 5e9  # float32 FLOP/s every CPU's matrix products exceed: smaller plans are not measured
 
 
 def load_init(tc: TrainConfig):
@@ -73,6 +75,44 @@ def data_globs(tc: TrainConfig, dist, cfg) -> tuple[str, str | None]:
             dist.barrier()
         return train, tc.val_data or val
     return tc.train_data, tc.val_data
+
+
+def cpu_matmul_flops() -> float:
+    """This machine's float32 matrix-product rate in FLOP/s: the best of a few 1024 x 1024 products (~0.1 s on 2
+    cores). A training step reaches a fraction of it, so a time computed from it is a lower bound."""
+    import time
+
+    import numpy as np
+    a = np.random.default_rng(0).standard_normal((1024, 1024), dtype=np.float32)
+    out = np.empty_like(a)
+    best = math.inf
+    for _ in range(4):
+        t = time.perf_counter()
+        np.matmul(a, a, out=out)
+        best = min(best, time.perf_counter() - t)
+    return 2 * 1024**3 / max(best, 1e-9)
+
+
+def cpu_plan_warning(cfg, T: int, tokens_per_step: int, steps: int, n_params: int) -> str | None:
+    """One line when training `steps` steps of `tokens_per_step` tokens on the CPU obviously will not finish in
+    reasonable time (at least CPU_PLAN_WARNING_S at this CPU's peak matrix-product rate): a GPU-sized model or
+    plan, said once before the first step with the plan's size."""
+    try:
+        per_token = cfg.flops_per_token(T)
+    except (AttributeError, NotImplementedError):
+        per_token = 6 * n_params
+    total = per_token * tokens_per_step * steps
+    if total < CPU_PLAN_WARNING_S * MIN_CPU_FLOPS:
+        return None  # short on any CPU: not worth measuring
+    rate = cpu_matmul_flops()
+    seconds = total / rate
+    if seconds < CPU_PLAN_WARNING_S:
+        return None
+    took = f"{seconds / 86400:,.1f} days" if seconds >= 2 * 86400 else f"{seconds / 3600:,.0f} hours"
+    return (f"warning: this plan will not finish in reasonable time on the CPU: {steps:,} steps x {tokens_per_step:,} "
+            f"tokens of a {n_params / 1e6:,.1f}M-parameter model, about {total:.1e} FLOPs: at least {took} "
+            f"here (this CPU's matrix products peak near {rate / 1e9:,.0f} GFLOP/s); train it on a GPU "
+            "(--device cuda), or choose a smaller model, batch or fewer --steps")
 
 
 def warnings(tc: TrainConfig, resume, start: int, A: int, batches_per_epoch: int, damaged: int) -> list[str]:
