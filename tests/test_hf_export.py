@@ -138,6 +138,9 @@ def test_a_llama3_folder_tokenizes_and_generates_as_llmpy_does(llama_exported):
         assert tok(text)["input_ids"] == [128000] + ids, text
         assert tok.decode(ids) == text
     assert tok.convert_ids_to_tokens([128009, 128255]) == ["<|eot_id|>", "<|reserved_special_token_245|>"]
+    from llmpy.data.tokenizers.files import FileTokenizer
+    own = FileTokenizer(hf / "tokenizer.json")  # what `llmpy sample --checkpoint` reads from the folder
+    assert (own.doc, own.eot) == (128000, 128001) and all(own.encode(t) == ours.encode(t) for t in TEXTS)
     prompt, n = "ROMEO: But, soft!", 16
     context = [128000] + ours.encode(prompt)
     want = generate(decoder(cfg, params, get_backend("cpu")), context, n, rng=np.random.default_rng(0),
