@@ -131,7 +131,8 @@ def test_a_llama3_folder_tokenizes_and_generates_as_llmpy_does(llama_exported):
                                               "tokenizer.json", "tokenizer_config.json"}
     gen = json.loads((hf / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (128000, 128001)
-    tok = transformers.AutoTokenizer.from_pretrained(hf)
+    pipe = transformers.pipeline("text-generation", model=str(hf), device="cpu")  # from the folder alone
+    tok = pipe.tokenizer
     assert len(tok) == 128256 and (tok.bos_token_id, tok.eos_token_id) == (128000, 128001)
     for text in TEXTS + ["This is a test sentence.", "Naïve café — 12345 tokens\n\n\tend"]:
         ids = ours.encode(text)
@@ -146,12 +147,10 @@ def test_a_llama3_folder_tokenizes_and_generates_as_llmpy_does(llama_exported):
     want = generate(decoder(cfg, params, get_backend("cpu")), context, n, rng=np.random.default_rng(0),
                     temperature=0.0)
     assert len(want) == n and 128001 not in want  # no early stop at <|end_of_text|>: both make n tokens
-    pipe = transformers.pipeline("text-generation", model=str(hf), device="cpu")
     got = pipe(prompt, max_new_tokens=n, do_sample=False, return_full_text=False)[0]["generated_text"]
     assert got == ours.decode(want)
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf)
     ids = tok(prompt, return_tensors="pt")["input_ids"]
-    assert model.generate(ids, max_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist() == want
+    assert pipe.model.generate(ids, max_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist() == want
 
 
 @pytest.mark.parametrize("family", ["llama3", "mmfree"])

@@ -259,6 +259,7 @@ def test_a_second_run_on_the_same_folder_stops_with_one_line(shards, tmp_path, c
     fcntl.flock(os.open(out / LOCK, os.O_RDWR), fcntl.LOCK_EX | fcntl.LOCK_NB)  # and the run let go of it
 
 
+@pytest.mark.slow
 def test_a_new_run_never_replaces_an_earlier_runs_files_unless_told(shards, tmp_path, capsys):
     """An --out holding an earlier run's files (here a diverged run's metrics and settings, no checkpoint; then a
     finished run with a kept checkpoint) is refused in one line, touching nothing; --overwrite starts over there,
@@ -271,7 +272,8 @@ def test_a_new_run_never_replaces_an_earlier_runs_files_unless_told(shards, tmp_
     err = one_line_error(capsys, argv(shards, out, "--steps", "2"))
     assert "holds files of an earlier run" in err and "--overwrite" in err
     assert snapshot(out) == before
-    assert main(argv(shards, out, "--steps", "4", "--checkpoint-every", "2", "--keep", "2", "--overwrite")) == 0
+    quick = ("--val-every", "0", "--val-batches", "1", "--sample-tokens", "0")
+    assert main(argv(shards, out, "--steps", "3", "--checkpoint-every", "2", "--keep", "2", "--overwrite", *quick)) == 0
     assert "checkpoint-000002.safetensors" in {p.name for p in out.iterdir()}
     before = snapshot(out)
     assert "--overwrite" in one_line_error(capsys, argv(shards, out, "--steps", "1"))
@@ -279,7 +281,7 @@ def test_a_new_run_never_replaces_an_earlier_runs_files_unless_told(shards, tmp_
     assert "drop --overwrite" in one_line_error(capsys, ["train", "--resume", str(out), "--overwrite"])
     assert snapshot(out) == before
     capsys.readouterr()
-    assert main(argv(shards, out, "--steps", "1", "--overwrite", "--sample-tokens", "0")) == 0
+    assert main(argv(shards, out, "--steps", "1", "--overwrite", *quick)) == 0
     assert "--overwrite: removed the earlier run's" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir() if p.name != LOCK) == ["checkpoint.safetensors", "config.json",
                                                                         "loss.png", "metrics.jsonl"]
@@ -359,6 +361,7 @@ def test_resume_from_the_checkpoint_file_is_resume_from_its_folder(shards, tmp_p
     assert res.out == tmp_path / "part" and losses(res.out) == losses(full.out)
 
 
+@pytest.mark.slow
 def test_a_log_numbered_before_steps_done_is_renumbered_on_resume(shards, tmp_path):
     """Earlier versions logged the n-th step's train loss at step n-1 (the checkpoint's "step" was already the
     steps done). A run stopped by one resumes bitwise, and its log comes out numbered as a fresh run's is."""
@@ -537,13 +540,14 @@ def test_errors_name_the_fix(shards, tmp_path, capsys):
     assert list((tmp_path / "empty").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_plan_too_long_for_the_cpu_is_said_once_with_its_size(shards, tmp_path, capsys, monkeypatch):
     """A GPU-sized plan on the CPU is said once before the first step, with its size and the time it needs at
     least; small plans are not even measured."""
     from llmpy.config import config_from_name
     from llmpy.train import setup
     monkeypatch.setattr(setup, "cpu_matmul_flops", lambda: pytest.fail("a small plan was measured"))
-    run(cfg(shards, tmp_path / "small", steps=2))
+    run(cfg(shards, tmp_path / "small", steps=1, val_every=0))
     assert "reasonable time" not in capsys.readouterr().out
     monkeypatch.setattr(setup, "cpu_matmul_flops", lambda: 1e11)  # a laptop's 100 GFLOP/s
     line = setup.cpu_plan_warning(config_from_name("d12"), 1024, 8 * 1024, 2000, 124_475_904)
@@ -553,7 +557,7 @@ def test_a_plan_too_long_for_the_cpu_is_said_once_with_its_size(shards, tmp_path
     assert setup.cpu_plan_warning(config_from_name("d12"), 1024, 8 * 1024, 20, 124_475_904) is None  # 22 minutes
     monkeypatch.setattr(setup, "MIN_CPU_FLOPS", 0.0)
     monkeypatch.setattr(setup, "cpu_matmul_flops", lambda: 1e3)  # as slow as that, this tiny run is such a plan
-    res = run(cfg(shards, tmp_path / "slow", steps=3, val_every=1))
+    res = run(cfg(shards, tmp_path / "slow", steps=2, val_every=0))
     out = capsys.readouterr().out
-    assert out.count("will not finish in reasonable time") == 1 and "3 steps x 32 tokens" in out
-    assert out.index("reasonable time") < out.index("step 1/3") and res.steps_done == 3
+    assert out.count("will not finish in reasonable time") == 1 and "2 steps x 32 tokens" in out
+    assert out.index("reasonable time") < out.index("step 1/2") and res.steps_done == 2

@@ -283,6 +283,7 @@ def test_mfu_uses_the_models_flops_and_the_gpu_peak(capsys):
     assert f"MFU {5e14 / PEAK_FLOPS:.1%}" in p.summary(1.0, [])  # the first (warm-up) step is left out
 
 
+@pytest.mark.slow
 def test_stop_at_n_leaves_exactly_n_steps_done(shards, tmp_path, capsys):
     """One numbering, steps done, in the step lines, metrics.jsonl, the checkpoint, its kept copies and the
     messages: --stop-at 3 runs steps 1, 2 and 3; --checkpoint-every 2 checkpoints after step 2."""
