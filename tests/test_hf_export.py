@@ -115,8 +115,9 @@ def llama_exported(tmp_path_factory):
                   .astype(np.float32) for s in llama_spec(cfg)}
         save_checkpoint(d / "ck.safetensors", cfg, params)
         assert main(["convert", str(d / "ck.safetensors"), str(d / "hf")]) == 0
-        yield d, cfg, params, llama3.get_tokenizer()
-        llama3.get_tokenizer.cache_clear()
+        ours = llama3.get_tokenizer()
+    yield d, cfg, params, ours
+    llama3.get_tokenizer.cache_clear()  # it was read from this module's cache
 
 
 @pytest.mark.slow
@@ -176,3 +177,21 @@ def test_small_models_on_gpt2s_tokens_export_gpt2s_tokenizer(tmp_path, family):
         with pytest.warns(UserWarning, match=r"no tokenizer exported: the model's vocabulary \(32000\)"):
             files = {p.name for p in write_hf_model(tmp_path / "m", cfg, params)}
         assert files == {"model.safetensors", "config.json"}
+
+
+def test_a_llama3_export_without_its_tokenizer_still_writes_the_model(tmp_path, monkeypatch):
+    """Offline, where Llama 3's tokenizer.model cannot be fetched, the weights and config are still exported, with a
+    warning that says why there is no tokenizer."""
+    from llmpy.data.tokenizers import llama3
+    from llmpy.errors import UserError
+    from llmpy.models.llama3 import LlamaConfig
+    from llmpy.models.llama3 import spec as llama_spec
+
+    def offline():
+        raise UserError("Llama 3's tokenizer could not be fetched with pip download (no network)")
+    monkeypatch.setattr(llama3, "model_file_bytes", offline)
+    cfg = LlamaConfig(max_seq_len=8, num_layers=1, channels=8, num_heads=2, num_kv_heads=1, ffn_hidden=16)
+    params = {s.name: np.zeros(s.shape, np.float32) for s in llama_spec(cfg)}
+    with pytest.warns(UserWarning, match="no tokenizer exported: Llama 3's tokenizer could not be fetched"):
+        files = {p.name for p in write_hf_model(tmp_path, cfg, params)}
+    assert files == {"model.safetensors", "config.json"}

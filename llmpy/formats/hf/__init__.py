@@ -56,8 +56,13 @@ def tokenizer_files(cfg) -> dict[str, bytes]:
         from ...data.tokenizers.llama3 import hf_tokenizer_files
     else:
         from ...data.tokenizers.gpt2 import hf_tokenizer_files
+    try:
+        files = hf_tokenizer_files(cfg.max_seq_len)
+    except UserError as e:  # Llama 3's tokenizer.model is fetched once; offline, the weights still export
+        warnings.warn(f"no tokenizer exported: {e}", stacklevel=3)
+        return {}
     gen = {"bos_token_id": ids[0], "eos_token_id": ids[1]}
-    return hf_tokenizer_files(cfg.max_seq_len) | {"generation_config.json": (json.dumps(gen, indent=2) + "\n").encode()}
+    return files | {"generation_config.json": (json.dumps(gen, indent=2) + "\n").encode()}
 
 
 def config_json_beside(file: Path, what: str) -> dict:
