@@ -100,7 +100,7 @@ def test_a_model_without_gpt2s_vocabulary_gets_no_tokenizer(tmp_path):
 
 @pytest.fixture(scope="module")
 def llama_exported(tmp_path_factory):
-    """A random Llama 3 with Llama 3's vocabulary (its tokenizer fetched once per session, as in
+    """A random Llama 3 with Llama 3's vocabulary (its tokenizer fetched once into a temporary cache, as in
     test_llama_data.py), as our checkpoint and as the folder `llmpy convert` writes from it."""
     from llmpy.models.llama3 import LlamaConfig
     from llmpy.models.llama3 import spec as llama_spec
