@@ -5,8 +5,11 @@ loss-vs-step plot and a table.
     python benchmarks/compare_families.py --preset cpu    # a few minutes on a laptop's CPU
     python benchmarks/compare_families.py --preset gpu    # minutes on one GPU
 
-Writes docs/compare_<preset>.png and .json (override with --out). The MatMul-free head is untied and ternary (as
-the reference's), so its total count is one embedding larger; the table gives both counts."""
+Writes compare_<preset>.png and .json into --out (default runs/compare/, which git ignores), and the three run
+folders beside them (--runs). Nothing there is replaced unless --overwrite is given; the figures tracked in docs/ are
+regenerated only when asked for explicitly (`--out docs --runs runs/compare --overwrite`). The MatMul-free head is
+untied and ternary (as the reference's), so its total count is one embedding larger; the table gives both
+counts."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +28,23 @@ PRESETS = {  # models (non-embedding parameters within ~5% of each other) and th
 }
 
 
+OUT = ROOT / "runs" / "compare"
+
+
+def targets(args) -> tuple[Path, dict[str, Path]]:
+    """(the stem of the figure and JSON, {model: its run folder}); exits with one line, before anything runs, when
+    an earlier comparison's files are there and --overwrite was not given."""
+    out = Path(args.out) / f"compare_{args.preset}"
+    runs = Path(args.runs or args.out)
+    run_dirs = {name: runs / f"{args.preset}-{name.replace(':', '-')}" for name in PRESETS[args.preset]["models"]}
+    taken = [f for f in (out.with_suffix(".json"), out.with_suffix(".png")) if f.exists()]
+    taken += [d for d in run_dirs.values() if d.is_dir() and any(d.iterdir())]
+    if taken and not args.overwrite:
+        sys.exit(f"error: {', '.join(map(str, taken))} already exist{'s' if len(taken) == 1 else ''}: choose another "
+                 "--out, or add --overwrite to replace them")
+    return out, run_dirs
+
+
 def counts(name):
     from llmpy.config import config_from_name, family_of
     cfg = config_from_name(name)
@@ -37,20 +57,23 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--steps", type=int, help="override the preset's steps")
-    ap.add_argument("--out", help="output stem (default docs/compare_<preset>)")
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "compare"), help="run folders go here")
+    ap.add_argument("--out", default=str(OUT), help="folder for compare_<preset>.png and .json (default "
+                    "runs/compare/, not tracked; docs/ holds the published ones)")
+    ap.add_argument("--runs", help="the run folders go here (default: --out)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the figure, its JSON and the run folders of an "
+                    "earlier comparison there")
     args = ap.parse_args(argv)
+    out, run_dirs = targets(args)
     sys.path.insert(0, str(ROOT))
     from llmpy.train import TrainConfig, run
     p = dict(PRESETS[args.preset])
-    models = p.pop("models")
+    p.pop("models")
     if args.steps:
         p["steps"] = args.steps
-    out = Path(args.out or ROOT / "docs" / f"compare_{args.preset}")
     results = {}
-    for name in models:
+    for name, run_dir in run_dirs.items():
         t0 = time.perf_counter()
-        res = run(TrainConfig(init=name, out=str(Path(args.runs) / f"{args.preset}-{name.replace(':', '-')}"),
+        res = run(TrainConfig(init=name, out=str(run_dir), overwrite=args.overwrite,
                               lr=2e-3, warmup_steps=max(1, p["steps"] // 20), checkpoint_every=0, sample_tokens=0,
                               progress=False, seed=1337, **p))
         ev = [json.loads(line) for line in open(res.out / "metrics.jsonl")]
@@ -85,7 +108,7 @@ def plot(path, meta, results):
         ax.plot(s, smooth, color=c, alpha=0.8, label=label + " train")
         vs, vl = zip(*r["val"])
         ax.plot(vs, vl, "o--", color=c, ms=3, label="val")
-    ax.set_xlabel("step")
+    ax.set_xlabel("steps done")
     ax.set_ylabel("loss")
     ax.set_title(f"Shakespeare, same tokens ({meta['preset']} preset, {meta['date']})")
     ax.legend(fontsize=7)

@@ -34,7 +34,7 @@ def run(n, args, data, out, zero):
     if p.returncode:
         sys.exit(f"failed: {' '.join(cmd)}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     ev = [json.loads(x) for x in open(out / "metrics.jsonl")]
-    tps = statistics.median(e["tokens_per_s"] for e in ev if "tokens_per_s" in e and e["step"] >= 10)
+    tps = statistics.median(e["tokens_per_s"] for e in ev if "tokens_per_s" in e and e["step"] > 10)  # steps done
     plan = re.search(r"memory plan: (.*)", p.stdout).group(1)
     peak = re.search(r"peak GPU memory held: ([\d.]+) GiB", p.stdout)
     return tps, plan, float(peak.group(1)) if peak else float("nan")

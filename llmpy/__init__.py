@@ -1,2 +1,3 @@
-"""llm.py: GPT-2 trained from scratch in Python, every layer's forward and backward written by hand."""
+"""llm.py: GPT-2, Llama 3 and the MatMul-free LM trained from scratch in Python, every layer's forward and backward
+written by hand."""
 __version__ = "0.1.0"

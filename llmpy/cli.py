@@ -16,6 +16,8 @@ from . import cmdline
 from .errors import UserError
 from .paths import reason
 
+SAMPLE_TOKENS = 256  # `llmpy sample`'s most new tokens by default (fewer when the model's context is shorter)
+
 
 def _model_names() -> str:
     """What --init takes, from the family registry."""
@@ -63,32 +65,35 @@ def _train_parser(sub) -> None:
       "--grad-accum to TOKENS / (B*T*ranks), which must divide it (default: from --grad-accum)")
     a("--no-shuffle", dest="shuffle", action="store_const", const=False,
       help="llm.c's sequential order: batch i reads B*T+1 tokens from token i*B*T, shard after shard")
-    a("--val-every", type=int, metavar="N", help="val loss before steps 0, N, 2N, ... and after the last; 0 = only "
-      f"after the last {dflt('val_every')}")
+    a("--val-every", type=int, metavar="N", help="val loss when 0, N, 2N, ... steps are done and after the last step, "
+      f"logged at the steps done; 0 = only after the last {dflt('val_every')}")
     a("--val-batches", type=int, metavar="N", help=f"the first N batches of the val shards {dflt('val_batches')}")
-    a("--sample-every", type=int, metavar="N", help=f"print a sample every N steps; 0 = off {dflt('sample_every')}")
+    a("--sample-every", type=int, metavar="N", help=f"print a sample when N, 2N, ... steps are done; 0 = off "
+      f"{dflt('sample_every')}")
     a("--sample-tokens", type=int, metavar="N", help=f"tokens per sample, also printed at the end; 0 = none "
       f"{dflt('sample_tokens')}")
     a("--eval-tasks", metavar="TASKS", type=lambda v: "" if v.strip().lower() == "none" else v,
       help="multiple-choice tasks scored during training, comma-separated (hellaswag, arc_easy, arc_challenge, "
       "piqa, winogrande, openbookqa, or a .jsonl file in HellaSwag's format; logged in metrics.jsonl and the "
       "plot); none = off (default: none)")
-    a("--eval-every", type=int, metavar="N", help=f"score them before steps 0, N, 2N, ... and after the last; 0 = "
-      f"only after the last {dflt('eval_every')}")
+    a("--eval-every", type=int, metavar="N", help=f"score them when 0, N, 2N, ... steps are done and after the last "
+      f"step; 0 = only after the last {dflt('eval_every')}")
     a("--eval-limit", type=int, metavar="N", help="score the first N examples of each task (default: all)")
     a("--recipe", choices=sorted(RECIPES), help="llm.c's published GPT-2 run of this size on FineWeb (prepare the "
       "data first: `llmpy prepare fineweb`); prints its settings; any flag given overrides (default: none)")
-    a("--checkpoint-every", type=int, metavar="N", help="write the checkpoint every N steps and at the end "
-      f"{dflt('checkpoint_every')}")
+    a("--checkpoint-every", type=int, metavar="N", help="write the checkpoint when the steps done are a multiple of N, "
+      f"and at the end {dflt('checkpoint_every')}")
     a("--keep", type=int, metavar="N", help="keep the last N checkpoints: checkpoint.safetensors (the latest, what "
-      f"--resume DIR reads) and N-1 earlier ones as checkpoint-<step>.safetensors {dflt('keep')}")
-    a("--stop-at", type=int, metavar="STEP", help="stop after this step (checkpointed), keeping the schedule of "
+      f"--resume DIR reads) and N-1 earlier ones as checkpoint-<steps done>.safetensors {dflt('keep')}")
+    a("--stop-at", type=int, metavar="N", help="stop when N steps are done (checkpointed), keeping the schedule of "
       "--steps; continue later with --resume (default: run every step)")
     a("--seed", type=int, help=f"seeds the init, the data order and sampling {dflt('seed')}")
     a("--tokenizer", type=_tokenizer_arg, help="gpt2, llama3, or a tokenizer.json / tokenizer.model file or a "
       "folder holding one, for the Shakespeare shards and samples (default: by the model's vocabulary: Llama 3's "
       "128,256 tokens use llama3, else gpt2)")
     a("--out", metavar="DIR", help="output folder (default runs/<date-time>)")
+    a("--overwrite", action="store_const", const=True, help="a new run in an --out that holds an earlier run's files "
+      "(checkpoints, metrics.jsonl, loss.png, config.json): remove them first (without it the run stops)")
     a("--resume", metavar="DIR|FILE", help="continue the run in DIR (its checkpoint.safetensors, or the checkpoint "
       "FILE given) bitwise identically; with --out, into that new or empty folder, leaving DIR as it is "
       "(default: none)")
@@ -159,7 +164,7 @@ def _cmd_prepare(args) -> int:
                             "shard (--shard-tokens)")
         train, val = prepare_fineweb(args.inputs[0], args.sample or "10BT", args.out, tokens=args.tokens,
                                      tokenizer=args.tokenizer, workers=args.workers,
-                                     shard_tokens=shard_tokens, name=args.name)
+                                     shard_tokens=shard_tokens, name=args.name, overwrite=args.overwrite)
         print(f"  --train-data '{train}'\n  --val-data '{val}'")
         return 0
     if only_fineweb:
@@ -171,7 +176,7 @@ def _cmd_prepare(args) -> int:
         if mine:
             raise UserError(f"{', '.join(mine)}: only for your own text files (the Shakespeare corpus is prepared one "
                             "way: its name, split and one shard each are fixed)")
-        train, val = prepare_shakespeare(args.out, tokenizer=args.tokenizer)
+        train, val = prepare_shakespeare(args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
         print(f"Shakespeare corpus ready:\n  --train-data '{train}'\n  --val-data '{val}'")
         return 0
     if args.out is None:
@@ -181,7 +186,7 @@ def _cmd_prepare(args) -> int:
     name = "data" if args.name is None else args.name
     train, val = prepare(args.inputs, args.out, name, val_tokens=args.val_tokens,
                          val_fraction=VAL_FRACTION if args.val_fraction is None else args.val_fraction,
-                         shard_tokens=shard_tokens, tokenizer=args.tokenizer)
+                         shard_tokens=shard_tokens, tokenizer=args.tokenizer, overwrite=args.overwrite)
     print(f"  --train-data '{os.path.join(args.out, name + '_train_*.bin')}'")
     if val:
         print(f"  --val-data '{os.path.join(args.out, name + '_val_*.bin')}'")
@@ -265,7 +270,10 @@ def _cmd_sample(args) -> int:
     if not args.prompt and tok.doc >= cfg.vocab_size:
         print(f"note: starting from token 0 (the model's vocabulary of {cfg.vocab_size} has no document token "
               f"{tok.doc})", file=sys.stderr)
-    n = 256 if args.max_new_tokens is None else args.max_new_tokens
+    n = args.max_new_tokens
+    if n is None:  # what fits the context after the prompt (the CPU-sized models have 128 tokens), at most 256
+        room = cfg.max_seq_len - len(prompt)
+        n = min(SAMPLE_TOKENS, room if room > 0 else cfg.max_seq_len)
     rng = np.random.default_rng(args.seed)
     model = decoder(cfg, params, _backend(args))
     pending, ctx = [], []
@@ -352,10 +360,10 @@ def _cmd_convert(args) -> int:
     from .formats.checkpoint import save_checkpoint
     from .formats.hf import write_hf_model
     from .formats.llmc import write_llmc_model
+    from .formats.outputs import check_output, drop_hf_shards, output_format
+    to = output_format(args.output, args.to)
+    check_output(args.output, to, args.overwrite)
     cfg, params = _load_any(args.input, finite=False)  # a file converts as it is
-    to = args.to or ("llmc" if args.output.endswith(".bin") else "checkpoint"
-                     if args.output.endswith(".safetensors") and not args.output.endswith("model.safetensors")
-                     else "hf")
     if to in ("ternary", "ternary-2bit"):
         from .formats.ternary import write_ternary
         size = write_ternary(args.output, cfg, params, packing="2bit" if to == "ternary-2bit" else "base3")
@@ -365,6 +373,7 @@ def _cmd_convert(args) -> int:
     if to in ("llmc", "llmc-bf16"):
         write_llmc_model(args.output, cfg, params, dtype="bf16" if to == "llmc-bf16" else "fp32")
     elif to == "hf":
+        drop_hf_shards(args.output)  # only there with --overwrite
         write_hf_model(args.output, cfg, params)
     else:
         save_checkpoint(args.output, cfg, params)
@@ -382,6 +391,8 @@ def _cmd_tokenizer(args) -> int:
     if args.llmc_out:
         if args.tokenizer != "gpt2":
             raise UserError("--llmc-out writes llm.c's GPT-2 tokenizer file: use --tokenizer gpt2")
+        if os.path.exists(args.llmc_out) and not args.overwrite:
+            raise UserError(f"{args.llmc_out} exists: choose another --llmc-out, or add --overwrite to replace it")
         write_llmc_tokenizer(args.llmc_out, tok)
         print(f"wrote {args.llmc_out} (llm.c tokenizer, {tok.vocab_size} tokens)")
     if args.encode is not None:
@@ -397,8 +408,9 @@ def _cmd_tokenizer(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    ap = cmdline.Parser(prog="llmpy", description="Language models trained from scratch in Python "
-                                 "(GPT-2; llm.c's formats).")
+    ap = cmdline.Parser(prog="llmpy", description="Language models trained from scratch in Python: GPT-2, Llama 3 "
+                        "and the MatMul-free LM, hand-written forward and backward passes in NumPy on the CPU and "
+                        "CUDA kernels on NVIDIA GPUs; llm.c's and Hugging Face's files.")
     ap.add_argument("--version", action="version", version=f"llmpy {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -422,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=_tokenizer_arg, default="gpt2", help="gpt2: uint16 shards; llama3: "
                    "Meta's (Llama 3 Community License), uint32 shards; or a tokenizer.json / tokenizer.model file or "
                    "a model folder holding one (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards of the same --name already in --out "
+                   "(without it such shards are left alone and the command stops)")
     p.set_defaults(func=_cmd_prepare)
 
     _train_parser(sub)
@@ -433,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or HF file or folder (required)")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--max-new-tokens", "-n", type=int, help="tokens to generate; past the model's context the "
-                   "window slides (default 256)")
+                   f"window slides (default: what fits the model's context after the prompt, at most {SAMPLE_TOKENS})")
     p.add_argument("--num-samples", type=int, default=1, help="samples to draw, one after another "
                    "(default %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default %(default)s)")
@@ -446,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=_tokenizer_arg, help="gpt2, llama3, or a tokenizer.json / tokenizer.model "
                    "file or folder (default: the checkpoint folder's own tokenizer file when it has one, else by the "
                    "model's vocabulary: Llama 3's 128,256 tokens: llama3, else gpt2)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="(default %(default)s)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="(default %(default)s: cuda "
+                   "when a GPU is present)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default fp32 on the CPU, bf16 on the GPU")
     p.set_defaults(func=_cmd_sample)
 
@@ -488,9 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder")
     p.add_argument("output", help="the file or folder to write")
     p.add_argument("--to", choices=["llmc", "llmc-bf16", "hf", "checkpoint", "ternary", "ternary-2bit"],
-                   help="default from the output name: .bin -> llmc, model.safetensors or a folder -> hf, "
-                   "other .safetensors -> checkpoint (weights only: no AdamW state); ternary: a MatMul-free model "
-                   "packed for inference (5 codes per byte; ternary-2bit: 4 per byte)")
+                   help="default from the output name: .bin -> llmc, model.safetensors or a folder (a name without "
+                   "an extension, or ending in /) -> hf, other .safetensors -> checkpoint (weights only: no AdamW "
+                   "state); any other name needs --to; ternary: a MatMul-free model packed for inference (5 codes "
+                   "per byte; ternary-2bit: 4 per byte)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file, or the files in the output "
+                   "folder, when they exist (without it an existing output is left alone and the command stops)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("tokenizer", help="a tokenizer (GPT-2's or Llama 3's BPE): encode, decode, or write llm.c's "
@@ -498,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=_tokenizer_arg, default="gpt2", help="(default %(default)s; llama3: "
                    "Meta's, under the Llama 3 Community License)")
     p.add_argument("--llmc-out", metavar="PATH", help="write llm.c's gpt2_tokenizer.bin here (default: not written)")
+    p.add_argument("--overwrite", action="store_true", help="with --llmc-out: replace the file when it exists")
     p.add_argument("--encode", metavar="TEXT", help="print TEXT's token ids (default: none)")
     p.add_argument("--decode", metavar="IDS", help="print the text of token ids separated by spaces or commas "
                    "(default: none)")

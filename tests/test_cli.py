@@ -162,3 +162,69 @@ def test_a_tiny_corpus_read_many_times_is_warned_about(trained, tmp_path, capsys
     run(TrainConfig(out=str(tmp_path / "b"), steps=200, stop_at=0, **common | dict(batch_size=8, seq_len=32)))
     assert "warning: 200 steps read the training data 11 times over (19 batches per pass)" in capsys.readouterr().out
 
+
+
+@pytest.mark.slow
+def test_convert_never_replaces_an_output_and_never_guesses_its_format(trained, tmp_path, capsys):
+    """An output name whose format cannot be told is refused with the choices; an existing output file, or a
+    folder holding anything, is left alone unless --overwrite; an empty folder is filled."""
+    run_dir = str(trained[0].out)
+    for name in ("out.txt", "model.safetensor", "weights.pt"):
+        err = one_line_error(capsys, ["convert", run_dir, str(tmp_path / name)])
+        assert "cannot tell which format" in err and "--to" in err and ".safetensors" in err
+        assert not (tmp_path / name).exists()
+    w = tmp_path / "w.safetensors"
+    assert main(["convert", run_dir, str(w)]) == 0
+    stamp = w.stat().st_mtime_ns
+    assert "--overwrite" in one_line_error(capsys, ["convert", run_dir, str(w)])
+    assert w.stat().st_mtime_ns == stamp
+    assert main(["convert", run_dir, str(w), "--overwrite"]) == 0
+    assert main(["convert", run_dir, str(tmp_path / "m.bin")]) == 0
+    assert "m.bin exists" in one_line_error(capsys, ["convert", run_dir, str(tmp_path / "m.bin")])
+    hf = tmp_path / "hf_out"
+    assert main(["convert", run_dir, str(hf)]) == 0  # a name without an extension: a Hugging Face folder
+    assert "already holds config.json" in one_line_error(capsys, ["convert", run_dir, str(hf)])
+    # --overwrite replaces the folder's model, sharded weights included (a reader would prefer their index)
+    (hf / "model.safetensors.index.json").write_text("{}")
+    (hf / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    (hf / "notes.txt").write_text("mine")
+    assert main(["convert", run_dir, str(hf), "--overwrite"]) == 0
+    assert "model.safetensors.index.json" not in {p.name for p in hf.iterdir()} and (hf / "notes.txt").exists()
+    assert main(["eval", "--checkpoint", str(hf), "--data", trained[2], "-b", "1", "-t", "8", "--batches", "1"]) == 0
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", run_dir, str(tmp_path / "empty"), "--to", "hf"]) == 0
+    tok = tmp_path / "tok.bin"
+    tok.write_bytes(b"mine")
+    assert "--overwrite" in one_line_error(capsys, ["tokenizer", "--llmc-out", str(tok)])
+    assert tok.read_bytes() == b"mine"
+    assert main(["tokenizer", "--llmc-out", str(tok), "--overwrite"]) == 0 and tok.stat().st_size > 100
+
+
+@pytest.mark.slow
+def test_defaults_fit_the_model_and_the_machine(trained, capsys, monkeypatch):
+    """sample's default length fits the model's context after the prompt (the CPU-sized models have 128 tokens,
+    not 256); sample, train and eval all default to --device auto; the help speaks of the three families."""
+    import llmpy.models.decode as decode
+    asked = []
+    real = decode.generate
+
+    def spy(model, prompt, n, **kw):
+        asked.append((len(prompt), n))
+        return real(model, prompt, n, **kw)
+    monkeypatch.setattr(decode, "generate", spy)
+    run_dir = str(trained[0].out)  # maxT 32
+    assert main(["sample", "--checkpoint", run_dir, "--prompt", "Hello there", "--temperature", "0"]) == 0
+    assert main(["sample", "--checkpoint", run_dir, "--temperature", "0"]) == 0
+    assert main(["sample", "--checkpoint", run_dir, "--prompt", "a " * 40, "--temperature", "0"]) == 0
+    assert main(["sample", "--checkpoint", run_dir, "-n", "40", "--temperature", "0"]) == 0
+    assert asked == [(2, 30), (1, 31), (41, 32), (1, 40)]  # "a " * 40 is 41 tokens: longer than the context
+    from llmpy.cli import SAMPLE_TOKENS
+    assert SAMPLE_TOKENS == 256
+    for name, p in subparsers().items():
+        dev = [a for a in p._actions if a.dest == "device"]
+        if name in ("train", "sample", "eval"):
+            assert dev[0].default in ("auto", None) and "cuda when a GPU is present" in dev[0].help, name
+    from llmpy.train import TrainConfig
+    assert TrainConfig().device == "auto"
+    text = build_parser().description
+    assert all(f in text for f in ("GPT-2", "Llama 3", "MatMul-free"))

@@ -107,11 +107,34 @@ def test_prepare_default_fraction_and_shard_splitting(corpus_dir):
     assert [p.name for p in train] == [f"tiny_train_{k:06d}.bin" for k in range(len(train))]
     assert np.array_equal(np.concatenate([_read_all(val), _read_all(train)]), stream)
 
-    # a second run with bigger shards removes the first run's extra shards (a glob would find them)
-    train2, val2 = prepare([root], root / "out", "tiny", val_tokens=0)
+    # a second run with bigger shards, told to overwrite, removes the first run's extra shards (a glob would find
+    # them)
+    train2, val2 = prepare([root], root / "out", "tiny", val_tokens=0, overwrite=True)
     assert val2 == [] and len(train2) == 1
     assert sorted(p.name for p in (root / "out").iterdir()) == ["tiny_train_000000.bin"]
     assert np.array_equal(read_shard(train2[0]), stream)
+
+
+def test_prepare_never_replaces_shards_it_did_not_make(corpus_dir, capsys):
+    """The same --name in the same --out a second time (another tokenizer, other texts) is refused in one line and
+    touches nothing; --overwrite replaces the shards; another --name sits beside them."""
+    from llmpy.cli import main
+    root, stream = corpus_dir
+    out = root / "data"
+    argv = ["prepare", str(root / "d"), str(root / "e.txt"), "--out", str(out), "--name", "mydata",
+            "--val-tokens", "10"]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(argv[:-1] + ["5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already holds shards named mydata" in err and "--overwrite" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(argv[:-1] + ["5", "--overwrite"]) == 0
+    assert np.array_equal(read_shard(out / "mydata_val_000000.bin"), stream[:5])
+    assert main(argv[:-3] + ["other"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["mydata_train_000000.bin", "mydata_val_000000.bin",
+                                                     "other_train_000000.bin", "other_val_000000.bin"]
 
 
 def test_prepare_errors(tmp_path, corpus_dir):

@@ -175,9 +175,9 @@ def test_training_loop_on_two_thread_ranks(shards, tmp_path, zero):
     assert full[1].train_losses == full[0].train_losses
     shard_files = sorted(p.name for p in (tmp_path / "dp").glob("zero-step*"))
     assert shard_files == ([] if zero == 0 else [f"zero-step00000008-rank{r}-of-2.safetensors" for r in (0, 1)])
-    # stop after step 4 (a checkpoint at 3 is replaced by the stop's), then resume on two ranks: the same run
+    # stop after step 5 (the checkpoint after step 3 is replaced by the stop's), then resume on two ranks: the same run
     comms = FakeComm.group(2, timeout=30)
-    on_threads(2, lambda r: run(loop_config(shards, tmp_path / "part", zero=zero, stop_at=4),
+    on_threads(2, lambda r: run(loop_config(shards, tmp_path / "part", zero=zero, stop_at=5),
                                 dist=ThreadDist(comms[r])))
     comms = FakeComm.group(2, timeout=30)
     resumed = on_threads(2, lambda r: run(TrainConfig(resume=str(tmp_path / "part"), progress=False),

@@ -81,7 +81,7 @@ def test_a_family_added_as_files_trains_resumes_and_samples(toy, shards, tmp_pat
     assert type(ck.cfg).__name__ == "ToyConfig" and ck.cfg.vocab_size == 50257
     assert set(ck.params) == {s.name for s in toy.spec(ck.cfg)}
     assert not np.array_equal(ck.params["lm_head"], ck.params["wte"])  # untied, and both trained
-    run(TrainConfig(out=str(tmp_path / "part"), stop_at=4, **kw))
+    run(TrainConfig(out=str(tmp_path / "part"), stop_at=5, **kw))
     resumed = run(TrainConfig(resume=str(tmp_path / "part"), progress=False, explicit=("resume",)))
     events = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
     assert [e["train_loss"] for e in events if "train_loss" in e] == full.train_losses

@@ -64,3 +64,23 @@ def test_power_trace_follows_a_moving_counter():
     p = tr.stop()
     assert p is not None and p["span_s"] > 0.02
     assert 950 < p["watts"] < 1050
+
+
+def test_compare_families_writes_outside_the_tracked_docs_and_replaces_nothing(tmp_path, capsys):
+    """benchmarks/compare_families.py: by default into runs/compare/ (ignored by git), never over the published
+    docs/compare_*.png/json; an earlier comparison's files stop it before anything runs, unless --overwrite."""
+    import argparse
+
+    import pytest
+
+    from benchmarks import compare_families as cf
+    assert cf.OUT == cf.ROOT / "runs" / "compare"
+    assert "/runs/" in (cf.ROOT / ".gitignore").read_text().split()
+    out, runs = cf.targets(argparse.Namespace(preset="cpu", out=str(cf.OUT), runs=None, overwrite=True))
+    assert out.parent == cf.OUT and all(d.parent == cf.OUT for d in runs.values())
+    (tmp_path / "compare_cpu.json").write_text("mine")
+    with pytest.raises(SystemExit, match="compare_cpu.json already exists: .*--overwrite"):
+        cf.main(["--out", str(tmp_path), "--steps", "1"])
+    assert (tmp_path / "compare_cpu.json").read_text() == "mine"
+    out, _ = cf.targets(argparse.Namespace(preset="cpu", out=str(tmp_path), runs=None, overwrite=True))
+    assert out == tmp_path / "compare_cpu"

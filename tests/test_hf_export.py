@@ -94,3 +94,104 @@ def test_a_model_without_gpt2s_vocabulary_gets_no_tokenizer(tmp_path):
     with pytest.warns(UserWarning, match=r"no tokenizer exported: the model's vocabulary \(100\)"):
         write_hf_model(tmp_path, cfg, params)
     assert {p.name for p in tmp_path.iterdir()} == {"model.safetensors", "config.json"}
+
+
+# ---- Llama 3 and the MatMul-free LM: the tokenizer llmpy reads the model with goes into the folder -----------------
+
+@pytest.fixture(scope="module")
+def llama_exported(tmp_path_factory):
+    """A random Llama 3 with Llama 3's vocabulary (its tokenizer fetched once into a temporary cache, as in
+    test_llama_data.py), as our checkpoint and as the folder `llmpy convert` writes from it."""
+    from llmpy.models.llama3 import LlamaConfig
+    from llmpy.models.llama3 import spec as llama_spec
+    d = tmp_path_factory.mktemp("llama-export")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMPY_CACHE", str(d / "cache"))
+        from llmpy.data.tokenizers import llama3
+        llama3.get_tokenizer.cache_clear()
+        cfg = LlamaConfig(max_seq_len=64, num_layers=2, channels=32, num_heads=2, num_kv_heads=1, ffn_hidden=64)
+        r = np.random.default_rng(0)
+        params = {s.name: (r.standard_normal(s.shape) * (0.5 if s.init == "normal" else 0.1) + (s.init == "ones"))
+                  .astype(np.float32) for s in llama_spec(cfg)}
+        save_checkpoint(d / "ck.safetensors", cfg, params)
+        assert main(["convert", str(d / "ck.safetensors"), str(d / "hf")]) == 0
+        ours = llama3.get_tokenizer()
+    yield d, cfg, params, ours
+    llama3.get_tokenizer.cache_clear()  # it was read from this module's cache
+
+
+@pytest.mark.slow
+def test_a_llama3_folder_tokenizes_and_generates_as_llmpy_does(llama_exported):
+    """Llama 3's tokenizer.json (byte-level BPE, Meta's split regex, its 256 special tokens, <|begin_of_text|>
+    before a text) encodes as ours; transformers' pipeline on the folder alone gives our greedy tokens."""
+    from llmpy.backends import get_backend
+    from llmpy.models.decode import decoder, generate
+    d, cfg, params, ours = llama_exported
+    hf = d / "hf"
+    assert {p.name for p in hf.iterdir()} == {"model.safetensors", "config.json", "generation_config.json",
+                                              "tokenizer.json", "tokenizer_config.json"}
+    gen = json.loads((hf / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (128000, 128001)
+    pipe = transformers.pipeline("text-generation", model=str(hf), device="cpu")  # from the folder alone
+    tok = pipe.tokenizer
+    assert len(tok) == 128256 and (tok.bos_token_id, tok.eos_token_id) == (128000, 128001)
+    for text in TEXTS + ["This is a test sentence.", "Naïve café — 12345 tokens\n\n\tend"]:
+        ids = ours.encode(text)
+        assert tok(text)["input_ids"] == [128000] + ids, text
+        assert tok.decode(ids) == text
+    assert tok.convert_ids_to_tokens([128009, 128255]) == ["<|eot_id|>", "<|reserved_special_token_245|>"]
+    from llmpy.data.tokenizers.files import FileTokenizer
+    own = FileTokenizer(hf / "tokenizer.json")  # what `llmpy sample --checkpoint` reads from the folder
+    assert (own.doc, own.eot) == (128000, 128001) and all(own.encode(t) == ours.encode(t) for t in TEXTS)
+    prompt, n = "ROMEO: But, soft!", 16
+    context = [128000] + ours.encode(prompt)
+    want = generate(decoder(cfg, params, get_backend("cpu")), context, n, rng=np.random.default_rng(0),
+                    temperature=0.0)
+    assert len(want) == n and 128001 not in want  # no early stop at <|end_of_text|>: both make n tokens
+    got = pipe(prompt, max_new_tokens=n, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert got == ours.decode(want)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    assert pipe.model.generate(ids, max_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist() == want
+
+
+@pytest.mark.parametrize("family", ["llama3", "mmfree"])
+def test_small_models_on_gpt2s_tokens_export_gpt2s_tokenizer(tmp_path, family):
+    """The small Llama 3 and MatMul-free configs trained on GPT-2's tokens get GPT-2's tokenizer files (the
+    folder's own tokenizer, as `llmpy sample` reads it, encodes as GPT-2's); the released MatMul-free shapes'
+    vocabulary (Mistral's 32,000) gets none, with a warning."""
+    from llmpy.config import config_from_name, family_of
+    from llmpy.data.tokenizers.files import FileTokenizer
+    name = {"llama3": "llama3:l1d32h2k1f64t16", "mmfree": "mmfree:l1d32t16"}[family]
+    cfg = config_from_name(name)
+    assert cfg.vocab_size == 50257
+    params = {s.name: np.zeros(s.shape, np.float32) for s in family_of(cfg).spec(cfg)}
+    files = {p.name for p in write_hf_model(tmp_path / "hf", cfg, params)}
+    assert {"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "generation_config.json"} <= files
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == 50256
+    own = FileTokenizer(tmp_path / "hf" / "tokenizer.json")
+    assert (own.doc, own.eot) == (50256, 50256)
+    assert all(own.encode(t) == get_tokenizer().encode(t) for t in TEXTS)
+    if family == "mmfree":
+        cfg = config_from_name("mmfree:l1d32v32000t16")
+        params = {s.name: np.zeros(s.shape, np.float32) for s in family_of(cfg).spec(cfg)}
+        with pytest.warns(UserWarning, match=r"no tokenizer exported: the model's vocabulary \(32000\)"):
+            files = {p.name for p in write_hf_model(tmp_path / "m", cfg, params)}
+        assert files == {"model.safetensors", "config.json"}
+
+
+def test_a_llama3_export_without_its_tokenizer_still_writes_the_model(tmp_path, monkeypatch):
+    """Offline, where Llama 3's tokenizer.model cannot be fetched, the weights and config are still exported, with a
+    warning that says why there is no tokenizer."""
+    from llmpy.data.tokenizers import llama3
+    from llmpy.errors import UserError
+    from llmpy.models.llama3 import LlamaConfig
+    from llmpy.models.llama3 import spec as llama_spec
+
+    def offline():
+        raise UserError("Llama 3's tokenizer could not be fetched with pip download (no network)")
+    monkeypatch.setattr(llama3, "model_file_bytes", offline)
+    cfg = LlamaConfig(max_seq_len=8, num_layers=1, channels=8, num_heads=2, num_kv_heads=1, ffn_hidden=16)
+    params = {s.name: np.zeros(s.shape, np.float32) for s in llama_spec(cfg)}
+    with pytest.warns(UserWarning, match="no tokenizer exported: Llama 3's tokenizer could not be fetched"):
+        files = {p.name for p in write_hf_model(tmp_path, cfg, params)}
+    assert files == {"model.safetensors", "config.json"}

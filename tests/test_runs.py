@@ -200,8 +200,8 @@ def test_gemm_algorithm_choice_is_pinned_tuned_or_the_heuristics_first():
 
 
 def test_non_finite_weights_are_never_written(shards, tmp_path, monkeypatch):
-    """The update of step 2 makes a weight NaN; its loss (computed before the update) is finite, so only the guard
-    in the checkpoint writer stops the checkpoint after step 2 from replacing the good one of step 2."""
+    """The update of step 3 makes a weight NaN; its loss (computed before the update) is finite, so only the guard
+    in the checkpoint writer stops the checkpoint after step 3 from replacing the good one after step 2."""
     orig = AdamW.apply
 
     def poisoned(self):
@@ -259,6 +259,36 @@ def test_a_second_run_on_the_same_folder_stops_with_one_line(shards, tmp_path, c
     fcntl.flock(os.open(out / LOCK, os.O_RDWR), fcntl.LOCK_EX | fcntl.LOCK_NB)  # and the run let go of it
 
 
+@pytest.mark.slow
+def test_a_new_run_never_replaces_an_earlier_runs_files_unless_told(shards, tmp_path, capsys):
+    """An --out holding an earlier run's files (a diverged run's metrics and settings, no checkpoint; then a finished
+    run with a kept checkpoint) is refused in one line, touching nothing; --overwrite starts over there, the
+    earlier run's files gone (and nothing else); it does not go with --resume."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "train_loss": 10.9}\n')  # what a run that diverged leaves
+    (out / "config.json").write_text("{}\n")
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    err = one_line_error(capsys, argv(shards, out, "--steps", "2"))
+    assert "holds files of an earlier run" in err and "--overwrite" in err
+    assert snapshot(out) == before
+    quick = ("--val-every", "0", "--val-batches", "1", "--sample-tokens", "0")
+    assert main(argv(shards, out, "--steps", "3", "--checkpoint-every", "2", "--keep", "2", "--overwrite", *quick)) == 0
+    assert "checkpoint-000002.safetensors" in {p.name for p in out.iterdir()}
+    before = snapshot(out)
+    assert "--overwrite" in one_line_error(capsys, argv(shards, out, "--steps", "1"))
+    assert snapshot(out) == before
+    assert "drop --overwrite" in one_line_error(capsys, ["train", "--resume", str(out), "--overwrite"])
+    assert snapshot(out) == before
+    capsys.readouterr()
+    assert main(argv(shards, out, "--steps", "1", "--overwrite", *quick)) == 0
+    assert "--overwrite: removed the earlier run's" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK) == ["checkpoint.safetensors", "config.json",
+                                                                        "loss.png", "metrics.jsonl", "notes.txt"]
+    assert [e["step"] for e in events(out) if "train_loss" in e] == [1]
+
+
 def test_the_lock_works_with_data_parallel_ranks(shards, tmp_path):
     """Rank 0 alone takes the folder; when it cannot, every rank stops (none waits for it forever)."""
     from test_data_parallel import ThreadDist, on_threads
@@ -304,10 +334,11 @@ def test_pointless_or_schedule_changing_resumes_are_refused_and_touch_nothing(sh
     for more, msg in cases:
         assert msg in one_line_error(capsys, ["train", "--resume", str(out), *more])
         assert snapshot(out) == before
-    run(cfg(shards, tmp_path / "s", steps=6, stop_at=2))
+    run(cfg(shards, tmp_path / "s", steps=6, stop_at=3))
     stopped = snapshot(tmp_path / "s")
-    for more, msg in ((["--steps", "5"], "shorten"), (["--stop-at", "1"], "past that step"),
-                      (["--steps", "3"], "done 3 steps already"), (["--extend"], "--extend needs --steps")):
+    for more, msg in ((["--steps", "5"], "shorten"), (["--stop-at", "1"], "has done 3 steps already"),
+                      (["--stop-at", "3"], "has done 3 steps already"), (["--steps", "3"], "done 3 steps already"),
+                      (["--extend"], "--extend needs --steps")):
         assert msg in one_line_error(capsys, ["train", "--resume", str(tmp_path / "s"), *more])
         assert snapshot(tmp_path / "s") == stopped
 
@@ -320,7 +351,7 @@ def test_extending_a_finished_run_is_explicit_and_shows_the_new_schedule(shards,
     said = capsys.readouterr().out
     assert "warning: --extend: the run was planned for 6 steps" in said and "now spans 9" in said
     train = [e["step"] for e in events(out) if "train_loss" in e]
-    assert train == list(range(9))
+    assert train == list(range(1, 10))
 
 
 @pytest.mark.slow
@@ -384,10 +415,15 @@ def test_non_finite_values_in_a_checkpoint_are_reported_as_damage(shards, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_damaged_metrics_log_never_blocks_a_resume(shards, tmp_path, capsys):
+def test_a_damaged_or_differently_numbered_metrics_log_never_blocks_a_resume(shards, tmp_path, capsys):
+    """Damaged lines are dropped with a warning. And earlier versions logged the n-th step's train loss at step
+    n-1 (the checkpoint's "step" was already the steps done): such a log comes out numbered as a fresh run's is."""
     full = run(cfg(shards, tmp_path / "full", steps=6))
     out = tmp_path / "r"
     run(cfg(shards, out, steps=6, stop_at=3))
+    old = [dict(e, step=e["step"] - 1) if "train_loss" in e else e for e in events(out)]
+    assert [e["step"] for e in old if "train_loss" in e] == [0, 1, 2]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in old))
     with open(out / "metrics.jsonl", "ab") as f:
         f.write(b'5\n[1, 2]\n{"step": "x"}\n\xff\xfe not utf-8\n{"step": -3}\n{"step": 1, "train_lo')
     capsys.readouterr()
@@ -416,13 +452,13 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_exit_128_plus_it(sh
         p.kill()
     assert p.returncode == code, err
     step = load_checkpoint(out / "checkpoint.safetensors").state["step"]
-    assert step >= 3 and f"stopped after step {step - 1}" in rest
+    assert step >= 3 and f"stopped after {step} of 100000 steps" in rest
     # and it resumes bitwise: the same losses as a run that was never interrupted
     assert main(["train", "--resume", str(out), "--stop-at", str(step + 1), "--no-progress"]) == 0
     ref = tmp_path / "ref"
     assert main(argv(shards, ref, "--steps", "100000", "--val-every", "0", "--sample-tokens", "0", "--stop-at",
                      str(step + 1))) == 0
-    assert losses(out) == losses(ref) and len(losses(ref)) == step + 2
+    assert losses(out) == losses(ref) and [s for s, _, _ in losses(ref)] == list(range(1, step + 2))
 
 
 # ---- 12. config.json, --keep, weights-only export -----------------------------------------------------------------
@@ -477,3 +513,42 @@ def test_a_failed_start_leaves_no_run_folder(shards, tmp_path, capsys):
         out = tmp_path / "new" / "nested"
         one_line_error(capsys, argv(shards, out, *more))
         assert not (tmp_path / "new").exists()
+
+
+# ---- 16. errors that say how to get unstuck -----------------------------------------------------------------------
+
+def test_errors_name_the_fix(shards, tmp_path, capsys):
+    """A val split smaller than one batch names `llmpy prepare --val-tokens` and -b/-t; --resume of a folder that
+    does not exist, or holds no checkpoint, says which; nothing is written."""
+    small = tmp_path / "small_val_000000.bin"
+    write_shard(small, np.arange(20))
+    err = one_line_error(capsys, argv(shards, tmp_path / "r", "--val-data", str(small)))
+    assert "val split" in err and "--val-tokens 33" in err and "-b/-t" in err
+    assert not (tmp_path / "r").exists()
+    err = one_line_error(capsys, ["train", "--resume", str(tmp_path / "missing")])
+    assert "no such folder or file" in err and not (tmp_path / "missing").exists()
+    (tmp_path / "empty").mkdir()
+    assert "holds no checkpoint.safetensors" in one_line_error(capsys, ["train", "--resume", str(tmp_path / "empty")])
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_plan_too_long_for_the_cpu_is_said_once_with_its_size(shards, tmp_path, capsys, monkeypatch):
+    """A GPU-sized plan on the CPU is said once before the first step, with its size and the time it needs at
+    least; small plans are not even measured."""
+    from llmpy.config import config_from_name
+    from llmpy.train import setup
+    monkeypatch.setattr(setup, "cpu_matmul_flops", lambda: pytest.fail("a small plan was measured"))
+    assert setup.cpu_plan_warning(config_from_name("l4h4c128t128"), 128, 16 * 128, 200, 7_200_000) is None  # README's
+    monkeypatch.setattr(setup, "cpu_matmul_flops", lambda: 1e11)  # a laptop's 100 GFLOP/s
+    line = setup.cpu_plan_warning(config_from_name("d12"), 1024, 8 * 1024, 2000, 124_475_904)
+    assert line.startswith("warning: this plan will not finish in reasonable time on the CPU: 2,000 steps x 8,192 "
+                           "tokens of a 124.5M-parameter model")
+    assert "at least 37 hours" in line and "--device cuda" in line
+    assert setup.cpu_plan_warning(config_from_name("d12"), 1024, 8 * 1024, 20, 124_475_904) is None  # 22 minutes
+    monkeypatch.setattr(setup, "MIN_CPU_FLOPS", 0.0)
+    monkeypatch.setattr(setup, "cpu_matmul_flops", lambda: 1e3)  # as slow as that, this tiny run is such a plan
+    res = run(cfg(shards, tmp_path / "slow", steps=2, val_every=0))
+    out = capsys.readouterr().out
+    assert out.count("will not finish in reasonable time") == 1 and "2 steps x 32 tokens" in out
+    assert out.index("reasonable time") < out.index("step 1/2") and res.steps_done == 2

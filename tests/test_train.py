@@ -47,8 +47,8 @@ def test_metrics_contract(shards, tmp_path):
     ev = events(res.out)
     train = [e for e in ev if "train_loss" in e]
     val = [e for e in ev if "val_loss" in e]
-    assert [e["step"] for e in train] == [0, 1, 2, 3, 4]
-    assert [e["step"] for e in val] == [0, 2, 4, 5]
+    assert [e["step"] for e in train] == [1, 2, 3, 4, 5]  # steps done: the first step's loss is logged at 1
+    assert [e["step"] for e in val] == [0, 2, 4, 5]  # before the 1st, 3rd and 5th steps, and after the last
     for e in train:
         assert {"lr", "grad_norm", "tokens_per_s"} <= e.keys() and math.isfinite(e["train_loss"])
     assert train[-1]["train_loss"] < train[0]["train_loss"]
@@ -82,7 +82,7 @@ def test_no_shuffle_is_llmc_order_and_update(shards, tmp_path):
 def test_resume_is_bitwise(shards, tmp_path):
     kw = dict(steps=7, grad_accum=2, lr_schedule="cosine", warmup_steps=2, checkpoint_every=0, val_every=3)
     full = run(cfg_for(shards, tmp_path, out=str(tmp_path / "full"), **kw))
-    part = run(cfg_for(shards, tmp_path, out=str(tmp_path / "part"), stop_at=3, **kw))
+    part = run(cfg_for(shards, tmp_path, out=str(tmp_path / "part"), stop_at=4, **kw))
     assert part.steps_done == 4
     resumed = run(TrainConfig(resume=str(tmp_path / "part"), progress=False, explicit=("resume",)))
     assert resumed.steps_done == 7
@@ -266,10 +266,10 @@ def test_the_progress_bar_shows_the_step_it_counts(monkeypatch):
     monkeypatch.setattr("sys.stderr", err)
     p = Progress(start=0, last=3, steps=3, show=True, lines=False, tokens_per_step=100)
     p.bar.mininterval, p.bar.miniters = 0, 1
-    for step, loss in enumerate((5.1111, 4.2222, 3.3333)):
+    for step, loss in enumerate((5.1111, 4.2222, 3.3333), start=1):
         p.step(step, loss, 1.0, 1e-3, 0.01)
         frame = err.getvalue().split("\r")[-1]
-        assert f"{step + 1}/3" in frame and f"loss {loss:.4f}" in frame, frame
+        assert f"{step}/3" in frame and f"loss {loss:.4f}" in frame, frame
     p.close()
 
 
@@ -277,7 +277,33 @@ def test_mfu_uses_the_models_flops_and_the_gpu_peak(capsys):
     from llmpy.train.progress import PEAK_FLOPS, Progress
     p = Progress(start=0, last=2, steps=2, show=True, lines=True, tokens_per_step=1000, flops_per_token=1e9,
                  world=2)
-    p.step(0, 3.0, 1.0, 1e-3, 0.5)
-    p.step(1, 3.0, 1.0, 1e-3, 0.001)  # 1e6 tok/s over 2 GPUs: 5e14 flop/s each
+    p.step(1, 3.0, 1.0, 1e-3, 0.5)
+    p.step(2, 3.0, 1.0, 1e-3, 0.001)  # 1e6 tok/s over 2 GPUs: 5e14 flop/s each
     assert f"MFU {5e14 / PEAK_FLOPS:.1%}" in capsys.readouterr().out.splitlines()[-1]
     assert f"MFU {5e14 / PEAK_FLOPS:.1%}" in p.summary(1.0, [])  # the first (warm-up) step is left out
+
+
+@pytest.mark.slow
+def test_stop_at_n_leaves_exactly_n_steps_done(shards, tmp_path, capsys):
+    """One numbering, steps done, in the step lines, metrics.jsonl, the checkpoint, its kept copies and the
+    messages: --stop-at 3 runs steps 1, 2 and 3; --checkpoint-every 2 checkpoints after step 2."""
+    out = tmp_path / "run"
+    argv = ["train", "--train-data", shards[0], "--val-data", shards[1], "--init", MODEL, "--device", "cpu",
+            "--steps", "6", "--batch-size", "2", "--seq-len", "8", "--out", str(out), "--no-progress",
+            "--val-every", "2", "--val-batches", "1", "--sample-tokens", "0", "--checkpoint-every", "2",
+            "--keep", "2"]
+    assert main(argv + ["--stop-at", "3"]) == 0
+    said = capsys.readouterr().out
+    assert "training steps 1..3 of 6" in said and "stopped after 3 of 6 steps" in said
+    assert [ln.split(" |")[0] for ln in said.splitlines() if " | loss " in ln] == ["step 1/6", "step 2/6", "step 3/6"]
+    assert [(e["step"], "val_loss" in e) for e in events(out)] == [(0, True), (1, False), (2, False), (2, True),
+                                                                   (3, False)]
+    assert load_checkpoint(out / "checkpoint.safetensors").state["step"] == 3
+    assert load_checkpoint(out / "checkpoint-000002.safetensors").state["step"] == 2
+    assert main(["train", "--resume", str(out), "--stop-at", "5", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "training steps 4..5 of 6" in said and "stopped after 5 of 6 steps" in said
+    assert [e["step"] for e in events(out) if "train_loss" in e] == [1, 2, 3, 4, 5]
+    assert load_checkpoint(out / "checkpoint.safetensors").state["step"] == 5
+    assert sorted(p.name for p in out.glob("checkpoint*")) == ["checkpoint-000004.safetensors",
+                                                              "checkpoint.safetensors"]

@@ -35,7 +35,7 @@ from ..errors import UserError
 from ..formats import hub
 from ..formats.atomic import atomic_write_bytes
 from ..paths import cache_dir, make_dir
-from .prepare import SHARD_TOKENS
+from .prepare import SHARD_TOKENS, check_free
 from .shards import MAX_SHARD_TOKENS, SHARD32_MAGIC, SHARD32_VERSION, SHARD_MAGIC, SHARD_VERSION, write_shard
 
 # dataset -> (Hub repository, shard name and folder stem, as llm.c's fineweb.py)
@@ -69,9 +69,11 @@ def shard_globs(dataset: str = "fineweb-edu", sample: str = "10BT", tokenizer: s
 def prepare_fineweb(dataset: str = "fineweb-edu", sample: str = "10BT", out_dir: str | os.PathLike | None = None,
                     tokens: int | None = None, tokenizer: str = "gpt2", workers: int | None = None,
                     shard_tokens: int = SHARD_TOKENS, name: str | None = None,
-                    progress: bool = True) -> tuple[str, str]:
+                    progress: bool = True, overwrite: bool = False) -> tuple[str, str]:
     """(train_glob, val_glob) of `dataset`'s `sample` tokenized into `out_dir` (default `default_out_dir`); the
-    first `tokens` tokens only when given (the last shard is cut there). See the module docstring."""
+    first `tokens` tokens only when given (the last shard is cut there). See the module docstring. Shards of this
+    name that an `out_dir` given already holds without this function's stamp beside them (another command's, or a
+    run cut short) are refused unless `overwrite`."""
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}: choose from {', '.join(DATASETS)}")
     if sample not in SAMPLES:
@@ -90,6 +92,8 @@ def prepare_fineweb(dataset: str = "fineweb-edu", sample: str = "10BT", out_dir:
         raise UserError(f"bad dataset name {name!r}: use letters, digits, '.', '_' or '-'")
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(dataset, sample, tokenizer)
     globs = shard_globs(dataset, sample, tokenizer, out, name)
+    if out_dir is not None and not (out / f"{name}.stamp.json").exists():
+        check_free(out, name, overwrite)  # shards this function did not make: refused up front
 
     _pyarrow_parquet()  # before anything is downloaded
     from .tokenizers import get_tokenizer

@@ -25,7 +25,7 @@ class DataLoader:
     """
 
     def __init__(self, pattern: str, B: int, T: int, *, rank: int = 0, world: int = 1, shuffle: bool = False,
-                 seed: int = 0, vocab_size: int | None = None):
+                 seed: int = 0, vocab_size: int | None = None, val: bool = False):
         if B < 1 or T < 1 or world < 1 or not 0 <= rank < world or seed < 0:
             raise UserError(f"bad loader settings: B={B} T={T} rank={rank} world={world} seed={seed} "
                             "(need B, T, world >= 1, 0 <= rank < world, seed >= 0)")
@@ -38,9 +38,13 @@ class DataLoader:
         self._ntok = [shard_num_tokens(f) for f in self.files]
         self._num_samples = [(n - 1) // span if n else 0 for n in self._ntok]
         for f, n, ns in zip(self.files, self._ntok, self._num_samples):
+            if ns == 0 and val:  # a validation split: the fix is usually a larger one
+                raise UserError(f"the val split {f} has {n} tokens, too few for one batch of B*T+1 = {span + 1} "
+                                f"tokens (B={B}, T={T}): prepare a larger one (llmpy prepare ... --val-tokens "
+                                f"{span + 1} or more) or use a smaller -b/-t")
             if ns == 0:
                 raise UserError(f"{f} has {n} tokens, too few for one batch of B*T*world+1 = {span + 1} tokens "
-                                f"(B={B}, T={T}, world={world}); use a smaller B or T")
+                                f"(B={B}, T={T}, world={world}); use a smaller -b/-t")
         self.inputs = np.empty((B, T), dtype=np.int32)
         self.targets = np.empty((B, T), dtype=np.int32)
         self._in_flat, self._tgt_flat = self.inputs.reshape(-1), self.targets.reshape(-1)  # views

@@ -81,10 +81,28 @@ def _write_split(tokens: np.ndarray, out_dir: Path, name: str, split: str, shard
     return paths
 
 
+def shards_in(out: Path, name: str) -> list[Path]:
+    """The `{name}_(train|val)_NNNNNN.bin` shards in folder `out`, in name order."""
+    ours = re.compile(re.escape(name) + r"_(train|val)_\d{6}\.bin")
+    return sorted(p for p in out.glob(f"{name}_*.bin") if ours.fullmatch(p.name)) if out.is_dir() else []
+
+
+def check_free(out: Path, name: str, overwrite: bool) -> None:
+    """Shards named `name` already in `out` (made by another command, or from other texts) are only replaced when
+    the user says so: a one-line refusal otherwise, before anything is read or written."""
+    found = shards_in(out, name)
+    if found and not overwrite:
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise UserError(f"{out} already holds shards named {name} ({found[0].name}{more}): choose another --name "
+                        "or --out, or add --overwrite to replace them")
+
+
 def _prepare_texts(texts: Iterator[str], ndocs: int, out_dir: str | os.PathLike, name: str, val_tokens: int | None,
-                   val_fraction: float, shard_tokens: int, tokenizer: str) -> tuple[list[Path], list[Path]]:
+                   val_fraction: float, shard_tokens: int, tokenizer: str,
+                   overwrite: bool = True) -> tuple[list[Path], list[Path]]:
     if not _NAME.fullmatch(name):
         raise UserError(f"bad dataset name {name!r}: use letters, digits, '.', '_' or '-'")
+    check_free(Path(out_dir).expanduser(), name, overwrite)
     if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
         raise UserError(f"shard size must be 1..{MAX_SHARD_TOKENS} tokens, got {shard_tokens}")
     if val_tokens is not None and val_tokens < 0:
@@ -116,18 +134,19 @@ def _prepare_texts(texts: Iterator[str], ndocs: int, out_dir: str | os.PathLike,
 
 def prepare(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, name: str, val_tokens: int | None = None,
             val_fraction: float = VAL_FRACTION, shard_tokens: int = SHARD_TOKENS,
-            tokenizer: str = "gpt2") -> tuple[list[Path], list[Path]]:
+            tokenizer: str = "gpt2", overwrite: bool = False) -> tuple[list[Path], list[Path]]:
     """Tokenize text files (folders: every `*.txt` below them) into `{name}_val_NNNNNN.bin` and
     `{name}_train_NNNNNN.bin` shards of at most `shard_tokens` tokens in `out_dir`; returns (train, val) paths.
     Files are UTF-8 documents taken in sorted path order, each preceded by the tokenizer's document token (GPT-2:
     EOT; Llama 3: <|begin_of_text|>, in uint32 shards). Val is the first `val_tokens`
     tokens of that stream (default: the first `val_fraction` of it, rounded down; not cut at a document
-    boundary); train is the rest. Older `{name}_(train|val)_NNNNNN.bin` files in `out_dir` are removed."""
+    boundary); train is the rest. Shards of that name already in `out_dir` are refused, unless `overwrite`: then
+    they are replaced (older ones beyond the new count removed)."""
     files = _input_files(inputs)
     if not files:
         raise UserError(f"no text files (*.txt) found in {', '.join(map(str, inputs)) or 'the inputs'}")
     return _prepare_texts((_read_text(f) for f in files), len(files), out_dir, name, val_tokens, val_fraction,
-                          shard_tokens, tokenizer)
+                          shard_tokens, tokenizer, overwrite)
 
 
 STAMP_VERSION = 1
@@ -138,13 +157,16 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def prepare_shakespeare(out_dir: str | os.PathLike | None = None, tokenizer: str = "gpt2") -> tuple[str, str]:
+def prepare_shakespeare(out_dir: str | os.PathLike | None = None, tokenizer: str = "gpt2",
+                        overwrite: bool = False) -> tuple[str, str]:
     """(train_glob, val_glob) of the Shakespeare corpus (`llmpy.corpus`, 42 works, ~1.57M GPT-2 tokens) tokenized
     into `out_dir` (default `cache_dir()/shakespeare/`, or `shakespeare-<tokenizer>/` for another tokenizer than
     GPT-2's). Works in name order, each preceded by the document token; val is the first
     5% of the tokens (All's Well That Ends Well and most of Antony and Cleopatra), train the rest, one shard
     each. Done once: later calls check a stamp file (corpus, tokenizer and format hashes, shard hashes) and
-    return at once. Call it from one process before others read the shards."""
+    return at once; shards a stamp vouches for are made again when they no longer match it, but shakespeare_*
+    shards without a stamp in an `out_dir` given are refused unless `overwrite`. Call it from one process before
+    others read the shards."""
     from .corpus import corpus_sha256, shakespeare_texts
     if tokenizer == "gpt2":
         from .tokenizers.gpt2 import GPT2_FILE_HASHES as hashes
@@ -172,9 +194,10 @@ def prepare_shakespeare(out_dir: str | os.PathLike | None = None, tokenizer: str
             return globs
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # no stamp, a damaged one, or a shard gone: make them again
+    ours = out_dir is None or stamp_path.exists()  # the cache, or shards this function made before
     stamp_path.unlink(missing_ok=True)
     train, val = _prepare_texts((t for _, t in texts), len(texts), out, "shakespeare", None,
-                                SHAKESPEARE_VAL_FRACTION, SHARD_TOKENS, tokenizer)
+                                SHAKESPEARE_VAL_FRACTION, SHARD_TOKENS, tokenizer, overwrite or ours)
     want["shards"] = {p.name: _file_sha256(p) for p in val + train}
     atomic_write_bytes(stamp_path, json.dumps(want, indent=1).encode())  # last: its presence means the shards are whole
     return globs

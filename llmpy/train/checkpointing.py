@@ -1,8 +1,9 @@
 """The training state on disk, in the run folder: `checkpoint.safetensors` (weights, AdamW moments, the bf16
 compute copy, and step, loader position, sampler RNG, settings: formats/checkpoint.py) and, under ZeRO, one
-optimizer shard per rank beside it. A checkpoint written after step s holds the state from which step s+1 starts,
-so that a resumed run is bitwise the uninterrupted one. With --keep N the N-1 checkpoints before the latest stay
-as `checkpoint-<step>.safetensors` (hard links: no copy is made). Nothing non-finite is ever written.
+optimizer shard per rank beside it. A checkpoint's "step" is the number of steps done: the state after step n
+(numbered from 1), from which step n+1 starts, so that a resumed run is bitwise the uninterrupted one. With --keep N
+the N-1 checkpoints before the latest stay as `checkpoint-<steps done>.safetensors` (hard links: no copy is made).
+Nothing non-finite is ever written.
 
 Resume (`open_resume`) reads and validates a checkpoint and decides what the flags given now mean for it: it
 refuses, before touching anything, a resume that would do nothing, silently change the run's schedule, or mix
@@ -27,7 +28,7 @@ from .config import TrainConfig
 CHECKPOINT = "checkpoint.safetensors"
 INT64_MAX = 2**63 - 1
 KEPT = re.compile(r"checkpoint-(\d+)\.safetensors")
-ONCE = ("stop_at", "progress", "extend")  # per-invocation settings, not part of the run
+ONCE = ("stop_at", "progress", "extend", "overwrite")  # per-invocation settings, not part of the run
 
 
 def kept_name(step: int) -> str:
@@ -39,7 +40,7 @@ class Resume:
     ckpt: object        # formats.checkpoint.Checkpoint
     path: Path          # the checkpoint file
     src: Path           # its run folder (ZeRO shards and metrics.jsonl are read from there)
-    step: int           # the step it resumes at (= steps done)
+    step: int           # the steps done: the run continues with step step + 1
     planned: int        # the steps the run was planned for
 
     @property
@@ -55,12 +56,15 @@ def open_resume(tc: TrainConfig) -> tuple[TrainConfig, Resume]:
         raise UserError("--init and --resume exclude each other: a resumed run continues from its checkpoint's "
                         "weights (to start from a checkpoint's weights, use --init alone)")
     path = Path(tc.resume)
+    if not os.path.lexists(path):
+        raise UserError(f"--resume {tc.resume}: no such folder or file (give a run folder, or a checkpoint in one)")
     folder = os.path.isdir(path)
     path = path / CHECKPOINT if folder else path
     problem = file_problem(path)
     if problem is not None:
-        raise UserError(f"--resume {tc.resume}: " + (f"no {CHECKPOINT} there ({path} {problem})" if folder
-                                                     else f"{path} {problem}"))
+        raise UserError(f"--resume {tc.resume}: " + (f"the folder holds no {CHECKPOINT} (not a run folder, or its run "
+                                                     "stopped before its first checkpoint)" if folder and
+                                                     problem == "does not exist" else f"{path} {problem}"))
     ckpt = load_checkpoint(path)
     if "train" not in ckpt.state:
         raise UserError(f"{path} holds weights only (no training state): use --init {path} instead")
@@ -150,7 +154,7 @@ def _refuse_pointless(tc: TrainConfig, res: Resume) -> None:
             raise UserError(f"--steps {tc.steps}: {run} has done {done} steps already; nothing was changed")
         if tc.steps < planned:
             raise UserError(f"--steps {tc.steps} would shorten the {planned}-step {tc.lr_schedule} schedule of "
-                            f"{run}; to stop early on it, use --stop-at {tc.steps - 1}")
+                            f"{run}; to stop early on it, use --stop-at {tc.steps}")
         if not tc.extend:
             raise UserError(f"{run} was planned for {planned} steps; --steps {tc.steps} stretches its "
                             f"{tc.lr_schedule} schedule, so the rest is not what an uninterrupted {tc.steps}-step "
@@ -160,8 +164,8 @@ def _refuse_pointless(tc: TrainConfig, res: Resume) -> None:
                         "--extend")
     elif tc.extend:
         raise UserError(f"--extend needs --steps larger than the run's {planned}")
-    if tc.stop_at is not None and tc.stop_at < done:
-        raise UserError(f"--stop-at {tc.stop_at}: {run} is past that step (it has done {done} steps)")
+    if tc.stop_at is not None and tc.stop_at <= done:
+        raise UserError(f"--stop-at {tc.stop_at}: {run} has done {done} steps already; nothing was changed")
 
 
 def gemm_pins(path: str) -> dict:
@@ -198,15 +202,15 @@ def nonfinite(arrays: dict, prefix: str = "") -> list[str]:
     return [prefix + n for n, a in arrays.items() if not np.isfinite(np.sum(a, dtype=np.float64))]
 
 
-def save(out: Path, next_step: int, tc: TrainConfig, model, opt, loader, sample_rng, dist, comm, *,
+def save(out: Path, done: int, tc: TrainConfig, model, opt, loader, sample_rng, dist, comm, *,
          prev_step: int | None = None, last_good: str = "") -> None:
-    """Writes the state from which step `next_step` starts. Collective under data parallelism: a sharded master is
-    gathered; each rank writes its optimizer shard (named by step) before rank 0 replaces the checkpoint, which
-    then names that step. prev_step: the step of the checkpoint now in `out` (kept as a copy when tc.keep > 1).
+    """Writes the state after `done` steps (from which step done+1 starts). Collective under data parallelism: a
+    sharded master is gathered; each rank writes its optimizer shard (named by the steps done) before rank 0
+    replaces the checkpoint, which then names them. prev_step: the step of the checkpoint now in `out` (kept as a copy when tc.keep > 1).
     Refuses (on every rank) to write weights or moments that are not finite; last_good says what is on disk."""
     from ..formats.checkpoint import save_checkpoint
     be = model.be
-    state = {"step": next_step, "adam_t": opt.t, "loader": loader.state(), "world": dist.world,
+    state = {"step": done, "adam_t": opt.t, "loader": loader.state(), "world": dist.world,
              "sample_rng": sample_rng.bit_generator.state, "train": dataclasses.asdict(tc)}
     if getattr(be, "gemm", None) is not None and be.gemm.pinning:
         state["gemm_algos"] = be.gemm.export_pins()  # the products' algorithms: a resume replays them
@@ -223,14 +227,14 @@ def save(out: Path, next_step: int, tc: TrainConfig, model, opt, loader, sample_
         bad += nonfinite(m if isinstance(m, dict) else {"shard": m}, "adam_m.")
         bad += nonfinite(v if isinstance(v, dict) else {"shard": v}, "adam_v.")
     if dist.sum(float(bool(bad))) > 0:
-        raise UserError(f"the weights or AdamW moments after step {next_step - 1} are not finite "
+        raise UserError(f"the weights or AdamW moments after step {done} are not finite "
                         f"({', '.join(bad[:3]) or 'on another rank'}): the checkpoint was not written; {last_good}. "
                         "Try a lower --lr, --grad-clip 1, or check --eps/--weight-decay")
     if opt.sharded:
-        save_shard(out, next_step, dist, m, v)
+        save_shard(out, done, dist, m, v)
         dist.barrier()
     if dist.main:
-        if tc.keep > 1 and prev_step is not None and prev_step != next_step and (out / CHECKPOINT).exists():
+        if tc.keep > 1 and prev_step is not None and prev_step != done and (out / CHECKPOINT).exists():
             _link(out / CHECKPOINT, out / kept_name(prev_step))
         compute = None
         if np.dtype(be.param_dtype) != np.float32:
@@ -241,7 +245,7 @@ def save(out: Path, next_step: int, tc: TrainConfig, model, opt, loader, sample_
             p.unlink(missing_ok=True)
     if opt.sharded:
         dist.barrier()
-        prune_shards(out, {next_step} | {int(KEPT.fullmatch(p.name)[1]) for p in kept(out)}, dist)
+        prune_shards(out, {done} | {int(KEPT.fullmatch(p.name)[1]) for p in kept(out)}, dist)
 
 
 def kept(out: Path) -> list[Path]:

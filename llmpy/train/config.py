@@ -38,19 +38,21 @@ class TrainConfig:
     grad_accum: int = 1
     total_batch_size: int | None = None  # tokens per step (llm.c's -d): sets grad_accum = it / (B*T*world)
     shuffle: bool = True
-    val_every: int = 50
+    val_every: int = 50              # val loss when the steps done are 0, N, 2N, ... and after the last step
     val_batches: int = 10
     sample_every: int = 0
     sample_tokens: int = 64
     eval_tasks: str | None = None    # comma-separated multiple-choice tasks (llmpy/evals), e.g. hellaswag
-    eval_every: int = 0              # their accuracy before steps 0, N, 2N, ... and after the last; 0: at the end
+    eval_every: int = 0              # their accuracy at 0, N, 2N, ... steps done and after the last; 0: at the end
     eval_limit: int | None = None    # the first N examples of each task (default: all)
-    checkpoint_every: int = 100
-    keep: int = 1                    # checkpoints kept: the latest, and keep-1 earlier ones as checkpoint-<step>
-    stop_at: int | None = None       # stop (with a checkpoint) after this step, keeping the schedule of `steps`
+    checkpoint_every: int = 100      # a checkpoint when the steps done are a multiple of N, and at the end
+    keep: int = 1                    # checkpoints kept: the latest, and keep-1 earlier ones as checkpoint-<steps done>
+    stop_at: int | None = None       # stop (with a checkpoint) when this many steps are done, keeping the schedule
+                                     # of `steps`
     seed: int = 1337
     tokenizer: str | None = None     # gpt2 | llama3 (the Shakespeare shards, samples); default: by the vocabulary
     out: str | None = None
+    overwrite: bool = False          # a new run may replace an earlier run's files in `out` (removed first)
     resume: str | None = None
     extend: bool = False             # resume: allow --steps beyond the run's planned steps (stretches the schedule)
     device: str = "auto"

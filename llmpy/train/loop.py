@@ -2,8 +2,11 @@
 
 `run(TrainConfig(...))` is what `llmpy train` calls: `Trainer(tc)` sets up (settings, device, model, optimizer,
 data, and the state of a resumed run), `loop()` runs the steps, `finish()` evaluates, samples and saves at the end.
-Steps are numbered from 0; step s evaluates (when due), then runs grad_accum micro-batches, clips, and updates with
-lr_at(s). The host launches step s+1 before reading step s's loss, so the GPU never waits for it.
+Steps are counted as steps done, everywhere a person sees them (the bar, step lines, metrics.jsonl, --stop-at,
+--checkpoint-every, checkpoint names, the summary): "step n" is the n-th optimizer step, after which n are done.
+Before step n+1 the loop evaluates when due (the val loss logged at n describes the weights after n steps), then
+runs grad_accum micro-batches, clips, and updates with lr_at(n) (the schedule's position counts from 0). The host
+launches the next step before reading the previous one's loss, so the GPU never waits for it.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from .config import TrainConfig
 from .metrics import MetricsLog
 from .optim import AdamW, lr_at
 from .progress import Progress
-from .rundir import LOCK, RunDir
+from .rundir import LOCK, RUN_FILE, RunDir
 from .step import TrainStep
 
 
@@ -69,6 +72,9 @@ class Trainer:
     def __init__(self, tc: TrainConfig, dist: Dist | None = None):
         resume = None
         if tc.resume:
+            if tc.overwrite:
+                raise UserError("--overwrite starts a new run over an earlier one; --resume continues a run (drop "
+                                "--overwrite)")
             try:
                 tc, resume = checkpointing.open_resume(tc)  # reads only; refuses a resume that means nothing
             except UserError:
@@ -94,7 +100,7 @@ class Trainer:
                 raise UserError(f"{tc.resume} was written by {was[0]} ranks with --zero {was[1]}: its optimizer "
                                 f"shards only fit {was[0]} ranks (this run has {dist.world}); resume with the same "
                                 "world size")
-        _check_target(out, resume, in_place)
+        _check_target(out, resume, in_place, tc.overwrite)
         self.tc, self.dist, self.out = tc, dist, out
         self.say = print if dist.main else _quiet
         be = get_backend(device, dtype, device_id=dist.env.local_rank if dist.world > 1 else None)
@@ -133,9 +139,14 @@ class Trainer:
         if self.dist.main:
             try:
                 freed = self.run_dir.claim()
-                _check_target(out, resume, in_place)  # again, now that no other run can write there
+                earlier = _check_target(out, resume, in_place, self.tc.overwrite)  # again, now that it is ours
                 if freed:
                     self.say(f"removed temporary files of interrupted writes from {out} ({_fmt_bytes(freed)})")
+                if earlier:  # --overwrite
+                    for p in earlier:
+                        p.unlink()
+                    self.say(f"--overwrite: removed the earlier run's {', '.join(p.name for p in earlier)} from "
+                             f"{out}")
             except UserError as e:
                 self.run_dir.abandon()
                 err = e
@@ -172,7 +183,7 @@ class Trainer:
         train_glob, val_glob = setup.data_globs(tc, dist, cfg)
         self.train_loader = DataLoader(train_glob, B, T, rank=dist.rank, world=dist.world, shuffle=tc.shuffle,
                                        seed=tc.seed, vocab_size=cfg.vocab_size)
-        self.val_loader = DataLoader(val_glob, B, T, vocab_size=cfg.vocab_size) if val_glob else None
+        self.val_loader = DataLoader(val_glob, B, T, vocab_size=cfg.vocab_size, val=True) if val_glob else None
         self.val_batches = min(tc.val_batches, self.val_loader.num_batches_per_epoch) if self.val_loader else 0
         self.sample_rng = np.random.default_rng([tc.seed, 1])
         self.start, self.saved_step, self.saved_path = 0, None, None
@@ -180,7 +191,7 @@ class Trainer:
             self.start = checkpointing.restore(resume, model, opt, self.train_loader, self.sample_rng, dist)
             self.saved_path = resume.path  # left as it is until this run saves
             self.saved_step = self.start if in_place else None
-        self.last = min(tc.steps, tc.stop_at + 1) if tc.stop_at is not None else tc.steps
+        self.last = min(tc.steps, tc.stop_at) if tc.stop_at is not None else tc.steps  # steps done at the end
         self.result = TrainResult(out=out, steps_done=self.start, world=dist.world)
         self.tokens_per_step = B * T * A * dist.world
         self._decoder = None
@@ -202,16 +213,22 @@ class Trainer:
             + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in plan.items()) + f"; total {_fmt_bytes(sum(plan.values()))}")
         say(f"data: train {train_glob} ({self.train_loader.num_batches_per_epoch} batches/epoch), "
             f"val {val_glob or 'none'}; batch {B}x{T}x{A}x{dist.world} = {self.tokens_per_step} tokens/step")
-        say(f"training steps {self.start}..{tc.steps - 1}, lr {tc.lr} {tc.lr_schedule}, output {out}/", flush=True)
+        steps = (f"training steps {self.start + 1}..{self.last}" if self.last > self.start else "training: no steps")
+        steps += f" of {tc.steps}" if self.last < tc.steps or self.start else ""
+        say(f"{steps}, lr {tc.lr} {tc.lr_schedule}, output {out}/", flush=True)
         self.sample_n, self.sample_prompt = self._plan_samples()
         # the first writes: the metrics log (a resume into a new folder copies the run's history there) and the
         # settings; everything that can refuse the run has been checked
         source = None if resume is None or in_place else resume.src / "metrics.jsonl"
-        self.log = (MetricsLog(out / "metrics.jsonl", keep_before=self.start, source=source) if dist.main
+        self.log = (MetricsLog(out / "metrics.jsonl", done=self.start, source=source) if dist.main
                     else _NullLog())
         for line in setup.idle_flags(tc, device, dist.world, val_glob) + setup.warnings(
                 tc, resume, self.start, A, self.train_loader.num_batches_per_epoch, getattr(self.log, "damaged", 0)):
             say(line)
+        if device == "cpu" and dist.main:
+            line = setup.cpu_plan_warning(cfg, T, self.tokens_per_step, self.last - self.start, n_params)
+            if line:
+                say(line, flush=True)
         if dist.main:
             self.run_dir.write_config({
                 "train": {k: v for k, v in dataclasses.asdict(tc).items() if k != "explicit"},
@@ -251,31 +268,31 @@ class Trainer:
     def loop(self, stop) -> None:
         tc, dist = self.tc, self.dist
         self.t_start = time.perf_counter()
-        self.pending = []  # the launched step whose result is not read yet: [(step, lr, handle)]
+        self.pending = []  # the launched step whose result is not read yet: [(its number, lr, handle)]
         self.prev_ready = 0.0  # when the previous step's result existed (train/step.py)
         if tc.tune_gemm and dist.world > 1 and not self.be.gemm.loaded:
             self._tune_together()
         try:
-            for step in range(self.start, self.last):
-                if tc.val_every and step % tc.val_every == 0:
-                    self._pause(self.evaluate, step)
-                if tc.sample_every and step > 0 and step % tc.sample_every == 0:
-                    self._pause(self.sample, step)
-                if self.eval_examples and tc.eval_every and step % tc.eval_every == 0:
-                    self._pause(self.score_tasks, step)
-                lr = lr_at(step, lr=tc.lr, schedule=tc.lr_schedule, steps=tc.steps, warmup=tc.warmup_steps,
+            for done in range(self.start, self.last):  # `done` steps are done; this runs step done + 1
+                if tc.val_every and done % tc.val_every == 0:
+                    self._pause(self.evaluate, done)
+                if tc.sample_every and done > 0 and done % tc.sample_every == 0:
+                    self._pause(self.sample, done)
+                if self.eval_examples and tc.eval_every and done % tc.eval_every == 0:
+                    self._pause(self.score_tasks, done)
+                lr = lr_at(done, lr=tc.lr, schedule=tc.lr_schedule, steps=tc.steps, warmup=tc.warmup_steps,
                            final_frac=tc.final_lr_frac, decay_frac=tc.decay_frac)
                 handle = self.stepper.launch((self.train_loader.next_batch() for _ in range(self.stepper.A)), lr)
-                if step == self.start and tc.tune_gemm:
+                if done == self.start and tc.tune_gemm:
                     self.progress.write(self.be.gemm.tuning_summary())
                 self._read_pending()  # the previous step, while the device works on this one
-                self.pending.append((step, lr, handle))
+                self.pending.append((done + 1, lr, handle))
                 dist.progress()
-                _inject_fault(dist.rank, step)
+                _inject_fault(dist.rank, done)
                 if dist.stop_agreed(stop.requested):  # every rank stops after the same step
                     break
-                if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < self.last:
-                    self._pause(self.save, step + 1)
+                if tc.checkpoint_every and (done + 1) % tc.checkpoint_every == 0 and done + 1 < self.last:
+                    self._pause(self.save, done + 1)
             self._read_pending()
         finally:
             self.progress.close()
@@ -306,7 +323,7 @@ class Trainer:
         time: from when it could start (launched, and the step before it done) to when its result existed."""
         if not self.pending:
             return
-        step, lr, handle = self.pending.pop()
+        step, lr, handle = self.pending.pop()  # step: its number, the steps done once it is
         loss, norm = handle.result()
         seconds = handle.ready - max(handle.started, self.prev_ready)
         self.prev_ready = handle.ready
@@ -321,7 +338,7 @@ class Trainer:
             self._fp8_overflow(step, handle.fp8_clamped)
         self.log.write(record)
         self.result.train_losses.append(loss)
-        self.result.steps_done = step + 1
+        self.result.steps_done = step
 
     def _fp8_overflow(self, step: int, clamped: int) -> None:
         """--dtype fp8: values beyond an FP8 format's range were clamped in this step (the delayed scales lag a
@@ -411,10 +428,10 @@ class Trainer:
             self.progress.write(f"warning: the sample at step {step} failed ({type(e).__name__}: {e}); the run "
                                 "goes on")
 
-    def save(self, next_step: int) -> None:
-        checkpointing.save(self.out, next_step, self.tc, self.model, self.opt, self.train_loader, self.sample_rng,
+    def save(self, done: int) -> None:
+        checkpointing.save(self.out, done, self.tc, self.model, self.opt, self.train_loader, self.sample_rng,
                            self.dist, self.comm, prev_step=self.saved_step, last_good=self._last_good())
-        self.saved_step, self.saved_path = next_step, self.out / CHECKPOINT
+        self.saved_step, self.saved_path = done, self.out / CHECKPOINT
 
     # ---- the end --------------------------------------------------------------------------------------------
     def finish(self) -> None:
@@ -438,7 +455,7 @@ class Trainer:
         plot_losses(self.log.path, out / "loss.png")
         done = res.steps_done
         if done < self.tc.steps:
-            print(f"stopped after step {done - 1}; continue with: llmpy train --resume {out}")
+            print(f"stopped after {done} of {self.tc.steps} steps; continue with: llmpy train --resume {out}")
         print(self.progress.summary(res.seconds, res.val_losses))
         print(f"done: {done - self.start} steps in {res.seconds:.1f} s; checkpoint {out / CHECKPOINT}, "
               f"metrics {out / 'metrics.jsonl'}, loss curve {out / 'loss.png'}, settings {out / 'config.json'}")
@@ -450,15 +467,24 @@ class Trainer:
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
-def _check_target(out: Path, resume, in_place: bool) -> None:
-    """A new run needs a folder without a run in it; a run resumed into another folder needs a new or empty one."""
-    if resume is None and os.path.exists(out / CHECKPOINT):
-        raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
+def _check_target(out: Path, resume, in_place: bool, overwrite: bool = False) -> list[Path]:
+    """A new run needs a folder without an earlier run's files in it (with --overwrite: returns them, to be
+    removed); a run resumed into another folder needs a new or empty one."""
+    if resume is None:
+        earlier = sorted(p for p in out.iterdir() if RUN_FILE.fullmatch(p.name)) if os.path.isdir(out) else []
+        if earlier and not overwrite:
+            if os.path.exists(out / CHECKPOINT):
+                raise UserError(f"{out} already holds a run: continue it with --resume {out}, choose another --out, "
+                                "or add --overwrite to start over in it")
+            raise UserError(f"{out} holds files of an earlier run ({', '.join(p.name for p in earlier[:3])}) and "
+                            "no checkpoint to resume: choose another --out, or add --overwrite to replace them")
+        return earlier
     if resume is not None and not in_place and os.path.isdir(out):
         held = sorted(p.name for p in out.iterdir() if p.name != LOCK)
         if held:
             raise UserError(f"--out {out} holds {', '.join(held[:3])}: a run resumed from {resume.src} into another "
                             "folder needs a new or empty one (its own folder is continued with --resume alone)")
+    return []
 
 
 def _fmt_bytes(n: int) -> str:
@@ -492,7 +518,8 @@ class _StopFlag:
 
 
 def _inject_fault(rank: int, step: int) -> None:
-    """For testing fault handling: LLMPY_FAULT_INJECT=R:S makes rank R die abruptly at step S."""
+    """For testing fault handling: LLMPY_FAULT_INJECT=R:S makes rank R die abruptly once step S+1 is launched (S
+    steps done)."""
     spec = os.environ.get("LLMPY_FAULT_INJECT")
     if spec and spec == f"{rank}:{step}":
         print(f"rank {rank}: dying at step {step} (LLMPY_FAULT_INJECT)", file=sys.stderr, flush=True)

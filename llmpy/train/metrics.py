@@ -28,18 +28,23 @@ def read_events(path: str | os.PathLike) -> tuple[list[dict], int]:
 
 
 class MetricsLog:
-    """Appends one JSON line per event, flushed at once (a crash loses at most the line being written).
-    `keep_before`: on resume, the events of steps before it are kept (the resumed run writes the later ones
-    again), read from `source` (the resumed run's metrics, when it continues into a new folder) or from `path`;
-    `damaged` counts the lines that could not be read and were dropped."""
+    """Appends one JSON line per event, flushed at once (a crash loses at most the line being written). Every
+    event's "step" is the number of steps done: a train loss is logged at the step it was computed in (the first
+    is 1), a val loss or task score at the steps done before it was computed (0: the initial weights).
+    `done`: on resume, the steps the checkpoint has done; the events up to that point are kept (the train losses
+    of steps 1..done, the evaluations before the done-th step: the resumed run writes the later ones again), read
+    from `source` (the resumed run's metrics, when it continues into a new folder) or from `path`; `damaged`
+    counts the lines that could not be read and were dropped."""
 
-    def __init__(self, path: str | os.PathLike, keep_before: int = 0, source: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike, done: int = 0, source: str | os.PathLike | None = None):
         self.path = Path(path)
         source = Path(source) if source is not None else self.path
         kept, self.damaged = [], 0
-        if keep_before and source.is_file():
+        if done and source.is_file():
             events, self.damaged = read_events(source)
-            kept = [json.dumps(e) + "\n" for e in events if e["step"] < keep_before]
+            events = _steps_done(events)
+            kept = [json.dumps(e) + "\n" for e in events
+                    if e["step"] < done or (e["step"] == done and "train_loss" in e)]
         atomic_write_bytes(self.path, "".join(kept).encode())
         self._f = open(self.path, "a", buffering=1)
 
@@ -52,6 +57,15 @@ class MetricsLog:
 
     def close(self) -> None:
         self._f.close()
+
+
+def _steps_done(events: list[dict]) -> list[dict]:
+    """Events with their train losses numbered by steps done. Logs of earlier versions gave a train loss the number
+    of steps done before its step (the first at 0, which no train loss has now): such a log is renumbered once, when
+    a resume rewrites it."""
+    if not any(e["step"] == 0 and "train_loss" in e for e in events):
+        return events
+    return [dict(e, step=e["step"] + 1) if "train_loss" in e else e for e in events]
 
 
 def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
@@ -73,7 +87,7 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
         ax.plot(*zip(*train), lw=1, label="train")
     if val:
         ax.plot(*zip(*val), "o-", ms=3, label="val")
-    ax.set_xlabel("step")
+    ax.set_xlabel("steps done")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     if train or val:
@@ -87,7 +101,7 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
                 pts = series(key, evs)
                 if pts:
                     ax.plot(*zip(*pts), style, ms=3, color=color, label=f"{os.path.basename(task)} {key}")  # a task file: its name
-        ax.set_xlabel("step")
+        ax.set_xlabel("steps done")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

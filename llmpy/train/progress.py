@@ -15,12 +15,12 @@ PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16 (llm.c's MFU convention)
 class Progress:
     def __init__(self, *, start: int, last: int, steps: int, show: bool, lines: bool, tokens_per_step: int,
                  flops_per_token: float | None = None, world: int = 1):
-        """start..last: the steps this invocation runs, of `steps` planned. show: this process prints (rank 0).
-        flops_per_token: the model's training FLOPs per token (GPU runs print MFU), world: GPUs sharing the
-        tokens."""
+        """start, last: the steps done when this invocation begins and when it will end, of `steps` planned.
+        show: this process prints (rank 0). flops_per_token: the model's training FLOPs per token (GPU runs print
+        MFU), world: GPUs sharing the tokens."""
         self.steps, self.show, self.lines = steps, show, lines
         self.tokens_per_step, self.flops, self.world = tokens_per_step, flops_per_token, world
-        self.timed: list[tuple[int, float]] = []  # (step, seconds)
+        self.timed: list[tuple[int, float]] = []  # (step number, seconds)
         self.bar = None
         if show and not lines:
             from tqdm import tqdm
@@ -31,7 +31,7 @@ class Progress:
         return None if not self.flops else self.flops * tokens_per_s / self.world / PEAK_FLOPS
 
     def step(self, step: int, loss: float, norm: float, lr: float, seconds: float) -> float:
-        """Shows step `step` (0-based) and returns its tokens/s."""
+        """Shows step number `step` (the steps done once it is: the first is 1) and returns its tokens/s."""
         tps = self.tokens_per_step / max(seconds, 1e-9)
         self.timed.append((step, seconds))
         mfu = self.mfu(tps)
@@ -39,7 +39,7 @@ class Progress:
             self.bar.set_postfix_str(f"loss {loss:.4f} | {tps:,.0f} tok/s | lr {lr:.2e}", refresh=False)
             self.bar.update(1)  # refreshes with the postfix just set
         elif self.show:
-            print(f"step {step + 1}/{self.steps} | loss {loss:.4f} | norm {norm:.2f} | lr {lr:.1e} | "
+            print(f"step {step}/{self.steps} | loss {loss:.4f} | norm {norm:.2f} | lr {lr:.1e} | "
                   f"{seconds * 1e3:.1f} ms | {tps:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else ""),
                   flush=True)
         return tps
@@ -61,7 +61,7 @@ class Progress:
         timed = self.timed[1:] if len(self.timed) > 1 else self.timed
         if timed:
             tps = self.tokens_per_step * len(timed) / max(sum(s for _, s in timed), 1e-9)
-            first, last = timed[0][0] + 1, timed[-1][0] + 1
+            first, last = timed[0][0], timed[-1][0]
             parts.append(f"{tps:,.0f} tok/s (mean of step{'s' if last > first else ''} {first}"
                          + (f"..{last}" if last > first else "") + ", evaluation and checkpoints left out)")
             if self.mfu(tps) is not None:

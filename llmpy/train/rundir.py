@@ -24,6 +24,7 @@ CONFIG = "config.json"
 _OURS = r"(?:checkpoint(?:-\d+)?\.safetensors|zero-step\d+-rank\d+-of-\d+\.safetensors|metrics\.jsonl|loss\.png|" \
         r"config\.json)"
 ORPHAN = re.compile(rf"\.{_OURS}\.[a-z0-9_]{{8}}\.tmp")
+RUN_FILE = re.compile(_OURS)  # what a run writes in its folder
 
 
 class RunDir:

@@ -13,6 +13,8 @@ from .config import DEFAULT_MODEL, TrainConfig
 from .optim import lr_at
 
 EPOCHS_WARNING = 10  # a run reading its training data more often than this is warned about
+CPU_PLAN_WARNING_S = 12 * 3600  # a CPU plan that needs at least this long is said to be one
+MIN_CPU_FLOPS = 5e9  # float32 FLOP/s every CPU's matrix products exceed: smaller plans are not measured
 
 
 def load_init(tc: TrainConfig):
@@ -109,6 +111,44 @@ def data_globs(tc: TrainConfig, dist, cfg) -> tuple[str, str | None]:
     return tc.train_data, tc.val_data
 
 
+def cpu_matmul_flops() -> float:
+    """This machine's float32 matrix-product rate in FLOP/s: the best of a few 1024 x 1024 products (~0.1 s on 2
+    cores). A training step reaches a fraction of it, so a time computed from it is a lower bound."""
+    import time
+
+    import numpy as np
+    a = np.random.default_rng(0).standard_normal((1024, 1024), dtype=np.float32)
+    out = np.empty_like(a)
+    best = math.inf
+    for _ in range(4):
+        t = time.perf_counter()
+        np.matmul(a, a, out=out)
+        best = min(best, time.perf_counter() - t)
+    return 2 * 1024**3 / max(best, 1e-9)
+
+
+def cpu_plan_warning(cfg, T: int, tokens_per_step: int, steps: int, n_params: int) -> str | None:
+    """One line when training `steps` steps of `tokens_per_step` tokens on the CPU obviously will not finish in
+    reasonable time (at least CPU_PLAN_WARNING_S at this CPU's peak matrix-product rate): a GPU-sized model or
+    plan, said once before the first step with the plan's size."""
+    try:
+        per_token = cfg.flops_per_token(T)
+    except (AttributeError, NotImplementedError):
+        per_token = 6 * n_params
+    total = per_token * tokens_per_step * steps
+    if total < CPU_PLAN_WARNING_S * MIN_CPU_FLOPS:
+        return None  # short on any CPU: not worth measuring
+    rate = cpu_matmul_flops()
+    seconds = total / rate
+    if seconds < CPU_PLAN_WARNING_S:
+        return None
+    took = f"{seconds / 86400:,.1f} days" if seconds >= 2 * 86400 else f"{seconds / 3600:,.0f} hours"
+    return (f"warning: this plan will not finish in reasonable time on the CPU: {steps:,} steps x {tokens_per_step:,} "
+            f"tokens of a {n_params / 1e6:,.1f}M-parameter model, about {total:.1e} FLOPs: at least {took} "
+            f"here (this CPU's matrix products peak near {rate / 1e9:,.0f} GFLOP/s); train it on a GPU "
+            "(--device cuda), or choose a smaller model, batch or fewer --steps")
+
+
 def warnings(tc: TrainConfig, resume, start: int, A: int, batches_per_epoch: int, damaged: int) -> list[str]:
     """What a person should know before the run starts: an extended schedule, dropped metrics lines, a corpus
     read many times over."""
@@ -116,11 +156,12 @@ def warnings(tc: TrainConfig, resume, start: int, A: int, batches_per_epoch: int
     if resume is not None and tc.steps > resume.planned:
         kw = {"lr": tc.lr, "schedule": tc.lr_schedule, "warmup": tc.warmup_steps, "final_frac": tc.final_lr_frac,
               "decay_frac": tc.decay_frac}
+        # step n (numbered from 1, as everywhere a person reads them) runs at lr_at(n - 1)
         old, new = lr_at(resume.planned - 1, steps=resume.planned, **kw), lr_at(start, steps=tc.steps, **kw)
         lines.append(f"warning: --extend: the run was planned for {resume.planned} steps (its lr was {old:.3g} at "
-                     f"step {resume.planned - 1}); its {tc.lr_schedule} schedule now spans {tc.steps}: lr "
-                     f"{new:.3g} at step {start}, {lr_at(tc.steps - 1, steps=tc.steps, **kw):.3g} at step "
-                     f"{tc.steps - 1}. The result is not bitwise an uninterrupted {tc.steps}-step run")
+                     f"step {resume.planned}); its {tc.lr_schedule} schedule now spans {tc.steps}: lr "
+                     f"{new:.3g} at step {start + 1}, {lr_at(tc.steps - 1, steps=tc.steps, **kw):.3g} at step "
+                     f"{tc.steps}. The result is not bitwise an uninterrupted {tc.steps}-step run")
     if damaged:
         lines.append(f"warning: {damaged} damaged line(s) of metrics.jsonl could not be read and were dropped")
     epochs = tc.steps * A / batches_per_epoch

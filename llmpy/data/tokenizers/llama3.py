@@ -12,6 +12,7 @@ import base64
 import functools
 import hashlib
 import importlib.metadata
+import json
 import shutil
 import subprocess
 import sys
@@ -183,6 +184,64 @@ def get_tokenizer() -> Tokenizer:
     special = {t: len(ranks) + i for i, t in enumerate(SPECIAL)}
     return Tokenizer(tiktoken.Encoding(name="llama3-llmpy", pat_str=PATTERN, mergeable_ranks=ranks,
                                        special_tokens=special))
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte-to-character table (`bytes_to_unicode`), which the `tokenizers` byte-level BPE spells tokens
+    with: printable bytes stand for themselves, the others for characters from U+0100 on."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return [out[b] for b in range(256)]
+
+
+def hf_tokenizer_files(max_len: int) -> dict[str, bytes]:
+    """Llama 3's tokenizer as the files transformers loads (tokenizer.json for `tokenizers`, tokenizer_config.json),
+    keyed by file name, the way Meta's Hugging Face repositories hold it: a byte-level BPE whose merges are every
+    split of each token into two tokens, in the order of the token's rank (which is tiktoken's rule: the pair
+    whose join ranks lowest merges first; `ignore_merges` takes a piece that is a token whole, as tiktoken does),
+    Meta's split regex before it, the 256 special tokens, and <|begin_of_text|> put before each text (what
+    `llmpy prepare` puts before each document). `max_len`: the model's context. Unlike our `encode`, transformers
+    matches special-token text as the special token."""
+    ranks = _ranks(model_file_bytes())
+    chars = _byte_chars()
+
+    def spell(b: bytes) -> str:
+        return "".join(chars[x] for x in b)
+    merges = []
+    for token in ranks:  # in rank order
+        pairs = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        pairs.sort(key=lambda p: (ranks[p[0]], ranks[p[1]]))
+        merges += [[spell(a), spell(b)] for a, b in pairs]
+    specials = [{"id": len(ranks) + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": False, "special": True} for i, t in enumerate(SPECIAL)]
+    bos = {"id": SPECIAL[0], "type_id": 0}
+    tokenizer = {  # the `tokenizers` library's serialization, as in Meta's Llama 3 repositories on the Hub
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": specials, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": {"type": "Sequence", "processors": [
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+            {"type": "TemplateProcessing",
+             "single": [{"SpecialToken": bos}, {"Sequence": {"id": "A", "type_id": 0}}],
+             "pair": [{"SpecialToken": bos}, {"Sequence": {"id": "A", "type_id": 0}},
+                      {"SpecialToken": bos | {"type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+             "special_tokens": {SPECIAL[0]: {"id": SPECIAL[0], "ids": [len(ranks)], "tokens": [SPECIAL[0]]}}}]},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": {spell(t): r for t, r in ranks.items()}, "merges": merges}}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, "bos_token": SPECIAL[0],
+              "eos_token": SPECIAL[1], "clean_up_tokenization_spaces": False,
+              "model_input_names": ["input_ids", "attention_mask"]}
+    return {"tokenizer.json": (json.dumps(tokenizer, ensure_ascii=False) + "\n").encode("utf-8"),
+            "tokenizer_config.json": (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")}
 
 
 def fingerprint() -> dict:

@@ -18,6 +18,7 @@ import importlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,38 @@ from ..safetensors import load_safetensors, no_duplicates, read_safetensors_head
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CODECS = ("gpt2", "llama3", "mmfree")  # families with an HF codec in formats/hf/<family>.py
+
+
+def document_tokens(vocab_size: int) -> tuple[int, int] | None:
+    """(bos, eos) ids of the tokenizer llmpy reads a model of this vocabulary with (data/tokenizers
+    `tokenizer_for`): Llama 3's for 128,256 tokens or more, GPT-2's for 50,257 or more; None below."""
+    from ...data.tokenizers.gpt2 import GPT2_EOT, GPT2_VOCAB
+    if vocab_size >= 128256:
+        return 128000, 128001  # <|begin_of_text|>, <|end_of_text|>
+    return (GPT2_EOT, GPT2_EOT) if vocab_size >= GPT2_VOCAB else None
+
+
+def tokenizer_files(cfg) -> dict[str, bytes]:
+    """What an export writes beside the weights so that transformers' pipeline runs from the folder alone: the
+    tokenizer llmpy uses for the model's vocabulary (document_tokens) and generation_config.json. A vocabulary
+    smaller than GPT-2's (a toy trained on other ids, or another tokenizer's such as the released MatMul-free
+    models' 32,000) gets neither, with a warning."""
+    ids = document_tokens(cfg.vocab_size)
+    if ids is None:
+        warnings.warn(f"no tokenizer exported: the model's vocabulary ({cfg.vocab_size}) is smaller than GPT-2's "
+                      "(50257), the smallest of the tokenizers llmpy knows", stacklevel=3)
+        return {}
+    if ids[0] == 128000:
+        from ...data.tokenizers.llama3 import hf_tokenizer_files
+    else:
+        from ...data.tokenizers.gpt2 import hf_tokenizer_files
+    try:
+        files = hf_tokenizer_files(cfg.max_seq_len)
+    except UserError as e:  # Llama 3's tokenizer.model is fetched once; offline, the weights still export
+        warnings.warn(f"no tokenizer exported: {e}", stacklevel=3)
+        return {}
+    gen = {"bos_token_id": ids[0], "eos_token_id": ids[1]}
+    return files | {"generation_config.json": (json.dumps(gen, indent=2) + "\n").encode()}
 
 
 def config_json_beside(file: Path, what: str, why: str = "") -> dict:
@@ -212,9 +245,12 @@ def write_hf_model(path: str | os.PathLike, cfg, params: dict[str, np.ndarray]) 
     Returns the files written."""
     codec = _codec(type(cfg).family)
     p = Path(path)
+    params = check_params(cfg, params, f"cannot write {p}")
+    config = json.dumps(codec.config_json(cfg), indent=2, allow_nan=False) + "\n"
+    files = {"config.json": config.encode("utf-8")}
+    files |= codec.extra_files(cfg) if hasattr(codec, "extra_files") else {}  # tokenizer, generation config
     if p.suffix != ".safetensors":
         p = make_dir(p, "model folder") / WEIGHTS_NAME
-    params = check_params(cfg, params, f"cannot write {p}")
     to_hf = getattr(codec, "to_hf", lambda key, a, cfg: a)
     out = {}
     for s in sorted(family_of(cfg).spec(cfg), key=lambda s: s.per_layer):  # the global tensors first
@@ -229,8 +265,6 @@ def write_hf_model(path: str | os.PathLike, cfg, params: dict[str, np.ndarray]) 
     # transformers refuses safetensors files without a "format" entry in the metadata; no llmpy checksums: the
     # file is for other tools
     save_safetensors(p, out, {"format": "pt"}, checksums=False)
-    files = {"config.json": (json.dumps(codec.config_json(cfg), indent=2, allow_nan=False) + "\n").encode("utf-8")}
-    files |= codec.extra_files(cfg) if hasattr(codec, "extra_files") else {}  # tokenizer, generation config
     for name, data in files.items():
         atomic_write(p.parent / name, lambda f, data=data: f.write(data))
     return [p, *(p.parent / name for name in files)]

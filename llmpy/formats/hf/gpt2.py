@@ -7,9 +7,7 @@ tied head, `lm_head.weight`. An export also gets GPT-2's tokenizer files and gen
 """
 from __future__ import annotations
 
-import json
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import numpy as np
 from ...errors import UserError
 from ...models.base import pad_vocab
 from ...models.gpt2 import GPT2Config
-from . import config_json_beside, setting
+from . import config_json_beside, setting, tokenizer_files
 
 TITLE = "GPT-2"
 _BUFFERS = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers, not parameters
@@ -95,12 +93,5 @@ def config_json(cfg: GPT2Config) -> dict:
 
 
 def extra_files(cfg: GPT2Config) -> dict[str, bytes]:
-    """generation_config.json and the tokenizer llmpy uses for GPT-2 (data/tokenizers/gpt2.py), for a model whose
-    vocabulary holds it; a smaller one (a toy trained on other ids) gets neither, with a warning."""
-    from ...data.tokenizers.gpt2 import GPT2_EOT, GPT2_VOCAB, hf_tokenizer_files
-    if cfg.vocab_size < GPT2_VOCAB:
-        warnings.warn(f"no tokenizer exported: the model's vocabulary ({cfg.vocab_size}) is smaller than GPT-2's "
-                      f"({GPT2_VOCAB})", stacklevel=3)
-        return {}
-    gen = {"bos_token_id": GPT2_EOT, "eos_token_id": GPT2_EOT}
-    return hf_tokenizer_files(cfg.max_seq_len) | {"generation_config.json": (json.dumps(gen, indent=2) + "\n").encode()}
+    """generation_config.json and the tokenizer llmpy reads the model with (GPT-2's, data/tokenizers/gpt2.py)."""
+    return tokenizer_files(cfg)

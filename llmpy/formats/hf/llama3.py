@@ -16,7 +16,7 @@ import numpy as np
 from ...errors import UserError
 from ...models.base import pad_vocab
 from ...models.llama3 import LlamaConfig
-from . import config_json_beside, setting
+from . import config_json_beside, document_tokens, setting, tokenizer_files
 
 TITLE = "Llama 3"
 # config.json settings that change the math; other values are not the Llama 3 we compute
@@ -130,10 +130,16 @@ def config_json(cfg: LlamaConfig) -> dict:
            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tied,
            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
     # the document and end tokens of the tokenizer the vocabulary belongs to (Llama 3's, else GPT-2's)
-    out["bos_token_id"], out["eos_token_id"] = (128000, 128001) if cfg.vocab_size >= 128256 else (50256, 50256)
+    out["bos_token_id"], out["eos_token_id"] = document_tokens(cfg.vocab_size) or (50256, 50256)
     if cfg.rope_factor != 1.0:
         out["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_factor,
                                "low_freq_factor": cfg.rope_low_freq_factor,
                                "high_freq_factor": cfg.rope_high_freq_factor,
                                "original_max_position_embeddings": cfg.rope_original_context}
     return out
+
+
+def extra_files(cfg: LlamaConfig) -> dict[str, bytes]:
+    """generation_config.json and the tokenizer llmpy reads the model with: Llama 3's for its vocabulary of
+    128,256, GPT-2's for the small configs trained on GPT-2's tokens."""
+    return tokenizer_files(cfg)

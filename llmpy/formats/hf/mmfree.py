@@ -16,7 +16,7 @@ import numpy as np
 from ...errors import UserError
 from ...models.base import pad_vocab
 from ...models.mmfree import MMFreeConfig
-from . import config_json_beside, setting
+from . import config_json_beside, document_tokens, setting, tokenizer_files
 
 TITLE = "MatMul-free LM (hgrn_bit)"
 # config.json settings that change the math: anything else is not the model we compute
@@ -91,6 +91,14 @@ def config_json(cfg: MMFreeConfig) -> dict:
            "hidden_ratio": 4, "intermediate_size": cfg.ffn_hidden, "hidden_act": "swish",
            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": False,
            "initializer_range": 0.02, "torch_dtype": "float32"}
-    # the document tokens of the tokenizer the vocabulary belongs to (Mistral's SentencePiece, else GPT-2's)
-    out["bos_token_id"], out["eos_token_id"] = (1, 2) if cfg.vocab_size == 32000 else (50256, 50256)
+    # the document tokens of the tokenizer the vocabulary belongs to (Mistral's SentencePiece, Llama 3's or GPT-2's)
+    out["bos_token_id"], out["eos_token_id"] = ((1, 2) if cfg.vocab_size == 32000 else
+                                                document_tokens(cfg.vocab_size) or (50256, 50256))
     return out
+
+
+def extra_files(cfg: MMFreeConfig) -> dict[str, bytes]:
+    """generation_config.json and the tokenizer llmpy reads the model with, where it knows it (GPT-2's or Llama
+    3's, by the vocabulary); the released models' 32,000 tokens are Mistral's SentencePiece, which llmpy does not
+    ship: such an export gets none (copy the model's own tokenizer files beside it)."""
+    return tokenizer_files(cfg)
