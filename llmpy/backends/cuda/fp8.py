@@ -27,7 +27,9 @@ class CudaFp8(Fp8Products):
         super().__init__(be, weights)
         cp = be.cp
         P = len(self.weights)
-        self.inv = be.zeros(P * 3, np.float32).reshape(P, 3)
+        # the dequantizing factors 1 / scale that cuBLASLt reads through its scale pointers, one 16-byte slot each
+        # (a pointer into a packed fp32 array is refused when the product runs: CUBLAS_STATUS_NOT_SUPPORTED)
+        self.inv = be.zeros(P * 3 * 4, np.float32).reshape(P, 3, 4)
         self.inv[...] = 1.0
         self._cal = be.zeros(1, np.float32)  # a calibrating quantization's own amax
         bad = [w.shape for w in self.weights if w.shape[0] % 16 or w.shape[1] % 16]
@@ -53,7 +55,7 @@ class CudaFp8(Fp8Products):
 
     # ---- one scalar of the state as a one-element array (a kernel argument, a cuBLASLt scale pointer) ----------
     def _at(self, a, i: int, role: int):
-        k = 3 * i + role
+        k = (3 * i + role) * (a.size // (3 * a.shape[0]))  # (inv holds 4 floats a slot)
         return a.reshape(-1)[k:k + 1]
 
     def _launch_grid(self, n: int) -> tuple[int]:
@@ -107,7 +109,7 @@ class CudaFp8(Fp8Products):
     def load_state(self, state: dict) -> None:
         super().load_state(state)  # the scales, then the weights quantized with them
         host = np.asarray(self.be.to_numpy(self.scale), np.float32)
-        self.be.upload(self.inv, (1.0 / host).astype(np.float32))
+        self.be.upload(self.inv, np.repeat((1.0 / host)[..., None], 4, axis=-1).astype(np.float32))
 
     # ---- the products ---------------------------------------------------------------------------------------
     def forward(self, out, inp, b, gelu_pre, i: int) -> None:

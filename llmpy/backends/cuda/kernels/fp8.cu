@@ -159,6 +159,7 @@ __global__ void fp8_begin(float* pending, int* clamped, int P) {
 
 // After a step: each of the n = P * 3 operands' history (H newest first) takes its pending amax (non-finite: 0),
 // its scale comes from the history's max (all zero: unchanged), pending returns to 0. Role = index % 3 (X, W, D).
+// inv: 1 / scale in slots of 4 floats (16-byte aligned: what cuBLASLt's scale pointers take)
 __global__ void fp8_fold(float* __restrict__ hist, float* __restrict__ pending, float* __restrict__ scale,
                          float* __restrict__ inv, int n, int H) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -171,6 +172,6 @@ __global__ void fp8_fold(float* __restrict__ hist, float* __restrict__ pending, 
     for (int k = 0; k < H; k++) top = fmaxf(top, h[k]);
     const float s = scale_from_amax(top, fp8_max(i % 3 == 2), scale[i]);
     scale[i] = s;
-    inv[i] = 1.0f / s;
+    inv[4 * i] = 1.0f / s;
     pending[i] = 0.0f;
 }
