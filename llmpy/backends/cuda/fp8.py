@@ -122,16 +122,8 @@ class CudaFp8(Fp8Products):
         if gelu_pre is None:
             be.gemm.mm_fp8(out, xq, self.wq[i], M, OC, K, x_inv, w_inv, bias=b)
             return
-        key = (M, OC, K)
-        if self._gelu_epilogue.get(key, True):
-            try:  # out = gelu(. + b), the pre-GELU values saved (cuBLASLt's epilogue)
-                be.gemm.mm_fp8(out, xq, self.wq[i], M, OC, K, x_inv, w_inv, bias=b, gelu_aux=gelu_pre)
-                self._gelu_epilogue[key] = True
-                return
-            except Exception:  # no FP8 algorithm with that epilogue (known at planning, on the eager first step)
-                if be.capturing:
-                    raise
-                self._gelu_epilogue[key] = False
+        # the product, then our GELU kernel: the one the backward's recompute runs (cuBLASLt's FP8 GELU epilogue
+        # rounds differently, and --recompute must not change the numbers)
         be.gemm.mm_fp8(gelu_pre, xq, self.wq[i], M, OC, K, x_inv, w_inv, bias=b)  # the product, then our GELU
         be.gelu_forward(out, gelu_pre)
 
