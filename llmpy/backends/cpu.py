@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import layers as Lr
 from ..errors import UserError
+from .fp8 import Fp8Ops
 from .fresh import FreshGrads
 from .ops import DinpSums, OpShapes, take_sums
 
@@ -36,7 +37,7 @@ def blocks(n: int, size: int) -> tuple[slice, ...]:
     return tuple(slice(i, min(i + size, n)) for i in range(0, n, size))
 
 
-class CPUBackend(FreshGrads):
+class CPUBackend(FreshGrads, Fp8Ops):
     name = "cpu"
     xp = np
 
@@ -45,7 +46,6 @@ class CPUBackend(FreshGrads):
             raise UserError(f"the cpu device supports --dtype fp32 only (got {dtype})")
         self.dtype_name = dtype
         self.fp8_enabled = fp8   # --dtype fp8: registered products emulate the FP8 recipe (backends/fp8.py)
-        self.fp8 = None          # the registered products (fp8_register)
         self.act_dtype = self.param_dtype = self.stat_dtype = np.dtype(_DTYPES[dtype])
         self.acc_dtype = np.dtype(np.float64)         # loss sums and the gradient norm
         self.ws = None
@@ -227,31 +227,9 @@ class CPUBackend(FreshGrads):
         for i in blocks(dy.shape[0], self._rows(F)):
             Lr.swiglu_backward(dx[i], x[i], dy[i], scratch=self.ws)
 
-    # ---- FP8 products (--dtype fp8; backends/fp8.py) ---------------------------------------------------------
-    def fp8_register(self, weights, rows: int) -> int:
+    def _fp8_new(self, weights, rows: int):  # --dtype fp8's products (Fp8Ops): the recipe emulated in NumPy
         from .fp8 import CpuFp8
-        if not self.fp8_enabled:
-            raise ValueError("fp8_register: this backend was not made for --dtype fp8")
-        self.fp8 = CpuFp8(self, weights)
-        return sum(w.size for w in self.fp8.weights) + self.fp8.hist.nbytes
-
-    def fp8_begin_step(self) -> None:
-        self.fp8.begin_step()
-
-    def fp8_end_step(self) -> None:
-        self.fp8.end_step()
-
-    def fp8_quantize_weights(self) -> None:
-        self.fp8.quantize_weights()
-
-    def fp8_state(self) -> dict:
-        return self.fp8.state()
-
-    def fp8_load_state(self, state: dict) -> None:
-        self.fp8.load_state(state)
-
-    def _fp8_slot(self, w):
-        return None if self.fp8 is None else self.fp8.slot(w)
+        return CpuFp8(self, weights)
 
     def matmul_forward(self, out, inp, w, b, gelu_pre=None):
         # gelu_pre given: gelu_pre = inp @ w.T + b is saved and out = gelu(gelu_pre)

@@ -17,6 +17,38 @@ from ..errors import UserError
 from ..layers import fp8 as F
 
 
+class Fp8Ops:
+    """The --dtype fp8 ops of backends/ops.py, the same on both backends: each delegates to the registry of FP8
+    products (`self.fp8`) that the backend's `_fp8_new(weights, rows)` makes."""
+    fp8_enabled = False  # the backend was made for --dtype fp8
+    fp8 = None           # its registered products (fp8_register)
+
+    def fp8_register(self, weights, rows: int) -> int:
+        if not self.fp8_enabled:
+            raise ValueError("fp8_register: this backend was not made for --dtype fp8")
+        self.fp8 = self._fp8_new(weights, rows)
+        return self.fp8.nbytes
+
+    def fp8_begin_step(self) -> None:
+        self.fp8.begin_step()
+
+    def fp8_end_step(self) -> None:
+        self.fp8.end_step()
+
+    def fp8_quantize_weights(self) -> None:
+        self.fp8.quantize_weights()
+
+    def fp8_state(self) -> dict:
+        return self.fp8.state()
+
+    def fp8_load_state(self, state: dict) -> None:
+        self.fp8.load_state(state)
+
+    def _fp8_slot(self, w) -> int | None:
+        """The registered product whose weight is w, if any."""
+        return None if self.fp8 is None else self.fp8.slot(w)
+
+
 class Fp8Products:
     """The registered products: slot by weight address, scale state arrays (the backend's), host-side flags."""
 
@@ -77,6 +109,7 @@ class CpuFp8(Fp8Products):
         fx, fw, fd = F.formats()
         self.fmt = (fx, fw, fd)
         self.wq = [np.zeros(w.shape, fw) for w in self.weights]
+        self.nbytes = sum(w.size for w in self.weights) + self.hist.nbytes
 
     def _scale_for(self, i: int, role: int, x) -> float:
         """Records x's amax as product i's operand `role` and returns its scale (set from that amax when

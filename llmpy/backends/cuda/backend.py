@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from ...errors import UserError
+from ..fp8 import Fp8Ops
 from ..fresh import FreshGrads
 from ..ops import DinpSums, OpShapes, take_sums
 from .gemm import Gemm
@@ -35,7 +36,7 @@ _FAMILIES = ("encoder", "layernorm", "rmsnorm", "matmul", "gelu", "swiglu", "rop
              "classifier", "adamw", "cast")  # (fp8 and the MatMul-free kernels load with their ops)
 
 
-class CUDABackend(FreshGrads):
+class CUDABackend(FreshGrads, Fp8Ops):
     name = "cuda"
 
     def __init__(self, dtype: str = "bf16", attention: str = "auto", device_id: int | None = None, fp8: bool = False):
@@ -62,7 +63,6 @@ class CUDABackend(FreshGrads):
         self.fresh = []                  # byte ranges of parameter gradients that count as zero (fresh_grads)
         self.mmfree = MMFree(self)       # BitLinear, MLGRU, lower bounds (mmfree.py) and their scratch
         self.fp8_enabled = fp8           # --dtype fp8: registered products on FP8 tensor cores (fp8.py)
-        self.fp8 = None
         if fp8:
             cc = int(cp.cuda.Device().compute_capability)  # "90" on Hopper
             if dtype != "bf16" or cc < 89:
@@ -425,31 +425,9 @@ class CUDABackend(FreshGrads):
         redo = redo if redo is not None else np.uint64(0)  # null: no recompute
         self.k["swiglu"].swiglu_backward(grid, (256,), (dinp, inp, dout, redo, n, np.int32(F)))
 
-    # ---- FP8 products (--dtype fp8; fp8.py) -----------------------------------------------------------------
-    def fp8_register(self, weights, rows: int) -> int:
+    def _fp8_new(self, weights, rows: int):  # --dtype fp8's products (Fp8Ops) on the FP8 tensor cores
         from .fp8 import CudaFp8
-        if not self.fp8_enabled:
-            raise ValueError("fp8_register: this backend was not made for --dtype fp8")
-        self.fp8 = CudaFp8(self, weights, rows)
-        return self.fp8.nbytes
-
-    def fp8_begin_step(self) -> None:
-        self.fp8.begin_step()
-
-    def fp8_end_step(self) -> None:
-        self.fp8.end_step()
-
-    def fp8_quantize_weights(self) -> None:
-        self.fp8.quantize_weights()
-
-    def fp8_state(self) -> dict:
-        return self.fp8.state()
-
-    def fp8_load_state(self, state: dict) -> None:
-        self.fp8.load_state(state)
-
-    def _fp8_slot(self, w):
-        return None if self.fp8 is None else self.fp8.slot(w)
+        return CudaFp8(self, weights, rows)
 
     def matmul_forward(self, out, inp, w, b, gelu_pre=None):
         OC, K = w.shape

@@ -229,7 +229,6 @@ class Gemm:
         Leading dimensions default to the contiguous ones; batch > 1 runs strided batched products. out_fp32: out
         (and the accumulated C) is fp32 whatever the operands' dtype (bf16 x bf16 -> fp32: BitLinear's backward).
         Integer operands go through mm_int8."""
-        lt = self.lt
         ldx = ldx or (M if transx else K)
         ldy = ldy or (K if transy else N)
         ldo = ldo or N
@@ -240,14 +239,18 @@ class Gemm:
         align = (_align(y), _align(x), _align(out), _align(out))
         key = (transy, transx, N, M, K, ldy, ldx, ldo, int(epi), accumulate, batch, stride_y, stride_x, stride_o,
                align, _R32F if out_fp32 else self.dtype, self.dtype)
-        plan = self._plan(key)
+        self._launch(self._plan(key), out, x, y, accumulate, bias, aux, ldo, stream)
+
+    def _launch(self, plan, out, x, y, accumulate, bias, aux, aux_ld, stream) -> None:
+        """Runs a planned product out [+]= op(x) op(y) (cuBLASLt's A = y, B = x) with its epilogue's pointers."""
+        lt = self.lt
         desc, la, lb, ld_ = plan[:4]
         D = lt.MatmulDescAttribute
         if bias is not None:
             self._set(lt.matmul_desc_set_attribute, desc, D.BIAS_POINTER, bias.data.ptr, np.int64)
         if aux is not None:
             self._set(lt.matmul_desc_set_attribute, desc, D.EPILOGUE_AUX_POINTER, aux.data.ptr, np.int64)
-            self._set(lt.matmul_desc_set_attribute, desc, D.EPILOGUE_AUX_LD, ldo, np.int64)
+            self._set(lt.matmul_desc_set_attribute, desc, D.EPILOGUE_AUX_LD, aux_ld, np.int64)
         s = stream if stream is not None else self.cupy.cuda.get_current_stream()
         beta = self._one if accumulate else self._zero
 
@@ -274,23 +277,10 @@ class Gemm:
         align = (_align(y), _align(x), _align(out), _align(out))
         key = (True, False, N, M, K, K, K, N, int(epi), accumulate, 1, 0, 0, 0, align, self.dtype, types)
         plan = self._plan(key)
-        desc, la, lb, ld_ = plan[:4]
         D = lt.MatmulDescAttribute
-        self._set(lt.matmul_desc_set_attribute, desc, D.A_SCALE_POINTER, y_inv.data.ptr, np.int64)
-        self._set(lt.matmul_desc_set_attribute, desc, D.B_SCALE_POINTER, x_inv.data.ptr, np.int64)
-        if bias is not None:
-            self._set(lt.matmul_desc_set_attribute, desc, D.BIAS_POINTER, bias.data.ptr, np.int64)
-        if gelu_aux is not None:
-            self._set(lt.matmul_desc_set_attribute, desc, D.EPILOGUE_AUX_POINTER, gelu_aux.data.ptr, np.int64)
-            self._set(lt.matmul_desc_set_attribute, desc, D.EPILOGUE_AUX_LD, N, np.int64)
-        s = stream if stream is not None else self.cupy.cuda.get_current_stream()
-        beta = self._one if accumulate else self._zero
-
-        def launch(algo):
-            lt.matmul(self.handle, desc, self._one.ctypes.data, y.data.ptr, la, x.data.ptr, lb, beta.ctypes.data,
-                      out.data.ptr, ld_, out.data.ptr, ld_, algo.ctypes.data, self.workspace.data.ptr,
-                      WORKSPACE_BYTES, s.ptr)
-        launch(plan[6] if plan[6] is not None else self._choose(plan, launch, out, accumulate, s))
+        self._set(lt.matmul_desc_set_attribute, plan[0], D.A_SCALE_POINTER, y_inv.data.ptr, np.int64)
+        self._set(lt.matmul_desc_set_attribute, plan[0], D.B_SCALE_POINTER, x_inv.data.ptr, np.int64)
+        self._launch(plan, out, x, y, accumulate, bias, gelu_aux, N, stream)
 
     def mm_int8(self, out, x, y, M, N, K, stream=None):
         """out (M, N) int32 = x (M, K) int8 @ y (N, K)^T int8 on the int8 tensor cores, int32 accumulation: exact.
