@@ -38,7 +38,6 @@ class CudaFp8(Fp8Products):
                             + (f"; weights {bad[0]}" if bad else "") + ")")
         self.k = module("fp8", be.dtype_name)
         self._blocks = 4 * cp.cuda.Device().attributes["MultiProcessorCount"]  # the grid of the grid-stride kernels
-        self._gelu_epilogue = {}  # (M, OC, K) -> whether cuBLASLt has an FP8 GELU_AUX_BIAS product for it
         sizes = [int(np.prod(w.shape)) for w in self.weights]
         self._wbuf = cp.zeros(2 * sum(sizes) + 16 * len(sizes), dtype=cp.uint8)  # Wq and WqT of every weight
         self.wq, self.wqT, o = [], [], 0
