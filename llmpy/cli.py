@@ -374,7 +374,10 @@ def _cmd_convert(args) -> int:
         write_llmc_model(args.output, cfg, params, dtype="bf16" if to == "llmc-bf16" else "fp32")
     elif to == "hf":
         drop_hf_shards(args.output)  # only there with --overwrite
-        write_hf_model(args.output, cfg, params)
+        from pathlib import Path
+        src = Path(args.input) if os.path.isdir(args.input) else Path(args.input).parent
+        hf_src = src if (src / "config.json").is_file() else None  # a Hugging Face model folder: its tokenizer
+        write_hf_model(args.output, cfg, params, tokenizer_from=hf_src)
     else:
         save_checkpoint(args.output, cfg, params)
     print(f"wrote {args.output} ({to})")

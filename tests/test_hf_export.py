@@ -179,6 +179,36 @@ def test_small_models_on_gpt2s_tokens_export_gpt2s_tokenizer(tmp_path, family):
         assert files == {"model.safetensors", "config.json"}
 
 
+@pytest.mark.filterwarnings("always:no tokenizer exported")
+def test_converting_a_model_folder_carries_its_own_tokenizer(tmp_path, capsys):
+    """A released MatMul-free model's 32,000-token SentencePiece is not one llmpy ships: `llmpy convert` of its
+    Hugging Face folder writes the folder's own tokenizer files beside the export, byte for byte (and an export
+    from a folder without them gets none, as before)."""
+    import warnings
+
+    from llmpy.cli import main
+    from llmpy.config import config_from_name, family_of
+    cfg = config_from_name("mmfree:l1d32v32000t16")
+    params = {s.name: np.full(s.shape, 0.01, np.float32) for s in family_of(cfg).spec(cfg)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_hf_model(tmp_path / "released", cfg, params)
+    own = {"tokenizer.model": b"\x00sentencepiece bytes\xff", "tokenizer_config.json": b'{"add_bos_token": true}\n',
+           "special_tokens_map.json": b'{"bos_token": "<s>"}\n'}
+    for name, data in own.items():
+        (tmp_path / "released" / name).write_bytes(data)
+    assert main(["convert", str(tmp_path / "released"), str(tmp_path / "out"), "--to", "hf"]) == 0
+    for name, data in own.items():
+        assert (tmp_path / "out" / name).read_bytes() == data, name
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    for name in own:
+        (tmp_path / "released" / name).unlink()
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "released"), str(tmp_path / "out2"), "--to", "hf"]) == 0
+    assert "warning: no tokenizer exported" in capsys.readouterr().err
+    assert not (tmp_path / "out2" / "tokenizer.model").exists()
+
+
 def test_a_llama3_export_without_its_tokenizer_still_writes_the_model(tmp_path, monkeypatch):
     """Offline, where Llama 3's tokenizer.model cannot be fetched, the weights and config are still exported, with a
     warning that says why there is no tokenizer."""

@@ -238,17 +238,33 @@ def _take(file: Path, t: dict[str, np.ndarray], key: str, shape: tuple[int, ...]
     return a.astype(np.float32, copy=False)
 
 
-def write_hf_model(path: str | os.PathLike, cfg, params: dict[str, np.ndarray]) -> list[Path]:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def own_tokenizer_files(folder: str | os.PathLike | None) -> dict[str, bytes]:
+    """The tokenizer files a Hugging Face model folder holds (TOKENIZER_FILES), to go with an export of its model;
+    {} when it holds no tokenizer.json or tokenizer.model."""
+    if folder is None or not any(os.path.isfile(Path(folder) / n) for n in TOKENIZER_FILES[:2]):
+        return {}
+    return {n: read_input(Path(folder) / n) for n in TOKENIZER_FILES if os.path.isfile(Path(folder) / n)}
+
+
+def write_hf_model(path: str | os.PathLike, cfg, params: dict[str, np.ndarray], *,
+                   tokenizer_from: str | os.PathLike | None = None) -> list[Path]:
     """Export to HF: `path` is the .safetensors file to write, or a folder (created if needed) that gets
     model.safetensors; config.json and the family's other files (tokenizer, generation config) are written beside
-    it. Float32, vocabulary padding cut, HF's orientation. Each file is replaced atomically (the weights first).
-    Returns the files written."""
+    it: the tokenizer files of the model folder `tokenizer_from` where it has them (the model's own, e.g. the
+    released MatMul-free models' SentencePiece), else the tokenizer llmpy reads the model with. Float32,
+    vocabulary padding cut, HF's orientation. Each file is replaced atomically (the weights first). Returns the
+    files written."""
     codec = _codec(type(cfg).family)
     p = Path(path)
     params = check_params(cfg, params, f"cannot write {p}")
     config = json.dumps(codec.config_json(cfg), indent=2, allow_nan=False) + "\n"
     files = {"config.json": config.encode("utf-8")}
-    files |= codec.extra_files(cfg) if hasattr(codec, "extra_files") else {}  # tokenizer, generation config
+    own = own_tokenizer_files(tokenizer_from)
+    files |= own or (codec.extra_files(cfg) if hasattr(codec, "extra_files") else {})  # tokenizer, generation
     if p.suffix != ".safetensors":
         p = make_dir(p, "model folder") / WEIGHTS_NAME
     to_hf = getattr(codec, "to_hf", lambda key, a, cfg: a)

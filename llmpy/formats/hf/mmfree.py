@@ -100,5 +100,5 @@ def config_json(cfg: MMFreeConfig) -> dict:
 def extra_files(cfg: MMFreeConfig) -> dict[str, bytes]:
     """generation_config.json and the tokenizer llmpy reads the model with, where it knows it (GPT-2's or Llama
     3's, by the vocabulary); the released models' 32,000 tokens are Mistral's SentencePiece, which llmpy does not
-    ship: such an export gets none (copy the model's own tokenizer files beside it)."""
+    ship: such an export gets none here (`llmpy convert` of a released folder copies the folder's own files)."""
     return tokenizer_files(cfg)
