@@ -207,6 +207,13 @@ def test_converting_a_model_folder_carries_its_own_tokenizer(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "released"), str(tmp_path / "out2"), "--to", "hf"]) == 0
     assert "warning: no tokenizer exported" in capsys.readouterr().err
     assert not (tmp_path / "out2" / "tokenizer.model").exists()
+    # a tokenizer.model beside a named weights file is one of the files an export would replace: refused
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "tokenizer.model").write_bytes(b"the user's own")
+    (tmp_path / "released" / "tokenizer.model").write_bytes(b"the source's")
+    assert main(["convert", str(tmp_path / "released"), str(tmp_path / "mine" / "model.safetensors")]) == 2
+    assert "already holds tokenizer.model" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "tokenizer.model").read_bytes() == b"the user's own"
 
 
 def test_a_llama3_export_without_its_tokenizer_still_writes_the_model(tmp_path, monkeypatch):

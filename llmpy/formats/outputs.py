@@ -11,11 +11,13 @@ import re
 from pathlib import Path
 
 from ..errors import UserError
+from .hf import TOKENIZER_FILES
 
 FORMATS = ("llmc", "llmc-bf16", "hf", "checkpoint", "ternary", "ternary-2bit")
-# what an HF export writes beside model.safetensors (formats/hf/<family>.py), and the sharded layout it replaces
-HF_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+# what an HF export writes beside model.safetensors (formats/hf: the tokenizer files, its own or a source
+# folder's), and the sharded layout it replaces
+HF_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "vocab.json", "merges.txt",
+            *TOKENIZER_FILES)
 _HF_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
