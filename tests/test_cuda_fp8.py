@@ -84,6 +84,41 @@ def test_quantize_kernels_are_the_numpy_recipe_bit_for_bit(dtype, role):
             assert np.all(cp.asnumpy(q2) == 0xAB) and int(clamped.get()[0]) == 0
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("kind", ["gelu", "swiglu"])
+def test_fused_producers_write_the_separate_passes_bytes(dtype, kind):
+    """fp8_gelu_t / fp8_swiglu_t (the activation written straight as the next product's FP8 copies) against the
+    activation's own kernel followed by fp8_quantize_t: the same bytes in both layouts, the same amax and clamp
+    count, and the same activation where it is written too (none where out is null)."""
+    cp, k = _cp(), _k(dtype)
+    be = get_backend("cuda", dtype)
+    rng = np.random.default_rng(11)
+    rows, cols = 80, 144  # multiples of 16, not of the 64 x 64 tile
+    inp, _ = _host_input(rng, (rows, 2 * cols if kind == "swiglu" else cols), dtype)
+    ref = cp.zeros((rows, cols), inp.dtype)
+    be.gelu_forward(ref, inp) if kind == "gelu" else be.swiglu_forward(ref, inp)
+    scale = cp.asarray(np.array([2.0 ** 5], np.float32))  # |value| > 14 clamps
+    grid, null = ((cols + 63) // 64, (rows + 63) // 64), np.uint64(0)
+
+    def run(fn, *src):
+        qT, q = cp.full(rows * cols, 0xAB, cp.uint8), cp.full(rows * cols, 0xAB, cp.uint8)
+        amax, clamped = cp.zeros(1, cp.float32), cp.zeros(1, cp.int32)
+        fn(grid, (256,), (qT, q) + src + (np.int32(rows), np.int32(cols), scale, amax, clamped)
+           + ((np.int32(0),) if fn is k.fp8_quantize_t else ()))
+        return cp.asnumpy(qT), cp.asnumpy(q), float(amax.get()[0]), int(clamped.get()[0])
+
+    want = run(k.fp8_quantize_t, ref)
+    assert want[2] > 0 and want[3] > 0  # the inputs reach the clamp
+    fused = k.fp8_gelu_t if kind == "gelu" else k.fp8_swiglu_t
+    for write in (True, False):
+        out = cp.zeros((rows, cols), inp.dtype)
+        out.view(cp.uint8)[...] = 0xAB  # poisoned
+        got = run(fused, out if write else null, inp)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2:] == want[2:], write
+        ref_bytes, out_bytes = cp.asnumpy(ref).view(np.uint8), cp.asnumpy(out).view(np.uint8)
+        assert np.array_equal(out_bytes, ref_bytes) if write else np.all(out_bytes == 0xAB)
+
+
 def test_scale_updates_are_the_numpy_recipe_bit_for_bit():
     cp, k = _cp(), _k("bf16")
     rng = np.random.default_rng(2)
@@ -228,3 +263,41 @@ def test_fp8_runs_are_bitwise_reproducible_graph_equals_eager_and_resume(init, s
     assert losses[-1] < losses[0]
     b, _ = resumed_run(init, shards, tmp_path, dtype="fp8")
     assert [e for e in a if e[0] > 3] == [e for e in b if e[0] > 3]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fp8_fused_producers_and_the_kept_xT_change_no_bit(family):
+    """The FP8 copies the GELU / SwiGLU write for the down projection and the XqT each forward keeps for dW, against
+    the separate passes (`fused` off): a calibrating step, then a delayed-scaling step of two micro-batches give the
+    same losses, gradients, amax and clamp counts bit for bit at every recompute level. The activation those
+    producers no longer write stays poisoned (NaN) through the fused forward: nothing reads it."""
+    cls, cfg = (GPT2, GCFG) if family == "gpt2" else (Llama, LCFG)
+    act = "fch_gelu" if family == "gpt2" else "sw"
+    params = _params(cls, cfg)
+    batches = random_batches(cfg.vocab_size, B, T, 3, seed=3)
+    res = {}
+    for fused in (False, True):
+        for rc in (0, 1, 2):
+            m = _model(cls, cfg, "cuda", "fp8", params, recompute=rc)
+            m.be.fp8.fused = fused
+            m.be.fp8_quantize_weights()
+            m.be.fp8_begin_step()
+            out = [forward_backward(m, *batches[0])]
+            m.be.fp8_end_step()
+            m.zero_grad()
+            m.be.fp8_begin_step()
+            for x, y in batches[1:]:
+                m.acts[act].view(_cp().uint16)[...] = 0x7FC0  # bf16 NaN
+                out.append(m.forward(x, y, grad_scale=1 / (B * T)))
+                poisoned = np.isnan(np.asarray(m.be.to_numpy(m.acts[act]), np.float32)).all()
+                assert poisoned == fused, (fused, rc)
+                m.backward()
+            fp8 = m.be.fp8
+            out += [m.be.to_numpy(m.grads.flat), m.be.to_numpy(fp8.pending), m.be.to_numpy(fp8.overflows)]
+            m.be.fp8_end_step()
+            out += [m.be.to_numpy(fp8.hist), m.be.to_numpy(fp8.scale)]
+            res[fused, rc] = [np.asarray(o) for o in out]
+    base = res[False, 0]
+    assert np.isfinite(base[3]).all() and base[4].any()  # (finite gradients; the delayed step recorded amax)
+    for key, r in res.items():
+        assert all(np.array_equal(a, b) for a, b in zip(r, base)), key

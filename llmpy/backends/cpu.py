@@ -213,7 +213,7 @@ class CPUBackend(FreshGrads, Fp8Ops):
     def rope_backward(self, dqkv, table, num_heads, kv_heads):
         Lr.rope_backward(dqkv, table, num_heads, kv_heads)
 
-    def swiglu_forward(self, out, inp):
+    def swiglu_forward(self, out, inp, fp8_next=None):  # (fp8_next: the GPU's fused FP8 copies; see ops.py)
         F = out.shape[-1]
         o, x = out.reshape(-1, F), inp.reshape(-1, 2 * F)
         for i in blocks(o.shape[0], self._rows(F)):
@@ -231,7 +231,7 @@ class CPUBackend(FreshGrads, Fp8Ops):
         from .fp8 import CpuFp8
         return CpuFp8(self, weights)
 
-    def matmul_forward(self, out, inp, w, b, gelu_pre=None):
+    def matmul_forward(self, out, inp, w, b, gelu_pre=None, fp8_next=None):  # (fp8_next: see ops.py)
         # gelu_pre given: gelu_pre = inp @ w.T + b is saved and out = gelu(gelu_pre)
         i = self._fp8_slot(w)
         if i is not None:

@@ -151,10 +151,13 @@ class Backend(Protocol):
         the product that wrote that stream); on a GPU formed in the same pass over the rows. One handle is live at
         a time: the next dinp_sums call replaces it."""
 
-    def matmul_forward(self, out, inp, w, b, gelu_pre=None) -> None:
+    def matmul_forward(self, out, inp, w, b, gelu_pre=None, fp8_next=None) -> None:
         """out (N, OC) = inp (N, K) @ w (OC, K).T + b (OC,) or no bias (b None). With gelu_pre (N, OC): that
         product is saved there and out = gelu(gelu_pre) (tanh GELU). A w registered with fp8_register: the product
-        runs on FP8 operands (layers/fp8.py), here and in matmul_backward."""
+        runs on FP8 operands (layers/fp8.py), here and in matmul_backward, whose inp must then be the tensor this
+        forward read (the GPU keeps its FP8 copy for the weight gradient). fp8_next: the registered weight of the
+        product that reads out next (with gelu_pre): a GPU may write out only as that product's FP8 copies, so out
+        is then read by nothing but that product's forward and backward."""
 
     def matmul_backward(self, dinp, dw, db, dout, inp, w, gelu_pre=None, gelu_db=None, gelu_redo=False,
                         db_sums=None) -> None:
@@ -186,8 +189,8 @@ class Backend(Protocol):
     def rope_backward(self, dqkv, table, num_heads: int, kv_heads: int) -> None:
         """The transposed rotation, in place on dqkv's q and k parts (positions 0..T-1)."""
 
-    def swiglu_forward(self, out, inp) -> None:
-        """out (N, F) = up * silu(gate), inp (N, 2F) = [up | gate]."""
+    def swiglu_forward(self, out, inp, fp8_next=None) -> None:
+        """out (N, F) = up * silu(gate), inp (N, 2F) = [up | gate]. fp8_next: as matmul_forward's."""
 
     def swiglu_backward(self, dinp, inp, dout, redo=None) -> None:
         """dinp (N, 2F) = the gradient of swiglu_forward at inp given dout (N, F) (overwritten). redo (N, F): also

@@ -190,7 +190,8 @@ class GPT2(Model):
             be.matmul_forward(a["proj"], a["atty"][l], p["attprojw"][l], p["attprojb"][l])
             be.fused_residual_layernorm_forward(a["residual2"][l], self._ln2(l), s["ln2_mean"][l],
                                                 s["ln2_rstd"][l], residual, a["proj"], p["ln2w"][l], p["ln2b"][l])
-            be.matmul_forward(self._fch_gelu(l), self._ln2(l), p["fcw"][l], p["fcb"][l], gelu_pre=a["fch"][l])
+            be.matmul_forward(self._fch_gelu(l), self._ln2(l), p["fcw"][l], p["fcb"][l], gelu_pre=a["fch"][l],
+                              fp8_next=p["fcprojw"][l])
             be.matmul_forward(a["proj"], self._fch_gelu(l), p["fcprojw"][l], p["fcprojb"][l])
             if l + 1 < L:  # this block's residual add, fused with the next block's first LayerNorm
                 be.fused_residual_layernorm_forward(a["residual3"][l], self._ln1(l + 1), s["ln1_mean"][l + 1],

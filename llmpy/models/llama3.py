@@ -220,7 +220,7 @@ class Llama(Model):
             be.fused_residual_rmsnorm_forward(a["residual2"][l], self._ln2(l), s["ln2_rstd"][l], residual,
                                               a["proj"], p["ln2w"][l], eps)
             be.matmul_forward(a["fc"][l], self._ln2(l), p["fcw"][l], None)
-            be.swiglu_forward(self._sw(l), a["fc"][l])
+            be.swiglu_forward(self._sw(l), a["fc"][l], fp8_next=p["fcprojw"][l])
             be.matmul_forward(a["proj"], self._sw(l), p["fcprojw"][l], None)
             if l + 1 < L:  # this block's residual add, fused with the next block's first RMSNorm
                 be.fused_residual_rmsnorm_forward(a["residual3"][l], self._ln1(l + 1), s["ln1_rstd"][l + 1],

@@ -408,10 +408,12 @@ class CUDABackend(FreshGrads, Fp8Ops):
             raise UserError(f"the cuda SwiGLU kernels need a hidden size divisible by {npack} (got {F})")
         return np.int64(x.size // (2 * F) * F), (cdiv(x.size // (2 * F) * F // npack, 256),)
 
-    def swiglu_forward(self, out, inp):
+    def swiglu_forward(self, out, inp, fp8_next=None):
         F = out.shape[-1]
         if inp.shape[-1] != 2 * F or inp.size != 2 * out.size:
             raise ValueError(f"swiglu: inp {inp.shape} is not [up | gate] of out {out.shape}")
+        if self.fp8 is not None and self.fp8.produce("swiglu", out, inp, fp8_next):
+            return  # written as the FP8 copies of fp8_next's input (cuda/fp8.py)
         n, grid = self._swiglu_sizes(inp, F)
         self.k["swiglu"].swiglu_forward(grid, (256,), (out, inp, n, np.int32(F)))
 
@@ -429,12 +431,12 @@ class CUDABackend(FreshGrads, Fp8Ops):
         from .fp8 import CudaFp8
         return CudaFp8(self, weights, rows)
 
-    def matmul_forward(self, out, inp, w, b, gelu_pre=None):
+    def matmul_forward(self, out, inp, w, b, gelu_pre=None, fp8_next=None):
         OC, K = w.shape
         M = inp.size // K
         i = self._fp8_slot(w)
         if i is not None:
-            self.fp8.forward(out, inp, b, gelu_pre, i)
+            self.fp8.forward(out, inp, b, gelu_pre, i, fp8_next)
         elif gelu_pre is None:
             self.gemm.mm(out, inp, w, M, OC, K, transy=True, bias=b)
         else:  # out = gelu(inp @ w.T + b), gelu_pre = inp @ w.T + b  (cuBLASLt GELU_AUX_BIAS epilogue)

@@ -6,9 +6,13 @@ cuBLASLt's FP8 products take both operands K-contiguous, so each product needs i
 forward  out (N, OC) = Xq (N, K) . Wq (OC, K)^T
 dX       dX (N, K)   = Dq (N, OC) . WqT (K, OC)^T
 dW       dW (OC, K) (+)= DqT (OC, N) . XqT (K, N)^T
-The weights' two copies (Wq, WqT) are made once per step, after AdamW, from one read; X and dY are quantized where
-a product reads them, into scratch buffers: A holds Xq in the forward, DqT in the backward; B holds XqT; C holds
-Dq (written with DqT from one read of dY).
+The weights' two copies (Wq, WqT) are made once per step, after AdamW, from one read. X is quantized into both
+layouts in the forward, from one read: Xq into scratch buffer A, XqT into the product's own slot of `xqT`, kept for
+the backward's dW (what the backward would quantize again: the same tensor under the same scale). Where the model
+names the product that reads a GELU's or SwiGLU's output (`fp8_next`), that producer writes Xq, XqT and the amax
+itself (kernels/fp8.cu fp8_gelu_t, fp8_swiglu_t) and not its bf16 output, which nobody reads then; the calibrating
+step (no history, so no scale before the tensor exists) keeps the separate pass. dY is quantized where the backward
+reads it, Dq into buffer C with DqT into A from one read.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ _THREADS = 256
 
 
 class CudaFp8(Fp8Products):
+    fused = True  # the producers write the FP8 copies and XqT is kept; False: the separate passes (tests compare)
+
     def __init__(self, be, weights, rows: int):
         super().__init__(be, weights)
         cp = be.cp
@@ -47,9 +53,15 @@ class CudaFp8(Fp8Products):
             o += 2 * n
         widest = max(max(w.shape) for w in self.weights)
         self.buf_a = cp.zeros(rows * widest, dtype=cp.uint8)
-        self.buf_b = cp.zeros(rows * max(w.shape[1] for w in self.weights), dtype=cp.uint8)
         self.buf_c = cp.zeros(rows * max(w.shape[0] for w in self.weights), dtype=cp.uint8)
-        self.nbytes = (self._wbuf.nbytes + self.buf_a.nbytes + self.buf_b.nbytes + self.buf_c.nbytes
+        # XqT (K, rows) of every product, from its last forward, for its dW (1 byte an element of the four inputs)
+        ks = [w.shape[1] for w in self.weights]
+        self._xbuf = cp.zeros(rows * sum(ks), dtype=cp.uint8)
+        offs = np.cumsum([0] + ks) * rows
+        self.xqT = [self._xbuf[offs[j]:offs[j + 1]] for j in range(P)]
+        self._x_of = [None] * P   # the address of the tensor each xqT holds (its last forward's input)
+        self._xq_ready = None     # (product, address): a producer has just written that product's Xq (A) and XqT
+        self.nbytes = (self._wbuf.nbytes + self.buf_a.nbytes + self._xbuf.nbytes + self.buf_c.nbytes
                        + 4 * self.hist.size)
 
     # ---- one scalar of the state as a one-element array (a kernel argument, a cuBLASLt scale pointer) ----------
@@ -111,12 +123,22 @@ class CudaFp8(Fp8Products):
         self.be.upload(self.inv, np.repeat((1.0 / host)[..., None], 4, axis=-1).astype(np.float32))
 
     # ---- the products ---------------------------------------------------------------------------------------
-    def forward(self, out, inp, b, gelu_pre, i: int) -> None:
+    def forward(self, out, inp, b, gelu_pre, i: int, fp8_next=None) -> None:
+        """out (M, OC) = inp (M, K) @ W^T (+ b): Xq (A) and XqT (kept for dW) from one read of inp, unless the
+        producer of inp has just written them. gelu_pre: the product goes there and out = gelu(gelu_pre), written
+        as the FP8 copies of product fp8_next's input where that weight is registered (see produce)."""
         be, w = self.be, self.weights[i]
         OC, K = w.shape
         M = inp.size // K
         xq = self.buf_a[:M * K]
-        self.quantize(xq, inp, i, F.X)
+        if not self.fused:  # the separate pass of Xq alone (the backward quantizes XqT again)
+            self.quantize(xq, inp, i, F.X)
+        elif self._xq_ready != (i, inp.data.ptr):
+            if self.calibrate:
+                self._calibrate(inp, M * K, i, F.X)
+            self.quantize_t(self.xqT[i][:K * M], inp, M, K, i, F.X, q=xq)
+            self._x_of[i] = inp.data.ptr
+        self._xq_ready = None
         x_inv, w_inv = self._at(self.inv, i, F.X), self._at(self.inv, i, F.W)
         if gelu_pre is None:
             be.gemm.mm_fp8(out, xq, self.wq[i], M, OC, K, x_inv, w_inv, bias=b)
@@ -124,13 +146,37 @@ class CudaFp8(Fp8Products):
         # the product, then our GELU kernel: the one the backward's recompute runs (cuBLASLt's FP8 GELU epilogue
         # rounds differently, and --recompute must not change the numbers)
         be.gemm.mm_fp8(gelu_pre, xq, self.wq[i], M, OC, K, x_inv, w_inv, bias=b)  # the product, then our GELU
-        be.gelu_forward(out, gelu_pre)
+        if not self.produce("gelu", out, gelu_pre, fp8_next):
+            be.gelu_forward(out, gelu_pre)
+
+    def produce(self, kind: str, out, inp, fp8_next) -> bool:
+        """out = gelu(inp) ("gelu", same shapes) or swiglu(inp) ("swiglu", inp (M, 2F), out (M, F)) written
+        straight as the FP8 copies (Xq into A, XqT into its slot) and amax of the input of fp8_next's product, the
+        next registered product to run; out itself is not written (the product and its dW read the copies).
+        False, having done nothing, where fp8_next is not a registered weight, while calibrating (the scale comes
+        from the finished tensor) or without `fused`: then the caller runs its own kernel."""
+        j = self.slot(fp8_next) if fp8_next is not None else None
+        if j is None or self.calibrate or not self.fused:
+            return False
+        K = self.weights[j].shape[1]
+        if out.shape[-1] != K or inp.size != out.size * (2 if kind == "swiglu" else 1):
+            raise ValueError(f"fp8_next: {kind} of inp {inp.shape} into out {out.shape} is not the input of a "
+                             f"{self.weights[j].shape} product")
+        M = out.size // K
+        fn = self.k.fp8_gelu_t if kind == "gelu" else self.k.fp8_swiglu_t
+        fn((cdiv(K, 64), cdiv(M, 64)), (_THREADS,), (self.xqT[j], self.buf_a, np.uint64(0), inp, np.int32(M),
+                                                     np.int32(K), self._at(self.scale, j, F.X),
+                                                     self._at(self.pending, j, F.X), self.overflows))
+        self._x_of[j] = out.data.ptr
+        self._xq_ready = (j, out.data.ptr)
+        return True
 
     def backward_dinp(self, dinp, dout, i: int, dw_follows: bool) -> None:
         """dinp (M, K) = dout (M, OC) @ W. dout is quantized (e5m2) once: Dq into buffer C, and with dw_follows
         DqT too (buffer A, from the same read), for the backward_dw that comes next."""
         OC, K = self.weights[i].shape
         M = dout.size // OC
+        self._xq_ready = None  # (A is overwritten)
         if self.calibrate:
             self._calibrate(dout, M * OC, i, F.D)
         dq = self.buf_c[:M * OC]
@@ -143,17 +189,21 @@ class CudaFp8(Fp8Products):
                             self._at(self.inv, i, F.W), x_e5m2=True)
 
     def backward_dw(self, dw, dout, inp, i: int, accumulate: bool) -> None:
-        """dw (OC, K) (+)= dout^T @ inp: DqT (buffer A; quantized here unless backward_dinp did) and XqT (B)."""
+        """dw (OC, K) (+)= dout^T @ inp: DqT (buffer A; quantized here unless backward_dinp did) and XqT (kept by
+        the forward whose input inp was; quantized again into the product's slot otherwise, or without `fused`)."""
         OC, K = self.weights[i].shape
         M = dout.size // OC
-        dqT, xqT = self.buf_a[:OC * M], self.buf_b[:K * M]
+        self._xq_ready = None
+        dqT, xqT = self.buf_a[:OC * M], self.xqT[i][:K * M]
         if getattr(self, "_dqT_of", None) != (i, dout.data.ptr):
             if self.calibrate:
                 self._calibrate(dout, M * OC, i, F.D)
             self.quantize_t(dqT, dout, M, OC, i, F.D)
         self._dqT_of = None
-        if self.calibrate:  # as the CPU's emulation does (the scale the forward took for the same inp)
-            self._calibrate(inp, M * K, i, F.X)
-        self.quantize_t(xqT, inp, M, K, i, F.X)
+        if self._x_of[i] != inp.data.ptr or not self.fused:
+            if self.calibrate:  # as the CPU's emulation does (the scale the forward took for the same inp)
+                self._calibrate(inp, M * K, i, F.X)
+            self.quantize_t(xqT, inp, M, K, i, F.X)
+            self._x_of[i] = inp.data.ptr
         self.be.gemm.mm_fp8(dw, dqT, xqT, OC, K, M, self._at(self.inv, i, F.D), self._at(self.inv, i, F.X),
                             x_e5m2=True, accumulate=accumulate)

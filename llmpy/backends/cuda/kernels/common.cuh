@@ -50,6 +50,16 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// The activations, here because kernels/fp8.cu's fused quantizers form the same values as gelu.cu and swiglu.cu
+#define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
+__device__ __forceinline__ float gelu(float x) {  // tanh form
+    const float u = GELU_SCALE * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.0f + tanhf(u));
+}
+__device__ __forceinline__ float swiglu_f(float up, float gate) {  // up * silu(gate)
+    return up * (gate / (1.0f + expf(-gate)));
+}
+
 // sum(x^2) over a row x of d elements (d % Pack<T>::N == 0) by one warp: lane l adds the packs l, l + 32, ... in
 // order, then warp_sum. Every kernel whose RMSNorm statistics must agree bit for bit (a BitLinear's quantizing and
 // its decode kernel; the MLGRU's gate norm and its decoding step) sums this way.

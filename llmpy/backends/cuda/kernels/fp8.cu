@@ -57,16 +57,67 @@ __global__ void fp8_quantize(unsigned char* __restrict__ q, const T* __restrict_
     }
 }
 
-// qT (cols, rows) = the fp8 of x (rows, cols) transposed (the K-major operand cuBLASLt's FP8 products need for a
-// weight gradient or an input gradient), under *scale; *amax as above; q (may be null): the same bytes in x's own
-// layout too, from the same read (then *clamped, may be null, counts as fp8_quantize does). rows and cols are
-// multiples of 16. A block of 256 threads moves a 64 x 64 tile through shared memory: 16-byte loads of rows,
-// 8-byte stores of columns (and of rows, for q).
+// 8 fp32 values as T into p (16-byte aligned)
+template <class T> __device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
+    constexpr int N = Pack<T>::N;
+#pragma unroll
+    for (int j = 0; j < 8; j += N) {
+        Pack<T> o;
+#pragma unroll
+        for (int k = 0; k < N; k++) o.v[k] = from_f<T>(v[j + k]);
+        store16(p + j, o);
+    }
+}
+
+// Where the transposing quantizer's tile comes from: src(v, r, c) gives the 8 elements (r, c .. c + 7) of the
+// tensor as fp32, each the value its producer stores (rounded to T). FromTensor reads the tensor; the producers
+// form it from their own input as their kernels do (gelu.cu, swiglu.cu: the same functions of common.cuh), and
+// write it too where out is not null: their FP8 copies are then those of the tensor their kernel would have written.
+template <class T> struct FromTensor {  // x (rows, cols)
+    const T* x;
+    int cols;
+    __device__ __forceinline__ void operator()(float (&v)[8], int r, int c) const {
+        load8(v, x + (long long)r * cols + c);
+    }
+};
+template <class T> struct FromGelu {  // out (rows, cols) = gelu(inp (rows, cols))
+    const T* inp;
+    T* out;
+    int cols;
+    __device__ __forceinline__ void operator()(float (&v)[8], int r, int c) const {
+        const long long at = (long long)r * cols + c;
+        load8(v, inp + at);
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = to_f(from_f<T>(gelu(v[k])));
+        if (out != nullptr) store8(out + at, v);
+    }
+};
+template <class T> struct FromSwiglu {  // out (rows, F) = up * silu(gate), inp (rows, 2F) = [up | gate]
+    const T* inp;
+    T* out;
+    int F;
+    __device__ __forceinline__ void operator()(float (&v)[8], int r, int c) const {
+        const T* up = inp + (long long)r * 2 * F + c;
+        float g[8];
+        load8(v, up);
+        load8(g, up + F);
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = to_f(from_f<T>(swiglu_f(v[k], g[k])));
+        if (out != nullptr) store8(out + (long long)r * F + c, v);
+    }
+};
+
+// qT (cols, rows) = the fp8 of the tensor src gives (rows, cols) transposed (the K-major operand cuBLASLt's FP8
+// products need for a weight gradient or an input gradient), under *scale; *amax = max(*amax, max|x|); q (may be
+// null): the same bytes in the tensor's own layout too, from the same read (then *clamped, may be null, counts
+// as fp8_quantize does). rows and cols are multiples of 16. A block of 256 threads moves a 64 x 64 tile through
+// shared memory: 16-byte loads of rows, 8-byte stores of columns (and of rows, for q). A row kernel (a norm's)
+// could not write the transposed copy coalesced; an elementwise producer tiles as well as this.
 #define FP8_TILE 64
-template <class T>
-__global__ void fp8_quantize_t(unsigned char* __restrict__ qT, unsigned char* __restrict__ q,
-                               const T* __restrict__ x, int rows, int cols, const float* __restrict__ scale,
-                               float* __restrict__ amax, int* __restrict__ clamped, int e5m2) {
+template <class T, class Src>
+__device__ __forceinline__ void quantize_t_tile(unsigned char* __restrict__ qT, unsigned char* __restrict__ q,
+                                                const Src& src, int rows, int cols, const float* __restrict__ scale,
+                                                float* __restrict__ amax, int* __restrict__ clamped, int e5m2) {
     __shared__ float tile[FP8_TILE][FP8_TILE + 1];
     const float s = *scale, fmax = fp8_max(e5m2);
     const int r0 = blockIdx.y * FP8_TILE, c0 = blockIdx.x * FP8_TILE;
@@ -77,8 +128,7 @@ __global__ void fp8_quantize_t(unsigned char* __restrict__ qT, unsigned char* __
         const int p = threadIdx.x + 256 * j, r = p / 8, c = (p % 8) * 8;
         if (r0 + r < rows && c0 + c < cols) {
             float v[8];
-            const long long at = (long long)(r0 + r) * cols + c0 + c;
-            load8(v, x + at);
+            src(v, r0 + r, c0 + c);
 #pragma unroll
             for (int k = 0; k < 8; k++) {
                 m = fmaxf(m, fabsf(v[k]));
@@ -90,7 +140,7 @@ __global__ void fp8_quantize_t(unsigned char* __restrict__ qT, unsigned char* __
                 unsigned int w[2] = {0u, 0u};
 #pragma unroll
                 for (int k = 0; k < 8; k += 2) w[k / 4] |= fp8x2(v[k], v[k + 1], e5m2) << (16 * ((k / 2) % 2));
-                *reinterpret_cast<uint2*>(q + at) = make_uint2(w[0], w[1]);
+                *reinterpret_cast<uint2*>(q + (long long)(r0 + r) * cols + c0 + c) = make_uint2(w[0], w[1]);
             }
         }
     }
@@ -111,6 +161,31 @@ __global__ void fp8_quantize_t(unsigned char* __restrict__ qT, unsigned char* __
         }
     }
     record_amax(amax, m);
+}
+
+// x (rows, cols) quantized transposed into qT (and into q, may be null): quantize_t_tile; grid (cols/64, rows/64)
+template <class T>
+__global__ void fp8_quantize_t(unsigned char* __restrict__ qT, unsigned char* __restrict__ q,
+                               const T* __restrict__ x, int rows, int cols, const float* __restrict__ scale,
+                               float* __restrict__ amax, int* __restrict__ clamped, int e5m2) {
+    quantize_t_tile<T>(qT, q, FromTensor<T>{x, cols}, rows, cols, scale, amax, clamped, e5m2);
+}
+
+// The fused producers (e4m3, an X operand): gelu_forward's out = gelu(inp) (rows, cols), or swiglu_forward's
+// out (rows, F) of inp (rows, 2F), written as the next product's Xq (rows, cols) and XqT (cols, rows) with its amax
+// and clamp count from the one read of inp; out (bf16 / fp32) too unless null (no reader left: the products take
+// the FP8 copies). The bytes are fp8_quantize_t's of the out the producer's own kernel writes.
+template <class T>
+__global__ void fp8_gelu_t(unsigned char* __restrict__ qT, unsigned char* __restrict__ q, T* __restrict__ out,
+                           const T* __restrict__ inp, int rows, int cols, const float* __restrict__ scale,
+                           float* __restrict__ amax, int* __restrict__ clamped) {
+    quantize_t_tile<T>(qT, q, FromGelu<T>{inp, out, cols}, rows, cols, scale, amax, clamped, 0);
+}
+template <class T>
+__global__ void fp8_swiglu_t(unsigned char* __restrict__ qT, unsigned char* __restrict__ q, T* __restrict__ out,
+                             const T* __restrict__ inp, int rows, int F, const float* __restrict__ scale,
+                             float* __restrict__ amax, int* __restrict__ clamped) {
+    quantize_t_tile<T>(qT, q, FromSwiglu<T>{inp, out, F}, rows, F, scale, amax, clamped, 0);
 }
 
 // *out = max(*out, max|x|) over n elements (n % 8 == 0): the calibrating step's own amax of a tensor

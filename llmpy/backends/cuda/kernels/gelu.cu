@@ -1,12 +1,7 @@
 // GELU, tanh form: forward, and the backward applied in place to the gradient of the product that fed it.
 #include "common.cuh"
 
-#define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
-
-__device__ __forceinline__ float gelu(float x) {
-    const float u = GELU_SCALE * (x + 0.044715f * x * x * x);
-    return 0.5f * x * (1.0f + tanhf(u));
-}
+// (gelu() itself is in common.cuh: kernels/fp8.cu's fused quantizer forms the same values)
 
 // d gelu(x) / dx
 __device__ __forceinline__ float gelu_grad(float v) {

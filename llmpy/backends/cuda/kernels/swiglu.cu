@@ -13,8 +13,7 @@ __global__ void swiglu_forward(T* out, const T* inp, long long n, int F) {
     Pack<T> u = load16(up), g = load16(up + F), o;
 #pragma unroll
     for (int k = 0; k < N; k++) {
-        const float a = to_f(g.v[k]);
-        o.v[k] = from_f<T>(to_f(u.v[k]) * (a / (1.0f + expf(-a))));
+        o.v[k] = from_f<T>(swiglu_f(to_f(u.v[k]), to_f(g.v[k])));
     }
     store16(out + i, o);
 }
@@ -33,8 +32,7 @@ __global__ void swiglu_backward(T* dinp, const T* inp, const T* dout, T* redo, l
         Pack<T> o;
 #pragma unroll
         for (int k = 0; k < N; k++) {
-            const float a = to_f(g.v[k]);
-            o.v[k] = from_f<T>(to_f(u.v[k]) * (a / (1.0f + expf(-a))));
+            o.v[k] = from_f<T>(swiglu_f(to_f(u.v[k]), to_f(g.v[k])));
         }
         store16(redo + i, o);
     }
