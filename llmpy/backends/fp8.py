@@ -44,6 +44,11 @@ class Fp8Ops:
     def fp8_load_state(self, state: dict) -> None:
         self.fp8.load_state(state)
 
+    def fp8_keeps_inputs(self) -> bool:
+        """Whether the registered products' backward reads the FP8 copies of their inputs their forward kept (the
+        GPU's), not the inputs: then a backward need not recompute an input that only such a product reads."""
+        return self.fp8 is not None and getattr(self.fp8, "fused", False)
+
     def _fp8_slot(self, w) -> int | None:
         """The registered product whose weight is w, if any."""
         return None if self.fp8 is None else self.fp8.slot(w)

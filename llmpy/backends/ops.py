@@ -283,6 +283,10 @@ class Backend(Protocol):
     def fp8_quantize_weights(self) -> None:
         """The registered weights' FP8 copies from the current weights (after loading them)."""
 
+    def fp8_keeps_inputs(self) -> bool:
+        """Whether the registered products' backward reads FP8 copies of their inputs kept by their forward (the
+        GPU's), so that an input read by such products alone needs no recompute."""
+
     def fp8_state(self) -> dict:
         """The scale state as host arrays: fp8_amax_history (P, 3, H), fp8_scale (P, 3) (a checkpoint's)."""
 

@@ -236,16 +236,18 @@ class Llama(Model):
         be, cfg, a, s, p, g = self.be, self.cfg, self.acts, self.stats, self.params, self.grads
         L, H, K, eps = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.norm_eps
         dres, dbtc, dfc, dsw, dqkv = a["dresidual"], a["dbtc"], a["dfc"], a["dsw"], a["dqkv"]
+        kept = be.fp8_keeps_inputs()  # --dtype fp8 on a GPU: the products' dW read their forward's FP8 copies, so
+        # the RMSNorm and SwiGLU outputs (read by those products alone) need no recompute
         be.fill_zero(dres)
         be.rmsnorm_backward(dres, g["lnfw"], dbtc, a["residual3"][L - 1], p["lnfw"], s["lnf_rstd"])
         for l in reversed(range(L)):
             if hooks is not None:
                 hooks.before_layer(l)
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
-            if self.rc_redo(2, l):
+            if self.rc_redo(2, l) and not kept:
                 be.rmsnorm_forward(self._ln2(l), s["ln2_rstd"][l], a["residual2"][l], p["ln2w"][l], eps)
             # MLP: dres flows unchanged into fcproj's output (the residual add)
-            if self.rc_redo(1, l):  # the SwiGLU backward reforms its output too; fcproj's dw waits for it
+            if self.rc_redo(1, l) and not kept:  # the SwiGLU backward reforms its output too; fcproj's dw waits for it
                 be.matmul_backward(dsw, None, None, dres, None, p["fcprojw"][l])
                 be.swiglu_backward(dfc, a["fc"][l], dsw, redo=self._sw(l))
                 be.matmul_backward(None, g["fcprojw"][l], None, dres, self._sw(l), p["fcprojw"][l])
@@ -258,7 +260,7 @@ class Llama(Model):
             be.matmul_backward(dbtc, g["attprojw"][l], None, dres, a["atty"][l], p["attprojw"][l])
             be.attention_backward(dqkv, dbtc, a["qkv"][l], self.saved("att")[l], H, out=a["atty"][l], kv_heads=K)
             be.rope_backward(dqkv, self.rope, H, K)
-            if self.rc_redo(2, l):
+            if self.rc_redo(2, l) and not kept:
                 be.rmsnorm_forward(self._ln1(l), s["ln1_rstd"][l], residual, p["ln1w"][l], eps)
             be.matmul_backward(dbtc, g["qkvw"][l], None, dqkv, self._ln1(l), p["qkvw"][l])
             be.rmsnorm_backward(dres, g["ln1w"][l], dbtc, residual, p["ln1w"][l], s["ln1_rstd"][l])
