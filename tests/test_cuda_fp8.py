@@ -85,35 +85,50 @@ def test_quantize_kernels_are_the_numpy_recipe_bit_for_bit(dtype, role):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-@pytest.mark.parametrize("kind", ["gelu", "swiglu"])
+@pytest.mark.parametrize("kind", ["gelu", "swiglu", "swiglu_backward"])
 def test_fused_producers_write_the_separate_passes_bytes(dtype, kind):
-    """fp8_gelu_t / fp8_swiglu_t (the activation written straight as the next product's FP8 copies) against the
-    activation's own kernel followed by fp8_quantize_t: the same bytes in both layouts, the same amax and clamp
-    count, and the same activation where it is written too (none where out is null)."""
+    """fp8_gelu_t / fp8_swiglu_t (an activation written straight as the next product's FP8 copies) and
+    fp8_swiglu_backward_t (SwiGLU's input gradient as the gate/up product's e5m2 copies) against the producer's own
+    kernel followed by fp8_quantize_t: the same bytes in both layouts, the same amax and clamp count, and the same
+    tensor where it is written too (none where its pointer is null)."""
     cp, k = _cp(), _k(dtype)
     be = get_backend("cuda", dtype)
     rng = np.random.default_rng(11)
-    rows, cols = 80, 144  # multiples of 16, not of the 64 x 64 tile
-    inp, _ = _host_input(rng, (rows, 2 * cols if kind == "swiglu" else cols), dtype)
+    rows, F = 80, 144  # multiples of 16, not of the 64 x 64 tile
+    inp, _ = _host_input(rng, (rows, F if kind == "gelu" else 2 * F), dtype)
+    cols = 2 * F if kind == "swiglu_backward" else F  # the produced tensor's width
     ref = cp.zeros((rows, cols), inp.dtype)
-    be.gelu_forward(ref, inp) if kind == "gelu" else be.swiglu_forward(ref, inp)
-    scale = cp.asarray(np.array([2.0 ** 5], np.float32))  # |value| > 14 clamps
-    grid, null = ((cols + 63) // 64, (rows + 63) // 64), np.uint64(0)
+    if kind == "gelu":
+        be.gelu_forward(ref, inp)
+    elif kind == "swiglu":
+        be.swiglu_forward(ref, inp)
+    else:
+        dout, _ = _host_input(rng, (rows, F), dtype)
+        be.swiglu_backward(ref, inp, dout)
+    e5m2 = kind == "swiglu_backward"
+    scale = cp.asarray(np.array([2.0 ** (11 if e5m2 else 5)], np.float32))  # |value| > 28 / > 14 clamps
+    null = np.uint64(0)
 
-    def run(fn, *src):
+    def run(fn, width, *src):
         qT, q = cp.full(rows * cols, 0xAB, cp.uint8), cp.full(rows * cols, 0xAB, cp.uint8)
         amax, clamped = cp.zeros(1, cp.float32), cp.zeros(1, cp.int32)
-        fn(grid, (256,), (qT, q) + src + (np.int32(rows), np.int32(cols), scale, amax, clamped)
-           + ((np.int32(0),) if fn is k.fp8_quantize_t else ()))
+        fn(((width + 63) // 64, (rows + 63) // 64), (256,),
+           (qT, q) + src + (np.int32(rows), np.int32(width), scale, amax, clamped)
+           + ((np.int32(e5m2),) if fn is k.fp8_quantize_t else ()))
         return cp.asnumpy(qT), cp.asnumpy(q), float(amax.get()[0]), int(clamped.get()[0])
 
-    want = run(k.fp8_quantize_t, ref)
+    want = run(k.fp8_quantize_t, cols, ref)
     assert want[2] > 0 and want[3] > 0  # the inputs reach the clamp
-    fused = k.fp8_gelu_t if kind == "gelu" else k.fp8_swiglu_t
     for write in (True, False):
         out = cp.zeros((rows, cols), inp.dtype)
         out.view(cp.uint8)[...] = 0xAB  # poisoned
-        got = run(fused, out if write else null, inp)
+        dst = out if write else null
+        if kind == "gelu":
+            got = run(k.fp8_gelu_t, F, dst, inp)
+        elif kind == "swiglu":
+            got = run(k.fp8_swiglu_t, F, dst, inp)
+        else:  # (the tiles span F: each holds dup's and dgate's columns)
+            got = run(k.fp8_swiglu_backward_t, F, dst, inp, dout)
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2:] == want[2:], write
         ref_bytes, out_bytes = cp.asnumpy(ref).view(np.uint8), cp.asnumpy(out).view(np.uint8)
         assert np.array_equal(out_bytes, ref_bytes) if write else np.all(out_bytes == 0xAB)
@@ -270,9 +285,11 @@ def test_fp8_fused_producers_and_the_kept_xT_change_no_bit(family):
     """The FP8 copies the GELU / SwiGLU write for the down projection and the XqT each forward keeps for dW, against
     the separate passes (`fused` off): a calibrating step, then a delayed-scaling step of two micro-batches give the
     same losses, gradients, amax and clamp counts bit for bit at every recompute level. The activation those
-    producers no longer write stays poisoned (NaN) through the fused forward: nothing reads it."""
+    producers no longer write stays poisoned (NaN) through the fused forward, and Llama's gate/up gradient through
+    the fused backward: nothing reads them."""
     cls, cfg = (GPT2, GCFG) if family == "gpt2" else (Llama, LCFG)
     act = "fch_gelu" if family == "gpt2" else "sw"
+    grad = None if family == "gpt2" else "dfc"  # (SwiGLU's backward writes the gate/up product's Dq, DqT)
     params = _params(cls, cfg)
     batches = random_batches(cfg.vocab_size, B, T, 3, seed=3)
     res = {}
@@ -291,7 +308,11 @@ def test_fp8_fused_producers_and_the_kept_xT_change_no_bit(family):
                 out.append(m.forward(x, y, grad_scale=1 / (B * T)))
                 poisoned = np.isnan(np.asarray(m.be.to_numpy(m.acts[act]), np.float32)).all()
                 assert poisoned == fused, (fused, rc)
+                if grad is not None:
+                    m.acts[grad].view(_cp().uint16)[...] = 0x7FC0
                 m.backward()
+                if grad is not None:
+                    assert np.isnan(np.asarray(m.be.to_numpy(m.acts[grad]), np.float32)).all() == fused, (fused, rc)
             fp8 = m.be.fp8
             out += [m.be.to_numpy(m.grads.flat), m.be.to_numpy(fp8.pending), m.be.to_numpy(fp8.overflows)]
             m.be.fp8_end_step()

@@ -219,7 +219,7 @@ class CPUBackend(FreshGrads, Fp8Ops):
         for i in blocks(o.shape[0], self._rows(F)):
             Lr.swiglu_forward(o[i], x[i], scratch=self.ws)
 
-    def swiglu_backward(self, dinp, inp, dout, redo=None):
+    def swiglu_backward(self, dinp, inp, dout, redo=None, fp8_next=None):  # (fp8_next: see ops.py)
         if redo is not None:
             self.swiglu_forward(redo, inp)
         F = dout.shape[-1]

@@ -192,9 +192,11 @@ class Backend(Protocol):
     def swiglu_forward(self, out, inp, fp8_next=None) -> None:
         """out (N, F) = up * silu(gate), inp (N, 2F) = [up | gate]. fp8_next: as matmul_forward's."""
 
-    def swiglu_backward(self, dinp, inp, dout, redo=None) -> None:
+    def swiglu_backward(self, dinp, inp, dout, redo=None, fp8_next=None) -> None:
         """dinp (N, 2F) = the gradient of swiglu_forward at inp given dout (N, F) (overwritten). redo (N, F): also
-        receives swiglu_forward(inp) (recompute; on a GPU from the inp this kernel reads anyway)."""
+        receives swiglu_forward(inp) (recompute; on a GPU from the inp this kernel reads anyway). fp8_next: the
+        registered weight of the product whose matmul_backward takes dinp as its dout next (with no bias): a GPU
+        may write dinp only as that product's FP8 copies (without redo)."""
 
     def bitlinear_forward(self, out, rstd, inp, w, gamma, eps: float, w_rows: int | None = None) -> None:
         """The MatMul-free LM's ternary linear layer (layers/bitlinear.py): out (N, OC) from inp (N, K), w (OC, K),

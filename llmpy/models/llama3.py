@@ -253,7 +253,7 @@ class Llama(Model):
                 be.matmul_backward(None, g["fcprojw"][l], None, dres, self._sw(l), p["fcprojw"][l])
             else:
                 be.matmul_backward(dsw, g["fcprojw"][l], None, dres, self._sw(l), p["fcprojw"][l])
-                be.swiglu_backward(dfc, a["fc"][l], dsw)
+                be.swiglu_backward(dfc, a["fc"][l], dsw, fp8_next=p["fcw"][l])
             be.matmul_backward(dbtc, g["fcw"][l], None, dfc, self._ln2(l), p["fcw"][l])
             be.rmsnorm_backward(dres, g["ln2w"][l], dbtc, a["residual2"][l], p["ln2w"][l], s["ln2_rstd"][l])
             # attention

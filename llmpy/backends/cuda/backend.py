@@ -417,12 +417,14 @@ class CUDABackend(FreshGrads, Fp8Ops):
         n, grid = self._swiglu_sizes(inp, F)
         self.k["swiglu"].swiglu_forward(grid, (256,), (out, inp, n, np.int32(F)))
 
-    def swiglu_backward(self, dinp, inp, dout, redo=None):
+    def swiglu_backward(self, dinp, inp, dout, redo=None, fp8_next=None):
         F = dout.shape[-1]
         if inp.shape[-1] != 2 * F or inp.size != 2 * dout.size or dinp.size != inp.size:
             raise ValueError(f"swiglu: inp {inp.shape}, dinp {dinp.shape} are not [up | gate] of dout {dout.shape}")
         if redo is not None and redo.size != dout.size:
             raise ValueError(f"swiglu: redo {redo.shape} is not the shape of dout {dout.shape}")
+        if redo is None and self.fp8 is not None and self.fp8.produce_grad(dinp, inp, dout, fp8_next):
+            return  # written as the FP8 copies of fp8_next's output gradient (cuda/fp8.py)
         n, grid = self._swiglu_sizes(inp, F)
         redo = redo if redo is not None else np.uint64(0)  # null: no recompute
         self.k["swiglu"].swiglu_backward(grid, (256,), (dinp, inp, dout, redo, n, np.int32(F)))
@@ -448,6 +450,8 @@ class CUDABackend(FreshGrads, Fp8Ops):
         M = dout.size // OC
         if db_sums is not None and db is None:
             raise ValueError("db_sums needs db")
+        if db is not None and db_sums is None and self.fp8 is not None and self.fp8.dout_unwritten(dout):
+            raise ValueError("matmul_backward: dout was written only as FP8 copies (fp8_next): no column sums for db")
         if gelu_db is not None and (gelu_pre is None or dinp is None):
             raise ValueError("gelu_db needs gelu_pre and dinp")
         if gelu_redo and (gelu_pre is None or inp is None):

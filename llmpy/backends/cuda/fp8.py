@@ -12,7 +12,8 @@ the backward's dW (what the backward would quantize again: the same tensor under
 names the product that reads a GELU's or SwiGLU's output (`fp8_next`), that producer writes Xq, XqT and the amax
 itself (kernels/fp8.cu fp8_gelu_t, fp8_swiglu_t) and not its bf16 output, which nobody reads then; the calibrating
 step (no history, so no scale before the tensor exists) keeps the separate pass. dY is quantized where the backward
-reads it, Dq into buffer C with DqT into A from one read.
+reads it, Dq into buffer C with DqT into A from one read, or by its producer: SwiGLU's backward writes the gate/up
+product's Dq and DqT (fp8_swiglu_backward_t) and not its bf16 gradient.
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ class CudaFp8(Fp8Products):
         self.xqT = [self._xbuf[offs[j]:offs[j + 1]] for j in range(P)]
         self._x_of = [None] * P   # the address of the tensor each xqT holds (its last forward's input)
         self._xq_ready = None     # (product, address): a producer has just written that product's Xq (A) and XqT
+        self._dq_ready = None     # (product, address): a producer has just written its Dq (C) and DqT (A)
         self.nbytes = (self._wbuf.nbytes + self.buf_a.nbytes + self._xbuf.nbytes + self.buf_c.nbytes
                        + 4 * self.hist.size)
 
@@ -138,7 +140,7 @@ class CudaFp8(Fp8Products):
                 self._calibrate(inp, M * K, i, F.X)
             self.quantize_t(self.xqT[i][:K * M], inp, M, K, i, F.X, q=xq)
             self._x_of[i] = inp.data.ptr
-        self._xq_ready = None
+        self._xq_ready = self._dq_ready = None
         x_inv, w_inv = self._at(self.inv, i, F.X), self._at(self.inv, i, F.W)
         if gelu_pre is None:
             be.gemm.mm_fp8(out, xq, self.wq[i], M, OC, K, x_inv, w_inv, bias=b)
@@ -168,22 +170,47 @@ class CudaFp8(Fp8Products):
                                                      np.int32(K), self._at(self.scale, j, F.X),
                                                      self._at(self.pending, j, F.X), self.overflows))
         self._x_of[j] = out.data.ptr
-        self._xq_ready = (j, out.data.ptr)
+        self._xq_ready, self._dq_ready = (j, out.data.ptr), None
         return True
+
+    def produce_grad(self, dinp, inp, dout, fp8_next) -> bool:
+        """SwiGLU's backward, dinp (M, 2F) = [dup | dgate] of inp (M, 2F) and dout (M, F), written straight as the
+        Dq (C) and DqT (A) and amax of fp8_next's product, whose matmul_backward takes dinp as its dout next; dinp
+        itself is not written. False, having done nothing, as produce."""
+        j = self.slot(fp8_next) if fp8_next is not None else None
+        if j is None or self.calibrate or not self.fused:
+            return False
+        OC = self.weights[j].shape[0]
+        Fh = OC // 2
+        if dinp.shape[-1] != OC or inp.size != dinp.size or dout.size * 2 != dinp.size or Fh % 8:
+            raise ValueError(f"fp8_next: swiglu_backward into dinp {dinp.shape} is not the output gradient of a "
+                             f"{self.weights[j].shape} product with a hidden size divisible by 8")
+        M = dinp.size // OC
+        self.k.fp8_swiglu_backward_t((cdiv(Fh, 64), cdiv(M, 64)), (_THREADS,),
+                                     (self.buf_a, self.buf_c, np.uint64(0), inp, dout, np.int32(M), np.int32(Fh),
+                                      self._at(self.scale, j, F.D), self._at(self.pending, j, F.D), self.overflows))
+        self._xq_ready, self._dq_ready = None, (j, dinp.data.ptr)
+        return True
+
+    def dout_unwritten(self, dout) -> bool:
+        """Whether dout is a gradient a producer has just written only as FP8 copies (produce_grad)."""
+        return self._dq_ready is not None and self._dq_ready[1] == dout.data.ptr
 
     def backward_dinp(self, dinp, dout, i: int, dw_follows: bool) -> None:
         """dinp (M, K) = dout (M, OC) @ W. dout is quantized (e5m2) once: Dq into buffer C, and with dw_follows
-        DqT too (buffer A, from the same read), for the backward_dw that comes next."""
+        DqT too (buffer A, from the same read), for the backward_dw that comes next; unless its producer has just
+        written both (produce_grad)."""
         OC, K = self.weights[i].shape
         M = dout.size // OC
-        self._xq_ready = None  # (A is overwritten)
-        if self.calibrate:
-            self._calibrate(dout, M * OC, i, F.D)
+        ready, self._xq_ready, self._dq_ready = self._dq_ready == (i, dout.data.ptr), None, None
         dq = self.buf_c[:M * OC]
-        if dw_follows:
-            self.quantize_t(self.buf_a[:OC * M], dout, M, OC, i, F.D, q=dq)
-        else:
-            self.quantize(dq, dout, i, F.D)
+        if not ready:  # (else its producer wrote Dq and DqT: produce_grad)
+            if self.calibrate:
+                self._calibrate(dout, M * OC, i, F.D)
+            if dw_follows:
+                self.quantize_t(self.buf_a[:OC * M], dout, M, OC, i, F.D, q=dq)
+            else:
+                self.quantize(dq, dout, i, F.D)
         self._dqT_of = (i, dout.data.ptr) if dw_follows else None
         self.be.gemm.mm_fp8(dinp, dq, self.wqT[i], M, K, OC, self._at(self.inv, i, F.D),
                             self._at(self.inv, i, F.W), x_e5m2=True)
@@ -193,9 +220,9 @@ class CudaFp8(Fp8Products):
         the forward whose input inp was; quantized again into the product's slot otherwise, or without `fused`)."""
         OC, K = self.weights[i].shape
         M = dout.size // OC
-        self._xq_ready = None
+        ready, self._xq_ready, self._dq_ready = self._dq_ready == (i, dout.data.ptr), None, None
         dqT, xqT = self.buf_a[:OC * M], self.xqT[i][:K * M]
-        if getattr(self, "_dqT_of", None) != (i, dout.data.ptr):
+        if getattr(self, "_dqT_of", None) != (i, dout.data.ptr) and not ready:
             if self.calibrate:
                 self._calibrate(dout, M * OC, i, F.D)
             self.quantize_t(dqT, dout, M, OC, i, F.D)

@@ -59,6 +59,12 @@ __device__ __forceinline__ float gelu(float x) {  // tanh form
 __device__ __forceinline__ float swiglu_f(float up, float gate) {  // up * silu(gate)
     return up * (gate / (1.0f + expf(-gate)));
 }
+// its gradient given d = dL/dout: with s = sigmoid(gate), dup = d gate s, dgate = d up s (1 + gate (1 - s))
+__device__ __forceinline__ void swiglu_grad(float up, float gate, float d, float& dup, float& dgate) {
+    const float s = 1.0f / (1.0f + expf(-gate));
+    dup = d * gate * s;
+    dgate = d * up * s * (1.0f + gate * (1.0f - s));
+}
 
 // sum(x^2) over a row x of d elements (d % Pack<T>::N == 0) by one warp: lane l adds the packs l, l + 32, ... in
 // order, then warp_sum. Every kernel whose RMSNorm statistics must agree bit for bit (a BitLinear's quantizing and

@@ -69,57 +69,89 @@ template <class T> __device__ __forceinline__ void store8(T* p, const float (&v)
     }
 }
 
-// Where the transposing quantizer's tile comes from: src(v, r, c) gives the 8 elements (r, c .. c + 7) of the
-// tensor as fp32, each the value its producer stores (rounded to T). FromTensor reads the tensor; the producers
-// form it from their own input as their kernels do (gelu.cu, swiglu.cu: the same functions of common.cuh), and
-// write it too where out is not null: their FP8 copies are then those of the tensor their kernel would have written.
+// Where the transposing quantizer's tile comes from: src(v, r, c) gives the 8 elements (r, c .. c + 7) of each
+// of its NT column blocks (the tensor (rows, NT cols) is their concatenation, [dup | dgate] for SwiGLU's backward)
+// as fp32, each the value its producer stores (rounded to T). FromTensor reads the tensor; the producers form it
+// from their own input as their kernels do (gelu.cu, swiglu.cu: the same functions of common.cuh), and write it
+// too where out is not null: their FP8 copies are then those of the tensor their kernel would have written.
 template <class T> struct FromTensor {  // x (rows, cols)
+    static constexpr int NT = 1;
     const T* x;
     int cols;
-    __device__ __forceinline__ void operator()(float (&v)[8], int r, int c) const {
-        load8(v, x + (long long)r * cols + c);
+    __device__ __forceinline__ void operator()(float (&v)[1][8], int r, int c) const {
+        load8(v[0], x + (long long)r * cols + c);
     }
 };
 template <class T> struct FromGelu {  // out (rows, cols) = gelu(inp (rows, cols))
+    static constexpr int NT = 1;
     const T* inp;
     T* out;
     int cols;
-    __device__ __forceinline__ void operator()(float (&v)[8], int r, int c) const {
+    __device__ __forceinline__ void operator()(float (&v)[1][8], int r, int c) const {
         const long long at = (long long)r * cols + c;
-        load8(v, inp + at);
+        load8(v[0], inp + at);
 #pragma unroll
-        for (int k = 0; k < 8; k++) v[k] = to_f(from_f<T>(gelu(v[k])));
-        if (out != nullptr) store8(out + at, v);
+        for (int k = 0; k < 8; k++) v[0][k] = to_f(from_f<T>(gelu(v[0][k])));
+        if (out != nullptr) store8(out + at, v[0]);
     }
 };
 template <class T> struct FromSwiglu {  // out (rows, F) = up * silu(gate), inp (rows, 2F) = [up | gate]
+    static constexpr int NT = 1;
     const T* inp;
     T* out;
     int F;
-    __device__ __forceinline__ void operator()(float (&v)[8], int r, int c) const {
+    __device__ __forceinline__ void operator()(float (&v)[1][8], int r, int c) const {
         const T* up = inp + (long long)r * 2 * F + c;
         float g[8];
-        load8(v, up);
+        load8(v[0], up);
         load8(g, up + F);
 #pragma unroll
-        for (int k = 0; k < 8; k++) v[k] = to_f(from_f<T>(swiglu_f(v[k], g[k])));
-        if (out != nullptr) store8(out + (long long)r * F + c, v);
+        for (int k = 0; k < 8; k++) v[0][k] = to_f(from_f<T>(swiglu_f(v[0][k], g[k])));
+        if (out != nullptr) store8(out + (long long)r * F + c, v[0]);
+    }
+};
+template <class T> struct FromSwigluBackward {  // dinp (rows, 2F) = [dup | dgate] of inp (rows, 2F), dout (rows, F)
+    static constexpr int NT = 2;
+    const T* inp;
+    const T* dout;
+    T* dinp;
+    int F;
+    __device__ __forceinline__ void operator()(float (&v)[2][8], int r, int c) const {
+        const long long at = (long long)r * 2 * F + c;
+        float g[8], d[8];
+        load8(v[0], inp + at);
+        load8(g, inp + at + F);
+        load8(d, dout + (long long)r * F + c);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            float du, dg;
+            swiglu_grad(v[0][k], g[k], d[k], du, dg);
+            v[0][k] = to_f(from_f<T>(du));
+            v[1][k] = to_f(from_f<T>(dg));
+        }
+        if (dinp != nullptr) {
+            store8(dinp + at, v[0]);
+            store8(dinp + at + F, v[1]);
+        }
     }
 };
 
-// qT (cols, rows) = the fp8 of the tensor src gives (rows, cols) transposed (the K-major operand cuBLASLt's FP8
-// products need for a weight gradient or an input gradient), under *scale; *amax = max(*amax, max|x|); q (may be
-// null): the same bytes in the tensor's own layout too, from the same read (then *clamped, may be null, counts
-// as fp8_quantize does). rows and cols are multiples of 16. A block of 256 threads moves a 64 x 64 tile through
-// shared memory: 16-byte loads of rows, 8-byte stores of columns (and of rows, for q). A row kernel (a norm's)
-// could not write the transposed copy coalesced; an elementwise producer tiles as well as this.
+// qT (W, rows) = the fp8 of the tensor src gives (rows, W = NT cols) transposed (the K-major operand cuBLASLt's
+// FP8 products need for a weight gradient or an input gradient), under *scale; *amax = max(*amax, max|x|); q (may
+// be null): the same bytes in the tensor's own layout too, from the same read (then *clamped, may be null, counts
+// as fp8_quantize does). rows and cols are multiples of 16. A block of 256 threads moves a 64 x 64 tile of each of
+// the NT column blocks through shared memory: 16-byte loads of rows, 8-byte stores of columns (and of rows, for
+// q). A row kernel (a norm's) could not write the transposed copy coalesced; an elementwise producer tiles as well
+// as this.
 #define FP8_TILE 64
 template <class T, class Src>
 __device__ __forceinline__ void quantize_t_tile(unsigned char* __restrict__ qT, unsigned char* __restrict__ q,
                                                 const Src& src, int rows, int cols, const float* __restrict__ scale,
                                                 float* __restrict__ amax, int* __restrict__ clamped, int e5m2) {
-    __shared__ float tile[FP8_TILE][FP8_TILE + 1];
+    constexpr int NT = Src::NT;
+    __shared__ float tile[NT][FP8_TILE][FP8_TILE + 1];
     const float s = *scale, fmax = fp8_max(e5m2);
+    const long long W = (long long)NT * cols;
     const int r0 = blockIdx.y * FP8_TILE, c0 = blockIdx.x * FP8_TILE;
     float m = 0.0f;
     int over = 0;
@@ -127,20 +159,24 @@ __device__ __forceinline__ void quantize_t_tile(unsigned char* __restrict__ qT, 
     for (int j = 0; j < 2; j++) {  // 64 rows x 8 packs of 8 columns: two packs a thread
         const int p = threadIdx.x + 256 * j, r = p / 8, c = (p % 8) * 8;
         if (r0 + r < rows && c0 + c < cols) {
-            float v[8];
+            float v[NT][8];
             src(v, r0 + r, c0 + c);
 #pragma unroll
-            for (int k = 0; k < 8; k++) {
-                m = fmaxf(m, fabsf(v[k]));
-                v[k] *= s;
-                tile[r][c + k] = v[k];
-                over += fabsf(v[k]) > fmax;
-            }
-            if (q != nullptr) {
-                unsigned int w[2] = {0u, 0u};
+            for (int t = 0; t < NT; t++) {
 #pragma unroll
-                for (int k = 0; k < 8; k += 2) w[k / 4] |= fp8x2(v[k], v[k + 1], e5m2) << (16 * ((k / 2) % 2));
-                *reinterpret_cast<uint2*>(q + (long long)(r0 + r) * cols + c0 + c) = make_uint2(w[0], w[1]);
+                for (int k = 0; k < 8; k++) {
+                    m = fmaxf(m, fabsf(v[t][k]));
+                    v[t][k] *= s;
+                    tile[t][r][c + k] = v[t][k];
+                    over += fabsf(v[t][k]) > fmax;
+                }
+                if (q != nullptr) {
+                    unsigned int w[2] = {0u, 0u};
+#pragma unroll
+                    for (int k = 0; k < 8; k += 2)
+                        w[k / 4] |= fp8x2(v[t][k], v[t][k + 1], e5m2) << (16 * ((k / 2) % 2));
+                    *reinterpret_cast<uint2*>(q + (r0 + r) * W + (long long)t * cols + c0 + c) = make_uint2(w[0], w[1]);
+                }
             }
         }
     }
@@ -150,14 +186,18 @@ __device__ __forceinline__ void quantize_t_tile(unsigned char* __restrict__ qT, 
     }
     __syncthreads();
 #pragma unroll
-    for (int j = 0; j < 2; j++) {  // 64 columns x 8 runs of 8 rows: two runs a thread
-        const int p = threadIdx.x + 256 * j, c = p / 8, r = (p % 8) * 8;
-        if (c0 + c < cols && r0 + r < rows) {
-            unsigned int w[2] = {0u, 0u};
+    for (int t = 0; t < NT; t++) {
 #pragma unroll
-            for (int k = 0; k < 8; k += 2)
-                w[k / 4] |= fp8x2(tile[r + k][c], tile[r + k + 1][c], e5m2) << (16 * ((k / 2) % 2));
-            *reinterpret_cast<uint2*>(qT + (long long)(c0 + c) * rows + r0 + r) = make_uint2(w[0], w[1]);
+        for (int j = 0; j < 2; j++) {  // 64 columns x 8 runs of 8 rows: two runs a thread
+            const int p = threadIdx.x + 256 * j, c = p / 8, r = (p % 8) * 8;
+            if (c0 + c < cols && r0 + r < rows) {
+                unsigned int w[2] = {0u, 0u};
+#pragma unroll
+                for (int k = 0; k < 8; k += 2)
+                    w[k / 4] |= fp8x2(tile[t][r + k][c], tile[t][r + k + 1][c], e5m2) << (16 * ((k / 2) % 2));
+                *reinterpret_cast<uint2*>(qT + ((long long)t * cols + c0 + c) * rows + r0 + r) =
+                    make_uint2(w[0], w[1]);
+            }
         }
     }
     record_amax(amax, m);
@@ -186,6 +226,18 @@ __global__ void fp8_swiglu_t(unsigned char* __restrict__ qT, unsigned char* __re
                              const T* __restrict__ inp, int rows, int F, const float* __restrict__ scale,
                              float* __restrict__ amax, int* __restrict__ clamped) {
     quantize_t_tile<T>(qT, q, FromSwiglu<T>{inp, out, F}, rows, F, scale, amax, clamped, 0);
+}
+
+// The fused producer of a gradient (e5m2, a D operand): swiglu_backward's dinp (rows, 2F) = [dup | dgate] of inp
+// (rows, 2F) and dout (rows, F), written as the gate/up product's Dq (rows, 2F) and DqT (2F, rows) with their amax
+// and clamp count from one read of inp and dout (grid (F/64, rows/64)); dinp too unless null. The bytes are
+// fp8_quantize_t's of the dinp swiglu_backward writes.
+template <class T>
+__global__ void fp8_swiglu_backward_t(unsigned char* __restrict__ qT, unsigned char* __restrict__ q,
+                                      T* __restrict__ dinp, const T* __restrict__ inp, const T* __restrict__ dout,
+                                      int rows, int F, const float* __restrict__ scale, float* __restrict__ amax,
+                                      int* __restrict__ clamped) {
+    quantize_t_tile<T>(qT, q, FromSwigluBackward<T>{inp, dout, dinp, F}, rows, F, scale, amax, clamped, 1);
 }
 
 // *out = max(*out, max|x|) over n elements (n % 8 == 0): the calibrating step's own amax of a tensor

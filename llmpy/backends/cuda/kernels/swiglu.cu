@@ -38,10 +38,10 @@ __global__ void swiglu_backward(T* dinp, const T* inp, const T* dout, T* redo, l
     }
 #pragma unroll
     for (int k = 0; k < N; k++) {
-        const float a = to_f(g.v[k]), b = to_f(u.v[k]), d = to_f(dy.v[k]);
-        const float s = 1.0f / (1.0f + expf(-a));
-        du.v[k] = from_f<T>(d * a * s);
-        dg.v[k] = from_f<T>(d * b * s * (1.0f + a * (1.0f - s)));
+        float a, b;
+        swiglu_grad(to_f(u.v[k]), to_f(g.v[k]), to_f(dy.v[k]), a, b);
+        du.v[k] = from_f<T>(a);
+        dg.v[k] = from_f<T>(b);
     }
     store16(dinp + off, du);
     store16(dinp + off + F, dg);
