@@ -134,6 +134,64 @@ def test_fused_producers_write_the_separate_passes_bytes(dtype, kind):
         assert np.array_equal(out_bytes, ref_bytes) if write else np.all(out_bytes == 0xAB)
 
 
+@pytest.mark.parametrize("norm,rows", [("rmsnorm", 80), ("rmsnorm+residual", 80), ("layernorm", 80),
+                                       ("layernorm+residual", 80), ("layernorm+residual", 32784)])
+def test_fused_norms_write_the_separate_passes_bytes(norm, rows):
+    """A norm given the product it feeds (fp8_next) writes its output only as that product's FP8 copies: Xq from
+    the norm's row kernel (rmsnorm_forward_fp8, layernorm_forward_fp8; _batched at up to ROWS_BATCHED rows) and XqT
+    by fp8_transpose. Against the norm's own kernel followed by fp8_quantize_t: the same bytes in both layouts, amax,
+    clamp count, statistics and residual, and the bf16 output left unwritten."""
+    import ml_dtypes
+    cp, k = _cp(), _k("bf16")
+    be = get_backend("cuda", "fp8")
+    rng = np.random.default_rng(13)
+    C = 144
+    w = cp.asarray((rng.standard_normal((32, C)) * 0.1).astype(ml_dtypes.bfloat16))  # the product's weight
+    be.fp8_register([w], rows)
+    fp8 = be.fp8
+    fp8.calibrate = False
+    fp8.scale[0, F.X] = 2.0 ** 7  # |value| > 3.5 clamps
+    inp1, _ = _host_input(rng, (rows, C), "bf16")
+    inp2, _ = _host_input(rng, (rows, C), "bf16")
+    gamma = cp.asarray((1 + rng.standard_normal(C)).astype(ml_dtypes.bfloat16))
+    beta = cp.asarray(rng.standard_normal(C).astype(ml_dtypes.bfloat16))
+    stats = [cp.zeros(rows, cp.float32) for _ in range(2)]
+
+    def run(out, residual, **kw):
+        if norm == "rmsnorm":
+            be.rmsnorm_forward(out, stats[1], inp1, gamma, 1e-5, **kw)
+        elif norm == "rmsnorm+residual":
+            be.fused_residual_rmsnorm_forward(residual, out, stats[1], inp1, inp2, gamma, 1e-5, **kw)
+        elif norm == "layernorm":
+            be.layernorm_forward(out, stats[0], stats[1], inp1, gamma, beta, **kw)
+        else:
+            be.fused_residual_layernorm_forward(residual, out, stats[0], stats[1], inp1, inp2, gamma, beta, **kw)
+        return [cp.asnumpy(a).view(np.uint8) for a in stats + [residual]]  # (bytes: a NaN row's too)
+
+    ref, ref_res = cp.zeros((rows, C), inp1.dtype), cp.zeros((rows, C), inp1.dtype)
+    want_stats = run(ref, ref_res)
+    qT, q = cp.zeros(rows * C, cp.uint8), cp.zeros(rows * C, cp.uint8)
+    amax, clamped = cp.zeros(1, cp.float32), cp.zeros(1, cp.int32)
+    k.fp8_quantize_t(((C + 63) // 64, (rows + 63) // 64), (256,),
+                     (qT, q, ref, np.int32(rows), np.int32(C), fp8._at(fp8.scale, 0, F.X), amax, clamped, np.int32(0)))
+    assert float(amax.get()[0]) > 0 and int(clamped.get()[0]) > 0
+    out, res = cp.zeros((rows, C), inp1.dtype), cp.zeros((rows, C), inp1.dtype)
+    out.view(cp.uint8)[...] = 0xAB  # poisoned
+    for a in stats:
+        a[...] = 0
+    fp8.buf_a[...] = 0xAB
+    fp8.xqT[0][...] = 0xAB
+    fp8.pending[...] = 0
+    fp8.overflows[...] = 0
+    got_stats = run(out, res, fp8_next=w)
+    assert all(np.array_equal(a, b) for a, b in zip(got_stats, want_stats))
+    assert np.array_equal(cp.asnumpy(fp8.buf_a[:rows * C]), cp.asnumpy(q))
+    assert np.array_equal(cp.asnumpy(fp8.xqT[0][:rows * C]), cp.asnumpy(qT))
+    assert float(fp8.pending[0, F.X].get()) == float(amax.get()[0])
+    assert int(fp8.overflows.get()[0]) == int(clamped.get()[0])
+    assert np.all(cp.asnumpy(out).view(np.uint8) == 0xAB)
+
+
 def test_scale_updates_are_the_numpy_recipe_bit_for_bit():
     cp, k = _cp(), _k("bf16")
     rng = np.random.default_rng(2)
@@ -282,13 +340,14 @@ def test_fp8_runs_are_bitwise_reproducible_graph_equals_eager_and_resume(init, s
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_fp8_fused_producers_and_the_kept_xT_change_no_bit(family):
-    """The FP8 copies the GELU / SwiGLU write for the down projection and the XqT each forward keeps for dW, against
-    the separate passes (`fused` off): a calibrating step, then a delayed-scaling step of two micro-batches give the
-    same losses, gradients, amax and clamp counts bit for bit at every recompute level. The activation those
-    producers no longer write stays poisoned (NaN) through the fused forward, and Llama's gate/up gradient through
-    the fused backward: nothing reads them."""
+    """The FP8 copies the norms write for qkv and fc / gate-up, the GELU / SwiGLU for the down projection, SwiGLU's
+    backward for gate/up's gradient, and the XqT each forward keeps for dW, against the separate passes (`fused`
+    off): a calibrating step, then a delayed-scaling step of two micro-batches give the same losses, gradients, amax
+    and clamp counts bit for bit at every recompute level. The outputs the producers no longer write stay poisoned
+    (NaN) through the fused forward (the norms', GELU's / SwiGLU's) and backward (Llama's gate/up gradient):
+    nothing reads them."""
     cls, cfg = (GPT2, GCFG) if family == "gpt2" else (Llama, LCFG)
-    act = "fch_gelu" if family == "gpt2" else "sw"
+    acts = ["fch_gelu" if family == "gpt2" else "sw", "ln1", "ln2"]  # (the products' inputs the producers write)
     grad = None if family == "gpt2" else "dfc"  # (SwiGLU's backward writes the gate/up product's Dq, DqT)
     params = _params(cls, cfg)
     batches = random_batches(cfg.vocab_size, B, T, 3, seed=3)
@@ -304,10 +363,12 @@ def test_fp8_fused_producers_and_the_kept_xT_change_no_bit(family):
             m.zero_grad()
             m.be.fp8_begin_step()
             for x, y in batches[1:]:
-                m.acts[act].view(_cp().uint16)[...] = 0x7FC0  # bf16 NaN
+                for name in acts:
+                    m.acts[name].view(_cp().uint16)[...] = 0x7FC0  # bf16 NaN
                 out.append(m.forward(x, y, grad_scale=1 / (B * T)))
-                poisoned = np.isnan(np.asarray(m.be.to_numpy(m.acts[act]), np.float32)).all()
-                assert poisoned == fused, (fused, rc)
+                for name in acts:
+                    poisoned = np.isnan(np.asarray(m.be.to_numpy(m.acts[name]), np.float32)).all()
+                    assert poisoned == fused, (name, fused, rc)
                 if grad is not None:
                     m.acts[grad].view(_cp().uint16)[...] = 0x7FC0
                 m.backward()

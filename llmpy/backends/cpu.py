@@ -155,13 +155,13 @@ class CPUBackend(FreshGrads, Fp8Ops):
         self._zero_if_fresh(dwte, dwpe)  # a scatter: it adds
         Lr.encoder_backward(dwte, dwpe, dout, tokens)
 
-    def layernorm_forward(self, out, mean, rstd, inp, w, b):
+    def layernorm_forward(self, out, mean, rstd, inp, w, b, fp8_next=None):  # (fp8_next: see ops.py)
         C = inp.shape[-1]
         o, m, r, x = out.reshape(-1, C), mean.reshape(-1), rstd.reshape(-1), inp.reshape(-1, C)
         for i in blocks(x.shape[0], self._rows(C)):
             Lr.layernorm_forward(o[i], m[i], r[i], x[i], w, b)
 
-    def fused_residual_layernorm_forward(self, residual, out, mean, rstd, inp1, inp2, w, b):
+    def fused_residual_layernorm_forward(self, residual, out, mean, rstd, inp1, inp2, w, b, fp8_next=None):
         # residual = inp1 + inp2; out = layernorm(residual)
         C = inp1.shape[-1]
         res, o, m, r = residual.reshape(-1, C), out.reshape(-1, C), mean.reshape(-1), rstd.reshape(-1)
@@ -185,13 +185,13 @@ class CPUBackend(FreshGrads, Fp8Ops):
         Lr.colsum_add(sums, dinp, scratch=self.ws, accumulate=False)
         return DinpSums(self._sums_serial, C, sums)
 
-    def rmsnorm_forward(self, out, rstd, inp, w, eps):
+    def rmsnorm_forward(self, out, rstd, inp, w, eps, fp8_next=None):  # (fp8_next: see ops.py)
         C = inp.shape[-1]
         o, r, x = out.reshape(-1, C), rstd.reshape(-1), inp.reshape(-1, C)
         for i in blocks(x.shape[0], self._rows(C)):
             Lr.rmsnorm_forward(o[i], r[i], x[i], w, eps)
 
-    def fused_residual_rmsnorm_forward(self, residual, out, rstd, inp1, inp2, w, eps):
+    def fused_residual_rmsnorm_forward(self, residual, out, rstd, inp1, inp2, w, eps, fp8_next=None):
         # residual = inp1 + inp2; out = rmsnorm(residual)
         C = inp1.shape[-1]
         res, o, r = residual.reshape(-1, C), out.reshape(-1, C), rstd.reshape(-1)

@@ -138,11 +138,12 @@ class Backend(Protocol):
         """dwte (Vp, C) += scatter of dout (B, T, C) by tokens; dwpe (maxT, C)[:T] += sum over B of dout (None: no
         position table)."""
 
-    def layernorm_forward(self, out, mean, rstd, inp, w, b) -> None:
-        """out (N, C) = (inp - mean) * rstd * w + b; mean, rstd (N,) saved (stat dtype); inp (..., C)."""
+    def layernorm_forward(self, out, mean, rstd, inp, w, b, fp8_next=None) -> None:
+        """out (N, C) = (inp - mean) * rstd * w + b; mean, rstd (N,) saved (stat dtype); inp (..., C). fp8_next:
+        as matmul_forward's (the registered product that reads out next)."""
 
-    def fused_residual_layernorm_forward(self, residual, out, mean, rstd, inp1, inp2, w, b) -> None:
-        """residual (N, C) = inp1 + inp2; then layernorm_forward(out, mean, rstd, residual, w, b)."""
+    def fused_residual_layernorm_forward(self, residual, out, mean, rstd, inp1, inp2, w, b, fp8_next=None) -> None:
+        """residual (N, C) = inp1 + inp2; then layernorm_forward(out, mean, rstd, residual, w, b, fp8_next)."""
 
     def layernorm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd, dinp_sums=False):
         """dinp (N, C) +=, dw, db (C,) += the LayerNorm's gradients given dout (N, C) and the saved stats. With
@@ -173,11 +174,12 @@ class Backend(Protocol):
     def gelu_forward(self, out, inp) -> None:
         """out = gelu(inp) (tanh form), any shape."""
 
-    def rmsnorm_forward(self, out, rstd, inp, w, eps: float) -> None:
-        """out (N, C) = inp * rstd * w, rstd (N,) = 1/sqrt(mean(inp^2) + eps) saved (stat dtype); inp (..., C)."""
+    def rmsnorm_forward(self, out, rstd, inp, w, eps: float, fp8_next=None) -> None:
+        """out (N, C) = inp * rstd * w, rstd (N,) = 1/sqrt(mean(inp^2) + eps) saved (stat dtype); inp (..., C).
+        fp8_next: as matmul_forward's (the registered product that reads out next)."""
 
-    def fused_residual_rmsnorm_forward(self, residual, out, rstd, inp1, inp2, w, eps: float) -> None:
-        """residual (N, C) = inp1 + inp2; then rmsnorm_forward(out, rstd, residual, w, eps)."""
+    def fused_residual_rmsnorm_forward(self, residual, out, rstd, inp1, inp2, w, eps: float, fp8_next=None) -> None:
+        """residual (N, C) = inp1 + inp2; then rmsnorm_forward(out, rstd, residual, w, eps, fp8_next)."""
 
     def rmsnorm_backward(self, dinp, dw, dout, inp, w, rstd) -> None:
         """dinp (N, C) +=, dw (C,) += the RMSNorm's gradients given dout (N, C) and the saved rstd."""

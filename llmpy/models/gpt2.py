@@ -177,7 +177,7 @@ class GPT2(Model):
         pos = 0 if state is None else state.pos
         be.encoder_forward(a["encoded"], self.tokens, p["wte"], p["wpe"][pos:])
         be.layernorm_forward(self._ln1(0), s["ln1_mean"][0], s["ln1_rstd"][0], a["encoded"], p["ln1w"][0],
-                             p["ln1b"][0])
+                             p["ln1b"][0], fp8_next=p["qkvw"][0])
         for l in range(L):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
             be.matmul_forward(a["qkv"][l], self._ln1(l), p["qkvw"][l], p["qkvb"][l])
@@ -189,14 +189,15 @@ class GPT2(Model):
                 be.attention_decode(a["atty"][l], a["qkv"][l], state.k[l], state.v[l], pos, NH)
             be.matmul_forward(a["proj"], a["atty"][l], p["attprojw"][l], p["attprojb"][l])
             be.fused_residual_layernorm_forward(a["residual2"][l], self._ln2(l), s["ln2_mean"][l],
-                                                s["ln2_rstd"][l], residual, a["proj"], p["ln2w"][l], p["ln2b"][l])
+                                                s["ln2_rstd"][l], residual, a["proj"], p["ln2w"][l], p["ln2b"][l],
+                                                fp8_next=p["fcw"][l])
             be.matmul_forward(self._fch_gelu(l), self._ln2(l), p["fcw"][l], p["fcb"][l], gelu_pre=a["fch"][l],
                               fp8_next=p["fcprojw"][l])
             be.matmul_forward(a["proj"], self._fch_gelu(l), p["fcprojw"][l], p["fcprojb"][l])
             if l + 1 < L:  # this block's residual add, fused with the next block's first LayerNorm
                 be.fused_residual_layernorm_forward(a["residual3"][l], self._ln1(l + 1), s["ln1_mean"][l + 1],
                                                     s["ln1_rstd"][l + 1], a["residual2"][l], a["proj"],
-                                                    p["ln1w"][l + 1], p["ln1b"][l + 1])
+                                                    p["ln1w"][l + 1], p["ln1b"][l + 1], fp8_next=p["qkvw"][l + 1])
             else:
                 be.fused_residual_layernorm_forward(a["residual3"][l], a["lnf"], s["lnf_mean"], s["lnf_rstd"],
                                                     a["residual2"][l], a["proj"], p["lnfw"], p["lnfb"])

@@ -205,7 +205,7 @@ class Llama(Model):
             self.set_batch(tokens, targets)
         pos = 0 if state is None else state.pos
         be.encoder_forward(a["encoded"], self.tokens, p["wte"], None)
-        be.rmsnorm_forward(self._ln1(0), s["ln1_rstd"][0], a["encoded"], p["ln1w"][0], eps)
+        be.rmsnorm_forward(self._ln1(0), s["ln1_rstd"][0], a["encoded"], p["ln1w"][0], eps, fp8_next=p["qkvw"][0])
         for l in range(L):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
             be.matmul_forward(a["qkv"][l], self._ln1(l), p["qkvw"][l], None)
@@ -218,13 +218,14 @@ class Llama(Model):
                 be.attention_decode(a["atty"][l], a["qkv"][l], state.k[l], state.v[l], pos, H, K)
             be.matmul_forward(a["proj"], a["atty"][l], p["attprojw"][l], None)
             be.fused_residual_rmsnorm_forward(a["residual2"][l], self._ln2(l), s["ln2_rstd"][l], residual,
-                                              a["proj"], p["ln2w"][l], eps)
+                                              a["proj"], p["ln2w"][l], eps, fp8_next=p["fcw"][l])
             be.matmul_forward(a["fc"][l], self._ln2(l), p["fcw"][l], None)
             be.swiglu_forward(self._sw(l), a["fc"][l], fp8_next=p["fcprojw"][l])
             be.matmul_forward(a["proj"], self._sw(l), p["fcprojw"][l], None)
             if l + 1 < L:  # this block's residual add, fused with the next block's first RMSNorm
                 be.fused_residual_rmsnorm_forward(a["residual3"][l], self._ln1(l + 1), s["ln1_rstd"][l + 1],
-                                                  a["residual2"][l], a["proj"], p["ln1w"][l + 1], eps)
+                                                  a["residual2"][l], a["proj"], p["ln1w"][l + 1], eps,
+                                                  fp8_next=p["qkvw"][l + 1])
             else:
                 be.fused_residual_rmsnorm_forward(a["residual3"][l], a["lnf"], s["lnf_rstd"], a["residual2"][l],
                                                   a["proj"], p["lnfw"], eps)

@@ -285,17 +285,29 @@ class CUDABackend(FreshGrads, Fp8Ops):
         k.encoder_backward_wte((B * T,), (min(1024, _round32(C)),), (dwte, dout, tokens, self.order, self.seg,
                                                                       self.nseg, np.int32(C)))
 
-    def layernorm_forward(self, out, mean, rstd, inp, w, b):
+    def layernorm_forward(self, out, mean, rstd, inp, w, b, fp8_next=None):
         C = inp.shape[-1]
         rows = inp.size // C
         k = self.k["layernorm"]
+        j = None if self.fp8 is None else self.fp8.norm_target(out, fp8_next)
+        if j is not None:  # out written only as the FP8 copies of product j's input (cuda/fp8.py)
+            (k.layernorm_forward_fp8_batched if rows <= ROWS_BATCHED else k.layernorm_forward_fp8)(
+                (cdiv(rows, 8),), (256,), (self.fp8.buf_a, mean, rstd, np.uint64(0), inp, np.uint64(0), w, b,
+                                           np.int32(rows), np.int32(C)) + self.fp8.norm_args(j))
+            return self.fp8.norm_written(j, out)
         (k.layernorm_forward_batched if rows <= ROWS_BATCHED else k.layernorm_forward)(
             (cdiv(rows, 8),), (256,), (out, mean, rstd, inp, w, b, np.int32(rows), np.int32(C)))
 
-    def fused_residual_layernorm_forward(self, residual, out, mean, rstd, inp1, inp2, w, b):
+    def fused_residual_layernorm_forward(self, residual, out, mean, rstd, inp1, inp2, w, b, fp8_next=None):
         C = inp1.shape[-1]
         rows = inp1.size // C
         k = self.k["layernorm"]
+        j = None if self.fp8 is None else self.fp8.norm_target(out, fp8_next)
+        if j is not None:  # out written only as the FP8 copies of product j's input (cuda/fp8.py)
+            (k.layernorm_forward_fp8_batched if rows <= ROWS_BATCHED else k.layernorm_forward_fp8)(
+                (cdiv(rows, 8),), (256,), (self.fp8.buf_a, mean, rstd, residual, inp1, inp2, w, b, np.int32(rows),
+                                           np.int32(C)) + self.fp8.norm_args(j))
+            return self.fp8.norm_written(j, out)
         (k.fused_residual_layernorm_forward_batched if rows <= ROWS_BATCHED else k.fused_residual_layernorm_forward)(
             (cdiv(rows, 8),), (256,), (residual, out, mean, rstd, inp1, inp2, w, b, np.int32(rows), np.int32(C)))
 
@@ -351,15 +363,27 @@ class CUDABackend(FreshGrads, Fp8Ops):
                                         (self.sum_part, dinp, np.int32(rows), np.int32(C), np.int32(_CHUNK_ROWS)))
         return self._new_sums(chunks, C)
 
-    def rmsnorm_forward(self, out, rstd, inp, w, eps: float):
+    def rmsnorm_forward(self, out, rstd, inp, w, eps: float, fp8_next=None):
         C = inp.shape[-1]
         rows = inp.size // C
+        j = None if self.fp8 is None else self.fp8.norm_target(out, fp8_next)
+        if j is not None:  # out written only as the FP8 copies of product j's input (cuda/fp8.py)
+            self.k["rmsnorm"].rmsnorm_forward_fp8(
+                (cdiv(rows, 8),), (256,), (self.fp8.buf_a, rstd, np.uint64(0), inp, np.uint64(0), w, np.float32(eps),
+                                           np.int32(rows), np.int32(C)) + self.fp8.norm_args(j))
+            return self.fp8.norm_written(j, out)
         self.k["rmsnorm"].rmsnorm_forward((cdiv(rows, 8),), (256,), (out, rstd, inp, w, np.float32(eps),
                                                                      np.int32(rows), np.int32(C)))
 
-    def fused_residual_rmsnorm_forward(self, residual, out, rstd, inp1, inp2, w, eps: float):
+    def fused_residual_rmsnorm_forward(self, residual, out, rstd, inp1, inp2, w, eps: float, fp8_next=None):
         C = inp1.shape[-1]
         rows = inp1.size // C
+        j = None if self.fp8 is None else self.fp8.norm_target(out, fp8_next)
+        if j is not None:  # out written only as the FP8 copies of product j's input (cuda/fp8.py)
+            self.k["rmsnorm"].rmsnorm_forward_fp8(
+                (cdiv(rows, 8),), (256,), (self.fp8.buf_a, rstd, residual, inp1, inp2, w, np.float32(eps),
+                                           np.int32(rows), np.int32(C)) + self.fp8.norm_args(j))
+            return self.fp8.norm_written(j, out)
         self.k["rmsnorm"].fused_residual_rmsnorm_forward(
             (cdiv(rows, 8),), (256,), (residual, out, rstd, inp1, inp2, w, np.float32(eps), np.int32(rows),
                                        np.int32(C)))

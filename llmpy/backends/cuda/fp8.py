@@ -10,7 +10,9 @@ The weights' two copies (Wq, WqT) are made once per step, after AdamW, from one 
 layouts in the forward, from one read: Xq into scratch buffer A, XqT into the product's own slot of `xqT`, kept for
 the backward's dW (what the backward would quantize again: the same tensor under the same scale). Where the model
 names the product that reads a GELU's or SwiGLU's output (`fp8_next`), that producer writes Xq, XqT and the amax
-itself (kernels/fp8.cu fp8_gelu_t, fp8_swiglu_t) and not its bf16 output, which nobody reads then; the calibrating
+itself (kernels/fp8.cu fp8_gelu_t, fp8_swiglu_t) and not its bf16 output, which nobody reads then; a norm's output
+likewise, Xq and the amax from the norm's row kernel (rmsnorm_forward_fp8, layernorm_forward_fp8), XqT by a byte
+transpose of Xq (fp8_transpose: a row kernel cannot write the transposed layout coalesced); the calibrating
 step (no history, so no scale before the tensor exists) keeps the separate pass. dY is quantized where the backward
 reads it, Dq into buffer C with DqT into A from one read, or by its producer: SwiGLU's backward writes the gate/up
 product's Dq and DqT (fp8_swiglu_backward_t) and not its bf16 gradient.
@@ -172,6 +174,30 @@ class CudaFp8(Fp8Products):
         self._x_of[j] = out.data.ptr
         self._xq_ready, self._dq_ready = (j, out.data.ptr), None
         return True
+
+    def norm_target(self, out, fp8_next) -> int | None:
+        """The product (fp8_next's) whose input out, a norm's output, is written as only (the norm kernel writes
+        Xq into A with the amax, norm_args; then norm_written); None, as produce's False, where it is not."""
+        j = self.slot(fp8_next) if fp8_next is not None else None
+        if j is None or self.calibrate or not self.fused:
+            return None
+        if out.shape[-1] != self.weights[j].shape[1]:
+            raise ValueError(f"fp8_next: a norm's output {out.shape} is not the input of a {self.weights[j].shape} "
+                             "product")
+        return j
+
+    def norm_args(self, j: int) -> tuple:
+        """The fused norm kernel's last arguments: product j's X scale, its pending amax, the clamp count."""
+        return self._at(self.scale, j, F.X), self._at(self.pending, j, F.X), self.overflows
+
+    def norm_written(self, j: int, out) -> None:
+        """After the fused norm kernel: XqT from its Xq (a byte transpose), both ready for product j."""
+        K = self.weights[j].shape[1]
+        M = out.size // K
+        self.k.fp8_transpose((cdiv(K, 64), cdiv(M, 64)), (_THREADS,), (self.xqT[j], self.buf_a, np.int32(M),
+                                                                        np.int32(K)))
+        self._x_of[j] = out.data.ptr
+        self._xq_ready, self._dq_ready = (j, out.data.ptr), None
 
     def produce_grad(self, dinp, inp, dout, fp8_next) -> bool:
         """SwiGLU's backward, dinp (M, 2F) = [dup | dgate] of inp (M, 2F) and dout (M, F), written straight as the

@@ -66,6 +66,44 @@ __device__ __forceinline__ void swiglu_grad(float up, float gate, float d, float
     dgate = d * up * s * (1.0f + gate * (1.0f - s));
 }
 
+// FP8 (--dtype fp8; kernels/fp8.cu): two fp32 values -> two fp8 bytes (lo in the low byte), e4m3 (max 448) or e5m2
+// (max 57344), rounded to nearest even and clamped to the largest finite value. Needs sm_89+.
+__device__ __forceinline__ unsigned int fp8x2(float lo, float hi, int e5m2) {
+    unsigned short r;
+    if (e5m2) asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    else asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ float fp8_max(int e5m2) { return e5m2 ? 57344.0f : 448.0f; }
+// A pack of T written as its e4m3 bytes under scale s (Pack<T>::N bytes at q, as many-byte aligned), the way
+// kernels/fp8.cu quantizes a tensor: m = max(m, |x|) (NaN ignored), over += the values clamped
+template <class T>
+__device__ __forceinline__ void fp8_store_pack(unsigned char* q, const Pack<T>& x, float s, float& m, int& over) {
+    constexpr int N = Pack<T>::N;
+    unsigned int w[2] = {0u, 0u};
+#pragma unroll
+    for (int k = 0; k < N; k += 2) {
+        const float a = to_f(x.v[k]), b = to_f(x.v[k + 1]);
+        m = fmaxf(m, fmaxf(fabsf(a), fabsf(b)));
+        over += (fabsf(a * s) > 448.0f) + (fabsf(b * s) > 448.0f);
+        w[k / 4] |= fp8x2(a * s, b * s, 0) << (16 * ((k / 2) % 2));
+    }
+    if (N == 8) *reinterpret_cast<uint2*>(q) = make_uint2(w[0], w[1]);
+    else *reinterpret_cast<unsigned int*>(q) = w[0];
+}
+// The warp's m and over into *amax (atomicMax on the bits of non-negative floats, which order like the floats) and
+// *clamped (may be null)
+__device__ __forceinline__ void fp8_record(float* amax, int* clamped, float m, int over) {
+    for (int o = 16; o > 0; o >>= 1) {
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        over += __shfl_xor_sync(0xffffffffu, over, o);
+    }
+    if (threadIdx.x % 32 == 0) {
+        atomicMax(reinterpret_cast<unsigned int*>(amax), __float_as_uint(m));
+        if (clamped != nullptr && over) atomicAdd(clamped, over);
+    }
+}
+
 // sum(x^2) over a row x of d elements (d % Pack<T>::N == 0) by one warp: lane l adds the packs l, l + 32, ... in
 // order, then warp_sum. Every kernel whose RMSNorm statistics must agree bit for bit (a BitLinear's quantizing and
 // its decode kernel; the MLGRU's gate norm and its decoding step) sums this way.

@@ -5,14 +5,7 @@
 // the bits of non-negative floats, which order like the floats, so the result does not depend on the order.
 #include "common.cuh"
 
-// two fp32 values -> two fp8 bytes (lo in the low byte); e4m3 (max 448) or e5m2 (max 57344). Needs sm_89+.
-__device__ __forceinline__ unsigned int fp8x2(float lo, float hi, int e5m2) {
-    unsigned short r;
-    if (e5m2) asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
-    else asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-__device__ __forceinline__ float fp8_max(int e5m2) { return e5m2 ? 57344.0f : 448.0f; }
+// (fp8x2, fp8_max and fp8_store_pack, which the norms' fused kernels use too, are in common.cuh)
 
 // 8 consecutive elements as fp32 (16-byte aligned: one bf16 pack or two fp32 packs)
 __device__ __forceinline__ void load8(float (&v)[8], const bf16* p) {
@@ -238,6 +231,33 @@ __global__ void fp8_swiglu_backward_t(unsigned char* __restrict__ qT, unsigned c
                                       int rows, int F, const float* __restrict__ scale, float* __restrict__ amax,
                                       int* __restrict__ clamped) {
     quantize_t_tile<T>(qT, q, FromSwigluBackward<T>{inp, dout, dinp, F}, rows, F, scale, amax, clamped, 1);
+}
+
+// qT (cols, rows) = q (rows, cols) transposed, bytes: a norm's Xq (rmsnorm_forward_fp8, layernorm_forward_fp8) into
+// the XqT its product's dW takes. rows and cols multiples of 16; a 64 x 64 tile a block of 256 threads, grid
+// (cols/64, rows/64): 8-byte loads of rows, 8-byte stores of columns.
+__global__ void fp8_transpose(unsigned char* __restrict__ qT, const unsigned char* __restrict__ q, int rows,
+                              int cols) {
+    __shared__ __align__(8) unsigned char tile[FP8_TILE][FP8_TILE + 8];
+    const int r0 = blockIdx.y * FP8_TILE, c0 = blockIdx.x * FP8_TILE;
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        const int p = threadIdx.x + 256 * j, r = p / 8, c = (p % 8) * 8;
+        if (r0 + r < rows && c0 + c < cols)
+            *reinterpret_cast<uint2*>(&tile[r][c]) =
+                *reinterpret_cast<const uint2*>(q + (long long)(r0 + r) * cols + c0 + c);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        const int p = threadIdx.x + 256 * j, c = p / 8, r = (p % 8) * 8;
+        if (c0 + c < cols && r0 + r < rows) {
+            unsigned int w[2] = {0u, 0u};
+#pragma unroll
+            for (int k = 0; k < 8; k++) w[k / 4] |= (unsigned int)tile[r + k][c] << (8 * (k % 4));
+            *reinterpret_cast<uint2*>(qT + (long long)(c0 + c) * rows + r0 + r) = make_uint2(w[0], w[1]);
+        }
+    }
 }
 
 // *out = max(*out, max|x|) over n elements (n % 8 == 0): the calibrating step's own amax of a tensor

@@ -9,9 +9,10 @@
 // The sums run over the packs in the same order either way (the same bits).
 
 // One warp per row of C; 16-byte loads; two passes over the row (mean, then variance about the mean, as the
-// NumPy reference). Writes out, mean, rstd. C % Pack<T>::N == 0.
-template <class T, int U>
-__device__ void layernorm_row(T* out, float* mean, float* rstd, const T* x, const T* w, const T* b, int row, int C) {
+// NumPy reference). Writes mean, rstd, and each pack of the output row at column c through put(c, pack) (stored, or
+// its FP8 copy: layernorm_forward_fp8). C % Pack<T>::N == 0.
+template <class T, int U, class Put>
+__device__ void layernorm_row(Put put, float* mean, float* rstd, const T* x, const T* w, const T* b, int row, int C) {
     constexpr int N = Pack<T>::N;
     float s = 0.0f, v = 0.0f;
     row_pass<T, U>(C, [&](int c) { return load_packs<T>(c, x); }, [&](int, const Packs<T, 1>& q) {
@@ -29,7 +30,7 @@ __device__ void layernorm_row(T* out, float* mean, float* rstd, const T* x, cons
 #pragma unroll
         for (int k = 0; k < N; k++)
             o.v[k] = from_f<T>((to_f(q.p[0].v[k]) - m) * r * to_f(q.p[1].v[k]) + to_f(q.p[2].v[k]));
-        store16(out + c, o);
+        put(c, o);
     });
     if (threadIdx.x % 32 == 0) { mean[row] = m; rstd[row] = r; }
 }
@@ -39,7 +40,9 @@ __device__ void layernorm_forward_body(T* out, float* mean, float* rstd, const T
                                        int rows, int C) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;
-    layernorm_row<T, U>(out + (long long)row * C, mean, rstd, inp + (long long)row * C, w, b, row, C);
+    T* o = out + (long long)row * C;
+    layernorm_row<T, U>([=](int c, const Pack<T>& p) { store16(o + c, p); }, mean, rstd, inp + (long long)row * C,
+                        w, b, row, C);
 }
 template <class T>
 __global__ void layernorm_forward(T* out, float* mean, float* rstd, const T* inp, const T* w, const T* b, int rows,
@@ -60,7 +63,9 @@ __device__ void fused_residual_layernorm_forward_body(T* residual, T* out, float
     if (row >= rows) return;
     const long long off = (long long)row * C;
     residual_add_row<T, U>(residual + off, inp1 + off, inp2 + off, C);
-    layernorm_row<T, U>(out + off, mean, rstd, residual + off, w, b, row, C);
+    T* o = out + off;
+    layernorm_row<T, U>([=](int c, const Pack<T>& p) { store16(o + c, p); }, mean, rstd, residual + off, w, b, row,
+                        C);
 }
 template <class T>
 __global__ void fused_residual_layernorm_forward(T* residual, T* out, float* mean, float* rstd, const T* inp1,
@@ -72,6 +77,43 @@ __global__ void fused_residual_layernorm_forward_batched(T* residual, T* out, fl
                                                          const T* inp1, const T* inp2, const T* w, const T* b, int rows,
                                                          int C) {
     fused_residual_layernorm_forward_body<T, 4>(residual, out, mean, rstd, inp1, inp2, w, b, rows, C);
+}
+
+// layernorm_forward (inp2 null: of inp1) or fused_residual_layernorm_forward (residual = inp1 + inp2) with its
+// output written only as the FP8 copy the product it feeds takes (--dtype fp8): q (rows, C) e4m3 under *scale, its
+// amax into *amax and its clamped values into *clamped (kernels/fp8.cu's quantizing, of the values out would hold);
+// fp8_transpose then makes the transposed copy (a row kernel cannot write it coalesced). _batched: U = 4.
+template <class T, int U>
+__device__ void layernorm_forward_fp8_body(unsigned char* q, float* mean, float* rstd, T* residual, const T* inp1,
+                                           const T* inp2, const T* w, const T* b, int rows, int C,
+                                           const float* scale, float* amax, int* clamped) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const long long off = (long long)row * C;
+    const T* x = inp1 + off;
+    if (inp2 != nullptr) {
+        residual_add_row<T, U>(residual + off, inp1 + off, inp2 + off, C);
+        x = residual + off;
+    }
+    const float s = *scale;
+    float m = 0.0f;
+    int over = 0;
+    unsigned char* qr = q + off;
+    layernorm_row<T, U>([&](int c, const Pack<T>& p) { fp8_store_pack(qr + c, p, s, m, over); }, mean, rstd, x, w, b,
+                        row, C);
+    fp8_record(amax, clamped, m, over);
+}
+template <class T>
+__global__ void layernorm_forward_fp8(unsigned char* q, float* mean, float* rstd, T* residual, const T* inp1,
+                                      const T* inp2, const T* w, const T* b, int rows, int C, const float* scale,
+                                      float* amax, int* clamped) {
+    layernorm_forward_fp8_body<T, 1>(q, mean, rstd, residual, inp1, inp2, w, b, rows, C, scale, amax, clamped);
+}
+template <class T>
+__global__ void layernorm_forward_fp8_batched(unsigned char* q, float* mean, float* rstd, T* residual,
+                                              const T* inp1, const T* inp2, const T* w, const T* b, int rows, int C,
+                                              const float* scale, float* amax, int* clamped) {
+    layernorm_forward_fp8_body<T, 4>(q, mean, rstd, residual, inp1, inp2, w, b, rows, C, scale, amax, clamped);
 }
 
 // dinp += (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) * rstd, dnorm = dout * w. One warp per row.

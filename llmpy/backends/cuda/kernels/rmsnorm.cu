@@ -2,9 +2,10 @@
 // out = x * rstd * w, rstd = 1/sqrt(mean(x^2) + eps): no mean, no bias (Llama).
 #include "common.cuh"
 
-// One warp per row of C; 16-byte loads; the sum of squares in fp32. Writes out and rstd. C % Pack<T>::N == 0.
-template <class T>
-__device__ void rmsnorm_row(T* out, float* rstd, const T* x, const T* w, float eps, int row, int C) {
+// One warp per row of C; 16-byte loads; the sum of squares in fp32. Writes rstd, and each pack of the output row at
+// column c through put(c, pack) (stored, or its FP8 copy: rmsnorm_forward_fp8). C % Pack<T>::N == 0.
+template <class T, class Put>
+__device__ void rmsnorm_row(Put put, float* rstd, const T* x, const T* w, float eps, int row, int C) {
     constexpr int N = Pack<T>::N;
     // 4 packs a lane in flight (row_pass; out may alias x as far as the compiler knows, so a load after a store
     // waits for it): few-row calls, decoding, are bound by this latency
@@ -19,7 +20,7 @@ __device__ void rmsnorm_row(T* out, float* rstd, const T* x, const T* w, float e
         Pack<T> o;
 #pragma unroll
         for (int k = 0; k < N; k++) o.v[k] = from_f<T>(to_f(q.p[0].v[k]) * r * to_f(q.p[1].v[k]));
-        store16(out + c, o);
+        put(c, o);
     });
     if (threadIdx.x % 32 == 0) rstd[row] = r;
 }
@@ -29,7 +30,8 @@ template <class T>
 __global__ void rmsnorm_forward(T* out, float* rstd, const T* inp, const T* w, float eps, int rows, int C) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;
-    rmsnorm_row(out + (long long)row * C, rstd, inp + (long long)row * C, w, eps, row, C);
+    T* o = out + (long long)row * C;
+    rmsnorm_row([=](int c, const Pack<T>& p) { store16(o + c, p); }, rstd, inp + (long long)row * C, w, eps, row, C);
 }
 
 // residual = inp1 + inp2 (stored in T), then out = rmsnorm(residual) reading back the stored (rounded) values.
@@ -40,7 +42,32 @@ __global__ void fused_residual_rmsnorm_forward(T* residual, T* out, float* rstd,
     if (row >= rows) return;
     const long long off = (long long)row * C;
     residual_add_row<T, 4>(residual + off, inp1 + off, inp2 + off, C);  // 4 packs in flight, as in rmsnorm_row
-    rmsnorm_row(out + off, rstd, residual + off, w, eps, row, C);
+    T* o = out + off;
+    rmsnorm_row([=](int c, const Pack<T>& p) { store16(o + c, p); }, rstd, residual + off, w, eps, row, C);
+}
+
+// rmsnorm_forward (inp2 null: of inp1) or fused_residual_rmsnorm_forward (residual = inp1 + inp2) with its output
+// written only as the FP8 copy the product it feeds takes (--dtype fp8): q (rows, C) e4m3 under *scale, its amax
+// into *amax and its clamped values into *clamped (kernels/fp8.cu's quantizing, of the values out would hold);
+// fp8_transpose then makes the transposed copy (a row kernel cannot write it coalesced).
+template <class T>
+__global__ void rmsnorm_forward_fp8(unsigned char* q, float* rstd, T* residual, const T* inp1, const T* inp2,
+                                    const T* w, float eps, int rows, int C, const float* scale, float* amax,
+                                    int* clamped) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const long long off = (long long)row * C;
+    const T* x = inp1 + off;
+    if (inp2 != nullptr) {
+        residual_add_row<T, 4>(residual + off, inp1 + off, inp2 + off, C);
+        x = residual + off;
+    }
+    const float s = *scale;
+    float m = 0.0f;
+    int over = 0;
+    unsigned char* qr = q + off;
+    rmsnorm_row([&](int c, const Pack<T>& p) { fp8_store_pack(qr + c, p, s, m, over); }, rstd, x, w, eps, row, C);
+    fp8_record(amax, clamped, m, over);
 }
 
 // dinp += rstd * (u - xh * mean(u * xh)), xh = x * rstd, u = w * dout. One warp per row.
