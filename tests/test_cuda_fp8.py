@@ -354,8 +354,12 @@ def test_fp8_fused_producers_and_the_kept_xT_change_no_bit(family):
     res = {}
     for fused in (False, True):
         for rc in (0, 1, 2):
-            m = _model(cls, cfg, "cuda", "fp8", params, recompute=rc)
-            m.be.fp8.fused = fused
+            be = get_backend("cuda", "fp8")
+            be.fp8_fused = fused  # (before the model plans its buffers by it)
+            m = cls(cfg, be, B, T, recompute=rc)
+            m.load_params(params)
+            assert m.be.fp8.fused == fused and m.fp8_kept == fused
+            assert m.acts["ln1"].shape[0] == (1 if fused else m.rc_rows(2))  # (one slot every layer shares)
             m.be.fp8_quantize_weights()
             m.be.fp8_begin_step()
             out = [forward_backward(m, *batches[0])]

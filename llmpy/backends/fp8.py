@@ -22,6 +22,7 @@ class Fp8Ops:
     products (`self.fp8`) that the backend's `_fp8_new(weights, rows)` makes."""
     fp8_enabled = False  # the backend was made for --dtype fp8
     fp8 = None           # its registered products (fp8_register)
+    fp8_fused = False    # the products keep FP8 copies of their inputs, the producers write them (ops.py; the GPU's)
 
     def fp8_register(self, weights, rows: int) -> int:
         if not self.fp8_enabled:
@@ -43,11 +44,6 @@ class Fp8Ops:
 
     def fp8_load_state(self, state: dict) -> None:
         self.fp8.load_state(state)
-
-    def fp8_keeps_inputs(self) -> bool:
-        """Whether the registered products' backward reads the FP8 copies of their inputs their forward kept (the
-        GPU's), not the inputs: then a backward need not recompute an input that only such a product reads."""
-        return self.fp8 is not None and getattr(self.fp8, "fused", False)
 
     def _fp8_slot(self, w) -> int | None:
         """The registered product whose weight is w, if any."""

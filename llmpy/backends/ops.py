@@ -58,6 +58,9 @@ class Backend(Protocol):
     acc_dtype: Any       # loss sums, gradient norms
     capturing: bool      # a CUDA graph is being recorded: nothing runs, nothing may be read back
     stream: Any          # the stream every op runs on (in-order stand-in on the CPU)
+    fp8_fused: bool      # --dtype fp8 (the GPU's): a registered product's forward keeps FP8 copies of its input for
+    #                      its backward, and a producer given fp8_next writes only those copies: such an input is
+    #                      then read by nothing else, neither kept per layer nor recomputed
 
     # ---- memory and transfers ------------------------------------------------------------------------------
     def zeros(self, n: int, dtype) -> Any:
@@ -286,10 +289,6 @@ class Backend(Protocol):
 
     def fp8_quantize_weights(self) -> None:
         """The registered weights' FP8 copies from the current weights (after loading them)."""
-
-    def fp8_keeps_inputs(self) -> bool:
-        """Whether the registered products' backward reads FP8 copies of their inputs kept by their forward (the
-        GPU's), so that an input read by such products alone needs no recompute."""
 
     def fp8_state(self) -> dict:
         """The scale state as host arrays: fp8_amax_history (P, 3, H), fp8_scale (P, 3) (a checkpoint's)."""

@@ -205,6 +205,10 @@ class Model:
                           else ParamBuffer(backend, self.layout, backend.param_dtype))
         # Vl: V on the CPU; the GPU computes all Vp columns and ignores the pad
         self.Vl = backend.logit_columns(cfg.vocab_size, cfg.padded_vocab_size)
+        # --dtype fp8 on a GPU: the block products keep FP8 copies of their inputs for their backward and the norms
+        # and activations write only those copies, so their outputs share one slot and are never recomputed
+        self.fp8_kept = bool(training and getattr(backend, "fp8_enabled", False)
+                             and getattr(backend, "fp8_fused", False))
         acts, grads, stats = self.plan()
         acts = acts + [("logits", (self.chunk, self.Vl))]  # one chunk of rows; becomes dlogits in place
         self.acts = FlatBuffer(backend, acts + (grads if training else []), backend.act_dtype)
@@ -355,6 +359,19 @@ class Model:
     def rc_redo(self, level: int, l: int) -> bool:
         """Whether layer l's backward recomputes it."""
         return self.recompute >= level and l >= self._kept()
+
+    def fp8_rows(self, level: int) -> int:
+        """rc_rows for an input of the block products only (a norm's or activation's output): one slot every layer
+        shares where the products keep its FP8 copies (fp8_kept)."""
+        return 1 if self.fp8_kept else self.rc_rows(level)
+
+    def fp8_slot(self, level: int, l: int) -> int:
+        """rc_slot for such an input."""
+        return 0 if self.fp8_kept else self.rc_slot(level, l)
+
+    def fp8_redo(self, level: int, l: int) -> bool:
+        """rc_redo for such an input: never where the products keep its FP8 copies."""
+        return not self.fp8_kept and self.rc_redo(level, l)
 
     def zero_grad(self) -> None:
         self.be.fill_zero(self.grads.flat)

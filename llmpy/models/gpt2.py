@@ -128,8 +128,9 @@ class GPT2(Model):
         cfg, be, B, T = self.cfg, self.be, self.B, self.T
         L, C, NH = cfg.num_layers, cfg.channels, cfg.num_heads
         att_shape, att_kind = be.attention_state(B, T, NH, NH, cfg.head_size)
-        # a recomputed activation lives in one (B, T, .) slot shared by the recomputing layers (rc_rows)
-        Lg, Lln = self.rc_rows(1), self.rc_rows(2)
+        # a recomputed activation lives in one (B, T, .) slot shared by the recomputing layers (rc_rows), as do the
+        # norms' and GELU's outputs where the FP8 products keep their copies (fp8_rows)
+        Lg, Lln = self.fp8_rows(1), self.fp8_rows(2)
         acts = [
             ("encoded", (B, T, C)),
             ("ln1", (Lln, B, T, C)), ("qkv", (L, B, T, 3 * C)), ("atty", (L, B, T, C)),
@@ -151,13 +152,13 @@ class GPT2(Model):
                         bias_widths=(3 * C, C, 4 * C))
 
     def _ln1(self, l):
-        return self.acts["ln1"][self.rc_slot(2, l)]
+        return self.acts["ln1"][self.fp8_slot(2, l)]
 
     def _ln2(self, l):
-        return self.acts["ln2"][self.rc_slot(2, l)]
+        return self.acts["ln2"][self.fp8_slot(2, l)]
 
     def _fch_gelu(self, l):
-        return self.acts["fch_gelu"][self.rc_slot(1, l)]
+        return self.acts["fch_gelu"][self.fp8_slot(1, l)]
 
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, tokens=None, targets=None, grad_scale: float | None = None, *, return_loss: bool = True,
@@ -212,8 +213,6 @@ class GPT2(Model):
         be, cfg, a, s, p, g = self.be, self.cfg, self.acts, self.stats, self.params, self.grads
         L, NH = cfg.num_layers, cfg.num_heads
         dres, dbtc, dbt4c, dqkv = a["dresidual"], a["dbtc"], a["dbt4c"], a["dqkv"]
-        kept = be.fp8_keeps_inputs()  # --dtype fp8 on a GPU: the products' dW read their forward's FP8 copies, so
-        # the LayerNorm and GELU outputs (read by those products alone) need no recompute
         be.fill_zero(dres)
         # each norm backward also sums the residual gradient it updates: the bias gradient of the product whose
         # output that stream is (fcproj below the final / first norm, attproj below the second), taken by that
@@ -224,14 +223,14 @@ class GPT2(Model):
             if hooks is not None:
                 hooks.before_layer(l)
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
-            if self.rc_redo(2, l) and not kept:
+            if self.fp8_redo(2, l):
                 be.layernorm_forward(self._ln2(l), s["ln2_mean"][l], s["ln2_rstd"][l], a["residual2"][l],
                                      p["ln2w"][l], p["ln2b"][l])
             # MLP: dres flows unchanged into fcproj's output (the residual add)
             # (fc's bias gradient is summed with the GELU backward, while dbt4c is in hand: gelu_db; recompute 1
             # reforms the GELU output there too, before fcproj's weight gradient reads it: gelu_redo)
             be.matmul_backward(dbt4c, g["fcprojw"][l], g["fcprojb"][l], dres, self._fch_gelu(l), p["fcprojw"][l],
-                               gelu_pre=a["fch"][l], gelu_db=g["fcb"][l], gelu_redo=self.rc_redo(1, l) and not kept,
+                               gelu_pre=a["fch"][l], gelu_db=g["fcb"][l], gelu_redo=self.fp8_redo(1, l),
                                db_sums=sums)
             be.matmul_backward(dbtc, g["fcw"][l], None, dbt4c, self._ln2(l), p["fcw"][l])
             sums = be.layernorm_backward(dres, g["ln2w"][l], g["ln2b"][l], dbtc, a["residual2"][l], p["ln2w"][l],
@@ -240,7 +239,7 @@ class GPT2(Model):
             be.matmul_backward(dbtc, g["attprojw"][l], g["attprojb"][l], dres, a["atty"][l], p["attprojw"][l],
                                db_sums=sums)
             be.attention_backward(dqkv, dbtc, a["qkv"][l], self.saved("att")[l], NH, out=a["atty"][l])
-            if self.rc_redo(2, l) and not kept:
+            if self.fp8_redo(2, l):
                 be.layernorm_forward(self._ln1(l), s["ln1_mean"][l], s["ln1_rstd"][l], residual, p["ln1w"][l],
                                      p["ln1b"][l])
             be.matmul_backward(dbtc, g["qkvw"][l], g["qkvb"][l], dqkv, self._ln1(l), p["qkvw"][l])

@@ -143,7 +143,8 @@ def config_from_name(prefix: str, name: str) -> LlamaConfig:
 
 class Llama(Model):
     """recompute: 0 keeps every activation; 1 recomputes the SwiGLU output in backward; 2 also the two RMSNorm
-    outputs of each block (from the residual stream): less memory for more compute."""
+    outputs of each block (from the residual stream): less memory for more compute. (Where the FP8 products keep
+    their inputs' copies, those outputs are neither kept nor recomputed: fp8_rows.)"""
     RECOMPUTE = (0, 1, 2)
 
     @property
@@ -158,7 +159,7 @@ class Llama(Model):
         freqs = rope_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_factor, cfg.rope_low_freq_factor,
                                  cfg.rope_high_freq_factor, cfg.rope_original_context)
         self.rope = be.asarray(rope_table(cfg.max_seq_len, freqs))  # (maxT, hs/2, 2) fp32 cos, sin; constant
-        Lg, Ln = self.rc_rows(1), self.rc_rows(2)
+        Lg, Ln = self.fp8_rows(1), self.fp8_rows(2)
         acts = [
             ("encoded", (B, T, C)),
             ("ln1", (Ln, B, T, C)), ("qkv", (L, B, T, W)), ("atty", (L, B, T, C)),
@@ -185,13 +186,13 @@ class Llama(Model):
         return plan
 
     def _ln1(self, l):
-        return self.acts["ln1"][self.rc_slot(2, l)]
+        return self.acts["ln1"][self.fp8_slot(2, l)]
 
     def _ln2(self, l):
-        return self.acts["ln2"][self.rc_slot(2, l)]
+        return self.acts["ln2"][self.fp8_slot(2, l)]
 
     def _sw(self, l):
-        return self.acts["sw"][self.rc_slot(1, l)]
+        return self.acts["sw"][self.fp8_slot(1, l)]
 
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, tokens=None, targets=None, grad_scale: float | None = None, *, return_loss: bool = True,
@@ -237,18 +238,16 @@ class Llama(Model):
         be, cfg, a, s, p, g = self.be, self.cfg, self.acts, self.stats, self.params, self.grads
         L, H, K, eps = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.norm_eps
         dres, dbtc, dfc, dsw, dqkv = a["dresidual"], a["dbtc"], a["dfc"], a["dsw"], a["dqkv"]
-        kept = be.fp8_keeps_inputs()  # --dtype fp8 on a GPU: the products' dW read their forward's FP8 copies, so
-        # the RMSNorm and SwiGLU outputs (read by those products alone) need no recompute
         be.fill_zero(dres)
         be.rmsnorm_backward(dres, g["lnfw"], dbtc, a["residual3"][L - 1], p["lnfw"], s["lnf_rstd"])
         for l in reversed(range(L)):
             if hooks is not None:
                 hooks.before_layer(l)
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
-            if self.rc_redo(2, l) and not kept:
+            if self.fp8_redo(2, l):
                 be.rmsnorm_forward(self._ln2(l), s["ln2_rstd"][l], a["residual2"][l], p["ln2w"][l], eps)
             # MLP: dres flows unchanged into fcproj's output (the residual add)
-            if self.rc_redo(1, l) and not kept:  # the SwiGLU backward reforms its output too; fcproj's dw waits for it
+            if self.fp8_redo(1, l):  # the SwiGLU backward reforms its output too; fcproj's dw waits for it
                 be.matmul_backward(dsw, None, None, dres, None, p["fcprojw"][l])
                 be.swiglu_backward(dfc, a["fc"][l], dsw, redo=self._sw(l))
                 be.matmul_backward(None, g["fcprojw"][l], None, dres, self._sw(l), p["fcprojw"][l])
@@ -261,7 +260,7 @@ class Llama(Model):
             be.matmul_backward(dbtc, g["attprojw"][l], None, dres, a["atty"][l], p["attprojw"][l])
             be.attention_backward(dqkv, dbtc, a["qkv"][l], self.saved("att")[l], H, out=a["atty"][l], kv_heads=K)
             be.rope_backward(dqkv, self.rope, H, K)
-            if self.rc_redo(2, l) and not kept:
+            if self.fp8_redo(2, l):
                 be.rmsnorm_forward(self._ln1(l), s["ln1_rstd"][l], residual, p["ln1w"][l], eps)
             be.matmul_backward(dbtc, g["qkvw"][l], None, dqkv, self._ln1(l), p["qkvw"][l])
             be.rmsnorm_backward(dres, g["ln1w"][l], dbtc, residual, p["ln1w"][l], s["ln1_rstd"][l])

@@ -63,6 +63,7 @@ class CUDABackend(FreshGrads, Fp8Ops):
         self.fresh = []                  # byte ranges of parameter gradients that count as zero (fresh_grads)
         self.mmfree = MMFree(self)       # BitLinear, MLGRU, lower bounds (mmfree.py) and their scratch
         self.fp8_enabled = fp8           # --dtype fp8: registered products on FP8 tensor cores (fp8.py)
+        self.fp8_fused = fp8             # their inputs' FP8 copies kept and written by the producers (cuda/fp8.py)
         if fp8:
             cc = int(cp.cuda.Device().compute_capability)  # "90" on Hopper
             if dtype != "bf16" or cc < 89:

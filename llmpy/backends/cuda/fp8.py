@@ -30,10 +30,11 @@ _THREADS = 256
 
 
 class CudaFp8(Fp8Products):
-    fused = True  # the producers write the FP8 copies and XqT is kept; False: the separate passes (tests compare)
-
     def __init__(self, be, weights, rows: int):
         super().__init__(be, weights)
+        # the producers write the FP8 copies and XqT is kept (the backend's fp8_fused, fixed before a model plans its
+        # buffers by it); False: the separate passes, which the tests compare with
+        self.fused = be.fp8_fused
         cp = be.cp
         P = len(self.weights)
         # the dequantizing factors 1 / scale that cuBLASLt reads through its scale pointers, one 16-byte slot each
