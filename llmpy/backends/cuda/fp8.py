@@ -136,8 +136,11 @@ class CudaFp8(Fp8Products):
         OC, K = w.shape
         M = inp.size // K
         xq = self.buf_a[:M * K]
-        if not self.fused:  # the separate pass of Xq alone (the backward quantizes XqT again)
+        if not self.fused or M % 16:
+            # the separate pass of Xq alone, the backward quantizing XqT again (the tiles take multiples of 16 rows,
+            # as a training batch's B*T is)
             self.quantize(xq, inp, i, F.X)
+            self._x_of[i] = None
         elif self._xq_ready != (i, inp.data.ptr):
             if self.calibrate:
                 self._calibrate(inp, M * K, i, F.X)
@@ -168,6 +171,8 @@ class CudaFp8(Fp8Products):
             raise ValueError(f"fp8_next: {kind} of inp {inp.shape} into out {out.shape} is not the input of a "
                              f"{self.weights[j].shape} product")
         M = out.size // K
+        if M % 16:  # (the tiles take multiples of 16 rows)
+            return False
         fn = self.k.fp8_gelu_t if kind == "gelu" else self.k.fp8_swiglu_t
         fn((cdiv(K, 64), cdiv(M, 64)), (_THREADS,), (self.xqT[j], self.buf_a, np.uint64(0), inp, np.int32(M),
                                                      np.int32(K), self._at(self.scale, j, F.X),
@@ -185,7 +190,7 @@ class CudaFp8(Fp8Products):
         if out.shape[-1] != self.weights[j].shape[1]:
             raise ValueError(f"fp8_next: a norm's output {out.shape} is not the input of a {self.weights[j].shape} "
                              "product")
-        return j
+        return None if (out.size // out.shape[-1]) % 16 else j  # (the transpose's tiles take multiples of 16 rows)
 
     def norm_args(self, j: int) -> tuple:
         """The fused norm kernel's last arguments: product j's X scale, its pending amax, the clamp count."""
@@ -213,6 +218,8 @@ class CudaFp8(Fp8Products):
             raise ValueError(f"fp8_next: swiglu_backward into dinp {dinp.shape} is not the output gradient of a "
                              f"{self.weights[j].shape} product with a hidden size divisible by 8")
         M = dinp.size // OC
+        if M % 16:  # (the tiles take multiples of 16 rows)
+            return False
         self.k.fp8_swiglu_backward_t((cdiv(Fh, 64), cdiv(M, 64)), (_THREADS,),
                                      (self.buf_a, self.buf_c, np.uint64(0), inp, dout, np.int32(M), np.int32(Fh),
                                       self._at(self.scale, j, F.D), self._at(self.pending, j, F.D), self.overflows))
