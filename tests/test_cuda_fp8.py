@@ -144,6 +144,7 @@ def test_fused_norms_write_the_separate_passes_bytes(norm, rows):
     import ml_dtypes
     cp, k = _cp(), _k("bf16")
     be = get_backend("cuda", "fp8")
+    be.fp8_fused = True  # (before the products are registered: CudaFp8 reads it then)
     rng = np.random.default_rng(13)
     C = 144
     w = cp.asarray((rng.standard_normal((32, C)) * 0.1).astype(ml_dtypes.bfloat16))  # the product's weight
