@@ -58,11 +58,16 @@ class CudaFp8(Fp8Products):
         widest = max(max(w.shape) for w in self.weights)
         self.buf_a = cp.zeros(rows * widest, dtype=cp.uint8)
         self.buf_c = cp.zeros(rows * max(w.shape[0] for w in self.weights), dtype=cp.uint8)
-        # XqT (K, rows) of every product, from its last forward, for its dW (1 byte an element of the four inputs)
+        # XqT (K, rows) of every product, from its last forward, for its dW (1 byte an element of the four inputs);
+        # without `fused` the backward quantizes XqT again right before its dW, so one scratch serves every product
         ks = [w.shape[1] for w in self.weights]
-        self._xbuf = cp.zeros(rows * sum(ks), dtype=cp.uint8)
-        offs = np.cumsum([0] + ks) * rows
-        self.xqT = [self._xbuf[offs[j]:offs[j + 1]] for j in range(P)]
+        if self.fused:
+            self._xbuf = cp.zeros(rows * sum(ks), dtype=cp.uint8)
+            offs = np.cumsum([0] + ks) * rows
+            self.xqT = [self._xbuf[offs[j]:offs[j + 1]] for j in range(P)]
+        else:
+            self._xbuf = cp.zeros(rows * max(ks), dtype=cp.uint8)
+            self.xqT = [self._xbuf[:rows * k] for k in ks]
         self._x_of = [None] * P   # the address of the tensor each xqT holds (its last forward's input)
         self._xq_ready = None     # (product, address): a producer has just written that product's Xq (A) and XqT
         self._dq_ready = None     # (product, address): a producer has just written its Dq (C) and DqT (A)
