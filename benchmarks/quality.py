@@ -63,8 +63,9 @@ def run_llmpy(args, init, train_glob, val_glob, out, variant="master") -> tuple[
     seconds = time.perf_counter() - t0
     ck = load_checkpoint(Path(out) / "checkpoint.safetensors")
     h = hashlib.sha256()
-    for k in sorted(ck.compute_bf16):
-        h.update(ck.compute_bf16[k].tobytes())
+    weights = ck.params if ck.compute_bf16 is None else ck.compute_bf16  # fp32 runs keep no bf16 copy
+    for k in sorted(weights):
+        h.update(weights[k].tobytes())
     del ck
     shutil.rmtree(out)  # a d48 run's checkpoint is ~22 GB: one at a time on the device's disk
     return res.val_losses[-1][1], seconds, h.hexdigest()[:16], [(int(a), float(b)) for a, b in res.val_losses]
@@ -137,10 +138,13 @@ def compare(args) -> dict:
 
 
 def spread_report(variants: dict) -> list[str]:
-    """Per evaluation: the first variant's seeds' [min, max] and whether each other variant's runs lie inside."""
-    by = {}
+    """Per evaluation: the first variant's seeds' [min, max], whether each other variant's runs lie inside, and the
+    mean paired difference (a run minus the first variant's run of the same seed, where both exist)."""
+    by, seeds = {}, {}
     for k, v in variants.items():
-        by.setdefault(k.partition(":")[0], []).append(dict(v["curve"]))
+        name, _, seed = k.partition(":")
+        by.setdefault(name, []).append(dict(v["curve"]))
+        seeds.setdefault(name, {})[seed] = dict(v["curve"])
     base, *others = list(by)
     lines = []
     for step in sorted(by[base][0]):
@@ -149,7 +153,11 @@ def spread_report(variants: dict) -> list[str]:
         for o in others:
             vals = [c[step] for c in by[o] if step in c]
             inside = all(lo <= x <= hi for x in vals)
-            parts.append(f"{o} " + ", ".join(f"{x:.4f}" for x in vals) + (" inside" if inside else " OUTSIDE"))
+            diffs = [c[step] - seeds[base][sd][step] for sd, c in seeds[o].items()
+                     if sd in seeds[base] and step in c]
+            paired = f", paired {sum(diffs) / len(diffs):+.4f}" if diffs else ""
+            parts.append(f"{o} " + ", ".join(f"{x:.4f}" for x in vals) + (" inside" if inside else " OUTSIDE")
+                         + paired)
         lines.append("; ".join(parts))
     return lines
 
@@ -181,7 +189,7 @@ def main(argv=None) -> int:
     if args.val_every:
         print("\n".join(spread_report(r["variants"])))
     for k, v in r["variants"].items():
-        print(f"{args.model}, {args.steps} steps of {args.batch}x{args.seq}, bf16: val loss llmpy {k} "
+        print(f"{args.model}, {args.steps} steps of {args.batch}x{args.seq}: val loss llmpy {k} "
               f"{v['val_loss']:.4f} ({v['s']:.1f} s)")
     if r["torch_val_loss"] is not None:
         print(f"PyTorch {r['torch_val_loss']:.4f} ({r['torch_s']:.1f} s); first variant's difference "
