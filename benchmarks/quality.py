@@ -162,6 +162,35 @@ def spread_report(variants: dict) -> list[str]:
     return lines
 
 
+def plot(results: list[dict], out: str) -> None:
+    """One panel per result (a --json file): every run's val curve, one colour per variant, the seeds as lines of
+    that colour; written atomically to out (a .png)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llmpy.formats.atomic import atomic_write
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        colours = {}
+        for k, v in r["variants"].items():
+            name = k.partition(":")[0]
+            c = colours.setdefault(name, f"C{len(colours)}")
+            steps, losses = zip(*v["curve"])
+            ax.plot(steps, losses, color=c, lw=1, label=name if name not in ax.get_legend_handles_labels()[1] else None)
+        s = r["settings"]
+        ax.set_title(f"{r['model']}, {s['batch_size']}x{s['seq_len']} tokens a step", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("val loss")
+        ax.legend()
+        lo = min(x for v in r["variants"].values() for _, x in v["curve"][1:] or v["curve"])
+        hi = max(x for v in r["variants"].values() for _, x in v["curve"][len(v["curve"]) // 4:])
+        ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+    fig.tight_layout()
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
 def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="d12")
@@ -178,11 +207,18 @@ def parser():
     ap.add_argument("--val-every", type=int, default=0, help="val loss every N steps (the curves; 0: at the end)")
     ap.add_argument("--no-torch", action="store_true", help="llmpy variants only")
     ap.add_argument("--json", help="write the result here too")
+    ap.add_argument("--plot", nargs="+", metavar=("OUT.png", "RESULT.json"),
+                    help="no runs: draw the val curves of these --json results into OUT.png")
     return ap
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.plot:
+        if len(args.plot) < 2:
+            raise SystemExit("--plot needs OUT.png and at least one RESULT.json")
+        plot([json.loads(Path(f).read_text()) for f in args.plot[1:]], args.plot[0])
+        return 0
     if args.init_per_seed:
         args.no_torch = True
     r = compare(args)
