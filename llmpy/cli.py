@@ -337,9 +337,11 @@ def _check_batch_memory(one, n: int, length: int) -> None:
     if free is None or n * per <= free:
         return
     where = "GPU" if hasattr(one.be, "cp") else "host"
-    raise UserError(f"--num-samples {n} needs {n * per / 2**30:,.1f} GiB beside the weights ({per / 2**20:,.2f} MiB "
-                    f"a sample: its {kind} for {length} tokens and its row of a step's activations), more than the "
-                    f"{free / 2**30:,.1f} GiB free on the {where}: at most {free // per:,} samples at once here")
+    def size(b):
+        return f"{b / 2**30:,.1f} GiB" if b >= 2**30 else f"{b / 2**20:,.2f} MiB"
+    raise UserError(f"--num-samples {n} needs {size(n * per)} beside the weights ({size(per)} a sample: its {kind} "
+                    f"for {length} tokens and its row of a step's activations), more than the {size(free)} free on "
+                    f"the {where}: at most {free // per:,} samples at once here")
 
 
 def _free_bytes(be) -> int | None:

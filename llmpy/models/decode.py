@@ -95,7 +95,7 @@ def decoder(cfg, params: dict[str, np.ndarray], backend, batch: int = 1, *, weig
 def row_bytes(one, length: int) -> tuple[int, int, str]:
     """(state bytes, activation bytes, what the state is) that each sequence of a batch adds, from `one`, a decoder
     of one sequence, for sequences of up to `length` tokens: its decoding state and its decoding step's activations
-    (a batch's activations are B such rows; the weights are shared)."""
+    (a batch's activations are at most B times these; the weights are shared)."""
     state = one.new_decode_state(length)
     kv = isinstance(state, KVCache)
     arrays = [state.k, state.v] if kv else [state.h]
