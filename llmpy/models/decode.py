@@ -47,9 +47,11 @@ class KVCache:
         return KVCache(self.k[:, b:b + 1], self.v[:, b:b + 1], self.pos)
 
     def copy_first_row(self, backend) -> None:
-        """Every sequence's cache = the first's, positions < pos (one prompt prefilled once for a batch)."""
+        """Every sequence's cache = the first's, positions < pos (one prompt prefilled once for a batch): the bits,
+        as unsigned integers of the element's size (CuPy has no bf16 arithmetic to copy with)."""
         for x in (self.k, self.v):
-            backend.copy_(x[:, 1:, :, :self.pos], x[:, :1, :, :self.pos])
+            bits = x.view(np.dtype(f"u{x.itemsize}"))
+            backend.copy_(bits[:, 1:, :, :self.pos], bits[:, :1, :, :self.pos])
 
 
 @dataclass
