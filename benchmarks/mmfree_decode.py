@@ -23,7 +23,7 @@ bandwidth (bytes / peak bandwidth) and compute (2 flops a parameter a token, + a
 for the ternary products and the bf16 peak for Llama's): a step within twice its larger floor is bound by it; one
 further off ("neither") by what neither counts: kernel launches, host work (compare "fwd ms"), kernels far from
 both peaks. Random weights (decode speed does not depend on the values). Also
-prints the packed file's size and each model's resident weights. Absolute times only mean anything on the GPU,
+prints the packed tensors' size (the packed file's, less its header) and each model's resident weights. Absolute times only mean anything on the GPU,
 with its date."""
 from __future__ import annotations
 
@@ -215,7 +215,7 @@ def measure_side(side, cfg, be, args, out):
     out.append(res)
 
 
-def table(results, peak_name) -> str:
+def table(results) -> str:
     """The Markdown tables of one shape's results."""
     lines = ["| model | batch | tok/s | ms a step | fwd ms | MB read a step | MBU | bound |",
              "|---|---|---|---|---|---|---|---|"]
@@ -276,14 +276,17 @@ def main(argv=None):
         print(f"{shape}: {cfg.describe()}", file=sys.stderr)
         for side in sides:
             measure_side(side, cfg, be, args, results)
-        report["shapes"].append({"model": shape, "packed_file_bytes": size["bytes"], "fp32_weight_bytes":
-                                 size["fp32_bytes"], "llama": llama_name(llama_like(cfg)), "results": results})
         peak = f"{args.peak_bw / 1e12:.2f} TB/s peak" if args.peak_bw else "no peak bandwidth known: no MBU"
-        print(f"\n{date}  {shape} decode on {device} ({be.dtype_name}; {peak}); llama = {llama_name(llama_like(cfg))}")
-        print(table(results, peak))
-        print(f"packed file {size['bytes'] / 2**20:,.1f} MiB = 1/{size['fp32_bytes'] / size['bytes']:.1f} of the fp32 "
-              f"weights ({size['fp32_bytes'] / 2**20:,.1f} MiB); resident weights: " + ", ".join(
-                  f"{r['side']} {r['resident_weight_bytes'] / 2**20:,.1f} MiB" for r in results))
+        text = "\n".join([
+            f"{date}  {shape} decode on {device} ({be.dtype_name}; {peak}); llama = {llama_name(llama_like(cfg))}",
+            table(results),
+            f"packed tensors {size['bytes'] / 2**20:,.1f} MiB = 1/{size['fp32_bytes'] / size['bytes']:.1f} of the fp32 "
+            f"weights ({size['fp32_bytes'] / 2**20:,.1f} MiB); resident weights: " + ", ".join(
+                f"{r['side']} {r['resident_weight_bytes'] / 2**20:,.1f} MiB" for r in results)])
+        report["shapes"].append({"model": shape, "packed_file_bytes": size["bytes"], "fp32_weight_bytes":
+                                 size["fp32_bytes"], "llama": llama_name(llama_like(cfg)), "results": results,
+                                 "report": text})
+        print("\n" + text)
     print(f"(all measured in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -59,7 +59,8 @@ def test_the_benchmark_runs_on_the_cpu(tmp_path, capsys):
     assert llama["decode"][0]["state_bytes"] == 2 * 2 * 1 * 1 * 32 * 64 * 4  # k and v, L 2, KV 1, 32 positions fp32
     assert latent["decode"][0]["state_bytes"] == 2 * 64 * 4
     text = capsys.readouterr().out
-    assert "| packed | 3 |" in text and "| llama | 32 |" in text and "packed file" in text
+    assert "| packed | 3 |" in text and "| llama | 32 |" in text and "packed tensors" in text
+    assert shape["report"] in text
 
 
 def test_bad_settings_stop_before_anything_runs(capsys):
