@@ -327,3 +327,34 @@ def test_the_sample_command_draws_sample_i_as_seed_plus_i_alone(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the note on the prompt's token
     assert err.startswith("error: --num-samples 11 needs") and "recurrent state" in err and "\n" not in err
     assert err.endswith("at most 10 samples at once here")
+
+
+def dense_sample(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """The sampler spelled out over the whole vocabulary (dropped tokens kept as zeros): sample_tokens' reference."""
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and 0 < top_k < z.size:
+        z = np.where(z >= np.partition(z, -top_k)[-top_k], z, -np.inf)
+    prob = np.exp(z - z.max())
+    if top_p is not None and top_p < 1:
+        order = np.argsort(-prob, kind="stable")
+        mass = np.cumsum(prob[order])
+        cut = int(np.searchsorted(mass, top_p * mass[-1])) + 1
+        kept = np.zeros_like(prob)
+        kept[order[:cut]] = prob[order[:cut]]
+        prob = kept
+    cdf = np.cumsum(prob)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), z.size - 1))
+
+
+def test_the_sampler_draws_what_the_whole_vocabulary_spelled_out_draws():
+    """sample_tokens works on the tokens top-k keeps only; it draws the token the dense computation draws, bf16
+    logits (ties at the k-th value) included."""
+    import ml_dtypes
+
+    from llmpy.models.decode import sample_tokens
+    r = np.random.default_rng(1)
+    logits = (r.standard_normal((40, 300)) * 2).astype(ml_dtypes.bfloat16).astype(np.float32)
+    for kw in (dict(), dict(top_k=7), dict(top_k=40, top_p=0.7), dict(temperature=0.3, top_p=0.95),
+               dict(temperature=2.0, top_k=299)):
+        got = sample_tokens(logits, [np.random.default_rng(b) for b in range(40)], **kw)
+        assert got.tolist() == [dense_sample(logits[b], np.random.default_rng(b), **kw) for b in range(40)], kw

@@ -108,29 +108,37 @@ def row_bytes(one, length: int) -> tuple[int, int, str]:
 def sample_tokens(logits: np.ndarray, rngs, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> np.ndarray:
     """One token per row of logits (B, V), row b drawn with rngs[b]: from softmax(logits / temperature) restricted
-    to the top_k largest, then to the smallest set of the most likely tokens whose probability reaches top_p
-    (nucleus sampling); temperature 0 is greedy. One uniform draw per row. Each row's arithmetic is that row's
-    alone (row-wise reductions in a fixed order): a row draws the same token in any batch."""
+    to the top_k largest (ties with the k-th kept), then to the smallest set of the most likely tokens whose
+    probability reaches top_p (nucleus sampling); temperature 0 is greedy. One uniform draw per row, inverted
+    through the cumulative sum in token order. Each row's arithmetic is that row's alone: a row draws the same
+    token in any batch. The whole vocabulary is scanned once (the k-th largest, the maximum); the rest runs on the
+    tokens top_k keeps (summing the dropped tokens' zeros would change no bit)."""
     if temperature == 0:
         return np.argmax(logits, axis=-1)
     z = logits.astype(np.float64) / temperature
     B, V = z.shape
+    keep = None
     if top_k is not None and 0 < top_k < V:
-        kth = np.partition(z, -top_k, axis=-1)[:, -top_k:][:, :1]  # (B, 1): each row's k-th largest
-        z = np.where(z >= kth, z, -np.inf)
-    prob = np.exp(z - z.max(axis=-1, keepdims=True))
-    if top_p is not None and top_p < 1:
-        order = np.argsort(-prob, axis=-1, kind="stable")
-        ranked = np.take_along_axis(prob, order, axis=-1)
-        mass = np.cumsum(ranked, axis=-1)
-        # each row's first prefix whose mass reaches top_p: the count of partial sums below it, plus one
-        cut = (mass < top_p * mass[:, -1:]).sum(axis=-1, keepdims=True) + 1
-        kept = np.zeros_like(prob)
-        np.put_along_axis(kept, order, np.where(np.arange(V) < cut, ranked, 0.0), axis=-1)
-        prob = kept
-    cdf = np.cumsum(prob, axis=-1)
-    u = np.array([rng.random() for rng in rngs])[:, None] * cdf[:, -1:]
-    return np.minimum((cdf <= u).sum(axis=-1), V - 1)  # the first index whose cdf passes u
+        # (B, V): each row's k largest and ties; the k-th found among the logits as given (fp32: half the bytes),
+        # whose order z keeps (a division by a positive number)
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k, None].astype(np.float64) / temperature
+        keep = z >= kth
+    zmax = z.max(axis=-1)
+    out = np.empty(B, np.int64)
+    for b in range(B):
+        idx = np.flatnonzero(keep[b]) if keep is not None else None  # the candidates, in token order
+        prob = np.exp((z[b] if idx is None else z[b, idx]) - zmax[b])
+        if top_p is not None and top_p < 1:
+            order = np.argsort(-prob, kind="stable")
+            mass = np.cumsum(prob[order])
+            cut = int(np.searchsorted(mass, top_p * mass[-1])) + 1  # the first prefix whose mass reaches top_p
+            kept = np.zeros_like(prob)
+            kept[order[:cut]] = prob[order[:cut]]
+            prob = kept
+        cdf = np.cumsum(prob)
+        j = min(int(np.searchsorted(cdf, rngs[b].random() * cdf[-1], side="right")), prob.size - 1)
+        out[b] = j if idx is None else idx[j]
+    return out
 
 
 def sample_token(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,
