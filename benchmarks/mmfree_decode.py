@@ -22,8 +22,8 @@ up to the position or the recurrent states; MBU = those bytes / the step time / 
 bandwidth (bytes / peak bandwidth) and compute (2 flops a parameter a token, + attention's, at the dense int8 peak
 for the ternary products and the bf16 peak for Llama's): a step within twice its larger floor is bound by it; one
 further off ("neither") by what neither counts: kernel launches, host work (compare "fwd ms"), kernels far from
-both peaks. Random weights (decode speed does not depend on the values). Also
-prints the packed tensors' size (the packed file's, less its header) and each model's resident weights. Absolute times only mean anything on the GPU,
+both peaks. Random weights (decode speed does not depend on the values). Also prints the packed tensors' size (the
+packed file's, less its header) and each model's resident weights. Absolute times only mean anything on the GPU,
 with its date."""
 from __future__ import annotations
 
@@ -130,56 +130,63 @@ def nonembedding_params(cfg) -> int:
     return sum(math.prod(s.shape) for s in family_of(cfg).spec(cfg) if s.name != "wte")
 
 
-def measure_side(side, cfg, be, args, out):
-    """Builds one side's model and measures its prefill and its decoding steps at each batch; appends rows to out."""
-    import numpy as np
+def bound(t: float, bw: float | None, comp: float | None) -> str:
+    """What bounds a step of t seconds whose floors are bw (its bytes at peak bandwidth) and comp (its flops at peak
+    compute), None where the peak is unknown: the larger floor when t is within twice it, else "neither"."""
+    known = [(f, what) for f, what in ((bw, "bandwidth"), (comp, "compute")) if f]
+    if not known:
+        return "-"
+    f, what = max(known)
+    return what if t <= 2 * f else f"neither: {t / f:.1f}x the {what} floor"
 
-    from llmpy.models.decode import KVCache, decoder
-    mcfg = llama_like(cfg) if side == "llama" else cfg
-    t0 = time.perf_counter()
-    one = decoder(mcfg, random_weights(mcfg, side == "packed"), be)
-    plan = one.memory_plan()
-    resident = plan["parameters"] + plan.get("packed ternary weights", 0)
-    emb = embedding(one)
-    row_bytes = emb.nbytes // emb.shape[0]
-    n = nonembedding_params(mcfg)
-    attn = 0 if side != "llama" else mcfg.num_layers * mcfg.channels  # attention's flops / 2 a token a position
-    peak_ops = args.peak_bf16 if side == "llama" else args.peak_int8
-    print(f"{side}: {mcfg.describe()}, {n + emb.shape[0] * emb.shape[1]:,} parameters, resident weights "
-          f"{resident / 2**20:,.1f} MiB (made and loaded in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    res = {"side": side, "config": llama_name(mcfg) if side == "llama" else args.shape, "resident_weight_bytes":
-           resident, "nonembedding_params": n, "prefill": None, "decode": []}
-    rng = np.random.default_rng(0)
 
-    def floors(nbytes, flops):
-        bw = nbytes / args.peak_bw if args.peak_bw else None
-        comp = flops / peak_ops if peak_ops else None
-        return bw, comp
+class Side:
+    """One model of a shape on the device (`one`, decoding one sequence) and what a step of it reads and computes."""
 
-    def bound(t, bw, comp):
-        known = [(f, what) for f, what in ((bw, "bandwidth"), (comp, "compute")) if f]
-        if not known:
-            return "-"
-        f, what = max(known)
-        return what if t <= 2 * f else f"neither: {t / f:.1f}x the {what} floor"
+    def __init__(self, side, cfg, be, args):
+        from llmpy.models.decode import decoder
+        self.name, self.be, self.args = side, be, args
+        self.cfg = llama_like(cfg) if side == "llama" else cfg
+        t0 = time.perf_counter()
+        self.one = decoder(self.cfg, random_weights(self.cfg, side == "packed"), be)
+        plan = self.one.memory_plan()
+        self.resident = plan["parameters"] + plan.get("packed ternary weights", 0)
+        emb = embedding(self.one)
+        self.table_bytes, self.row_bytes = emb.nbytes, emb.nbytes // emb.shape[0]
+        self.n = nonembedding_params(self.cfg)
+        self.attn = self.cfg.num_layers * self.cfg.channels if side == "llama" else 0  # attention flops / 2 a position
+        self.peak_ops = args.peak_bf16 if side == "llama" else args.peak_int8
+        print(f"{side}: {self.cfg.describe()}, {self.n + emb.shape[0] * emb.shape[1]:,} parameters, resident "
+              f"weights {self.resident / 2**20:,.1f} MiB (made and loaded in {time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr)
 
-    # prefill: one prompt in one forward
-    P = min(args.prompt_tokens, mcfg.max_seq_len)
-    prompt = rng.integers(0, mcfg.vocab_size, (1, P))
-    t, k = timed(lambda: one.decode_step(prompt, one.new_decode_state(P)), args.seconds, 1, 50)
-    flops = 2 * n * P + 2 * attn * P * P  # causal attention: q k^T and p v over half of the P x P positions
-    nbytes = resident - emb.nbytes + P * row_bytes
-    bw, comp = floors(nbytes, flops)
-    res["prefill"] = {"tokens": P, "s": t, "tok_s": P / t, "tflops": flops / t / 1e12, "bytes": nbytes,
-                      "bound": bound(t, bw, comp), "timed": k}
-    print(f"  prefill {P}: {P / t:,.0f} tok/s ({t * 1e3:.2f} ms, {flops / t / 1e12:.1f} TFLOP/s)", file=sys.stderr)
-    del prompt
-    one.prefill_model(1)  # the prompt's prefill plan goes (a 1-token plan is small)
-    ctx = min(args.context, mcfg.max_seq_len - 1)
-    for B in args.batches:
-        m = one if B == 1 else decoder(mcfg, {}, be, B, weights_of=one)
+    def figures(self, t: float, nbytes: int, flops: int) -> dict:
+        bw = nbytes / self.args.peak_bw if self.args.peak_bw else None
+        comp = flops / self.peak_ops if self.peak_ops else None
+        return {"bytes": nbytes, "mbu": bw / t if bw else None, "bound": bound(t, bw, comp)}
+
+    def prefill(self, rng) -> dict:
+        """One prompt of --prompt-tokens (at most the context) fed in one forward into a fresh state."""
+        one, P = self.one, min(self.args.prompt_tokens, self.cfg.max_seq_len)
+        prompt = rng.integers(0, self.cfg.vocab_size, (1, P))
+        t, k = timed(lambda: one.decode_step(prompt, one.new_decode_state(P)), self.args.seconds, 1, 50)
+        flops = 2 * self.n * P + 2 * self.attn * P * P  # causal attention: q k^T and p v over half the P x P
+        r = {"tokens": P, "s": t, "tok_s": P / t, "tflops": flops / t / 1e12, "timed": k,
+             **self.figures(t, self.resident - self.table_bytes + P * self.row_bytes, flops)}
+        print(f"  prefill {P}: {P / t:,.0f} tok/s ({t * 1e3:.2f} ms, {r['tflops']:.1f} TFLOP/s)", file=sys.stderr)
+        one.prefill_model(1)  # the prompt's plan goes (a 1-token plan is small)
+        return r
+
+    def decode(self, B: int, rng) -> dict:
+        """Decoding steps of B rows at position --context (at most the context - 1), and their forward alone."""
+        import numpy as np
+
+        from llmpy.models.decode import KVCache, decoder
+        args, be = self.args, self.be
+        ctx = min(args.context, self.cfg.max_seq_len - 1)
+        m = self.one if B == 1 else decoder(self.cfg, {}, be, B, weights_of=self.one)
         st = m.new_decode_state(ctx + 1)
-        toks = rng.integers(0, mcfg.vocab_size, (B, 1))
+        toks = rng.integers(0, self.cfg.vocab_size, (B, 1)).astype(np.int32)
 
         def step():
             st.pos = ctx  # every step at the same position: the caches hold ctx positions before it
@@ -188,31 +195,31 @@ def measure_side(side, cfg, be, args, out):
         def forward():  # decode_step's forward without the logits' read-back
             st.pos = ctx
             if m.GRAPH_DECODE:
-                m._decode_replay(toks.astype(np.int32), st)
+                m._decode_replay(toks, st)
             else:
-                m.forward(toks.astype(np.int32), state=st)
+                m.forward(toks, state=st)
             be.synchronize()
 
         t, k = timed(step, args.seconds, 3, args.steps)
         tf, _ = timed(forward, args.seconds / 2, 2, args.steps)
-        if isinstance(st, KVCache):
-            state = (st.k.nbytes + st.v.nbytes)  # positions 0..ctx: all of this cache
-        else:
-            state = st.h.nbytes
-        nbytes = resident - emb.nbytes + B * row_bytes + state
-        flops = B * (2 * n + 4 * attn * (ctx + 1))
-        bw, comp = floors(nbytes, flops)
-        row = {"batch": B, "tok_s": B / t, "ms_step": t * 1e3, "ms_forward": tf * 1e3, "bytes": nbytes,
-               "state_bytes": state, "mbu": nbytes / t / args.peak_bw if args.peak_bw else None,
-               "bound": bound(t, bw, comp), "timed": k}
-        res["decode"].append(row)
-        mbu = f", MBU {row['mbu']:.1%}" if row["mbu"] is not None else ""
+        # positions 0..ctx: all of a cache; a recurrent state
+        state = st.k.nbytes + st.v.nbytes if isinstance(st, KVCache) else st.h.nbytes
+        flops = B * (2 * self.n + 4 * self.attn * (ctx + 1))
+        r = {"batch": B, "tok_s": B / t, "ms_step": t * 1e3, "ms_forward": tf * 1e3, "state_bytes": int(state),
+             "timed": k, **self.figures(t, self.resident - self.table_bytes + B * self.row_bytes + state, flops)}
+        mbu = f", MBU {r['mbu']:.1%}" if r["mbu"] is not None else ""
         print(f"  batch {B}: {B / t:,.1f} tok/s ({t * 1e3:.2f} ms a step, forward {tf * 1e3:.2f} ms{mbu}; "
-              f"{row['bound']})", file=sys.stderr)
-        del m, st
-    del one
-    be.release_cache()
-    out.append(res)
+              f"{r['bound']})", file=sys.stderr)
+        return r
+
+
+def measure_side(side, cfg, be, args) -> dict:
+    """One side's prefill and decoding at each batch; its model is gone when this returns."""
+    import numpy as np
+    s, rng = Side(side, cfg, be, args), np.random.default_rng(0)
+    return {"side": side, "config": llama_name(s.cfg) if side == "llama" else args.shape,
+            "resident_weight_bytes": s.resident, "nonembedding_params": s.n, "prefill": s.prefill(rng),
+            "decode": [s.decode(B, rng) for B in args.batches]}
 
 
 def table(results) -> str:
@@ -275,7 +282,8 @@ def main(argv=None):
         results = []
         print(f"{shape}: {cfg.describe()}", file=sys.stderr)
         for side in sides:
-            measure_side(side, cfg, be, args, results)
+            results.append(measure_side(side, cfg, be, args))
+            be.release_cache()  # its weights and states: the next side starts from an empty pool
         peak = f"{args.peak_bw / 1e12:.2f} TB/s peak" if args.peak_bw else "no peak bandwidth known: no MBU"
         text = "\n".join([
             f"{date}  {shape} decode on {device} ({be.dtype_name}; {peak}); llama = {llama_name(llama_like(cfg))}",

@@ -69,3 +69,12 @@ def test_bad_settings_stop_before_anything_runs(capsys):
         with pytest.raises(SystemExit):
             md.main(argv + ["--device", "cpu"])
         assert msg in capsys.readouterr().err
+
+
+def test_what_bounds_a_step():
+    """The larger floor when the step is within twice it, else neither; nothing when no peak is known."""
+    assert md.bound(1.5e-3, 1e-3, 0.2e-3) == "bandwidth"
+    assert md.bound(1.5e-3, 0.1e-3, 1e-3) == "compute"
+    assert md.bound(5e-3, 1e-3, 0.2e-3) == "neither: 5.0x the bandwidth floor"
+    assert md.bound(5e-3, 1e-3, None) == "neither: 5.0x the bandwidth floor"
+    assert md.bound(5e-3, None, None) == "-"

@@ -98,11 +98,10 @@ def row_bytes(one, length: int) -> tuple[int, int, str]:
     """(state bytes, activation bytes, what the state is) that each sequence of a batch adds, from `one`, a decoder
     of one sequence, for sequences of up to `length` tokens: its decoding state and its decoding step's activations
     (a batch's activations are at most B times these; the weights are shared)."""
-    state = one.new_decode_state(length)
+    state = one.new_decode_state(1)  # a cache's bytes: one position's times the positions (not allocated)
     kv = isinstance(state, KVCache)
-    arrays = [state.k, state.v] if kv else [state.h]
-    return (sum(int(a.nbytes) for a in arrays), one.acts.nbytes() + one.stats.nbytes(),
-            "KV cache" if kv else "recurrent state")
+    nbytes = int(state.k.nbytes + state.v.nbytes) * min(length, one.cfg.max_seq_len) if kv else int(state.h.nbytes)
+    return nbytes, one.acts.nbytes() + one.stats.nbytes(), "KV cache" if kv else "recurrent state"
 
 
 def sample_tokens(logits: np.ndarray, rngs, temperature: float = 1.0, top_k: int | None = None,
