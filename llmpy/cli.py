@@ -337,6 +337,7 @@ def _check_batch_memory(one, n: int, length: int) -> None:
     if free is None or n * per <= free:
         return
     where = "GPU" if hasattr(one.be, "cp") else "host"
+
     def size(b):
         return f"{b / 2**30:,.1f} GiB" if b >= 2**30 else f"{b / 2**20:,.2f} MiB"
     raise UserError(f"--num-samples {n} needs {size(n * per)} beside the weights ({size(per)} a sample: its {kind} "
