@@ -32,6 +32,8 @@ _MAX_K = 1 << 17     # |q_x q_w^T| <= 128 K must stay below 2^24 (exact in fp32)
 _MAX_SMEM = 227 * 1024  # shared memory a block may opt in to on sm_90
 _DECODE_THREADS = 256  # block of the packed decode kernel: a warp per output (its __launch_bounds__)
 _DECODE_BLOCKS_PER_SM = 5  # its resident blocks an SM (__launch_bounds__(256, 5)): the grid's cap
+_MD_THREADS = 512     # the persistent decode kernel's block (its __launch_bounds__(512, 1)): one block an SM
+_MD_SLOTS = 3        # its ring of code slots (MD_SLOTS)
 _SCAN_CHUNKS = 32    # most chunks of the MLGRU's scan over t (SCAN_MAX_CHUNKS in mlgru.cu): B d 32 threads
 _SCAN_MIN_LEN = 8    # fewest steps a chunk gets (decoding, nt = 1: one chunk, the sequential scan)
 F32 = np.dtype(np.float32)
@@ -260,6 +262,66 @@ class MMFree:
             np.int32(N), np.int32(K), np.int32(nb), np.int32(per), np.int32(staged)), shared_mem=smem)
         return True
 
+    # ---- one decode step in one kernel (kernels/mmfree_decode.cu) ----------------------------------------------
+    @functools.cached_property
+    def kd(self):
+        return module("mmfree_decode", self.be.dtype_name)
+
+    def decode_step_plan(self, dims: dict, arrays: dict, scales, head_scale: float, eps: float):
+        """The persistent decode kernel's launch for one model and recurrent state (batch 1), or None where it does
+        not apply (then the per-op kernels decode): dims L, d, I, Vl, per; arrays: the model's device arrays by
+        their mmfree_decode.cu role (enc, h, lam, ln1, ln2, gnorm, lnf, headn, gains (6), codes (7), logits);
+        scales (L, 6) s_w of i, f, g, o, gate, down. Uploads its argument tables: call it outside graph capture,
+        then decode_step_run(plan) any number of times (captured or not)."""
+        if self.be.capturing:
+            return None
+        T, cp = self.be.act_dtype, self.be.cp
+        L, d, I, Vl, per = (int(dims[k]) for k in ("L", "d", "I", "Vl", "per"))
+        nbd, nbi = -(-d // per), -(-I // per)
+        if d % 8 or I % 8 or max(d, I) >= _MAX_K:
+            return None
+        if self._sms is None:
+            self._sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+        G = self._sms
+        isz = np.dtype(T).itemsize
+        fixed = decode_step_smem(d, I, nbd, nbi, per, isz, 0)
+        S = (_MAX_SMEM - fixed) // _MD_SLOTS // 32 * 32
+        if G < 3 or S - 16 < nbi or S // 2 - 16 < nbd:
+            return None  # a row (gate/up: two) must fit a ring slot
+        scratch = {k: self.be.zeros(n, T) for k, n in (("r1", d), ("r2", d), ("po", d), ("pd", d), ("ai", d),
+                                                         ("af", d), ("ag", d), ("sw", I))}
+        want = {"enc": (T, d), "logits": (T, Vl), "h": (F32, L * d), "lam": (F32, L * d), "ln1": (T, L * d),
+                "ln2": (T, L * d), "gnorm": (T, L * d), "lnf": (T, d), "headn": (T, d)}
+        for k, (dt, n) in want.items():
+            x = arrays[k]
+            if x.dtype != dt or x.size < n or not x.flags.c_contiguous or x.data.ptr % 16:
+                return None
+        gains, codes = arrays["gains"], arrays["codes"]
+        for g, K in zip(gains, (d, d, d, d, d, I)):
+            if g.dtype != T or g.size != L * K or not g.flags.c_contiguous or g.data.ptr % 16:
+                return None
+        for c, (rows, nb) in zip(codes, ((d, nbd),) * 4 + ((2 * I, nbd), (d, nbi), (Vl, nbd))):
+            if (c.dtype != np.uint8 or not c.flags.c_contiguous or c.data.ptr % 16
+                    or not (c.shape == (L, rows, nb) or c.ndim == 2 and c.shape[1] == nb and c.shape[0] >= rows)):
+                return None
+        ptr = lambda x: x.data.ptr  # noqa: E731
+        A = [L, d, I, Vl, nbd, nbi, per, S, ptr(arrays["enc"]), *(ptr(scratch[k]) for k in (
+            "r1", "r2", "po", "pd", "ai", "af", "ag", "sw")), ptr(arrays["logits"]), ptr(arrays["h"]),
+            ptr(arrays["lam"]), *(ptr(arrays[k]) for k in ("ln1", "ln2", "gnorm", "lnf", "headn")),
+            *(ptr(g) for g in gains), *(ptr(c) for c in codes)]
+        F = np.concatenate([np.float32([eps, head_scale]), np.asarray(scales, np.float32).reshape(-1)])
+        smem = fixed + _MD_SLOTS * S
+        kern = self.kd.mmfree_decode_step
+        if kern.max_dynamic_shared_size_bytes < smem:
+            kern.max_dynamic_shared_size_bytes = smem
+        return {"kern": kern, "grid": G, "smem": smem, "A": self.be.asarray(np.asarray(A, np.int64)),
+                "F": self.be.asarray(F), "bar": self.be.zeros(1, np.uint32), "scratch": scratch, "arrays": arrays}
+
+    def decode_step_run(self, plan) -> None:
+        """One decode step: the barrier counter zeroed, then the persistent kernel (both captured into a graph)."""
+        self.be.fill_zero(plan["bar"])
+        plan["kern"]((plan["grid"],), (_MD_THREADS,), (plan["A"], plan["F"], plan["bar"]), shared_mem=plan["smem"])
+
     def quantized(self, M: int, N: int, K: int):
         """(q_x (M, K) int8, s_x (M,), q_w (N, K) int8, s_w (1,)) of the last bitlinear_forward at these sizes:
         device views of the scratch (the tests read them; a bitlinear_backward since has overwritten them)."""
@@ -347,6 +409,15 @@ def decode_smem(M: int, nb: int, per: int, K: int, itemsize: int, staged: bool) 
     rb = ((nb + 6) // 4 * 4 + 15) // 16 * 16
     return ((2048 if per == 5 else 1024) + xs + ((M + 1) * K * itemsize if staged else 0)
             + 2 * (_DECODE_THREADS // 32) * rb)
+
+
+def decode_step_smem(d: int, I: int, nbd: int, nbi: int, per: int, itemsize: int, slot: int) -> int:
+    """Dynamic shared memory of mmfree_decode_step (its md_layout): the code table, q_x per code byte (8 bytes
+    base 3, 4 2-bit), the staged row and a gain (max(d, I) in T each), three rows of d in T (a norm gain, ai, af),
+    three fp32 (the old and new state, lam), 256 bytes of reduction scratch, and 3 ring slots of `slot` bytes."""
+    r16 = lambda n: -(-n // 16) * 16  # noqa: E731
+    return (2048 + r16(max(nbd, nbi) * (8 if per == 5 else 4)) + 2 * r16(max(d, I) * itemsize)
+            + 3 * r16(d * itemsize) + 3 * r16(d * 4) + 256 + _MD_SLOTS * slot)
 
 
 def _scan_grid(B: int, nt: int, d: int):

@@ -1,0 +1,125 @@
+"""Batch-1 decode of the packed MatMul-free LM: the decode step as one persistent kernel (kernels/mmfree_decode.cu)
+against the per-op kernels (persistent_decode off), side by side in one run on the same random packed weights
+(random codes and scales: the speed does not depend on the values). Checks that the two give the same logits and
+recurrent states bit for bit over the first --check tokens, then times each: the device time of a token's CUDA
+graph (events around --replays back-to-back replays) and the wall time of a decode_step (token upload, replay,
+logits read back: what `llmpy sample` pays). MBU: the code bytes a token reads / device time / the HBM peak.
+
+    python dev/mmfree_decode_step.py [--model mmfree:1.3b] [--packing base3] [--peak-tbs 3.35]
+
+Absolute times only mean anything on the GPU, with its date."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_packed(cfg, packing, seed=0):
+    """The model's parameters as a packed file holds them: random ternary codes (valid bytes of `packing`) and
+    scales for the TERNARY weights, bf16-representable norms, embedding and lower bounds."""
+    import numpy as np
+
+    from llmpy.config import family_of
+    from llmpy.formats.bf16 import bf16_bits_to_fp32, fp32_to_bf16_bits
+    from llmpy.formats.ternary import PackedTernary
+    from llmpy.models.mmfree import MMFree
+
+    r = np.random.default_rng(seed)
+    out = {}
+    for s in family_of(cfg).spec(cfg):
+        if s.name in MMFree.TERNARY:
+            *lead, K = s.shape
+            per = 5 if packing == "base3" else 4
+            shape = (*lead, -(-K // per))
+            if packing == "base3":
+                codes = r.integers(0, 243, shape, dtype=np.uint8)
+            else:  # four 2-bit fields of 0, 1 or 3 (-1)
+                f = r.choice(np.array([0, 1, 3], np.uint8), (*shape, 4))
+                codes = (f[..., 0] | f[..., 1] << 2 | f[..., 2] << 4 | f[..., 3] << 6).astype(np.uint8)
+            scale = r.uniform(20, 40, lead[:1] if s.per_layer else ()).astype(np.float32)
+            out[s.name] = PackedTernary(codes, scale, K, packing)
+        else:
+            v = (0.02 * r.standard_normal(s.shape) if s.name == "wte" else
+                 (s.init == "ones") + 0.1 * r.standard_normal(s.shape)).astype(np.float32)
+            out[s.name] = bf16_bits_to_fp32(fp32_to_bf16_bits(v))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mmfree:1.3b")
+    ap.add_argument("--packing", default="base3", choices=["base3", "2bit"])
+    ap.add_argument("--check", type=int, default=8, help="tokens compared bit for bit")
+    ap.add_argument("--tokens", type=int, default=64, help="decode_step calls timed")
+    ap.add_argument("--replays", type=int, default=200, help="graph replays timed")
+    ap.add_argument("--peak-tbs", type=float, default=3.35, help="HBM peak, TB/s (H100 SXM 3.35, H200 4.8)")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    import cupy as cp
+    import numpy as np
+
+    from llmpy.backends import get_backend
+    from llmpy.config import config_from_name
+    from llmpy.models.decode import decoder
+
+    cfg = config_from_name(args.model)
+    t0 = time.perf_counter()
+    params = random_packed(cfg, args.packing)
+    print(f"random packed weights in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    be = get_backend("cuda", "bf16")
+    new, old = decoder(cfg, params, be), decoder(cfg, params, be)
+    old.persistent_decode = False
+    models = {"per-op kernels": old, "one kernel": new}
+    states = {k: m.new_decode_state(cfg.max_seq_len) for k, m in models.items()}
+    toks = np.random.default_rng(0).integers(0, cfg.vocab_size, args.check + args.tokens + 4)
+    same = True
+    for i in range(args.check):
+        outs = [m.decode_step(np.array([[toks[i]]]), states[k]) for k, m in models.items()]
+        hs = [be.to_numpy(st.h) for st in states.values()]
+        ok = np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32)) and np.array_equal(
+            hs[0].view(np.uint32), hs[1].view(np.uint32))
+        same &= ok
+        if not ok:
+            print(f"token {i}: logits max |diff| {np.abs(outs[0] - outs[1]).max():.3e}, state max |diff| "
+                  f"{np.abs(hs[0] - hs[1]).max():.3e}")
+    ran = new._one_kernel_plan is not None and new._one_kernel_plan[1] is not None
+    print(f"{args.model} {args.packing}, {time.strftime('%Y-%m-%d')}, "
+          f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: one kernel {'ran' if ran else 'DID NOT RUN'}; "
+          f"logits and states over {args.check} tokens {'bit for bit equal' if same else 'DIFFER'}")
+    code_bytes = sum(int(c[:new.Vl].nbytes if w == "lm_head" else c.nbytes)
+                     for w, (c, _, _, _) in new.packed.items())
+    res = {}
+    for k, m in models.items():
+        st = states[k]
+        graph = m._decode_graph[1]
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        for _ in range(5):
+            graph()
+        a.record(be.stream)
+        for _ in range(args.replays):
+            graph()
+        b.record(be.stream)
+        b.synchronize()
+        dev = cp.cuda.get_elapsed_time(a, b) / args.replays  # ms a token
+        walls = []
+        for t in toks[args.check:args.check + args.tokens]:
+            w0 = time.perf_counter()
+            m.decode_step(np.array([[t]]), st)
+            walls.append(time.perf_counter() - w0)
+        wall = statistics.median(walls) * 1e3
+        res[k] = (dev, wall)
+        print(f"{k:>15}: device {dev:.3f} ms/token ({1e3 / dev:,.0f} tok/s, MBU "
+              f"{code_bytes / (dev * 1e-3) / (args.peak_tbs * 1e12):.1%}); decode_step {wall:.3f} ms "
+              f"({1e3 / wall:,.0f} tok/s)")
+    (d0, w0), (d1, w1) = res["per-op kernels"], res["one kernel"]
+    print(f"codes {code_bytes / 1e6:.1f} MB a token; one kernel / per-op: {d0 / d1:.2f}x device, {w0 / w1:.2f}x "
+          f"decode_step")
+
+
+if __name__ == "__main__":
+    main()
