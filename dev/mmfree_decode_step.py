@@ -57,7 +57,7 @@ def main(argv=None):
     ap.add_argument("--check", type=int, default=8, help="tokens compared bit for bit")
     ap.add_argument("--tokens", type=int, default=64, help="decode_step calls timed")
     ap.add_argument("--replays", type=int, default=200, help="graph replays timed")
-    ap.add_argument("--peak-tbs", type=float, default=3.35, help="HBM peak, TB/s (H100 SXM 3.35, H200 4.8)")
+    ap.add_argument("--peak-tbs", type=float, help="HBM peak, TB/s (default: H200 4.8, else H100 SXM's 3.35)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import cupy as cp
@@ -67,6 +67,8 @@ def main(argv=None):
     from llmpy.config import config_from_name
     from llmpy.models.decode import decoder
 
+    gpu = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    peak = args.peak_tbs or (4.8 if "H200" in gpu else 3.35)
     cfg = config_from_name(args.model)
     t0 = time.perf_counter()
     params = random_packed(cfg, args.packing)
@@ -89,7 +91,7 @@ def main(argv=None):
                   f"{np.abs(hs[0] - hs[1]).max():.3e}")
     ran = new._one_kernel_plan is not None and new._one_kernel_plan[1] is not None
     print(f"{args.model} {args.packing}, {time.strftime('%Y-%m-%d')}, "
-          f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: one kernel {'ran' if ran else 'DID NOT RUN'}; "
+          f"{gpu}: one kernel {'ran' if ran else 'DID NOT RUN'}; "
           f"logits and states over {args.check} tokens {'bit for bit equal' if same else 'DIFFER'}")
     code_bytes = sum(int(c[:new.Vl].nbytes if w == "lm_head" else c.nbytes)
                      for w, (c, _, _, _) in new.packed.items())
@@ -114,11 +116,11 @@ def main(argv=None):
         wall = statistics.median(walls) * 1e3
         res[k] = (dev, wall)
         print(f"{k:>15}: device {dev:.3f} ms/token ({1e3 / dev:,.0f} tok/s, MBU "
-              f"{code_bytes / (dev * 1e-3) / (args.peak_tbs * 1e12):.1%}); decode_step {wall:.3f} ms "
+              f"{code_bytes / (dev * 1e-3) / (peak * 1e12):.1%}); decode_step {wall:.3f} ms "
               f"({1e3 / wall:,.0f} tok/s)")
     (d0, w0), (d1, w1) = res["per-op kernels"], res["one kernel"]
-    print(f"codes {code_bytes / 1e6:.1f} MB a token; one kernel / per-op: {d0 / d1:.2f}x device, {w0 / w1:.2f}x "
-          f"decode_step")
+    print(f"codes {code_bytes / 1e6:.1f} MB a token (peak {peak} TB/s); one kernel / per-op: {d0 / d1:.2f}x device, "
+          f"{w0 / w1:.2f}x decode_step")
 
 
 if __name__ == "__main__":
