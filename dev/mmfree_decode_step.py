@@ -118,6 +118,24 @@ def main(argv=None):
         print(f"{k:>15}: device {dev:.3f} ms/token ({1e3 / dev:,.0f} tok/s, MBU "
               f"{code_bytes / (dev * 1e-3) / (peak * 1e12):.1%}); decode_step {wall:.3f} ms "
               f"({1e3 / wall:,.0f} tok/s)")
+    if ran:  # where a token's time goes: block 0's phase timestamps, averaged over the layers
+        plan, L = new._one_kernel_plan[1], cfg.num_layers
+        buf = cp.zeros((4 * L + 1, 4), np.int64)
+        ops = be.mmfree
+        ops.decode_step_profile(plan, buf)
+        new._decode_graph[1]()
+        cp.cuda.runtime.deviceSynchronize()
+        ops.decode_step_profile(plan, None)
+        t = cp.asnumpy(buf).astype(np.float64) / 1e3  # us
+        span = t[-1, 3] - t[0, 0]
+        print(f"block 0's phases (us, mean over layers; token {span:.1f} us in the kernel): kind: barrier wait, "
+              f"staging + quantizing, rows")
+        for kind, name in enumerate(("A i/f/g", "B MLGRU + o", "C gate/up", "D down")):
+            ph = t[:4 * L].reshape(L, 4, 4)[:, kind]
+            print(f"  {name:>12}: {np.mean(ph[:, 1] - ph[:, 0]):6.2f} {np.mean(ph[:, 2] - ph[:, 1]):6.2f} "
+                  f"{np.mean(ph[:, 3] - ph[:, 2]):6.2f}")
+        h = t[4 * L]
+        print(f"  {'H head':>12}: {h[1] - h[0]:6.2f} {h[2] - h[1]:6.2f} {h[3] - h[2]:6.2f}")
     (d0, w0), (d1, w1) = res["per-op kernels"], res["one kernel"]
     print(f"codes {code_bytes / 1e6:.1f} MB a token (peak {peak} TB/s); one kernel / per-op: {d0 / d1:.2f}x device, "
           f"{w0 / w1:.2f}x decode_step")

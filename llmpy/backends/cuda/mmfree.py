@@ -308,7 +308,7 @@ class MMFree:
         A = [L, d, I, Vl, nbd, nbi, per, S, ptr(arrays["enc"]), *(ptr(scratch[k]) for k in (
             "r1", "r2", "po", "pd", "ai", "af", "ag", "sw")), ptr(arrays["logits"]), ptr(arrays["h"]),
             ptr(arrays["lam"]), *(ptr(arrays[k]) for k in ("ln1", "ln2", "gnorm", "lnf", "headn")),
-            *(ptr(g) for g in gains), *(ptr(c) for c in codes)]
+            *(ptr(g) for g in gains), *(ptr(c) for c in codes), 0]
         F = np.concatenate([np.float32([eps, head_scale]), np.asarray(scales, np.float32).reshape(-1)])
         smem = fixed + _MD_SLOTS * S
         kern = self.kd.mmfree_decode_step
@@ -316,6 +316,11 @@ class MMFree:
             kern.max_dynamic_shared_size_bytes = smem
         return {"kern": kern, "grid": G, "smem": smem, "A": self.be.asarray(np.asarray(A, np.int64)),
                 "F": self.be.asarray(F), "bar": self.be.zeros(1, np.uint32), "scratch": scratch, "arrays": arrays}
+
+    def decode_step_profile(self, plan, buf) -> None:
+        """Block 0 records its phase timestamps into buf (int64 (4 L + 1, 4), or None: off) on the steps that follow
+        (captured ones too: the kernel reads the setting from its argument table)."""
+        plan["A"][38] = 0 if buf is None else buf.data.ptr
 
     def decode_step_run(self, plan) -> None:
         """One decode step: the barrier counter zeroed, then the persistent kernel (both captured into a graph)."""

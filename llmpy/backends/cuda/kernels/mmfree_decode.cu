@@ -57,7 +57,15 @@
 #define MD_HEADN 24
 #define MD_GAIN 25      // T: in, fn, gn, on, gaten (L, d) and downn (L, I): the BitLinears' inner norm gains
 #define MD_CODES 31     // uint8: i, f, g, o (L, d, nbd), gate (L, 2I, nbd), down (L, d, nbi), head (>= Vl, nbd)
-#define MD_NARGS 38
+#define MD_PROF 38      // int64 (4 L + 1, 4) or 0: block 0's %globaltimer (ns) at each phase's start, after its
+                        // barrier, after its staging, after its rows (the dev probe's breakdown)
+#define MD_NARGS 39
+
+__device__ __forceinline__ long long md_now() {
+    long long t;
+    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+    return t;
+}
 
 __device__ __forceinline__ float md_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -393,7 +401,11 @@ __global__ void __launch_bounds__(MD_THREADS, 1) mmfree_decode_step(const long l
         for (int t = 0; t < 4; t++) {
             const int kind = l == L ? 4 : t;
             if (l == L && t > 0) break;
+            long long* prof = blk == 0 && threadIdx.x == 0 && A[MD_PROF] ? (long long*)A[MD_PROF] + 4 * (4 * l + t)
+                                                                         : nullptr;
+            if (prof) prof[0] = md_now();
             if (l > 0 || t > 0) md_grid_barrier(bar, ++nbar * (unsigned int)G);
+            if (prof) prof[1] = md_now();
             // ---- stage the phase's row and quantize it (every block: the same row, the same bits)
             const int dw = d * (int)sizeof(T) / 16, iw = I * (int)sizeof(T) / 16;
             const int K = kind == 3 ? I : d, nb = kind == 3 ? nbi : nbd;
@@ -461,6 +473,7 @@ __global__ void __launch_bounds__(MD_THREADS, 1) mmfree_decode_step(const long l
             const float sx = md_quantize(m, gain, K, nb, per, eps);
             const float sw = kind == 4 ? F[1] : F[2 + 6 * l + (kind == 0 ? job[0].w : kind + 2)];
             const float den = sx * sw;
+            if (prof) prof[2] = md_now();
             T* out = kind == 0 ? (T*)ptr(MD_AI + job[0].w) : kind == 1 ? (T*)ptr(MD_PO) : kind == 2 ? sw_out
                      : kind == 3 ? (T*)ptr(MD_PD) : (T*)ptr(MD_LOGITS);
             // ---- the block's rows, a chunk (ring slot) at a time; two tasks ahead in flight
@@ -493,6 +506,7 @@ __global__ void __launch_bounds__(MD_THREADS, 1) mmfree_decode_step(const long l
                 }
                 __syncthreads();
             }
+            if (prof) prof[3] = md_now();
         }
     }
     md_wait<0>();
