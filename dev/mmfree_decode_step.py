@@ -50,6 +50,19 @@ def random_packed(cfg, packing, seed=0):
     return out
 
 
+def differing(new, old):
+    """The intermediate rows of the last decode step where the two paths differ: the kernel's scratch against the
+    per-op path's activations of the last layer (its ai, af, ag, the SwiGLU output, the residuals, down's output)."""
+    import numpy as np
+
+    be, L, a = new.be, new.cfg.num_layers, old.acts
+    ours = new._one_kernel_plan[1]["scratch"]
+    theirs = {"ai": a["ai"][L - 1], "af": a["af"][L - 1], "ag": a["ag"][L - 1], "sw": old._sw(L - 1),
+              "r2": a["residual2"][L - 1], "pd": a["proj"], "r1": a["residual3"][L - 2] if L > 1 else a["encoded"]}
+    return [k for k, v in theirs.items()
+            if not np.array_equal(be.to_numpy(ours[k]).reshape(-1), be.to_numpy(v).reshape(-1))]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mmfree:1.3b")
@@ -88,7 +101,7 @@ def main(argv=None):
         same &= ok
         if not ok:
             print(f"token {i}: logits max |diff| {np.abs(outs[0] - outs[1]).max():.3e}, state max |diff| "
-                  f"{np.abs(hs[0] - hs[1]).max():.3e}")
+                  f"{np.abs(hs[0] - hs[1]).max():.3e}; last layer's rows that differ: {differing(new, old)}")
     ran = new._one_kernel_plan is not None and new._one_kernel_plan[1] is not None
     print(f"{args.model} {args.packing}, {time.strftime('%Y-%m-%d')}, "
           f"{gpu}: one kernel {'ran' if ran else 'DID NOT RUN'}; "

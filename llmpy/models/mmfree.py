@@ -205,10 +205,10 @@ class MMFree(Model):
         L, eps = cfg.num_layers, cfg.norm_eps
         if tokens is not None:
             self.set_batch(tokens, targets)
-        be.lower_bounds_forward(s["lam"], p["lower_bounds"])
-        be.encoder_forward(a["encoded"], self.tokens, self.bf16["wte"] if self.is_packed else p["wte"], None)
         if state is not None and self.T == 1 and self._decode_in_one_kernel(state):
             return None  # the logits are in acts["logits"][0], the state advanced
+        be.lower_bounds_forward(s["lam"], p["lower_bounds"])
+        be.encoder_forward(a["encoded"], self.tokens, self.bf16["wte"] if self.is_packed else p["wte"], None)
         be.rmsnorm_forward(a["ln1"][0], s["ln1_rstd"][0], a["encoded"], p["ln1w"][0], eps)
         for l in range(L):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
@@ -326,19 +326,25 @@ class MMFree(Model):
             return False
         cached = getattr(self, "_one_kernel_plan", None)
         if cached is None or cached[0] is not state:
+            if be.capturing:  # the plan uploads its tables; the eager step before a capture makes it
+                return False
             p, a, L = self.params, self.acts, cfg.num_layers
             per = {"base3": 5, "2bit": 4}[self.packed["iw"][3]]
-            arrays = {"enc": a["encoded"], "logits": a["logits"], "h": state.h, "lam": self.stats["lam"],
-                      "ln1": p["ln1w"], "ln2": p["ln2w"], "gnorm": p["gnormw"], "lnf": p["lnfw"],
-                      "headn": p["lm_headn"], "gains": tuple(p[w[:-1] + "n"] for w in self.TERNARY[1:]),
+            arrays = {"enc": a["encoded"], "logits": a["logits"], "h": state.h, "ln1": p["ln1w"], "ln2": p["ln2w"],
+                      "gnorm": p["gnormw"], "lnf": p["lnfw"], "headn": p["lm_headn"],
+                      "gains": tuple(p[w[:-1] + "n"] for w in self.TERNARY[1:]),
                       "codes": tuple(self.packed[w][0] for w in self.TERNARY[1:] + self.TERNARY[:1])}
             scales = [[float(self.packed[w][1][l]) for w in self.TERNARY[1:]] for l in range(L)]
             plan = ops.decode_step_plan(dict(L=L, d=cfg.channels, I=cfg.ffn_hidden, Vl=self.Vl, per=per), arrays,
                                         scales, float(self.packed["lm_head"][1][0]), cfg.norm_eps)
             cached = self._one_kernel_plan = (state, plan)
-        if cached[1] is None:
+        plan = cached[1]
+        if plan is None:
             return False
-        ops.decode_step_run(cached[1])
+        p = self.params
+        be.lower_bounds_forward(plan["lam"], p["lower_bounds"])  # lam into the kernel's own (aligned) buffer
+        be.encoder_forward(self.acts["encoded"], self.tokens, self.bf16["wte"], None)
+        ops.decode_step_run(plan)
         return True
 
     def new_decode_state(self, length: int) -> RecurrentState:

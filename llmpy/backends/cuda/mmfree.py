@@ -269,53 +269,46 @@ class MMFree:
 
     def decode_step_plan(self, dims: dict, arrays: dict, scales, head_scale: float, eps: float):
         """The persistent decode kernel's launch for one model and recurrent state (batch 1), or None where it does
-        not apply (then the per-op kernels decode): dims L, d, I, Vl, per; arrays: the model's device arrays by
-        their mmfree_decode.cu role (enc, h, lam, ln1, ln2, gnorm, lnf, headn, gains (6), codes (7), logits);
-        scales (L, 6) s_w of i, f, g, o, gate, down. Uploads its argument tables: call it outside graph capture,
-        then decode_step_run(plan) any number of times (captured or not)."""
-        if self.be.capturing:
-            return None
+        not apply (then the per-op kernels decode; self.decode_step_why says why): dims L, d, I, Vl, per; arrays:
+        the model's device arrays by their mmfree_decode.cu role (enc, h, ln1, ln2, gnorm, lnf, headn, gains (6),
+        codes (7), logits); scales (L, 6) s_w of i, f, g, o, gate, down. The plan holds the kernel's own scratch
+        rows and lam (L, d) fp32 (16-byte aligned: its staging copies 16-byte words; the caller fills it, e.g. by
+        lower_bounds_forward). Uploads its argument tables: call it outside graph capture, then decode_step_run(plan)
+        any number of times (captured or not)."""
         T, cp = self.be.act_dtype, self.be.cp
         L, d, I, Vl, per = (int(dims[k]) for k in ("L", "d", "I", "Vl", "per"))
         nbd, nbi = -(-d // per), -(-I // per)
-        if d % 8 or I % 8 or max(d, I) >= _MAX_K:
-            return None
         if self._sms is None:
             self._sms = cp.cuda.Device().attributes["MultiProcessorCount"]
-        G = self._sms
-        isz = np.dtype(T).itemsize
+        G, isz = self._sms, np.dtype(T).itemsize
         fixed = decode_step_smem(d, I, nbd, nbi, per, isz, 0)
         S = (_MAX_SMEM - fixed) // _MD_SLOTS // 32 * 32
-        if G < 3 or S - 16 < nbi or S // 2 - 16 < nbd:
-            return None  # a row (gate/up: two) must fit a ring slot
-        scratch = {k: self.be.zeros(n, T) for k, n in (("r1", d), ("r2", d), ("po", d), ("pd", d), ("ai", d),
-                                                         ("af", d), ("ag", d), ("sw", I))}
-        want = {"enc": (T, d), "logits": (T, Vl), "h": (F32, L * d), "lam": (F32, L * d), "ln1": (T, L * d),
-                "ln2": (T, L * d), "gnorm": (T, L * d), "lnf": (T, d), "headn": (T, d)}
-        for k, (dt, n) in want.items():
-            x = arrays[k]
-            if x.dtype != dt or x.size < n or not x.flags.c_contiguous or x.data.ptr % 16:
-                return None
-        gains, codes = arrays["gains"], arrays["codes"]
-        for g, K in zip(gains, (d, d, d, d, d, I)):
-            if g.dtype != T or g.size != L * K or not g.flags.c_contiguous or g.data.ptr % 16:
-                return None
-        for c, (rows, nb) in zip(codes, ((d, nbd),) * 4 + ((2 * I, nbd), (d, nbi), (Vl, nbd))):
-            if (c.dtype != np.uint8 or not c.flags.c_contiguous or c.data.ptr % 16
-                    or not (c.shape == (L, rows, nb) or c.ndim == 2 and c.shape[1] == nb and c.shape[0] >= rows)):
-                return None
-        ptr = lambda x: x.data.ptr  # noqa: E731
-        A = [L, d, I, Vl, nbd, nbi, per, S, ptr(arrays["enc"]), *(ptr(scratch[k]) for k in (
-            "r1", "r2", "po", "pd", "ai", "af", "ag", "sw")), ptr(arrays["logits"]), ptr(arrays["h"]),
-            ptr(arrays["lam"]), *(ptr(arrays[k]) for k in ("ln1", "ln2", "gnorm", "lnf", "headn")),
-            *(ptr(g) for g in gains), *(ptr(c) for c in codes), 0]
-        F = np.concatenate([np.float32([eps, head_scale]), np.asarray(scales, np.float32).reshape(-1)])
+        why = self.decode_step_why = _decode_step_unfit(T, L, d, I, Vl, nbd, nbi, G, S, arrays, self.be.capturing)
+        if why:
+            return None
         smem = fixed + _MD_SLOTS * S
         kern = self.kd.mmfree_decode_step
         if kern.max_dynamic_shared_size_bytes < smem:
             kern.max_dynamic_shared_size_bytes = smem
+        try:  # every block must be resident at once (the grid barrier): one an SM
+            resident = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kern.ptr, _MD_THREADS, smem)
+        except Exception:  # noqa: BLE001  (no occupancy query in this CuPy: the launch bounds promise one)
+            resident = 1
+        if resident < 1:
+            self.decode_step_why = f"{smem} bytes of shared memory and {_MD_THREADS} threads do not fit an SM"
+            return None
+        scratch = {k: self.be.zeros(n, T) for k, n in (("r1", d), ("r2", d), ("po", d), ("pd", d), ("ai", d),
+                                                         ("af", d), ("ag", d), ("sw", I))}
+        lam = self.be.zeros(L * d, F32)
+        ptr = lambda x: x.data.ptr  # noqa: E731
+        A = [L, d, I, Vl, nbd, nbi, per, S, ptr(arrays["enc"]), *(ptr(scratch[k]) for k in (
+            "r1", "r2", "po", "pd", "ai", "af", "ag", "sw")), ptr(arrays["logits"]), ptr(arrays["h"]), ptr(lam),
+            *(ptr(arrays[k]) for k in ("ln1", "ln2", "gnorm", "lnf", "headn")), *(ptr(g) for g in arrays["gains"]),
+            *(ptr(c) for c in arrays["codes"]), 0, _layer_stride(arrays)]
+        F = np.concatenate([np.float32([eps, head_scale]), np.asarray(scales, np.float32).reshape(-1)])
         return {"kern": kern, "grid": G, "smem": smem, "A": self.be.asarray(np.asarray(A, np.int64)),
-                "F": self.be.asarray(F), "bar": self.be.zeros(1, np.uint32), "scratch": scratch, "arrays": arrays}
+                "F": self.be.asarray(F), "bar": self.be.zeros(1, np.uint32), "lam": lam.reshape(L, d),
+                "scratch": scratch, "arrays": arrays}
 
     def decode_step_profile(self, plan, buf) -> None:
         """Block 0 records its phase timestamps into buf (int64 (4 L + 1, 4), or None: off) on the steps that follow
@@ -414,6 +407,42 @@ def decode_smem(M: int, nb: int, per: int, K: int, itemsize: int, staged: bool) 
     rb = ((nb + 6) // 4 * 4 + 15) // 16 * 16
     return ((2048 if per == 5 else 1024) + xs + ((M + 1) * K * itemsize if staged else 0)
             + 2 * (_DECODE_THREADS // 32) * rb)
+
+
+def _decode_step_unfit(T, L, d, I, Vl, nbd, nbi, G, S, arrays, capturing) -> str:
+    """Why mmfree_decode_step cannot run on these arrays ("" if it can)."""
+    if capturing:
+        return "its plan uploads tables: made outside graph capture"
+    if d % 8 or I % 8 or max(d, I) >= _MAX_K:
+        return f"d = {d}, I = {I}: multiples of 8 below {_MAX_K} only"
+    if G < 3:
+        return f"{G} SMs: i, f and g take a third of the grid each"
+    if S - 16 < nbi or S // 2 - 16 < nbd:
+        return f"a ring slot of {S} bytes holds no row of {nbi} code bytes (gate/up: two of {nbd})"
+    for k, x, dt, n in (("enc", arrays["enc"], T, d), ("logits", arrays["logits"], T, Vl),
+                        ("h", arrays["h"], F32, L * d), ("lnf", arrays["lnf"], T, d), ("headn", arrays["headn"], T, d)):
+        if x.dtype != dt or x.size < n or not x.flags.c_contiguous or x.data.ptr % 16:
+            return f"{k} {tuple(x.shape)} {x.dtype}: not a 16-byte aligned contiguous {np.dtype(dt).name} array of {n}"
+    ps = _layer_stride(arrays)
+    layered = [("ln1", arrays["ln1"], d), ("ln2", arrays["ln2"], d), ("gnorm", arrays["gnorm"], d)]
+    layered += [(f"gains[{i}]", g, K) for i, (g, K) in enumerate(zip(arrays["gains"], (d,) * 5 + (I,)))]
+    for k, x, K in layered:  # (L, K) rows of one layer stride, each row contiguous and 16-byte aligned
+        isz = x.dtype.itemsize
+        if (x.dtype != T or x.shape != (L, K) or x.strides != (ps * isz, isz) or x.data.ptr % 16
+                or ps * isz % 16):
+            return f"{k} {tuple(x.shape)} {x.dtype} strides {x.strides}: not (L, K) rows of {np.dtype(T).name}, " \
+                   f"{ps} elements apart, 16-byte aligned"
+    for i, (c, (rows, nb)) in enumerate(zip(arrays["codes"], ((d, nbd),) * 4 + ((2 * I, nbd), (d, nbi), (Vl, nbd)))):
+        head = i == 6 and c.ndim == 2 and c.shape[1] == nb and c.shape[0] >= rows  # the head: >= Vl rows
+        if c.dtype != np.uint8 or not c.flags.c_contiguous or c.data.ptr % 16 or not (c.shape == (L, rows, nb) or head):
+            return f"codes[{i}] {tuple(c.shape)} {c.dtype}: not 16-byte aligned contiguous uint8 rows as wanted"
+    return ""
+
+
+def _layer_stride(arrays) -> int:
+    """Elements between consecutive layers' rows of the per-layer gains (the parameters are stored layer-major)."""
+    x = arrays["ln1"]
+    return x.strides[0] // x.dtype.itemsize
 
 
 def decode_step_smem(d: int, I: int, nbd: int, nbi: int, per: int, itemsize: int, slot: int) -> int:

@@ -50,16 +50,18 @@
 #define MD_LOGITS 17    // T (Vl,)
 #define MD_H 18         // fp32 (L, d): the recurrent state, updated in place
 #define MD_LAM 19       // fp32 (L, d): the lower bounds
-#define MD_LN1 20       // T (L, d); ln2w, gnormw (L, d); lnfw, lm_headn (d,)
+#define MD_LN1 20       // T (L, d) (layer stride MD_PSTRIDE); ln2w, gnormw (L, d); lnfw, lm_headn (d,)
 #define MD_LN2 21
 #define MD_GNORM 22
 #define MD_LNF 23
 #define MD_HEADN 24
-#define MD_GAIN 25      // T: in, fn, gn, on, gaten (L, d) and downn (L, I): the BitLinears' inner norm gains
+#define MD_GAIN 25      // T: in, fn, gn, on, gaten (L, d), downn (L, I), layer stride MD_PSTRIDE: the BitLinears'
+                        // inner norm gains
 #define MD_CODES 31     // uint8: i, f, g, o (L, d, nbd), gate (L, 2I, nbd), down (L, d, nbi), head (>= Vl, nbd)
 #define MD_PROF 38      // int64 (4 L + 1, 4) or 0: block 0's %globaltimer (ns) at each phase's start, after its
                         // barrier, after its staging, after its rows (the dev probe's breakdown)
-#define MD_NARGS 39
+#define MD_PSTRIDE 39   // elements from one layer's norm gains to the next (the parameters are stored layer-major)
+#define MD_NARGS 40
 
 __device__ __forceinline__ long long md_now() {
     long long t;
@@ -256,31 +258,41 @@ __device__ void md_residual_rmsnorm(const MdSmem<T>& m, bool add, T* keep, int d
     __syncthreads();
 }
 
-// sum over the row's code bytes of dp4a(trits, q_x) by one warp, all lanes get it: lane l takes bytes l, l + 32,
-// ..., four at a time (their loads in flight together); c: the row's first code byte in shared memory (any
-// alignment).
+// sum over the row's code bytes of dp4a(trits, q_x) by one warp, all lanes get it (an int32 sum: exact, any order):
+// lane l takes bytes l, l + 32, ..., MD_UNROLL at a time with all their loads in flight together (a row of 410
+// bytes is two rounds, not 13 dependent ones); c: the row's first code byte in shared memory (any alignment).
+#define MD_UNROLL 8
 __device__ __forceinline__ int md_dot(const unsigned char* c, const unsigned char* xs, const unsigned char* tab,
                                       int nb, bool b3, int lane) {
     int acc = 0;
-    for (int b0 = lane; b0 < nb; b0 += 128) {
-        unsigned int cb[4];
+    for (int b0 = lane; b0 < nb; b0 += 32 * MD_UNROLL) {
+        unsigned int cb[MD_UNROLL];
 #pragma unroll
-        for (int u = 0; u < 4; u++) cb[u] = b0 + 32 * u < nb ? c[b0 + 32 * u] : 0u;
+        for (int u = 0; u < MD_UNROLL; u++) cb[u] = b0 + 32 * u < nb ? c[b0 + 32 * u] : 0u;
         if (b3) {
+            uint2 w[MD_UNROLL], x[MD_UNROLL];
 #pragma unroll
-            for (int u = 0; u < 4; u++)
-                if (b0 + 32 * u < nb) {
-                    const uint2 w = reinterpret_cast<const uint2*>(tab)[cb[u]];
-                    const uint2 x = reinterpret_cast<const uint2*>(xs)[b0 + 32 * u];
-                    acc = __dp4a((int)w.x, (int)x.x, acc);
-                    acc = __dp4a((int)w.y, (int)x.y, acc);
-                }
+            for (int u = 0; u < MD_UNROLL; u++) {
+                const bool in = b0 + 32 * u < nb;  // past the row: zero trits, no q_x read
+                w[u] = in ? reinterpret_cast<const uint2*>(tab)[cb[u]] : make_uint2(0u, 0u);
+                x[u] = in ? reinterpret_cast<const uint2*>(xs)[b0 + 32 * u] : make_uint2(0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < MD_UNROLL; u++) {
+                acc = __dp4a((int)w[u].x, (int)x[u].x, acc);
+                acc = __dp4a((int)w[u].y, (int)x[u].y, acc);
+            }
         } else {
+            unsigned int w[MD_UNROLL];
+            int x[MD_UNROLL];
 #pragma unroll
-            for (int u = 0; u < 4; u++)
-                if (b0 + 32 * u < nb)
-                    acc = __dp4a((int)reinterpret_cast<const unsigned int*>(tab)[cb[u]],
-                                 reinterpret_cast<const int*>(xs)[b0 + 32 * u], acc);
+            for (int u = 0; u < MD_UNROLL; u++) {
+                const bool in = b0 + 32 * u < nb;
+                w[u] = in ? reinterpret_cast<const unsigned int*>(tab)[cb[u]] : 0u;
+                x[u] = in ? reinterpret_cast<const int*>(xs)[b0 + 32 * u] : 0;
+            }
+#pragma unroll
+            for (int u = 0; u < MD_UNROLL; u++) acc = __dp4a((int)w[u], x[u], acc);
         }
     }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
@@ -325,6 +337,7 @@ __global__ void __launch_bounds__(MD_THREADS, 1) mmfree_decode_step(const long l
     const int nbd = (int)A[MD_NBD], nbi = (int)A[MD_NBI], per = (int)A[MD_PER], S = (int)A[MD_SLOT];
     const bool b3 = per == 5;
     const float eps = F[0];
+    const long long ps = A[MD_PSTRIDE];
     const int G = gridDim.x, blk = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int nw = blockDim.x / 32;
     auto ptr = [&](int i) { return reinterpret_cast<void*>(A[i]); };
@@ -411,8 +424,8 @@ __global__ void __launch_bounds__(MD_THREADS, 1) mmfree_decode_step(const long l
             const int K = kind == 3 ? I : d, nb = kind == 3 ? nbi : nbd;
             const T* gain;
             if (kind == 0 || kind == 4) {  // A or H: x = R2 + pd (layer 0: the embedding), its RMSNorm
-                const T* g1 = kind == 4 ? (const T*)ptr(MD_LNF) : (const T*)ptr(MD_LN1) + (long long)l * d;
-                gain = kind == 4 ? (const T*)ptr(MD_HEADN) : (const T*)ptr(MD_GAIN + job[0].w) + (long long)l * d;
+                const T* g1 = kind == 4 ? (const T*)ptr(MD_LNF) : (const T*)ptr(MD_LN1) + l * ps;
+                gain = kind == 4 ? (const T*)ptr(MD_HEADN) : (const T*)ptr(MD_GAIN + job[0].w) + l * ps;
                 MdSeg seg[4] = {{(const int4*)(l == 0 ? ptr(MD_ENC) : ptr(MD_R2)), (int4*)m.xrow, dw},
                                 {(const int4*)g1, (int4*)m.g1, dw},
                                 {(const int4*)gain, (int4*)m.gb, dw},
@@ -426,8 +439,8 @@ __global__ void __launch_bounds__(MD_THREADS, 1) mmfree_decode_step(const long l
                 MdSeg seg[7] = {{(const int4*)ptr(MD_AI + 2), (int4*)m.xrow, dw},
                                 {(const int4*)ptr(MD_AI), (int4*)m.ta, dw},
                                 {(const int4*)ptr(MD_AI + 1), (int4*)m.tf, dw},
-                                {(const int4*)((const T*)ptr(MD_GNORM) + off), (int4*)m.g1, dw},
-                                {(const int4*)((const T*)ptr(MD_GAIN + 3) + off), (int4*)m.gb, dw},
+                                {(const int4*)((const T*)ptr(MD_GNORM) + l * ps), (int4*)m.g1, dw},
+                                {(const int4*)((const T*)ptr(MD_GAIN + 3) + l * ps), (int4*)m.gb, dw},
                                 {(const int4*)((const float*)ptr(MD_H) + off), (int4*)m.h0, d / 4},
                                 {(const int4*)((const float*)ptr(MD_LAM) + off), (int4*)m.lam, d / 4}};
                 md_stage(seg, 7);
@@ -454,8 +467,8 @@ __global__ void __launch_bounds__(MD_THREADS, 1) mmfree_decode_step(const long l
                 const long long off = (long long)l * d;
                 MdSeg seg[4] = {{(const int4*)ptr(MD_R1), (int4*)m.xrow, dw},
                                 {(const int4*)ptr(MD_PO), (int4*)m.ta, dw},
-                                {(const int4*)((const T*)ptr(MD_LN2) + off), (int4*)m.g1, dw},
-                                {(const int4*)((const T*)ptr(MD_GAIN + 4) + off), (int4*)m.gb, dw}};
+                                {(const int4*)((const T*)ptr(MD_LN2) + l * ps), (int4*)m.g1, dw},
+                                {(const int4*)((const T*)ptr(MD_GAIN + 4) + l * ps), (int4*)m.gb, dw}};
                 md_stage(seg, 4);
                 const int hs = (d + G - 1) / G;  // this block's slice of the state
                 float* h = (float*)ptr(MD_H) + off;
@@ -465,7 +478,7 @@ __global__ void __launch_bounds__(MD_THREADS, 1) mmfree_decode_step(const long l
                 md_residual_rmsnorm(m, true, blk == 0 ? (T*)ptr(MD_R2) : nullptr, d, eps);
             } else {  // D: sw
                 MdSeg seg[2] = {{(const int4*)ptr(MD_SW), (int4*)m.xrow, iw},
-                                {(const int4*)((const T*)ptr(MD_GAIN + 5) + (long long)l * I), (int4*)m.gb, iw}};
+                                {(const int4*)((const T*)ptr(MD_GAIN + 5) + l * ps), (int4*)m.gb, iw}};
                 md_stage(seg, 2);
                 gain = m.gb;
                 __syncthreads();
