@@ -136,6 +136,7 @@ def main(argv=None):
         buf = cp.zeros((4 * L + 1, 4), np.int64)
         ops = be.mmfree
         ops.decode_step_profile(plan, buf)
+        cp.cuda.runtime.deviceSynchronize()  # the table's update lands before the replay reads it
         new._decode_graph[1]()
         cp.cuda.runtime.deviceSynchronize()
         ops.decode_step_profile(plan, None)
