@@ -5,7 +5,7 @@ recurrent states bit for bit over the first --check tokens, then times each: the
 graph (events around --replays back-to-back replays) and the wall time of a decode_step (token upload, replay,
 logits read back: what `llmpy sample` pays). MBU: the code bytes a token reads / device time / the HBM peak.
 
-    python dev/mmfree_decode_step.py [--model mmfree:1.3b] [--packing base3] [--peak-tbs 3.35]
+    python dev/mmfree_decode_step.py [--model mmfree:1.3b] [--packing base3] [--peak-tbs 3.35] [--json f.json]
 
 Absolute times only mean anything on the GPU, with its date."""
 from __future__ import annotations
@@ -70,6 +70,7 @@ def main(argv=None):
     ap.add_argument("--check", type=int, default=8, help="tokens compared bit for bit")
     ap.add_argument("--tokens", type=int, default=64, help="decode_step calls timed")
     ap.add_argument("--replays", type=int, default=200, help="graph replays timed")
+    ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--peak-tbs", type=float, help="HBM peak, TB/s (default: H200 4.8, else H100 SXM's 3.35)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -151,6 +152,12 @@ def main(argv=None):
         h = t[4 * L]
         print(f"  {'H head':>12}: {h[1] - h[0]:6.2f} {h[2] - h[1]:6.2f} {h[3] - h[2]:6.2f}")
     (d0, w0), (d1, w1) = res["per-op kernels"], res["one kernel"]
+    if args.json:
+        import json
+        Path(args.json).write_text(json.dumps({
+            "model": args.model, "packing": args.packing, "gpu": gpu, "date": time.strftime("%Y-%m-%d"),
+            "bit_for_bit": bool(same), "one_kernel_ran": bool(ran), "code_bytes": code_bytes,
+            **{k: {"device_ms": v[0], "decode_step_ms": v[1]} for k, v in res.items()}}, indent=1))
     print(f"codes {code_bytes / 1e6:.1f} MB a token (peak {peak} TB/s); one kernel / per-op: {d0 / d1:.2f}x device, "
           f"{w0 / w1:.2f}x decode_step")
 
