@@ -103,7 +103,9 @@ def main(argv=None):
         if not ok:
             print(f"token {i}: logits max |diff| {np.abs(outs[0] - outs[1]).max():.3e}, state max |diff| "
                   f"{np.abs(hs[0] - hs[1]).max():.3e}; last layer's rows that differ: {differing(new, old)}")
-    ran = new._one_kernel_plan is not None and new._one_kernel_plan[1] is not None
+    ran = getattr(new, "_one_kernel_plan", (None, None))[1] is not None
+    if not ran:
+        print(f"the one kernel does not apply: {getattr(be.mmfree, 'decode_step_why', '?')}")
     print(f"{args.model} {args.packing}, {time.strftime('%Y-%m-%d')}, "
           f"{gpu}: one kernel {'ran' if ran else 'DID NOT RUN'}; "
           f"logits and states over {args.check} tokens {'bit for bit equal' if same else 'DIFFER'}")
