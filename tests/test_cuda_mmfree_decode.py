@@ -39,7 +39,7 @@ def test_one_kernel_decode_equals_the_per_op_path_bit_for_bit(name, packing, dty
     cfg, q = packed_params(name, packing, tmp_path)
     be = get_backend("cuda", dtype)
     new, old = decoder(cfg, q, be), decoder(cfg, q, be)
-    old.persistent_decode = False
+    new.persistent_decode, old.persistent_decode = True, False
     states = [m.new_decode_state(cfg.max_seq_len) for m in (new, old)]
     toks = np.random.default_rng(1).integers(0, cfg.vocab_size, 6)
     for i, t in enumerate(toks):  # the first step runs eagerly, the rest replay its CUDA graph

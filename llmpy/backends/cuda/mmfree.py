@@ -300,15 +300,9 @@ class MMFree:
         scratch = {k: self.be.zeros(n, T) for k, n in (("r1", d), ("r2", d), ("po", d), ("pd", d), ("ai", d),
                                                          ("af", d), ("ag", d), ("sw", I))}
         lam = self.be.zeros(L * d, F32)
-        ptr = lambda x: x.data.ptr  # noqa: E731
-        A = [L, d, I, Vl, nbd, nbi, per, S, ptr(arrays["enc"]), *(ptr(scratch[k]) for k in (
-            "r1", "r2", "po", "pd", "ai", "af", "ag", "sw")), ptr(arrays["logits"]), ptr(arrays["h"]), ptr(lam),
-            *(ptr(arrays[k]) for k in ("ln1", "ln2", "gnorm", "lnf", "headn")), *(ptr(g) for g in arrays["gains"]),
-            *(ptr(c) for c in arrays["codes"]), 0, _layer_stride(arrays)]
-        F = np.concatenate([np.float32([eps, head_scale]), np.asarray(scales, np.float32).reshape(-1)])
-        return {"kern": kern, "grid": G, "smem": smem, "A": self.be.asarray(np.asarray(A, np.int64)),
-                "F": self.be.asarray(F), "bar": self.be.zeros(1, np.uint32), "lam": lam.reshape(L, d),
-                "scratch": scratch, "arrays": arrays}
+        A, F = decode_step_tables(dims, arrays, scratch, lam, S, scales, head_scale, eps)
+        return {"kern": kern, "grid": G, "smem": smem, "A": self.be.asarray(A), "F": self.be.asarray(F),
+                "bar": self.be.zeros(1, np.uint32), "lam": lam.reshape(L, d), "scratch": scratch, "arrays": arrays}
 
     def decode_step_profile(self, plan, buf) -> None:
         """Block 0 records its phase timestamps into buf (int64 (4 L + 1, 4), or None: off) on the steps that follow
@@ -437,6 +431,21 @@ def _decode_step_unfit(T, L, d, I, Vl, nbd, nbi, G, S, arrays, capturing) -> str
         if c.dtype != np.uint8 or not c.flags.c_contiguous or c.data.ptr % 16 or not (c.shape == (L, rows, nb) or head):
             return f"codes[{i}] {tuple(c.shape)} {c.dtype}: not 16-byte aligned contiguous uint8 rows as wanted"
     return ""
+
+
+def decode_step_tables(dims: dict, arrays: dict, scratch: dict, lam, slot: int, scales, head_scale: float,
+                       eps: float):
+    """mmfree_decode_step's argument tables (host arrays): A int64 (its MD_* entries: sizes, then the device
+    addresses of the arrays, scratch rows and lam), F fp32 (eps, the head's s_w, then s_w of i, f, g, o, gate, down
+    of each layer)."""
+    L, d, I, Vl, per = (int(dims[k]) for k in ("L", "d", "I", "Vl", "per"))
+    ptr = lambda x: x.data.ptr  # noqa: E731
+    A = [L, d, I, Vl, -(-d // per), -(-I // per), per, slot, ptr(arrays["enc"]),
+         *(ptr(scratch[k]) for k in ("r1", "r2", "po", "pd", "ai", "af", "ag", "sw")), ptr(arrays["logits"]),
+         ptr(arrays["h"]), ptr(lam), *(ptr(arrays[k]) for k in ("ln1", "ln2", "gnorm", "lnf", "headn")),
+         *(ptr(g) for g in arrays["gains"]), *(ptr(c) for c in arrays["codes"]), 0, _layer_stride(arrays)]
+    F = np.concatenate([np.float32([eps, head_scale]), np.asarray(scales, np.float32).reshape(-1)])
+    return np.asarray(A, np.int64), F
 
 
 def _layer_stride(arrays) -> int:
