@@ -291,7 +291,8 @@ class MMFree:
         if kern.max_dynamic_shared_size_bytes < smem:
             kern.max_dynamic_shared_size_bytes = smem
         try:  # every block must be resident at once (the grid barrier): one an SM
-            resident = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kern.ptr, _MD_THREADS, smem)
+            fn = getattr(kern, "kernel", kern)  # a RawKernel's CUfunction
+            resident = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, _MD_THREADS, smem)
         except Exception:  # noqa: BLE001  (no occupancy query in this CuPy: the launch bounds promise one)
             resident = 1
         if resident < 1:
