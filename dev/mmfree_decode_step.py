@@ -3,7 +3,8 @@ against the per-op kernels (persistent_decode off), side by side in one run on t
 (random codes and scales: the speed does not depend on the values). Checks that the two give the same logits and
 recurrent states bit for bit over the first --check tokens, then times each: the device time of a token's CUDA
 graph (events around --replays back-to-back replays) and the wall time of a decode_step (token upload, replay,
-logits read back: what `llmpy sample` pays). MBU: the code bytes a token reads / device time / the HBM peak.
+logits read back: what `llmpy sample` pays). MBU: the code bytes a token reads (the kernel's: base 3 transcribed to
+2-bit when it reads fields) / device time / the HBM peak.
 
     python dev/mmfree_decode_step.py [--model mmfree:1.3b] [--packing base3] [--peak-tbs 3.35] [--json f.json]
 
@@ -70,6 +71,7 @@ def main(argv=None):
     ap.add_argument("--check", type=int, default=8, help="tokens compared bit for bit")
     ap.add_argument("--tokens", type=int, default=64, help="decode_step calls timed")
     ap.add_argument("--replays", type=int, default=200, help="graph replays timed")
+    ap.add_argument("--table", action="store_true", help="the code-table inner loop, not the 2-bit fields")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--peak-tbs", type=float, help="HBM peak, TB/s (default: H200 4.8, else H100 SXM's 3.35)")
     args = ap.parse_args(argv)
@@ -90,6 +92,7 @@ def main(argv=None):
     be = get_backend("cuda", "bf16")
     new, old = decoder(cfg, params, be), decoder(cfg, params, be)
     new.persistent_decode, old.persistent_decode = True, False
+    be.mmfree.decode_fields = not args.table
     models = {"per-op kernels": old, "one kernel": new}
     states = {k: m.new_decode_state(cfg.max_seq_len) for k, m in models.items()}
     toks = np.random.default_rng(0).integers(0, cfg.vocab_size, args.check + args.tokens + 4)
@@ -106,11 +109,16 @@ def main(argv=None):
     ran = getattr(new, "_one_kernel_plan", (None, None))[1] is not None
     if not ran:
         print(f"the one kernel does not apply: {getattr(be.mmfree, 'decode_step_why', '?')}")
-    print(f"{args.model} {args.packing}, {time.strftime('%Y-%m-%d')}, "
+    fields = ran and bool(int(cp.asnumpy(new._one_kernel_plan[1]["A"])[-1]))
+    print(f"{args.model} {args.packing} ({'2-bit fields' if fields else 'code table'}), {time.strftime('%Y-%m-%d')}, "
           f"{gpu}: one kernel {'ran' if ran else 'DID NOT RUN'}; "
           f"logits and states over {args.check} tokens {'bit for bit equal' if same else 'DIFFER'}")
     code_bytes = sum(int(c[:new.Vl].nbytes if w == "lm_head" else c.nbytes)
                      for w, (c, _, _, _) in new.packed.items())
+    read = {"per-op kernels": code_bytes, "one kernel": code_bytes}
+    if ran:  # the codes the kernel reads (base 3 transcribed to 2-bit for the fields loop); the head's Vl rows
+        *mats, head = new._one_kernel_plan[1]["arrays"]["codes"]
+        read["one kernel"] = sum(int(c.nbytes) for c in mats) + int(head[:new.Vl].nbytes)
     res = {}
     for k, m in models.items():
         st = states[k]
@@ -132,7 +140,7 @@ def main(argv=None):
         wall = statistics.median(walls) * 1e3
         res[k] = (dev, wall)
         print(f"{k:>15}: device {dev:.3f} ms/token ({1e3 / dev:,.0f} tok/s, MBU "
-              f"{code_bytes / (dev * 1e-3) / (peak * 1e12):.1%}); decode_step {wall:.3f} ms "
+              f"{read[k] / (dev * 1e-3) / (peak * 1e12):.1%} of {read[k] / 1e6:.1f} MB); decode_step {wall:.3f} ms "
               f"({1e3 / wall:,.0f} tok/s)")
     if ran:  # where a token's time goes: block 0's phase timestamps, averaged over the layers
         plan, L = new._one_kernel_plan[1], cfg.num_layers
@@ -158,7 +166,7 @@ def main(argv=None):
         import json
         Path(args.json).write_text(json.dumps({
             "model": args.model, "packing": args.packing, "gpu": gpu, "date": time.strftime("%Y-%m-%d"),
-            "bit_for_bit": bool(same), "one_kernel_ran": bool(ran), "code_bytes": code_bytes,
+            "bit_for_bit": bool(same), "one_kernel_ran": bool(ran), "fields": fields, "code_bytes": code_bytes,
             **{k: {"device_ms": v[0], "decode_step_ms": v[1]} for k, v in res.items()}}, indent=1))
     print(f"codes {code_bytes / 1e6:.1f} MB a token (peak {peak} TB/s); one kernel / per-op: {d0 / d1:.2f}x device, "
           f"{w0 / w1:.2f}x decode_step")

@@ -1,7 +1,8 @@
 """The packed MatMul-free LM's batch-1 decode step in one persistent kernel (kernels/mmfree_decode.cu) against the
 per-op decode path (persistent_decode off: bitlinear_packed_decode*, mlgru_forward, the fused residual RMSNorms)
 on the same GPU: the same logits and recurrent states bit for bit at every step, base3 and 2bit codes, bf16 and
-fp32, a config whose sizes are not multiples of the packs (d = 200: 40 code bytes a row). Marked gpu."""
+fp32, either inner loop (2-bit fields or the code table), a config whose sizes are not multiples of the packs (d =
+200: 40 code bytes a row). Marked gpu."""
 import numpy as np
 import pytest
 
@@ -34,12 +35,15 @@ def packed_params(name, packing, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("packing", ["base3", "2bit"])
-@pytest.mark.parametrize("name", CONFIGS)
-def test_one_kernel_decode_equals_the_per_op_path_bit_for_bit(name, packing, dtype, tmp_path):
+@pytest.mark.parametrize("name, fields", [(CONFIGS[0], True), (CONFIGS[0], False), (CONFIGS[1], True)])
+def test_one_kernel_decode_equals_the_per_op_path_bit_for_bit(name, fields, packing, dtype, tmp_path):
+    """fields: the kernel reads 2-bit fields (base 3 transcribed) where rows are whole words (d = 256), else the
+    code table (also d = 200, whose rows are not)."""
     cfg, q = packed_params(name, packing, tmp_path)
     be = get_backend("cuda", dtype)
     new, old = decoder(cfg, q, be), decoder(cfg, q, be)
     new.persistent_decode, old.persistent_decode = True, False
+    be.mmfree.decode_fields = fields  # read when the first step makes the plan
     states = [m.new_decode_state(cfg.max_seq_len) for m in (new, old)]
     toks = np.random.default_rng(1).integers(0, cfg.vocab_size, 6)
     for i, t in enumerate(toks):  # the first step runs eagerly, the rest replay its CUDA graph
@@ -49,5 +53,8 @@ def test_one_kernel_decode_equals_the_per_op_path_bit_for_bit(name, packing, dty
         same = np.array_equal(a.view(np.uint32), b.view(np.uint32)), np.array_equal(ha.view(np.uint32),
                                                                                      hb.view(np.uint32))
         assert all(same), (i, same, np.abs(a - b).max(), np.abs(ha - hb).max(), differing(new, old))
-    assert new._one_kernel_plan[1] is not None, be.mmfree.decode_step_why  # it ran: no silent fall-back
+    be.mmfree.decode_fields = True
+    plan = new._one_kernel_plan[1]
+    assert plan is not None, be.mmfree.decode_step_why  # it ran: no silent fall-back
+    assert int(be.to_numpy(plan["A"])[-1]) == (fields and cfg.channels % 16 == 0)  # the inner loop asked for
     assert getattr(old, "_one_kernel_plan", None) is None

@@ -133,12 +133,18 @@ def walk(A, F):
                 view(o, F32, n)[i] = y
 
 
-@pytest.mark.parametrize("packing", ["base3", "2bit"])
-def test_the_tables_and_the_row_split_give_the_cpu_decode_step(packing):
-    cfg = config_from_name("mmfree:l2d200i520v1000t64")  # 40 code bytes a row: packs and rows unaligned
+@pytest.mark.parametrize("name, packing, fields", [
+    ("mmfree:l2d200i520v1000t64", "base3", False),  # 40 code bytes a row: packs and rows unaligned
+    ("mmfree:l2d200i520v1000t64", "2bit", False),
+    ("mmfree:l2d256i512v1000t64", "base3", True)])  # transcribed to 2-bit, read by fields
+def test_the_tables_and_the_row_split_give_the_cpu_decode_step(name, packing, fields):
+    cfg = config_from_name(name)
     m = decoder(cfg, random_packed(cfg, packing, seed=3), get_backend("cpu"))
     state = m.new_decode_state(8)
     L, d, I, per = cfg.num_layers, cfg.channels, cfg.ffn_hidden, {"base3": 5, "2bit": 4}[packing]
+    codes = tuple(m.packed[w][0] for w in m.TERNARY[1:] + m.TERNARY[:1])
+    if fields:
+        codes, per = tuple(M.base3_to_2bit(c, K, np) for c, K in zip(codes, (d,) * 5 + (I, d))), 4
     nbd, nbi = -(-d // per), -(-I // per)
     S = (M._MAX_SMEM - M.decode_step_smem(d, I, nbd, nbi, per, 2, 0)) // 3 // 32 * 32
     for tok in (5, 17, 3):
@@ -148,7 +154,7 @@ def test_the_tables_and_the_row_split_give_the_cpu_decode_step(packing):
         arrays = {"enc": m.acts["encoded"], "logits": logits, "h": h, "ln1": p["ln1w"], "ln2": p["ln2w"],
                   "gnorm": p["gnormw"], "lnf": p["lnfw"], "headn": p["lm_headn"],
                   "gains": tuple(p[w[:-1] + "n"] for w in m.TERNARY[1:]),
-                  "codes": tuple(m.packed[w][0] for w in m.TERNARY[1:] + m.TERNARY[:1])}
+                  "codes": codes}
         host = {k: tuple(map(Host, v)) if isinstance(v, tuple) else Host(v) for k, v in arrays.items()}
         assert M._decode_step_unfit(np.dtype(F32), L, d, I, m.Vl, nbd, nbi, GRID, S, host, False) == ""
         scratch = {k: np.zeros(n, F32) for k, n in (("r1", d), ("r2", d), ("po", d), ("pd", d), ("ai", d),
@@ -157,8 +163,31 @@ def test_the_tables_and_the_row_split_give_the_cpu_decode_step(packing):
         A, F = M.decode_step_tables(dict(L=L, d=d, I=I, Vl=m.Vl, per=per), host,
                                     {k: Host(v) for k, v in scratch.items()}, Host(lam), S,
                                     [[float(m.packed[w][1][l]) for w in m.TERNARY[1:]] for l in range(L)],
-                                    float(m.packed["lm_head"][1][0]), cfg.norm_eps)
-        assert len(A) == MD["NARGS"]
+                                    float(m.packed["lm_head"][1][0]), cfg.norm_eps, fields)
+        assert len(A) == MD["NARGS"] and A[MD["FIELDS"]] == fields
         walk(A, F)
         assert np.abs(logits[:cfg.vocab_size] - ref).max() <= 1e-5 * np.abs(ref).max()
         assert np.abs(h - state.h).max() <= 1e-5 * np.abs(state.h).max()
+
+
+def test_the_fields_inner_loop_takes_the_code_dot_product():
+    """md_quantize's q_x words for the fields loop (word 4 w + f: columns 16 w + 4 k + f) and md_dot_fields' bit
+    arithmetic (low and high bits of 4 fields a word, dp4a each), in NumPy uint32: the trits' dot product."""
+    from llmpy.formats.ternary import pack
+    r = np.random.default_rng(0)
+    for K in (16, 208, 2048):
+        q, x = r.integers(-1, 2, (2, K)), r.integers(-128, 128, K)
+        codes = pack(q, "2bit")  # (2, K / 4), whole 4-byte words
+        cols = 16 * np.arange(K // 16)[:, None, None] + 4 * np.arange(4)[None, None, :] + np.arange(4)[None, :, None]
+        xs = (x[cols].astype(np.int8).view(np.uint8).astype(np.uint32) << (8 * np.arange(4, dtype=np.uint32))).sum(
+            -1).astype(np.uint32).reshape(-1)  # (K / 16 words, f) -> one uint32 each
+
+        def dp4a(a, b):  # per word: sum of the 4 int8 products
+            return (a.view(np.int8).reshape(-1, 4).astype(np.int64) * b.view(np.int8).reshape(-1, 4)).sum(-1)
+
+        for n in range(2):
+            W = codes[n].view(np.uint32)
+            lo = sum(dp4a((W >> np.uint32(2 * f)) & np.uint32(0x01010101), xs[f::4].copy()).sum() for f in range(4))
+            hi = sum(dp4a((W >> np.uint32(2 * f + 1)) & np.uint32(0x01010101), xs[f::4].copy()).sum()
+                     for f in range(4))
+            assert lo - 2 * hi == int(q[n] @ x)

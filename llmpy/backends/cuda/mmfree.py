@@ -75,6 +75,8 @@ class MMFree:
         self.be = be
         self.scratch = _Scratch(be)
         self._sms = None  # the GPU's SM count (the decode kernel's grid cap), read on first use
+        self.decode_fields = True  # the persistent decode kernel reads 2-bit codes by fields (base 3 transcoded)
+        self._codes2 = {}          # base-3 codes' 2-bit transcriptions for it, by the source's address
 
     @functools.cached_property
     def kb(self):  # compiled on first use: families without these ops never build them
@@ -277,6 +279,12 @@ class MMFree:
         any number of times (captured or not)."""
         T, cp = self.be.act_dtype, self.be.cp
         L, d, I, Vl, per = (int(dims[k]) for k in ("L", "d", "I", "Vl", "per"))
+        fields = self.decode_fields and d % 16 == 0 and I % 16 == 0 and not self.be.capturing
+        if fields and per == 5:  # the table-free inner loop reads 2-bit fields: base 3 transcribed once
+            arrays = dict(arrays, codes=tuple(self._two_bit(c, K) for c, K in zip(
+                arrays["codes"], (d, d, d, d, d, I, d))))
+            per = 4
+        dims = dict(dims, per=per)
         nbd, nbi = -(-d // per), -(-I // per)
         if self._sms is None:
             self._sms = cp.cuda.Device().attributes["MultiProcessorCount"]
@@ -301,9 +309,16 @@ class MMFree:
         scratch = {k: self.be.zeros(n, T) for k, n in (("r1", d), ("r2", d), ("po", d), ("pd", d), ("ai", d),
                                                          ("af", d), ("ag", d), ("sw", I))}
         lam = self.be.zeros(L * d, F32)
-        A, F = decode_step_tables(dims, arrays, scratch, lam, S, scales, head_scale, eps)
+        A, F = decode_step_tables(dims, arrays, scratch, lam, S, scales, head_scale, eps, fields)
         return {"kern": kern, "grid": G, "smem": smem, "A": self.be.asarray(A), "F": self.be.asarray(F),
                 "bar": self.be.zeros(1, np.uint32), "lam": lam.reshape(L, d), "scratch": scratch, "arrays": arrays}
+
+    def _two_bit(self, codes, K: int):
+        """codes (base 3) as 2-bit codes of the same trits, made once per source array and kept."""
+        key = codes.data.ptr
+        if key not in self._codes2 or self._codes2[key][0] is not codes:
+            self._codes2[key] = (codes, base3_to_2bit(codes, K, self.be.cp))
+        return self._codes2[key][1]
 
     def decode_step_profile(self, plan, buf) -> None:
         """Block 0 records its phase timestamps into buf (int64 (4 L + 1, 4), or None: off) on the steps that follow
@@ -435,18 +450,39 @@ def _decode_step_unfit(T, L, d, I, Vl, nbd, nbi, G, S, arrays, capturing) -> str
 
 
 def decode_step_tables(dims: dict, arrays: dict, scratch: dict, lam, slot: int, scales, head_scale: float,
-                       eps: float):
+                       eps: float, fields: bool = False):
     """mmfree_decode_step's argument tables (host arrays): A int64 (its MD_* entries: sizes, then the device
-    addresses of the arrays, scratch rows and lam), F fp32 (eps, the head's s_w, then s_w of i, f, g, o, gate, down
-    of each layer)."""
+    addresses of the arrays, scratch rows and lam, the timestamp buffer (none), the gains' layer stride, whether the
+    2-bit codes are read by fields), F fp32 (eps, the head's s_w, then s_w of i, f, g, o, gate, down of each
+    layer)."""
     L, d, I, Vl, per = (int(dims[k]) for k in ("L", "d", "I", "Vl", "per"))
     ptr = lambda x: x.data.ptr  # noqa: E731
     A = [L, d, I, Vl, -(-d // per), -(-I // per), per, slot, ptr(arrays["enc"]),
          *(ptr(scratch[k]) for k in ("r1", "r2", "po", "pd", "ai", "af", "ag", "sw")), ptr(arrays["logits"]),
          ptr(arrays["h"]), ptr(lam), *(ptr(arrays[k]) for k in ("ln1", "ln2", "gnorm", "lnf", "headn")),
-         *(ptr(g) for g in arrays["gains"]), *(ptr(c) for c in arrays["codes"]), 0, _layer_stride(arrays)]
+         *(ptr(g) for g in arrays["gains"]), *(ptr(c) for c in arrays["codes"]), 0, _layer_stride(arrays),
+         int(fields)]
     F = np.concatenate([np.float32([eps, head_scale]), np.asarray(scales, np.float32).reshape(-1)])
     return np.asarray(A, np.int64), F
+
+
+def base3_to_2bit(codes, K: int, xp):
+    """2-bit codes (..., ceil(K / 4)) holding the trits of base-3 codes (..., ceil(K / 5)) (formats/ternary.py: digit
+    d of a base-3 byte is the trit d - 1; a 2-bit field is the trit & 3), by xp (numpy or cupy), some rows at a time."""
+    *lead, nb3 = codes.shape
+    nb2 = -(-K // 4)
+    flat = codes.reshape(-1, nb3)
+    out = xp.zeros((flat.shape[0], nb2 * 4), xp.uint8)  # one field a byte, then packed 4 to a byte
+    step = max(1, (1 << 22) // nb3)
+    for r0 in range(0, flat.shape[0], step):
+        c = flat[r0:r0 + step].astype(xp.int16)
+        t = xp.empty((*c.shape, 5), xp.int16)
+        for j in range(5):
+            t[..., j] = c % 3
+            c = c // 3
+        out[r0:r0 + step, :K] = ((t - 1) & 3).reshape(t.shape[0], -1)[:, :K]
+    f = out.reshape(-1, nb2, 4)
+    return (f[..., 0] | f[..., 1] << 2 | f[..., 2] << 4 | f[..., 3] << 6).astype(xp.uint8).reshape(*lead, nb2)
 
 
 def _layer_stride(arrays) -> int:

@@ -21,7 +21,10 @@
 //   D  BitLinear down on sw: rows of pd
 //   then H: x = R2 + pd, RMSNorm (lnfw), the LM head: logits.
 // A block's rows of a phase are contiguous, so its codes are one (gate/up: two) contiguous byte ranges, copied in
-// 16-byte cp.async words (the first aligned down, zero-fill past the range's end: nothing past it is read).
+// 16-byte cp.async words (the first aligned down, zero-fill past the range's end: nothing past it is read). A row's
+// sum: 2-bit codes in whole 4-byte words (K % 16 == 0; a base-3 model's codes transcribed once, mmfree.py) by
+// md_dot_fields, shifts and masks with no table; otherwise md_dot, bitlinear_packed_decode's code table. Both are
+// exact int32 sums, so either gives the per-op path's bits.
 //
 // Arguments: A (int64 table, MD_* indices below: sizes and device pointers), F (fp32: eps, the head's s_w, then
 // s_w of i, f, g, o, gate, down for each layer), bar (a zeroed uint32 counter). Dynamic shared memory
@@ -61,7 +64,8 @@
 #define MD_PROF 38      // int64 (4 L + 1, 4) or 0: block 0's %globaltimer (ns) at each phase's start, after its
                         // barrier, after its staging, after its rows (the dev probe's breakdown)
 #define MD_PSTRIDE 39   // elements from one layer's norm gains to the next (the parameters are stored layer-major)
-#define MD_NARGS 40
+#define MD_FIELDS 40    // 1: 2-bit codes (per = 4, rows a multiple of 4 bytes) read by fields, no table (md_dot_fields)
+#define MD_NARGS 41
 
 __device__ __forceinline__ long long md_now() {
     long long t;
@@ -193,7 +197,7 @@ __device__ MdSmem<T> md_layout(unsigned char* smem, int d, int I, int nbmax, int
 // 1e-5), q = clamp(roundf(x rstd g s_x), -128, 127), one code byte (its `per` columns, zeros past K) a thread.
 // Returns s_x to every thread.
 template <class T>
-__device__ float md_quantize(const MdSmem<T>& m, const T* g, int K, int nb, int per, float eps) {
+__device__ float md_quantize(const MdSmem<T>& m, const T* g, int K, int nb, int per, float eps, bool fields) {
     constexpr int P = Pack<T>::N;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     if (warp == 0) {
@@ -210,6 +214,22 @@ __device__ float md_quantize(const MdSmem<T>& m, const T* g, int K, int nb, int 
     }
     const float s = 127.0f / fmaxf(block_max(mx, m.red), 1e-5f);
     const bool b3 = per == 5;
+    if (fields) {  // word 4 w + f: q_x of columns 16 w + 4 k + f, k = 0..3 (md_dot_fields' order)
+        for (int e = threadIdx.x; e < nb; e += blockDim.x) {
+            const int w = e / 4, f = e % 4;
+            unsigned int v = 0u;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const int col = 16 * w + 4 * k + f;
+                if (col >= K) break;
+                const int q = (int)fminf(fmaxf(roundf(to_f(m.xrow[col]) * r * to_f(g[col]) * s), -128.0f), 127.0f);
+                v |= (unsigned int)(unsigned char)(signed char)q << (8 * k);
+            }
+            reinterpret_cast<unsigned int*>(m.xs)[e] = v;
+        }
+        __syncthreads();
+        return s;
+    }
     for (int b = threadIdx.x; b < nb; b += blockDim.x) {
         unsigned int w[2] = {0u, 0u};
 #pragma unroll
@@ -260,8 +280,9 @@ __device__ void md_residual_rmsnorm(const MdSmem<T>& m, bool add, T* keep, int d
 
 // sum over the row's code bytes of dp4a(trits, q_x) by one warp, all lanes get it (an int32 sum: exact, any order):
 // lane l takes bytes l, l + 32, ..., MD_UNROLL at a time with all their loads in flight together (a row of 410
-// bytes is two rounds, not 13 dependent ones); c: the row's first code byte in shared memory (any alignment).
-#define MD_UNROLL 8
+// bytes is 4 rounds, not 13 dependent ones; 8 at a time spill registers); c: the row's first code byte in shared
+// memory (any alignment). The table path: base 3, or rows that are not whole 4-byte words.
+#define MD_UNROLL 4
 __device__ __forceinline__ int md_dot(const unsigned char* c, const unsigned char* xs, const unsigned char* tab,
                                       int nb, bool b3, int lane) {
     int acc = 0;
@@ -295,6 +316,39 @@ __device__ __forceinline__ int md_dot(const unsigned char* c, const unsigned cha
             for (int u = 0; u < MD_UNROLL; u++) acc = __dp4a((int)w[u], x[u], acc);
         }
     }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    return acc;
+}
+
+// md_dot for 2-bit codes without the table: a row as 32-bit words W (4 code bytes, 16 fields: field j at bits
+// 2j, 2j+1; 0 -> 0, 1 -> +1, 3 -> -1), 4-byte aligned in shared memory. For each f in 0..3, (W >> 2f) & 0x01010101
+// holds the low bits of fields f, 4 + f, 8 + f, 12 + f in its 4 bytes and (W >> 2f + 1) & 0x01010101 their high
+// bits; trit = low - 2 high, so the sum is dp4a(low, x) - 2 dp4a(high, x) with x the word of q_x that
+// md_quantize lays out for (w, f). Integer sums: the same value as md_dot's, in ~6 integer instructions a code byte
+// and one 16-byte q_x load per word instead of a table lookup (a ~3-way bank conflict) and an 8-byte load per byte.
+#define MD_WUNROLL 4  // words a lane has in flight
+__device__ __forceinline__ int md_dot_fields(const unsigned int* row, const uint4* xs, int nw, int lane) {
+    int lo = 0, hi = 0;
+    for (int w0 = lane; w0 < nw; w0 += 32 * MD_WUNROLL) {
+        unsigned int W[MD_WUNROLL];
+        uint4 X[MD_WUNROLL];
+#pragma unroll
+        for (int u = 0; u < MD_WUNROLL; u++) {
+            const bool in = w0 + 32 * u < nw;
+            W[u] = in ? row[w0 + 32 * u] : 0u;
+            X[u] = in ? xs[w0 + 32 * u] : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < MD_WUNROLL; u++) {
+            const unsigned int x[4] = {X[u].x, X[u].y, X[u].z, X[u].w};
+#pragma unroll
+            for (int f = 0; f < 4; f++) {
+                lo = __dp4a((int)((W[u] >> (2 * f)) & 0x01010101u), (int)x[f], lo);
+                hi = __dp4a((int)((W[u] >> (2 * f + 1)) & 0x01010101u), (int)x[f], hi);
+            }
+        }
+    }
+    int acc = lo - 2 * hi;
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     return acc;
 }
@@ -338,6 +392,7 @@ __global__ void __launch_bounds__(MD_THREADS, 1) mmfree_decode_step(const long l
     const bool b3 = per == 5;
     const float eps = F[0];
     const long long ps = A[MD_PSTRIDE];
+    const bool fields = A[MD_FIELDS] != 0;
     const int G = gridDim.x, blk = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int nw = blockDim.x / 32;
     auto ptr = [&](int i) { return reinterpret_cast<void*>(A[i]); };
@@ -483,7 +538,7 @@ __global__ void __launch_bounds__(MD_THREADS, 1) mmfree_decode_step(const long l
                 gain = m.gb;
                 __syncthreads();
             }
-            const float sx = md_quantize(m, gain, K, nb, per, eps);
+            const float sx = md_quantize(m, gain, K, nb, per, eps, fields);
             const float sw = kind == 4 ? F[1] : F[2 + 6 * l + (kind == 0 ? job[0].w : kind + 2)];
             const float den = sx * sw;
             if (prof) prof[2] = md_now();
@@ -507,12 +562,16 @@ __global__ void __launch_bounds__(MD_THREADS, 1) mmfree_decode_step(const long l
                 }
                 const int r0 = j.u0 + c * j.cap, n = min(j.u0 + j.nu, r0 + j.cap) - r0;
                 for (int i = warp; i < n; i += nw) {
-                    const int acc = md_dot(c0 + (long long)i * nb, m.xs, m.tab, nb, b3, lane);
+                    const int acc = fields ? md_dot_fields((const unsigned int*)(c0 + (long long)i * nb),
+                                                           (const uint4*)m.xs, nb / 4, lane)
+                                           : md_dot(c0 + (long long)i * nb, m.xs, m.tab, nb, b3, lane);
                     const T v = from_f<T>((float)acc / den);
                     if (kind != 2) {
                         if (lane == 0) out[r0 + i] = v;
                     } else {  // up * silu(gate), as swiglu_forward computes and rounds it
-                        const int ga = md_dot(c1 + (long long)i * nb, m.xs, m.tab, nb, b3, lane);
+                        const int ga = fields ? md_dot_fields((const unsigned int*)(c1 + (long long)i * nb),
+                                                              (const uint4*)m.xs, nb / 4, lane)
+                                              : md_dot(c1 + (long long)i * nb, m.xs, m.tab, nb, b3, lane);
                         const float a = to_f(from_f<T>((float)ga / den));
                         if (lane == 0) out[r0 + i] = from_f<T>(to_f(v) * (a / (1.0f + expf(-a))));
                     }
