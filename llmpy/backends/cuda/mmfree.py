@@ -480,7 +480,7 @@ def base3_to_2bit(codes, K: int, xp):
         for j in range(5):
             t[..., j] = c % 3
             c = c // 3
-        out[r0:r0 + step, :K] = ((t - 1) & 3).reshape(t.shape[0], -1)[:, :K]
+        out[r0:r0 + step, :K] = ((t - 1) & 3).reshape(t.shape[0], -1)[:, :K].astype(xp.uint8)
     f = out.reshape(-1, nb2, 4)
     return (f[..., 0] | f[..., 1] << 2 | f[..., 2] << 4 | f[..., 3] << 6).astype(xp.uint8).reshape(*lead, nb2)
 
