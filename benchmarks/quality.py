@@ -54,11 +54,11 @@ def run_llmpy(args, init, train_glob, val_glob, out, variant="master") -> tuple[
     from llmpy.train import TrainConfig, run
     name, _, seed = variant.partition(":")
     kw = dict(VARIANTS[name])
-    dtype = kw.pop("dtype", "bf16")
+    dtype = kw.pop("dtype", "bf16" if args.device == "cuda" else "fp32")  # (the CPU emulates fp8 over fp32)
     t0 = time.perf_counter()
     res = run(TrainConfig(init=args.model if args.init_per_seed else str(init), train_data=train_glob,
                           val_data=val_glob, val_every=args.val_every, sample_tokens=0, progress=False,
-                          device="cuda", dtype=dtype, out=str(out), checkpoint_every=0, seed=int(seed or 1337),
+                          device=args.device, dtype=dtype, out=str(out), checkpoint_every=0, seed=int(seed or 1337),
                           **kw, **settings(args)))
     seconds = time.perf_counter() - t0
     ck = load_checkpoint(Path(out) / "checkpoint.safetensors")
@@ -206,6 +206,8 @@ def parser():
                     "any family's name; no PyTorch run)")
     ap.add_argument("--val-every", type=int, default=0, help="val loss every N steps (the curves; 0: at the end)")
     ap.add_argument("--no-torch", action="store_true", help="llmpy variants only")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: llmpy variants only, fp32 (fp8 emulated over it; a small --model)")
     ap.add_argument("--json", help="write the result here too")
     ap.add_argument("--plot", nargs="+", metavar=("OUT.png", "RESULT.json"),
                     help="no runs: draw the val curves of these --json results into OUT.png")
@@ -219,7 +221,7 @@ def main(argv=None) -> int:
             raise SystemExit("--plot needs OUT.png and at least one RESULT.json")
         plot([json.loads(Path(f).read_text()) for f in args.plot[1:]], args.plot[0])
         return 0
-    if args.init_per_seed:
+    if args.init_per_seed or args.device == "cpu":
         args.no_torch = True
     r = compare(args)
     if args.val_every:

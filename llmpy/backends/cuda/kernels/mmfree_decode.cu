@@ -102,27 +102,6 @@ __device__ __forceinline__ void md_grid_barrier(unsigned int* bar, unsigned int 
     __syncthreads();
 }
 
-// The code byte -> trits table (bitlinear.cu's code_table): base 3, 243 x 8 bytes (trits 0-3 | trit 4, 0, 0, 0);
-// 2-bit, 256 x 4 bytes.
-__device__ __forceinline__ void md_code_table(unsigned char* smem, bool b3) {
-    for (int v = threadIdx.x; v < 256; v += blockDim.x) {
-        if (b3) {
-            if (v < 243) {
-                unsigned int c = v, w[2] = {0u, 0u};
-                for (int j = 0; j < 5; j++, c /= 3u)
-                    w[j / 4] |= (unsigned int)(unsigned char)(signed char)((int)(c % 3u) - 1) << (8 * (j % 4));
-                reinterpret_cast<uint2*>(smem)[v] = make_uint2(w[0], w[1]);
-            }
-        } else {
-            unsigned int w = 0u;
-            for (int j = 0; j < 4; j++) {
-                const int t = (v >> (2 * j)) & 3;
-                w |= (unsigned int)(unsigned char)(signed char)(t == 3 ? -1 : t) << (8 * j);
-            }
-            reinterpret_cast<unsigned int*>(smem)[v] = w;
-        }
-    }
-}
 
 // A staging pass: up to 8 segments of 16-byte words global -> shared, 8 loads a thread in flight at once (one trip
 // to L2 for the whole row set, not one per array).
@@ -397,7 +376,7 @@ __global__ void __launch_bounds__(MD_THREADS, 1) mmfree_decode_step(const long l
     const int nw = blockDim.x / 32;
     auto ptr = [&](int i) { return reinterpret_cast<void*>(A[i]); };
     const MdSmem<T> m = md_layout<T>(smem, d, I, nbd > nbi ? nbd : nbi, per);
-    md_code_table(m.tab, b3);
+    code_table(m.tab, b3);  // (common.cuh)
 
     MdJob job[5];
 #pragma unroll
