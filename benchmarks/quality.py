@@ -132,7 +132,7 @@ def compare(args) -> dict:
     ours, t_ours, _, _ = runs[first]
     rel = (ours - ref) / ref if ref is not None else 0.0
     return {"llmpy_val_loss": ours, "torch_val_loss": ref, "relative_difference": rel, "llmpy_s": t_ours,
-            "torch_s": t_ref, "settings": settings(args), "model": args.model,
+            "torch_s": t_ref, "settings": settings(args), "model": args.model, "device": args.device,
             "variants": {k: {"val_loss": v, "s": t, "weights_sha256": w, "curve": c}
                          for k, (v, t, w, c) in runs.items()}}
 
@@ -173,13 +173,16 @@ def plot(results: list[dict], out: str) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
     for ax, r in zip(axes[0], results):
         colours = {}
+        # the default optimizer's runs are bf16 on the GPU, fp32 on the CPU (where fp8 is emulated over fp32)
+        names = {"master": "fp32" if r.get("device") == "cpu" else "bf16", "fp8": "fp8"}
         for k, v in r["variants"].items():
-            name = k.partition(":")[0]
+            name = names.get(k.partition(":")[0], k.partition(":")[0])
             c = colours.setdefault(name, f"C{len(colours)}")
             steps, losses = zip(*v["curve"])
             ax.plot(steps, losses, color=c, lw=1, label=name if name not in ax.get_legend_handles_labels()[1] else None)
         s = r["settings"]
-        ax.set_title(f"{r['model']}, {s['batch_size']}x{s['seq_len']} tokens a step", fontsize=10)
+        ax.set_title(f"{r['model']} ({r.get('device', 'cuda')}), {s['batch_size']}x{s['seq_len']} tokens a step, "
+                     f"{len(r['variants'])} runs", fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("val loss")
         ax.legend()
