@@ -19,7 +19,10 @@ which the variants are compared. The tolerance applies to the first variant.
 
 --init-per-seed draws each run's initial weights from its seed (any family's model name, e.g. a Llama config),
 so the seeds' spread includes the initialization; --val-every N logs the val loss every N steps, and the report
-says at each evaluation whether every run of a variant lies within the first variant's seeds' [min, max].
+says at each evaluation whether every run of a variant lies within the first variant's seeds' [min, max], and the
+mean paired difference (each run minus the first variant's run of the same seed: same initial weights, same data).
+--device cpu runs the variants on the CPU in fp32, `fp8` emulated over it (a small model). --plot OUT.png R.json ...
+draws the val curves of earlier --json results and runs nothing.
 """
 from __future__ import annotations
 
