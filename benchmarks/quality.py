@@ -19,7 +19,10 @@ which the variants are compared. The tolerance applies to the first variant.
 
 --init-per-seed draws each run's initial weights from its seed (any family's model name, e.g. a Llama config),
 so the seeds' spread includes the initialization; --val-every N logs the val loss every N steps, and the report
-says at each evaluation whether every run of a variant lies within the first variant's seeds' [min, max].
+says at each evaluation whether every run of a variant lies within the first variant's seeds' [min, max], and the
+mean paired difference (each run minus the first variant's run of the same seed: same initial weights, same data).
+--device cpu runs the variants on the CPU in fp32, `fp8` emulated over it (a small model). --plot OUT.png R.json ...
+draws the val curves of earlier --json results and runs nothing.
 """
 from __future__ import annotations
 
@@ -54,17 +57,18 @@ def run_llmpy(args, init, train_glob, val_glob, out, variant="master") -> tuple[
     from llmpy.train import TrainConfig, run
     name, _, seed = variant.partition(":")
     kw = dict(VARIANTS[name])
-    dtype = kw.pop("dtype", "bf16")
+    dtype = kw.pop("dtype", "bf16" if args.device == "cuda" else "fp32")  # (the CPU emulates fp8 over fp32)
     t0 = time.perf_counter()
     res = run(TrainConfig(init=args.model if args.init_per_seed else str(init), train_data=train_glob,
                           val_data=val_glob, val_every=args.val_every, sample_tokens=0, progress=False,
-                          device="cuda", dtype=dtype, out=str(out), checkpoint_every=0, seed=int(seed or 1337),
+                          device=args.device, dtype=dtype, out=str(out), checkpoint_every=0, seed=int(seed or 1337),
                           **kw, **settings(args)))
     seconds = time.perf_counter() - t0
     ck = load_checkpoint(Path(out) / "checkpoint.safetensors")
     h = hashlib.sha256()
-    for k in sorted(ck.compute_bf16):
-        h.update(ck.compute_bf16[k].tobytes())
+    weights = ck.params if ck.compute_bf16 is None else ck.compute_bf16  # fp32 runs keep no bf16 copy
+    for k in sorted(weights):
+        h.update(weights[k].tobytes())
     del ck
     shutil.rmtree(out)  # a d48 run's checkpoint is ~22 GB: one at a time on the device's disk
     return res.val_losses[-1][1], seconds, h.hexdigest()[:16], [(int(a), float(b)) for a, b in res.val_losses]
@@ -131,16 +135,19 @@ def compare(args) -> dict:
     ours, t_ours, _, _ = runs[first]
     rel = (ours - ref) / ref if ref is not None else 0.0
     return {"llmpy_val_loss": ours, "torch_val_loss": ref, "relative_difference": rel, "llmpy_s": t_ours,
-            "torch_s": t_ref, "settings": settings(args), "model": args.model,
+            "torch_s": t_ref, "settings": settings(args), "model": args.model, "device": args.device,
             "variants": {k: {"val_loss": v, "s": t, "weights_sha256": w, "curve": c}
                          for k, (v, t, w, c) in runs.items()}}
 
 
 def spread_report(variants: dict) -> list[str]:
-    """Per evaluation: the first variant's seeds' [min, max] and whether each other variant's runs lie inside."""
-    by = {}
+    """Per evaluation: the first variant's seeds' [min, max], whether each other variant's runs lie inside, and the
+    mean paired difference (a run minus the first variant's run of the same seed, where both exist)."""
+    by, seeds = {}, {}
     for k, v in variants.items():
-        by.setdefault(k.partition(":")[0], []).append(dict(v["curve"]))
+        name, _, seed = k.partition(":")
+        by.setdefault(name, []).append(dict(v["curve"]))
+        seeds.setdefault(name, {})[seed] = dict(v["curve"])
     base, *others = list(by)
     lines = []
     for step in sorted(by[base][0]):
@@ -149,9 +156,45 @@ def spread_report(variants: dict) -> list[str]:
         for o in others:
             vals = [c[step] for c in by[o] if step in c]
             inside = all(lo <= x <= hi for x in vals)
-            parts.append(f"{o} " + ", ".join(f"{x:.4f}" for x in vals) + (" inside" if inside else " OUTSIDE"))
+            diffs = [c[step] - seeds[base][sd][step] for sd, c in seeds[o].items()
+                     if sd in seeds[base] and step in c]
+            paired = f", paired {sum(diffs) / len(diffs):+.4f}" if diffs else ""
+            parts.append(f"{o} " + ", ".join(f"{x:.4f}" for x in vals) + (" inside" if inside else " OUTSIDE")
+                         + paired)
         lines.append("; ".join(parts))
     return lines
+
+
+def plot(results: list[dict], out: str) -> None:
+    """One panel per result (a --json file): every run's val curve, one colour per variant, the seeds as lines of
+    that colour; written atomically to out (a .png)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llmpy.formats.atomic import atomic_write
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        colours = {}
+        # the default optimizer's runs are bf16 on the GPU, fp32 on the CPU (where fp8 is emulated over fp32)
+        names = {"master": "fp32" if r.get("device") == "cpu" else "bf16", "fp8": "fp8"}
+        for k, v in r["variants"].items():
+            name = names.get(k.partition(":")[0], k.partition(":")[0])
+            c = colours.setdefault(name, f"C{len(colours)}")
+            steps, losses = zip(*v["curve"])
+            ax.plot(steps, losses, color=c, lw=1, label=name if name not in ax.get_legend_handles_labels()[1] else None)
+        s = r["settings"]
+        ax.set_title(f"{r['model']} ({r.get('device', 'cuda')}), {s['batch_size']}x{s['seq_len']} tokens a step, "
+                     f"{len(r['variants'])} runs", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("val loss")
+        ax.legend()
+        lo = min(x for v in r["variants"].values() for _, x in v["curve"][1:] or v["curve"])
+        hi = max(x for v in r["variants"].values() for _, x in v["curve"][len(v["curve"]) // 4:])
+        ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+    fig.tight_layout()
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
 
 
 def parser():
@@ -169,19 +212,28 @@ def parser():
                     "any family's name; no PyTorch run)")
     ap.add_argument("--val-every", type=int, default=0, help="val loss every N steps (the curves; 0: at the end)")
     ap.add_argument("--no-torch", action="store_true", help="llmpy variants only")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: llmpy variants only, fp32 (fp8 emulated over it; a small --model)")
     ap.add_argument("--json", help="write the result here too")
+    ap.add_argument("--plot", nargs="+", metavar=("OUT.png", "RESULT.json"),
+                    help="no runs: draw the val curves of these --json results into OUT.png")
     return ap
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.init_per_seed:
+    if args.plot:
+        if len(args.plot) < 2:
+            raise SystemExit("--plot needs OUT.png and at least one RESULT.json")
+        plot([json.loads(Path(f).read_text()) for f in args.plot[1:]], args.plot[0])
+        return 0
+    if args.init_per_seed or args.device == "cpu":
         args.no_torch = True
     r = compare(args)
     if args.val_every:
         print("\n".join(spread_report(r["variants"])))
     for k, v in r["variants"].items():
-        print(f"{args.model}, {args.steps} steps of {args.batch}x{args.seq}, bf16: val loss llmpy {k} "
+        print(f"{args.model}, {args.steps} steps of {args.batch}x{args.seq}: val loss llmpy {k} "
               f"{v['val_loss']:.4f} ({v['s']:.1f} s)")
     if r["torch_val_loss"] is not None:
         print(f"PyTorch {r['torch_val_loss']:.4f} ({r['torch_s']:.1f} s); first variant's difference "

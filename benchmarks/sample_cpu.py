@@ -6,9 +6,9 @@ past it (where the window slides), from random weights (the time does not depend
 
 A model is a config name (`llmpy train --init`'s; the default GPT-2 is `llmpy train`'s Shakespeare model), with
 `:packed` for a MatMul-free model packed to ternary codes (`llmpy convert --to ternary`) and read back. For each it
-draws `--samples` samples of `--tokens` new tokens one after another from one decoder, as `llmpy sample
---num-samples` does (temperature 1, top-k 40, seed 0, a one-token prompt), and, for comparison, one sample that
-stays inside the context. Prints a Markdown table: seconds per sample and tokens/s."""
+draws `--samples` samples of `--tokens` new tokens one after another from one decoder of one sequence (temperature 1,
+top-k 40, seed 0, a one-token prompt; `llmpy sample --num-samples` now decodes its samples as one batch), and, for
+comparison, one sample that stays inside the context. Prints a Markdown table: seconds per sample and tokens/s."""
 from __future__ import annotations
 
 import argparse

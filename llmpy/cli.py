@@ -254,7 +254,7 @@ def _cmd_sample(args) -> int:
     import numpy as np
 
     from .data.tokenizers import get_tokenizer, tokenizer_for
-    from .models.decode import check_sampling, decoder, generate
+    from .models.decode import check_sampling, decoder, generate, generate_batch
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0 (got {args.seed})")
     if args.max_new_tokens is not None and args.max_new_tokens < 0:
@@ -274,8 +274,12 @@ def _cmd_sample(args) -> int:
     if n is None:  # what fits the context after the prompt (the CPU-sized models have 128 tokens), at most 256
         room = cfg.max_seq_len - len(prompt)
         n = min(SAMPLE_TOKENS, room if room > 0 else cfg.max_seq_len)
-    rng = np.random.default_rng(args.seed)
-    model = decoder(cfg, params, _backend(args))
+    be = _backend(args)
+    model = decoder(cfg, params, be)
+    N = args.num_samples
+    if N > 1:  # N sequences decoded as one batch, sharing the weights of the one-sequence decoder
+        _check_batch_memory(model, N, min(len(prompt[-cfg.max_seq_len:]) + n, cfg.max_seq_len))
+        model = decoder(cfg, params, be, N, weights_of=model)
     pending, ctx = [], []
 
     def flush(final=False):
@@ -294,18 +298,65 @@ def _cmd_sample(args) -> int:
         pending.append(t)
         flush()
 
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
-            sys.stdout.write(f"--- sample {i + 1} of {args.num_samples} ---\n")
+    def start(i):
+        if N > 1:
+            sys.stdout.write(f"--- sample {i + 1} of {N} ---\n")
         ctx[:] = prompt[-4:] if args.prompt else []
         if args.prompt:
             sys.stdout.write(args.prompt)
-        generate(model, prompt, n, rng=rng, temperature=args.temperature, top_k=args.top_k or None,
-                 top_p=args.top_p, on_token=emit, stop_at=tok.eot if args.stop_at_eot else None)
+
+    def end():
         if pending:
             flush(final=True)
         sys.stdout.write("\n")
+
+    # sample i draws with the generator of seed + i: the draws of `--seed S+i --num-samples 1`
+    rngs = [np.random.default_rng(args.seed + i) for i in range(N)]
+    kw = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+              stop_at=tok.eot if args.stop_at_eot else None)
+    if N == 1:  # streamed as drawn
+        start(0)
+        generate(model, prompt, n, rng=rngs[0], on_token=emit, **kw)
+        end()
+        return 0
+    for i, new in enumerate(generate_batch(model, prompt, n, rngs=rngs, **kw)):
+        start(i)
+        for t in new:
+            emit(t)
+        end()
     return 0
+
+
+def _check_batch_memory(one, n: int, length: int) -> None:
+    """UserError when n sequences of up to `length` tokens (their decoding states and their rows of a step's
+    activations, beside the weights `one`, the decoder of one sequence, holds) would not fit the free memory of its
+    device, saying how many would."""
+    from .models.decode import row_bytes
+    state, acts, kind = row_bytes(one, length)
+    per, free = state + acts, _free_bytes(one.be)
+    if free is None or n * per <= free:
+        return
+    where = "GPU" if hasattr(one.be, "cp") else "host"
+
+    def size(b):
+        return f"{b / 2**30:,.1f} GiB" if b >= 2**30 else f"{b / 2**20:,.2f} MiB"
+    raise UserError(f"--num-samples {n} needs {size(n * per)} beside the weights ({size(per)} a sample: its {kind} "
+                    f"for {length} tokens and its row of a step's activations), more than the {size(free)} free on "
+                    f"the {where}: at most {free // per:,} samples at once here")
+
+
+def _free_bytes(be) -> int | None:
+    """Bytes the backend's device can still allocate (the GPU's free memory and its memory pool's cached blocks; the
+    host's available memory), or None when not known."""
+    cp = getattr(be, "cp", None)
+    if cp is not None:
+        return int(cp.cuda.runtime.memGetInfo()[0]) + int(cp.get_default_memory_pool().free_bytes())
+    try:
+        with open("/proc/meminfo") as f:
+            kib = [int(ln.split()[1]) for ln in f if ln.startswith("MemAvailable:")]
+        return kib[0] * 1024 if kib else None
+    except (OSError, ValueError):
+        return None
 
 
 def _cmd_eval(args) -> int:
@@ -451,7 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--max-new-tokens", "-n", type=int, help="tokens to generate; past the model's context the "
                    f"window slides (default: what fits the model's context after the prompt, at most {SAMPLE_TOKENS})")
-    p.add_argument("--num-samples", type=int, default=1, help="samples to draw, one after another "
+    p.add_argument("--num-samples", type=int, default=1, help="samples to draw, decoded together as one batch; "
+                   "sample i draws what --seed SEED+i alone would (to the rounding of the batched products), and "
+                   "every sample holds its own KV cache or recurrent state: the command says how many fit "
                    "(default %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default %(default)s)")
     p.add_argument("--top-k", type=int, default=40, help="sample from the k most likely; 0 = all (default "

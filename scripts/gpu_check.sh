@@ -16,7 +16,8 @@
 #   llama      benchmarks/gpu.py --model llama3.2:1b --batch 8 --seq 2048 --recompute 1 (vs torchtitan-style Llama)
 #   mmfree     benchmarks/gpu.py --model mmfree:370m --batch 8 --seq 2048 --recompute 2, against the reference code
 #              when $LLMPY_MMFREE_REF or build/ref/mmfreelm holds it (benchmarks/torch_mmfree.py), else llmpy alone
-#   decode     benchmarks/mmfree_decode.py --model mmfree:1.3b: batch-1 decoding, packed ternary vs latent weights
+#   decode     benchmarks/mmfree_decode.py --model mmfree:1.3b: decoding at batch 1-128 and prefill, tok/s and MBU,
+#              packed ternary vs latent weights vs a Llama of the same size
 #   reproduce  the gpt2-124m recipe on Shakespeare (--reproduce-steps, 400; 131072 tokens a step), scored during
 #              training on scripts/next_line_task.py's task, then read back by `llmpy eval` (not in the default set)
 #   report     nothing to run: (re)writes report.md from what the output folder holds
@@ -206,17 +207,11 @@ for name in benches:
 
 if "decode" in last:
     s = last["decode"]
-    md += ["", f"## MatMul-free batch-1 decoding (benchmarks/mmfree_decode.py): {result(s)}", ""] + command(s)
+    md += ["", f"## MatMul-free decoding (benchmarks/mmfree_decode.py): {result(s)}", ""] + command(s)
     d = results("decode")
-    if d and "packed" in d:
-        md += [f"{d.get('model')}, random weights", "", "| weights | tok/s | ms/token | resident weights MiB |",
-               "|---|---|---|---|"]
-        for k, r in d.items():
-            if isinstance(r, dict) and "tok_s" in r:
-                md.append(f"| {k} | {r['tok_s']:,.1f} | {r['ms_per_token']:.2f} | "
-                          f"{r['resident_weight_bytes'] / 2**20:,.1f} |")
-        md.append(f"\npacked: {d['speedup']:.2f}x the tokens/s of the latent weights; packed file "
-                  f"{d['packed_file_bytes'] / 2**20:,.1f} MiB, fp32 weights {d['fp32_weight_bytes'] / 2**20:,.1f} MiB")
+    if d and d.get("shapes"):
+        for shape in d["shapes"]:
+            md += [shape["report"], ""]
     else:
         md += ["No results; the log ends:", "", tail("decode.log")]
 

@@ -10,6 +10,7 @@ from llmpy.cli import build_parser, main
 from llmpy.data.shards import write_shard
 from llmpy.formats.checkpoint import load_checkpoint, save_checkpoint
 from llmpy.train import TrainConfig, run
+from streams import phrase_stream
 
 MODEL = "l2h2c32t32"
 
@@ -18,8 +19,7 @@ MODEL = "l2h2c32t32"
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     rng = np.random.default_rng(1)
-    phrases = [rng.integers(0, 50257, 5) for _ in range(20)]
-    stream = np.concatenate([phrases[i] for i in rng.integers(0, 20, 1200)])
+    stream = phrase_stream(rng, 1200, length=5)
     write_shard(d / "tr_000.bin", stream[:5000])
     write_shard(d / "va_000.bin", stream[5000:])
     res = run(TrainConfig(init=MODEL, train_data=str(d / "tr_*.bin"), val_data=str(d / "va_*.bin"), batch_size=3,

@@ -131,3 +131,33 @@ def test_determinism_graph_and_resume(tmp_path):
     train = [e[1] for e in a if e[1] is not None]
     assert train[-1] < train[0]
     assert resumed_run(init, shards, tmp_path)[0] == a
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_batch_decodes_each_row_as_one_sequence_on_the_gpu(params, dtype, tmp_path):
+    """Decoding B sequences as one batch on the GPU, packed (the decode kernel for <= 8 rows, unpack + GEMM for
+    more) and latent: each step's logits (B, V) against each row decoded alone on the same GPU and against the CPU's
+    batch; generate_batch samples each packed row as generate alone does with that row's generator (fp32)."""
+    from llmpy.models.decode import generate_batch
+    write_ternary(tmp_path / "t.safetensors", CFG, params)
+    _, q = read_ternary(tmp_path / "t.safetensors")
+    be, cpu = get_backend("cuda", dtype), get_backend("cpu")
+    for kind, w in (("packed", q), ("latent", params)):
+        one = decoder(CFG, w, be)
+        for B in (3, 12):
+            batch, ref = decoder(CFG, w, be, B, weights_of=one), decoder(CFG, w, cpu, B)
+            toks = np.random.default_rng(B).integers(0, CFG.vocab_size, (B, 5))
+            st, st_ref = batch.new_decode_state(CFG.max_seq_len), ref.new_decode_state(CFG.max_seq_len)
+            alone = [one.new_decode_state(CFG.max_seq_len) for _ in range(B)]
+            for i in range(5):
+                got = batch.decode_step(toks[:, i:i + 1], st)
+                rows = np.concatenate([one.decode_step(toks[b:b + 1, i:i + 1], alone[b]) for b in range(B)])
+                want = ref.decode_step(toks[:, i:i + 1], st_ref)
+                e_rows, e_cpu = relerr(got, rows), relerr(got, want)
+                assert e_rows < (1e-4 if dtype == "fp32" else 2e-2), (kind, B, i, e_rows)
+                assert e_cpu < (2e-2 if dtype == "fp32" else 1.5e-1), (kind, B, i, e_cpu)
+            print(f"\n{dtype} {kind} B={B}: batch vs rows alone rel err {e_rows:.2e}, vs the CPU {e_cpu:.2e}")
+        if dtype == "fp32" and kind == "packed":
+            batch = decoder(CFG, w, be, 12, weights_of=one)
+            got = generate_batch(batch, [1, 2, 3], 20, rngs=[np.random.default_rng(b) for b in range(12)])
+            assert got == [generate(one, [1, 2, 3], 20, rng=np.random.default_rng(b)) for b in range(12)]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from llmpy.data.shards import write_shard
+from streams import phrase_stream
 
 pytestmark = pytest.mark.gpu
 
@@ -33,8 +34,7 @@ STEPS = 20
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("multi")
     r = np.random.default_rng(0)
-    phrases = [r.integers(0, 50257, 11) for _ in range(40)]
-    stream = np.concatenate([phrases[i] for i in r.integers(0, 40, 12000)])
+    stream = phrase_stream(r, 12000, phrases=40, length=11)
     write_shard(d / "tr_000.bin", stream[:120000])
     write_shard(d / "va_000.bin", stream[120000:])
     return d

@@ -18,6 +18,7 @@ from llmpy.train.optim import AdamW
 from llmpy.train.step import TrainStep
 from llmpy.train import TrainConfig, run
 from llmpy.distributed.dataparallel import Dist
+from streams import phrase_stream
 
 CFG = GPT2Config(max_seq_len=16, vocab_size=300, padded_vocab_size=384, num_layers=3, num_heads=2, channels=32)
 
@@ -147,8 +148,7 @@ class ThreadDist(Dist):
 def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("dp_loop")
     r = np.random.default_rng(1)
-    phrases = [r.integers(0, 50257, 7) for _ in range(30)]
-    stream = np.concatenate([phrases[i] for i in r.integers(0, 30, 3000)])
+    stream = phrase_stream(r, 3000, phrases=30)
     write_shard(d / "tr_000.bin", stream[:18000])
     write_shard(d / "va_000.bin", stream[18000:])
     return d

@@ -17,6 +17,7 @@ from llmpy.layers import fp8 as F  # noqa: E402
 from llmpy.models.gpt2 import GPT2, GPT2Config  # noqa: E402
 from llmpy.models.llama3 import Llama, LlamaConfig  # noqa: E402
 from llmpy.train import TrainConfig, run  # noqa: E402
+from streams import phrase_stream  # noqa: E402
 
 E4M3, E5M2 = ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2
 
@@ -150,8 +151,7 @@ def shards(tmp_path_factory):
     from llmpy.data.shards import write_shard
     d = tmp_path_factory.mktemp("fp8shards")
     rng = np.random.default_rng(0)
-    phrases = [rng.integers(0, 50257, 7) for _ in range(20)]
-    stream = np.concatenate([phrases[i] for i in rng.integers(0, 20, 1500)])
+    stream = phrase_stream(rng, 1500)
     write_shard(d / "tr_000.bin", stream[:8000])
     write_shard(d / "va_000.bin", stream[8000:])
     return str(d / "tr_*.bin"), str(d / "va_*.bin")

@@ -53,10 +53,10 @@ def test_report_from_a_results_folder(tmp_path):
         "results": {"llmpy": side(48000.0, 170.7, 36.6, 0.48), "torch": side(43000.0, 190.5, 45.6, 0.43)}}))
     (out / "llama.log").write_text("compiling\nstill compiling\n")
     (out / "decode.json").write_text(json.dumps({
-        "model": "mmfree:1.3b", "date": "2026-12-01", "fp32_weight_bytes": 5206 * 2**20,
-        "packed_file_bytes": 375 * 2**20, "speedup": 3.04,
-        "latent bf16": {"tok_s": 216.0, "ms_per_token": 4.63, "resident_weight_bytes": 2700 * 2**20},
-        "packed": {"tok_s": 657.0, "ms_per_token": 1.52, "resident_weight_bytes": 374 * 2**20}}))
+        "date": "2026-12-01", "device": "NVIDIA H200", "shapes": [{
+            "model": "mmfree:1.3b", "results": [],
+            "report": "2026-12-01  mmfree:1.3b decode on NVIDIA H200\n| model | batch | tok/s |\n|---|---|---|\n"
+                      "| packed | 1 | 657.0 |"}]}))
     r = run("report", "--out", str(out))
     assert r.returncode == 0, r.stderr
     md = (out / "report.md").read_text()
@@ -71,7 +71,8 @@ def test_report_from_a_results_folder(tmp_path):
     assert "llmpy / baseline: 1.116x the speed, 0.803x the peak memory" in md
     assert f"{out}/" not in md  # commands name the output files relative to the folder
     assert "still compiling" in md  # a stage without results shows the end of its log
-    assert "| packed | 657.0 | 1.52 | 374.0 |" in md and "packed: 3.04x the tokens/s" in md
+    assert "2026-12-01  mmfree:1.3b decode on NVIDIA H200\n| model | batch | tok/s |" in md
+    assert "| packed | 1 | 657.0 |" in md
     # the same folder again with "--out=DIR", and $OUT naming it
     assert run("report", f"--out={out}").returncode == 0
     assert run("report", OUT=str(out)).returncode == 0 and (out / "report.md").read_text().startswith("# llmpy")

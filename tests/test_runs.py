@@ -22,6 +22,7 @@ from llmpy.formats.checkpoint import load_checkpoint, save_checkpoint
 from llmpy.train import TrainConfig, run
 from llmpy.train.optim import AdamW
 from llmpy.train.rundir import LOCK, ORPHAN
+from streams import phrase_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "l2h2c32t32"
@@ -31,8 +32,7 @@ MODEL = "l2h2c32t32"
 def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("run_shards")
     rng = np.random.default_rng(0)
-    phrases = [rng.integers(0, 500, 7) for _ in range(20)]  # ids < 500: also fit a 512-token vocabulary
-    stream = np.concatenate([phrases[i] for i in rng.integers(0, 20, 1500)])
+    stream = phrase_stream(rng, 1500, vocab=500)  # ids < 500: also fit a 512-token vocabulary
     write_shard(d / "tr_000.bin", stream[:8000])
     write_shard(d / "va_000.bin", stream[8000:])
     return str(d / "tr_*.bin"), str(d / "va_*.bin")

@@ -197,3 +197,164 @@ def test_a_recurrent_state_has_no_capacity_to_overrun(tmp_path):
     for t in range(2 * cfg.max_seq_len):
         dec.decode_step(np.array([[t]]), state)
     assert state.pos == 3 * cfg.max_seq_len
+
+
+# ---- batches: several sequences decoded together --------------------------------------------------------------
+def test_sampling_a_batch_draws_each_row_as_it_would_alone():
+    """sample_tokens: row b of a batch is the token sample_token draws from that row with rngs[b] (a row's arithmetic
+    is its own), for every sampler setting; greedy needs no generator."""
+    logits = np.random.default_rng(0).standard_normal((6, 50)).astype(np.float32) * 3
+    from llmpy.models.decode import sample_tokens
+    for kw in (dict(), dict(top_k=5), dict(top_p=0.8), dict(temperature=0.5, top_k=10, top_p=0.9)):
+        for seed in range(20):
+            got = sample_tokens(logits, [np.random.default_rng(seed + b) for b in range(6)], **kw)
+            alone = [sample_token(logits[b], np.random.default_rng(seed + b), **kw) for b in range(6)]
+            assert got.tolist() == alone, kw
+    assert sample_tokens(logits, [], temperature=0).tolist() == np.argmax(logits, axis=1).tolist()
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_a_batch_generates_each_sequence_as_generated_alone(name, tmp_path):
+    """generate_batch of B sequences, sequence b drawing with the generator of seed + b, gives the tokens that
+    generate gives one sequence with that generator: inside the context and past it (the windows slide together;
+    a recurrent model goes on), greedy and sampled. Its decoding steps' logits agree with one sequence's to fp32
+    rounding (the products' shapes differ; the MatMul-free LM's are bit for bit)."""
+    from llmpy.models.decode import generate_batch
+    cfg, p = tiny(name, tmp_path)
+    be = get_backend("cpu")
+    one = decoder(cfg, p, be)
+    batch = decoder(cfg, p, be, 3, weights_of=one)
+    maxT = cfg.max_seq_len
+    for prompt, kw in (([5, 6, 7], dict(temperature=0)), ([5, 6, 7], dict(top_k=40)),
+                       (list(range(1, 2 * maxT)), dict(temperature=0.8, top_p=0.9))):
+        got = generate_batch(batch, prompt, 3 * maxT, rngs=[np.random.default_rng(10 + b) for b in range(3)], **kw)
+        alone = [generate(one, prompt, 3 * maxT, rng=np.random.default_rng(10 + b), **kw) for b in range(3)]
+        assert got == alone, kw
+        if kw.get("temperature") != 0:
+            assert got[0] != got[1]  # the generators differ
+    toks = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 6))
+    state, alone = batch.new_decode_state(maxT), [one.new_decode_state(maxT) for _ in range(3)]
+    for i in range(6):
+        a = batch.decode_step(toks[:, i:i + 1], state)
+        b = np.concatenate([one.decode_step(toks[r:r + 1, i:i + 1], alone[r]) for r in range(3)])
+        assert rel(a, b) < 1e-6
+        if name.startswith("mmfree"):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "mmfree"])
+def test_a_batch_prefills_its_prompt_once_and_steps_all_rows_in_one_forward(name, tmp_path, monkeypatch):
+    """One prefill of the prompt (one sequence) for the whole batch, then one forward of B rows per new token; past
+    the context an attention model refills each sequence's window (one prefill each), a recurrent model never."""
+    from llmpy.models.decode import generate_batch
+    cfg, p = tiny(name, tmp_path)
+    batch = decoder(cfg, p, get_backend("cpu"), 4)
+    maxT, seen = cfg.max_seq_len, []
+    forward = type(batch).forward
+
+    def spy(self, *a, **kw):
+        seen.append((self.B, self.T))
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(type(batch), "forward", spy)
+    generate_batch(batch, [1, 2, 3], maxT - 3, rngs=[np.random.default_rng(b) for b in range(4)])
+    assert seen == [(1, 3)] + [(4, 1)] * (maxT - 4)
+    seen.clear()
+    generate_batch(batch, [1, 2, 3], 2 * maxT, rngs=[np.random.default_rng(b) for b in range(4)])
+    prefills = [s for s in seen if s[1] > 1]
+    if name == "mmfree":
+        assert prefills == [(1, 3)] and seen.count((4, 1)) == 2 * maxT - 1
+    else:  # the prompt once; then each slide feeds the 4 sequences' windows through one plan
+        assert prefills[0] == (1, maxT - 1) and set(prefills) == {(1, maxT - 1)} and (len(prefills) - 1) % 4 == 0
+
+
+def test_a_stopped_sequence_stops_alone(tmp_path):
+    """With stop_at a sequence ends after drawing it, the others go on as they would without it."""
+    from llmpy.models.decode import generate_batch
+    cfg, p = tiny("llama3", tmp_path)
+    batch = decoder(cfg, p, get_backend("cpu"), 3)
+    rngs = lambda: [np.random.default_rng(b) for b in range(3)]  # noqa: E731
+    free = generate_batch(batch, [1, 2], 12, rngs=rngs(), temperature=1.5, top_k=0)
+    stop = free[0][4]
+    got = generate_batch(batch, [1, 2], 12, rngs=rngs(), temperature=1.5, top_k=0, stop_at=stop)
+    for f, g in zip(free, got):
+        assert g == (f[:f.index(stop) + 1] if stop in f else f)
+    assert len(got[0]) <= 5 and any(len(g) > len(got[0]) for g in got)  # the others went on
+    with pytest.raises(ValueError, match="2 random generators for a decoder of 3"):
+        generate_batch(batch, [1, 2], 3, rngs=rngs()[:2])
+
+
+def test_row_bytes_is_what_a_sequence_adds(tmp_path):
+    """row_bytes: one sequence's state (a KV cache grows with the length, a recurrent state does not) and its step
+    activations; a batch of B holds B such states and at most B such activations (each tensor's alignment padding
+    counts once per plan)."""
+    from llmpy.models.decode import row_bytes
+    for name, kind in (("llama3", "KV cache"), ("mmfree", "recurrent state")):
+        cfg, p = tiny(name, tmp_path)
+        be = get_backend("cpu")
+        one = decoder(cfg, p, be)
+        s8, acts, what = row_bytes(one, 8)
+        s16 = row_bytes(one, 16)[0]
+        assert what == kind and (s16 == 2 * s8 if name == "llama3" else s16 == s8 == cfg.num_layers * cfg.channels * 4)
+        batch = decoder(cfg, p, be, 5, weights_of=one)
+        st = batch.new_decode_state(8)
+        assert sum(a.nbytes for a in ([st.k, st.v] if kind == "KV cache" else [st.h])) == 5 * s8
+        assert 2 * acts < batch.acts.nbytes() + batch.stats.nbytes() <= 5 * acts  # a bound: never under
+
+
+def test_the_sample_command_draws_sample_i_as_seed_plus_i_alone(tmp_path, capsys, monkeypatch):
+    """`llmpy sample --num-samples 3 --seed 4` (one batch) prints, for sample i, the text that `--seed 4+i` alone
+    prints; a batch that would not fit the free memory is a one-line error that says how many samples would."""
+    from llmpy import cli
+    from llmpy.formats.ternary import write_ternary
+    cfg, p = tiny("mmfree", tmp_path)
+    write_ternary(tmp_path / "t.safetensors", cfg, p)
+    argv = ["sample", "--checkpoint", str(tmp_path / "t.safetensors"), "-n", "12", "--device", "cpu"]
+    assert cli.main(argv + ["--num-samples", "3", "--seed", "4"]) == 0
+    out = capsys.readouterr().out.split("--- sample ")
+    blocks = [b.split("---\n", 1)[1] for b in out[1:]]
+    assert [b.split(" ---")[0] for b in out[1:]] == [f"{i} of 3" for i in (1, 2, 3)]
+    for i in range(3):
+        assert cli.main(argv + ["--seed", str(4 + i)]) == 0
+        assert capsys.readouterr().out == blocks[i]
+    assert len(set(blocks)) == 3
+    from llmpy.models.decode import row_bytes
+    state, acts, _ = row_bytes(decoder(cfg, p, get_backend("cpu")), 13)
+    monkeypatch.setattr(cli, "_free_bytes", lambda be: 10 * (state + acts) + 5)
+    assert cli.main(argv + ["--num-samples", "10"]) == 0
+    capsys.readouterr()
+    assert cli.main(argv + ["--num-samples", "11"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the note on the prompt's token
+    assert err.startswith("error: --num-samples 11 needs") and "recurrent state" in err and "\n" not in err
+    assert err.endswith("at most 10 samples at once here")
+
+
+def dense_sample(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """The sampler spelled out over the whole vocabulary (dropped tokens kept as zeros): sample_tokens' reference."""
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and 0 < top_k < z.size:
+        z = np.where(z >= np.partition(z, -top_k)[-top_k], z, -np.inf)
+    prob = np.exp(z - z.max())
+    if top_p is not None and top_p < 1:
+        order = np.argsort(-prob, kind="stable")
+        mass = np.cumsum(prob[order])
+        cut = int(np.searchsorted(mass, top_p * mass[-1])) + 1
+        kept = np.zeros_like(prob)
+        kept[order[:cut]] = prob[order[:cut]]
+        prob = kept
+    cdf = np.cumsum(prob)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), z.size - 1))
+
+
+def test_the_sampler_draws_what_the_whole_vocabulary_spelled_out_draws():
+    """sample_tokens works on the tokens top-k keeps only; it draws the token the dense computation draws, bf16
+    logits (ties at the k-th value) included."""
+    import ml_dtypes
+
+    from llmpy.models.decode import sample_tokens
+    r = np.random.default_rng(1)
+    logits = (r.standard_normal((40, 300)) * 2).astype(ml_dtypes.bfloat16).astype(np.float32)
+    for kw in (dict(), dict(top_k=7), dict(top_k=40, top_p=0.7), dict(temperature=0.3, top_p=0.95),
+               dict(temperature=2.0, top_k=299)):
+        got = sample_tokens(logits, [np.random.default_rng(b) for b in range(40)], **kw)
+        assert got.tolist() == [dense_sample(logits[b], np.random.default_rng(b), **kw) for b in range(40)], kw

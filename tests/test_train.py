@@ -14,6 +14,7 @@ from llmpy.formats.checkpoint import load_checkpoint
 from llmpy.models.gpt2 import GPT2
 from llmpy.train.optim import AdamW, lr_at
 from llmpy.train import TrainConfig, run
+from streams import phrase_stream
 
 MODEL = "l2h2c32t32"
 
@@ -23,8 +24,7 @@ def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("shards")
     rng = np.random.default_rng(0)
     # a learnable stream: short repeated phrases of random tokens
-    phrases = [rng.integers(0, 50257, 7) for _ in range(20)]
-    stream = np.concatenate([phrases[i] for i in rng.integers(0, 20, 1500)])
+    stream = phrase_stream(rng, 1500)
     write_shard(d / "tr_000.bin", stream[:6000])
     write_shard(d / "tr_001.bin", stream[6000:9000])
     write_shard(d / "va_000.bin", stream[9000:])

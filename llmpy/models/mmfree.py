@@ -136,6 +136,9 @@ class MMFree(Model):
     HEAD_WEIGHT = "lm_head"
     TERNARY = ("lm_head", "iw", "fw", "gw", "ow", "gatew", "downw")
     GRAPH_DECODE = True  # no positions: every decode step is the same launches
+    # batch-1 packed decoding in one kernel (_decode_in_one_kernel) when True; off by default until
+    # tests/test_cuda_mmfree_decode.py has shown it equal to the per-op kernels on a GPU
+    persistent_decode = False
 
     # ---- memory plan ----------------------------------------------------------------------------------------
     def plan(self):
@@ -204,6 +207,8 @@ class MMFree(Model):
         L, eps = cfg.num_layers, cfg.norm_eps
         if tokens is not None:
             self.set_batch(tokens, targets)
+        if state is not None and self.T == 1 and self._decode_in_one_kernel(state):
+            return None  # the logits are in acts["logits"][0], the state advanced
         be.lower_bounds_forward(s["lam"], p["lower_bounds"])
         be.encoder_forward(a["encoded"], self.tokens, self.bf16["wte"] if self.is_packed else p["wte"], None)
         be.rmsnorm_forward(a["ln1"][0], s["ln1_rstd"][0], a["encoded"], p["ln1w"][0], eps)
@@ -309,6 +314,41 @@ class MMFree(Model):
             hooks.done()
 
     # ---- decoding -------------------------------------------------------------------------------------------
+    def _decode_in_one_kernel(self, state: RecurrentState) -> bool:
+        """A packed model's batch-1 decode step as one persistent kernel (backends/cuda/mmfree.py decode_step_plan,
+        kernels/mmfree_decode.cu): every layer and the head, bit for bit the per-op path below, which runs instead
+        where it does not apply (more rows, latent weights, no such kernel, shapes that do not fit) or with
+        persistent_decode off. The plan (argument tables on the device) is made on the step that runs eagerly
+        before a capture, for this state."""
+        be, cfg = self.be, self.cfg
+        ops = getattr(be, "mmfree", None)
+        if (not self.persistent_decode or self.B != 1 or ops is None or not hasattr(ops, "decode_step_plan")
+                or any(w not in self.packed for w in self.TERNARY)
+                or len({self.packed[w][3] for w in self.TERNARY}) != 1):
+            return False
+        cached = getattr(self, "_one_kernel_plan", None)
+        if cached is None or cached[0] is not state:
+            if be.capturing:  # the plan uploads its tables; the eager step before a capture makes it
+                return False
+            p, a, L = self.params, self.acts, cfg.num_layers
+            per = {"base3": 5, "2bit": 4}[self.packed["iw"][3]]
+            arrays = {"enc": a["encoded"], "logits": a["logits"], "h": state.h, "ln1": p["ln1w"], "ln2": p["ln2w"],
+                      "gnorm": p["gnormw"], "lnf": p["lnfw"], "headn": p["lm_headn"],
+                      "gains": tuple(p[w[:-1] + "n"] for w in self.TERNARY[1:]),
+                      "codes": tuple(self.packed[w][0] for w in self.TERNARY[1:] + self.TERNARY[:1])}
+            scales = [[float(self.packed[w][1][l]) for w in self.TERNARY[1:]] for l in range(L)]
+            plan = ops.decode_step_plan(dict(L=L, d=cfg.channels, I=cfg.ffn_hidden, Vl=self.Vl, per=per), arrays,
+                                        scales, float(self.packed["lm_head"][1][0]), cfg.norm_eps)
+            cached = self._one_kernel_plan = (state, plan)
+        plan = cached[1]
+        if plan is None:
+            return False
+        p = self.params
+        be.lower_bounds_forward(plan["lam"], p["lower_bounds"])  # lam into the kernel's own (aligned) buffer
+        be.encoder_forward(self.acts["encoded"], self.tokens, self.bf16["wte"], None)
+        ops.decode_step_run(plan)
+        return True
+
     def new_decode_state(self, length: int) -> RecurrentState:
         """Every layer's recurrent state (L, B, d), fp32: the same size at any length (no capacity to bound)."""
         cfg = self.cfg

@@ -32,6 +32,8 @@ _MAX_K = 1 << 17     # |q_x q_w^T| <= 128 K must stay below 2^24 (exact in fp32)
 _MAX_SMEM = 227 * 1024  # shared memory a block may opt in to on sm_90
 _DECODE_THREADS = 256  # block of the packed decode kernel: a warp per output (its __launch_bounds__)
 _DECODE_BLOCKS_PER_SM = 5  # its resident blocks an SM (__launch_bounds__(256, 5)): the grid's cap
+_MD_THREADS = 512     # the persistent decode kernel's block (its __launch_bounds__(512, 1)): one block an SM
+_MD_SLOTS = 3        # its ring of code slots (MD_SLOTS)
 _SCAN_CHUNKS = 32    # most chunks of the MLGRU's scan over t (SCAN_MAX_CHUNKS in mlgru.cu): B d 32 threads
 _SCAN_MIN_LEN = 8    # fewest steps a chunk gets (decoding, nt = 1: one chunk, the sequential scan)
 F32 = np.dtype(np.float32)
@@ -73,6 +75,8 @@ class MMFree:
         self.be = be
         self.scratch = _Scratch(be)
         self._sms = None  # the GPU's SM count (the decode kernel's grid cap), read on first use
+        self.decode_fields = True  # the persistent decode kernel reads 2-bit codes by fields (base 3 transcoded)
+        self._codes2 = {}          # base-3 codes' 2-bit transcriptions for it, by the source's address
 
     @functools.cached_property
     def kb(self):  # compiled on first use: families without these ops never build them
@@ -260,6 +264,72 @@ class MMFree:
             np.int32(N), np.int32(K), np.int32(nb), np.int32(per), np.int32(staged)), shared_mem=smem)
         return True
 
+    # ---- one decode step in one kernel (kernels/mmfree_decode.cu) ----------------------------------------------
+    @functools.cached_property
+    def kd(self):
+        return module("mmfree_decode", self.be.dtype_name)
+
+    def decode_step_plan(self, dims: dict, arrays: dict, scales, head_scale: float, eps: float):
+        """The persistent decode kernel's launch for one model and recurrent state (batch 1), or None where it does
+        not apply (then the per-op kernels decode; self.decode_step_why says why): dims L, d, I, Vl, per; arrays:
+        the model's device arrays by their mmfree_decode.cu role (enc, h, ln1, ln2, gnorm, lnf, headn, gains (6),
+        codes (7), logits); scales (L, 6) s_w of i, f, g, o, gate, down. The plan holds the kernel's own scratch
+        rows and lam (L, d) fp32 (16-byte aligned: its staging copies 16-byte words; the caller fills it, e.g. by
+        lower_bounds_forward). Uploads its argument tables: call it outside graph capture, then decode_step_run(plan)
+        any number of times (captured or not)."""
+        T, cp = self.be.act_dtype, self.be.cp
+        L, d, I, Vl, per = (int(dims[k]) for k in ("L", "d", "I", "Vl", "per"))
+        fields = self.decode_fields and d % 16 == 0 and I % 16 == 0 and not self.be.capturing
+        if fields and per == 5:  # the table-free inner loop reads 2-bit fields: base 3 transcribed once
+            arrays = dict(arrays, codes=tuple(self._two_bit(c, K) for c, K in zip(
+                arrays["codes"], (d, d, d, d, d, I, d))))
+            per = 4
+        dims = dict(dims, per=per)
+        nbd, nbi = -(-d // per), -(-I // per)
+        if self._sms is None:
+            self._sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+        G, isz = self._sms, np.dtype(T).itemsize
+        fixed = decode_step_smem(d, I, nbd, nbi, per, isz, 0)
+        S = (_MAX_SMEM - fixed) // _MD_SLOTS // 32 * 32
+        why = self.decode_step_why = _decode_step_unfit(T, L, d, I, Vl, nbd, nbi, G, S, arrays, self.be.capturing)
+        if why:
+            return None
+        smem = fixed + _MD_SLOTS * S
+        kern = self.kd.mmfree_decode_step
+        if kern.max_dynamic_shared_size_bytes < smem:
+            kern.max_dynamic_shared_size_bytes = smem
+        try:  # every block must be resident at once (the grid barrier): one an SM
+            fn = getattr(kern, "kernel", kern)  # a RawKernel's CUfunction
+            resident = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, _MD_THREADS, smem)
+        except Exception:  # noqa: BLE001  (no occupancy query in this CuPy: the launch bounds promise one)
+            resident = 1
+        if resident < 1:
+            self.decode_step_why = f"{smem} bytes of shared memory and {_MD_THREADS} threads do not fit an SM"
+            return None
+        scratch = {k: self.be.zeros(n, T) for k, n in (("r1", d), ("r2", d), ("po", d), ("pd", d), ("ai", d),
+                                                         ("af", d), ("ag", d), ("sw", I))}
+        lam = self.be.zeros(L * d, F32)
+        A, F = decode_step_tables(dims, arrays, scratch, lam, S, scales, head_scale, eps, fields)
+        return {"kern": kern, "grid": G, "smem": smem, "A": self.be.asarray(A), "F": self.be.asarray(F),
+                "bar": self.be.zeros(1, np.uint32), "lam": lam.reshape(L, d), "scratch": scratch, "arrays": arrays}
+
+    def _two_bit(self, codes, K: int):
+        """codes (base 3) as 2-bit codes of the same trits, made once per source array and kept."""
+        key = codes.data.ptr
+        if key not in self._codes2 or self._codes2[key][0] is not codes:
+            self._codes2[key] = (codes, base3_to_2bit(codes, K, self.be.cp))
+        return self._codes2[key][1]
+
+    def decode_step_profile(self, plan, buf) -> None:
+        """Block 0 records its phase timestamps into buf (int64 (4 L + 1, 4), or None: off) on the steps that follow
+        (captured ones too: the kernel reads the setting from its argument table)."""
+        plan["A"][38] = 0 if buf is None else buf.data.ptr
+
+    def decode_step_run(self, plan) -> None:
+        """One decode step: the barrier counter zeroed, then the persistent kernel (both captured into a graph)."""
+        self.be.fill_zero(plan["bar"])
+        plan["kern"]((plan["grid"],), (_MD_THREADS,), (plan["A"], plan["F"], plan["bar"]), shared_mem=plan["smem"])
+
     def quantized(self, M: int, N: int, K: int):
         """(q_x (M, K) int8, s_x (M,), q_w (N, K) int8, s_w (1,)) of the last bitlinear_forward at these sizes:
         device views of the scratch (the tests read them; a bitlinear_backward since has overwritten them)."""
@@ -347,6 +417,87 @@ def decode_smem(M: int, nb: int, per: int, K: int, itemsize: int, staged: bool) 
     rb = ((nb + 6) // 4 * 4 + 15) // 16 * 16
     return ((2048 if per == 5 else 1024) + xs + ((M + 1) * K * itemsize if staged else 0)
             + 2 * (_DECODE_THREADS // 32) * rb)
+
+
+def _decode_step_unfit(T, L, d, I, Vl, nbd, nbi, G, S, arrays, capturing) -> str:
+    """Why mmfree_decode_step cannot run on these arrays ("" if it can)."""
+    if capturing:
+        return "its plan uploads tables: made outside graph capture"
+    if d % 8 or I % 8 or max(d, I) >= _MAX_K:
+        return f"d = {d}, I = {I}: multiples of 8 below {_MAX_K} only"
+    if G < 3:
+        return f"{G} SMs: i, f and g take a third of the grid each"
+    if S - 16 < nbi or S // 2 - 16 < nbd:
+        return f"a ring slot of {S} bytes holds no row of {nbi} code bytes (gate/up: two of {nbd})"
+    for k, x, dt, n in (("enc", arrays["enc"], T, d), ("logits", arrays["logits"], T, Vl),
+                        ("h", arrays["h"], F32, L * d), ("lnf", arrays["lnf"], T, d), ("headn", arrays["headn"], T, d)):
+        if x.dtype != dt or x.size < n or not x.flags.c_contiguous or x.data.ptr % 16:
+            return f"{k} {tuple(x.shape)} {x.dtype}: not a 16-byte aligned contiguous {np.dtype(dt).name} array of {n}"
+    ps = _layer_stride(arrays)
+    layered = [("ln1", arrays["ln1"], d), ("ln2", arrays["ln2"], d), ("gnorm", arrays["gnorm"], d)]
+    layered += [(f"gains[{i}]", g, K) for i, (g, K) in enumerate(zip(arrays["gains"], (d,) * 5 + (I,)))]
+    for k, x, K in layered:  # (L, K) rows of one layer stride, each row contiguous and 16-byte aligned
+        isz = x.dtype.itemsize
+        if (x.dtype != T or x.shape != (L, K) or x.strides != (ps * isz, isz) or x.data.ptr % 16
+                or ps * isz % 16):
+            return f"{k} {tuple(x.shape)} {x.dtype} strides {x.strides}: not (L, K) rows of {np.dtype(T).name}, " \
+                   f"{ps} elements apart, 16-byte aligned"
+    for i, (c, (rows, nb)) in enumerate(zip(arrays["codes"], ((d, nbd),) * 4 + ((2 * I, nbd), (d, nbi), (Vl, nbd)))):
+        head = i == 6 and c.ndim == 2 and c.shape[1] == nb and c.shape[0] >= rows  # the head: >= Vl rows
+        if c.dtype != np.uint8 or not c.flags.c_contiguous or c.data.ptr % 16 or not (c.shape == (L, rows, nb) or head):
+            return f"codes[{i}] {tuple(c.shape)} {c.dtype}: not 16-byte aligned contiguous uint8 rows as wanted"
+    return ""
+
+
+def decode_step_tables(dims: dict, arrays: dict, scratch: dict, lam, slot: int, scales, head_scale: float,
+                       eps: float, fields: bool = False):
+    """mmfree_decode_step's argument tables (host arrays): A int64 (its MD_* entries: sizes, then the device
+    addresses of the arrays, scratch rows and lam, the timestamp buffer (none), the gains' layer stride, whether the
+    2-bit codes are read by fields), F fp32 (eps, the head's s_w, then s_w of i, f, g, o, gate, down of each
+    layer)."""
+    L, d, I, Vl, per = (int(dims[k]) for k in ("L", "d", "I", "Vl", "per"))
+    ptr = lambda x: x.data.ptr  # noqa: E731
+    A = [L, d, I, Vl, -(-d // per), -(-I // per), per, slot, ptr(arrays["enc"]),
+         *(ptr(scratch[k]) for k in ("r1", "r2", "po", "pd", "ai", "af", "ag", "sw")), ptr(arrays["logits"]),
+         ptr(arrays["h"]), ptr(lam), *(ptr(arrays[k]) for k in ("ln1", "ln2", "gnorm", "lnf", "headn")),
+         *(ptr(g) for g in arrays["gains"]), *(ptr(c) for c in arrays["codes"]), 0, _layer_stride(arrays),
+         int(fields)]
+    F = np.concatenate([np.float32([eps, head_scale]), np.asarray(scales, np.float32).reshape(-1)])
+    return np.asarray(A, np.int64), F
+
+
+def base3_to_2bit(codes, K: int, xp):
+    """2-bit codes (..., ceil(K / 4)) holding the trits of base-3 codes (..., ceil(K / 5)) (formats/ternary.py: digit
+    d of a base-3 byte is the trit d - 1; a 2-bit field is the trit & 3), by xp (numpy or cupy), some rows at a time."""
+    *lead, nb3 = codes.shape
+    nb2 = -(-K // 4)
+    flat = codes.reshape(-1, nb3)
+    out = xp.zeros((flat.shape[0], nb2 * 4), xp.uint8)  # one field a byte, then packed 4 to a byte
+    step = max(1, (1 << 22) // nb3)
+    for r0 in range(0, flat.shape[0], step):
+        c = flat[r0:r0 + step].astype(xp.int16)
+        t = xp.empty((*c.shape, 5), xp.int16)
+        for j in range(5):
+            t[..., j] = c % 3
+            c = c // 3
+        out[r0:r0 + step, :K] = ((t - 1) & 3).reshape(t.shape[0], -1)[:, :K].astype(xp.uint8)
+    f = out.reshape(-1, nb2, 4)
+    return (f[..., 0] | f[..., 1] << 2 | f[..., 2] << 4 | f[..., 3] << 6).astype(xp.uint8).reshape(*lead, nb2)
+
+
+def _layer_stride(arrays) -> int:
+    """Elements between consecutive layers' rows of the per-layer gains (the parameters are stored layer-major)."""
+    x = arrays["ln1"]
+    return x.strides[0] // x.dtype.itemsize
+
+
+def decode_step_smem(d: int, I: int, nbd: int, nbi: int, per: int, itemsize: int, slot: int) -> int:
+    """Dynamic shared memory of mmfree_decode_step (its md_layout): the code table, q_x per code byte (8 bytes
+    base 3, 4 2-bit), the staged row and a gain (max(d, I) in T each), three rows of d in T (a norm gain, ai, af),
+    three fp32 (the old and new state, lam), 256 bytes of reduction scratch, and 3 ring slots of `slot` bytes."""
+    r16 = lambda n: -(-n // 16) * 16  # noqa: E731
+    return (2048 + r16(max(nbd, nbi) * (8 if per == 5 else 4)) + 2 * r16(max(d, I) * itemsize)
+            + 3 * r16(d * itemsize) + 3 * r16(d * 4) + 256 + _MD_SLOTS * slot)
 
 
 def _scan_grid(B: int, nt: int, d: int):

@@ -268,27 +268,7 @@ __device__ __forceinline__ void fetch_row(unsigned char* dst, const unsigned cha
     }
 }
 
-// The decode kernel's table from a code byte to its trits as int8, in shared memory: base 3, 243 x 8 bytes (trits
-// 0-3 | trit 4, 0, 0, 0); 2-bit, 256 x 4 bytes. Every thread of the block takes part.
-__device__ __forceinline__ void code_table(unsigned char* smem, bool b3) {
-    for (int v = threadIdx.x; v < 256; v += blockDim.x) {
-        if (b3) {
-            if (v < 243) {
-                unsigned int c = v, w[2] = {0u, 0u};
-                for (int j = 0; j < 5; j++, c /= 3u)
-                    w[j / 4] |= (unsigned int)(unsigned char)(signed char)((int)(c % 3u) - 1) << (8 * (j % 4));
-                reinterpret_cast<uint2*>(smem)[v] = make_uint2(w[0], w[1]);
-            }
-        } else {
-            unsigned int w = 0u;
-            for (int j = 0; j < 4; j++) {
-                const int t = (v >> (2 * j)) & 3;
-                w |= (unsigned int)(unsigned char)(signed char)(t == 3 ? -1 : t) << (8 * j);
-            }
-            reinterpret_cast<unsigned int*>(smem)[v] = w;
-        }
-    }
-}
+// (code_table, a code byte -> its trits, is in common.cuh: kernels/mmfree_decode.cu reads the same table)
 
 // Decoding (rows <= 8), one launch per BitLinear, or per three BitLinears of one input (the MLGRU's i, f, g:
 // blockIdx.y picks the weight, its gamma, scale and output; rstd is theirs in common): out (rows, N) =
