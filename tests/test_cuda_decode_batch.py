@@ -21,7 +21,8 @@ def test_a_batch_on_the_gpu_samples_each_row_as_alone_and_steps_as_the_cpu(name,
         be = get_backend("cuda", dtype)
         one = decoder(cfg, p, be)
         batch = decoder(cfg, p, be, 3, weights_of=one)
-        for prompt in ([5], [5, 6, 7]):  # a one-token prompt is a step, a longer one a prefill; both copied
+        # a one-token prompt is a step, a longer one a prefill (one shorter than the batch too); all copied
+        for prompt in ([5], [5, 6], [5, 6, 7]):
             got = generate_batch(batch, prompt, 3 * maxT, rngs=[np.random.default_rng(b) for b in range(3)])
             assert [len(g) for g in got] == [3 * maxT] * 3 and len({tuple(g) for g in got}) == 3
             if dtype == "fp32":
@@ -31,4 +32,5 @@ def test_a_batch_on_the_gpu_samples_each_row_as_alone_and_steps_as_the_cpu(name,
         st, st_cpu = batch.new_decode_state(maxT), cpu.new_decode_state(maxT)
         for i in range(6):
             err = relerr(batch.decode_step(toks[:, i:i + 1], st), cpu.decode_step(toks[:, i:i + 1], st_cpu))
-            assert err < (1e-4 if dtype == "fp32" else 3e-2), (dtype, i, err)
+            # bf16: the MatMul-free LM's int8 activation codes flip with the rounding (as in test_cuda_mmfree.py)
+            assert err < (1e-4 if dtype == "fp32" else 1.5e-1 if name.startswith("mmfree") else 3e-2), (dtype, i, err)

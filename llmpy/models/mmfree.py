@@ -136,9 +136,9 @@ class MMFree(Model):
     HEAD_WEIGHT = "lm_head"
     TERNARY = ("lm_head", "iw", "fw", "gw", "ow", "gatew", "downw")
     GRAPH_DECODE = True  # no positions: every decode step is the same launches
-    # batch-1 packed decoding in one kernel (_decode_in_one_kernel) when True; off by default until
-    # tests/test_cuda_mmfree_decode.py has shown it equal to the per-op kernels on a GPU
-    persistent_decode = False
+    # batch-1 packed decoding in one kernel (_decode_in_one_kernel), bit for bit the per-op kernels
+    # (tests/test_cuda_mmfree_decode.py); False: the per-op path
+    persistent_decode = True
 
     # ---- memory plan ----------------------------------------------------------------------------------------
     def plan(self):

@@ -64,9 +64,9 @@ class CUDABackend(FreshGrads, Fp8Ops):
         self.fresh = []                  # byte ranges of parameter gradients that count as zero (fresh_grads)
         self.mmfree = MMFree(self)       # BitLinear, MLGRU, lower bounds (mmfree.py) and their scratch
         self.fp8_enabled = fp8           # --dtype fp8: registered products on FP8 tensor cores (fp8.py)
-        # their inputs' FP8 copies kept and written by the producers (cuda/fp8.py); off by default until
-        # tests/test_cuda_fp8.py's fused-producer tests have passed on a GPU (LLMPY_FP8_FUSED=1 turns it on)
-        self.fp8_fused = fp8 and os.environ.get("LLMPY_FP8_FUSED") == "1"
+        # their inputs' FP8 copies kept and written by the producers (cuda/fp8.py), bit for bit the separate passes
+        # (tests/test_cuda_fp8.py); LLMPY_FP8_FUSED=0 runs the separate passes instead (to compare them)
+        self.fp8_fused = fp8 and os.environ.get("LLMPY_FP8_FUSED", "1") != "0"
         if fp8:
             cc = int(cp.cuda.Device().compute_capability)  # "90" on Hopper
             if dtype != "bf16" or cc < 89:
@@ -211,7 +211,9 @@ class CUDABackend(FreshGrads, Fp8Ops):
         self.order = self.zeros(N, np.int32)        # encoder backward: positions sorted by token (stable)
         self.seg = self.zeros(N + 1, np.int32)      # segment starts into order, one per distinct token
         self.nseg = self.zeros(1, np.int32)
-        self._staging = _Staging(self.cp, N)
+        # grow only: models planned on one backend (a batch decoder, then its prefill of a shorter prompt) share it
+        if getattr(self, "_staging", None) is None or self._staging.n < N:
+            self._staging = _Staging(self.cp, N)
         self._ids16 = shapes.vocab <= 65536
         return (self.colsum_part.nbytes + self.sum_part.nbytes + self.norm_part.nbytes + 4 * (2 * N + 2)
                 + self.gemm.workspace.nbytes + (attention.nbytes if attention else 0))
