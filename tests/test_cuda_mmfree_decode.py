@@ -58,3 +58,30 @@ def test_one_kernel_decode_equals_the_per_op_path_bit_for_bit(name, fields, pack
     assert plan is not None, be.mmfree.decode_step_why  # it ran: no silent fall-back
     assert int(be.to_numpy(plan["A"])[-1]) == (fields and cfg.channels % 16 == 0)  # the inner loop asked for
     assert getattr(old, "_one_kernel_plan", None) is None
+
+
+def _same(a, b) -> bool:
+    return np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+
+
+def test_one_kernel_decode_of_several_states_in_turn_and_beside_a_batch(tmp_path):
+    """One batch-1 model decoding three states in turn (each turn a new plan and an eager first step, from a
+    non-zero state: what generate_batch's row decoder does), against the per-op path doing the same; and a per-op
+    batch of 3 sharing its weights, stepped between those turns (its graph replayed while plans come and go), against
+    a batch beside a per-op model. With the kernel on, test_cuda_mmfree.py's batched test failed on an H200 at its
+    second step (fp32, the batch against each row alone, rel. err 0.61): this test tells which side goes wrong."""
+    cfg, q = packed_params(CONFIGS[0], "base3", tmp_path)
+    be = get_backend("cuda", "fp32")
+    new, old = decoder(cfg, q, be), decoder(cfg, q, be)
+    new.persistent_decode, old.persistent_decode = True, False
+    batch, batch_old = decoder(cfg, q, be, 3, weights_of=new), decoder(cfg, q, be, 3, weights_of=old)
+    sn, so = [new.new_decode_state(64) for _ in range(3)], [old.new_decode_state(64) for _ in range(3)]
+    sb, sbo = batch.new_decode_state(64), batch_old.new_decode_state(64)
+    toks = np.random.default_rng(2).integers(0, cfg.vocab_size, (3, 4))
+    for i in range(toks.shape[1]):
+        got, want = batch.decode_step(toks[:, i:i + 1], sb), batch_old.decode_step(toks[:, i:i + 1], sbo)
+        assert _same(got, want), ("the batch beside the one-kernel model", i)
+        for b in range(3):
+            a, c = new.decode_step(toks[b:b + 1, i:i + 1], sn[b]), old.decode_step(toks[b:b + 1, i:i + 1], so[b])
+            assert _same(a, c) and _same(be.to_numpy(sn[b].h), be.to_numpy(so[b].h)), ("state in turn", i, b)
+    assert new._one_kernel_plan[1] is not None, be.mmfree.decode_step_why
