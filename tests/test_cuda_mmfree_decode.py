@@ -68,8 +68,8 @@ def test_one_kernel_decode_of_several_states_in_turn_and_beside_a_batch(tmp_path
     """One batch-1 model decoding three states in turn (each turn a new plan and an eager first step, from a
     non-zero state: what generate_batch's row decoder does), against the per-op path doing the same; and a per-op
     batch of 3 sharing its weights, stepped between those turns (its graph replayed while plans come and go), against
-    a batch beside a per-op model. With the kernel on, test_cuda_mmfree.py's batched test failed on an H200 at its
-    second step (fp32, the batch against each row alone, rel. err 0.61): this test tells which side goes wrong."""
+    a batch beside a per-op model, in fp32 (a packed model's bf16 embedding widened: once by array temporaries that
+    the batch's captured step kept writing after the kernel's next plan reused their memory)."""
     cfg, q = packed_params(CONFIGS[0], "base3", tmp_path)
     be = get_backend("cuda", "fp32")
     new, old = decoder(cfg, q, be), decoder(cfg, q, be)

@@ -137,8 +137,9 @@ class MMFree(Model):
     TERNARY = ("lm_head", "iw", "fw", "gw", "ow", "gatew", "downw")
     GRAPH_DECODE = True  # no positions: every decode step is the same launches
     # batch-1 packed decoding in one kernel (_decode_in_one_kernel) when True: bit for bit the per-op kernels for one
-    # state (tests/test_cuda_mmfree_decode.py), but off by default: with it on, a B=1 model decoding several states
-    # in turn beside a batch sharing its weights gave wrong logits (tests/test_cuda_mmfree.py), cause not yet found
+    # state (tests/test_cuda_mmfree_decode.py). Off by default until the batched GPU tests pass with it on: they
+    # failed in fp32, most likely because the fp32 embedding lookup then used array temporaries, which a captured
+    # batch step kept writing after each new plan reused their memory (now a kernel: encoder_forward_widen)
     persistent_decode = False
 
     # ---- memory plan ----------------------------------------------------------------------------------------

@@ -262,25 +262,16 @@ class CUDABackend(FreshGrads, Fp8Ops):
     # ---- layers ---------------------------------------------------------------------------------------------
     def encoder_forward(self, out, tokens, wte, wpe):
         B, T, C = out.shape
-        if wte.dtype != out.dtype:  # a packed model's bf16 embedding under --dtype fp32 (untested on a GPU)
-            self._encoder_forward_bf16(out, tokens, wte, wpe)
+        if wte.dtype != out.dtype:  # a packed model's bf16 embedding under --dtype fp32
+            if wte.dtype.itemsize != 2 or out.dtype != np.float32 or C % 8 or wte.data.ptr % 16:
+                raise TypeError(f"encoder_forward: wte {wte.dtype} into out {out.dtype} (C = {C})")
+            self.k["encoder"].encoder_forward_widen((cdiv(B * T * C // 8, 256),), (256,), (
+                out, tokens, wte, wpe if wpe is not None else np.uint64(0), np.int32(B * T), np.int32(T), np.int32(C)))
             return
         n = B * T * C // (16 // out.itemsize)
         wpe = wpe if wpe is not None else np.uint64(0)  # null: no position table
         self.k["encoder"].encoder_forward((cdiv(n, 256),), (256,), (out, tokens, wte, wpe, np.int32(B * T),
                                                                      np.int32(T), np.int32(C)))
-
-    def _encoder_forward_bf16(self, out, tokens, wte, wpe):
-        """out (B, T, C) fp32 = wte[tokens] (+ wpe[:T]) for a bf16 wte, with CuPy's integer ops: a bf16 is the high
-        half of an fp32, so the rows widen exactly."""
-        cp = self.cp
-        if wte.dtype.itemsize != 2 or out.dtype != np.float32:
-            raise TypeError(f"encoder_forward: wte {wte.dtype} into out {out.dtype}")
-        B, T, C = out.shape
-        rows = cp.take(wte.view(cp.uint16), tokens.reshape(-1), axis=0)          # (B*T, C) bf16 bits
-        cp.copyto(out.reshape(B * T, C), (rows.astype(cp.uint32) << 16).view(cp.float32))
-        if wpe is not None:
-            out += wpe[:T]
 
     def encoder_backward(self, dwte, dwpe, dout, tokens):
         B, T, C = dout.shape

@@ -20,6 +20,24 @@ __global__ void encoder_forward(T* out, const int* tok, const T* wte, const T* w
     store16(out + i, o);
 }
 
+// A packed model's embedding (held in bf16) under --dtype fp32: out (B,T,C) fp32 = wte[tok] (+ wpe[t]), each bf16
+// widened exactly, then the fp32 add; one thread per 8 columns, C % 8 == 0. A kernel, not array expressions: a
+// decode step captured into a CUDA graph must own every byte it touches (temporaries freed after the capture go
+// to the next allocation, which a replay would then overwrite).
+__global__ void encoder_forward_widen(float* out, const int* tok, const bf16* wte, const float* wpe, int BT, int T_,
+                                      int C) {
+    long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i >= (long long)BT * C) return;
+    int bt = (int)(i / C), c = (int)(i % C), t = bt % T_;
+    Pack<bf16> a = load16(wte + (long long)tok[bt] * C + c);
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        float v = __bfloat162float(a.v[k]);
+        if (wpe != nullptr) v += wpe[(long long)t * C + c + k];
+        out[i + k] = v;
+    }
+}
+
 // dwpe[t,c] += sum_b dout[b,t,c], the batch summed in order b = 0..B-1 (one thread per (t,c)).
 template <class T>
 __global__ void encoder_backward_wpe(T* dwpe, const T* dout, int B, int T_, int C) {
