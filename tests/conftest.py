@@ -1,3 +1,4 @@
+import os
 import pathlib
 import sys
 
@@ -6,6 +7,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # lets tests import the PyTorch oracles from benchmarks/ and the probes from dev/
     sys.path.insert(0, str(ROOT))
+# every CUDA graph capture checks that it frees nothing it allocated (CudaBackend.capture)
+os.environ.setdefault("LLMPY_CHECK_CAPTURE", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -672,18 +672,48 @@ class CUDABackend(FreshGrads, Fp8Ops):
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------------
     def capture(self, fn):
-        """Records fn's launches into a CUDA graph (nothing runs now); returns a function that replays it."""
+        """Records fn's launches into a CUDA graph (nothing runs now); returns a function that replays it. The graph
+        keeps the addresses it was recorded with, so fn must not free what it allocates: a temporary's memory goes
+        back to the pool, the next allocation takes it, and every replay writes into that. With
+        LLMPY_CHECK_CAPTURE=1 (the test suite sets it) such a capture raises."""
         s = self.stream
+        watch = _AllocationWatch(self.cp.get_default_memory_pool()) if os.environ.get("LLMPY_CHECK_CAPTURE") == "1" \
+            else None
         self.capturing = True
         try:
             s.begin_capture()
             try:
-                fn()
+                with self.cp.cuda.using_allocator(watch) if watch else contextlib.nullcontext():
+                    fn()
             finally:
                 graph = s.end_capture()
         finally:
             self.capturing = False
+        if watch is not None:
+            watch.check()
         return lambda: graph.launch(stream=s)
+
+
+class _AllocationWatch:
+    """An allocator for a graph capture: takes from `pool` and counts the bytes; check() raises if the pool holds
+    fewer bytes in use than before plus those, i.e. an allocation was given back while the graph still refers to
+    it (or, less likely, fn freed memory it did not allocate: either way the capture is suspect)."""
+
+    def __init__(self, pool):
+        self.pool, self.used, self.taken, self.count = pool, pool.used_bytes(), 0, 0
+
+    def __call__(self, n):
+        m = self.pool.malloc(n)
+        self.taken += m.mem.size
+        self.count += 1
+        return m
+
+    def check(self) -> None:
+        lost = self.used + self.taken - self.pool.used_bytes()
+        if lost > 0:
+            raise RuntimeError(f"a CUDA graph capture made {self.count} allocations and gave {lost} bytes back to the "
+                               "pool: the replays would write memory the pool hands out again (a temporary in a "
+                               "captured op)")
 
 
 class _Slot:
