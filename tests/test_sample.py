@@ -358,3 +358,24 @@ def test_the_sampler_draws_what_the_whole_vocabulary_spelled_out_draws():
                dict(temperature=2.0, top_k=299)):
         got = sample_tokens(logits, [np.random.default_rng(b) for b in range(40)], **kw)
         assert got.tolist() == [dense_sample(logits[b], np.random.default_rng(b), **kw) for b in range(40)], kw
+
+
+def test_the_kth_largest_of_each_row_is_np_partitions_and_the_sampler_draws_as_dense_at_a_real_vocabulary():
+    """kth_largest finds the k-th largest among the values at or above the k-th largest chunk maximum: the same
+    value as np.partition for any k (chunk bound used or not), ties (bf16 logits), -inf and NaN rows; at a 32,000
+    vocabulary the sampler built on it draws what the dense computation draws."""
+    import ml_dtypes
+
+    from llmpy.models.decode import kth_largest, sample_tokens
+    r = np.random.default_rng(2)
+    x = (r.standard_normal((12, 32000)) * 3).astype(ml_dtypes.bfloat16).astype(np.float32)
+    x[1, 5:9000] = -np.inf  # a row mostly -inf
+    x[2] = 1.0  # a row of ties
+    x[3, 17] = np.nan  # np.partition's own answer
+    x[4, 31990:] = 50.0  # the largest values in the tail chunk (32,000 = 250 x 128)
+    for k in (1, 2, 40, 250, 251, 4000, 32000):
+        assert np.array_equal(kth_largest(x, k), np.partition(x, -k, axis=-1)[:, -k], equal_nan=True), k
+    y = x[[0, 1, 2, 4, 5, 6]]
+    for kw in (dict(top_k=40), dict(top_k=1), dict(top_k=250, top_p=0.9, temperature=0.7)):
+        got = sample_tokens(y, [np.random.default_rng(b) for b in range(6)], **kw)
+        assert got.tolist() == [dense_sample(y[b], np.random.default_rng(b), **kw) for b in range(6)], kw
