@@ -263,7 +263,8 @@ class CUDABackend(FreshGrads, Fp8Ops):
     def encoder_forward(self, out, tokens, wte, wpe):
         B, T, C = out.shape
         if wte.dtype != out.dtype:  # a packed model's bf16 embedding under --dtype fp32
-            if wte.dtype.itemsize != 2 or out.dtype != np.float32 or C % 8 or wte.data.ptr % 16:
+            if (wte.dtype.itemsize != 2 or out.dtype != np.float32 or C % 8 or wte.data.ptr % 16
+                    or (wpe is not None and wpe.dtype != np.float32)):
                 raise TypeError(f"encoder_forward: wte {wte.dtype} into out {out.dtype} (C = {C})")
             self.k["encoder"].encoder_forward_widen((cdiv(B * T * C // 8, 256),), (256,), (
                 out, tokens, wte, wpe if wpe is not None else np.uint64(0), np.int32(B * T), np.int32(T), np.int32(C)))
