@@ -78,3 +78,18 @@ def test_what_bounds_a_step():
     assert md.bound(5e-3, 1e-3, 0.2e-3) == "neither: 5.0x the bandwidth floor"
     assert md.bound(5e-3, 1e-3, None) == "neither: 5.0x the bandwidth floor"
     assert md.bound(5e-3, None, None) == "-"
+
+
+def test_the_one_kernel_switch_is_set_and_reported(tmp_path, monkeypatch, capsys):
+    """--one-kernel sets MMFree.persistent_decode for the run (the CPU has no such kernel: it decodes per op) and
+    the report and each shape's header say which; default leaves the library's setting."""
+    from llmpy.models.mmfree import MMFree
+    monkeypatch.setattr(MMFree, "persistent_decode", False)
+    args = ["--model", "mmfree:l2d64v256t32", "--device", "cpu", "--seconds", "0", "--steps", "3", "--batches", "1",
+            "--prompt-tokens", "8", "--sides", "packed"]
+    rep = md.main(args)
+    assert rep["persistent_decode"] is False and "packed batch 1: per-op kernels" in rep["shapes"][0]["report"]
+    rep = md.main(args + ["--one-kernel", "on"])
+    assert rep["persistent_decode"] is True and MMFree.persistent_decode is True
+    assert "packed batch 1: one kernel" in rep["shapes"][0]["report"]
+    assert md.main(args + ["--one-kernel", "off"])["persistent_decode"] is False
