@@ -209,10 +209,10 @@ class MMFree(Model):
         L, eps = cfg.num_layers, cfg.norm_eps
         if tokens is not None:
             self.set_batch(tokens, targets)
+        be.encoder_forward(a["encoded"], self.tokens, self.bf16["wte"] if self.is_packed else p["wte"], None)
         if state is not None and self.T == 1 and self._decode_in_one_kernel(state):
             return None  # the logits are in acts["logits"][0], the state advanced
         be.lower_bounds_forward(s["lam"], p["lower_bounds"])
-        be.encoder_forward(a["encoded"], self.tokens, self.bf16["wte"] if self.is_packed else p["wte"], None)
         be.rmsnorm_forward(a["ln1"][0], s["ln1_rstd"][0], a["encoded"], p["ln1w"][0], eps)
         for l in range(L):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
@@ -345,9 +345,7 @@ class MMFree(Model):
         plan = cached[1]
         if plan is None:
             return False
-        p = self.params
-        be.lower_bounds_forward(plan["lam"], p["lower_bounds"])  # lam into the kernel's own (aligned) buffer
-        be.encoder_forward(self.acts["encoded"], self.tokens, self.bf16["wte"], None)
+        be.lower_bounds_forward(plan["lam"], self.params["lower_bounds"])  # into the kernel's own (aligned) buffer
         ops.decode_step_run(plan)
         return True
 
