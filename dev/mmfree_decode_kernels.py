@@ -4,7 +4,7 @@ of one MatMul-free layer (i, f, g, o: d x d; the GLU's gate/up: 2I x d; down: d 
 i/f/g as one launch (bitlinear_packed_forward3) next to three single calls. Prints a table and the per-token sum
 (24 layers' worth) that it predicts for the BitLinears.
 
-    python dev/mmfree_decode_kernels.py [--model mmfree:1.3b] [--packing base3] [--calls 48]
+    python dev/mmfree_decode_kernels.py [--model mmfree:1.3b] [--packing base3] [--calls 48] [--rows 1,8] [--prefill 2048]
 
 Absolute times only mean anything on the GPU, with its date. Measured 2026-11-29 on one H200 (1.3B, base3): the grid
 capped at the resident blocks 18.26 us a gate/up call vs 23.74 uncapped, i, f, g in one launch 12.08 us vs 19.69 for
@@ -25,6 +25,10 @@ def main(argv=None):
     ap.add_argument("--packing", default="base3", choices=["base3", "2bit"])
     ap.add_argument("--calls", type=int, default=48, help="calls per graph")
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--rows", default="1", help="comma-separated row counts (tokens a call); above 1 the table "
+                    "also times each shape through unpack + int8 GEMM (the path for over 8 rows)")
+    ap.add_argument("--prefill", type=int, default=0, help="also time the unpack + GEMM path at this many rows "
+                    "(a prompt's prefill), and the unpacking alone")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import cupy as cp
@@ -40,12 +44,12 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     T = be.act_dtype
 
-    def bl(N, K):
+    def bl(N, K, M=1):
         nb = -(-K // per)
         codes = be.asarray(rng.integers(0, 243 if per == 5 else 256, (N, nb)).astype(np.uint8))
-        x = be.asarray(rng.standard_normal((1, K)).astype(np.float32).astype(T))
+        x = be.asarray(rng.standard_normal((M, K)).astype(np.float32).astype(T))
         g = be.asarray((1 + 0.1 * rng.standard_normal(K)).astype(np.float32).astype(T))
-        out, rstd = be.zeros(N, T).reshape(1, N), be.zeros(1, np.float32)
+        out, rstd = be.zeros(M * N, T).reshape(M, N), be.zeros(M, np.float32)
         return dict(out=out, rstd=rstd, x=x, codes=codes, g=g, K=K)
 
     def one(b):
@@ -67,19 +71,45 @@ def main(argv=None):
 
     shapes = [("i/f/g/o", d, d, 4 * L), ("gate/up", 2 * I, d, L), ("down", d, I, L), ("head", V, d, 1)]
     print(f"{args.model} {args.packing}, {time.strftime('%Y-%m-%d')}, {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
-    print(f"{'BitLinear':<10} {'N':>6} {'K':>6} {'us/call':>8} {'calls/token':>11} {'us/token':>9}")
     from llmpy.backends.cuda import mmfree as M
     capped = M._DECODE_BLOCKS_PER_SM
-    total = 0.0
-    for name, N, K, n in shapes:
-        b = bl(N, K)
-        M._DECODE_BLOCKS_PER_SM = 10 ** 6  # one warp an output, N / 8 blocks (the grid as before the cap)
-        flat = timed(one(b))
-        M._DECODE_BLOCKS_PER_SM = capped
-        us = timed(one(b))
-        total += us * n
-        print(f"{name:<10} {N:>6} {K:>6} {us:>8.2f} {n:>11} {us * n:>9.1f}   (grid uncapped: {flat:.2f} us)")
-    print(f"BitLinears per token: {total / 1e3:.3f} ms")
+    mm = be.mmfree
+    for rows in (int(r) for r in args.rows.split(",")):
+        print(f"\n{rows} row(s) a call")
+        print(f"{'BitLinear':<10} {'N':>6} {'K':>6} {'us/call':>8} {'calls/token':>11} {'us/step':>9}")
+        total = total_gemm = 0.0
+        for name, N, K, n in shapes:
+            b = bl(N, K, rows)
+            M._DECODE_BLOCKS_PER_SM = 10 ** 6  # one warp an output, N / 8 blocks (the grid as before the cap)
+            flat = timed(one(b))
+            M._DECODE_BLOCKS_PER_SM = capped
+            us = timed(one(b))
+            total += us * n
+            extra = f"(grid uncapped: {flat:.2f} us"
+            if rows > 1:  # the same call through unpack + GEMM
+                mm._decode = lambda *a, **k: False
+                gemm = timed(one(b))
+                del mm._decode
+                total_gemm += gemm * n
+                extra += f"; unpack + GEMM: {gemm:.2f} us"
+            print(f"{name:<10} {N:>6} {K:>6} {us:>8.2f} {n:>11} {us * n:>9.1f}   {extra})")
+        print(f"BitLinears a step of {rows} row(s): {total / 1e3:.3f} ms" +
+              (f"; through unpack + GEMM {total_gemm / 1e3:.3f} ms" if rows > 1 else ""))
+    if args.prefill:
+        print(f"\nprefill, {args.prefill} rows: unpack + GEMM a call, and the unpacking alone")
+        kb, total = be.mmfree.kb, 0.0
+        for name, N, K, n in shapes[:3]:
+            b = bl(N, K, args.prefill)
+            nb = b["codes"].shape[1]
+            qw = be.zeros(N * K, np.int8)
+            us = timed(one(b))
+            sw = be.zeros(1, np.float32)
+            unpack = timed(lambda: kb.bitlinear_unpack((M.cdiv(N * K // 8, 256),), (256,), (
+                qw, sw, b["codes"], np.float32(0.5), np.int32(N), np.int32(K), np.int32(nb), np.int32(per))))
+            total += us * n
+            print(f"{name:<10} {N:>6} {K:>6} {us:>8.1f} us   unpack {unpack:.1f} us ({N * K / unpack / 1e3:.0f} GB/s "
+                  f"written)")
+        print(f"the layers' BitLinears, {args.prefill} rows: {total / 1e3:.3f} ms")
     if hasattr(be, "bitlinear_packed_forward3"):
         bs = [bl(d, d) for _ in range(3)]
         three = timed(lambda: [one(b)() for b in bs])  # us per three calls

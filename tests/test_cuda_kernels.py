@@ -816,7 +816,9 @@ def test_bitlinear_packed_decode(be, packing, K):
 
     big, big_r = poison(be, (Mb, N)), poison(be, Mb, np.float32)
     big_sx = poisoned_scratch("bl_sx", Mb, np.float32)
+    big_qw = poisoned_scratch("bl_qw", N * K, be.act_dtype).view(np.int8)[:N * K]
     be.bitlinear_packed_forward(big, big_r, xd, cd, scale, K, packing, gd, eps)  # 16 rows: unpack + GEMM
+    assert np.array_equal(be.to_numpy(big_qw).reshape(N, K), q), "bitlinear_unpack's int8 weights differ"
     big, big_r, big_sx = host(be, big), host(be, big_r), host(be, big_sx)
     assert not np.isnan(big).any() and not np.isnan(big_sx).any()
     ref, rr = np.empty((Mb, N)), np.empty(Mb)

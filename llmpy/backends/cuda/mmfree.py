@@ -32,6 +32,7 @@ _MAX_K = 1 << 17     # |q_x q_w^T| <= 128 K must stay below 2^24 (exact in fp32)
 _MAX_SMEM = 227 * 1024  # shared memory a block may opt in to on sm_90
 _DECODE_THREADS = 256  # block of the packed decode kernel: a warp per output (its __launch_bounds__)
 _DECODE_BLOCKS_PER_SM = 5  # its resident blocks an SM (__launch_bounds__(256, 5)): the grid's cap
+_DECODE_ROWS = 8      # most rows it takes (its registers hold 8 sums); more go through unpack + the int8 GEMM
 _MD_THREADS = 512     # the persistent decode kernel's block (its __launch_bounds__(512, 1)): one block an SM
 _MD_SLOTS = 3        # its ring of code slots (MD_SLOTS)
 _SCAN_CHUNKS = 32    # most chunks of the MLGRU's scan over t (SCAN_MAX_CHUNKS in mlgru.cu): B d 32 threads
@@ -190,9 +191,8 @@ class MMFree:
                                                         np.int32(K)))
         qw, sw = s.get("bl_qw", N * K, T).view(np.int8)[:N * K], s.get("bl_sw", 1, F32)
         acc = s.get("bl_acc", M * N, F32).view(np.int32)
-        k.bitlinear_unpack((cdiv(N * nb, 256),), (256,), (qw, codes, np.int32(N), np.int32(K), np.int32(nb),
-                                                          np.int32(per)))
-        sw.fill(np.float32(scale))
+        k.bitlinear_unpack((cdiv(N * K // 8, 256),), (256,), (qw, sw, codes, np.float32(scale), np.int32(N),
+                                                               np.int32(K), np.int32(nb), np.int32(per)))
         self.be.gemm.mm_int8(acc, qx, qw, M, N, K)
         k.bitlinear_rescale_i32((cdiv(M * N // _pack(T), 256),), (256,), (out, acc, sx, sw, np.int32(M),
                                                                           np.int32(N)))
@@ -226,7 +226,7 @@ class MMFree:
         M = inp.size // K
         if N % 16 or out.size != M * N // 2:
             raise ValueError(f"{op}: out {tuple(out.shape)} is not (M, {N} / 2) for codes of {N} rows")
-        if M <= 8 and _codes_fit(codes, K, per):
+        if M <= _DECODE_ROWS and _codes_fit(codes, K, per):
             for name, x, dt, size in (("out", out, T, M * N // 2), ("inp", inp, T, M * K), ("gamma", gamma, T, K)):
                 _need(op, name, x, dt, size)
             _need(op, "rstd", rstd, F32, M, aligned=False)
@@ -241,7 +241,7 @@ class MMFree:
         """bitlinear_packed_decode for 1 or 3 weights (mats: (out, codes, scale, gamma) each) of one input of M
         rows, when M <= 8 and its shared memory fits (the staged rows and gamma when they fit too); False if not.
         swiglu: one weight of 2F rows, out (M, F) its SwiGLU (bitlinear_packed_decode_swiglu)."""
-        if M > 8 or any(c.data.ptr % 4 for _, c, _, _ in mats):  # its row copies read aligned 4-byte words
+        if M > _DECODE_ROWS or any(c.data.ptr % 4 for _, c, _, _ in mats):  # its row copies read aligned words
             return False
         isz = np.dtype(self.be.act_dtype).itemsize
         smem = decode_smem(M, nb, per, K, isz, staged=True)

@@ -459,13 +459,29 @@ __global__ void __launch_bounds__(256, 5) bitlinear_packed_decode_swiglu(PACKED_
                            sw0, sw1, sw2, rows, N, K, nb, per, staged);
 }
 
-// Many rows (eval): qw (N, K) int8 = the codes unpacked, for the int8 GEMM; one thread per code byte.
+// Many rows (prefill, eval, batches over 8): qw (N, K) int8 = the codes unpacked, for the int8 GEMM. One thread per
+// 8 columns of a row (K % 8 == 0): the 2-3 code bytes they span read, one 8-byte store, so a warp writes 256
+// contiguous bytes (one byte a thread and five byte stores each left the GPU's bandwidth mostly unused). Thread 0
+// also writes the weight's scale s_w where the rescale reads it (one launch fewer than a separate fill).
 template <class T>
-__global__ void bitlinear_unpack(signed char* qw, const unsigned char* codes, int N, int K, int nb, int per) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)N * nb) return;
-    const long long n = i / nb;
-    const int b = (int)(i % nb);
-    unsigned int c = codes[i];
-    for (int j = 0, k = b * per; j < per && k < K; j++, k++) qw[n * K + k] = (signed char)trit(c, per);
+__global__ void bitlinear_unpack(signed char* qw, float* sw, const unsigned char* codes, float scale, int N, int K,
+                                 int nb, int per) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // (row, group of 8 columns)
+    const int groups = K / 8;
+    if (i == 0) *sw = scale;
+    if (i >= (long long)N * groups) return;
+    const long long n = i / groups;
+    const int k0 = (int)(i - n * groups) * 8;
+    const unsigned char* row = codes + n * nb;
+    unsigned int w[2] = {0u, 0u};
+    int b = k0 / per, j = k0 - b * per;  // code byte and trit of column k0
+    unsigned int c = row[b];
+    for (int t = 0; t < j; t++) trit(c, per);  // skip the byte's trits before k0
+#pragma unroll
+    for (int t = 0; t < 8; t++) {
+        if (j == per) { c = row[++b]; j = 0; }  // K % 8 == 0: every column read lies inside the row's nb bytes
+        w[t / 4] |= (unsigned int)(unsigned char)(signed char)trit(c, per) << (8 * (t % 4));
+        j++;
+    }
+    reinterpret_cast<uint2*>(qw)[i] = make_uint2(w[0], w[1]);
 }
