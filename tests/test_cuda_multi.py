@@ -1,6 +1,7 @@
 """Data parallel on 2 GPUs (`llmpy launch`): DP, ZeRO-1 and ZeRO-2 runs of 20 steps against a 1-GPU run with the
-same global batch (gradient accumulation), for GPT-2, Llama 3 and the MatMul-free LM; per-rank memory falls with the ZeRO stage; resume
-of a ZeRO run; --tune-gemm's choices shared by the ranks and replayed.
+same global batch (gradient accumulation), for GPT-2, Llama 3 and the MatMul-free LM, and GPT-2 and Llama 3 with
+--dtype fp8; per-rank memory falls with the ZeRO stage; resume of a ZeRO run (fp8 too); --tune-gemm's choices
+shared by the ranks and replayed.
 Needs 2 GPUs of one host; skipped elsewhere."""
 import json
 import os
@@ -68,17 +69,21 @@ def plan_total(stdout) -> float:
 
 
 @needs2
-@pytest.mark.parametrize("init", ["l4h4c256t128", "llama3:l4d256h4k2f512t128r8", "mmfree:l4d256i512t128"])
-def test_dp_and_zero_match_one_gpu_with_accumulation(data, tmp_path, init):
-    ref, _ = train(data, tmp_path / "one", extra=("--grad-accum", "2"), init=init)
+@pytest.mark.parametrize("init,dtype", [("l4h4c256t128", "bf16"), ("llama3:l4d256h4k2f512t128r8", "bf16"),
+                                        ("mmfree:l4d256i512t128", "bf16"), ("l4h4c256t128", "fp8"),
+                                        ("llama3:l4d256h4k2f512t128r8", "fp8")])
+def test_dp_and_zero_match_one_gpu_with_accumulation(data, tmp_path, init, dtype):
+    """fp8: the ranks combine their amax by max, so their scales are one GPU's with two micro-batches."""
+    dt = ("--dtype", dtype)
+    ref, _ = train(data, tmp_path / "one", extra=dt + ("--grad-accum", "2"), init=init)
     base = losses(ref)
     assert base[-1] < base[0] - 1.0, "the reference run should learn"
     totals = {}
     for zero in (0, 1, 2):
-        ev, out = train(data, tmp_path / f"z{zero}", nproc=2, extra=("--zero", str(zero)), init=init)
+        ev, out = train(data, tmp_path / f"z{zero}", nproc=2, extra=dt + ("--zero", str(zero)), init=init)
         got = losses(ev)
         diff = np.abs(got - base).max()
-        print(f"\n{init} ZeRO-{zero}: max |loss - 1-GPU loss| over {STEPS} steps = {diff:.2e}; plan "
+        print(f"\n{init} {dtype} ZeRO-{zero}: max |loss - 1-GPU loss| over {STEPS} steps = {diff:.2e}; plan "
               f"{plan_total(out):.1f} MiB")
         assert len(got) == STEPS and diff <= 2e-2
         vals = [e["val_loss"] for e in ev if "val_loss" in e]
@@ -88,10 +93,14 @@ def test_dp_and_zero_match_one_gpu_with_accumulation(data, tmp_path, init):
 
 
 @needs2
-@pytest.mark.parametrize("zero,init", [(0, "l4h4c256t128"), (2, "l4h4c256t128"), (2, "mmfree:l4d256i512t128")])
-def test_resume_is_bitwise_with_two_ranks(data, tmp_path, zero, init):
-    full, _ = train(data, tmp_path / "full", nproc=2, extra=("--zero", str(zero)), init=init)
-    train(data, tmp_path / "part", nproc=2, extra=("--zero", str(zero), "--stop-at", "9"), init=init)
+@pytest.mark.parametrize("zero,init,dtype", [(0, "l4h4c256t128", "bf16"), (2, "l4h4c256t128", "bf16"),
+                                             (2, "mmfree:l4d256i512t128", "bf16"),
+                                             (2, "llama3:l4d256h4k2f512t128r8", "fp8")])
+def test_resume_is_bitwise_with_two_ranks(data, tmp_path, zero, init, dtype):
+    """fp8: the scale state (amax histories, scales) resumes with the ZeRO shards."""
+    z = ("--zero", str(zero), "--dtype", dtype)
+    full, _ = train(data, tmp_path / "full", nproc=2, extra=z, init=init)
+    train(data, tmp_path / "part", nproc=2, extra=z + ("--stop-at", "9"), init=init)
     cmd = [sys.executable, "-m", "llmpy", "launch", "--nproc-per-node", "2", "--", "train", "--resume",
            str(tmp_path / "part"), "--no-progress"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=dict(os.environ, NCCL_NVLS_ENABLE="0"))

@@ -194,13 +194,16 @@ def test_fp8_runs_are_deterministic_resume_bitwise_and_evaluation_leaves_the_sca
 
 
 @pytest.mark.slow
-def test_fp8_data_parallel_matches_one_rank_with_accumulation(shards, tmp_path):
-    """Two thread ranks over FakeComm: the ranks' amax are combined by max, so both take the scales one rank with
-    two micro-batches takes, and the run is the same."""
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_fp8_data_parallel_matches_one_rank_with_accumulation(shards, tmp_path, zero):
+    """Two thread ranks over FakeComm, plain data parallel and ZeRO-1/2: the ranks' amax are combined by max, so
+    both take the scales one rank with two micro-batches takes, and the run is the same. Under ZeRO each rank
+    updates its shard of the weights and gathers the rest, then quantizes the whole weights for the next step."""
     from fakes import FakeComm
     from test_data_parallel import ThreadDist, on_threads
     one = run(_cfg(shards, tmp_path / "one", grad_accum=2, steps=4, shuffle=False))
     comms = FakeComm.group(2, timeout=60)
-    two = on_threads(2, lambda r: run(_cfg(shards, tmp_path / "two", steps=4, shuffle=False), dist=ThreadDist(comms[r])))
+    two = on_threads(2, lambda r: run(_cfg(shards, tmp_path / "two", steps=4, shuffle=False, zero=zero),
+                                      dist=ThreadDist(comms[r])))
     np.testing.assert_allclose(two[0].train_losses, one.train_losses, rtol=1e-5)
     assert two[1].train_losses == two[0].train_losses
