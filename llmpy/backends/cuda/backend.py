@@ -696,24 +696,28 @@ class CUDABackend(FreshGrads, Fp8Ops):
 
 
 class _AllocationWatch:
-    """An allocator for a graph capture: takes from `pool` and counts the bytes; check() raises if the pool holds
-    fewer bytes in use than before plus those, i.e. an allocation was given back while the graph still refers to
-    it (or, less likely, fn freed memory it did not allocate: either way the capture is suspect)."""
+    """An allocator for a graph capture: takes from `pool` and holds each allocation's memory object until check(),
+    which raises if the watch is all that still holds one, i.e. its array was dropped inside the capture (a
+    temporary of a captured op) and the pool would hand it out again while every replay writes it. Memory that the
+    capture did not allocate (an old model collected meanwhile, say) is not counted."""
 
     def __init__(self, pool):
-        self.pool, self.used, self.taken, self.count = pool, pool.used_bytes(), 0, 0
+        self.pool, self.mems = pool, []
 
     def __call__(self, n):
         m = self.pool.malloc(n)
-        self.taken += m.mem.size
-        self.count += 1
+        self.mems.append(m.mem)  # the pointer's memory: freed when its last holder goes
         return m
 
     def check(self) -> None:
-        lost = self.used + self.taken - self.pool.used_bytes()
-        if lost > 0:
-            raise RuntimeError(f"a CUDA graph capture made {self.count} allocations and gave {lost} bytes back to the "
-                               "pool: the replays would write memory the pool hands out again (a temporary in a "
+        mems, self.mems = self.mems, []
+        # 2 references: the list's and getrefcount's argument; a live array holds a third through its pointer
+        lost = [i for i in range(len(mems)) if sys.getrefcount(mems[i]) <= 2]
+        nbytes = sum(mems[i].size for i in lost)
+        del mems  # the lost memory goes back to the pool here
+        if lost:
+            raise RuntimeError(f"a CUDA graph capture dropped {len(lost)} of its allocations ({nbytes} bytes) before "
+                               "it ended: the replays would write memory the pool hands out again (a temporary in a "
                                "captured op)")
 
 
