@@ -4,12 +4,14 @@ by side in one run:
 
 - packed: the ternary model as `llmpy convert --to ternary` writes it (5 codes a byte). Decoding runs our decode
   kernel for up to 8 rows (codes x int8 activations), unpack + an int8 tensor-core GEMM for more rows and for the
-  prefill; --one-kernel on runs batch 1 as one persistent kernel (MMFree.persistent_decode), off the per-op kernels;
+  prefill (--decode-rows N moves the limit from 8 down to N); --one-kernel on runs batch 1 as one persistent kernel
+  (MMFree.persistent_decode), off the per-op kernels;
 - latent: the same shape's bf16 latent weights (every BitLinear quantizes its weights, then an int8 GEMM);
 - llama: a bf16 Llama 3 of about the same size (llama_like: the same layers, width, vocabulary and context; head
   size 64, 4 query heads a KV head; the FFN width that gives the same parameter count), with its KV cache.
 
-    python benchmarks/mmfree_decode.py --model mmfree:370m,mmfree:1.3b,mmfree:2.7b [--one-kernel on] [--json out.json]
+    python benchmarks/mmfree_decode.py --model mmfree:370m,mmfree:1.3b,mmfree:2.7b [--one-kernel on] [--decode-rows 8]
+        [--json out.json]
     python benchmarks/mmfree_decode.py --model mmfree:l2d64v256t32 --device cpu     # a quick check on the CPU
 
 A decoding step (Model.decode_step, what `llmpy sample` runs) feeds B tokens at position --context (the KV caches
@@ -254,6 +256,9 @@ def main(argv=None):
     ap.add_argument("--one-kernel", choices=("default", "on", "off"), default="default",
                     help="the packed model's batch-1 step as one persistent kernel (MMFree.persistent_decode) or "
                          "the per-op kernels (default: the library's default)")
+    ap.add_argument("--decode-rows", type=int, choices=range(1, 9), metavar="{1..8}",
+                    help="on the GPU, the most rows a packed step sends to the decode kernel; more go through "
+                         "unpack + int8 GEMM (default: the library's, backends/cuda/mmfree.py _DECODE_ROWS)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
@@ -273,6 +278,10 @@ def main(argv=None):
     if args.one_kernel != "default":
         MMFree.persistent_decode = args.one_kernel == "on"
     one_kernel = "one kernel" if MMFree.persistent_decode else "per-op kernels"
+    from llmpy.backends.cuda import mmfree as cuda_mmfree  # (no CuPy import: the GPU's routing constants)
+    if args.decode_rows is not None:
+        cuda_mmfree._DECODE_ROWS = args.decode_rows
+    routing = f"decode kernel up to {cuda_mmfree._DECODE_ROWS} rows" if args.device == "cuda" else "CPU"
     shapes = [s.strip() for s in args.model.split(",") if s.strip()]
     cfgs = [config_from_name(s) for s in shapes]
     if any(not isinstance(c, MMFreeConfig) for c in cfgs):
@@ -281,7 +290,8 @@ def main(argv=None):
     device, args.peak_bw, args.peak_bf16, args.peak_int8 = peaks(be, args.peak_gbs)
     date = time.strftime("%Y-%m-%d")
     report = {"date": date, "device": device, "dtype": be.dtype_name, "peak_bytes_s": args.peak_bw,
-              "persistent_decode": MMFree.persistent_decode, "shapes": []}
+              "persistent_decode": MMFree.persistent_decode,
+              "decode_rows": cuda_mmfree._DECODE_ROWS if args.device == "cuda" else None, "shapes": []}
     t0 = time.perf_counter()
     for shape, cfg in zip(shapes, cfgs):
         args.shape = shape
@@ -293,7 +303,7 @@ def main(argv=None):
             be.release_cache()  # its weights and states: the next side starts from an empty pool
         peak = f"{args.peak_bw / 1e12:.2f} TB/s peak" if args.peak_bw else "no peak bandwidth known: no MBU"
         text = "\n".join([
-            f"{date}  {shape} decode on {device} ({be.dtype_name}; {peak}; packed batch 1: {one_kernel}); "
+            f"{date}  {shape} decode on {device} ({be.dtype_name}; {peak}; packed batch 1: {one_kernel}; {routing}); "
             f"llama = {llama_name(llama_like(cfg))}",
             table(results),
             f"packed tensors {size['bytes'] / 2**20:,.1f} MiB = 1/{size['fp32_bytes'] / size['bytes']:.1f} of the fp32 "

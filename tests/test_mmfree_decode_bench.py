@@ -93,3 +93,18 @@ def test_the_one_kernel_switch_is_set_and_reported(tmp_path, monkeypatch, capsys
     assert rep["persistent_decode"] is True and MMFree.persistent_decode is True
     assert "packed batch 1: one kernel" in rep["shapes"][0]["report"]
     assert md.main(args + ["--one-kernel", "off"])["persistent_decode"] is False
+
+
+def test_the_decode_rows_limit_is_set_and_reported(monkeypatch):
+    """--decode-rows sets the GPU's routing limit for the run (the JSON reports it for cuda runs, None on the CPU,
+    whose packed path has no decode kernel); out of 1..8 it is refused."""
+    from llmpy.backends.cuda import mmfree as cuda_mmfree
+    monkeypatch.setattr(cuda_mmfree, "_DECODE_ROWS", 8)
+    args = ["--model", "mmfree:l2d64v256t32", "--device", "cpu", "--seconds", "0", "--steps", "3", "--batches", "1",
+            "--prompt-tokens", "8", "--sides", "packed"]
+    rep = md.main(args + ["--decode-rows", "2"])
+    assert cuda_mmfree._DECODE_ROWS == 2 and rep["decode_rows"] is None and "; CPU)" in rep["shapes"][0]["report"]
+    for bad in ("0", "9"):
+        with pytest.raises(SystemExit):
+            md.main(args + ["--decode-rows", bad])
+
