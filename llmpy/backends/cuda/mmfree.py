@@ -239,8 +239,8 @@ class MMFree:
 
     def _decode(self, mats, rstd, sx, inp, M, N, K, nb, per, eps, swiglu=False) -> bool:
         """bitlinear_packed_decode for 1 or 3 weights (mats: (out, codes, scale, gamma) each) of one input of M
-        rows, when M <= 8 and its shared memory fits (the staged rows and gamma when they fit too); False if not.
-        swiglu: one weight of 2F rows, out (M, F) its SwiGLU (bitlinear_packed_decode_swiglu)."""
+        rows, when M <= _DECODE_ROWS (at most 8) and its shared memory fits (the staged rows and gamma when they fit
+        too); False if not. swiglu: one weight of 2F rows, out (M, F) its SwiGLU (bitlinear_packed_decode_swiglu)."""
         if M > _DECODE_ROWS or any(c.data.ptr % 4 for _, c, _, _ in mats):  # its row copies read aligned words
             return False
         isz = np.dtype(self.be.act_dtype).itemsize
