@@ -2,7 +2,9 @@
 CUDA graph, so a call's time includes the graph's gap between kernels as a decode token's graph does. Shapes: those
 of one MatMul-free layer (i, f, g, o: d x d; the GLU's gate/up: 2I x d; down: d x I) and the LM head (V x d), and
 i/f/g as one launch (bitlinear_packed_forward3) next to three single calls. Prints a table and the per-token sum
-(24 layers' worth) that it predicts for the BitLinears.
+(24 layers' worth) that it predicts for the BitLinears. --rows 2-8 times each call through unpack + int8 GEMM as
+well (the path for over 8 rows); --prefill N times that path at N rows, and the unpacking alone against the earlier
+byte-a-thread unpack kernel (OLD_UNPACK, checked to write the same bytes first).
 
     python dev/mmfree_decode_kernels.py [--model mmfree:1.3b] [--packing base3] [--calls 48] [--rows 1,8] [--prefill 2048]
 
@@ -17,6 +19,25 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# The unpack kernel before its 8-columns-a-thread form (one thread per code byte, byte stores), timed beside the
+# shipped one on the same codes after checking both write the same bytes.
+OLD_UNPACK = r"""
+extern "C" __global__ void unpack_bytewise(signed char* qw, const unsigned char* codes, int N, int K, int nb, int per) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)N * nb) return;
+    const long long n = i / nb;
+    const int b = (int)(i % nb);
+    unsigned int c = codes[i];
+    for (int j = 0, k = b * per; j < per && k < K; j++, k++) {
+        int t;
+        if (per == 5) { t = (int)(c % 3u) - 1; c /= 3u; }
+        else { t = (int)(c & 3u); t = t == 3 ? -1 : t; c >>= 2; }
+        qw[n * K + k] = (signed char)t;
+    }
+}
+"""
 
 
 def main(argv=None):
@@ -96,19 +117,27 @@ def main(argv=None):
         print(f"BitLinears a step of {rows} row(s): {total / 1e3:.3f} ms" +
               (f"; through unpack + GEMM {total_gemm / 1e3:.3f} ms" if rows > 1 else ""))
     if args.prefill:
-        print(f"\nprefill, {args.prefill} rows: unpack + GEMM a call, and the unpacking alone")
+        print(f"\nprefill, {args.prefill} rows: unpack + GEMM a call, and the unpacking alone (shipped; the earlier "
+              f"byte-a-thread kernel)")
         kb, total = be.mmfree.kb, 0.0
+        old_unpack = cp.RawModule(code=OLD_UNPACK).get_function("unpack_bytewise")
         for name, N, K, n in shapes[:3]:
             b = bl(N, K, args.prefill)
             nb = b["codes"].shape[1]
-            qw = be.zeros(N * K, np.int8)
+            qw, qw_old = be.zeros(N * K, np.int8), be.zeros(N * K, np.int8)
             us = timed(one(b))
             sw = be.zeros(1, np.float32)
-            unpack = timed(lambda: kb.bitlinear_unpack((M.cdiv(N * K // 8, 256),), (256,), (
-                qw, sw, b["codes"], np.float32(0.5), np.int32(N), np.int32(K), np.int32(nb), np.int32(per))))
+            new = lambda: kb.bitlinear_unpack((M.cdiv(N * K // 8, 256),), (256,), (  # noqa: E731
+                qw, sw, b["codes"], np.float32(0.5), np.int32(N), np.int32(K), np.int32(nb), np.int32(per)))
+            old = lambda: old_unpack((M.cdiv(N * nb, 256),), (256,), (  # noqa: E731
+                qw_old, b["codes"], np.int32(N), np.int32(K), np.int32(nb), np.int32(per)))  # on be.stream (current)
+            new(), old()
+            if not bool(cp.array_equal(qw, qw_old)):
+                raise SystemExit(f"{name}: the shipped unpack and the earlier one disagree")
+            unpack, unpack_old = timed(new), timed(old)
             total += us * n
             print(f"{name:<10} {N:>6} {K:>6} {us:>8.1f} us   unpack {unpack:.1f} us ({N * K / unpack / 1e3:.0f} GB/s "
-                  f"written)")
+                  f"written), earlier kernel {unpack_old:.1f} us ({unpack_old / unpack:.2f}x)")
         print(f"the layers' BitLinears, {args.prefill} rows: {total / 1e3:.3f} ms")
     if hasattr(be, "bitlinear_packed_forward3"):
         bs = [bl(d, d) for _ in range(3)]
