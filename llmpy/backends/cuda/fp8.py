@@ -162,14 +162,25 @@ class CudaFp8(Fp8Products):
         if not self.produce("gelu", out, gelu_pre, fp8_next):
             be.gelu_forward(out, gelu_pre)
 
+    def _target(self, fp8_next) -> int | None:
+        """The product whose FP8 copies a producer may write in place of its output: fp8_next's, where that weight
+        is registered, the step is not calibrating (the scale comes from the finished tensor) and `fused` is on."""
+        j = self.slot(fp8_next) if fp8_next is not None else None
+        return None if self.calibrate or not self.fused else j
+
+    def _x_written(self, j: int, out) -> None:
+        """A producer has just written product j's Xq (A) and XqT for its input `out`: its forward and dW use them."""
+        self._x_of[j] = out.data.ptr
+        self._xq_ready, self._dq_ready = (j, out.data.ptr), None
+
     def produce(self, kind: str, out, inp, fp8_next) -> bool:
         """out = gelu(inp) ("gelu", same shapes) or swiglu(inp) ("swiglu", inp (M, 2F), out (M, F)) written
         straight as the FP8 copies (Xq into A, XqT into its slot) and amax of the input of fp8_next's product, the
         next registered product to run; out itself is not written (the product and its dW read the copies).
         False, having done nothing, where fp8_next is not a registered weight, while calibrating (the scale comes
         from the finished tensor) or without `fused`: then the caller runs its own kernel."""
-        j = self.slot(fp8_next) if fp8_next is not None else None
-        if j is None or self.calibrate or not self.fused:
+        j = self._target(fp8_next)
+        if j is None:
             return False
         K = self.weights[j].shape[1]
         if out.shape[-1] != K or inp.size != out.size * (2 if kind == "swiglu" else 1):
@@ -182,15 +193,14 @@ class CudaFp8(Fp8Products):
         fn((cdiv(K, 64), cdiv(M, 64)), (_THREADS,), (self.xqT[j], self.buf_a, np.uint64(0), inp, np.int32(M),
                                                      np.int32(K), self._at(self.scale, j, F.X),
                                                      self._at(self.pending, j, F.X), self.overflows))
-        self._x_of[j] = out.data.ptr
-        self._xq_ready, self._dq_ready = (j, out.data.ptr), None
+        self._x_written(j, out)
         return True
 
     def norm_target(self, out, fp8_next) -> int | None:
         """The product (fp8_next's) whose input out, a norm's output, is written as only (the norm kernel writes
         Xq into A with the amax, norm_args; then norm_written); None, as produce's False, where it is not."""
-        j = self.slot(fp8_next) if fp8_next is not None else None
-        if j is None or self.calibrate or not self.fused:
+        j = self._target(fp8_next)
+        if j is None:
             return None
         if out.shape[-1] != self.weights[j].shape[1]:
             raise ValueError(f"fp8_next: a norm's output {out.shape} is not the input of a {self.weights[j].shape} "
@@ -207,15 +217,14 @@ class CudaFp8(Fp8Products):
         M = out.size // K
         self.k.fp8_transpose((cdiv(K, 64), cdiv(M, 64)), (_THREADS,), (self.xqT[j], self.buf_a, np.int32(M),
                                                                         np.int32(K)))
-        self._x_of[j] = out.data.ptr
-        self._xq_ready, self._dq_ready = (j, out.data.ptr), None
+        self._x_written(j, out)
 
     def produce_grad(self, dinp, inp, dout, fp8_next) -> bool:
         """SwiGLU's backward, dinp (M, 2F) = [dup | dgate] of inp (M, 2F) and dout (M, F), written straight as the
         Dq (C) and DqT (A) and amax of fp8_next's product, whose matmul_backward takes dinp as its dout next; dinp
         itself is not written. False, having done nothing, as produce."""
-        j = self.slot(fp8_next) if fp8_next is not None else None
-        if j is None or self.calibrate or not self.fused:
+        j = self._target(fp8_next)
+        if j is None:
             return False
         OC = self.weights[j].shape[0]
         Fh = OC // 2
