@@ -2,15 +2,15 @@
 steps at batch 1, 8, 32 and 128, and the prefill of one prompt, for three models of one size on our own path, side
 by side in one run:
 
-- packed: the ternary model as `llmpy convert --to ternary` writes it (5 codes a byte). Decoding runs our decode
-  kernel for up to 8 rows (codes x int8 activations), unpack + an int8 tensor-core GEMM for more rows and for the
-  prefill (--decode-rows N moves the limit from 8 down to N); --one-kernel on runs batch 1 as one persistent kernel
-  (MMFree.persistent_decode), off the per-op kernels;
+- packed: the ternary model as `llmpy convert --to ternary` writes it (5 codes a byte). Decoding runs batch 1 as
+  one persistent kernel (MMFree.persistent_decode; --one-kernel off: the per-op kernels), our decode kernel for up
+  to 4 rows (codes x int8 activations), unpack + an int8 tensor-core GEMM for more rows and for the prefill
+  (--decode-rows N moves the limit to N, 1..8);
 - latent: the same shape's bf16 latent weights (every BitLinear quantizes its weights, then an int8 GEMM);
 - llama: a bf16 Llama 3 of about the same size (llama_like: the same layers, width, vocabulary and context; head
   size 64, 4 query heads a KV head; the FFN width that gives the same parameter count), with its KV cache.
 
-    python benchmarks/mmfree_decode.py --model mmfree:370m,mmfree:1.3b,mmfree:2.7b [--one-kernel on] [--decode-rows 8]
+    python benchmarks/mmfree_decode.py --model mmfree:370m,mmfree:1.3b,mmfree:2.7b [--one-kernel off] [--decode-rows 8]
         [--json out.json]
     python benchmarks/mmfree_decode.py --model mmfree:l2d64v256t32 --device cpu     # a quick check on the CPU
 

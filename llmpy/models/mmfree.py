@@ -137,10 +137,10 @@ class MMFree(Model):
     TERNARY = ("lm_head", "iw", "fw", "gw", "ow", "gatew", "downw")
     GRAPH_DECODE = True  # no positions: every decode step is the same launches
     # batch-1 packed decoding in one kernel (_decode_in_one_kernel) when True: bit for bit the per-op kernels for one
-    # state (tests/test_cuda_mmfree_decode.py). Off by default until the batched GPU tests pass with it on: they
-    # failed in fp32, most likely because the fp32 embedding lookup then used array temporaries, which a captured
-    # batch step kept writing after each new plan reused their memory (now a kernel: encoder_forward_widen)
-    persistent_decode = False
+    # state (tests/test_cuda_mmfree_decode.py), and the batched GPU tests pass with it on (their fp32 case once
+    # failed: the fp32 embedding lookup used array temporaries, which a captured batch step kept writing after a
+    # new plan reused their memory; now a kernel, encoder_forward_widen)
+    persistent_decode = True
 
     # ---- memory plan ----------------------------------------------------------------------------------------
     def plan(self):

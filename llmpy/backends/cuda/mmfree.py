@@ -32,7 +32,9 @@ _MAX_K = 1 << 17     # |q_x q_w^T| <= 128 K must stay below 2^24 (exact in fp32)
 _MAX_SMEM = 227 * 1024  # shared memory a block may opt in to on sm_90
 _DECODE_THREADS = 256  # block of the packed decode kernel: a warp per output (its __launch_bounds__)
 _DECODE_BLOCKS_PER_SM = 5  # its resident blocks an SM (__launch_bounds__(256, 5)): the grid's cap
-_DECODE_ROWS = 8      # most rows it takes (its registers hold 8 sums); more go through unpack + the int8 GEMM
+_DECODE_ROWS = 4      # most rows the models route to it (the kernel takes up to 8: its registers hold 8 sums); more go
+                      # through unpack + the int8 GEMM, which is faster at 8 rows (3.60 vs 4.54 ms of BitLinears a 1.3B
+                      # step, slower at 4: 3.48 vs 2.30; H100, dev/mmfree_decode_kernels.py --rows)
 _MD_THREADS = 512     # the persistent decode kernel's block (its __launch_bounds__(512, 1)): one block an SM
 _MD_SLOTS = 3        # its ring of code slots (MD_SLOTS)
 _SCAN_CHUNKS = 32    # most chunks of the MLGRU's scan over t (SCAN_MAX_CHUNKS in mlgru.cu): B d 32 threads
@@ -166,10 +168,10 @@ class MMFree:
         k.bitlinear_backward_dgamma_finalize((cdiv(K, 128),), (128,), (dgamma, part, np.int32(chunks), np.int32(K)))
 
     def bitlinear_packed_forward(self, out, rstd, inp, codes, scale, K, packing, gamma, eps):
-        """Packed inference: for up to 8 rows (decoding) one kernel, bitlinear_packed_decode, quantizes the rows as
-        bitlinear_forward does and reads the codes as they are (int8 dot products of q_x with each code byte's
-        trits, int32 sums); else q_x as in bitlinear_forward, the codes unpacked into int8 and the same exact GEMM
-        and rescale as the latent path. Both give the same out, rstd and s_x bit for bit."""
+        """Packed inference: for up to _DECODE_ROWS rows (decoding) one kernel, bitlinear_packed_decode, quantizes
+        the rows as bitlinear_forward does and reads the codes as they are (int8 dot products of q_x with each code
+        byte's trits, int32 sums); else q_x as in bitlinear_forward, the codes unpacked into int8 and the same exact
+        GEMM and rescale as the latent path. Both give the same out, rstd and s_x bit for bit."""
         op, T = "bitlinear_packed_forward", self.be.act_dtype
         N, nb = codes.shape
         per = {"base3": 5, "2bit": 4}[packing]
@@ -198,8 +200,8 @@ class MMFree:
                                                                           np.int32(N)))
 
     def bitlinear_packed_forward3(self, outs, rstd, inp, codes, scales, K, packing, gammas, eps):
-        """Three packed BitLinears of one input (the MLGRU's i, f, g), each as bitlinear_packed_forward; for up to 8
-        rows one launch of bitlinear_packed_decode (grid y = the weight), else three calls."""
+        """Three packed BitLinears of one input (the MLGRU's i, f, g), each as bitlinear_packed_forward; for up to
+        _DECODE_ROWS rows one launch of bitlinear_packed_decode (grid y = the weight), else three calls."""
         N, nb = codes[0].shape
         per = {"base3": 5, "2bit": 4}[packing]
         M = inp.size // K
@@ -218,8 +220,8 @@ class MMFree:
 
     def bitlinear_packed_swiglu_forward(self, out, rstd, inp, codes, scale, K, packing, gamma, eps):
         """A GLU's packed gate/up projection straight to its SwiGLU: out (M, F) = up * silu(gate) of the (M, 2F)
-        product [up | gate] of codes (2F, nb). For up to 8 rows one launch (bitlinear_packed_decode_swiglu), else
-        the product into scratch and swiglu_forward; the same bits either way."""
+        product [up | gate] of codes (2F, nb). For up to _DECODE_ROWS rows one launch
+        (bitlinear_packed_decode_swiglu), else the product into scratch and swiglu_forward; the same bits either way."""
         op, T = "bitlinear_packed_swiglu_forward", self.be.act_dtype
         N, nb = codes.shape
         per = {"base3": 5, "2bit": 4}[packing]
@@ -239,8 +241,9 @@ class MMFree:
 
     def _decode(self, mats, rstd, sx, inp, M, N, K, nb, per, eps, swiglu=False) -> bool:
         """bitlinear_packed_decode for 1 or 3 weights (mats: (out, codes, scale, gamma) each) of one input of M
-        rows, when M <= _DECODE_ROWS (at most 8) and its shared memory fits (the staged rows and gamma when they fit
-        too); False if not. swiglu: one weight of 2F rows, out (M, F) its SwiGLU (bitlinear_packed_decode_swiglu)."""
+        rows, when M <= _DECODE_ROWS (the kernel takes up to 8) and its shared memory fits (the staged rows and gamma
+        when they fit too); False if not. swiglu: one weight of 2F rows, out (M, F) its SwiGLU
+        (bitlinear_packed_decode_swiglu)."""
         if M > _DECODE_ROWS or any(c.data.ptr % 4 for _, c, _, _ in mats):  # its row copies read aligned words
             return False
         isz = np.dtype(self.be.act_dtype).itemsize
