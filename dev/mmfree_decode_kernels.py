@@ -3,14 +3,17 @@ CUDA graph, so a call's time includes the graph's gap between kernels as a decod
 of one MatMul-free layer (i, f, g, o: d x d; the GLU's gate/up: 2I x d; down: d x I) and the LM head (V x d), and
 i/f/g as one launch (bitlinear_packed_forward3) next to three single calls. Prints a table and the per-token sum
 (24 layers' worth) that it predicts for the BitLinears. --rows 2-8 times each call through unpack + int8 GEMM as
-well (the path for over 8 rows); --prefill N times that path at N rows, and the unpacking alone against the earlier
-byte-a-thread unpack kernel (OLD_UNPACK, checked to write the same bytes first).
+well (the path for more rows than backends/cuda/mmfree.py's _DECODE_ROWS); --prefill N times that path at N rows,
+and the unpacking alone against the earlier byte-a-thread unpack kernel (OLD_UNPACK, checked to write the same bytes
+first).
 
     python dev/mmfree_decode_kernels.py [--model mmfree:1.3b] [--packing base3] [--calls 48] [--rows 1,8] [--prefill 2048]
 
 Absolute times only mean anything on the GPU, with its date. Measured 2026-11-29 on one H200 (1.3B, base3): the grid
 capped at the resident blocks 18.26 us a gate/up call vs 23.74 uncapped, i, f, g in one launch 12.08 us vs 19.69 for
-three calls: both adopted (docs/performance.md)."""
+three calls: both adopted (docs/performance.md). 2026-12-07, one H100, --rows 1,2,4,8 --prefill 2048: unpack + GEMM
+faster than the kernel at 8 rows, slower at 2 and 4 (_DECODE_ROWS set to 4); the 8-columns-a-thread unpacking no
+faster than the byte-a-thread one."""
 from __future__ import annotations
 
 import argparse
@@ -47,7 +50,7 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=48, help="calls per graph")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--rows", default="1", help="comma-separated row counts (tokens a call); above 1 the table "
-                    "also times each shape through unpack + int8 GEMM (the path for over 8 rows)")
+                    "also times each shape through unpack + int8 GEMM (the path for more rows than _DECODE_ROWS)")
     ap.add_argument("--prefill", type=int, default=0, help="also time the unpack + GEMM path at this many rows "
                     "(a prompt's prefill), and the unpacking alone")
     args = ap.parse_args(argv)
@@ -93,6 +96,7 @@ def main(argv=None):
     shapes = [("i/f/g/o", d, d, 4 * L), ("gate/up", 2 * I, d, L), ("down", d, I, L), ("head", V, d, 1)]
     print(f"{args.model} {args.packing}, {time.strftime('%Y-%m-%d')}, {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
     from llmpy.backends.cuda import mmfree as M
+    M._DECODE_ROWS = 8  # the kernel's own limit: timed at every row count, whatever the models route to it
     capped = M._DECODE_BLOCKS_PER_SM
     mm = be.mmfree
     for rows in (int(r) for r in args.rows.split(",")):
