@@ -272,7 +272,7 @@ def main(argv=None) -> int:
         nbytes = 2 * rows * Vp * 2
         for threads in (1024, 512, 256):
             def shipped(threads=threads):
-                k_cls.fused_classifier((rows,), (threads,), args_k() + (np.int32(1),))
+                k_cls.fused_classifier((rows,), (threads,), args_k() + (np.int32(1), np.uint64(0)))
             buf[...] = src
             shipped()
             want = cp.asnumpy(buf).view(np.uint16), cp.asnumpy(losses)

@@ -193,6 +193,57 @@ def test_fused_norms_write_the_separate_passes_bytes(norm, rows):
     assert np.all(cp.asnumpy(out).view(np.uint8) == 0xAB)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_classifier_writes_the_lm_heads_gradient_as_the_separate_passes_bytes(fused):
+    """The LM head registered: fused_classifier given its weight (fp8_next) sets the head's fixed D scale from
+    dloss and, with the fused copies, forms only the losses and row stats while fp8_classifier_t writes dlogits as
+    the head's Dq and DqT: the bytes fp8_quantize_t makes of the bf16 dlogits the plain classifier writes, the same
+    losses, no amax recorded, nothing clamped, the logits left as they were. Without the fused copies the classifier
+    writes those dlogits itself, under the same scale."""
+    import ml_dtypes
+    cp, k = _cp(), _k("bf16")
+    be = get_backend("cuda", "fp8")
+    be.fp8_fused = fused  # (before the products are registered: CudaFp8 reads it then)
+    rng = np.random.default_rng(17)
+    rows, V, Vp, C = 80, 1000, 1024, 64  # rows not a multiple of the 64 x 64 tile
+    w = cp.asarray((rng.standard_normal((32, C)) * 0.1).astype(ml_dtypes.bfloat16))  # a block product's weight
+    head = cp.asarray((rng.standard_normal((Vp, C)) * 0.1).astype(ml_dtypes.bfloat16))
+    be.fp8_register([w], rows, head=head, head_rows=rows)
+    fp8, j = be.fp8, 1
+    assert fp8.head == j
+    logits = cp.asarray((rng.standard_normal((rows, Vp)) * 4).astype(ml_dtypes.bfloat16))
+    targets = cp.asarray(rng.integers(0, V, rows).astype(np.int32))
+    dloss = 1.0 / (3 * rows)  # not a power of two
+    s = F.head_grad_scale(dloss)
+    ref, ref_losses = logits.copy(), cp.zeros(rows, cp.float32)
+    be.fused_classifier(ref_losses, ref, targets, V, dloss)  # plain: dlogits in place
+    qT, q = cp.zeros(rows * Vp, cp.uint8), cp.zeros(rows * Vp, cp.uint8)
+    amax, clamped = cp.zeros(1, cp.float32), cp.zeros(1, cp.int32)
+    k.fp8_quantize_t(((Vp + 63) // 64, (rows + 63) // 64), (256,),
+                     (qT, q, ref, np.int32(rows), np.int32(Vp), cp.asarray(np.array([s], np.float32)), amax, clamped,
+                      np.int32(1)))
+    assert 0 < float(amax.get()[0]) <= dloss and int(clamped.get()[0]) == 0
+    got, losses = logits.copy(), cp.zeros(rows, cp.float32)
+    fp8.buf_a[...] = fp8.buf_c[...] = 0xAB
+    fp8.pending[...] = fp8.overflows[...] = 0
+    be.fused_classifier(losses, got, targets, V, dloss, fp8_next=head)
+    assert np.array_equal(cp.asnumpy(losses), cp.asnumpy(ref_losses))
+    assert float(fp8.scale[j, F.D].get()) == s and float(fp8.inv[j, F.D, 0].get()) == 1.0 / s
+    if fused:
+        assert fp8.dout_unwritten(got)
+        assert np.array_equal(cp.asnumpy(fp8.buf_a[:rows * Vp]), cp.asnumpy(qT))
+        assert np.array_equal(cp.asnumpy(fp8.buf_c[:rows * Vp]), cp.asnumpy(q))
+        assert np.array_equal(cp.asnumpy(got).view(np.uint16), cp.asnumpy(logits).view(np.uint16))
+    else:
+        assert not fp8.dout_unwritten(got)
+        assert np.array_equal(cp.asnumpy(got).view(np.uint16), cp.asnumpy(ref).view(np.uint16))
+        dinp, dw = cp.zeros((rows, C), ref.dtype), cp.zeros((Vp, C), ref.dtype)
+        fp8.quantize_weights()
+        be.matmul_backward(dinp, dw, None, got, cp.zeros((rows, C), ref.dtype), head)  # quantizes dlogits itself
+        assert float(cp.abs(dinp.astype(cp.float32)).max()) > 0
+    assert float(fp8.pending[j, F.D].get()) == 0 and int(fp8.overflows.get()[0]) == 0
+
+
 def test_scale_updates_are_the_numpy_recipe_bit_for_bit():
     cp, k = _cp(), _k("bf16")
     rng = np.random.default_rng(2)

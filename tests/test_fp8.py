@@ -114,7 +114,7 @@ LCFG = LlamaConfig(max_seq_len=32, vocab_size=250, padded_vocab_size=256, num_la
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_fp8_model_step_is_close_to_fp32_and_registers_the_block_products(family):
+def test_fp8_model_step_is_close_to_fp32_and_registers_the_block_products_and_head(family):
     rng = np.random.default_rng(3)
     B, T = 4, 16
     x = rng.integers(0, 250, (B, T)).astype(np.int32)
@@ -124,16 +124,33 @@ def test_fp8_model_step_is_close_to_fp32_and_registers_the_block_products(family
         be = get_backend("cpu", dtype)
         m = GPT2(GCFG, be, B, T) if family == "gpt2" else Llama(LCFG, be, B, T)
         m.init_weights(5)
-        if dtype == "fp8":
-            assert m.fp8_products == 4 * 2 and be.fp8.calibrate
+        if dtype == "fp8":  # four block products a layer, then the LM head
+            assert m.fp8_products == 4 * 2 + 1 and be.fp8.calibrate and be.fp8.head == 8
+            assert be.fp8.slot(m.params[m.HEAD_WEIGHT]) == 8
             be.fp8_quantize_weights()
             be.fp8_begin_step()
         losses.append(m.forward(x, y, grad_scale=1.0 / (B * T)))
         m.backward()
         grads.append(np.array(m.grads.flat, copy=True))
+        if dtype == "fp8":  # the head's output gradient took the fixed scale of its bound 1/(B*T) = 2^-6, no amax
+            assert be.fp8.scale[8, F.D] == 2.0 ** 21 == F.head_grad_scale(1.0 / (B * T))  # 57344 = 1.75 * 2^15
+            assert be.fp8.pending[8, F.D] == 0 and be.fp8.pending[8, F.X] > 0 and be.fp8.pending[7, F.D] > 0
     assert abs(losses[1] - losses[0]) < 0.01 * losses[0]
     cos = grads[0] @ grads[1] / (np.linalg.norm(grads[0]) * np.linalg.norm(grads[1]))
     assert 0.99 < cos < 1.0  # close, and not the same computation
+
+
+def test_fp8_head_can_be_left_out_and_a_resume_across_the_two_is_refused(monkeypatch):
+    monkeypatch.setenv("LLMPY_FP8_HEAD", "0")  # the LM head in fp32 (to compare; the CPU's compute dtype)
+    be = get_backend("cpu", "fp8")
+    m = GPT2(GCFG, be, 4, 16)
+    assert m.fp8_products == 8 and be.fp8.head is None and be.fp8.slot(m.params["wte"]) is None
+    state = be.fp8_state()
+    monkeypatch.delenv("LLMPY_FP8_HEAD")
+    be2 = get_backend("cpu", "fp8")
+    GPT2(GCFG, be2, 4, 16)
+    with pytest.raises(UserError, match="for 8 FP8 products and this run has 9"):
+        be2.fp8_load_state(state)
 
 
 def test_fp8_refused_where_there_is_no_fp8_path():
@@ -185,8 +202,9 @@ def test_fp8_runs_are_deterministic_resume_bitwise_and_evaluation_leaves_the_sca
     ca, cr = (load_checkpoint(r.out / "checkpoint.safetensors") for r in (a, resumed))
     assert all(np.array_equal(ca.params[k], cr.params[k]) for k in ca.params)
     assert ca.state["fp8"] == cr.state["fp8"]
-    hist = np.array(ca.state["fp8"]["fp8_amax_history"])
-    assert hist.shape == (8, 3, F.HISTORY) and np.all(hist[:, :, :6] > 0) and np.all(hist[:, :, 6:] == 0)
+    hist = np.array(ca.state["fp8"]["fp8_amax_history"])  # 8 block products, then the head (its D scale fixed)
+    assert hist.shape == (9, 3, F.HISTORY) and np.all(hist[:, :, 6:] == 0)
+    assert np.all(hist[:8, :, :6] > 0) and np.all(hist[8, :2, :6] > 0) and np.all(hist[8, 2] == 0)
     fp32 = run(_cfg(shards, tmp_path / "fp32", dtype=None, **kw))
     l8 = [t[1] for t in ta]
     l32 = [t[1] for t in _trace(fp32.out) if t[1] is not None]

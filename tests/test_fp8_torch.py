@@ -1,7 +1,8 @@
 """The FP8 recipe against PyTorch (test oracle only): nanoGPT's GPT-2 (benchmarks/torch_gpt2.py) whose four block
-products run on FP8 operands cast by torch's own float8 types, scaled per tensor by 2^floor(log2(fmax / amax))
-(the first step of a fresh run scales each operand by its own amax), fp32 accumulation. llmpy's CPU emulation of
---dtype fp8 must give the same logits, loss and gradients."""
+products and LM head run on FP8 operands cast by torch's own float8 types, scaled per tensor by
+2^floor(log2(fmax / amax)) (the first step of a fresh run scales each operand by its own amax; the head's output
+gradient by its bound, the loss's gradient per token), fp32 accumulation. llmpy's CPU emulation of --dtype fp8 must
+give the same logits, loss and gradients."""
 import math
 
 import numpy as np
@@ -31,38 +32,40 @@ def cast(t, s, fmt):
 
 class Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b):
+    def forward(ctx, x, w, b, dloss=None):
+        # dloss: the LM head (no bias), whose output gradient is bounded by dloss and scaled by that bound
         sx, sw = scale(x, E4M3), scale(w, E4M3)
         xq, wq = cast(x, sx, E4M3).reshape(-1, x.shape[-1]), cast(w, sw, E4M3)
         ctx.save_for_backward(xq, wq)
-        ctx.s, ctx.shape = (sx, sw), x.shape
+        ctx.s, ctx.shape, ctx.dloss = (sx, sw), x.shape, dloss
         out = (xq @ wq.T) / (sx * sw)
-        return (out + b).reshape(*x.shape[:-1], w.shape[0])
+        return (out if b is None else out + b).reshape(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         xq, wq = ctx.saved_tensors
         sx, sw = ctx.s
         d2 = dy.reshape(-1, dy.shape[-1])
-        sd = scale(d2, E5M2)
+        sd = scale(d2, E5M2) if ctx.dloss is None else 2.0 ** math.floor(math.log2(E5M2[1] / ctx.dloss))
         dq = cast(d2, sd, E5M2)
         dx = (dq @ wq) / (sd * sw)
         dw = (dq.T @ xq) / (sd * sx)
-        return dx.reshape(ctx.shape), dw, d2.sum(0)
+        return dx.reshape(ctx.shape), dw, None if ctx.dloss is not None else d2.sum(0), None
 
 
 class _Functional:
-    """torch.nn.functional with `linear` on FP8 operands except for the LM head (the tied embedding)."""
+    """torch.nn.functional with `linear` on FP8 operands; the LM head's (the tied embedding's, without bias) output
+    gradient under the fixed scale of its bound dloss."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, dloss):
+        self.model, self.dloss = model, dloss
 
     def __getattr__(self, name):
         return getattr(torch.nn.functional, name)
 
     def linear(self, x, w, b=None):
         if w.data_ptr() == self.model.wte.data_ptr():
-            return torch.nn.functional.linear(x, w, b)
+            return Fp8Linear.apply(x, w, None, self.dloss)
         return Fp8Linear.apply(x, w, b)
 
 
@@ -83,7 +86,7 @@ def test_fp8_gpt2_matches_pytorch_float8(monkeypatch):
     x = rng.integers(0, CFG.vocab_size, (B, T)).astype(np.int32)
     y = rng.integers(0, CFG.vocab_size, (B, T)).astype(np.int32)
     ref = tg.TorchGPT2(CFG, model.params_numpy())
-    monkeypatch.setattr(tg, "F", _Functional(ref))
+    monkeypatch.setattr(tg, "F", _Functional(ref, 1.0 / (B * T)))
     loss = model.forward(x, y, grad_scale=1.0 / (B * T))
     model.backward()
     tl, tloss = ref(torch.tensor(x, dtype=torch.long), torch.tensor(y, dtype=torch.long))

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import layers as Lr
 from ..errors import UserError
-from .fp8 import Fp8Ops
+from .fp8 import Fp8Ops, head_enabled
 from .fresh import FreshGrads
 from .ops import DinpSums, OpShapes, take_sums
 
@@ -46,6 +46,7 @@ class CPUBackend(FreshGrads, Fp8Ops):
             raise UserError(f"the cpu device supports --dtype fp32 only (got {dtype})")
         self.dtype_name = dtype
         self.fp8_enabled = fp8   # --dtype fp8: registered products emulate the FP8 recipe (backends/fp8.py)
+        self.fp8_head = head_enabled(fp8)
         self.act_dtype = self.param_dtype = self.stat_dtype = np.dtype(_DTYPES[dtype])
         self.acc_dtype = np.dtype(np.float64)         # loss sums and the gradient norm
         self.ws = None
@@ -227,7 +228,7 @@ class CPUBackend(FreshGrads, Fp8Ops):
         for i in blocks(dy.shape[0], self._rows(F)):
             Lr.swiglu_backward(dx[i], x[i], dy[i], scratch=self.ws)
 
-    def _fp8_new(self, weights, rows: int):  # --dtype fp8's products (Fp8Ops): the recipe emulated in NumPy
+    def _fp8_new(self, weights, rows: int, head_rows: int):  # --dtype fp8's products (Fp8Ops), emulated in NumPy
         from .fp8 import CpuFp8
         return CpuFp8(self, weights)
 
@@ -330,7 +331,9 @@ class CPUBackend(FreshGrads, Fp8Ops):
     def kv_cache_write(self, k_cache, v_cache, qkv, pos, num_heads, kv_heads=None):
         Lr.kv_cache_write(k_cache, v_cache, qkv, pos, num_heads, kv_heads)
 
-    def fused_classifier(self, losses, logits, targets, vocab_size, dloss=None):
+    def fused_classifier(self, losses, logits, targets, vocab_size, dloss=None, fp8_next=None):
+        if self.fp8 is not None:
+            self.fp8.head_target(fp8_next, dloss)  # (the LM head's fixed D scale, set from dloss)
         lg = logits[..., :vocab_size].reshape(-1, vocab_size)
         ls, t = losses.reshape(-1), targets.reshape(-1)
         for i in blocks(lg.shape[0], ROW_BLOCK_BYTES // lg[0].nbytes):

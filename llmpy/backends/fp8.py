@@ -2,19 +2,26 @@
 module holds what both backends share, the registry of FP8 products and their scale state, and the CPU's emulation
 of them (the GPU's is cuda/fp8.py).
 
-A model registers the weights of its block products once (`Backend.fp8_register`); from then on
-`matmul_forward` / `matmul_backward` given one of those weights (found by its address: the model code does not
-change) quantize their operands and multiply in FP8. Product p's state: its operands' amax histories
+A model registers the weights of its block products and of its LM head (unless LLMPY_FP8_HEAD=0: `fp8_head`) once
+(`Backend.fp8_register`); from then on `matmul_forward` / `matmul_backward` given one of those weights (found by
+its address: the model code does not change) quantize their operands and multiply in FP8. Product p's state: its operands' amax histories
 hist (P, 3, HISTORY), this step's amax pending (P, 3), the scales scale (P, 3) (roles X, W, D) and the count of
 values clamped this step. The trainer calls `fp8_begin_step` before a step's first micro-batch and
 `fp8_end_step` after AdamW (fold the step's amax into the histories, new scales, quantize the new weights).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..errors import UserError
 from ..layers import fp8 as F
+
+
+def head_enabled(fp8: bool) -> bool:
+    """A backend's `fp8_head`: with --dtype fp8 the LM head runs in FP8 too, unless LLMPY_FP8_HEAD=0 (to compare)."""
+    return fp8 and os.environ.get("LLMPY_FP8_HEAD", "1") != "0"
 
 
 class Fp8Ops:
@@ -24,10 +31,14 @@ class Fp8Ops:
     fp8 = None           # its registered products (fp8_register)
     fp8_fused = False    # the products keep FP8 copies of their inputs, the producers write them (ops.py; the GPU's)
 
-    def fp8_register(self, weights, rows: int) -> int:
+    fp8_head = False     # the LM head is an FP8 product too (a model registers it where this is on)
+
+    def fp8_register(self, weights, rows: int, head=None, head_rows: int = 0) -> int:
         if not self.fp8_enabled:
             raise ValueError("fp8_register: this backend was not made for --dtype fp8")
-        self.fp8 = self._fp8_new(weights, rows)
+        self.fp8 = self._fp8_new(list(weights) + ([] if head is None else [head]), rows, head_rows)
+        if head is not None:
+            self.fp8.head = len(self.fp8.weights) - 1
         return self.fp8.nbytes
 
     def fp8_begin_step(self) -> None:
@@ -66,9 +77,27 @@ class Fp8Products:
         self.scale[...] = 1.0
         self.overflows = be.zeros(1, np.int32)  # values clamped to their format's largest this step
         self.calibrate = True  # no history yet: a step scales each operand by its own amax (set by the trainer)
+        self.head = None       # the LM head's product (the last), whose D scale is fixed (layers/fp8.py)
 
     def slot(self, w) -> int | None:
         return self.slots.get(self.be._ptr(w))
+
+    def fixed(self, i: int, role: int) -> bool:
+        """Whether operand `role` of product i has a fixed scale (the LM head's output gradient): no amax recorded,
+        never calibrated."""
+        return i == self.head and role == F.D
+
+    def head_target(self, fp8_next, dloss) -> int | None:
+        """The classifier's dlogits are the LM head's output gradient where fp8_next is the registered head weight
+        (and there is a gradient): its product, whose fixed D scale is set from dloss here; else None."""
+        j = self.slot(fp8_next) if fp8_next is not None and dloss is not None else None
+        if j is None or j != self.head:
+            return None
+        self.set_scale(j, F.D, F.head_grad_scale(dloss))
+        return j
+
+    def set_scale(self, i: int, role: int, s: float) -> None:
+        raise NotImplementedError
 
     def state(self) -> dict[str, np.ndarray]:
         """The scale state as host arrays (for the checkpoint)."""
@@ -79,6 +108,10 @@ class Fp8Products:
         """Restores `state()`'s arrays (a resume); the weights are quantized again with the restored scales."""
         for k, dst in (("fp8_amax_history", self.hist), ("fp8_scale", self.scale)):
             a = np.asarray(state[k], np.float32)
+            if a.ndim == dst.ndim and a.shape[0] != dst.shape[0]:
+                raise UserError(f"the checkpoint's {k} is for {a.shape[0]} FP8 products and this run has "
+                                f"{dst.shape[0]} (the LM head is one of them unless LLMPY_FP8_HEAD=0; a run "
+                                "resumes as it was made)")
             if a.shape != tuple(dst.shape) or not np.all(np.isfinite(a)):
                 raise UserError(f"the checkpoint's {k} is damaged: shape {a.shape}, expected {tuple(dst.shape)}, "
                                 "finite values")
@@ -112,9 +145,14 @@ class CpuFp8(Fp8Products):
         self.wq = [np.zeros(w.shape, fw) for w in self.weights]
         self.nbytes = sum(w.size for w in self.weights) + self.hist.nbytes
 
+    def set_scale(self, i: int, role: int, s: float) -> None:
+        self.scale[i, role] = s
+
     def _scale_for(self, i: int, role: int, x) -> float:
         """Records x's amax as product i's operand `role` and returns its scale (set from that amax when
-        calibrating)."""
+        calibrating; a fixed scale as it is)."""
+        if self.fixed(i, role):
+            return float(self.scale[i, role])
         a = F.amax(x)
         self.pending[i, role] = max(float(self.pending[i, role]), a)
         if self.calibrate:

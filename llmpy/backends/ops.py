@@ -264,9 +264,12 @@ class Backend(Protocol):
         k | v], a view of the first n positions of a larger tensor (strided when B > 1); k_cache, v_cache (B, K,
         capacity, hs) at positions pos..pos+n-1."""
 
-    def fused_classifier(self, losses, logits, targets, vocab_size: int, dloss=None) -> None:
+    def fused_classifier(self, losses, logits, targets, vocab_size: int, dloss=None, fp8_next=None) -> None:
         """losses (N,) = cross-entropy of logits (N, Vl)[:, :vocab_size] against targets (N,); with dloss (the
-        gradient of the total loss w.r.t. each row's loss) logits becomes dlogits in place (padded columns 0)."""
+        gradient of the total loss w.r.t. each row's loss) logits becomes dlogits in place (padded columns 0).
+        fp8_next: the LM head's weight, whose matmul_backward takes dlogits next; where it is a registered FP8
+        product its output-gradient scale is set from dloss (layers/fp8.py), and on a GPU with the fused copies
+        dlogits are written only as that product's FP8 copies (as swiglu_backward's fp8_next)."""
 
     def loss_accumulate(self, acc, losses, scale: float) -> None:
         """acc[0] += scale * sum(losses), on the device (no read back)."""
@@ -275,9 +278,10 @@ class Backend(Protocol):
         """The mean of losses (N,), read back to the host."""
 
     # ---- FP8 products (--dtype fp8: layers/fp8.py the recipe, backends/fp8.py the bookkeeping) -----------------
-    def fp8_register(self, weights, rows: int) -> int:
+    def fp8_register(self, weights, rows: int, head=None, head_rows: int = 0) -> int:
         """Plans FP8 products for these weights (the (OC, K) views of a model's block products, one per product)
-        run on `rows` (B*T) rows: their scale state (`self.fp8`: hist, pending, scale, overflows), FP8 weight copies
+        run on `rows` (B*T) rows, and for the LM head's weight `head` (Vl, C) (may be None) run on at most
+        head_rows rows (a chunk): their scale state (`self.fp8`: hist, pending, scale, overflows), FP8 weight copies
         and scratch; returns the bytes. Only on a backend made for --dtype fp8 (its `fp8_enabled`)."""
 
     def fp8_begin_step(self) -> None:

@@ -18,6 +18,11 @@ operands are scaled by what earlier steps saw, so the kernel that produces a ten
 same pass (no extra pass to find the tensor's own amax first). The first step of a fresh run has no history: it
 scales each operand by its own amax (current scaling), which fills the histories. Weights are quantized once per
 step, after AdamW, with their own histories.
+
+The LM head (logits = X @ E.T, the tied embedding or the head weight) is a product too, with one difference: its
+output gradient dlogits = dloss * (softmax - onehot(target)) is bounded by dloss (|p - onehot| <= 1), so its
+scale is fixed, s_d = 2^floor(log2(fmax / dloss)) (`head_grad_scale`): no history, never a clamped value, and the
+classifier that forms dlogits can write their FP8 copies at once.
 """
 from __future__ import annotations
 
@@ -68,6 +73,11 @@ def scale_from_amax(a: float, role: int, previous: float) -> float:
     ma, ea = math.frexp(np.float32(a))
     e = ef - ea - (1 if mf < ma else 0)
     return float(2.0 ** max(-100, min(100, e)))
+
+
+def head_grad_scale(dloss: float) -> float:
+    """The LM head's fixed output-gradient scale (role D) for the classifier's dloss: |dlogits| <= dloss."""
+    return scale_from_amax(abs(float(dloss)), D, 1.0)
 
 
 def fold(hist, pending, scale) -> None:

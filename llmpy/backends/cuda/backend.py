@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 from ...errors import UserError
-from ..fp8 import Fp8Ops
+from ..fp8 import Fp8Ops, head_enabled
 from ..fresh import FreshGrads
 from ..ops import DinpSums, OpShapes, take_sums
 from .gemm import Gemm
@@ -67,6 +67,7 @@ class CUDABackend(FreshGrads, Fp8Ops):
         # their inputs' FP8 copies kept and written by the producers (cuda/fp8.py), bit for bit the separate passes
         # (tests/test_cuda_fp8.py); LLMPY_FP8_FUSED=0 runs the separate passes instead (to compare them)
         self.fp8_fused = fp8 and os.environ.get("LLMPY_FP8_FUSED", "1") != "0"
+        self.fp8_head = head_enabled(fp8)  # the LM head an FP8 product too (LLMPY_FP8_HEAD=0: bf16)
         if fp8:
             cc = int(cp.cuda.Device().compute_capability)  # "90" on Hopper
             if dtype != "bf16" or cc < 89:
@@ -451,9 +452,9 @@ class CUDABackend(FreshGrads, Fp8Ops):
         redo = redo if redo is not None else np.uint64(0)  # null: no recompute
         self.k["swiglu"].swiglu_backward(grid, (256,), (dinp, inp, dout, redo, n, np.int32(F)))
 
-    def _fp8_new(self, weights, rows: int):  # --dtype fp8's products (Fp8Ops) on the FP8 tensor cores
+    def _fp8_new(self, weights, rows: int, head_rows: int):  # --dtype fp8's products (Fp8Ops), FP8 tensor cores
         from .fp8 import CudaFp8
-        return CudaFp8(self, weights, rows)
+        return CudaFp8(self, weights, rows, head_rows)
 
     def matmul_forward(self, out, inp, w, b, gelu_pre=None, fp8_next=None):
         OC, K = w.shape
@@ -632,12 +633,20 @@ class CUDABackend(FreshGrads, Fp8Ops):
             part = x[:, :, first * hs:(first + K) * hs].reshape(B, n, K, hs).transpose(0, 2, 1, 3)
             cache.view(bits)[:, :, pos:pos + n] = part
 
-    def fused_classifier(self, losses, logits, targets, vocab_size, dloss=None):
+    def fused_classifier(self, losses, logits, targets, vocab_size, dloss=None, fp8_next=None):
         Vp = logits.shape[-1]
         rows = logits.size // Vp
+        # --dtype fp8 with the LM head registered: the head's fixed D scale set; with the fused copies the kernel
+        # forms only the losses and row stats, and fp8_classifier_t writes dlogits as the head's Dq and DqT
+        j = None if self.fp8 is None else self.fp8.head_target(fp8_next, dloss)
+        stats = None if j is None else self.fp8.row_stats(rows)
         self.k["classifier"].fused_classifier((rows,), (1024,), (logits, losses, targets,
                                                                  np.float32(dloss or 0.0), np.int32(vocab_size),
-                                                                 np.int32(Vp), np.int32(dloss is not None)))
+                                                                 np.int32(Vp),
+                                                                 np.int32(dloss is not None and stats is None),
+                                                                 np.uint64(0) if stats is None else stats))
+        if stats is not None:
+            self.fp8.head_grad(logits, targets, dloss, vocab_size, j)
 
     def loss_accumulate(self, acc, losses, scale):
         self.k["classifier"].loss_accumulate((1,), (1024,), (acc, losses, np.int32(losses.size), np.float32(scale)))

@@ -30,7 +30,8 @@ _THREADS = 256
 
 
 class CudaFp8(Fp8Products):
-    def __init__(self, be, weights, rows: int):
+    def __init__(self, be, weights, rows: int, head_rows: int = 0):
+        # weights: the block products' (run on `rows` rows), then the LM head's where head_rows (a chunk of rows)
         super().__init__(be, weights)
         # the producers write the FP8 copies and XqT is kept (the backend's fp8_fused, fixed before a model plans its
         # buffers by it); False: the separate passes, which the tests compare with
@@ -42,10 +43,13 @@ class CudaFp8(Fp8Products):
         self.inv = be.zeros(P * 3 * 4, np.float32).reshape(P, 3, 4)
         self.inv[...] = 1.0
         self._cal = be.zeros(1, np.float32)  # a calibrating quantization's own amax
+        self._discard = be.zeros(1, np.float32)  # the pending amax of an operand whose scale is fixed (not kept)
         bad = [w.shape for w in self.weights if w.shape[0] % 16 or w.shape[1] % 16]
-        if rows % 16 or bad:
-            raise UserError(f"--dtype fp8 needs B*T and every block product's sizes divisible by 16 (B*T = {rows}"
-                            + (f"; weights {bad[0]}" if bad else "") + ")")
+        if rows % 16 or head_rows % 16 or bad:
+            raise UserError(f"--dtype fp8 needs B*T, the logits chunk and every product's sizes divisible by 16 (B*T "
+                            f"= {rows}, chunk {head_rows}" + (f"; weights {bad[0]}" if bad else "") + ")")
+        # each product's most rows: the LM head's (the last weight, where head_rows) a chunk's
+        self.rows = [rows] * (P - 1) + [head_rows or rows]
         self.k = module("fp8", be.dtype_name)
         self._blocks = 4 * cp.cuda.Device().attributes["MultiProcessorCount"]  # the grid of the grid-stride kernels
         sizes = [int(np.prod(w.shape)) for w in self.weights]
@@ -55,35 +59,44 @@ class CudaFp8(Fp8Products):
             self.wq.append(self._wbuf[o:o + n].reshape(w.shape))
             self.wqT.append(self._wbuf[o + n:o + 2 * n].reshape(w.shape[::-1]))
             o += 2 * n
-        widest = max(max(w.shape) for w in self.weights)
-        self.buf_a = cp.zeros(rows * widest, dtype=cp.uint8)
-        self.buf_c = cp.zeros(rows * max(w.shape[0] for w in self.weights), dtype=cp.uint8)
-        # XqT (K, rows) of every product, from its last forward, for its dW (1 byte an element of the four inputs);
+        self.buf_a = cp.zeros(max(n * max(w.shape) for n, w in zip(self.rows, self.weights)), dtype=cp.uint8)
+        self.buf_c = cp.zeros(max(n * w.shape[0] for n, w in zip(self.rows, self.weights)), dtype=cp.uint8)
+        # XqT (K, rows) of every product, from its last forward, for its dW (1 byte an element of the inputs);
         # without `fused` the backward quantizes XqT again right before its dW, so one scratch serves every product
-        ks = [w.shape[1] for w in self.weights]
+        xs = [n * w.shape[1] for n, w in zip(self.rows, self.weights)]
         if self.fused:
-            self._xbuf = cp.zeros(rows * sum(ks), dtype=cp.uint8)
-            offs = np.cumsum([0] + ks) * rows
+            self._xbuf = cp.zeros(sum(xs), dtype=cp.uint8)
+            offs = np.cumsum([0] + xs)
             self.xqT = [self._xbuf[offs[j]:offs[j + 1]] for j in range(P)]
         else:
-            self._xbuf = cp.zeros(rows * max(ks), dtype=cp.uint8)
-            self.xqT = [self._xbuf[:rows * k] for k in ks]
+            self._xbuf = cp.zeros(max(xs), dtype=cp.uint8)
+            self.xqT = [self._xbuf[:n] for n in xs]
+        # the classifier's per-row (max, 1 / sum exp) for the LM head's fused output gradient (head_grad)
+        self._row_stats = be.zeros(2 * (head_rows or 1), np.float32)
         self._x_of = [None] * P   # the address of the tensor each xqT holds (its last forward's input)
         self._xq_ready = None     # (product, address): a producer has just written that product's Xq (A) and XqT
         self._dq_ready = None     # (product, address): a producer has just written its Dq (C) and DqT (A)
         self.nbytes = (self._wbuf.nbytes + self.buf_a.nbytes + self._xbuf.nbytes + self.buf_c.nbytes
-                       + 4 * self.hist.size)
+                       + 4 * self.hist.size + self._row_stats.nbytes)
 
     # ---- one scalar of the state as a one-element array (a kernel argument, a cuBLASLt scale pointer) ----------
     def _at(self, a, i: int, role: int):
         k = (3 * i + role) * (a.size // (3 * a.shape[0]))  # (inv holds 4 floats a slot)
         return a.reshape(-1)[k:k + 1]
 
+    def _pending(self, i: int, role: int):
+        """Where a quantization of product i's operand `role` records its amax: nowhere that counts for a fixed
+        scale."""
+        return self._discard if self.fixed(i, role) else self._at(self.pending, i, role)
+
     def _launch_grid(self, n: int) -> tuple[int]:
         return (max(1, min(cdiv(n // 8, _THREADS), self._blocks)),)
 
     def _calibrate(self, x, n: int, i: int, role: int) -> None:
-        """The calibrating step: the operand's scale from its own amax (pending takes the amax too)."""
+        """The calibrating step: the operand's scale from its own amax (pending takes the amax too); a fixed scale
+        stays."""
+        if self.fixed(i, role):
+            return
         self.be.fill_zero(self._cal)
         self.k.fp8_amax(self._launch_grid(n), (_THREADS,), (self._cal, x, np.int64(n)))
         self.k.fp8_calibrate((1,), (1,), (self._at(self.scale, i, role), self._at(self.inv, i, role),
@@ -96,7 +109,7 @@ class CudaFp8(Fp8Products):
             self._calibrate(x, n, i, role)
         clamped = self.overflows if count else np.uint64(0)
         self.k.fp8_quantize(self._launch_grid(n), (_THREADS,), (q, x, np.int64(n), self._at(self.scale, i, role),
-                                                                 self._at(self.pending, i, role), clamped,
+                                                                 self._pending(i, role), clamped,
                                                                  np.int32(role == F.D)))
 
     def quantize_t(self, qT, x, rows: int, cols: int, i: int, role: int, q=None) -> None:
@@ -105,7 +118,7 @@ class CudaFp8(Fp8Products):
         null = np.uint64(0)
         self.k.fp8_quantize_t((cdiv(cols, 64), cdiv(rows, 64)), (_THREADS,),
                               (qT, null if q is None else q, x, np.int32(rows), np.int32(cols),
-                               self._at(self.scale, i, role), self._at(self.pending, i, role),
+                               self._at(self.scale, i, role), self._pending(i, role),
                                null if q is None else self.overflows, np.int32(role == F.D)))
 
     # ---- the step's bookkeeping -----------------------------------------------------------------------------
@@ -239,6 +252,30 @@ class CudaFp8(Fp8Products):
                                       self._at(self.scale, j, F.D), self._at(self.pending, j, F.D), self.overflows))
         self._xq_ready, self._dq_ready = None, (j, dinp.data.ptr)
         return True
+
+    def set_scale(self, i: int, role: int, s: float) -> None:
+        """A fixed scale s (the LM head's D), set on the device."""
+        self.k.fp8_set_scale((1,), (1,), (self._at(self.scale, i, role), self._at(self.inv, i, role), np.float32(s)))
+
+    def head_grad(self, logits, targets, dloss: float, V: int, j: int) -> bool:
+        """The LM head's output gradient, the dlogits of logits (M, Vp), written as product j's Dq (C) and DqT (A)
+        (fp8_classifier_t) from the row stats fused_classifier has just formed (`row_stats`); logits keep their
+        values. False, having done nothing, where row_stats(M) is None (without `fused`, or M not a multiple of 16):
+        then the classifier writes dlogits and the backward quantizes them (under the same fixed scale)."""
+        Vp = logits.shape[-1]
+        M = logits.size // Vp
+        if self.row_stats(M) is None:
+            return False
+        self.k.fp8_classifier_t((cdiv(Vp, 64), cdiv(M, 64)), (_THREADS,),
+                                (self.buf_a, self.buf_c, logits, self._row_stats, targets, np.float32(dloss),
+                                 np.int32(V), np.int32(M), np.int32(Vp), self._at(self.scale, j, F.D), self._discard,
+                                 self.overflows))
+        self._xq_ready, self._dq_ready = None, (j, logits.data.ptr)
+        return True
+
+    def row_stats(self, rows: int):
+        """fused_classifier's per-row stats output for head_grad (None where head_grad would not run)."""
+        return self._row_stats if self.fused and rows % 16 == 0 and 2 * rows <= self._row_stats.size else None
 
     def dout_unwritten(self, dout) -> bool:
         """Whether dout is a gradient a producer has just written only as FP8 copies (produce_grad)."""

@@ -25,13 +25,16 @@ __device__ MaxSum block_maxsum(MaxSum v) {
 }
 
 // One block of 1024 threads per row of logits (rows, Vp). losses[row] = logsumexp(x[:V]) - x[target]. With
-// write_dlogits, logits[row] becomes dloss * (softmax(x[:V]) - onehot(target)) and 0 on the padding. Held to 32
+// write_dlogits, logits[row] becomes dloss * (softmax(x[:V]) - onehot(target)) and 0 on the padding (dlogit,
+// common.cuh). stats (may be null): the row's (max, 1 / sum of exp), from which fp8_classifier_t (fp8.cu) forms the
+// same dlogits as the LM head's FP8 copies instead (--dtype fp8). Held to 32
 // registers so two rows share an SM (at 40 one block per SM waited alone at its barrier): the same bits; 0.774 ->
 // 0.614 ms for 8192 x 50304 in isolation (dev/kernel_variants.py), but ~636 us a call in the d12 step
 // before and after (eager profiles, H200, 2026-11-30): no gain there
 template <class T>
 __global__ void __launch_bounds__(1024, 2) fused_classifier(T* logits, float* losses, const int* targets, float dloss,
-                                                            int V, int Vp, int write_dlogits) {
+                                                            int V, int Vp, int write_dlogits,
+                                                            float2* stats) {
     constexpr int N = Pack<T>::N;
     const long long row = blockIdx.x;
     T* x = logits + row * Vp;
@@ -60,16 +63,18 @@ __global__ void __launch_bounds__(1024, 2) fused_classifier(T* logits, float* lo
     const int tgt = targets[row];
     const float xt = to_f(x[tgt]);  // read before any thread overwrites the row
     __syncthreads();
-    if (threadIdx.x == 0) losses[row] = acc.m + logf(acc.s) - xt;
-    if (!write_dlogits) return;
     const float inv = 1.0f / acc.s;
+    if (threadIdx.x == 0) {
+        losses[row] = acc.m + logf(acc.s) - xt;
+        if (stats != nullptr) stats[row] = make_float2(acc.m, inv);
+    }
+    if (!write_dlogits) return;
     for (int i = threadIdx.x * N; i < Vp; i += blockDim.x * N) {
         Pack<T> p = load16(x + i), o;
 #pragma unroll
         for (int k = 0; k < N; k++) {
             int v = i + k;
-            float g = v < V ? (__expf(to_f(p.v[k]) - acc.m) * inv - (v == tgt ? 1.0f : 0.0f)) * dloss : 0.0f;
-            o.v[k] = from_f<T>(g);
+            o.v[k] = from_f<T>(dlogit(to_f(p.v[k]), acc.m, inv, v, tgt, V, dloss));
         }
         store16(x + i, o);
     }

@@ -75,6 +75,14 @@ __device__ __forceinline__ unsigned int fp8x2(float lo, float hi, int e5m2) {
     return r;
 }
 __device__ __forceinline__ float fp8_max(int e5m2) { return e5m2 ? 57344.0f : 448.0f; }
+
+// The classifier's gradient of column v of a row of logits, given the row's max m and inv = 1 / sum exp(x - m):
+// dloss * (softmax - onehot(tgt)), 0 on the padding (v >= V). Rounded op by op (no contraction) so that
+// fused_classifier and fp8_classifier_t, two kernels, give the same bits.
+__device__ __forceinline__ float dlogit(float x, float m, float inv, int v, int tgt, int V, float dloss) {
+    if (v >= V) return 0.0f;
+    return __fmul_rn(__fsub_rn(__fmul_rn(__expf(x - m), inv), v == tgt ? 1.0f : 0.0f), dloss);
+}
 // A pack of T written as its e4m3 bytes under scale s (Pack<T>::N bytes at q, as many-byte aligned), the way
 // kernels/fp8.cu quantizes a tensor: m = max(m, |x|) (NaN ignored), over += the values clamped
 template <class T>

@@ -129,6 +129,22 @@ template <class T> struct FromSwigluBackward {  // dinp (rows, 2F) = [dup | dgat
     }
 };
 
+template <class T> struct FromClassifier {  // dlogits (rows, Vp) of logits, given each row's (max, 1 / sum exp)
+    static constexpr int NT = 1;
+    const T* logits;
+    const float2* stats;
+    const int* targets;
+    float dloss;
+    int V, Vp;
+    __device__ __forceinline__ void operator()(float (&v)[1][8], int r, int c) const {
+        load8(v[0], logits + (long long)r * Vp + c);
+        const float2 st = stats[r];
+        const int tgt = targets[r];
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[0][k] = to_f(from_f<T>(dlogit(v[0][k], st.x, st.y, c + k, tgt, V, dloss)));
+    }
+};
+
 // qT (W, rows) = the fp8 of the tensor src gives (rows, W = NT cols) transposed (the K-major operand cuBLASLt's
 // FP8 products need for a weight gradient or an input gradient), under *scale; *amax = max(*amax, max|x|); q (may
 // be null): the same bytes in the tensor's own layout too, from the same read (then *clamped, may be null, counts
@@ -233,6 +249,20 @@ __global__ void fp8_swiglu_backward_t(unsigned char* __restrict__ qT, unsigned c
     quantize_t_tile<T>(qT, q, FromSwigluBackward<T>{inp, dout, dinp, F}, rows, F, scale, amax, clamped, 1);
 }
 
+// The fused producer of the LM head's output gradient (e5m2, its fixed scale: layers/fp8.py): the dlogits of logits
+// (rows, Vp) that fused_classifier would write in place (its stats given: each row's max and 1 / sum exp), written
+// instead as the head's Dq (rows, Vp) and DqT (Vp, rows); grid (Vp/64, rows/64). The bytes are fp8_quantize_t's
+// of those dlogits. (A row kernel, fused_classifier itself, could not write DqT coalesced; this second read of the
+// logits takes the place of the write pass of fused_classifier, which then only forms the stats and losses.)
+template <class T>
+__global__ void fp8_classifier_t(unsigned char* __restrict__ qT, unsigned char* __restrict__ q,
+                                 const T* __restrict__ logits, const float2* __restrict__ stats,
+                                 const int* __restrict__ targets, float dloss, int V, int rows, int Vp,
+                                 const float* __restrict__ scale, float* __restrict__ amax, int* __restrict__ clamped) {
+    quantize_t_tile<T>(qT, q, FromClassifier<T>{logits, stats, targets, dloss, V, Vp}, rows, Vp, scale, amax,
+                       clamped, 1);
+}
+
 // qT (cols, rows) = q (rows, cols) transposed, bytes: a norm's Xq (rmsnorm_forward_fp8, layernorm_forward_fp8) into
 // the XqT its product's dW takes. rows and cols multiples of 16; a 64 x 64 tile a block of 256 threads, grid
 // (cols/64, rows/64): 8-byte loads of rows, 8-byte stores of columns.
@@ -291,6 +321,13 @@ __global__ void fp8_calibrate(float* scale, float* inv, float* pending, const fl
     *scale = s;
     *inv = 1.0f / s;
     *pending = fmaxf(*pending, *a);
+}
+
+// A fixed scale s, a power of two (the LM head's output gradient's: layers/fp8.py head_grad_scale): *scale = s,
+// *inv = 1 / s (one thread; a kernel, so that a CUDA graph replays it)
+__global__ void fp8_set_scale(float* scale, float* inv, float s) {
+    *scale = s;
+    *inv = 1.0f / s;
 }
 
 // Before a step's first micro-batch: the activations' and gradients' pending amax (roles 0 and 2 of P products)
