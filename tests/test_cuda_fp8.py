@@ -318,9 +318,12 @@ def _params(cls, cfg):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_fp8_step_vs_the_cpu_emulation(family):
+@pytest.mark.parametrize("head", [False, True])
+def test_fp8_step_vs_the_cpu_emulation(family, head, monkeypatch):
     """The first step of a fresh run (each operand scaled by its own amax) on both backends: the GPU's bf16
-    activations quantize to nearly the same FP8 operands as the CPU's fp32 ones."""
+    activations quantize to nearly the same FP8 operands as the CPU's fp32 ones. head: the LM head an FP8 product
+    too (LLMPY_FP8_HEAD=1)."""
+    monkeypatch.setenv("LLMPY_FP8_HEAD", "1" if head else "0")
     cls, cfg = (GPT2, GCFG) if family == "gpt2" else (Llama, LCFG)
     params = _params(cls, cfg)
     (x, y), = random_batches(cfg.vocab_size, B, T, 1, seed=5)
@@ -391,13 +394,16 @@ def test_fp8_runs_are_bitwise_reproducible_graph_equals_eager_and_resume(init, s
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_fp8_fused_producers_and_the_kept_xT_change_no_bit(family):
+@pytest.mark.parametrize("head", [False, True])
+def test_fp8_fused_producers_and_the_kept_xT_change_no_bit(family, head, monkeypatch):
     """The FP8 copies the norms write for qkv and fc / gate-up, the GELU / SwiGLU for the down projection, SwiGLU's
     backward for gate/up's gradient, and the XqT each forward keeps for dW, against the separate passes (`fused`
     off): a calibrating step, then a delayed-scaling step of two micro-batches give the same losses, gradients, amax
     and clamp counts bit for bit at every recompute level. The outputs the producers no longer write stay poisoned
     (NaN) through the fused forward (the norms', GELU's / SwiGLU's) and backward (Llama's gate/up gradient):
-    nothing reads them."""
+    nothing reads them. head: the LM head an FP8 product too, its gradient written as FP8 copies by the
+    classifier (fp8_classifier_t) where fused."""
+    monkeypatch.setenv("LLMPY_FP8_HEAD", "1" if head else "0")
     cls, cfg = (GPT2, GCFG) if family == "gpt2" else (Llama, LCFG)
     acts = ["fch_gelu" if family == "gpt2" else "sw", "ln1", "ln2"]  # (the products' inputs the producers write)
     grad = None if family == "gpt2" else "dfc"  # (SwiGLU's backward writes the gate/up product's Dq, DqT)

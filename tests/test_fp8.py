@@ -114,7 +114,8 @@ LCFG = LlamaConfig(max_seq_len=32, vocab_size=250, padded_vocab_size=256, num_la
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_fp8_model_step_is_close_to_fp32_and_registers_the_block_products_and_head(family):
+def test_fp8_model_step_is_close_to_fp32_and_registers_the_block_products_and_head(family, monkeypatch):
+    monkeypatch.setenv("LLMPY_FP8_HEAD", "1")  # the LM head an FP8 product too
     rng = np.random.default_rng(3)
     B, T = 4, 16
     x = rng.integers(0, 250, (B, T)).astype(np.int32)
@@ -140,15 +141,16 @@ def test_fp8_model_step_is_close_to_fp32_and_registers_the_block_products_and_he
     assert 0.99 < cos < 1.0  # close, and not the same computation
 
 
-def test_fp8_head_can_be_left_out_and_a_resume_across_the_two_is_refused(monkeypatch):
-    monkeypatch.setenv("LLMPY_FP8_HEAD", "0")  # the LM head in fp32 (to compare; the CPU's compute dtype)
+def test_fp8_head_only_where_asked_and_a_resume_across_the_two_is_refused(monkeypatch):
+    monkeypatch.delenv("LLMPY_FP8_HEAD", raising=False)  # the default: the LM head in the compute dtype
     be = get_backend("cpu", "fp8")
     m = GPT2(GCFG, be, 4, 16)
     assert m.fp8_products == 8 and be.fp8.head is None and be.fp8.slot(m.params["wte"]) is None
     state = be.fp8_state()
-    monkeypatch.delenv("LLMPY_FP8_HEAD")
+    monkeypatch.setenv("LLMPY_FP8_HEAD", "1")
     be2 = get_backend("cpu", "fp8")
-    GPT2(GCFG, be2, 4, 16)
+    m2 = GPT2(GCFG, be2, 4, 16)
+    assert m2.fp8_products == 9 and be2.fp8.slot(m2.params["wte"]) == be2.fp8.head == 8
     with pytest.raises(UserError, match="for 8 FP8 products and this run has 9"):
         be2.fp8_load_state(state)
 
@@ -188,7 +190,9 @@ def _trace(out):
 
 
 @pytest.mark.slow
-def test_fp8_runs_are_deterministic_resume_bitwise_and_evaluation_leaves_the_scales_alone(shards, tmp_path):
+def test_fp8_runs_are_deterministic_resume_bitwise_and_evaluation_leaves_the_scales_alone(shards, tmp_path,
+                                                                                             monkeypatch):
+    monkeypatch.setenv("LLMPY_FP8_HEAD", "1")  # the LM head too (its fixed gradient scale: no history)
     kw = dict(grad_accum=2, lr_schedule="cosine", warmup_steps=1)
     a = run(_cfg(shards, tmp_path / "a", **kw))
     b = run(_cfg(shards, tmp_path / "b", val_every=2, **kw))  # evaluations between the steps

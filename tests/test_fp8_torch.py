@@ -54,8 +54,8 @@ class Fp8Linear(torch.autograd.Function):
 
 
 class _Functional:
-    """torch.nn.functional with `linear` on FP8 operands; the LM head's (the tied embedding's, without bias) output
-    gradient under the fixed scale of its bound dloss."""
+    """torch.nn.functional with `linear` on FP8 operands; the LM head's (the tied embedding's, without bias) too
+    where dloss is given, its output gradient under the fixed scale of that bound, else in fp32."""
 
     def __init__(self, model, dloss):
         self.model, self.dloss = model, dloss
@@ -64,9 +64,11 @@ class _Functional:
         return getattr(torch.nn.functional, name)
 
     def linear(self, x, w, b=None):
-        if w.data_ptr() == self.model.wte.data_ptr():
-            return Fp8Linear.apply(x, w, None, self.dloss)
-        return Fp8Linear.apply(x, w, b)
+        if w.data_ptr() != self.model.wte.data_ptr():
+            return Fp8Linear.apply(x, w, b)
+        if self.dloss is None:  # the head in fp32
+            return torch.nn.functional.linear(x, w, b)
+        return Fp8Linear.apply(x, w, None, self.dloss)
 
 
 def relerr(a, b):
@@ -74,7 +76,9 @@ def relerr(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-def test_fp8_gpt2_matches_pytorch_float8(monkeypatch):
+@pytest.mark.parametrize("head", [False, True])
+def test_fp8_gpt2_matches_pytorch_float8(monkeypatch, head):
+    monkeypatch.setenv("LLMPY_FP8_HEAD", "1" if head else "0")  # the LM head an FP8 product too, or fp32
     torch.manual_seed(0)
     torch.set_num_threads(1)
     be = get_backend("cpu", "fp8")
@@ -86,7 +90,7 @@ def test_fp8_gpt2_matches_pytorch_float8(monkeypatch):
     x = rng.integers(0, CFG.vocab_size, (B, T)).astype(np.int32)
     y = rng.integers(0, CFG.vocab_size, (B, T)).astype(np.int32)
     ref = tg.TorchGPT2(CFG, model.params_numpy())
-    monkeypatch.setattr(tg, "F", _Functional(ref, 1.0 / (B * T)))
+    monkeypatch.setattr(tg, "F", _Functional(ref, 1.0 / (B * T) if head else None))
     loss = model.forward(x, y, grad_scale=1.0 / (B * T))
     model.backward()
     tl, tloss = ref(torch.tensor(x, dtype=torch.long), torch.tensor(y, dtype=torch.long))

@@ -2,12 +2,13 @@
 module holds what both backends share, the registry of FP8 products and their scale state, and the CPU's emulation
 of them (the GPU's is cuda/fp8.py).
 
-A model registers the weights of its block products and of its LM head (unless LLMPY_FP8_HEAD=0: `fp8_head`) once
+A model registers the weights of its block products, and of its LM head with LLMPY_FP8_HEAD=1 (`fp8_head`), once
 (`Backend.fp8_register`); from then on `matmul_forward` / `matmul_backward` given one of those weights (found by
-its address: the model code does not change) quantize their operands and multiply in FP8. Product p's state: its operands' amax histories
-hist (P, 3, HISTORY), this step's amax pending (P, 3), the scales scale (P, 3) (roles X, W, D) and the count of
-values clamped this step. The trainer calls `fp8_begin_step` before a step's first micro-batch and
-`fp8_end_step` after AdamW (fold the step's amax into the histories, new scales, quantize the new weights).
+its address: the model code does not change) quantize their operands and multiply in FP8. Product p's state: its
+operands' amax histories hist (P, 3, HISTORY), this step's amax pending (P, 3), the scales scale (P, 3) (roles X,
+W, D) and the count of values clamped this step. The trainer calls `fp8_begin_step` before a step's first
+micro-batch and `fp8_end_step` after AdamW (fold the step's amax into the histories, new scales, quantize the new
+weights).
 """
 from __future__ import annotations
 
@@ -20,17 +21,17 @@ from ..layers import fp8 as F
 
 
 def head_enabled(fp8: bool) -> bool:
-    """A backend's `fp8_head`: with --dtype fp8 the LM head runs in FP8 too, unless LLMPY_FP8_HEAD=0 (to compare)."""
-    return fp8 and os.environ.get("LLMPY_FP8_HEAD", "1") != "0"
+    """A backend's `fp8_head`: with --dtype fp8 and LLMPY_FP8_HEAD=1 the LM head runs in FP8 too (off by default:
+    its GPU path has not been measured yet)."""
+    return fp8 and os.environ.get("LLMPY_FP8_HEAD", "0") == "1"
 
 
 class Fp8Ops:
     """The --dtype fp8 ops of backends/ops.py, the same on both backends: each delegates to the registry of FP8
-    products (`self.fp8`) that the backend's `_fp8_new(weights, rows)` makes."""
+    products (`self.fp8`) that the backend's `_fp8_new(weights, rows, head_rows)` makes."""
     fp8_enabled = False  # the backend was made for --dtype fp8
     fp8 = None           # its registered products (fp8_register)
     fp8_fused = False    # the products keep FP8 copies of their inputs, the producers write them (ops.py; the GPU's)
-
     fp8_head = False     # the LM head is an FP8 product too (a model registers it where this is on)
 
     def fp8_register(self, weights, rows: int, head=None, head_rows: int = 0) -> int:
@@ -110,8 +111,8 @@ class Fp8Products:
             a = np.asarray(state[k], np.float32)
             if a.ndim == dst.ndim and a.shape[0] != dst.shape[0]:
                 raise UserError(f"the checkpoint's {k} is for {a.shape[0]} FP8 products and this run has "
-                                f"{dst.shape[0]} (the LM head is one of them unless LLMPY_FP8_HEAD=0; a run "
-                                "resumes as it was made)")
+                                f"{dst.shape[0]} (LLMPY_FP8_HEAD=1 makes the LM head one more): resume with the "
+                                "setting the run was made with")
             if a.shape != tuple(dst.shape) or not np.all(np.isfinite(a)):
                 raise UserError(f"the checkpoint's {k} is damaged: shape {a.shape}, expected {tuple(dst.shape)}, "
                                 "finite values")

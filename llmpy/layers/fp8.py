@@ -19,10 +19,10 @@ same pass (no extra pass to find the tensor's own amax first). The first step of
 scales each operand by its own amax (current scaling), which fills the histories. Weights are quantized once per
 step, after AdamW, with their own histories.
 
-The LM head (logits = X @ E.T, the tied embedding or the head weight) is a product too, with one difference: its
-output gradient dlogits = dloss * (softmax - onehot(target)) is bounded by dloss (|p - onehot| <= 1), so its
-scale is fixed, s_d = 2^floor(log2(fmax / dloss)) (`head_grad_scale`): no history, never a clamped value, and the
-classifier that forms dlogits can write their FP8 copies at once.
+The LM head (logits = X @ E.T, the tied embedding or the head weight) can be a product too (LLMPY_FP8_HEAD=1),
+with one difference: its output gradient dlogits = dloss * (softmax - onehot(target)) is bounded by dloss
+(|p - onehot| <= 1), so its scale is fixed, s_d = 2^floor(log2(fmax / dloss)) (`head_grad_scale`): no history,
+never a clamped value, and the classifier that forms dlogits can write their FP8 copies at once.
 """
 from __future__ import annotations
 

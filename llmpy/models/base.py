@@ -214,19 +214,19 @@ class Model:
         self.acts = FlatBuffer(backend, acts + (grads if training else []), backend.act_dtype)
         self.stats = FlatBuffer(backend, stats + [("losses", (B, T))], backend.stat_dtype)
         self.workspace_bytes = backend.plan_workspace(self.op_shapes())
-        # --dtype fp8: the block products (spec tensors marked fp8, one per layer) and the LM head (a chunk of rows
-        # at a time; unless the backend's fp8_head is off) run on FP8 operands; their scale state and FP8 weight
+        # --dtype fp8: the block products (spec tensors marked fp8, one per layer), and the LM head (a chunk of rows
+        # at a time) where the backend's fp8_head is on, run on FP8 operands; their scale state and FP8 weight
         # copies are planned here, once
-        self.fp8_products, self.fp8_bytes, self.fp8_head = 0, 0, None  # (fp8_head: the head's weight, registered)
+        self.fp8_products, self.fp8_bytes, self.fp8_head_weight = 0, 0, None  # (the head's weight where registered)
         if training and getattr(backend, "fp8_enabled", False):
             names = [s.name for s in self.specs if s.fp8]
             if not names:
                 raise UserError(f"--dtype fp8: the {family_of(cfg).title} has no FP8 path (GPT-2 and Llama 3 have "
                                 "one); use --dtype bf16")
             weights = [self.params[n][l] for l in range(cfg.num_layers) for n in names]
-            self.fp8_head = self.params[self.HEAD_WEIGHT][:self.Vl] if backend.fp8_head else None
-            self.fp8_bytes = backend.fp8_register(weights, B * T, head=self.fp8_head, head_rows=self.chunk)
-            self.fp8_products = len(weights) + (self.fp8_head is not None)
+            self.fp8_head_weight = self.params[self.HEAD_WEIGHT][:self.Vl] if backend.fp8_head else None
+            self.fp8_bytes = backend.fp8_register(weights, B * T, head=self.fp8_head_weight, head_rows=self.chunk)
+            self.fp8_products = len(weights) + (self.fp8_head_weight is not None)
         self.tokens = backend.zeros(B * T, np.int32).reshape(B, T)
         self.targets = backend.zeros(B * T, np.int32).reshape(B, T)
         self.loss_acc = backend.zeros(1, backend.acc_dtype)  # sum over a step's micro-batches (device side)
@@ -409,7 +409,7 @@ class Model:
             logits = a["logits"][:r1 - r0]
             self.head_forward(logits, xf[r0:r1], slice(r0, r1))
             be.fused_classifier(losses[r0:r1], logits, targets[r0:r1], self.cfg.vocab_size, grad_scale,
-                                fp8_next=self.fp8_head)
+                                fp8_next=self.fp8_head_weight)
             if grad_scale is not None:
                 self.head_backward(dx.reshape(N, C)[r0:r1], logits, xf[r0:r1], slice(r0, r1))
         return be.mean_loss(s["losses"]) if return_loss and not be.capturing else None

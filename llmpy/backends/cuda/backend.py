@@ -67,7 +67,7 @@ class CUDABackend(FreshGrads, Fp8Ops):
         # their inputs' FP8 copies kept and written by the producers (cuda/fp8.py), bit for bit the separate passes
         # (tests/test_cuda_fp8.py); LLMPY_FP8_FUSED=0 runs the separate passes instead (to compare them)
         self.fp8_fused = fp8 and os.environ.get("LLMPY_FP8_FUSED", "1") != "0"
-        self.fp8_head = head_enabled(fp8)  # the LM head an FP8 product too (LLMPY_FP8_HEAD=0: bf16)
+        self.fp8_head = head_enabled(fp8)  # the LM head an FP8 product too (LLMPY_FP8_HEAD=1)
         if fp8:
             cc = int(cp.cuda.Device().compute_capability)  # "90" on Hopper
             if dtype != "bf16" or cc < 89:

@@ -15,7 +15,8 @@ likewise, Xq and the amax from the norm's row kernel (rmsnorm_forward_fp8, layer
 transpose of Xq (fp8_transpose: a row kernel cannot write the transposed layout coalesced); the calibrating
 step (no history, so no scale before the tensor exists) keeps the separate pass. dY is quantized where the backward
 reads it, Dq into buffer C with DqT into A from one read, or by its producer: SwiGLU's backward writes the gate/up
-product's Dq and DqT (fp8_swiglu_backward_t) and not its bf16 gradient.
+product's Dq and DqT (fp8_swiglu_backward_t) and not its bf16 gradient; the classifier the LM head's (it forms the
+losses and each row's max and sum, fp8_classifier_t the dlogits' Dq and DqT under the head's fixed scale).
 """
 from __future__ import annotations
 
