@@ -193,6 +193,25 @@ def test_fused_norms_write_the_separate_passes_bytes(norm, rows):
     assert np.all(cp.asnumpy(out).view(np.uint8) == 0xAB)
 
 
+def test_each_products_buffers_take_its_own_rows():
+    """The block products run on B*T rows, the LM head on a chunk: its buffers are sized by the chunk, the blocks'
+    by B*T, also where a chunk size is passed without a head (the models always pass one)."""
+    import ml_dtypes
+    cp = _cp()
+    w = cp.zeros((32, 64), ml_dtypes.bfloat16)
+    head = cp.zeros((1024, 64), ml_dtypes.bfloat16)
+    for with_head in (False, True):
+        be = get_backend("cuda", "fp8")
+        be.fp8_fused = True
+        be.fp8_register([w], 256, head=head if with_head else None, head_rows=64)
+        fp8 = be.fp8
+        assert fp8.head == (1 if with_head else None)
+        assert fp8.rows == ([256, 64] if with_head else [256])
+        assert [x.size for x in fp8.xqT] == ([256 * 64, 64 * 64] if with_head else [256 * 64])
+        assert fp8.buf_a.size == (64 * 1024 if with_head else 256 * 64)
+        assert fp8.buf_c.size == (64 * 1024 if with_head else 256 * 32)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_the_classifier_writes_the_lm_heads_gradient_as_the_separate_passes_bytes(fused):
     """The LM head registered: fused_classifier given its weight (fp8_next) sets the head's fixed D scale from

@@ -153,6 +153,8 @@ def test_fp8_head_only_where_asked_and_a_resume_across_the_two_is_refused(monkey
     assert m2.fp8_products == 9 and be2.fp8.slot(m2.params["wte"]) == be2.fp8.head == 8
     with pytest.raises(UserError, match="for 8 FP8 products and this run has 9"):
         be2.fp8_load_state(state)
+    with pytest.raises(ValueError, match="head_rows"):
+        be2.fp8_register([m2.params["qkvw"][0]], 64, head=m2.params["wte"], head_rows=0)
 
 
 def test_fp8_refused_where_there_is_no_fp8_path():

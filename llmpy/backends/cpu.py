@@ -230,7 +230,7 @@ class CPUBackend(FreshGrads, Fp8Ops):
 
     def _fp8_new(self, weights, rows: int, head_rows: int):  # --dtype fp8's products (Fp8Ops), emulated in NumPy
         from .fp8 import CpuFp8
-        return CpuFp8(self, weights)
+        return CpuFp8(self, weights, head=head_rows > 0)
 
     def matmul_forward(self, out, inp, w, b, gelu_pre=None, fp8_next=None):  # (fp8_next: see ops.py)
         # gelu_pre given: gelu_pre = inp @ w.T + b is saved and out = gelu(gelu_pre)

@@ -37,9 +37,11 @@ class Fp8Ops:
     def fp8_register(self, weights, rows: int, head=None, head_rows: int = 0) -> int:
         if not self.fp8_enabled:
             raise ValueError("fp8_register: this backend was not made for --dtype fp8")
-        self.fp8 = self._fp8_new(list(weights) + ([] if head is None else [head]), rows, head_rows)
-        if head is not None:
-            self.fp8.head = len(self.fp8.weights) - 1
+        if head is not None and head_rows < 1:
+            raise ValueError("fp8_register: a head needs head_rows >= 1")
+        # head_rows 0: no head (the products' rows are then all `rows`)
+        self.fp8 = self._fp8_new(list(weights) + ([] if head is None else [head]), rows,
+                                 0 if head is None else head_rows)
         return self.fp8.nbytes
 
     def fp8_begin_step(self) -> None:
@@ -65,8 +67,9 @@ class Fp8Ops:
 class Fp8Products:
     """The registered products: slot by weight address, scale state arrays (the backend's), host-side flags."""
 
-    def __init__(self, be, weights: list):
-        # weights: the (OC, K) views of the registered products' weights, one per product (a layer's own)
+    def __init__(self, be, weights: list, head: bool = False):
+        # weights: the (OC, K) views of the registered products' weights, one per product (a layer's own); head:
+        # the last is the LM head's
         self.be, self.weights = be, list(weights)
         self.slots = {be._ptr(w): i for i, w in enumerate(self.weights)}
         if len(self.slots) != len(self.weights):
@@ -78,7 +81,7 @@ class Fp8Products:
         self.scale[...] = 1.0
         self.overflows = be.zeros(1, np.int32)  # values clamped to their format's largest this step
         self.calibrate = True  # no history yet: a step scales each operand by its own amax (set by the trainer)
-        self.head = None       # the LM head's product (the last), whose D scale is fixed (layers/fp8.py)
+        self.head = P - 1 if head else None  # the LM head's product, whose D scale is fixed (layers/fp8.py)
 
     def slot(self, w) -> int | None:
         return self.slots.get(self.be._ptr(w))
@@ -91,8 +94,8 @@ class Fp8Products:
     def head_target(self, fp8_next, dloss) -> int | None:
         """The classifier's dlogits are the LM head's output gradient where fp8_next is the registered head weight
         (and there is a gradient): its product, whose fixed D scale is set from dloss here; else None."""
-        j = self.slot(fp8_next) if fp8_next is not None and dloss is not None else None
-        if j is None or j != self.head:
+        j = self.head
+        if j is None or fp8_next is None or dloss is None or self.slot(fp8_next) != j:
             return None
         self.set_scale(j, F.D, F.head_grad_scale(dloss))
         return j
@@ -139,8 +142,8 @@ class Fp8Products:
 class CpuFp8(Fp8Products):
     """The recipe in NumPy (the CPU backend's emulation): quantized copies as ml_dtypes float8 arrays."""
 
-    def __init__(self, be, weights):
-        super().__init__(be, weights)
+    def __init__(self, be, weights, head: bool = False):
+        super().__init__(be, weights, head)
         fx, fw, fd = F.formats()
         self.fmt = (fx, fw, fd)
         self.wq = [np.zeros(w.shape, fw) for w in self.weights]

@@ -32,8 +32,8 @@ _THREADS = 256
 
 class CudaFp8(Fp8Products):
     def __init__(self, be, weights, rows: int, head_rows: int = 0):
-        # weights: the block products' (run on `rows` rows), then the LM head's where head_rows (a chunk of rows)
-        super().__init__(be, weights)
+        # weights: the block products' (run on `rows` rows), then the LM head's where head_rows > 0 (a chunk of rows)
+        super().__init__(be, weights, head=head_rows > 0)
         # the producers write the FP8 copies and XqT is kept (the backend's fp8_fused, fixed before a model plans its
         # buffers by it); False: the separate passes, which the tests compare with
         self.fused = be.fp8_fused
@@ -48,9 +48,12 @@ class CudaFp8(Fp8Products):
         bad = [w.shape for w in self.weights if w.shape[0] % 16 or w.shape[1] % 16]
         if rows % 16 or head_rows % 16 or bad:
             raise UserError(f"--dtype fp8 needs B*T, the logits chunk and every product's sizes divisible by 16 (B*T "
-                            f"= {rows}, chunk {head_rows}" + (f"; weights {bad[0]}" if bad else "") + ")")
-        # each product's most rows: the LM head's (the last weight, where head_rows) a chunk's
-        self.rows = [rows] * (P - 1) + [head_rows or rows]
+                            f"= {rows}" + (f", chunk {head_rows}" if head_rows else "")
+                            + (f"; weights {bad[0]}" if bad else "") + ")")
+        # each product's most rows: the LM head's a chunk's
+        self.rows = [rows] * P
+        if self.head is not None:
+            self.rows[self.head] = head_rows
         self.k = module("fp8", be.dtype_name)
         self._blocks = 4 * cp.cuda.Device().attributes["MultiProcessorCount"]  # the grid of the grid-stride kernels
         sizes = [int(np.prod(w.shape)) for w in self.weights]
@@ -258,24 +261,22 @@ class CudaFp8(Fp8Products):
         """A fixed scale s (the LM head's D), set on the device."""
         self.k.fp8_set_scale((1,), (1,), (self._at(self.scale, i, role), self._at(self.inv, i, role), np.float32(s)))
 
-    def head_grad(self, logits, targets, dloss: float, V: int, j: int) -> bool:
+    def head_grad(self, logits, targets, dloss: float, V: int, j: int) -> None:
         """The LM head's output gradient, the dlogits of logits (M, Vp), written as product j's Dq (C) and DqT (A)
-        (fp8_classifier_t) from the row stats fused_classifier has just formed (`row_stats`); logits keep their
-        values. False, having done nothing, where row_stats(M) is None (without `fused`, or M not a multiple of 16):
-        then the classifier writes dlogits and the backward quantizes them (under the same fixed scale)."""
+        (fp8_classifier_t) from the row stats fused_classifier has just formed into row_stats(M) (called only
+        where that is not None; elsewhere the classifier writes dlogits and the backward quantizes them under the
+        same fixed scale); logits keep their values."""
         Vp = logits.shape[-1]
         M = logits.size // Vp
-        if self.row_stats(M) is None:
-            return False
         self.k.fp8_classifier_t((cdiv(Vp, 64), cdiv(M, 64)), (_THREADS,),
                                 (self.buf_a, self.buf_c, logits, self._row_stats, targets, np.float32(dloss),
                                  np.int32(V), np.int32(M), np.int32(Vp), self._at(self.scale, j, F.D), self._discard,
                                  self.overflows))
         self._xq_ready, self._dq_ready = None, (j, logits.data.ptr)
-        return True
 
     def row_stats(self, rows: int):
-        """fused_classifier's per-row stats output for head_grad (None where head_grad would not run)."""
+        """fused_classifier's per-row stats output for head_grad, or None where the fused copies are off or `rows`
+        is not a multiple of 16 (the tiles') or more than the chunk planned."""
         return self._row_stats if self.fused and rows % 16 == 0 and 2 * rows <= self._row_stats.size else None
 
     def dout_unwritten(self, dout) -> bool:
