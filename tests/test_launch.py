@@ -28,8 +28,10 @@ def mark(name, text=""):
         f.write(text)
     os.replace(os.path.join(folder, f"{name}{rank}.tmp"), os.path.join(folder, f"{name}{rank}"))
 if mode == "env":
-    print(json.dumps({k: os.environ.get(k) for k in %r}), flush=True)
-    print(f"complaint {rank}", file=sys.stderr, flush=True)
+    # whole lines in one write each: rank 0's output is not split into lines by the launcher, and print under
+    # PYTHONUNBUFFERED writes the text and the newline apart, so another rank's line could land between them
+    os.write(1, (json.dumps({k: os.environ.get(k) for k in %r}) + "\\n").encode())
+    os.write(2, f"complaint {rank}\\n".encode())
     if rank:  # a last line without a newline (rank 0's would run into the next rank's line: it is not split)
         sys.stdout.write(f"unfinished {rank}")
     sys.exit(0)
@@ -175,7 +177,8 @@ def test_quiet_others_keeps_their_stderr(child, capfd):
     assert "[rank 1] complaint 1" in err and "[rank 2] complaint 2" in err
 
 
-def test_default_program_is_llmpy(capfd):
+def test_default_program_is_llmpy(capfd, monkeypatch):
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # rank 0's line in one write (see CHILD)
     assert launch(parse(["--nproc-per-node", "2", "--", "--version"])) == 0
     out, _ = capfd.readouterr()
     from llmpy import __version__
@@ -263,7 +266,8 @@ from llmpy.distributed.watchdog import Watchdog
 env = dist_env()
 blob = exchange_id(env, bytes(range(16)) if env.rank == 0 else None, method=env.rdzv, path=env.rdzv_path,
                    timeout=env.timeout)
-print("id", blob.hex(), env.world, flush=True)
+# one write, as in CHILD
+os.write(1, f"id {blob.hex()} {env.world}\\n".encode())
 # startup_timeout: until the first progress(); it must cover the slowest rank's start (file rendezvous: rank 0
 # does not wait for the others) and, in training, the first step's compilation
 wd = Watchdog(env, timeout=env.timeout, startup_timeout=60).start()
