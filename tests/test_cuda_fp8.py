@@ -241,7 +241,9 @@ def test_the_classifier_writes_the_lm_heads_gradient_as_the_separate_passes_byte
     k.fp8_quantize_t(((Vp + 63) // 64, (rows + 63) // 64), (256,),
                      (qT, q, ref, np.int32(rows), np.int32(Vp), cp.asarray(np.array([s], np.float32)), amax, clamped,
                       np.int32(1)))
-    assert 0 < float(amax.get()[0]) <= dloss and int(clamped.get()[0]) == 0
+    # |dlogits| <= dloss before the bf16 rounding, which may add up to half a bf16 ulp (dloss = 1/240: a target
+    # row's -dloss (1 - p) rounds to -137/128 2^-8 > dloss); 57344 is a bf16 value, so nothing clamps
+    assert 0 < float(amax.get()[0]) <= dloss * (1 + 2.0**-8) and int(clamped.get()[0]) == 0
     got, losses = logits.copy(), cp.zeros(rows, cp.float32)
     fp8.buf_a[...] = fp8.buf_c[...] = 0xAB
     fp8.pending[...] = fp8.overflows[...] = 0
@@ -404,7 +406,11 @@ def shards(tmp_path_factory):
 
 
 @pytest.mark.parametrize("init", ["l2h2c128t64", "llama3:l2d128h4k2f256t64-tied"])
-def test_fp8_runs_are_bitwise_reproducible_graph_equals_eager_and_resume(init, shards, tmp_path):
+@pytest.mark.parametrize("head", [False, True])
+def test_fp8_runs_are_bitwise_reproducible_graph_equals_eager_and_resume(init, head, shards, tmp_path, monkeypatch):
+    # head: the LM head an FP8 product too (its fixed D scale set by a kernel inside the graphs, its X and W state
+    # in the checkpoint)
+    monkeypatch.setenv("LLMPY_FP8_HEAD", "1" if head else "0")
     a, ra = reproducible_runs(init, shards, tmp_path, dtype="fp8")
     losses = [e[1] for e in a if e[1] is not None]
     assert losses[-1] < losses[0]

@@ -21,8 +21,9 @@ step, after AdamW, with their own histories.
 
 The LM head (logits = X @ E.T, the tied embedding or the head weight) can be a product too (LLMPY_FP8_HEAD=1),
 with one difference: its output gradient dlogits = dloss * (softmax - onehot(target)) is bounded by dloss
-(|p - onehot| <= 1), so its scale is fixed, s_d = 2^floor(log2(fmax / dloss)) (`head_grad_scale`): no history,
-never a clamped value, and the classifier that forms dlogits can write their FP8 copies at once.
+(|p - onehot| <= 1; the bf16 dlogits up to their rounding, which cannot pass fmax: 57344 is a bf16 value and s_d a
+power of two), so its scale is fixed, s_d = 2^floor(log2(fmax / dloss)) (`head_grad_scale`): no history, never a
+clamped value, and the classifier that forms dlogits can write their FP8 copies at once.
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def scale_from_amax(a: float, role: int, previous: float) -> float:
 
 
 def head_grad_scale(dloss: float) -> float:
-    """The LM head's fixed output-gradient scale (role D) for the classifier's dloss: |dlogits| <= dloss."""
+    """The LM head's fixed output-gradient scale (role D) for the classifier's dloss: |dlogits| <= dloss (up to
+    the bf16 rounding, which s_d * dloss <= fmax absorbs)."""
     return scale_from_amax(abs(float(dloss)), D, 1.0)
 
 
